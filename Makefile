@@ -1,0 +1,41 @@
+# Two commands for users: `make train` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
+
+export TF_ENABLE_ONEDNN_OPTS ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export ZENML_ANALYTICS_OPT_IN ?= false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup stack train smoke test ui clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing requirements into $(VENV) (first time: several minutes)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	@rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)
+
+stack: setup
+	@test -d .zen || $(VENV)/bin/zenml init
+	@$(VENV)/bin/zenml stack set default > /dev/null
+	@echo "ZenML stack: default (local orchestrator, local artifact store)"
+
+train: stack
+	$(PY) run.py --pipeline training --summary outputs/summary.json
+
+smoke: stack
+	$(PY) run.py --pipeline training --config configs/training_smoke.yaml --summary outputs/summary_smoke.json
+
+test: setup
+	$(PY) -m pytest
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000
+
+clean:
+	rm -rf .mlflow .cache outputs .pytest_cache

@@ -1,0 +1,7 @@
+"""How the project's own types are stored in (and loaded from) the artifact store."""
+
+from materializers.keras_model import KerasModelMaterializer
+from materializers.raw_archive import RawArchiveMaterializer
+from materializers.validated_dataset import ValidatedDatasetMaterializer
+
+__all__ = ["KerasModelMaterializer", "RawArchiveMaterializer", "ValidatedDatasetMaterializer"]

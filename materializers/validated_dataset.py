@@ -1,0 +1,50 @@
+"""Validated images + manifest, packed as one tar so remote stores see one object."""
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+from zenml.enums import ArtifactType
+from zenml.io import fileio
+from zenml.materializers.base_materializer import BaseMaterializer
+
+from xray.dataset import ValidatedDataset, fingerprint
+
+IMAGES, MANIFEST = "images.tar", "manifest.csv"
+
+
+class ValidatedDatasetMaterializer(BaseMaterializer):
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (ValidatedDataset,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
+
+    def save(self, data: ValidatedDataset) -> None:
+        with self.get_temporary_directory(delete_at_exit=True) as temp:
+            tar_path = Path(temp) / IMAGES
+            # Uncompressed: JPEGs do not compress, and reading back stays cheap.
+            with tarfile.open(tar_path, "w") as tar:
+                for relative in data.manifest["path"]:
+                    tar.add(data.root / relative, arcname=relative)
+            fileio.copy(str(tar_path), os.path.join(self.uri, IMAGES), overwrite=True)
+        with fileio.open(os.path.join(self.uri, MANIFEST), "w") as handle:
+            handle.write(data.manifest.to_csv(index=False))
+
+    def load(self, data_type: type[Any]) -> ValidatedDataset:
+        with fileio.open(os.path.join(self.uri, MANIFEST), "r") as handle:
+            manifest = pd.read_csv(handle)
+        with self.get_temporary_directory(delete_at_exit=False) as temp:
+            root = Path(temp)
+            local_tar = root / IMAGES
+            fileio.copy(os.path.join(self.uri, IMAGES), str(local_tar))
+            with tarfile.open(local_tar) as tar:
+                tar.extractall(root / "images", filter="data")
+            local_tar.unlink()
+        return ValidatedDataset(root / "images", manifest)
+
+    def extract_metadata(self, data: ValidatedDataset) -> dict[str, Any]:
+        counts = data.manifest.groupby(["split", "label"]).size()
+        return {"images": len(data.manifest), **{f"{s}/{l}": int(n) for (s, l), n in counts.items()}}
+
+    def compute_content_hash(self, data: ValidatedDataset) -> str:
+        return fingerprint(data.manifest)

@@ -1,0 +1,24 @@
+"""Wiring only: the six training steps and the artifacts between them."""
+
+from zenml import Model, pipeline
+from zenml.enums import ExecutionMode
+
+from steps import build_datasets, evaluate_model, ingest_from_s3, register_model, train_model, unzip_and_validate
+from xray.config import PipelineConfig
+
+MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2).",
+              license="CC BY 4.0 data (Kermany et al. 2018)", tags=["pneumonia", "chest-xray"])
+
+
+# FAIL_FAST re-raises the failing step's own exception, so run.py can report it in one line.
+@pipeline(name="chest_xray_training", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST)
+def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
+    raw_archive, archive_info = ingest_from_s3(dataset_uri=dataset_uri, s3=config.s3, registry=config.registry,
+                                               expected_sha256=config.expected_sha256)
+    dataset, _, _, _, _ = unzip_and_validate(raw_archive, data=config.data, registry=config.registry, seed=config.seed)
+    spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train,
+                          registry=config.registry, seed=config.seed)
+    model, _, _ = train_model(dataset, spec, model=config.model, train=config.train, registry=config.registry)
+    metrics, threshold, _, _, _ = evaluate_model(model, dataset, spec, evaluate=config.evaluate,
+                                                 registry=config.registry, seed=config.seed)
+    register_model(model, metrics, threshold, spec, archive_info, registry=config.registry, evaluate=config.evaluate)

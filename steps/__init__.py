@@ -1,0 +1,10 @@
+"""Thin ZenML steps: each calls the domain code in ``xray`` and declares typed outputs."""
+
+from steps.datasets import build_datasets
+from steps.evaluate import evaluate_model
+from steps.ingest import ingest_from_s3
+from steps.prepare import unzip_and_validate
+from steps.register import register_model
+from steps.train import train_model
+
+__all__ = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "register_model"]

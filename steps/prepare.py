@@ -1,0 +1,45 @@
+import tempfile
+from pathlib import Path
+from typing import Annotated, Tuple
+
+import mlflow
+import pandas as pd
+from PIL import Image
+from zenml import step
+
+from materializers import ValidatedDatasetMaterializer
+from steps.tracking import log_config, log_images, mlflow_run
+from xray import plots
+from xray.config import DataConfig, RegistryConfig
+from xray.dataset import ValidatedDataset, prepare_dataset
+from xray.ingest import RawArchive
+
+
+@step(output_materializers={"dataset": ValidatedDatasetMaterializer})
+def unzip_and_validate(
+    raw_archive: RawArchive, data: DataConfig, registry: RegistryConfig, seed: int
+) -> Tuple[
+    Annotated[ValidatedDataset, "dataset"],
+    Annotated[pd.DataFrame, "manifest"],
+    Annotated[dict, "data_report"],
+    Annotated[Image.Image, "class_distribution"],
+    Annotated[Image.Image, "sample_grid"],
+]:
+    """Safe extraction, full decode, de-duplication and a patient-grouped val split."""
+    workdir = Path(tempfile.mkdtemp(prefix="xray-dataset-"))
+    dataset, report = prepare_dataset(raw_archive.path, workdir, data, seed)
+    print(f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
+          f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "
+          f"{report.junk_files} junk files ignored", flush=True)
+    examples = dataset.manifest.groupby(["split", "label"]).head(2)
+    figures = {
+        "class_distribution": plots.class_distribution(report.counts),
+        "sample_grid": plots.sample_grid(dataset.paths(examples), [f"{r.split}/{r.label}" for r in examples.itertuples()]),
+    }
+    with mlflow_run(registry):
+        log_config(data=data, seed=seed)
+        mlflow.log_metrics({f"data.{s}.{l}": n for s, c in report.counts.items() for l, n in c.items()}
+                           | {"data.quarantined": len(report.quarantined), "data.duplicates_removed": len(report.duplicates_removed)})
+        mlflow.log_dict(report.to_dict(), "data/data_report.json")
+        log_images(figures, "data")
+    return dataset, dataset.manifest, report.to_dict(), figures["class_distribution"], figures["sample_grid"]

@@ -1,0 +1,40 @@
+from pathlib import Path
+from typing import Annotated, Tuple
+
+import keras
+import mlflow
+from PIL import Image
+from zenml import step
+
+from materializers import KerasModelMaterializer
+from steps.tracking import log_config, log_images, mlflow_run
+from xray import data as xdata
+from xray import plots, tracking, training
+from xray.config import ModelConfig, RegistryConfig, TrainConfig
+from xray.dataset import ValidatedDataset, fingerprint
+
+
+@step(output_materializers={"model": KerasModelMaterializer})
+def train_model(
+    dataset: ValidatedDataset, spec: xdata.DatasetSpec, model: ModelConfig, train: TrainConfig,
+    registry: RegistryConfig,
+) -> Tuple[Annotated[keras.Model, "model"], Annotated[dict, "history"], Annotated[Image.Image, "training_curves"]]:
+    """Fit the classifier with tf.data pipelines built here, on whatever machine runs this step."""
+    splits = {name: xdata.select(dataset.manifest, name, spec) for name in ("train", "val")}
+    train_ds = xdata.make_dataset(dataset.paths(splits["train"]), xdata.labels_of(splits["train"]), spec, training=True)
+    val_ds = xdata.make_dataset(dataset.paths(splits["val"]), xdata.labels_of(splits["val"]), spec)
+    checkpoint_dir = None
+    if train.backup_dir:
+        key = training.checkpoint_key(model, train, spec, fingerprint(dataset.manifest))
+        checkpoint_dir = Path(train.backup_dir).expanduser() / key
+    with mlflow_run(registry):
+        log_config(model=model, train=train)
+        classifier, history, throughput = training.fit(
+            model, train, spec, train_ds, val_ds, extra_callbacks=[tracking.epoch_logger()], checkpoint_dir=checkpoint_dir
+        )
+        curves = plots.training_curves(history)
+        mlflow.log_metrics({f"train_{k}": v for k, v in throughput.items()})
+        log_images({"training_curves": curves})
+    print(f"trained {throughput['epochs_run']} epochs in {throughput['train_seconds']:.0f}s "
+          f"({throughput['images_per_second']:.1f} img/s)", flush=True)
+    return classifier, history | {"throughput": throughput}, curves

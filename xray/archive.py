@@ -1,0 +1,189 @@
+"""Safe extraction of a dataset archive and discovery of its split root.
+
+Archives come from outside (users, other teams, Kaggle), so every entry is
+checked before anything is written: no absolute paths, no ``..``, no
+symlinks, and zip-bomb limits enforced on the bytes actually inflated, never
+on the sizes the header claims.
+"""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from xray import CLASS_NAMES, SPLITS
+from xray.config import ArchiveLimits
+from xray.errors import ArchiveError
+
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep"}
+JUNK_DIRS = {"__macosx"}
+REQUIRED_SPLITS = ("train", "test")
+CHUNK = 1024 * 1024
+# Below this many inflated bytes the ratio check is noise (a 0-byte or tiny entry).
+RATIO_FLOOR_BYTES = 1024 * 1024
+
+
+@dataclass
+class Extraction:
+    root: str
+    """Split root inside the archive, e.g. ``chest_xray``."""
+    files: list[tuple[str, str, str]] = field(default_factory=list)
+    """(split, label, path relative to the extraction directory)."""
+    junk: int = 0
+    ignored: int = 0
+    """Entries outside the split root, e.g. a nested duplicate copy of the dataset."""
+    bytes_written: int = 0
+
+
+def is_junk(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return bool(parts) and (
+        any(p.lower() in JUNK_DIRS for p in parts[:-1])
+        or parts[-1].lower() in JUNK_NAMES
+        or parts[-1].startswith("._")
+    )
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def check_entry(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise ArchiveError(f"unsafe archive: absolute path in entry '{name}'")
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        raise ArchiveError(f"unsafe archive: path traversal in entry '{name}'")
+    if _is_symlink(info):
+        raise ArchiveError(f"unsafe archive: symlink entry '{name}'")
+
+
+def open_archive(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise ArchiveError(f"archive not found: {path}")
+    if path.stat().st_size == 0:
+        raise ArchiveError(f"{path.name} is empty (0 bytes), not a zip archive")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise ArchiveError(f"{path.name} is not a readable zip archive ({error}); it may be truncated or another format") from None
+    if not archive.infolist():
+        archive.close()
+        raise ArchiveError(f"{path.name} is an empty zip archive: no entries")
+    return archive
+
+
+def find_split_root(names: list[str]) -> str:
+    """The shallowest folder that holds ``train/<CLASS>/`` and ``test/<CLASS>/`` files.
+
+    Kaggle's archive also carries ``chest_xray/chest_xray/...`` (a duplicate)
+    and ``__MACOSX/``; taking the shallowest root counts each image once.
+    """
+    candidates: dict[str, set[str]] = {}
+    for name in names:
+        parts = PurePosixPath(name).parts
+        if len(parts) < 3 or is_junk(name) or name.endswith("/"):
+            continue
+        root, split = "/".join(parts[:-3]), parts[-3].lower()
+        if split in SPLITS:
+            candidates.setdefault(root, set()).add(split)
+    complete = [root for root, splits in candidates.items() if set(REQUIRED_SPLITS) <= splits]
+    if not complete:
+        found = sorted({f"{root or '.'}/{split}" for root, splits in candidates.items() for split in splits})
+        raise ArchiveError(
+            "archive has no folder with both train/ and test/ splits of class folders "
+            f"(found splits: {', '.join(found) if found else 'none'})"
+        )
+    return min(complete, key=lambda root: (root.count("/") + bool(root), root))
+
+
+def _classify(names: list[str], root: str) -> tuple[dict[str, tuple[str, str]], int]:
+    """Map entry name -> (split, label) for files under the root; count the rest."""
+    prefix = f"{root}/" if root else ""
+    selected, ignored = {}, 0
+    found: dict[str, Counter] = {}
+    for name in names:
+        if name.endswith("/") or is_junk(name):
+            continue
+        rest = name[len(prefix):] if name.startswith(prefix) else None
+        parts = PurePosixPath(rest).parts if rest is not None else ()
+        if len(parts) != 3 or parts[0].lower() not in SPLITS:
+            ignored += 1
+            continue
+        split, label = parts[0].lower(), parts[1]
+        found.setdefault(split, Counter())[label] += 1
+        selected[name] = (split, label)
+    _check_layout(found)
+    return selected, ignored
+
+
+def _check_layout(found: dict[str, Counter]) -> None:
+    listing = "; ".join(f"{s}: {dict(c)}" for s, c in sorted(found.items()))
+    for split, labels in found.items():
+        unknown = sorted(set(labels) - set(CLASS_NAMES))
+        if unknown:
+            raise ArchiveError(f"unknown class folder(s) {unknown} in split '{split}'; expected {list(CLASS_NAMES)} (found {listing})")
+    for split in REQUIRED_SPLITS:
+        for label in CLASS_NAMES:
+            if found.get(split, Counter())[label] == 0:
+                raise ArchiveError(f"class {label} has no images in split '{split}' (found {listing})")
+
+
+def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits: ArchiveLimits, budget: int) -> int:
+    """Copy one entry while counting real bytes; abort the moment a limit is passed."""
+    if info.file_size > limits.max_entry_bytes:
+        raise ArchiveError(f"entry '{info.filename}' declares {info.file_size} bytes, over max_entry_bytes={limits.max_entry_bytes}")
+    written = 0
+    try:
+        with archive.open(info) as source, open(target, "wb") as out:
+            while chunk := source.read(CHUNK):
+                written += len(chunk)
+                if written > limits.max_entry_bytes:
+                    raise ArchiveError(f"entry '{info.filename}' inflates past max_entry_bytes={limits.max_entry_bytes}")
+                if written > budget:
+                    raise ArchiveError(f"archive inflates past max_total_bytes={limits.max_total_bytes} at entry '{info.filename}'")
+                if written > RATIO_FLOOR_BYTES and written > limits.max_compression_ratio * max(info.compress_size, 1):
+                    raise ArchiveError(
+                        f"entry '{info.filename}' compresses more than max_compression_ratio={limits.max_compression_ratio:g}:1 (zip bomb?)"
+                    )
+                out.write(chunk)
+    except ArchiveError:
+        target.unlink(missing_ok=True)
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        target.unlink(missing_ok=True)
+        raise ArchiveError(f"entry '{info.filename}' cannot be read ({error}); the archive may be truncated or corrupt") from None
+    return written
+
+
+def extract(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
+    """Validate every entry, then extract the images under the split root.
+
+    Files land in ``destination/<split>/<label>/<file name>``; nothing is
+    written anywhere else.
+    """
+    with open_archive(path) as archive:
+        infos = archive.infolist()
+        if len(infos) > limits.max_entries:
+            raise ArchiveError(f"archive has {len(infos)} entries, over max_entries={limits.max_entries}")
+        for info in infos:
+            check_entry(info)
+        names = [info.filename for info in infos]
+        root = find_split_root(names)
+        selected, ignored = _classify(names, root)
+        result = Extraction(root=root or ".", ignored=ignored)
+        result.junk = sum(1 for n in names if not n.endswith("/") and is_junk(n))
+        for info in infos:
+            if info.filename not in selected:
+                continue
+            split, label = selected[info.filename]
+            relative = Path(split, label, PurePosixPath(info.filename).name)
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            result.bytes_written += _inflate(archive, info, target, limits, limits.max_total_bytes - result.bytes_written)
+            result.files.append((split, label, relative.as_posix()))
+    return result
+

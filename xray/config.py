@@ -1,0 +1,171 @@
+"""One validated config model for every knob of the pipeline.
+
+The YAML keys in ``configs/*.yaml``, the step parameters, the MLflow params
+(flattened with dots, e.g. ``train.batch_size``) and the docs all use the
+names defined here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from xray.errors import ConfigError
+
+GiB = 1024**3
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class S3Config(_Section):
+    embedded: bool = Field(
+        True,
+        description="Start a local moto S3 endpoint and stage the archive there, "
+        "so a local run takes the same S3 code path as production.",
+    )
+    bucket: str = "chest-xray"
+    key: str = "chest_xray.zip"
+    max_attempts: int = Field(5, ge=1, le=20, description="botocore standard-mode retry attempts.")
+    connect_timeout_s: float = Field(10, gt=0)
+    read_timeout_s: float = Field(60, gt=0)
+
+
+class ArchiveLimits(_Section):
+    """Zip-bomb guards, enforced while streaming each entry."""
+
+    max_entries: int = Field(200_000, ge=1)
+    max_total_bytes: int = Field(8 * GiB, ge=1)
+    max_entry_bytes: int = Field(256 * 1024**2, ge=1)
+    max_compression_ratio: float = Field(100.0, ge=1)
+
+
+class DataConfig(_Section):
+    min_val_per_class: int = Field(50, ge=1, description="Carve val from train when val has fewer per class.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    max_train_per_class: int | None = Field(
+        None, ge=1, description="Cap train images per class (smoke runs). The manifest is still built from the whole archive."
+    )
+    max_eval_per_class: int | None = Field(None, ge=1, description="Cap val and test images per class (smoke runs).")
+    limits: ArchiveLimits = ArchiveLimits()
+
+
+class Augmentation(_Section):
+    horizontal_flip: bool = True
+    zoom: float = Field(0.1, ge=0, lt=1)
+    rotation: float = Field(0.0, ge=0, le=0.5, description="Fraction of a full turn, as keras.layers.RandomRotation.")
+    contrast: float = Field(0.0, ge=0, lt=1)
+    brightness: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelConfig(_Section):
+    backbone: Literal["resnet50v2"] = "resnet50v2"
+    weights: str = Field(
+        "none", description="'imagenet', 'none', or a local or s3:// path to a Keras weights file."
+    )
+    image_size: int = Field(128, ge=32, le=1024)
+    dense_units: int = Field(128, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    frozen_epochs: int = Field(2, ge=0, description="With pretrained weights: epochs with the backbone frozen.")
+    fine_tune_layers: int = Field(30, ge=0, description="With pretrained weights: top backbone layers unfrozen after the frozen phase.")
+    fine_tune_learning_rate: float = Field(1e-5, gt=0)
+    early_stopping_patience: int = Field(3, ge=1)
+    class_weighting: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    augmentation: Augmentation = Augmentation()
+    mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: on when a GPU is present.")
+    jit_compile: Literal["auto", "on", "off"] = Field("auto", description="XLA. auto: on when a GPU is present.")
+    backup_dir: str | None = Field(None, description="BackupAndRestore root; a run of the same config resumes from it.")
+
+
+class EvaluateConfig(_Section):
+    threshold_policy: Literal["min_sensitivity", "youden", "fixed"] = "min_sensitivity"
+    min_sensitivity: float = Field(0.95, gt=0, le=1)
+    fixed_threshold: float = Field(0.5, gt=0, lt=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+
+
+class RegistryConfig(_Section):
+    model_name: str = "chest-xray-classifier"
+    experiment_name: str = "chest-xray-training"
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides; default: sqlite under .mlflow/."
+    )
+    champion_alias: str = "champion"
+
+
+class PipelineConfig(_Section):
+    dataset_uri: str | None = Field(
+        None, description="s3://bucket/key.zip, a local path or file://. None: CHEST_XRAY_ZIP, ../shared, then kagglehub."
+    )
+    expected_sha256: str | None = Field(None, description="Fail before extraction when the archive differs.")
+    seed: int = 42
+    s3: S3Config = S3Config()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @field_validator("expected_sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
+            raise ValueError("must be 64 hex characters")
+        return value.lower() if value else value
+
+    def flat_params(self) -> dict[str, Any]:
+        """Dotted names, as logged to MLflow: ``train.batch_size`` etc."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"invalid {source}: {_describe(error)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys, not {type(raw).__name__}")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_config(raw, source=f"config {path}")

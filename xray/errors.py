@@ -1,0 +1,21 @@
+"""Errors a user can act on. ``run.py`` prints them as one line, no traceback."""
+
+
+class XrayError(Exception):
+    """Base for expected failures: bad data, bad config, unreachable storage."""
+
+
+class ConfigError(XrayError):
+    pass
+
+
+class DatasetSourceError(XrayError):
+    """The dataset archive could not be found or fetched."""
+
+
+class ArchiveError(XrayError):
+    """The archive is unsafe, malformed or does not have the expected layout."""
+
+
+class DataQualityError(XrayError):
+    """Too many images failed validation."""

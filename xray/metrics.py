@@ -1,0 +1,102 @@
+"""Threshold policy and test metrics with bootstrap confidence intervals.
+
+The threshold is chosen on val only; test is only ever measured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
+
+from xray import CLASS_NAMES
+
+
+def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, policy: str, min_sensitivity: float = 0.95,
+                     fixed: float = 0.5) -> tuple[float, str]:
+    """Return (threshold, one-line description of how it was chosen).
+
+    ``min_sensitivity``: the highest-specificity threshold whose val
+    sensitivity is at least ``min_sensitivity`` (missing a pneumonia costs
+    more than a false alarm). ``youden``: max(sensitivity + specificity - 1).
+    """
+    if policy == "fixed":
+        return float(fixed), f"fixed at {fixed:g}"
+    if len(np.unique(y_val)) < 2:
+        raise ValueError("val must contain both classes to choose a threshold")
+    fpr, tpr, thresholds = roc_curve(y_val, p_val)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if policy == "youden":
+        best = int(np.argmax(tpr - fpr))
+        return float(thresholds[best]), f"youden on val: sensitivity {tpr[best]:.3f}, specificity {1 - fpr[best]:.3f}"
+    ok = np.flatnonzero(tpr >= min_sensitivity - 1e-12)
+    # roc_curve orders thresholds high -> low, so the first qualifying point has the lowest fpr.
+    best = int(ok[0])
+    return float(thresholds[best]), (
+        f"highest val specificity ({1 - fpr[best]:.3f}) with val sensitivity {tpr[best]:.3f} >= {min_sensitivity:g}"
+    )
+
+
+def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    predicted = (p >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y.astype(int), predicted, labels=[0, 1]).ravel()
+    sensitivity = tp / (tp + fn) if tp + fn else float("nan")
+    specificity = tn / (tn + fp) if tn + fp else float("nan")
+    result = {
+        "accuracy": (tp + tn) / len(y),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "confusion_matrix": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+    for label, (hits, misses, false_alarms) in zip(CLASS_NAMES, [(tn, fp, fn), (tp, fn, fp)]):
+        precision = hits / (hits + false_alarms) if hits + false_alarms else 0.0
+        recall = hits / (hits + misses) if hits + misses else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        result.update({f"precision_{label}": precision, f"recall_{label}": recall, f"f1_{label}": f1})
+    return {k: (float(v) if not isinstance(v, list) else v) for k, v in result.items()}
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, seed: int) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals for AUC, sensitivity and specificity, resampling images."""
+    rng = np.random.default_rng(seed)
+    stats: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    predicted = p >= threshold
+    for _ in range(samples):
+        index = rng.integers(0, len(y), len(y))
+        ys, ps, hits = y[index], p[index], predicted[index]
+        positives, negatives = ys == 1, ys == 0
+        if not positives.any() or not negatives.any():
+            continue
+        stats["auc"].append(roc_auc_score(ys, ps))
+        stats["sensitivity"].append(hits[positives].mean())
+        stats["specificity"].append((~hits[negatives]).mean())
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in stats.items()}
+
+
+def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
+    """Everything reported for one split: ranking metrics, both operating points, CIs."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    report = {
+        "n": int(len(y)),
+        "auc": float(roc_auc_score(y, p)),
+        "average_precision": float(average_precision_score(y, p)),
+        "brier": float(brier_score_loss(y, p)),
+        "threshold": float(threshold),
+        "at_threshold": at_threshold(y, p, threshold),
+        "at_0_5": at_threshold(y, p, 0.5),
+    }
+    report["ci95"] = bootstrap_ci(y, p, threshold, bootstrap_samples, seed)
+    return report
+
+
+def flat_metrics(prefix: str, report: dict) -> dict[str, float]:
+    """MLflow-friendly scalars: test_auc, test_sensitivity (at the chosen threshold), test_sensitivity_at_0_5, ..."""
+    flat = {f"{prefix}_{k}": report[k] for k in ("auc", "average_precision", "brier")}
+    for suffix, block in (("", report["at_threshold"]), ("_at_0_5", report["at_0_5"])):
+        for key, value in block.items():
+            if key != "confusion_matrix":
+                flat[f"{prefix}_{key}{suffix}"] = value
+    for key, (low, high) in report.get("ci95", {}).items():
+        flat[f"{prefix}_{key}_ci_low"], flat[f"{prefix}_{key}_ci_high"] = low, high
+    return flat

@@ -1,0 +1,113 @@
+"""The classifier: backbone + head, preprocessing inside, and the device policy."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from xray.config import ModelConfig, TrainConfig
+
+LAST_CONV_LAYER = {"resnet50v2": "post_relu"}
+"""Output of the backbone's last conv block, for Grad-CAM."""
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    gpus: int
+    mixed_precision: bool
+    jit_compile: bool
+
+    def describe(self) -> str:
+        where = f"{self.gpus} GPU(s)" if self.gpus else "CPU"
+        return f"{where}, mixed_precision={self.mixed_precision}, jit_compile={self.jit_compile}"
+
+
+def device_policy(config: TrainConfig) -> DevicePolicy:
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+
+    def resolve(setting: str) -> bool:
+        return setting == "on" or (setting == "auto" and gpus > 0)
+
+    return DevicePolicy(gpus, resolve(config.mixed_precision), resolve(config.jit_compile))
+
+
+def distribution_strategy(policy: DevicePolicy):
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy() if policy.gpus > 1 else tf.distribute.get_strategy()
+
+
+def resolve_weights(weights: str) -> str | None:
+    """'imagenet' and local paths pass through; s3:// is fetched; 'none' -> None."""
+    if weights.lower() == "none":
+        return None
+    if weights.lower() == "imagenet":
+        return "imagenet"
+    if weights.startswith("s3://"):
+        from xray import s3
+
+        location = s3.parse_s3_uri(weights)
+        target = Path(tempfile.mkdtemp(prefix="xray-weights-")) / Path(location.key).name
+        s3.download(s3.make_client(), location, target)
+        return str(target)
+    path = Path(weights.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        from xray.errors import ConfigError
+
+        raise ConfigError(f"model.weights: weights file not found: {path}")
+    return str(path)
+
+
+def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool = False):
+    """Raw RGB in [0, 255] -> P(PNEUMONIA).
+
+    The backbone's layers are built on the rescaled input tensor (not nested),
+    so its last conv layer is reachable for Grad-CAM by name.
+    """
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+    size = config.image_size
+    inputs = keras.Input((size, size, 3), name="image")
+    # ResNet50V2 expects [-1, 1]; doing it here keeps serving and training identical.
+    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    backbone = keras.applications.ResNet50V2(include_top=False, weights=weights, input_tensor=scaled)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
+    x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+    # float32 output keeps the sigmoid and the loss numerically stable under mixed precision.
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    model = keras.Model(inputs, outputs, name=f"xray_{config.backbone}")
+    return model, backbone
+
+
+def set_backbone_trainable(backbone, trainable_top: int | None) -> None:
+    """None: all trainable; 0: frozen; N: only the top N layers, BatchNorm kept frozen."""
+    import keras
+
+    layers = backbone.layers
+    for index, layer in enumerate(layers):
+        if trainable_top is None:
+            layer.trainable = True
+        else:
+            in_top = index >= len(layers) - trainable_top
+            layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def compile_model(model, learning_rate: float, label_smoothing: float, jit_compile: bool) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
+        metrics=[
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+        ],
+        jit_compile=jit_compile,
+    )
