@@ -45,7 +45,7 @@ def current_champion(client, model_name: str, alias: str) -> tuple[str | None, f
     except MlflowException:
         return None, None
     auc = champion.tags.get("test_auc")
-    return champion.version, (float(auc) if auc is not None else None)
+    return str(champion.version), (float(auc) if auc is not None else None)
 
 
 class _KerasFlavor:

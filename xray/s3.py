@@ -96,7 +96,8 @@ def head(client, location: S3Location) -> dict:
         response = client.head_object(Bucket=location.bucket, Key=location.key)
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, location) from None
-    return {"etag": response["ETag"].strip('"'), "size": int(response["ContentLength"])}
+    return {"etag": response["ETag"].strip('"'), "size": int(response["ContentLength"]),
+            "sha256": response.get("Metadata", {}).get("sha256")}
 
 
 def download(
@@ -132,19 +133,20 @@ def download(
 
 
 def upload_if_missing(client, source: Path, location: S3Location) -> bool:
-    """Upload ``source`` unless an object of the same size is already there."""
+    """Upload ``source`` unless the object there already holds the same bytes (by SHA-256)."""
     from botocore.exceptions import ClientError
 
     try:
         client.head_bucket(Bucket=location.bucket)
     except ClientError:
         client.create_bucket(Bucket=location.bucket)
+    digest = sha256_file(source)
     try:
-        if head(client, location)["size"] == source.stat().st_size:
+        if head(client, location)["sha256"] == digest:
             return False
     except DatasetSourceError:
         pass
-    client.upload_file(str(source), location.bucket, location.key)
+    client.upload_file(str(source), location.bucket, location.key, ExtraArgs={"Metadata": {"sha256": digest}})
     return True
 
 

@@ -1,0 +1,67 @@
+"""Shared fixtures: synthetic archives built on the fly, and the real ones from ../shared."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MINI_ZIP = SHARED_DATA / "chest_xray_mini.zip"
+FULL_ZIP = SHARED_DATA / "chest_xray_224.zip"
+
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+
+
+def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    """A small, unique image: different seeds give different bytes."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB").convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_zip(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path
+
+
+def dataset_entries(root: str = "chest_xray", per_class: int = 3, splits=("train", "test"), start: int = 0) -> dict[str, bytes]:
+    entries, seed = {}, start
+    for split in splits:
+        for label, pattern in (("NORMAL", "IM-{:04d}-0001.jpeg"), ("PNEUMONIA", "person{}_bacteria_1.jpeg")):
+            for _ in range(per_class):
+                seed += 1
+                entries[f"{root}/{split}/{label}/{pattern.format(seed)}"] = jpeg_bytes(seed)
+    return entries
+
+
+@pytest.fixture
+def make_zip(tmp_path):
+    counter = {"n": 0}
+
+    def build(entries: dict[str, bytes]) -> Path:
+        counter["n"] += 1
+        return write_zip(tmp_path / f"archive{counter['n']}.zip", entries)
+
+    return build
+
+
+def require(path: Path) -> Path:
+    if not path.is_file():
+        pytest.fail(f"test data missing: {path} (tests read the real archives from ../shared/data)")
+    return path

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from xray import metrics
+
+
+def test_min_sensitivity_threshold_is_the_most_specific_that_keeps_sensitivity():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.6, 0.7, 0.3, 0.65, 0.8, 0.9])
+    threshold, _ = metrics.choose_threshold(y, p, "min_sensitivity", 1.0)
+    assert threshold == pytest.approx(0.3)
+    threshold, _ = metrics.choose_threshold(y, p, "min_sensitivity", 0.75)
+    assert threshold == pytest.approx(0.65)
+    out = metrics.at_threshold(y, p, threshold)
+    assert out["sensitivity"] == 0.75 and out["specificity"] == 0.75
+
+
+def test_youden_and_fixed():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.4, 0.35, 0.8])
+    assert metrics.choose_threshold(y, p, "fixed", fixed=0.3)[0] == 0.3
+    threshold, _ = metrics.choose_threshold(y, p, "youden")
+    assert threshold in (0.35, 0.8)
+
+
+def test_at_threshold_counts():
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0.2, 0.7, 0.6, 0.4, 0.9])
+    out = metrics.at_threshold(y, p, 0.5)
+    assert out["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["precision_PNEUMONIA"] == pytest.approx(2 / 3)
+    assert out["recall_NORMAL"] == pytest.approx(1 / 2)
+
+
+def test_evaluate_reports_cis_around_the_point_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(y * 0.3 + rng.random(400) * 0.7, 0, 1)
+    report = metrics.evaluate(y, p, 0.5, bootstrap_samples=300, seed=1)
+    assert report["auc"] == pytest.approx(roc_auc_score(y, p))
+    low, high = report["ci95"]["auc"]
+    assert low < report["auc"] < high and high - low < 0.2
+    flat = metrics.flat_metrics("test", report)
+    assert {"test_auc", "test_sensitivity", "test_specificity_at_0_5", "test_auc_ci_low", "test_brier"} <= flat.keys()

@@ -1,0 +1,77 @@
+"""S3 access against a real HTTP endpoint (moto's server), with fake credentials."""
+
+import hashlib
+import urllib.request
+
+import pytest
+
+from xray import s3
+from xray.config import S3Config
+from xray.errors import DatasetSourceError
+from xray.ingest import fetch
+
+
+@pytest.fixture
+def endpoint():
+    server = s3.EmbeddedS3().start()
+    # moto keeps one in-memory backend per process; start every test from an empty one.
+    urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset", method="POST"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(endpoint, tmp_path):
+    client = s3.make_client(max_attempts=1)
+    source = tmp_path / "data.zip"
+    source.write_bytes(b"PK" + bytes(range(256)) * 1000)
+    location = s3.S3Location("chest-xray", "chest_xray.zip")
+    assert s3.upload_if_missing(client, source, location) is True
+    assert s3.upload_if_missing(client, source, location) is False
+    return client, location, source
+
+
+def test_download_streams_and_checksums(bucket, tmp_path):
+    client, location, source = bucket
+    seen = []
+    info = s3.download(client, location, tmp_path / "out.zip", progress=lambda done, total: seen.append(done))
+    assert info["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert info["size"] == source.stat().st_size and info["etag"]
+    assert seen[-1] == info["size"]
+
+
+@pytest.mark.parametrize("uri, reason", [
+    ("s3://no-such-bucket/x.zip", "bucket does not exist"),
+    ("s3://chest-xray/missing.zip", "object does not exist"),
+])
+def test_missing_bucket_or_key_is_one_clear_line(bucket, tmp_path, uri, reason):
+    with pytest.raises(DatasetSourceError) as error:
+        fetch(uri, tmp_path / "w", S3Config(max_attempts=1))
+    assert str(error.value) == f"cannot read {uri}: {reason}"
+
+
+def test_unreachable_endpoint(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake")
+    with pytest.raises(DatasetSourceError, match=r"cannot read s3://b/k.zip: S3 endpoint unreachable"):
+        fetch("s3://b/k.zip", tmp_path, S3Config(max_attempts=1, connect_timeout_s=1))
+
+
+def test_expected_sha256_mismatch_fails_before_extraction(bucket, tmp_path):
+    with pytest.raises(DatasetSourceError, match="checksum mismatch"):
+        fetch("s3://chest-xray/chest_xray.zip", tmp_path / "w", S3Config(max_attempts=1), expected_sha256="0" * 64)
+
+
+def test_local_paths_are_read_directly(tmp_path):
+    source = tmp_path / "a.zip"
+    source.write_bytes(b"local bytes")
+    for uri in (str(source), source.as_uri()):
+        archive = fetch(uri, tmp_path / "w", S3Config())
+        assert archive.sha256 == hashlib.sha256(b"local bytes").hexdigest() and archive.etag is None
+    with pytest.raises(DatasetSourceError, match="not found"):
+        fetch(str(tmp_path / "nope.zip"), tmp_path / "w", S3Config())
+    with pytest.raises(DatasetSourceError, match="unsupported dataset URI scheme"):
+        fetch("gs://bucket/a.zip", tmp_path / "w", S3Config())
