@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
 from xray import CLASS_NAMES  # noqa: E402
 
@@ -55,7 +55,7 @@ def sample_grid(paths: list[str], titles: list[str], columns: int = 4) -> Image.
 def roc_pr(y: np.ndarray, p: np.ndarray, threshold: float, title: str = "test") -> Image.Image:
     figure, (roc_axis, pr_axis) = plt.subplots(1, 2, figsize=(9, 4))
     fpr, tpr, _ = roc_curve(y, p)
-    roc_axis.plot(fpr, tpr)
+    roc_axis.plot(fpr, tpr, label=f"AUC {roc_auc_score(y, p):.3f}")
     roc_axis.plot([0, 1], [0, 1], "--", color="grey")
     predicted = p >= threshold
     sens, spec = predicted[y == 1].mean(), (~predicted[y == 0]).mean()
@@ -63,7 +63,8 @@ def roc_pr(y: np.ndarray, p: np.ndarray, threshold: float, title: str = "test") 
     roc_axis.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC ({title})")
     roc_axis.legend(loc="lower right")
     precision, recall, _ = precision_recall_curve(y, p)
-    pr_axis.plot(recall, precision)
+    pr_axis.plot(recall, precision, label=f"AP {average_precision_score(y, p):.3f}")
+    pr_axis.legend(loc="lower left")
     pr_axis.set(xlabel="recall (PNEUMONIA)", ylabel="precision", title=f"Precision-recall ({title})", ylim=(0, 1.02))
     return _to_image(figure)
 
