@@ -6,7 +6,7 @@ import mlflow
 from zenml import get_step_context
 
 from xray import tracking
-from xray.config import RegistryConfig
+from xray.config import RegistryConfig, flatten
 
 
 @contextmanager
@@ -29,15 +29,6 @@ def log_config(**sections) -> None:
     params = {}
     for name, section in sections.items():
         value = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
-        params.update(_flatten({name: value}))
+        params.update(flatten({name: value}))
     mlflow.log_params(params)
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -127,15 +127,15 @@ class PipelineConfig(_Section):
 
     def flat_params(self) -> dict[str, Any]:
         """Dotted names, as logged to MLflow: ``train.batch_size`` etc."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json"))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat

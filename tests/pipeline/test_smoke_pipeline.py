@@ -7,6 +7,7 @@ embedded moto S3 endpoint and ingest goes through the S3 code path.
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import zipfile
@@ -136,19 +137,69 @@ def test_identical_rerun_is_cached_by_content(first_run, stores):
     assert summary["model_version"] == first_run[0]["model_version"]
 
 
-def test_bad_archive_fails_in_one_line_and_registers_nothing(first_run, stores, tmp_path):
-    _, env = stores
-    bad = tmp_path / "traversal.zip"
-    with zipfile.ZipFile(bad, "w") as archive:
-        for name, data in (dataset_entries() | {"chest_xray/../../escape.jpeg": b"x"}).items():
+def _zip(path, entries, symlink=None):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
             archive.writestr(name, data)
-    before = len(mlflow_client(env).search_model_versions("name='chest-xray-classifier'"))
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+        return path
+
+
+def _bomb(path):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in dataset_entries().items():
+            archive.writestr(name, data)
+        with archive.open("chest_xray/train/NORMAL/IM-0999-0001.jpeg", "w", force_zip64=True) as entry:
+            for _ in range(1024):
+                entry.write(bytes(1 << 20))
+    return path
+
+
+def _truncated(path):
+    whole = _zip(path, dataset_entries(per_class=10))
+    path.write_bytes(whole.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+BAD_ARCHIVES = {
+    "absolute": (lambda p: _zip(p, dataset_entries() | {"/tmp/evil.jpeg": b"x"}),
+                 "unsafe archive: absolute path in entry '/tmp/evil.jpeg'"),
+    "traversal": (lambda p: _zip(p, dataset_entries() | {"chest_xray/../../escape.jpeg": b"x"}),
+                  "unsafe archive: path traversal in entry 'chest_xray/../../escape.jpeg'"),
+    "symlink": (lambda p: _zip(p, dataset_entries(), symlink="chest_xray/train/NORMAL/link.jpeg"),
+                "unsafe archive: symlink entry 'chest_xray/train/NORMAL/link.jpeg'"),
+    "zip_bomb": (_bomb, "compresses more than max_compression_ratio=100:1"),
+    "not_a_zip": (lambda p: p.write_text("hello") and p, "is not a readable zip archive"),
+    "empty_zip": (lambda p: _zip(p, {}), "is an empty zip archive: no entries"),
+    "truncated": (_truncated, "is not a readable zip archive"),
+    "no_test_split": (lambda p: _zip(p, dataset_entries(splits=("train",))), "no folder with both train/ and test/"),
+    "unknown_class": (lambda p: _zip(p, dataset_entries() | {"chest_xray/train/COVID/a.jpeg": b"x"}),
+                      "unknown class folder(s) ['COVID'] in split 'train'"),
+    "empty_class": (lambda p: _zip(p, {k: v for k, v in dataset_entries().items() if "/test/NORMAL/" not in k}),
+                    "class NORMAL has no images in split 'test'"),
+    "bad_images": (lambda p: _zip(p, dataset_entries(per_class=5) | {f"chest_xray/train/NORMAL/IM-{i}-1.jpeg": b"" for i in range(900, 903)}),
+                   "3 of 23 images failed to decode"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
+def test_bad_archive_fails_in_one_line_and_registers_nothing(first_run, stores, tmp_path, case):
+    _, env = stores
+    build, message = BAD_ARCHIVES[case]
+    bad = build(tmp_path / f"{case}.zip")
+    before = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
     result = run_cli(env, "--dataset-uri", str(bad))
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: unsafe archive: path traversal in entry 'chest_xray/../../escape.jpeg'")
-    assert len(mlflow_client(env).search_model_versions("name='chest-xray-classifier'")) == before
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    after = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
+    assert [v.version for v in after] == [v.version for v in before]
+    champion = mlflow_client(env).get_model_version_by_alias("chest-xray-classifier", "champion")
+    assert str(champion.version) == "1"
 
 
 def test_bad_config_is_rejected_before_any_step(stores, tmp_path):
