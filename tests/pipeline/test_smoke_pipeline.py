@@ -171,7 +171,7 @@ BAD_ARCHIVES = {
                   "unsafe archive: path traversal in entry 'chest_xray/../../escape.jpeg'"),
     "symlink": (lambda p: _zip(p, dataset_entries(), symlink="chest_xray/train/NORMAL/link.jpeg"),
                 "unsafe archive: symlink entry 'chest_xray/train/NORMAL/link.jpeg'"),
-    "zip_bomb": (_bomb, "compresses more than max_compression_ratio=100:1"),
+    "zip_bomb": (_bomb, "entry 'chest_xray/train/NORMAL/IM-0999-0001.jpeg' declares 1073741824 bytes, over max_entry_bytes"),
     "not_a_zip": (lambda p: p.write_text("hello") and p, "is not a readable zip archive"),
     "empty_zip": (lambda p: _zip(p, {}), "is an empty zip archive: no entries"),
     "truncated": (_truncated, "is not a readable zip archive"),
@@ -200,6 +200,37 @@ def test_bad_archive_fails_in_one_line_and_registers_nothing(first_run, stores, 
     assert [v.version for v in after] == [v.version for v in before]
     champion = mlflow_client(env).get_model_version_by_alias("chest-xray-classifier", "champion")
     assert str(champion.version) == "1"
+
+
+def _variant(env, tmp_path, section, **changes):
+    raw = yaml.safe_load(open(env["XRAY_TEST_CONFIG"]).read())
+    raw[section] = raw.get(section, {}) | changes
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return {**env, "XRAY_TEST_CONFIG": str(path)}
+
+
+def test_failed_training_leaves_the_registry_untouched(first_run, stores, tmp_path):
+    env = _variant(stores[1], tmp_path, "model", weights=str(tmp_path / "missing.weights.h5"))
+    before = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
+    result = run_cli(env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: model.weights: weights file not found: {tmp_path / 'missing.weights.h5'}"
+    after = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
+    assert sorted(v.version for v in after) == sorted(v.version for v in before)
+
+
+def test_failed_gate_registers_a_version_but_keeps_the_champion(first_run, stores, tmp_path):
+    env = _variant(stores[1], tmp_path, "evaluate", fixed_threshold=0.999)
+    client = mlflow_client(env)
+    champion = client.get_model_version_by_alias("chest-xray-classifier", "champion")
+    summary = summary_of(run_cli(env))
+    assert summary["promoted"] is False
+    rejected = client.get_model_version("chest-xray-classifier", summary["model_version"])
+    assert rejected.tags["promotion_decision"] == "rejected"
+    assert "min_sensitivity" in rejected.tags["promotion_reason"]
+    now = client.get_model_version_by_alias("chest-xray-classifier", "champion")
+    assert (now.version, now.run_id, now.tags) == (champion.version, champion.run_id, champion.tags)
 
 
 def test_bad_config_is_rejected_before_any_step(stores, tmp_path):
