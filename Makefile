@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export ZENML_ANALYTICS_OPT_IN ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup stack train smoke test ui clean
+.PHONY: setup stack train smoke test bench ui clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ smoke: stack
 
 test: setup
 	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/bench.py
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000

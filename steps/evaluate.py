@@ -2,7 +2,6 @@ from typing import Annotated, Tuple
 
 import keras
 import mlflow
-import numpy as np
 from PIL import Image
 from zenml import step
 
@@ -12,10 +11,7 @@ from xray import metrics as xmetrics
 from xray import plots
 from xray.config import EvaluateConfig, RegistryConfig
 from xray.dataset import ValidatedDataset
-
-
-def predict(model: keras.Model, dataset: ValidatedDataset, rows, spec: xdata.DatasetSpec) -> np.ndarray:
-    return model.predict(xdata.make_dataset(dataset.paths(rows), None, spec), verbose=0).reshape(-1)
+from xray.predict import predict_paths
 
 
 @step
@@ -32,7 +28,7 @@ def evaluate_model(
     """Threshold chosen on val only; test measured at that threshold and at 0.5."""
     val_rows, test_rows = (xdata.select(dataset.manifest, s, spec) for s in ("val", "test"))
     y_val, y_test = xdata.labels_of(val_rows), xdata.labels_of(test_rows)
-    p_val, p_test = predict(model, dataset, val_rows, spec), predict(model, dataset, test_rows, spec)
+    p_val, p_test = (predict_paths(model, dataset.paths(rows), spec) for rows in (val_rows, test_rows))
     threshold, policy = xmetrics.choose_threshold(y_val, p_val, evaluate.threshold_policy,
                                                   evaluate.min_sensitivity, evaluate.fixed_threshold)
     val_report = xmetrics.evaluate(y_val, p_val, threshold, evaluate.bootstrap_samples, seed)

@@ -1,0 +1,200 @@
+"""Side-by-side benchmarks, both sides measured in the same process on the same extracted dataset.
+
+    python benchmarks/bench.py [--only KEY ...] [--archive PATH]
+
+Each benchmark prints its numbers and records them in benchmarks/results.json
+under its key, with the machine's CPU count and the library versions. Ratios
+belong here, never in unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from xray import data as xdata  # noqa: E402
+from xray import sources  # noqa: E402
+from xray.config import Augmentation, DataConfig, ModelConfig  # noqa: E402
+from xray.dataset import ValidatedDataset, prepare_dataset  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results.json"
+IMAGE_SIZE, BATCH = 128, 32  # configs/training_local.yaml
+TARGETS = {"input_pipeline_speedup": 5.0, "starvation_ratio": 0.95, "cached_rerun_speedup": 5.0,
+           "batch_inference_speedup": 10.0}
+
+
+def spec_for(dataset: ValidatedDataset, zoom: float = 0.2) -> xdata.DatasetSpec:
+    # zoom 0.2 and horizontal flip: the seed's ImageDataGenerator augmentation.
+    return xdata.make_spec(dataset.manifest, IMAGE_SIZE, BATCH, Augmentation(horizontal_flip=True, zoom=zoom), None, None, 0)
+
+
+def input_pipeline_speedup(dataset: ValidatedDataset, workdir: Path) -> dict:
+    """Two full passes of the train split with augmentation: tf.data vs ImageDataGenerator."""
+    import tensorflow as tf
+
+    spec = spec_for(dataset)
+    rows = xdata.select(dataset.manifest, "train", spec)
+    paths = dataset.paths(rows)
+    start = time.perf_counter()
+    pipeline = xdata.make_dataset(paths, xdata.labels_of(rows), spec, training=True)
+    seen = sum(int(x.shape[0]) for _ in range(2) for x, _ in pipeline)
+    ours = seen / (time.perf_counter() - start)
+
+    # The seed read class folders; lay the same train rows out that way with symlinks.
+    folder = workdir / "seed_train"
+    for row, path in zip(rows.itertuples(), paths):
+        target = folder / row.label / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(path)
+    generator = tf.keras.preprocessing.image.ImageDataGenerator(rescale=1 / 255, horizontal_flip=True, zoom_range=0.2)
+    flow = generator.flow_from_directory(str(folder), target_size=(IMAGE_SIZE, IMAGE_SIZE), batch_size=BATCH,
+                                         class_mode="binary", seed=0)
+    start = time.perf_counter()
+    seed_seen = sum(len(flow[i][0]) for _ in range(2) for i in range(len(flow)))
+    seed = seed_seen / (time.perf_counter() - start)
+    return {"value": ours / seed, "ours_images_per_s": ours, "seed_images_per_s": seed, "images": seen,
+            "passes": 2, "image_size": IMAGE_SIZE, "batch_size": BATCH}
+
+
+def _fit_throughput(model, feed, steps: int, epochs: int, **fit_kwargs) -> float:
+    import keras
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            durations.append(time.perf_counter() - self.start)
+
+    durations: list[float] = []
+    model.fit(feed, epochs=epochs, steps_per_epoch=steps, callbacks=[Timer()], verbose=0, **fit_kwargs)
+    warm = durations[1:]  # epoch 1 traces the graph and fills the tf.data cache
+    return steps * BATCH * len(warm) / sum(warm)
+
+
+def starvation_ratio(dataset: ValidatedDataset, workdir: Path, steps: int = 10, epochs: int = 4) -> dict:
+    """model.fit fed by the real pipeline vs by in-memory tensors: same model, batch and shapes."""
+    from xray.model import build_model, compile_model
+
+    spec = spec_for(dataset, zoom=0.1)
+    rows = xdata.select(dataset.manifest, "train", spec).sample(n=steps * BATCH, random_state=0)
+    model, _ = build_model(ModelConfig(image_size=IMAGE_SIZE), None)
+    compile_model(model, 1e-3, 0.0, False)
+    real = xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True).repeat()
+    real_rate = _fit_throughput(model, real, steps, epochs)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (steps * BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
+    y = rng.integers(0, 2, steps * BATCH).astype("float32")
+    import tensorflow as tf
+
+    memory = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    memory_rate = _fit_throughput(model, memory, steps, epochs)
+    return {"value": real_rate / memory_rate, "real_pipeline_images_per_s": real_rate,
+            "in_memory_images_per_s": memory_rate, "warm_epochs": epochs - 1, "steps_per_epoch": steps,
+            "image_size": IMAGE_SIZE, "batch_size": BATCH}
+
+
+def cached_rerun_speedup(archive: Path, workdir: Path) -> dict:
+    """Runs benchmarks/zenml_runs.py in a child process with its own ZenML and MLflow stores."""
+    env = os.environ | {"ZENML_CONFIG_PATH": str(workdir / "zenml"), "ZENML_ANALYTICS_OPT_IN": "false",
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    out = workdir / "zenml_runs.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zenml_runs.py"), str(archive), str(out)], env=env,
+                   cwd=ROOT, check=True)
+    result = json.loads(out.read_text())
+    return {"value": result["first_data_seconds"] / result["cached_data_seconds"], **result}
+
+
+def batch_inference_speedup(dataset: ValidatedDataset, workdir: Path) -> dict:
+    """Test split: the batched tf.data prediction path vs a per-image model.predict loop."""
+    import tensorflow as tf
+
+    from xray.model import build_model
+    from xray.predict import predict_paths
+
+    spec = spec_for(dataset)
+    paths = dataset.paths(xdata.select(dataset.manifest, "test", spec))
+    model, _ = build_model(ModelConfig(image_size=IMAGE_SIZE), None)
+    predict_paths(model, paths[:BATCH], spec)  # trace once, outside the timing, for both sides
+    model.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), "float32"), verbose=0)
+    start = time.perf_counter()
+    batched = predict_paths(model, paths, spec)
+    ours = len(paths) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    single = []
+    for path in paths:
+        image = xdata.decode_and_resize(tf.io.read_file(path), IMAGE_SIZE)
+        single.append(float(model.predict(tf.cast(image, tf.float32)[None], verbose=0)[0, 0]))
+    loop = len(paths) / (time.perf_counter() - start)
+    return {"value": ours / loop, "batched_images_per_s": ours, "per_image_images_per_s": loop, "images": len(paths),
+            "max_abs_difference": float(np.max(np.abs(batched - np.array(single)))), "image_size": IMAGE_SIZE,
+            "batch_size": BATCH}
+
+
+def environment() -> dict:
+    versions = {}
+    for package in ("tensorflow-cpu", "tensorflow", "keras", "zenml", "mlflow", "numpy"):
+        try:
+            versions[package] = version(package)
+        except Exception:  # noqa: BLE001 - not every flavour of TF is installed
+            continue
+    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
+            "python": platform.python_version(), "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+            "versions": versions}
+
+
+def record(key: str, result: dict, command: str) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    entry = {**result, "target": TARGETS[key], "met": bool(result["value"] >= TARGETS[key]), "command": command,
+             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment()}
+    if key in results:
+        results.setdefault("history", []).append({"key": key, **results[key]})
+    results[key] = entry
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(TARGETS), default=sorted(TARGETS))
+    parser.add_argument("--archive", type=Path, default=None, help="default: the same search as run.py")
+    args = parser.parse_args()
+    archive = Path(args.archive or sources.resolve(None).uri)
+    command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix="xray-bench-") as temp:
+        workdir = Path(temp)
+        dataset = None
+        if set(args.only) - {"cached_rerun_speedup"}:
+            dataset, _ = prepare_dataset(archive, workdir / "dataset", DataConfig(), seed=42)
+        for key in ("input_pipeline_speedup", "starvation_ratio", "cached_rerun_speedup", "batch_inference_speedup"):
+            if key not in args.only:
+                continue
+            print(f"== {key}", flush=True)
+            start = time.perf_counter()
+            target = archive if key == "cached_rerun_speedup" else dataset
+            result = globals()[key](target, workdir)
+            result["benchmark_seconds"] = time.perf_counter() - start
+            record(key, result, command)
+            verdict = "meets" if result["value"] >= TARGETS[key] else "MISSES"
+            print(json.dumps({key: round(result["value"], 3), "target": TARGETS[key], "verdict": verdict,
+                              **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
