@@ -104,21 +104,82 @@ def summarize(run, config) -> dict:
     }
 
 
-def run_training(config, dataset_uri: str | None, no_cache: bool) -> dict:
+def schedule_for(cron: str, orchestrator, stack_name: str):
+    """A ZenML Schedule, after the cron and the stack have both been checked."""
+    from zenml.config.schedule import Schedule
+
+    from xray.errors import ScheduleError
+    from xray.schedule import CronError, validate_aws_cron
+
+    if orchestrator.flavor == "sagemaker" or cron.strip().startswith("cron("):
+        expression = validate_aws_cron(cron)
+    else:
+        from croniter import croniter
+
+        if not croniter.is_valid(cron):
+            raise CronError(f"invalid schedule '{cron}': not a cron expression")
+        expression = cron
+    if not orchestrator.is_schedulable:
+        raise ScheduleError(
+            f"stack '{stack_name}' cannot schedule runs: its orchestrator '{orchestrator.name}' "
+            f"({orchestrator.flavor}) has no scheduler; register and activate a SageMaker stack "
+            "(scripts/register_sagemaker_stack.sh) first"
+        )
+    return Schedule(name=f"chest-xray-training-{abs(hash(expression)) % 10**8}", cron_expression=expression)
+
+
+def launch_options(config, no_cache: bool, schedule, workdir: Path) -> dict:
     from zenml import Model
 
-    from pipelines.training import MODEL, training_pipeline
+    from pipelines.training import MODEL
+
+    options = {"enable_cache": not no_cache,
+               "model": Model(name=config.registry.model_name, description=MODEL.description, tags=MODEL.tags)}
+    if config.zenml:
+        import yaml
+
+        path = workdir / "zenml_run_config.yaml"
+        path.write_text(yaml.safe_dump(config.zenml))
+        options["config_path"] = str(path)
+    if schedule is not None:
+        options["schedule"] = schedule
+    return options
+
+
+def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | None) -> dict:
+    import tempfile
+
+    from zenml.client import Client
+
+    from pipelines.training import training_pipeline
+    from xray import tracking
 
     quiet_expected_failures()
-
-    with ExitStack() as services:
+    stack = Client().active_stack
+    schedule = schedule_for(cron, stack.orchestrator, stack.name) if cron else None
+    # Pin the tracking URI into the config: steps on other machines must log to the same store.
+    registry = config.registry.model_copy(update={"tracking_uri": tracking.tracking_uri(config.registry.tracking_uri)})
+    config = config.model_copy(update={"registry": registry})
+    with ExitStack() as services, tempfile.TemporaryDirectory() as workdir:
         uri = stage_dataset(config, dataset_uri, services)
-        pipeline = training_pipeline.with_options(
-            enable_cache=not no_cache,
-            model=Model(name=config.registry.model_name, description=MODEL.description, tags=MODEL.tags),
-        )
-        run = pipeline(config=config, dataset_uri=uri)
+        run = training_pipeline.with_options(**launch_options(config, no_cache, schedule, Path(workdir)))(
+            config=config, dataset_uri=uri)
+        if schedule is not None:
+            return {"schedule": schedule.name, "cron_expression": schedule.cron_expression, "stack": stack.name,
+                    "dataset_uri": uri, "list_with": "python run.py --list-schedules"}
         return summarize(run, config)
+
+
+def list_schedules() -> None:
+    from zenml.client import Client
+
+    schedules = Client().list_schedules(size=100).items
+    if not schedules:
+        click.echo("no schedules in the active ZenML project")
+    for item in schedules:
+        click.echo(f"{item.name}\tcron={item.cron_expression}\tactive={item.active}\tid={item.id}")
+    click.echo("delete one with: zenml pipeline schedule delete <name>  "
+               "(on SageMaker this also removes the EventBridge schedule; see docs/sagemaker.md)")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,20 +191,28 @@ def run_training(config, dataset_uri: str | None, no_cache: bool) -> dict:
               help="Dataset archive: s3://bucket/key.zip, a local path or file://. Overrides dataset_uri in the config. "
                    "Default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip, then Kaggle (kagglehub).")
 @click.option("--no-cache", is_flag=True, help="Run every step even when ZenML has a cached result.")
+@click.option("--schedule", "cron", default=None,
+              help="Attach a schedule instead of running once, e.g. \"cron(0 3 ? * MON *)\" (AWS six-field syntax "
+                   "on SageMaker). Needs a stack whose orchestrator can schedule.")
+@click.option("--list-schedules", "show_schedules", is_flag=True, help="List the schedules of the active ZenML project and exit.")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the one-line JSON summary to this file.")
-def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, no_cache: bool, summary_path: Path | None) -> None:
+def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, no_cache: bool, cron: str | None,
+         show_schedules: bool, summary_path: Path | None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
     from xray.config import load_config
     from xray.errors import ConfigError
 
+    if show_schedules:
+        list_schedules()
+        return
     try:
         config = load_config(config_path)
     except ConfigError as error:
         fail(str(error), 2)
     try:
-        summary = run_training(config, dataset_uri, no_cache)
+        summary = run_training(config, dataset_uri, no_cache, cron)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback
         known = expected_error(error)
         if known is None:

@@ -117,6 +117,11 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    zenml: dict[str, Any] | None = Field(
+        None,
+        description="ZenML run configuration (settings, steps.<name>.step_operator, ...), handed to ZenML as is; "
+        "ZenML validates it. This is where a stack's step operator and Docker settings are chosen.",
+    )
 
     @field_validator("expected_sha256")
     @classmethod
@@ -127,7 +132,7 @@ class PipelineConfig(_Section):
 
     def flat_params(self) -> dict[str, Any]:
         """Dotted names, as logged to MLflow: ``train.batch_size`` etc."""
-        return flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json", exclude={"zenml"}))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,6 +13,10 @@ class DatasetSourceError(XrayError):
     """The dataset archive could not be found or fetched."""
 
 
+class ScheduleError(XrayError):
+    """The active stack cannot run the requested schedule."""
+
+
 class ArchiveError(XrayError):
     """The archive is unsafe, malformed or does not have the expected layout."""
 

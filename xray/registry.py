@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -84,15 +85,28 @@ def log_and_register(model, model_name: str, metadata: dict, image_size: int) ->
     return info.model_uri, str(registered.version)
 
 
-def promote(client, model_name: str, version_id: str, alias: str, metrics: dict, min_sensitivity: float) -> PromotionDecision:
-    """Tag the version with its metrics, then apply the gate against the champion of now."""
+def promote(client, model_name: str, version_id: str, alias: str, metrics: dict, min_sensitivity: float,
+            settle_seconds: float = 1.0, rounds: int = 3) -> PromotionDecision:
+    """Tag the version with its metrics, then apply the gate against the champion of now.
+
+    The registry has no compare-and-set, so two runs finishing together could
+    both read the old champion and both take the alias. After promoting, each
+    waits briefly and re-reads the alias: a run holding a higher test AUC than
+    the version that took the alias after it takes it back. Every racer ends on
+    the same answer, the best of the versions that passed the gate.
+    """
     for key in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "threshold"):
         client.set_model_version_tag(model_name, version_id, key, str(metrics[key]))
     champion_version, champion_auc = current_champion(client, model_name, alias)
     decision = decide(metrics["test_auc"], metrics["test_sensitivity"], min_sensitivity, champion_version, champion_auc)
-    if decision.promoted:
-        client.set_registered_model_alias(model_name, alias, version_id)
     client.set_model_version_tag(model_name, version_id, "promotion_decision", "promoted" if decision.promoted else "rejected")
     client.set_model_version_tag(model_name, version_id, "promotion_reason", decision.reason)
+    if decision.promoted:
+        client.set_registered_model_alias(model_name, alias, version_id)
+        for _ in range(rounds):
+            time.sleep(settle_seconds)
+            holder, holder_auc = current_champion(client, model_name, alias)
+            if holder == version_id or (holder_auc is not None and holder_auc >= metrics["test_auc"]):
+                break
+            client.set_registered_model_alias(model_name, alias, version_id)
     return decision
-

@@ -1,0 +1,50 @@
+"""Two runs that finish together each register a version; the champion ends on the better one."""
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import keras, mlflow
+    from mlflow.tracking import MlflowClient
+    from xray import registry
+    uri, auc, go = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    mlflow.set_tracking_uri(uri)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
+    with mlflow.start_run():
+        _, version = registry.log_and_register(model, "race-model", {"threshold": 0.5}, 8)
+        while time.time() < go:  # both finish together
+            time.sleep(0.001)
+        metrics = {"test_auc": auc, "test_sensitivity": 0.97, "test_specificity": 0.5, "test_accuracy": 0.8, "threshold": 0.5}
+        decision = registry.promote(MlflowClient(), "race-model", version, "champion", metrics, 0.95)
+    print("RESULT", version, decision.promoted, flush=True)
+""")
+
+
+def test_concurrent_registrations(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_registered_model("race-model")  # both racers need the model row; creating it is not the race
+    go = time.time() + 25
+    racers = {auc: subprocess.Popen([sys.executable, "-c", SCRIPT, uri, str(auc), str(go)], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for auc in (0.90, 0.95)}
+    results = {}
+    for auc, process in racers.items():
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-3000:]
+        line = [l for l in output.splitlines() if l.startswith("RESULT")][-1].split()
+        results[auc] = line[1]
+    assert len(set(results.values())) == 2, "each run registers its own version"
+    champion = MlflowClient(uri).get_model_version_by_alias("race-model", "champion")
+    assert str(champion.version) == results[0.95]

@@ -1,0 +1,139 @@
+"""The SageMaker run config, the stack recipe and the cloud requirements, checked without AWS."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from xray.config import PipelineConfig, load_config
+
+CONFIG = ROOT / "configs" / "training_sagemaker.yaml"
+SCRIPT = ROOT / "scripts" / "register_sagemaker_stack.sh"
+STEPS = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "register_model"]
+
+
+@pytest.fixture(scope="module")
+def run_configuration():
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+
+    config = load_config(CONFIG)
+    return config, PipelineRunConfiguration.model_validate(config.zenml)
+
+
+def test_pipeline_parameters_validate_against_the_config_model(run_configuration):
+    config, _ = run_configuration
+    assert isinstance(config, PipelineConfig)
+    assert (config.model.weights, config.model.image_size, config.train.batch_size) == ("imagenet", 224, 128)
+    assert (config.train.mixed_precision, config.train.jit_compile) == ("on", "on")
+    assert config.s3.embedded is False
+
+
+def test_only_train_model_runs_on_the_step_operator(run_configuration):
+    _, zenml_config = run_configuration
+    bound = {name for name, step in zenml_config.steps.items() if step.step_operator}
+    assert bound == {"train_model"}
+    assert zenml_config.steps["train_model"].step_operator == "sagemaker"
+    assert set(zenml_config.steps) <= set(STEPS)
+
+
+def test_gpu_instance_and_cpu_orchestrator_settings_resolve(run_configuration):
+    from zenml.integrations.aws.flavors.sagemaker_orchestrator_flavor import SagemakerOrchestratorSettings
+    from zenml.integrations.aws.flavors.sagemaker_step_operator_flavor import SagemakerStepOperatorSettings
+
+    _, zenml_config = run_configuration
+    step = SagemakerStepOperatorSettings.model_validate(zenml_config.steps["train_model"].settings["step_operator.sagemaker"])
+    assert step.estimator_args["instance_type"] == "ml.g5.xlarge"
+    orchestrator = SagemakerOrchestratorSettings.model_validate(zenml_config.settings["orchestrator.sagemaker"])
+    assert orchestrator.instance_type.startswith("ml.m5")  # the other steps run on CPU
+
+
+def test_docker_settings_install_project_requirements_not_the_tf_integration(run_configuration):
+    from zenml.config import DockerSettings
+
+    _, zenml_config = run_configuration
+    docker = DockerSettings.model_validate(zenml_config.settings["docker"])
+    assert docker.parent_image.startswith("tensorflow/tensorflow:2.21") and docker.parent_image.endswith("-gpu")
+    assert (ROOT / docker.requirements).is_file()
+    assert docker.install_stack_requirements is False
+    assert "tensorflow" not in (docker.required_integrations or [])
+
+
+def _names(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            names.add(re.split(r"[<>=!\[; ]", line, maxsplit=1)[0].lower())
+    return names
+
+
+def test_sagemaker_image_requirements_follow_the_local_and_aws_sets():
+    image = _names(ROOT / "requirements-sagemaker.txt")
+    local = _names(ROOT / "requirements.txt") - {"tensorflow-cpu", "moto"}  # TF comes from the GPU parent image
+    assert image == local | _names(ROOT / "requirements-aws.txt")
+
+
+def _script(env, *args):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("XRAY_", "MLFLOW_", "AWS_"))}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=clean | env, capture_output=True, text=True, timeout=60)
+
+
+STACK_ENV = {"AWS_REGION": "eu-west-1", "XRAY_ARTIFACT_BUCKET": "xray-artifacts",
+             "XRAY_SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/xray-sagemaker",
+             "XRAY_ECR_REGISTRY": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "XRAY_CODEBUILD_PROJECT": "xray-build",
+             "MLFLOW_TRACKING_URI": "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/xray"}
+
+
+def test_stack_recipe_dry_run_shows_the_zenml_commands():
+    result = _script(STACK_ENV, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in ("zenml artifact-store register xray-sagemaker-s3 --flavor=s3 --path=s3://xray-artifacts/zenml",
+                     "--flavor=sagemaker --execution_role=arn:aws:iam::123456789012:role/xray-sagemaker --region=eu-west-1",
+                     "zenml step-operator register sagemaker --flavor=sagemaker",
+                     "zenml container-registry register xray-sagemaker-ecr --flavor=aws",
+                     "zenml image-builder register xray-sagemaker-codebuild --flavor=aws --code_build_project=xray-build",
+                     "zenml experiment-tracker register xray-sagemaker-mlflow --flavor=mlflow --tracking_uri=arn:aws:sagemaker",
+                     "zenml model-registry register xray-sagemaker-mlflow-registry --flavor=mlflow",
+                     "zenml stack register xray-sagemaker"):
+        assert expected in out
+    assert "dry run: nothing was registered" in out
+
+
+def test_stack_recipe_rejects_missing_or_malformed_inputs_and_hides_tokens():
+    missing = _script({"AWS_REGION": "eu-west-1"}, "--dry-run")
+    assert missing.returncode == 2 and "missing environment variables: XRAY_ARTIFACT_BUCKET" in missing.stderr
+    bad_role = _script(STACK_ENV | {"XRAY_SAGEMAKER_ROLE_ARN": "admin"}, "--dry-run")
+    assert bad_role.returncode == 2 and "not an IAM role ARN" in bad_role.stderr
+    http = STACK_ENV | {"MLFLOW_TRACKING_URI": "https://mlflow.example.org"}
+    assert "set MLFLOW_TRACKING_TOKEN" in _script(http, "--dry-run").stderr
+    with_token = _script(http | {"MLFLOW_TRACKING_TOKEN": "tok-SENTINEL"}, "--dry-run")
+    assert with_token.returncode == 0 and "tok-SENTINEL" not in with_token.stdout + with_token.stderr
+    assert "--tracking_token={{xray-sagemaker-mlflow.token}}" in with_token.stdout
+
+
+def test_local_path_does_not_import_sagemaker():
+    code = ("import sys; sys.path.insert(0, '.'); import run, pipelines, steps, materializers, xray.schedule; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'); print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_combined_requirements_resolve(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report",
+                             str(tmp_path / "report.json"), "-r", "requirements.txt", "-r", "requirements-aws.txt"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = yaml.safe_load((tmp_path / "report.json").read_text())
+    versions = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report["install"]}
+    installed = {line.split("==")[0].lower(): line.split("==")[1] for line in subprocess.run(
+        [sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout.splitlines() if "==" in line}
+    resolved = installed | versions
+    assert resolved["sagemaker"].startswith("2.")
+    assert resolved["tensorflow-cpu"] == "2.21.0" and resolved["mlflow"] == "3.17.2" and resolved["zenml"] == "0.98.0"
