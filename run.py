@@ -119,7 +119,7 @@ def schedule_for(cron: str, orchestrator, stack_name: str):
         if not croniter.is_valid(cron):
             raise CronError(f"invalid schedule '{cron}': not a cron expression")
         expression = cron
-    if not orchestrator.is_schedulable:
+    if not orchestrator.config.is_schedulable:
         raise ScheduleError(
             f"stack '{stack_name}' cannot schedule runs: its orchestrator '{orchestrator.name}' "
             f"({orchestrator.flavor}) has no scheduler; register and activate a SageMaker stack "

