@@ -1,6 +1,9 @@
 """Command line: parse flags, load and validate the config, start embedded services, launch, summarise.
 
     python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
+                  [--schedule CRON] [--list-schedules]
+    python run.py --pipeline inference --images PATH_OR_S3_PREFIX [--model-version champion|N]
+                  [--output preds.csv] [--explain N]
 """
 
 from __future__ import annotations
@@ -170,6 +173,34 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
         return summarize(run, config)
 
 
+def run_inference(config, images: str, model_version: str, output: Path, explain: int) -> dict:
+    from zenml.client import Client
+
+    from pipelines.inference import inference_pipeline
+    from xray import tracking
+
+    quiet_expected_failures()
+    registry = config.registry.model_copy(update={
+        "tracking_uri": tracking.tracking_uri(config.registry.tracking_uri), "experiment_name": "chest-xray-inference"})
+    run = inference_pipeline.with_options(enable_cache=False)(
+        images=images, model_version=model_version, registry=registry, explain=explain,
+        s3_max_attempts=config.s3.max_attempts)
+    steps = Client().get_pipeline_run(run.id).steps
+    table = steps["batch_predict"].outputs["predictions"][0].load()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False)
+    overlays = steps["explain_predictions"].outputs["gradcam"][0].load() if explain else {}
+    for name, image in overlays.items():
+        image.save(output.parent / name)
+    info = steps["load_registered_model"].outputs["model_info"][0].load()
+    return {"pipeline_run_id": str(run.id), "output": str(output), "images": len(table),
+            "unreadable": int((table["status"] != "ok").sum()),
+            "predicted": table.loc[table["status"] == "ok", "label"].value_counts().to_dict(),
+            "model_uri": info["uri"], "model_version": info["version"], "threshold": info["threshold"],
+            "gradcam": sorted(str(output.parent / name) for name in overlays),
+            "mlflow_tracking_uri": registry.tracking_uri}
+
+
 def list_schedules() -> None:
     from zenml.client import Client
 
@@ -183,13 +214,21 @@ def list_schedules() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--pipeline", "pipeline_name", type=click.Choice(["training"]), default="training", show_default=True,
-              help="Which pipeline to run.")
+@click.option("--pipeline", "pipeline_name", type=click.Choice(["training", "inference"]), default="training",
+              show_default=True, help="Which pipeline to run.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CONFIG,
               show_default=True, help="YAML run config, validated against xray.config.PipelineConfig.")
 @click.option("--dataset-uri", default=None,
               help="Dataset archive: s3://bucket/key.zip, a local path or file://. Overrides dataset_uri in the config. "
                    "Default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip, then Kaggle (kagglehub).")
+@click.option("--images", default=None,
+              help="inference: a folder, a zip or an s3:// prefix of JPEG/PNG images.")
+@click.option("--model-version", default="champion", show_default=True,
+              help="inference: a registered version number or an alias of the model.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("outputs/predictions.csv"),
+              show_default=True, help="inference: where to write the predictions CSV (Grad-CAM PNGs go beside it).")
+@click.option("--explain", type=click.IntRange(min=0), default=0, show_default=True,
+              help="inference: write Grad-CAM overlays for the first N readable images.")
 @click.option("--no-cache", is_flag=True, help="Run every step even when ZenML has a cached result.")
 @click.option("--schedule", "cron", default=None,
               help="Attach a schedule instead of running once, e.g. \"cron(0 3 ? * MON *)\" (AWS six-field syntax "
@@ -197,8 +236,9 @@ def list_schedules() -> None:
 @click.option("--list-schedules", "show_schedules", is_flag=True, help="List the schedules of the active ZenML project and exit.")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the one-line JSON summary to this file.")
-def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, no_cache: bool, cron: str | None,
-         show_schedules: bool, summary_path: Path | None) -> None:
+def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images: str | None, model_version: str,
+         output: Path, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
+         summary_path: Path | None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
     from xray.config import load_config
@@ -211,8 +251,13 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, no_cach
         config = load_config(config_path)
     except ConfigError as error:
         fail(str(error), 2)
+    if pipeline_name == "inference" and not images:
+        fail("--pipeline inference needs --images (a folder, a zip or an s3:// prefix)", 2)
     try:
-        summary = run_training(config, dataset_uri, no_cache, cron)
+        if pipeline_name == "inference":
+            summary = run_inference(config, images, model_version, output, explain)
+        else:
+            summary = run_training(config, dataset_uri, no_cache, cron)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback
         known = expected_error(error)
         if known is None:

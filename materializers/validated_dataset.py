@@ -24,7 +24,7 @@ class ValidatedDatasetMaterializer(BaseMaterializer):
             tar_path = Path(temp) / IMAGES
             # Uncompressed: JPEGs do not compress, and reading back stays cheap.
             with tarfile.open(tar_path, "w") as tar:
-                for relative in data.manifest["path"]:
+                for relative in data.manifest["path"].dropna():  # rows without a file: unreadable inputs
                     tar.add(data.root / relative, arcname=relative)
             fileio.copy(str(tar_path), os.path.join(self.uri, IMAGES), overwrite=True)
         with fileio.open(os.path.join(self.uri, MANIFEST), "w") as handle:
@@ -43,8 +43,11 @@ class ValidatedDatasetMaterializer(BaseMaterializer):
         return ValidatedDataset(root / "images", manifest)
 
     def extract_metadata(self, data: ValidatedDataset) -> dict[str, Any]:
-        counts = data.manifest.groupby(["split", "label"]).size()
-        return {"images": len(data.manifest), **{f"{s}/{l}": int(n) for (s, l), n in counts.items()}}
+        metadata = {"images": len(data.manifest)}
+        if {"split", "label"} <= set(data.manifest.columns):
+            counts = data.manifest.groupby(["split", "label"]).size()
+            metadata |= {f"{s}/{l}": int(n) for (s, l), n in counts.items()}
+        return metadata
 
     def compute_content_hash(self, data: ValidatedDataset) -> str:
         return fingerprint(data.manifest)

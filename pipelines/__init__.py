@@ -1,3 +1,4 @@
+from pipelines.inference import inference_pipeline
 from pipelines.training import training_pipeline
 
-__all__ = ["training_pipeline"]
+__all__ = ["training_pipeline", "inference_pipeline"]

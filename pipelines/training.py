@@ -15,10 +15,12 @@ MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray N
 def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     raw_archive, archive_info = ingest_from_s3(dataset_uri=dataset_uri, s3=config.s3, registry=config.registry,
                                                expected_sha256=config.expected_sha256)
-    dataset, _, _, _, _ = unzip_and_validate(raw_archive, data=config.data, registry=config.registry, seed=config.seed)
+    dataset, _, data_report, _, _ = unzip_and_validate(raw_archive, data=config.data, registry=config.registry,
+                                                       seed=config.seed)
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train,
                           registry=config.registry, seed=config.seed)
-    model, _, _ = train_model(dataset, spec, model=config.model, train=config.train, registry=config.registry)
-    metrics, threshold, _, _, _ = evaluate_model(model, dataset, spec, evaluate=config.evaluate,
-                                                 registry=config.registry, seed=config.seed)
-    register_model(model, metrics, threshold, spec, archive_info, registry=config.registry, evaluate=config.evaluate)
+    model, history, _ = train_model(dataset, spec, model=config.model, train=config.train, registry=config.registry)
+    metrics, threshold, _, _, _, _ = evaluate_model(model, dataset, spec, evaluate=config.evaluate,
+                                                    registry=config.registry, seed=config.seed)
+    register_model(model, metrics, threshold, spec, archive_info, data_report, history, model_config=config.model,
+                   registry=config.registry, evaluate=config.evaluate)

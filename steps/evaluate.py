@@ -8,7 +8,7 @@ from zenml import step
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import data as xdata
 from xray import metrics as xmetrics
-from xray import plots
+from xray import gradcam, plots
 from xray.config import EvaluateConfig, RegistryConfig
 from xray.dataset import ValidatedDataset
 from xray.predict import predict_paths
@@ -24,6 +24,7 @@ def evaluate_model(
     Annotated[Image.Image, "roc_pr_curves"],
     Annotated[Image.Image, "confusion_matrix"],
     Annotated[Image.Image, "calibration"],
+    Annotated[Image.Image, "gradcam_test_examples"],
 ]:
     """Threshold chosen on val only; test measured at that threshold and at 0.5."""
     val_rows, test_rows = (xdata.select(dataset.manifest, s, spec) for s in ("val", "test"))
@@ -38,6 +39,7 @@ def evaluate_model(
         "roc_pr_curves": plots.roc_pr(y_test, p_test, threshold),
         "confusion_matrix": plots.confusion(test_report["at_threshold"]["confusion_matrix"], f"test @ {threshold:.3f}"),
         "calibration": plots.calibration(y_test, p_test),
+        "gradcam_test_examples": _gradcam_grid(model, dataset.paths(test_rows), y_test, p_test, threshold, spec),
     }
     print(f"threshold {threshold:.4f} ({policy}); test AUC {flat['test_auc']:.4f}, accuracy {flat['test_accuracy']:.4f}, "
           f"sensitivity {flat['test_sensitivity']:.4f}, specificity {flat['test_specificity']:.4f}", flush=True)
@@ -48,4 +50,13 @@ def evaluate_model(
         mlflow.log_dict({"val": val_report, "test": test_report, "threshold_policy": policy}, "evaluation/report.json")
         log_images(figures)
     report = {"flat": flat, "val": val_report, "test": test_report, "threshold_policy": policy}
-    return report, threshold, figures["roc_pr_curves"], figures["confusion_matrix"], figures["calibration"]
+    return (report, threshold, figures["roc_pr_curves"], figures["confusion_matrix"], figures["calibration"],
+            figures["gradcam_test_examples"])
+
+
+def _gradcam_grid(model, paths, y, p, threshold, spec) -> Image.Image:
+    picks = gradcam.confident_examples(y, p, threshold)
+    pixels = gradcam.load_pixels([paths[i] for i, _ in picks], spec.image_size)
+    maps = gradcam.heatmaps(model, pixels, threshold)
+    overlays = [gradcam.overlay(image, heat) for image, heat in zip(pixels, maps)]
+    return plots.image_grid(overlays, [title for _, title in picks], title="Grad-CAM, most confident test predictions")

@@ -6,26 +6,33 @@ from mlflow.tracking import MlflowClient
 from zenml import log_metadata, step
 
 from steps.tracking import log_config, mlflow_run
+from xray import CLASS_NAMES, model_card
 from xray import registry as xregistry
-from xray.config import EvaluateConfig, RegistryConfig
+from xray.config import EvaluateConfig, ModelConfig, RegistryConfig
 from xray.data import DatasetSpec
 
 
 @step
 def register_model(
-    model: keras.Model, metrics: dict, threshold: float, spec: DatasetSpec, archive_info: dict,
-    registry: RegistryConfig, evaluate: EvaluateConfig,
+    model: keras.Model, metrics: dict, threshold: float, spec: DatasetSpec, archive_info: dict, data_report: dict,
+    history: dict, model_config: ModelConfig, registry: RegistryConfig, evaluate: EvaluateConfig,
 ) -> Annotated[dict, "registration"]:
-    """Register a new MLflow model version; promote it to champion only through the gate."""
+    """Register a new MLflow model version with its card; promote it to champion only through the gate."""
     flat = metrics["flat"]
     metadata = {
         "threshold": threshold, "threshold_policy": metrics["threshold_policy"], "image_size": spec.image_size,
         "preprocessing": spec.preprocessing, "input": "float32 RGB in [0, 255], shape (N, image_size, image_size, 3)",
-        "classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "dataset_sha256": archive_info["sha256"],
+        "classes": list(CLASS_NAMES), "positive_class": CLASS_NAMES[1], "dataset_sha256": archive_info["sha256"],
     }
     with mlflow_run(registry) as run:
         log_config(registry=registry)
-        model_uri, version = xregistry.log_and_register(model, registry.model_name, metadata, spec.image_size)
+        card = model_card.render(registry.model_name, metrics, spec.counts, data_report, {
+            "mlflow_run_id": run.info.run_id, "backbone": model_config.backbone, "weights": model_config.weights,
+            "image_size": spec.image_size, "preprocessing": spec.preprocessing,
+            "epochs_run": history["throughput"]["epochs_run"], "class_weights": spec.class_weights,
+            "dataset_sha256": archive_info["sha256"]})
+        model_uri, version = xregistry.log_and_register(model, registry.model_name, metadata, card)
+        mlflow.log_text(card, "model_card.md")
         client = MlflowClient()
         for key, value in metadata.items():
             client.set_model_version_tag(registry.model_name, version, key, str(value))

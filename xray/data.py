@@ -145,3 +145,10 @@ def make_dataset(paths: list[str], labels: np.ndarray | None, spec: DatasetSpec,
     if training and spec.augmentation.enabled:
         dataset = dataset.map(lambda x, y: (augment(x, spec.augmentation, spec.seed), y), num_parallel_calls=autotune)
     return dataset.prefetch(autotune)
+
+
+def make_spec_for_inference(image_size: int, batch_size: int = 32) -> DatasetSpec:
+    """The input-pipeline spec for prediction only: no augmentation, no sampling."""
+    return DatasetSpec(image_size=image_size, batch_size=batch_size,
+                       augmentation=Augmentation(horizontal_flip=False, zoom=0.0), class_weights={0: 1.0, 1: 1.0},
+                       max_train_per_class=None, max_eval_per_class=None, seed=0, counts={})

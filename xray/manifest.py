@@ -69,7 +69,9 @@ def check_image(data: bytes) -> ImageCheck:
                 image.convert("RGB").save(buffer, format="PNG")
                 check.converted = buffer.getvalue()
             return check
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except UnidentifiedImageError:
+        return ImageCheck(False, "not a recognised image format")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return ImageCheck(False, f"cannot decode: {error}".splitlines()[0][:200])
 
 

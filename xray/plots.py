@@ -102,3 +102,16 @@ def training_curves(history: dict[str, list[float]]) -> Image.Image:
         axis.set(xlabel="epoch", title=metric)
         axis.legend()
     return _to_image(figure)
+
+
+def image_grid(images: list[Image.Image], titles: list[str], columns: int = 4, title: str = "") -> Image.Image:
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for axis, image, label in zip(np.ravel(axes), images, titles):
+        axis.imshow(image)
+        axis.set_title(label, fontsize=8)
+    for axis in np.ravel(axes):
+        axis.axis("off")
+    if title:
+        figure.suptitle(title)
+    return _to_image(figure)

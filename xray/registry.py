@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from PIL import Image
+
+from xray import serving as serving_module
 
 def pip_requirements() -> list[str]:
     """Pinned from what is installed; MLflow's inference would load TF in a subprocess."""
@@ -50,35 +60,65 @@ def current_champion(client, model_name: str, alias: str) -> tuple[str | None, f
 
 
 class _KerasFlavor:
-    """mlflow.keras, with the model directory created before the input example is written.
+    """mlflow.keras, plus this project's serving flavor and model card in the same model directory.
 
-    mlflow 3.17's keras ``save_model`` writes ``input_example.json`` into a
-    directory it only creates afterwards, so ``mlflow.keras.log_model`` with an
-    input example fails. Everything else is mlflow.keras itself.
+    - mlflow 3.17's keras ``save_model`` writes ``input_example.json`` into a
+      directory it only creates afterwards, and accepts only tensor signatures;
+      the signature and input example here describe the serving interface
+      (base64 image strings), so they are added after the Keras flavor is saved.
+    - The ``python_function`` flavor is pointed at :mod:`xray.serving` (shipped
+      in the model's ``code/``), so ``mlflow models serve`` takes image bytes
+      and applies the recorded preprocessing and threshold, while
+      ``mlflow.keras.load_model`` still returns the Keras model.
     """
 
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(path, **kwargs):
-        import os
-
+    def save_model(path, mlflow_model, serving: dict, model_card: str, signature, input_example, **kwargs):
         import mlflow.keras
+        from mlflow.models.utils import _save_example  # what mlflow's own flavors call for this
 
         os.makedirs(path, exist_ok=True)
-        return mlflow.keras.save_model(path=path, **kwargs)
+        mlflow.keras.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.signature = signature
+        _save_example(mlflow_model, input_example, path)
+        with open(os.path.join(path, "data", serving_module.CONFIG_FILE), "w") as handle:
+            json.dump(serving, handle)
+        package = Path(serving_module.__file__).parent
+        shutil.copytree(package, Path(path, "code", package.name), ignore=shutil.ignore_patterns("__pycache__"))
+        mlflow_model.flavors["python_function"].update(loader_module=serving_module.__name__, data="data", code="code")
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+        Path(path, "model_card.md").write_text(model_card)
 
 
-def log_and_register(model, model_name: str, metadata: dict, image_size: int) -> tuple[str, str]:
-    """Log the Keras model to the active run and register it; return (model_uri, version)."""
+def serving_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "threshold")]),
+    )
+
+
+def example_request() -> pd.DataFrame:
+    """A real (synthetic, gray) JPEG, base64-encoded, as the serving input example."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).convert("RGB").save(buffer, format="JPEG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})
+
+
+def log_and_register(model, model_name: str, metadata: dict, model_card: str) -> tuple[str, str]:
+    """Log the model (Keras + serving flavors, card) to the active run and register it; return (uri, version)."""
     import mlflow
-    from mlflow.models import infer_signature
 
-    example = np.full((1, image_size, image_size, 3), 128.0, dtype=np.float32)
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    serving = {"threshold": metadata["threshold"], "image_size": metadata["image_size"],
+               "preprocessing": metadata["preprocessing"]}
     info = mlflow.models.Model.log(
-        artifact_path=None, name="model", flavor=_KerasFlavor, model=model, signature=signature, input_example=example,
-        metadata=metadata, pip_requirements=pip_requirements(),
+        artifact_path=None, name="model", flavor=_KerasFlavor, model=model, signature=serving_signature(),
+        input_example=example_request(), metadata=metadata, pip_requirements=pip_requirements(),
+        serving=serving, model_card=model_card,
     )
     # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
     registered = mlflow.register_model(info.model_uri, model_name)
@@ -110,3 +150,27 @@ def promote(client, model_name: str, version_id: str, alias: str, metrics: dict,
                 break
             client.set_registered_model_alias(model_name, alias, version_id)
     return decision
+
+
+def model_uri(model_name: str, version_or_alias: str) -> str:
+    return f"models:/{model_name}/{version_or_alias}" if version_or_alias.isdigit() else f"models:/{model_name}@{version_or_alias}"
+
+
+def load_version(model_name: str, version_or_alias: str):
+    """(Keras model, info) for ``champion`` or a version number, with what was recorded at registration."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from xray.errors import ConfigError
+
+    uri = model_uri(model_name, version_or_alias)
+    client = mlflow.tracking.MlflowClient()
+    try:
+        version = (client.get_model_version(model_name, version_or_alias) if version_or_alias.isdigit()
+                   else client.get_model_version_by_alias(model_name, version_or_alias))
+    except MlflowException:
+        raise ConfigError(f"no model version {uri} in the registry at {mlflow.get_tracking_uri()}") from None
+    metadata = mlflow.models.get_model_info(uri).metadata or {}
+    model = mlflow.keras.load_model(uri)
+    return model, {"uri": uri, "version": str(version.version), "threshold": float(metadata["threshold"]),
+                   "image_size": int(metadata["image_size"]), "preprocessing": metadata["preprocessing"]}

@@ -38,6 +38,15 @@ def progress_callback(images_per_batch: int, every: float = 0.1):
     return Progress()
 
 
+def without_optimizer(model):
+    """An uncompiled copy with the trained weights: the optimizer's slots would triple every saved model."""
+    import keras
+
+    clean = keras.models.clone_model(model)
+    clean.set_weights(model.get_weights())
+    return clean
+
+
 def checkpoint_key(model_config: ModelConfig, train_config: TrainConfig, spec: DatasetSpec, data_hash: str) -> str:
     """Different configs or data never share a BackupAndRestore directory."""
     payload = json.dumps(
@@ -104,6 +113,7 @@ def fit(
         if early_stopping.stopped_epoch:
             break
     seconds = time.perf_counter() - started
+    model = without_optimizer(model)
     throughput = {"train_seconds": seconds, "epochs_run": len(history.get("loss", [])),
                   "images_per_second": images / seconds if seconds else 0.0}
     return model, history, throughput

@@ -1,0 +1,72 @@
+"""Grad-CAM: where in the image the backbone's last conv block drove the decision."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from xray.model import LAST_CONV_LAYER
+
+
+def heatmaps(model, images: np.ndarray, threshold: float, backbone: str = "resnet50v2") -> np.ndarray:
+    """(N, H, W) maps in [0, 1] for the class each image is predicted as, at the model's input size.
+
+    For a PNEUMONIA prediction the gradient of P(PNEUMONIA) is used, for a
+    NORMAL prediction that of 1 - P(PNEUMONIA).
+    """
+    import keras
+    import tensorflow as tf
+
+    layer = model.get_layer(LAST_CONV_LAYER[backbone])
+    probe = keras.Model(model.inputs, [layer.output, model.output])
+    batch = tf.convert_to_tensor(images, tf.float32)
+    with tf.GradientTape() as tape:
+        features, probability = probe(batch, training=False)
+        features = tf.cast(features, tf.float32)
+        tape.watch(features)
+        p = tf.cast(probability[:, 0], tf.float32)
+        score = tf.where(p >= threshold, p, 1.0 - p)
+    gradients = tape.gradient(score, features)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+    cam = tf.image.resize(cam, batch.shape[1:3], method="bilinear")[..., 0].numpy()
+    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, min_size: int = 256) -> Image.Image:
+    """Blend a jet-coloured heatmap over the grayscale X-ray, enlarged to at least ``min_size`` for reading."""
+    from matplotlib import colormaps
+
+    gray = np.asarray(image, dtype=np.float32).mean(axis=-1, keepdims=True).repeat(3, axis=-1)
+    colour = colormaps["jet"](heatmap)[..., :3] * 255.0
+    blended = (1 - alpha) * gray + alpha * colour
+    picture = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
+    if picture.width < min_size:
+        picture = picture.resize((min_size, round(min_size * picture.height / picture.width)), Image.Resampling.BICUBIC)
+    return picture
+
+
+def confident_examples(y: np.ndarray, p: np.ndarray, threshold: float) -> list[tuple[int, str]]:
+    """Per true class, the most confident right and the most confident wrong prediction."""
+    from xray import CLASS_NAMES
+
+    predicted = (p >= threshold).astype(int)
+    confidence = np.where(predicted == 1, p, 1 - p)
+    picks = []
+    for label in (0, 1):
+        for right in (True, False):
+            mask = (y == label) & ((predicted == label) == right)
+            if mask.any():
+                index = int(np.flatnonzero(mask)[np.argmax(confidence[mask])])
+                verdict = "right" if right else "WRONG"
+                picks.append((index, f"true {CLASS_NAMES[label]}, {verdict}: p={p[index]:.3f}"))
+    return picks
+
+
+def load_pixels(paths: list[str], image_size: int) -> np.ndarray:
+    import tensorflow as tf
+
+    from xray.data import decode_and_resize
+
+    return np.stack([decode_and_resize(tf.io.read_file(path), image_size).numpy() for path in paths]).astype(np.float32)

@@ -1,0 +1,97 @@
+"""Batch inference inputs: images from a folder, a zip or an S3 prefix, screened before prediction.
+
+Unreadable images never abort a batch: they get a row with a status that says why.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from xray import CLASS_NAMES, s3
+from xray.archive import check_entry, is_junk
+from xray.dataset import ValidatedDataset
+from xray.errors import DatasetSourceError
+from xray.manifest import check_image
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+COLUMNS = ["path", "source", "status"]
+
+
+def _is_image(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES and not is_junk(name)
+
+
+def _from_s3(uri: str, max_attempts: int) -> list[tuple[str, bytes]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = s3.parse_s3_uri(uri)
+    client = s3.make_client(max_attempts)
+    items = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
+            for entry in page.get("Contents", []):
+                if _is_image(entry["Key"]):
+                    body = client.get_object(Bucket=location.bucket, Key=entry["Key"])["Body"].read()
+                    items.append((f"s3://{location.bucket}/{entry['Key']}", body))
+    except (BotoCoreError, ClientError) as error:
+        raise s3._explain(error, location) from None
+    return items
+
+
+def _from_zip(path: Path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as archive:
+        infos = [info for info in archive.infolist() if not info.is_dir() and _is_image(info.filename)]
+        for info in infos:
+            check_entry(info)
+        return [(f"{path}!{info.filename}", archive.read(info)) for info in infos]
+
+
+def gather(source: str, max_attempts: int = 5) -> list[tuple[str, bytes]]:
+    """(display path, bytes) for every JPEG/PNG under a folder, in a zip, or under an s3:// prefix."""
+    if source.startswith("s3://"):
+        items = _from_s3(source, max_attempts)
+    else:
+        path = Path(source.removeprefix("file://")).expanduser()
+        if path.is_dir():
+            items = [(str(p), p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file() and _is_image(p.name)]
+        elif path.is_file() and zipfile.is_zipfile(path):
+            items = _from_zip(path)
+        elif path.is_file():
+            items = [(str(path), path.read_bytes())]
+        else:
+            raise DatasetSourceError(f"no images at {source}: not a folder, zip, file or s3:// prefix")
+    if not items:
+        raise DatasetSourceError(f"no .jpeg, .jpg or .png images found at {source}")
+    return sorted(items)
+
+
+def screen(items: list[tuple[str, bytes]], workdir: Path) -> ValidatedDataset:
+    """Decode each image once; readable ones are written under workdir, the rest keep a status."""
+    rows = []
+    for index, (name, data) in enumerate(items):
+        check = check_image(data)
+        if not check.ok:
+            rows.append({"path": None, "source": name, "status": f"unreadable: {check.reason}"})
+            continue
+        relative = f"{index:06d}{'.png' if check.converted is not None else Path(name).suffix.lower()}"
+        (workdir / relative).write_bytes(check.converted if check.converted is not None else data)
+        rows.append({"path": relative, "source": name, "status": "ok"})
+    return ValidatedDataset(workdir, pd.DataFrame(rows, columns=COLUMNS))
+
+
+def predictions_table(images: ValidatedDataset, probabilities: np.ndarray, threshold: float, version: str) -> pd.DataFrame:
+    """One row per input image, in input order; unreadable ones have no probability."""
+    table = images.manifest.copy()
+    readable = table["status"] == "ok"
+    table["probability"] = np.nan
+    table.loc[readable, "probability"] = probabilities
+    table["label"] = ""
+    table.loc[readable, "label"] = [CLASS_NAMES[int(p >= threshold)] for p in probabilities]
+    table["threshold"] = threshold
+    table["model_version"] = version
+    table = table.rename(columns={"path": "local_path"}).rename(columns={"source": "path"})
+    return table[["path", "probability", "label", "threshold", "model_version", "status"]]
