@@ -91,11 +91,8 @@ def augment(images, config: Augmentation, seed: int):
 
     n = tf.shape(images)[0]
     size = tf.shape(images)[1:3]
-    if config.horizontal_flip:
-        flip = tf.random.uniform([n, 1, 1, 1], seed=seed) < 0.5
-        images = tf.where(flip, tf.reverse(images, axis=[2]), images)
-    if config.zoom or config.rotation:
-        images = _zoom_and_rotate(images, n, size, config, seed)
+    if config.horizontal_flip or config.zoom or config.rotation:
+        images = _flip_zoom_rotate(images, n, size, config, seed)
     if config.contrast:
         factor = tf.random.uniform([n, 1, 1, 1], 1 - config.contrast, 1 + config.contrast, seed=seed + 3)
         mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
@@ -105,22 +102,27 @@ def augment(images, config: Augmentation, seed: int):
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
-def _zoom_and_rotate(images, n, size, config: Augmentation, seed: int):
-    """One bilinear resampling per batch: scale by 1 +/- zoom, rotate by +/- rotation of a turn, pad with 0."""
+def _flip_zoom_rotate(images, n, size, config: Augmentation, seed: int):
+    """One bilinear resampling per batch: mirror, scale by 1 +/- zoom, rotate by +/- rotation of a turn, pad with 0."""
     import math
 
     import tensorflow as tf
 
+    flip = tf.ones([n])
+    if config.horizontal_flip:
+        flip = tf.where(tf.random.uniform([n], seed=seed) < 0.5, -1.0, 1.0)
     scale = tf.random.uniform([n], 1 - config.zoom, 1 + config.zoom, seed=seed + 1)
     angle = tf.random.uniform([n], -config.rotation, config.rotation, seed=seed + 2) * 2 * math.pi
     height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
-    cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
-    # Output pixel (x, y) samples input at A @ (x - c) + c: a rotation scaled about the centre.
+    # Output pixel p samples the input at A (p - c) + c, with A = scale * rotation * diag(flip, 1).
+    a0, a1 = tf.cos(angle) * scale * flip, -tf.sin(angle) * scale
+    a3, a4 = tf.sin(angle) * scale * flip, tf.cos(angle) * scale
     cx, cy = (width - 1) / 2, (height - 1) / 2
-    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
+    transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, a3, a4, cy - a3 * cx - a4 * cy,
                            tf.zeros([n]), tf.zeros([n])], axis=1)
     return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=size,
-                                                 interpolation="BILINEAR", fill_mode="CONSTANT", fill_value=0.0)
+                                                 interpolation=config.interpolation.upper(), fill_mode="CONSTANT",
+                                                 fill_value=0.0)
 
 
 def make_dataset(paths: list[str], labels: np.ndarray | None, spec: DatasetSpec, training: bool = False):
@@ -141,9 +143,14 @@ def make_dataset(paths: list[str], labels: np.ndarray | None, spec: DatasetSpec,
     if training:
         dataset = dataset.shuffle(len(paths), seed=spec.seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(spec.batch_size, num_parallel_calls=autotune)
-    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     if training and spec.augmentation.enabled:
-        dataset = dataset.map(lambda x, y: (augment(x, spec.augmentation, spec.seed), y), num_parallel_calls=autotune)
+        dataset = dataset.map(lambda x, y: (augment(tf.cast(x, tf.float32), spec.augmentation, spec.seed), y),
+                              num_parallel_calls=autotune)
+        options = tf.data.Options()
+        options.deterministic = False  # batch order is random anyway; let parallel maps finish out of order
+        dataset = dataset.with_options(options)
+    else:
+        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     return dataset.prefetch(autotune)
 
 

@@ -51,5 +51,5 @@ def test_zoom_without_change_is_identity():
 
     images = _batch()
     assert not Augmentation(horizontal_flip=False, zoom=0.0).enabled
-    out = xdata._zoom_and_rotate(images, 8, [32, 32], Augmentation(horizontal_flip=False, zoom=1e-9), 0)
+    out = xdata._flip_zoom_rotate(images, 8, [32, 32], Augmentation(horizontal_flip=False, zoom=1e-9), 0)
     np.testing.assert_allclose(out, images, atol=1e-2)
