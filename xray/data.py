@@ -146,9 +146,6 @@ def make_dataset(paths: list[str], labels: np.ndarray | None, spec: DatasetSpec,
     if training and spec.augmentation.enabled:
         dataset = dataset.map(lambda x, y: (augment(tf.cast(x, tf.float32), spec.augmentation, spec.seed), y),
                               num_parallel_calls=autotune)
-        options = tf.data.Options()
-        options.deterministic = False  # batch order is random anyway; let parallel maps finish out of order
-        dataset = dataset.with_options(options)
     else:
         dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     return dataset.prefetch(autotune)

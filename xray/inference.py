@@ -38,7 +38,7 @@ def _from_s3(uri: str, max_attempts: int) -> list[tuple[str, bytes]]:
                     body = client.get_object(Bucket=location.bucket, Key=entry["Key"])["Body"].read()
                     items.append((f"s3://{location.bucket}/{entry['Key']}", body))
     except (BotoCoreError, ClientError) as error:
-        raise s3._explain(error, location) from None
+        raise s3.explain_error(error, location) from None
     return items
 
 

@@ -61,7 +61,7 @@ def make_client(max_attempts: int = 5, connect_timeout: float = 10, read_timeout
     return boto3.session.Session().client("s3", config=config)
 
 
-def _explain(error: Exception, location: S3Location) -> DatasetSourceError:
+def explain_error(error: Exception, location: S3Location) -> DatasetSourceError:
     """One line naming the URI and the cause, never the credentials."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -95,7 +95,7 @@ def head(client, location: S3Location) -> dict:
     try:
         response = client.head_object(Bucket=location.bucket, Key=location.key)
     except (BotoCoreError, ClientError) as error:
-        raise _explain(error, location) from None
+        raise explain_error(error, location) from None
     return {"etag": response["ETag"].strip('"'), "size": int(response["ContentLength"]),
             "sha256": response.get("Metadata", {}).get("sha256")}
 
@@ -126,7 +126,7 @@ def download(
                 if progress:
                     progress(written, total)
     except (BotoCoreError, ClientError) as error:
-        raise _explain(error, location) from None
+        raise explain_error(error, location) from None
     if written != total:
         raise DatasetSourceError(f"cannot read {location.uri}: got {written} of {total} bytes")
     return {"etag": response["ETag"].strip('"'), "size": written, "sha256": digest.hexdigest()}
