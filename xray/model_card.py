@@ -18,7 +18,7 @@ def _ratio(data_report: dict, split: str) -> str:
 def render(model_name: str, metrics: dict, counts: dict, data_report: dict, model_info: dict) -> str:
     """Markdown. ``metrics`` is the evaluate step's report ({"flat", "val", "test", "threshold_policy"})."""
     flat, test = metrics["flat"], metrics["test"]
-    at, half = test["at_threshold"], test["at_0_5"]
+    at = test["at_threshold"]
     rows = [
         ("AUC-ROC", f"{flat['test_auc']:.4f}", _ci(test, "auc"), ""),
         ("Sensitivity (PNEUMONIA recall)", f"{flat['test_sensitivity']:.4f}", _ci(test, "sensitivity"),

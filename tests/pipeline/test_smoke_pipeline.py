@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -18,6 +19,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from conftest import MINI_ZIP, ROOT, dataset_entries, require
+from xray.s3 import EmbeddedS3, make_client
 
 pytestmark = pytest.mark.slow
 STEPS = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "register_model"]
@@ -200,6 +202,22 @@ def test_bad_archive_fails_in_one_line_and_registers_nothing(first_run, stores, 
     assert [v.version for v in after] == [v.version for v in before]
     champion = mlflow_client(env).get_model_version_by_alias("chest-xray-classifier", "champion")
     assert str(champion.version) == "1"
+
+
+@pytest.mark.parametrize("uri, reason", [("s3://no-such-bucket/x.zip", "bucket does not exist"),
+                                          ("s3://chest-xray/missing.zip", "object does not exist")])
+def test_s3_failures_end_in_one_line_and_register_nothing(first_run, stores, uri, reason):
+    _, env = stores
+    before = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
+    with EmbeddedS3() as moto:
+        urllib.request.urlopen(urllib.request.Request(f"{moto.endpoint}/moto-api/reset", method="POST"))
+        make_client(1).create_bucket(Bucket="chest-xray")
+        aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        result = run_cli(env | aws, "--dataset-uri", uri)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot read {uri}: {reason}"
+    after = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
+    assert [v.version for v in after] == [v.version for v in before]
 
 
 def _variant(env, tmp_path, section, **changes):
