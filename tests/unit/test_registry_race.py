@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent("""
     mlflow.set_tracking_uri(uri)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
     with mlflow.start_run():
-        _, version = registry.log_and_register(model, "race-model", {"threshold": 0.5}, 8)
+        metadata = {"threshold": 0.5, "image_size": 8, "preprocessing": "decode, resize"}
+        _, version = registry.log_and_register(model, "race-model", metadata, "# card")
         while time.time() < go:  # both finish together
             time.sleep(0.001)
         metrics = {"test_auc": auc, "test_sensitivity": 0.97, "test_specificity": 0.5, "test_accuracy": 0.8, "threshold": 0.5}
