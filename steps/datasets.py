@@ -3,13 +3,14 @@ from typing import Annotated
 import mlflow
 from zenml import step
 
+from steps.caching import DOMAIN_CODE
 from steps.tracking import mlflow_run
 from xray import data as xdata
 from xray.config import DataConfig, ModelConfig, RegistryConfig, TrainConfig
 from xray.dataset import ValidatedDataset
 
 
-@step
+@step(cache_policy=DOMAIN_CODE)
 def build_datasets(
     dataset: ValidatedDataset, data: DataConfig, model: ModelConfig, train: TrainConfig,
     registry: RegistryConfig, seed: int,

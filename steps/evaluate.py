@@ -5,6 +5,7 @@ import mlflow
 from PIL import Image
 from zenml import step
 
+from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import data as xdata
 from xray import metrics as xmetrics
@@ -14,7 +15,7 @@ from xray.dataset import ValidatedDataset
 from xray.predict import predict_paths
 
 
-@step
+@step(cache_policy=DOMAIN_CODE)
 def evaluate_model(
     model: keras.Model, dataset: ValidatedDataset, spec: xdata.DatasetSpec, evaluate: EvaluateConfig,
     registry: RegistryConfig, seed: int,

@@ -8,6 +8,7 @@ from PIL import Image
 from zenml import step
 
 from materializers import ValidatedDatasetMaterializer
+from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import plots
 from xray.config import DataConfig, RegistryConfig
@@ -15,7 +16,7 @@ from xray.dataset import ValidatedDataset, prepare_dataset
 from xray.ingest import RawArchive
 
 
-@step(output_materializers={"dataset": ValidatedDatasetMaterializer})
+@step(output_materializers={"dataset": ValidatedDatasetMaterializer}, cache_policy=DOMAIN_CODE)
 def unzip_and_validate(
     raw_archive: RawArchive, data: DataConfig, registry: RegistryConfig, seed: int
 ) -> Tuple[

@@ -5,6 +5,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from zenml import log_metadata, step
 
+from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
 from xray import CLASS_NAMES, model_card
 from xray import registry as xregistry
@@ -12,7 +13,7 @@ from xray.config import EvaluateConfig, ModelConfig, RegistryConfig
 from xray.data import DatasetSpec
 
 
-@step
+@step(cache_policy=DOMAIN_CODE)
 def register_model(
     model: keras.Model, metrics: dict, threshold: float, spec: DatasetSpec, archive_info: dict, data_report: dict,
     history: dict, model_config: ModelConfig, registry: RegistryConfig, evaluate: EvaluateConfig,

@@ -7,6 +7,7 @@ from PIL import Image
 from zenml import step
 
 from materializers import KerasModelMaterializer
+from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import data as xdata
 from xray import plots, tracking, training
@@ -14,7 +15,7 @@ from xray.config import ModelConfig, RegistryConfig, TrainConfig
 from xray.dataset import ValidatedDataset, fingerprint
 
 
-@step(output_materializers={"model": KerasModelMaterializer})
+@step(output_materializers={"model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE)
 def train_model(
     dataset: ValidatedDataset, spec: xdata.DatasetSpec, model: ModelConfig, train: TrainConfig,
     registry: RegistryConfig,

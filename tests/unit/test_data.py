@@ -53,3 +53,15 @@ def test_zoom_without_change_is_identity():
     assert not Augmentation(horizontal_flip=False, zoom=0.0).enabled
     out = xdata._flip_zoom_rotate(images, 8, [32, 32], Augmentation(horizontal_flip=False, zoom=1e-9), 0)
     np.testing.assert_allclose(out, images, atol=1e-2)
+
+
+def test_cache_key_follows_domain_code(tmp_path, monkeypatch):
+    from steps import caching
+
+    for folder in ("xray", "materializers"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(caching, "ROOT", tmp_path)
+    before = caching.domain_code_hash()
+    (tmp_path / "xray" / "a.py").write_text("x = 2\n")
+    assert caching.domain_code_hash() != before
