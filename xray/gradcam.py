@@ -11,22 +11,24 @@ from xray.model import LAST_CONV_LAYER
 def heatmaps(model, images: np.ndarray, threshold: float, backbone: str = "resnet50v2") -> np.ndarray:
     """(N, H, W) maps in [0, 1] for the class each image is predicted as, at the model's input size.
 
-    For a PNEUMONIA prediction the gradient of P(PNEUMONIA) is used, for a
-    NORMAL prediction that of 1 - P(PNEUMONIA).
+    The score is the head's logit (pre-sigmoid), signed towards the predicted
+    class: a confident prediction saturates the sigmoid, and the gradient of
+    the probability itself would vanish and leave a blank map.
     """
     import keras
     import tensorflow as tf
 
     layer = model.get_layer(LAST_CONV_LAYER[backbone])
-    probe = keras.Model(model.inputs, [layer.output, model.output])
+    head = model.get_layer("probability")
+    probe = keras.Model(model.inputs, [layer.output, head.input])
     batch = tf.convert_to_tensor(images, tf.float32)
+    kernel, bias = (tf.cast(w, tf.float32) for w in head.weights)
     with tf.GradientTape() as tape:
-        features, probability = probe(batch, training=False)
-        features = tf.cast(features, tf.float32)
-        tape.watch(features)
-        p = tf.cast(probability[:, 0], tf.float32)
-        score = tf.where(p >= threshold, p, 1.0 - p)
+        features, hidden = probe(batch, training=False)
+        logit = (tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias)[:, 0]
+        score = tf.where(tf.sigmoid(logit) >= threshold, logit, -logit)
     gradients = tape.gradient(score, features)
+    features, gradients = tf.cast(features, tf.float32), tf.cast(gradients, tf.float32)
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
     cam = tf.image.resize(cam, batch.shape[1:3], method="bilinear")[..., 0].numpy()
