@@ -40,7 +40,8 @@ def evaluate_model(
         "roc_pr_curves": plots.roc_pr(y_test, p_test, threshold),
         "confusion_matrix": plots.confusion(test_report["at_threshold"]["confusion_matrix"], f"test @ {threshold:.3f}"),
         "calibration": plots.calibration(y_test, p_test),
-        "gradcam_test_examples": _gradcam_grid(model, dataset.paths(test_rows), y_test, p_test, threshold, spec),
+        "gradcam_test_examples": gradcam.confident_examples_grid(model, dataset.paths(test_rows), y_test, p_test,
+                                                                 threshold, spec.image_size),
     }
     print(f"threshold {threshold:.4f} ({policy}); test AUC {flat['test_auc']:.4f}, accuracy {flat['test_accuracy']:.4f}, "
           f"sensitivity {flat['test_sensitivity']:.4f}, specificity {flat['test_specificity']:.4f}", flush=True)
@@ -54,10 +55,3 @@ def evaluate_model(
     return (report, threshold, figures["roc_pr_curves"], figures["confusion_matrix"], figures["calibration"],
             figures["gradcam_test_examples"])
 
-
-def _gradcam_grid(model, paths, y, p, threshold, spec) -> Image.Image:
-    picks = gradcam.confident_examples(y, p, threshold)
-    pixels = gradcam.load_pixels([paths[i] for i, _ in picks], spec.image_size)
-    maps = gradcam.heatmaps(model, pixels, threshold)
-    overlays = [gradcam.overlay(image, heat) for image, heat in zip(pixels, maps)]
-    return plots.image_grid(overlays, [title for _, title in picks], title="Grad-CAM, most confident test predictions")

@@ -67,11 +67,9 @@ def explain_predictions(model: keras.Model, model_info: dict, images: ValidatedD
     rows = images.manifest[images.manifest["status"] == "ok"].head(explain)
     if rows.empty:
         return {}
-    pixels = gradcam.load_pixels(images.paths(rows), model_info["image_size"])
-    maps = gradcam.heatmaps(model, pixels, model_info["threshold"])
-    overlays: dict[str, Image.Image] = {}
-    for row, image, heat in zip(rows.itertuples(), pixels, maps):
-        overlays[f"gradcam_{Path(row.source.split('!')[-1]).stem}.png"] = gradcam.overlay(image, heat)
+    pictures = gradcam.overlays_for(model, images.paths(rows), model_info["image_size"], model_info["threshold"])
+    overlays: dict[str, Image.Image] = {
+        f"gradcam_{Path(source.split('!')[-1]).stem}.png": picture for source, picture in zip(rows["source"], pictures)}
     with mlflow_run(registry):
         for name, overlay in overlays.items():
             mlflow.log_image(overlay, f"gradcam/{name}")

@@ -72,3 +72,17 @@ def load_pixels(paths: list[str], image_size: int) -> np.ndarray:
     from xray.data import decode_and_resize
 
     return np.stack([decode_and_resize(tf.io.read_file(path), image_size).numpy() for path in paths]).astype(np.float32)
+
+
+def overlays_for(model, paths: list[str], image_size: int, threshold: float) -> list[Image.Image]:
+    pixels = load_pixels(paths, image_size)
+    return [overlay(image, heat) for image, heat in zip(pixels, heatmaps(model, pixels, threshold))]
+
+
+def confident_examples_grid(model, paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float,
+                            image_size: int) -> Image.Image:
+    from xray import plots
+
+    picks = confident_examples(y, p, threshold)
+    images = overlays_for(model, [paths[i] for i, _ in picks], image_size, threshold)
+    return plots.image_grid(images, [title for _, title in picks], title="Grad-CAM, most confident test predictions")
