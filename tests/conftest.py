@@ -65,3 +65,28 @@ def require(path: Path) -> Path:
     if not path.is_file():
         pytest.fail(f"test data missing: {path} (tests read the real archives from ../shared/data)")
     return path
+
+
+def isolated_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without AWS/MLflow/ZenML settings, plus stores under ``home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))}
+    return env | {"ZENML_CONFIG_PATH": str(home / "zenml"), "ZENML_ANALYTICS_OPT_IN": "false",
+                  "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", **extra}
+
+
+def deterministic_smoke_config(path: Path, **section_changes: dict) -> Path:
+    """The smoke config with a fixed low threshold.
+
+    One epoch on a few images gives a near-random model, so whether the
+    min_sensitivity policy passes the gate would be a coin toss. A fixed
+    threshold of 0.02 makes sensitivity 1.0, so the first run's promotion is
+    deterministic; the gate's own rules are unit-tested in test_registry_gate.
+    """
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "training_smoke.yaml").read_text())
+    raw["evaluate"] |= {"threshold_policy": "fixed", "fixed_threshold": 0.02}
+    for section, changes in section_changes.items():
+        raw[section] = raw.get(section, {}) | changes
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -167,7 +168,7 @@ def _free_port() -> int:
 class EmbeddedS3:
     """A moto S3 server on 127.0.0.1, for the default local run and for tests.
 
-    It sets ``AWS_ENDPOINT_URL_S3`` and fake credentials for this process (the
+    Each one starts empty. It sets ``AWS_ENDPOINT_URL_S3`` and fake credentials for this process (the
     local orchestrator runs steps in-process), and restores them on stop.
     """
 
@@ -188,6 +189,8 @@ class EmbeddedS3:
 
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
+        # moto keeps one in-memory backend per process: a new endpoint must not see an old one's buckets.
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"), timeout=10)
         env = {**self.FAKE_ENV, "AWS_ENDPOINT_URL_S3": self.endpoint}
         for name, value in env.items():
             self._saved[name] = os.environ.get(name)

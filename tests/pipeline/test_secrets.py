@@ -6,15 +6,12 @@ stores (SQLite databases and artifacts included) is searched for it.
 """
 
 import json
-import os
 import subprocess
 import sys
-import urllib.request
 
 import pytest
-import yaml
 
-from conftest import MINI_ZIP, ROOT, require
+from conftest import MINI_ZIP, ROOT, deterministic_smoke_config, isolated_env, require
 from xray import s3
 
 pytestmark = pytest.mark.slow
@@ -24,18 +21,11 @@ ACCESS_KEY = "AKIASENTINELACCESSKEY"
 
 def test_sentinel_secret_appears_nowhere(tmp_path):
     home = tmp_path / "stores"
-    raw = yaml.safe_load((ROOT / "configs" / "training_smoke.yaml").read_text())
-    raw["evaluate"] |= {"threshold_policy": "fixed", "fixed_threshold": 0.02}
-    raw["s3"]["embedded"] = False
-    config = tmp_path / "smoke.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = deterministic_smoke_config(tmp_path / "smoke.yaml", s3={"embedded": False})
     with s3.EmbeddedS3() as moto:
-        urllib.request.urlopen(urllib.request.Request(f"{moto.endpoint}/moto-api/reset", method="POST"))
         s3.upload_if_missing(s3.make_client(1), require(MINI_ZIP), s3.S3Location("hospital-data", "xray/mini.zip"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))}
-        env |= {"ZENML_CONFIG_PATH": str(home / "zenml"), "ZENML_ANALYTICS_OPT_IN": "false",
-                "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "AWS_ENDPOINT_URL_S3": moto.endpoint,
-                "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SENTINEL, "AWS_DEFAULT_REGION": "us-east-1"}
+        env = isolated_env(home, AWS_ENDPOINT_URL_S3=moto.endpoint, AWS_ACCESS_KEY_ID=ACCESS_KEY,
+                           AWS_SECRET_ACCESS_KEY=SENTINEL, AWS_DEFAULT_REGION="us-east-1")
         result = subprocess.run(
             [sys.executable, str(ROOT / "run.py"), "--config", str(config), "--dataset-uri", "s3://hospital-data/xray/mini.zip",
              "--summary", str(home / "summary.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -10,44 +10,25 @@ import os
 import stat
 import subprocess
 import sys
-import urllib.request
 import zipfile
 
 import numpy as np
 import pytest
-import yaml
 from sklearn.metrics import roc_auc_score
 
-from conftest import MINI_ZIP, ROOT, dataset_entries, require
+from conftest import MINI_ZIP, ROOT, dataset_entries, deterministic_smoke_config, isolated_env, require
 from xray.s3 import EmbeddedS3, make_client
 
 pytestmark = pytest.mark.slow
 STEPS = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "register_model"]
-SMOKE = ROOT / "configs" / "training_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    """Isolated stores, and the smoke config with a fixed low threshold.
-
-    One epoch on a few images gives a near-random model, so whether the
-    min_sensitivity policy passes the gate would be a coin toss. A fixed
-    threshold of 0.02 makes sensitivity 1.0, so the first run's promotion is
-    deterministic; the gate's own rules are unit-tested in test_registry_gate.
-    """
+    """Isolated stores, and the smoke config with a fixed low threshold (see deterministic_smoke_config)."""
     home = tmp_path_factory.mktemp("stores")
-    raw = yaml.safe_load(SMOKE.read_text())
-    raw["evaluate"] |= {"threshold_policy": "fixed", "fixed_threshold": 0.02}
-    (home / "smoke.yaml").write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))}
-    env |= {
-        "ZENML_CONFIG_PATH": str(home / "zenml"),
-        "ZENML_ANALYTICS_OPT_IN": "false",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-        "CHEST_XRAY_ZIP": str(require(MINI_ZIP)),
-        "XRAY_TEST_CONFIG": str(home / "smoke.yaml"),
-    }
-    return home, env
+    config = deterministic_smoke_config(home / "smoke.yaml")
+    return home, isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)), XRAY_TEST_CONFIG=str(config))
 
 
 def run_cli(env, *args, timeout=900):
@@ -209,8 +190,7 @@ def test_bad_archive_fails_in_one_line_and_registers_nothing(first_run, stores, 
 def test_s3_failures_end_in_one_line_and_register_nothing(first_run, stores, uri, reason):
     _, env = stores
     before = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
-    with EmbeddedS3() as moto:
-        urllib.request.urlopen(urllib.request.Request(f"{moto.endpoint}/moto-api/reset", method="POST"))
+    with EmbeddedS3():
         make_client(1).create_bucket(Bucket="chest-xray")
         aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         result = run_cli(env | aws, "--dataset-uri", uri)
@@ -221,11 +201,7 @@ def test_s3_failures_end_in_one_line_and_register_nothing(first_run, stores, uri
 
 
 def _variant(env, tmp_path, section, **changes):
-    raw = yaml.safe_load(open(env["XRAY_TEST_CONFIG"]).read())
-    raw[section] = raw.get(section, {}) | changes
-    path = tmp_path / "variant.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return {**env, "XRAY_TEST_CONFIG": str(path)}
+    return {**env, "XRAY_TEST_CONFIG": str(deterministic_smoke_config(tmp_path / "variant.yaml", **{section: changes}))}
 
 
 def test_failed_training_leaves_the_registry_untouched(first_run, stores, tmp_path):

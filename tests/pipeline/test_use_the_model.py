@@ -18,9 +18,8 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import MINI_ZIP, ROOT, require
+from conftest import MINI_ZIP, ROOT, deterministic_smoke_config, isolated_env, require
 from xray import s3
 
 pytestmark = pytest.mark.slow
@@ -29,12 +28,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     home = tmp_path_factory.mktemp("use")
-    raw = yaml.safe_load((ROOT / "configs" / "training_smoke.yaml").read_text())
-    raw["evaluate"] |= {"threshold_policy": "fixed", "fixed_threshold": 0.02}  # a deterministic first promotion
-    (home / "smoke.yaml").write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))}
-    env |= {"ZENML_CONFIG_PATH": str(home / "zenml"), "ZENML_ANALYTICS_OPT_IN": "false",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "CHEST_XRAY_ZIP": str(require(MINI_ZIP))}
+    deterministic_smoke_config(home / "smoke.yaml")
+    env = isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)))
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(home / "smoke.yaml")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -90,8 +85,7 @@ def test_batch_inference_on_a_folder(trained):
 
 def test_batch_inference_on_an_s3_prefix(trained):
     home, env, images, _ = trained
-    with s3.EmbeddedS3() as moto:
-        urllib.request.urlopen(urllib.request.Request(f"{moto.endpoint}/moto-api/reset", method="POST"))
+    with s3.EmbeddedS3():
         client = s3.make_client(1)
         client.create_bucket(Bucket="incoming")
         for path in sorted(images.glob("*.jpeg")):

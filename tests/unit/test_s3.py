@@ -1,7 +1,6 @@
 """S3 access against a real HTTP endpoint (moto's server), with fake credentials."""
 
 import hashlib
-import urllib.request
 
 import pytest
 
@@ -14,8 +13,6 @@ from xray.ingest import fetch
 @pytest.fixture
 def endpoint():
     server = s3.EmbeddedS3().start()
-    # moto keeps one in-memory backend per process; start every test from an empty one.
-    urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset", method="POST"))
     try:
         yield server
     finally:

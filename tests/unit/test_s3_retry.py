@@ -7,7 +7,6 @@ signature) fail at once with one line naming the URI.
 import http.client
 import os
 import threading
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -65,7 +64,6 @@ class FlakyProxy:
 @pytest.fixture
 def moto_with_object(tmp_path):
     with s3.EmbeddedS3() as moto:
-        urllib.request.urlopen(urllib.request.Request(f"{moto.endpoint}/moto-api/reset", method="POST"))
         source = tmp_path / "a.zip"
         source.write_bytes(b"archive bytes" * 1000)
         s3.upload_if_missing(s3.make_client(1), source, s3.S3Location("bucket", "a.zip"))
