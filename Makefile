@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export ZENML_ANALYTICS_OPT_IN ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup stack train smoke test bench ui serve clean
+.PHONY: setup stack train smoke quality test bench ui serve clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ train: stack
 
 smoke: stack
 	$(PY) run.py --pipeline training --config configs/training_smoke.yaml --summary outputs/summary_smoke.json
+
+# Model-quality recipe (issue #5): the real pipeline, then an independent reload of the registered version.
+quality: stack
+	$(PY) run.py --pipeline training --config configs/training_quality_cpu.yaml --summary outputs/summary_quality.json
+	$(PY) scripts/verify_registered.py --summary outputs/summary_quality.json
 
 test: setup
 	$(PY) -m pytest

@@ -61,12 +61,13 @@ class Augmentation(_Section):
     rotation: float = Field(0.0, ge=0, le=0.5, description="Fraction of a full turn, as keras.layers.RandomRotation.")
     contrast: float = Field(0.0, ge=0, lt=1)
     brightness: float = Field(0.0, ge=0, lt=1)
+    translation: float = Field(0.0, ge=0, lt=0.5, description="Random shift, as a fraction of the image side.")
     interpolation: Literal["bilinear", "nearest"] = Field(
         "bilinear", description="Resampling for flip/zoom/rotation; nearest is about twice as fast on CPU.")
 
     @property
     def enabled(self) -> bool:
-        return self.horizontal_flip or any((self.zoom, self.rotation, self.contrast, self.brightness))
+        return self.horizontal_flip or any((self.zoom, self.rotation, self.contrast, self.brightness, self.translation))
 
 
 class ModelConfig(_Section):
@@ -75,6 +76,9 @@ class ModelConfig(_Section):
         "none", description="'imagenet', 'none', or a local or s3:// path to a Keras weights file."
     )
     image_size: int = Field(128, ge=32, le=1024)
+    input_normalization: Literal["fixed", "per_image"] = Field(
+        "fixed", description="fixed: the backbone's [-1, 1] scaling. per_image: standardise each image to zero mean and "
+        "unit variance inside the model, so exposure and contrast differences between sites cannot move the score.")
     dense_units: int = Field(128, ge=1)
     dropout: float = Field(0.5, ge=0, lt=1)
 
@@ -83,6 +87,10 @@ class TrainConfig(_Section):
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: linear warm-up, then cosine decay to 1% of learning_rate by the last epoch of each phase.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up from 10% of learning_rate (cosine schedule only).")
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="> 0: AdamW with this decoupled weight decay instead of Adam.")
     frozen_epochs: int = Field(2, ge=0, description="With pretrained weights: epochs with the backbone frozen.")
     fine_tune_layers: int = Field(30, ge=0, description="With pretrained weights: top backbone layers unfrozen after the frozen phase.")
     fine_tune_learning_rate: float = Field(1e-5, gt=0)

@@ -91,7 +91,7 @@ def augment(images, config: Augmentation, seed: int):
 
     n = tf.shape(images)[0]
     size = tf.shape(images)[1:3]
-    if config.horizontal_flip or config.zoom or config.rotation:
+    if config.horizontal_flip or config.zoom or config.rotation or config.translation:
         images = _flip_zoom_rotate(images, n, size, config, seed)
     if config.contrast:
         factor = tf.random.uniform([n, 1, 1, 1], 1 - config.contrast, 1 + config.contrast, seed=seed + 3)
@@ -103,7 +103,8 @@ def augment(images, config: Augmentation, seed: int):
 
 
 def _flip_zoom_rotate(images, n, size, config: Augmentation, seed: int):
-    """One bilinear resampling per batch: mirror, scale by 1 +/- zoom, rotate by +/- rotation of a turn, pad with 0."""
+    """One resampling per batch: mirror, scale by 1 +/- zoom, rotate by +/- rotation of a turn,
+    shift by +/- translation of the side, pad with 0."""
     import math
 
     import tensorflow as tf
@@ -118,7 +119,9 @@ def _flip_zoom_rotate(images, n, size, config: Augmentation, seed: int):
     a0, a1 = tf.cos(angle) * scale * flip, -tf.sin(angle) * scale
     a3, a4 = tf.sin(angle) * scale * flip, tf.cos(angle) * scale
     cx, cy = (width - 1) / 2, (height - 1) / 2
-    transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy, a3, a4, cy - a3 * cx - a4 * cy,
+    shift = tf.random.uniform([2, n], -config.translation, config.translation, seed=seed + 5)
+    tx, ty = shift[0] * width, shift[1] * height
+    transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy + tx, a3, a4, cy - a3 * cx - a4 * cy + ty,
                            tf.zeros([n]), tf.zeros([n])], axis=1)
     return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=size,
                                                  interpolation=config.interpolation.upper(), fill_mode="CONSTANT",

@@ -72,8 +72,14 @@ def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool 
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
     size = config.image_size
     inputs = keras.Input((size, size, 3), name="image")
-    # ResNet50V2 expects [-1, 1]; doing it here keeps serving and training identical.
-    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    # Scaling inside the model keeps serving and training identical.
+    if config.input_normalization == "per_image":
+        # Mean and variance over all pixels of each image; float32 because the sum of squares overflows float16.
+        scaled = keras.layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1.0,
+                                                 dtype="float32", name="preprocess")(inputs)
+    else:
+        # The [-1, 1] range ResNet50V2's ImageNet weights were trained on.
+        scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
     backbone = keras.applications.ResNet50V2(include_top=False, weights=weights, input_tensor=scaled)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
     x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
@@ -97,11 +103,16 @@ def set_backbone_trainable(backbone, trainable_top: int | None) -> None:
             layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def compile_model(model, learning_rate: float, label_smoothing: float, jit_compile: bool) -> None:
+def compile_model(model, learning_rate, label_smoothing: float, jit_compile: bool, weight_decay: float = 0.0) -> None:
+    """``learning_rate``: a float or a keras LearningRateSchedule."""
     import keras
 
+    if weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.AUC(name="auc"),

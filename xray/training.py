@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,22 @@ def progress_callback(images_per_batch: int, every: float = 0.1):
                 self.next_report += every
 
     return Progress()
+
+
+def learning_rate_schedule(config: TrainConfig, peak: float, total_steps: int, steps_per_epoch: float):
+    """A float for 'constant'; for 'cosine', warm-up then decay to 1% of peak over the phase's steps.
+
+    The schedule is a function of the optimizer's step counter, which
+    BackupAndRestore restores, so a resumed run continues on the same curve.
+    """
+    if config.lr_schedule == "constant":
+        return peak
+    import keras
+
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak * 0.1 if warmup else peak, decay_steps=max(total_steps - warmup, 1), alpha=0.01,
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
 
 
 def without_optimizer(model):
@@ -90,7 +107,9 @@ def fit(
         if until <= start_epoch:
             continue
         set_backbone_trainable(backbone, trainable_top)
-        compile_model(model, learning_rate, train_config.label_smoothing, policy.jit_compile)
+        steps = math.ceil(train_images / spec.batch_size) * (until - start_epoch)
+        compile_model(model, learning_rate_schedule(train_config, learning_rate, steps, train_images / spec.batch_size),
+                      train_config.label_smoothing, policy.jit_compile, train_config.weight_decay)
         early_stopping = keras.callbacks.EarlyStopping(
             monitor=MONITOR, mode="max", patience=train_config.early_stopping_patience, restore_best_weights=True, verbose=1)
         callbacks = [
