@@ -57,9 +57,9 @@ def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
 
 
 def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, seed: int) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals for AUC, sensitivity and specificity, resampling images."""
+    """95% percentile intervals for AUC, accuracy, sensitivity and specificity, resampling images."""
     rng = np.random.default_rng(seed)
-    stats: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    stats: dict[str, list[float]] = {"auc": [], "accuracy": [], "sensitivity": [], "specificity": []}
     predicted = p >= threshold
     for _ in range(samples):
         index = rng.integers(0, len(y), len(y))
@@ -68,6 +68,7 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, s
         if not positives.any() or not negatives.any():
             continue
         stats["auc"].append(roc_auc_score(ys, ps))
+        stats["accuracy"].append((hits == positives).mean())
         stats["sensitivity"].append(hits[positives].mean())
         stats["specificity"].append((~hits[negatives]).mean())
     return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in stats.items()}
@@ -86,7 +87,9 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: 
         "at_threshold": at_threshold(y, p, threshold),
         "at_0_5": at_threshold(y, p, 0.5),
     }
+    # The same seed draws the same resamples, so both operating points are judged on identical bootstraps.
     report["ci95"] = bootstrap_ci(y, p, threshold, bootstrap_samples, seed)
+    report["ci95_at_0_5"] = bootstrap_ci(y, p, 0.5, bootstrap_samples, seed)
     return report
 
 
@@ -97,6 +100,9 @@ def flat_metrics(prefix: str, report: dict) -> dict[str, float]:
         for key, value in block.items():
             if key != "confusion_matrix":
                 flat[f"{prefix}_{key}{suffix}"] = value
-    for key, (low, high) in report.get("ci95", {}).items():
-        flat[f"{prefix}_{key}_ci_low"], flat[f"{prefix}_{key}_ci_high"] = low, high
+    for suffix, block in (("", report.get("ci95", {})), ("_at_0_5", report.get("ci95_at_0_5", {}))):
+        for key, (low, high) in block.items():
+            if suffix and key == "auc":
+                continue  # AUC does not depend on the threshold
+            flat[f"{prefix}_{key}{suffix}_ci_low"], flat[f"{prefix}_{key}{suffix}_ci_high"] = low, high
     return flat

@@ -12,9 +12,7 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from conftest import MINI_ZIP, ROOT, dataset_entries, deterministic_smoke_config, isolated_env, require
 from xray.s3 import EmbeddedS3, make_client
@@ -90,26 +88,30 @@ def test_mlflow_has_params_curves_metrics_and_plots(first_run, stores):
 
 
 def test_champion_reload_reproduces_test_auc(first_run, stores):
-    """An independent reload through the registry, with the recorded preprocessing."""
-    import mlflow
-
-    from xray.data import decode_and_resize
-
+    """scripts/verify_registered.py: a reload through the registry, test images decoded straight from the zip."""
     summary, _ = first_run
-    client = mlflow_client(stores[1])
-    mlflow.set_tracking_uri(stores[1]["MLFLOW_TRACKING_URI"])
-    model = mlflow.keras.load_model("models:/chest-xray-classifier@champion")
-    tags = client.get_model_version_by_alias("chest-xray-classifier", "champion").tags
-    size = int(tags["image_size"])
-    assert float(tags["threshold"]) == pytest.approx(summary["threshold"])
-    images, labels = [], []
-    with zipfile.ZipFile(MINI_ZIP) as archive:
-        for name in sorted(archive.namelist()):
-            if name.startswith("chest_xray/test/") and name.endswith(".jpeg"):
-                images.append(decode_and_resize(archive.read(name), size).numpy())
-                labels.append(int("/PNEUMONIA/" in name))
-    probabilities = model.predict(np.stack(images).astype("float32"), verbose=0).reshape(-1)
-    assert roc_auc_score(labels, probabilities) == pytest.approx(summary["metrics"]["test_auc"], abs=0.005)
+    home, env = stores
+    report_path = home / "verify.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "verify_registered.py"), "--summary", str(home / "summary.json"),
+         "--version", "champion", "--archive", str(MINI_ZIP), "--output", str(report_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 47 and report["version"] == summary["model_version"]
+    assert report["threshold"] == pytest.approx(summary["threshold"])
+    assert report["auc"] == pytest.approx(summary["metrics"]["test_auc"], abs=0.005)
+    assert report["ci95_at_0_5"]["accuracy"][0] <= report["at_0_5"]["accuracy"] <= report["ci95_at_0_5"]["accuracy"][1]
+
+
+def test_verify_refuses_a_different_archive(first_run, stores, tmp_path):
+    home, env = stores
+    other = tmp_path / "other.zip"
+    _zip(other, dataset_entries())
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "verify_registered.py"), "--summary", str(home / "summary.json"),
+         "--archive", str(other)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "is not the archive this version was trained on" in result.stderr
 
 
 def test_identical_rerun_is_cached_by_content(first_run, stores):

@@ -55,6 +55,26 @@ def test_zoom_without_change_is_identity():
     np.testing.assert_allclose(out, images, atol=1e-2)
 
 
+def test_translation_shifts_each_image_within_its_range():
+    from xray.config import Augmentation
+
+    size, n = 41, 64
+    images = np.zeros((n, size, size, 3), dtype="float32")
+    images[:, 20, 20, :] = 255.0
+    config = Augmentation(horizontal_flip=False, zoom=0.0, translation=0.2, interpolation="nearest")
+    assert config.enabled
+    out = xdata.augment(images, config, 3).numpy()
+    shifts = []
+    for image in out:
+        rows, cols = np.nonzero(image[..., 0])
+        assert len(rows) == 1  # nearest resampling moves the pixel whole
+        shifts.append((rows[0] - 20, cols[0] - 20))
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() <= 0.2 * size + 1
+    assert len({tuple(s) for s in shifts}) > 10  # shifts differ from image to image, in both axes
+    assert shifts[:, 0].std() > 1 and shifts[:, 1].std() > 1
+
+
 def test_cache_key_follows_domain_code(tmp_path, monkeypatch):
     from steps import caching
 

@@ -44,3 +44,19 @@ def test_evaluate_reports_cis_around_the_point_estimate():
     assert low < report["auc"] < high and high - low < 0.2
     flat = metrics.flat_metrics("test", report)
     assert {"test_auc", "test_sensitivity", "test_specificity_at_0_5", "test_auc_ci_low", "test_brier"} <= flat.keys()
+
+
+def test_cis_at_both_operating_points_bracket_their_own_estimates():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(y * 0.25 + rng.random(500) * 0.75, 0, 1)
+    report = metrics.evaluate(y, p, 0.2, bootstrap_samples=300, seed=2)
+    for block, point in (("ci95", report["at_threshold"]), ("ci95_at_0_5", report["at_0_5"])):
+        for key in ("accuracy", "sensitivity", "specificity"):
+            low, high = report[block][key]
+            assert low <= point[key] <= high, (block, key)
+    # A threshold of 0.2 and one of 0.5 give different sensitivities, so the intervals must differ.
+    assert report["ci95"]["sensitivity"] != report["ci95_at_0_5"]["sensitivity"]
+    flat = metrics.flat_metrics("test", report)
+    assert {"test_accuracy_ci_low", "test_sensitivity_at_0_5_ci_high", "test_accuracy_at_0_5_ci_low"} <= flat.keys()
+    assert "test_auc_at_0_5_ci_low" not in flat
