@@ -142,14 +142,35 @@ def promote(client, model_name: str, version_id: str, alias: str, metrics: dict,
     client.set_model_version_tag(model_name, version_id, "promotion_decision", "promoted" if decision.promoted else "rejected")
     client.set_model_version_tag(model_name, version_id, "promotion_reason", decision.reason)
     if decision.promoted:
-        client.set_registered_model_alias(model_name, alias, version_id)
+        set_alias(client, model_name, alias, version_id)
         for _ in range(rounds):
             time.sleep(settle_seconds)
             holder, holder_auc = current_champion(client, model_name, alias)
             if holder == version_id or (holder_auc is not None and holder_auc >= metrics["test_auc"]):
                 break
-            client.set_registered_model_alias(model_name, alias, version_id)
+            set_alias(client, model_name, alias, version_id)
     return decision
+
+
+def set_alias(client, model_name: str, alias: str, version_id: str, attempts: int = 5, pause_s: float = 0.2) -> None:
+    """Set the alias, retrying when a concurrent writer created it first.
+
+    The SQL registry stores check whether the alias exists and then insert it,
+    so two runs that set a new alias at the same moment make one of them fail
+    on the unique key. The retry finds the row and updates it instead; the
+    settle loop in :func:`promote` then decides which version keeps it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            client.set_registered_model_alias(model_name, alias, version_id)
+            return
+        except MlflowException as error:
+            message = str(error).lower()
+            if attempt == attempts or not ("unique constraint" in message or "duplicate entry" in message):
+                raise
+            time.sleep(pause_s * attempt)
 
 
 def model_uri(model_name: str, version_or_alias: str) -> str:
