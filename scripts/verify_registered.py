@@ -12,7 +12,6 @@ when the re-measured test AUC differs from the logged one by more than
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -25,14 +24,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TEST_ENTRY = re.compile(r"(?:^|/)test/(NORMAL|PNEUMONIA)/(?!\._)[^/]+\.(?:jpe?g|png)$", re.IGNORECASE)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def test_split(archive: Path, image_size: int, batch: int = 64):
@@ -60,6 +51,7 @@ def main(summary_path, version, model_name, archive, tolerance, output):
     import mlflow
 
     from xray import metrics, sources, tracking
+    from xray.s3 import sha256_file
     from xray.registry import load_version
 
     summary = json.loads(summary_path.read_text()) if summary_path else {}
@@ -72,7 +64,7 @@ def main(summary_path, version, model_name, archive, tolerance, output):
     run_id = client.get_model_version(model_name, info["version"]).run_id
     logged = client.get_run(run_id).data
     archive = archive or Path(sources.resolve(None).uri)
-    if logged.params.get("dataset.sha256") not in (None, sha256_of(archive)):
+    if logged.params.get("dataset.sha256") not in (None, sha256_file(archive)):
         raise click.ClickException(f"{archive} is not the archive this version was trained on")
 
     labels, images = test_split(archive, info["image_size"])

@@ -56,22 +56,33 @@ def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     return {k: (float(v) if not isinstance(v, list) else v) for k, v in result.items()}
 
 
-def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, seed: int) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals for AUC, accuracy, sensitivity and specificity, resampling images."""
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], samples: int,
+                 seed: int) -> list[dict[str, tuple[float, float]]]:
+    """95% percentile intervals for AUC, accuracy, sensitivity and specificity at each threshold.
+
+    One set of image resamples serves every threshold, so the operating points
+    are judged on identical bootstraps and each resample's AUC is computed once.
+    """
     rng = np.random.default_rng(seed)
-    stats: dict[str, list[float]] = {"auc": [], "accuracy": [], "sensitivity": [], "specificity": []}
-    predicted = p >= threshold
+    aucs: list[float] = []
+    rates = [{"accuracy": [], "sensitivity": [], "specificity": []} for _ in thresholds]
     for _ in range(samples):
         index = rng.integers(0, len(y), len(y))
-        ys, ps, hits = y[index], p[index], predicted[index]
+        ys, ps = y[index], p[index]
         positives, negatives = ys == 1, ys == 0
         if not positives.any() or not negatives.any():
             continue
-        stats["auc"].append(roc_auc_score(ys, ps))
-        stats["accuracy"].append((hits == positives).mean())
-        stats["sensitivity"].append(hits[positives].mean())
-        stats["specificity"].append((~hits[negatives]).mean())
-    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in stats.items()}
+        aucs.append(roc_auc_score(ys, ps))
+        for threshold, stats in zip(thresholds, rates):
+            hits = ps >= threshold
+            stats["accuracy"].append((hits == positives).mean())
+            stats["sensitivity"].append(hits[positives].mean())
+            stats["specificity"].append((~hits[negatives]).mean())
+
+    def interval(values: list[float]) -> tuple[float, float]:
+        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+    return [{"auc": interval(aucs), **{k: interval(v) for k, v in stats.items()}} for stats in rates]
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
@@ -87,9 +98,7 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: 
         "at_threshold": at_threshold(y, p, threshold),
         "at_0_5": at_threshold(y, p, 0.5),
     }
-    # The same seed draws the same resamples, so both operating points are judged on identical bootstraps.
-    report["ci95"] = bootstrap_ci(y, p, threshold, bootstrap_samples, seed)
-    report["ci95_at_0_5"] = bootstrap_ci(y, p, 0.5, bootstrap_samples, seed)
+    report["ci95"], report["ci95_at_0_5"] = bootstrap_ci(y, p, (threshold, 0.5), bootstrap_samples, seed)
     return report
 
 

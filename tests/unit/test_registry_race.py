@@ -1,5 +1,6 @@
 """Two runs that finish together each register a version; the champion ends on the better one."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,13 +32,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_concurrent_registrations(tmp_path):
+def test_concurrent_registrations(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    # The store's default experiment keeps its artifacts under ./mlruns of whoever creates it: not the repository.
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_registered_model("race-model")  # both racers need the model row; creating it is not the race
     go = time.time() + 25
-    racers = {auc: subprocess.Popen([sys.executable, "-c", SCRIPT, uri, str(auc), str(go)], cwd=ROOT,
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    racers = {auc: subprocess.Popen([sys.executable, "-c", SCRIPT, uri, str(auc), str(go)], cwd=tmp_path, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for auc in (0.90, 0.95)}
     results = {}
