@@ -32,9 +32,11 @@ smoke: stack
 	$(PY) run.py --pipeline training --config configs/training_smoke.yaml --summary outputs/summary_smoke.json
 
 # Model-quality recipe (issue #5): the real pipeline, then an independent reload of the registered version.
+# `make quality SEED=7` replicates the recipe with another seed (val carve, shuffling) and keeps its own summary.
+QUALITY_SUMMARY := outputs/summary_quality$(if $(SEED),_seed$(SEED)).json
 quality: stack
-	$(PY) run.py --pipeline training --config configs/training_quality_cpu.yaml --summary outputs/summary_quality.json
-	$(PY) scripts/verify_registered.py --summary outputs/summary_quality.json
+	$(PY) run.py --pipeline training --config configs/training_quality_cpu.yaml $(if $(SEED),--seed $(SEED)) --summary $(QUALITY_SUMMARY)
+	$(PY) scripts/verify_registered.py --summary $(QUALITY_SUMMARY)
 
 test: setup
 	$(PY) -m pytest

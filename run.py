@@ -99,6 +99,7 @@ def summarize(run, config) -> dict:
         "model_version": registration["model_version"],
         "promoted": registration["promoted"],
         "threshold": registration["threshold"],
+        "seed": config.seed,
         "dataset_sha256": load("ingest_from_s3", "archive_info")["sha256"],
         "steps": {name: str(step.status.value) for name, step in steps.items()},
         "splits": report["counts"] | {"duplicates_removed": len(report["duplicates_removed"]),
@@ -234,11 +235,13 @@ def list_schedules() -> None:
               help="Attach a schedule instead of running once, e.g. \"cron(0 3 ? * MON *)\" (AWS six-field syntax "
                    "on SageMaker). Needs a stack whose orchestrator can schedule.")
 @click.option("--list-schedules", "show_schedules", is_flag=True, help="List the schedules of the active ZenML project and exit.")
+@click.option("--seed", type=int, default=None,
+              help="Override the config's seed (val carve, shuffling, bootstrap): replicate runs of one recipe.")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the one-line JSON summary to this file.")
 def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images: str | None, model_version: str,
          output: Path, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
-         summary_path: Path | None) -> None:
+         summary_path: Path | None, seed: int | None = None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
     from xray.config import load_config
@@ -248,7 +251,7 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
         list_schedules()
         return
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, overrides={"seed": seed})
     except ConfigError as error:
         fail(str(error), 2)
     if pipeline_name == "inference" and not images:
