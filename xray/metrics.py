@@ -23,14 +23,18 @@ def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, policy: str, min_sens
         return float(fixed), f"fixed at {fixed:g}"
     if len(np.unique(y_val)) < 2:
         raise ValueError("val must contain both classes to choose a threshold")
-    fpr, tpr, thresholds = roc_curve(y_val, p_val)
+    # Every distinct score is a candidate: the default drop_intermediate=True keeps only the ROC's corners, and the
+    # top corner of a vertical stretch is its lowest threshold, which would call more images PNEUMONIA than the
+    # same val specificity needs.
+    fpr, tpr, thresholds = roc_curve(y_val, p_val, drop_intermediate=False)
     finite = np.isfinite(thresholds)
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
     if policy == "youden":
         best = int(np.argmax(tpr - fpr))
         return float(thresholds[best]), f"youden on val: sensitivity {tpr[best]:.3f}, specificity {1 - fpr[best]:.3f}"
     ok = np.flatnonzero(tpr >= min_sensitivity - 1e-12)
-    # roc_curve orders thresholds high -> low, so the first qualifying point has the lowest fpr.
+    # roc_curve orders thresholds high -> low, so the first qualifying point has the lowest fpr and, among the
+    # thresholds with that fpr, is the highest.
     best = int(ok[0])
     return float(thresholds[best]), (
         f"highest val specificity ({1 - fpr[best]:.3f}) with val sensitivity {tpr[best]:.3f} >= {min_sensitivity:g}"

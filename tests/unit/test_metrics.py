@@ -16,6 +16,18 @@ def test_min_sensitivity_threshold_is_the_most_specific_that_keeps_sensitivity()
     assert out["sensitivity"] == 0.75 and out["specificity"] == 0.75
 
 
+def test_min_sensitivity_takes_the_highest_threshold_among_equal_specificities():
+    # Between the negatives at 0.2 and 0.9, val specificity is 2/3 for every threshold in (0.2, 0.9]; ROC corners
+    # alone would offer only 0.9 (sensitivity 0.4) and 0.3 (1.0), so the policy would pick 0.3.
+    y = np.array([0, 0, 0] + [1] * 10)
+    p = np.array([0.1, 0.2, 0.9, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95, 0.96, 0.97, 0.98])
+    threshold, description = metrics.choose_threshold(y, p, "min_sensitivity", 0.75)
+    assert threshold == pytest.approx(0.5)
+    out = metrics.at_threshold(y, p, threshold)
+    assert out["sensitivity"] == pytest.approx(0.8) and out["specificity"] == pytest.approx(2 / 3)
+    assert "sensitivity 0.800 >= 0.75" in description
+
+
 def test_youden_and_fixed():
     y = np.array([0, 0, 1, 1])
     p = np.array([0.1, 0.4, 0.35, 0.8])
