@@ -187,8 +187,21 @@ def environment() -> dict:
         except Exception:  # noqa: BLE001 - not every flavour of TF is installed
             continue
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
-            "python": platform.python_version(), "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-            "versions": versions}
+            **cpu_model(), "python": platform.python_version(),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "versions": versions}
+
+
+def cpu_model() -> dict:
+    """The VMs behind "2 vCPU" differ (AVX2-only or AVX-512/AMX hosts) and their training speed with them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"),
+            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})}
 
 
 def record(key: str, result: dict, command: str) -> None:

@@ -6,7 +6,7 @@ from zenml.enums import ExecutionMode
 from steps import build_datasets, evaluate_model, ingest_from_s3, register_model, train_model, unzip_and_validate
 from xray.config import PipelineConfig
 
-MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2).",
+MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2 by default; model.backbone).",
               license="CC BY 4.0 data (Kermany et al. 2018)", tags=["pneumonia", "chest-xray"])
 
 

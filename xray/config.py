@@ -71,7 +71,8 @@ class Augmentation(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["resnet50v2"] = "resnet50v2"
+    backbone: Literal["resnet50v2", "efficientnetv2b0", "mobilenetv3large"] = Field(
+        "resnet50v2", description="keras.applications backbone under the classifier head; ResNet50V2 is the default.")
     weights: str = Field(
         "none", description="'imagenet', 'none', or a local or s3:// path to a Keras weights file."
     )

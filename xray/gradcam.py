@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from xray.model import LAST_CONV_LAYER
 
-
-def heatmaps(model, images: np.ndarray, threshold: float, backbone: str = "resnet50v2") -> np.ndarray:
+def heatmaps(model, images: np.ndarray, threshold: float) -> np.ndarray:
     """(N, H, W) maps in [0, 1] for the class each image is predicted as, at the model's input size.
 
     The score is the head's logit (pre-sigmoid), signed towards the predicted
@@ -18,9 +16,10 @@ def heatmaps(model, images: np.ndarray, threshold: float, backbone: str = "resne
     import keras
     import tensorflow as tf
 
-    layer = model.get_layer(LAST_CONV_LAYER[backbone])
+    # The backbone's last feature map, whichever backbone: what the classifier head pools.
+    feature_map = model.get_layer("pool").input
     head = model.get_layer("probability")
-    probe = keras.Model(model.inputs, [layer.output, head.input])
+    probe = keras.Model(model.inputs, [feature_map, head.input])
     batch = tf.convert_to_tensor(images, tf.float32)
     kernel, bias = (tf.cast(w, tf.float32) for w in head.weights)
     with tf.GradientTape() as tape:

@@ -8,8 +8,12 @@ from pathlib import Path
 
 from xray.config import ModelConfig, TrainConfig
 
-LAST_CONV_LAYER = {"resnet50v2": "post_relu"}
-"""Output of the backbone's last conv block, for Grad-CAM."""
+BACKBONES = {
+    # name: (keras.applications constructor, takes include_preprocessing)
+    "resnet50v2": ("ResNet50V2", False),
+    "efficientnetv2b0": ("EfficientNetV2B0", True),
+    "mobilenetv3large": ("MobileNetV3Large", True),
+}
 
 
 @dataclass(frozen=True)
@@ -64,23 +68,29 @@ def resolve_weights(weights: str) -> str | None:
 def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool = False):
     """Raw RGB in [0, 255] -> P(PNEUMONIA).
 
-    The backbone's layers are built on the rescaled input tensor (not nested),
-    so its last conv layer is reachable for Grad-CAM by name.
+    The backbone's layers are built on the preprocessed input tensor (not
+    nested), so Grad-CAM reaches its last feature map as the input of "pool".
     """
     import keras
 
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
     size = config.image_size
     inputs = keras.Input((size, size, 3), name="image")
+    constructor, has_preprocessing = BACKBONES[config.backbone]
+    options = {"include_preprocessing": False} if has_preprocessing else {}
     # Scaling inside the model keeps serving and training identical.
     if config.input_normalization == "per_image":
         # Mean and variance over all pixels of each image; float32 because the sum of squares overflows float16.
         scaled = keras.layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1.0,
                                                  dtype="float32", name="preprocess")(inputs)
+    elif has_preprocessing:
+        # The backbone's own ImageNet preprocessing (EfficientNetV2's B variants use ImageNet mean and std, not [-1, 1]).
+        scaled, options = inputs, {"include_preprocessing": True}
     else:
         # The [-1, 1] range ResNet50V2's ImageNet weights were trained on.
         scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
-    backbone = keras.applications.ResNet50V2(include_top=False, weights=weights, input_tensor=scaled)
+    backbone = getattr(keras.applications, constructor)(include_top=False, weights=weights, input_tensor=scaled,
+                                                         **options)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
     x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(config.dropout, name="dropout")(x)
