@@ -205,8 +205,10 @@ def cpu_model() -> dict:
 
 
 def record(key: str, result: dict, command: str) -> None:
+    """Keys in TARGETS get their target and verdict; other measurements are recorded as they are."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    entry = {**result, "target": TARGETS[key], "met": bool(result["value"] >= TARGETS[key]), "command": command,
+    verdict = {"target": TARGETS[key], "met": bool(result["value"] >= TARGETS[key])} if key in TARGETS else {}
+    entry = {**result, **verdict, "command": command,
              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment()}
     if key in results:
         results.setdefault("history", []).append({"key": key, **results[key]})

@@ -11,14 +11,13 @@ fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import datetime, timezone
 
-from bench import BATCH, RESULTS, _fit_throughput, environment
+from bench import BATCH, _fit_throughput, record
 
-from xray.model import BACKBONES
+from xray.config import ModelConfig
+from xray.model import BACKBONES, build_model, compile_model
 
 KEY = "fit_throughput_by_size"
 
@@ -26,9 +25,6 @@ KEY = "fit_throughput_by_size"
 def rate_at(backbone: str, size: int, steps: int) -> float:
     """Same model, optimizer and loss as the quality recipe (AdamW, label smoothing), fed by one cached batch."""
     import tensorflow as tf
-
-    from xray.config import ModelConfig
-    from xray.model import build_model, compile_model
 
     model, _ = build_model(ModelConfig(backbone=backbone, image_size=size, input_normalization="per_image"), None)
     compile_model(model, 1e-3, 0.05, False, weight_decay=0.02)
@@ -49,14 +45,9 @@ def main() -> None:
         for size in args.sizes:
             rates.setdefault(backbone, {})[str(size)] = rate = rate_at(backbone, size, args.steps)
             print(f"{backbone} {size} px: {rate:.1f} img/s", flush=True)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    if KEY in results:
-        results.setdefault("history", []).append({"key": KEY, **results[KEY]})
-    results[KEY] = {"images_per_s": rates, "batch_size": BATCH, "steps_per_epoch": args.steps,
-                    "benchmark_seconds": time.perf_counter() - start,
-                    "command": "python benchmarks/fit_throughput.py " + " ".join(sys.argv[1:]),
-                    "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment()}
-    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    record(KEY, {"images_per_s": rates, "batch_size": BATCH, "steps_per_epoch": args.steps,
+                 "benchmark_seconds": time.perf_counter() - start},
+           "python benchmarks/fit_throughput.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -77,15 +77,17 @@ def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool 
     size = config.image_size
     inputs = keras.Input((size, size, 3), name="image")
     constructor, has_preprocessing = BACKBONES[config.backbone]
-    options = {"include_preprocessing": False} if has_preprocessing else {}
+    # With fixed scaling, a backbone that has its own ImageNet preprocessing keeps it (EfficientNetV2's B variants
+    # use ImageNet mean and std, not [-1, 1]); per-image standardisation replaces it.
+    own_preprocessing = has_preprocessing and config.input_normalization == "fixed"
+    options = {"include_preprocessing": own_preprocessing} if has_preprocessing else {}
     # Scaling inside the model keeps serving and training identical.
     if config.input_normalization == "per_image":
         # Mean and variance over all pixels of each image; float32 because the sum of squares overflows float16.
         scaled = keras.layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1.0,
                                                  dtype="float32", name="preprocess")(inputs)
-    elif has_preprocessing:
-        # The backbone's own ImageNet preprocessing (EfficientNetV2's B variants use ImageNet mean and std, not [-1, 1]).
-        scaled, options = inputs, {"include_preprocessing": True}
+    elif own_preprocessing:
+        scaled = inputs
     else:
         # The [-1, 1] range ResNet50V2's ImageNet weights were trained on.
         scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
