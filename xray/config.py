@@ -62,12 +62,16 @@ class Augmentation(_Section):
     contrast: float = Field(0.0, ge=0, lt=1)
     brightness: float = Field(0.0, ge=0, lt=1)
     translation: float = Field(0.0, ge=0, lt=0.5, description="Random shift, as a fraction of the image side.")
+    stretch: float = Field(
+        0.0, ge=0, lt=0.5, description="Random aspect-ratio change: width scaled by 1 + s and height by 1 - s, "
+        "s uniform in +/- stretch. Archives resized to a square squash each radiograph by its original aspect ratio.")
     interpolation: Literal["bilinear", "nearest"] = Field(
         "bilinear", description="Resampling for flip/zoom/rotation; nearest is about twice as fast on CPU.")
 
     @property
     def enabled(self) -> bool:
-        return self.horizontal_flip or any((self.zoom, self.rotation, self.contrast, self.brightness, self.translation))
+        return self.horizontal_flip or any((self.zoom, self.rotation, self.contrast, self.brightness, self.translation,
+                                            self.stretch))
 
 
 class ModelConfig(_Section):

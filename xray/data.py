@@ -91,7 +91,7 @@ def augment(images, config: Augmentation, seed: int):
 
     n = tf.shape(images)[0]
     size = tf.shape(images)[1:3]
-    if config.horizontal_flip or config.zoom or config.rotation or config.translation:
+    if config.horizontal_flip or config.zoom or config.rotation or config.translation or config.stretch:
         images = _flip_zoom_rotate(images, n, size, config, seed)
     if config.contrast:
         factor = tf.random.uniform([n, 1, 1, 1], 1 - config.contrast, 1 + config.contrast, seed=seed + 3)
@@ -103,8 +103,8 @@ def augment(images, config: Augmentation, seed: int):
 
 
 def _flip_zoom_rotate(images, n, size, config: Augmentation, seed: int):
-    """One resampling per batch: mirror, scale by 1 +/- zoom, rotate by +/- rotation of a turn,
-    shift by +/- translation of the side, pad with 0."""
+    """One resampling per batch: mirror, scale by 1 +/- zoom, stretch the aspect ratio by 1 +/- stretch,
+    rotate by +/- rotation of a turn, shift by +/- translation of the side, pad with 0."""
     import math
 
     import tensorflow as tf
@@ -114,10 +114,13 @@ def _flip_zoom_rotate(images, n, size, config: Augmentation, seed: int):
         flip = tf.where(tf.random.uniform([n], seed=seed) < 0.5, -1.0, 1.0)
     scale = tf.random.uniform([n], 1 - config.zoom, 1 + config.zoom, seed=seed + 1)
     angle = tf.random.uniform([n], -config.rotation, config.rotation, seed=seed + 2) * 2 * math.pi
+    # Sampling steps 1 + s across and 1 - s down: for s > 0 the content gets narrower and taller, for s < 0 wider.
+    stretch = tf.random.uniform([n], -config.stretch, config.stretch, seed=seed + 6)
+    scale_x, scale_y = scale * (1 + stretch), scale * (1 - stretch)
     height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
-    # Output pixel p samples the input at A (p - c) + c, with A = scale * rotation * diag(flip, 1).
-    a0, a1 = tf.cos(angle) * scale * flip, -tf.sin(angle) * scale
-    a3, a4 = tf.sin(angle) * scale * flip, tf.cos(angle) * scale
+    # Output pixel p samples the input at A (p - c) + c, with A = rotation * diag(scale_x * flip, scale_y).
+    a0, a1 = tf.cos(angle) * scale_x * flip, -tf.sin(angle) * scale_y
+    a3, a4 = tf.sin(angle) * scale_x * flip, tf.cos(angle) * scale_y
     cx, cy = (width - 1) / 2, (height - 1) / 2
     shift = tf.random.uniform([2, n], -config.translation, config.translation, seed=seed + 5)
     tx, ty = shift[0] * width, shift[1] * height

@@ -75,6 +75,26 @@ def test_translation_shifts_each_image_within_its_range():
     assert shifts[:, 0].std() > 1 and shifts[:, 1].std() > 1
 
 
+def test_stretch_changes_the_aspect_ratio_both_ways_within_its_range():
+    from xray.config import Augmentation
+
+    size, n, side, stretch = 63, 64, 21, 0.3
+    images = np.zeros((n, size, size, 3), dtype="float32")
+    images[:, 21:42, 21:42, :] = 255.0
+    config = Augmentation(horizontal_flip=False, zoom=0.0, stretch=stretch, interpolation="nearest")
+    assert config.enabled
+    out = xdata.augment(images, config, 5).numpy()
+    ratios = []
+    for image in out:
+        rows, cols = np.nonzero(image[..., 0])
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert side / (1 + stretch) - 1 <= min(height, width) and max(height, width) <= side / (1 - stretch) + 1
+        ratios.append(width / height)
+    ratios = np.array(ratios)
+    assert (ratios < 0.9).any() and (ratios > 1.1).any()  # narrower in some images, wider in others
+    assert ratios.min() >= (1 - stretch) / (1 + stretch) * 0.9 and ratios.max() <= (1 + stretch) / (1 - stretch) * 1.1
+
+
 def test_cache_key_follows_domain_code(tmp_path, monkeypatch):
     from steps import caching
 
