@@ -53,7 +53,7 @@ def _two_passes(dataset: ValidatedDataset, spec: xdata.DatasetSpec, rows) -> tup
     rates, seen = [], 0
     for _ in range(2):
         pass_start, count = time.perf_counter(), 0
-        for images, _ in pipeline:
+        for images, *_ in pipeline:
             count += int(images.shape[0])
         rates.append(count / (time.perf_counter() - pass_start))
         seen += count

@@ -19,7 +19,7 @@ def build_datasets(
     spec = xdata.make_spec(dataset.manifest, model.image_size, train.batch_size, train.augmentation,
                            data.max_train_per_class, data.max_eval_per_class, seed, train.class_weighting)
     rows = xdata.select(dataset.manifest, "train", spec)
-    images, _ = next(iter(xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)))
+    images = next(iter(xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)))[0]
     print(f"input pipeline ok: batch {tuple(images.shape)}; class weights {spec.class_weights}; "
           f"selected {spec.counts}", flush=True)
     with mlflow_run(registry):

@@ -65,6 +65,9 @@ class Augmentation(_Section):
     stretch: float = Field(
         0.0, ge=0, lt=0.5, description="Random aspect-ratio change: width scaled by 1 + s and height by 1 - s, "
         "s uniform in +/- stretch. Archives resized to a square squash each radiograph by its original aspect ratio.")
+    mixup: float = Field(
+        0.0, ge=0, le=1, description="> 0: mix each training image and its label with another of the batch, weight "
+        "lambda ~ Beta(mixup, mixup); class weights are mixed the same way. Softens what noisy train labels teach.")
     interpolation: Literal["bilinear", "nearest"] = Field(
         "bilinear", description="Resampling for flip/zoom/rotation; nearest is about twice as fast on CPU.")
 

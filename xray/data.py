@@ -131,11 +131,34 @@ def _flip_zoom_rotate(images, n, size, config: Augmentation, seed: int):
                                                  fill_value=0.0)
 
 
+def mixup(images, labels, alpha: float, class_weights: dict[int, float], seed: int):
+    """Blend each image and label with a random partner of the same batch -> (images, labels, sample weights).
+
+    Each sample's weight is the same blend of the two class weights, so mixing keeps the classes balanced.
+    """
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    # Beta(a, a) as a ratio of two Gamma(a) draws: tf.random has no Beta sampler.
+    draws = tf.random.gamma([2, n], alpha, seed=seed + 7)
+    lam = draws[0] / tf.maximum(draws[0] + draws[1], 1e-12)
+    partner = tf.random.shuffle(tf.range(n), seed=seed + 8)
+    weights = tf.where(labels > 0.5, class_weights[1], class_weights[0])
+
+    def blend(values):
+        shape = tf.concat([[n], tf.ones([tf.rank(values) - 1], tf.int32)], axis=0)
+        share = tf.reshape(lam, shape)
+        return share * values + (1 - share) * tf.gather(values, partner)
+
+    return blend(images), blend(labels), blend(weights)
+
+
 def make_dataset(paths: list[str], labels: np.ndarray | None, spec: DatasetSpec, training: bool = False):
     """Decode once, cache uint8 at model resolution, then shuffle/augment per epoch.
 
     The cache sits before augmentation so every epoch sees fresh augmentations
-    but no epoch after the first touches a JPEG decoder.
+    but no epoch after the first touches a JPEG decoder. With mixup, training
+    batches are (images, labels, sample weights) and carry the class weights.
     """
     import tensorflow as tf
 
@@ -154,7 +177,15 @@ def make_dataset(paths: list[str], labels: np.ndarray | None, spec: DatasetSpec,
                               num_parallel_calls=autotune)
     else:
         dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
+    if training and spec.augmentation.mixup:
+        dataset = dataset.map(lambda x, y: mixup(x, y, spec.augmentation.mixup, spec.class_weights, spec.seed),
+                              num_parallel_calls=autotune)
     return dataset.prefetch(autotune)
+
+
+def fit_class_weight(spec: DatasetSpec) -> dict[int, float] | None:
+    """Keras' class_weight, or None when mixup already put the class weights into the batches."""
+    return None if spec.augmentation.mixup else spec.class_weights
 
 
 def make_spec_for_inference(image_size: int, batch_size: int = 32) -> DatasetSpec:

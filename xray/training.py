@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from xray.config import ModelConfig, TrainConfig
-from xray.data import DatasetSpec
+from xray.data import DatasetSpec, fit_class_weight
 from xray.model import build_model, compile_model, device_policy, distribution_strategy, resolve_weights, set_backbone_trainable
 
 MONITOR = "val_auc"
@@ -123,7 +123,7 @@ def fit(
             f"trainable backbone layers={'all' if trainable_top is None else trainable_top}")
         result = model.fit(
             train_ds, validation_data=val_ds, epochs=until, initial_epoch=start_epoch,
-            class_weight=spec.class_weights, callbacks=callbacks, verbose=2,
+            class_weight=fit_class_weight(spec), callbacks=callbacks, verbose=2,
         )
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)

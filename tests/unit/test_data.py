@@ -95,6 +95,41 @@ def test_stretch_changes_the_aspect_ratio_both_ways_within_its_range():
     assert ratios.min() >= (1 - stretch) / (1 + stretch) * 0.9 and ratios.max() <= (1 + stretch) / (1 - stretch) * 1.1
 
 
+def test_mixup_blends_images_labels_and_class_weights_alike():
+    labels = np.array([0, 1] * 16, dtype="float32")
+    # Each image's pixels equal 255 x its label, so a consistent blend keeps image / 255 == label.
+    images = np.broadcast_to(255.0 * labels[:, None, None, None], (32, 8, 8, 3)).astype("float32")
+    mixed, soft, weights = (t.numpy() for t in xdata.mixup(images, labels, 0.4, {0: 2.0, 1: 0.5}, 0))
+    np.testing.assert_allclose(mixed[:, 0, 0, 0] / 255.0, soft, atol=1e-5)
+    np.testing.assert_allclose(mixed, mixed[:, :1, :1, :1] * np.ones_like(mixed), atol=1e-3)
+    np.testing.assert_allclose(weights, 2.0 + (0.5 - 2.0) * soft, atol=1e-5)
+    assert ((soft > 0.05) & (soft < 0.95)).sum() >= 4  # some pairs really mix two classes
+
+
+@pytest.mark.slow
+def test_mixup_batches_carry_the_class_weights_and_train(tmp_path):
+    from conftest import jpeg_bytes
+    from xray import training
+    from xray.config import Augmentation, ModelConfig, TrainConfig
+
+    paths = []
+    for i in range(8):
+        paths.append(str(tmp_path / f"{i}.jpeg"))
+        (tmp_path / f"{i}.jpeg").write_bytes(jpeg_bytes(i))
+    labels = np.array([0, 1] * 4, dtype="float32")
+    spec = xdata.DatasetSpec(image_size=32, batch_size=4, augmentation=Augmentation(mixup=0.4),
+                             class_weights={0: 2.0, 1: 0.5}, max_train_per_class=None, max_eval_per_class=None,
+                             seed=0, counts={"train": {"NORMAL": 4, "PNEUMONIA": 4}})
+    train = xdata.make_dataset(paths, labels, spec, training=True)
+    val = xdata.make_dataset(paths, labels, spec)
+    assert len(next(iter(train))) == 3 and len(next(iter(val))) == 2
+    assert xdata.fit_class_weight(spec) is None
+    assert xdata.fit_class_weight(spec.model_copy(update={"augmentation": Augmentation()})) == {0: 2.0, 1: 0.5}
+    _, history, _ = training.fit(ModelConfig(image_size=32, dense_units=4), TrainConfig(epochs=1), spec, train, val,
+                                 log=lambda line: None)
+    assert np.isfinite(history["loss"]).all() and "val_auc" in history
+
+
 def test_cache_key_follows_domain_code(tmp_path, monkeypatch):
     from steps import caching
 
