@@ -4,6 +4,8 @@
                   [--schedule CRON] [--list-schedules]
     python run.py --pipeline inference --images PATH_OR_S3_PREFIX [--model-version champion|N]
                   [--output preds.csv] [--explain N]
+    python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
+                  [--output outputs/monitoring] [--fail-on-drift]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import click
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "training_local.yaml"
+DRIFT_EXIT_CODE = 3
 SUMMARY_METRICS = ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_accuracy_at_0_5",
                    "test_sensitivity_at_0_5", "test_specificity_at_0_5", "val_auc")
 
@@ -193,13 +196,46 @@ def run_inference(config, images: str, model_version: str, output: Path, explain
     overlays = steps["explain_predictions"].outputs["gradcam"][0].load() if explain else {}
     for name, image in overlays.items():
         image.save(output.parent / name)
-    info = steps["load_registered_model"].outputs["model_info"][0].load()
+    info = steps["resolve_model_version"].outputs["model_info"][0].load()
+    usable = table["status"] == "ok"
     return {"pipeline_run_id": str(run.id), "output": str(output), "images": len(table),
-            "unreadable": int((table["status"] != "ok").sum()),
-            "predicted": table.loc[table["status"] == "ok", "label"].value_counts().to_dict(),
+            "unreadable": int((table["status"] == "unreadable").sum()),
+            "out_of_distribution": int((table["status"] == "out_of_distribution").sum()),
+            "predicted": table.loc[usable, "label"].value_counts().to_dict(),
             "model_uri": info["uri"], "model_version": info["version"], "threshold": info["threshold"],
             "gradcam": sorted(str(output.parent / name) for name in overlays),
             "mlflow_tracking_uri": registry.tracking_uri}
+
+
+def run_monitoring(config, images: str, model_version: str, output: Path) -> dict:
+    """The monitoring pipeline; the report, plots and predictions are also written under ``output``."""
+    from zenml.client import Client
+
+    from pipelines.monitoring import monitoring_pipeline
+    from xray import tracking
+
+    quiet_expected_failures()
+    registry = config.registry.model_copy(update={
+        "tracking_uri": tracking.tracking_uri(config.registry.tracking_uri),
+        "experiment_name": config.monitoring.experiment_name})
+    run = monitoring_pipeline.with_options(enable_cache=False)(
+        images=images, model_version=model_version, registry=registry, monitoring=config.monitoring,
+        seed=config.seed, s3_max_attempts=config.s3.max_attempts)
+    steps = Client().get_pipeline_run(run.id).steps
+    report = steps["check_drift"].outputs["drift_report"][0].load()
+    output.mkdir(parents=True, exist_ok=True)
+    steps["batch_predict"].outputs["predictions"][0].load().to_csv(output / "predictions.csv", index=False)
+    (output / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (output / "report.html").write_text(steps["check_drift"].outputs["report_html"][0].load())
+    for name, image in steps["check_drift"].outputs["monitoring_plots"][0].load().items():
+        image.save(output / f"{name}.png")
+    return {"drift_detected": report["drift_detected"], "p_value": report["p_value"],
+            "ood_fraction": report["ood_fraction"], "images": report["images"], "readable": report["readable"],
+            "ood_images": report["ood_images"], "reference_ood_fraction": report["reference_ood_fraction"],
+            "embedding_p_value": report["embedding"]["p_value"], "positive_rate": report["positive_rate"]["batch"],
+            "reference_positive_rate": report["positive_rate"]["reference"], "model_uri": report["model_uri"],
+            "model_version": report["model_version"], "report": str(output / "report.html"),
+            "pipeline_run_id": str(run.id), "mlflow_tracking_uri": registry.tracking_uri}
 
 
 def list_schedules() -> None:
@@ -215,7 +251,7 @@ def list_schedules() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--pipeline", "pipeline_name", type=click.Choice(["training", "inference"]), default="training",
+@click.option("--pipeline", "pipeline_name", type=click.Choice(["training", "inference", "monitoring"]), default="training",
               show_default=True, help="Which pipeline to run.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CONFIG,
               show_default=True, help="YAML run config, validated against xray.config.PipelineConfig.")
@@ -223,11 +259,15 @@ def list_schedules() -> None:
               help="Dataset archive: s3://bucket/key.zip, a local path or file://. Overrides dataset_uri in the config. "
                    "Default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip, then Kaggle (kagglehub).")
 @click.option("--images", default=None,
-              help="inference: a folder, a zip or an s3:// prefix of JPEG/PNG images.")
+              help="inference, monitoring: a folder, a zip or an s3:// prefix of JPEG/PNG images.")
 @click.option("--model-version", default="champion", show_default=True,
-              help="inference: a registered version number or an alias of the model.")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("outputs/predictions.csv"),
-              show_default=True, help="inference: where to write the predictions CSV (Grad-CAM PNGs go beside it).")
+              help="inference, monitoring: a registered version number or an alias of the model.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="inference: the predictions CSV (Grad-CAM PNGs go beside it; default outputs/predictions.csv). "
+                   "monitoring: a folder for report.html, report.json, plots and predictions.csv "
+                   "(default outputs/monitoring).")
+@click.option("--fail-on-drift", is_flag=True,
+              help=f"monitoring: exit with code {DRIFT_EXIT_CODE} when drift is detected (after printing the summary).")
 @click.option("--explain", type=click.IntRange(min=0), default=0, show_default=True,
               help="inference: write Grad-CAM overlays for the first N readable images.")
 @click.option("--no-cache", is_flag=True, help="Run every step even when ZenML has a cached result.")
@@ -240,7 +280,7 @@ def list_schedules() -> None:
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the one-line JSON summary to this file.")
 def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images: str | None, model_version: str,
-         output: Path, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
+         output: Path | None, fail_on_drift: bool, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
          summary_path: Path | None, seed: int | None = None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
@@ -254,11 +294,13 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
         config = load_config(config_path, overrides={"seed": seed})
     except ConfigError as error:
         fail(str(error), 2)
-    if pipeline_name == "inference" and not images:
-        fail("--pipeline inference needs --images (a folder, a zip or an s3:// prefix)", 2)
+    if pipeline_name in ("inference", "monitoring") and not images:
+        fail(f"--pipeline {pipeline_name} needs --images (a folder, a zip or an s3:// prefix)", 2)
     try:
         if pipeline_name == "inference":
-            summary = run_inference(config, images, model_version, output, explain)
+            summary = run_inference(config, images, model_version, output or Path("outputs/predictions.csv"), explain)
+        elif pipeline_name == "monitoring":
+            summary = run_monitoring(config, images, model_version, output or Path("outputs/monitoring"))
         else:
             summary = run_training(config, dataset_uri, no_cache, cron)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback
@@ -272,6 +314,10 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
     if summary_path:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(line + "\n")
+    if fail_on_drift and summary.get("drift_detected"):
+        click.echo(f"error: drift detected: {summary['ood_images']} of {summary['readable']} images out of "
+                   f"distribution (p = {summary['p_value']:.3g}); report {summary['report']}", err=True)
+        sys.exit(DRIFT_EXIT_CODE)
 
 
 if __name__ == "__main__":

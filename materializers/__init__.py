@@ -2,6 +2,7 @@
 
 from materializers.keras_model import KerasModelMaterializer
 from materializers.raw_archive import RawArchiveMaterializer
+from materializers.reference_profile import ReferenceProfileMaterializer
 from materializers.validated_dataset import ValidatedDatasetMaterializer
 
-__all__ = ["KerasModelMaterializer", "RawArchiveMaterializer", "ValidatedDatasetMaterializer"]
+__all__ = ["KerasModelMaterializer", "RawArchiveMaterializer", "ReferenceProfileMaterializer", "ValidatedDatasetMaterializer"]

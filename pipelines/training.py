@@ -1,9 +1,10 @@
-"""Wiring only: the six training steps and the artifacts between them."""
+"""Wiring only: the seven training steps and the artifacts between them."""
 
 from zenml import Model, pipeline
 from zenml.enums import ExecutionMode
 
-from steps import build_datasets, evaluate_model, ingest_from_s3, register_model, train_model, unzip_and_validate
+from steps import (build_datasets, evaluate_model, ingest_from_s3, profile_reference, register_model, train_model,
+                   unzip_and_validate)
 from xray.config import PipelineConfig
 
 MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2 by default; model.backbone).",
@@ -20,7 +21,9 @@ def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train,
                           registry=config.registry, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=config.model, train=config.train, registry=config.registry)
-    metrics, threshold, _, _, _, _ = evaluate_model(model, dataset, spec, evaluate=config.evaluate,
-                                                    registry=config.registry, seed=config.seed)
-    register_model(model, metrics, threshold, spec, archive_info, data_report, history, model_config=config.model,
-                   registry=config.registry, evaluate=config.evaluate)
+    metrics, threshold, _, _, _, _, val_probabilities = evaluate_model(model, dataset, spec, evaluate=config.evaluate,
+                                                                       registry=config.registry, seed=config.seed)
+    profile = profile_reference(dataset, spec, threshold, val_probabilities, monitoring=config.monitoring,
+                                registry=config.registry, seed=config.seed)
+    register_model(model, metrics, threshold, spec, archive_info, data_report, history, profile,
+                   model_config=config.model, registry=config.registry, evaluate=config.evaluate)

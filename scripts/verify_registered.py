@@ -52,14 +52,14 @@ def main(summary_path, version, model_name, archive, tolerance, output):
 
     from xray import metrics, sources, tracking
     from xray.s3 import sha256_file
-    from xray.registry import load_version
+    from xray.registry import load_predictor
 
     summary = json.loads(summary_path.read_text()) if summary_path else {}
     version = version or summary.get("model_version")
     if not version:
         raise click.UsageError("give --version or a --summary that names a model_version")
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    model, info = load_version(model_name, str(version))
+    predictor, info = load_predictor(model_name, str(version))
     client = mlflow.tracking.MlflowClient()
     run_id = client.get_model_version(model_name, info["version"]).run_id
     logged = client.get_run(run_id).data
@@ -69,7 +69,7 @@ def main(summary_path, version, model_name, archive, tolerance, output):
 
     labels, images = test_split(archive, info["image_size"])
     print(f"reloaded {info['uri']} (version {info['version']}, run {run_id}); {len(labels)} test images from {archive}")
-    probabilities = model.predict(images, batch_size=64, verbose=0).reshape(-1)
+    probabilities = predictor.model.predict(images, batch_size=64, verbose=0).reshape(-1)
     report = metrics.evaluate(labels, probabilities, info["threshold"], bootstrap_samples=2000, seed=0)
     difference = abs(report["auc"] - logged.metrics["test_auc"])
     report.update(model_uri=info["uri"], version=info["version"], run_id=run_id, logged_test_auc=logged.metrics["test_auc"],

@@ -4,7 +4,9 @@ from steps.datasets import build_datasets
 from steps.evaluate import evaluate_model
 from steps.ingest import ingest_from_s3
 from steps.prepare import unzip_and_validate
+from steps.profile import profile_reference
 from steps.register import register_model
 from steps.train import train_model
 
-__all__ = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "register_model"]
+__all__ = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model",
+           "profile_reference", "register_model"]

@@ -1,6 +1,7 @@
 from typing import Annotated, Tuple
 
 import keras
+import numpy as np
 import mlflow
 from PIL import Image
 from zenml import step
@@ -26,6 +27,7 @@ def evaluate_model(
     Annotated[Image.Image, "confusion_matrix"],
     Annotated[Image.Image, "calibration"],
     Annotated[Image.Image, "gradcam_test_examples"],
+    Annotated[np.ndarray, "val_probabilities"],
 ]:
     """Threshold chosen on val only; test measured at that threshold and at 0.5."""
     val_rows, test_rows = (xdata.select(dataset.manifest, s, spec) for s in ("val", "test"))
@@ -53,5 +55,5 @@ def evaluate_model(
         log_images(figures)
     report = {"flat": flat, "val": val_report, "test": test_report, "threshold_policy": policy}
     return (report, threshold, figures["roc_pr_curves"], figures["confusion_matrix"], figures["calibration"],
-            figures["gradcam_test_examples"])
+            figures["gradcam_test_examples"], p_val)
 

@@ -1,37 +1,39 @@
-"""Steps of the batch inference pipeline: registered model + images in, predictions and Grad-CAM out."""
+"""Steps of the batch inference and monitoring pipelines: a registered version + images in, predictions out.
 
+The model is never copied into the artifact store: each step loads the version's folder from the MLflow
+registry (the folder serving loads), and the pipeline passes only the pinned version between steps.
+"""
+
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, Tuple
 
-import keras
 import mlflow
 import pandas as pd
 from PIL import Image
 from zenml import step
 
-from materializers import KerasModelMaterializer, ValidatedDatasetMaterializer
+from materializers import ValidatedDatasetMaterializer
 from steps.tracking import mlflow_run
 from xray import gradcam, inference
 from xray import registry as xregistry
 from xray import tracking
 from xray.config import RegistryConfig
-from xray.data import make_spec_for_inference
 from xray.dataset import ValidatedDataset
-from xray.predict import predict_paths
+from xray.ood import OUT_OF_DISTRIBUTION, UNREADABLE
+
+logger = logging.getLogger(__name__)
 
 
 # Not cached: an alias such as champion can move between runs.
-@step(enable_cache=False, output_materializers={"model": KerasModelMaterializer})
-def load_registered_model(model_version: str, registry: RegistryConfig) -> Tuple[
-    Annotated[keras.Model, "model"], Annotated[dict, "model_info"]
-]:
-    """The Keras model and its recorded threshold, image size and preprocessing."""
+@step(enable_cache=False)
+def resolve_model_version(model_version: str, registry: RegistryConfig) -> Annotated[dict, "model_info"]:
+    """Pin an alias such as champion to its version number, so every step of this run uses the same version."""
     mlflow.set_tracking_uri(tracking.tracking_uri(registry.tracking_uri))
-    model, info = xregistry.load_version(registry.model_name, model_version)
-    print(f"loaded {registry.model_name} v{info['version']} ({info['uri']}): threshold {info['threshold']:.4f}, "
-          f"{info['image_size']} px", flush=True)
-    return model, info
+    info = xregistry.resolve_version(registry.model_name, model_version)
+    logger.info("using %s (%s)", info["uri"], model_version)
+    return info
 
 
 @step(enable_cache=False, output_materializers={"images": ValidatedDatasetMaterializer})
@@ -39,35 +41,38 @@ def load_images(images: str, s3_max_attempts: int = 5) -> Annotated[ValidatedDat
     """JPEG/PNG from a folder, a zip or an S3 prefix; unreadable ones are kept as rows with a status."""
     screened = inference.screen(inference.gather(images, s3_max_attempts), Path(tempfile.mkdtemp(prefix="xray-infer-")))
     bad = int((screened.manifest["status"] != "ok").sum())
-    print(f"{len(screened.manifest)} images from {images}; {bad} unreadable", flush=True)
+    logger.info("%d images from %s; %d unreadable", len(screened.manifest), images, bad)
     return screened
 
 
-@step
-def batch_predict(model: keras.Model, model_info: dict, images: ValidatedDataset, source: str,
-                  registry: RegistryConfig) -> Annotated[pd.DataFrame, "predictions"]:
-    """Batched tf.data prediction with the recorded preprocessing and threshold."""
-    readable = images.manifest[images.manifest["status"] == "ok"]
-    spec = make_spec_for_inference(model_info["image_size"])
-    probabilities = predict_paths(model, images.paths(readable), spec)
-    table = inference.predictions_table(images, probabilities, model_info["threshold"], model_info["version"])
+@step(enable_cache=False)
+def batch_predict(model_info: dict, images: ValidatedDataset, source: str, registry: RegistryConfig) -> Tuple[
+    Annotated[pd.DataFrame, "predictions"], Annotated[pd.DataFrame, "image_features"]
+]:
+    """Probabilities at the version's threshold, and whether each image is like the version's training data."""
+    predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
+    table, features = inference.predict_images(predictor, images)
+    counts = {"images": len(table), "unreadable": int((table["status"] == UNREADABLE).sum()),
+              "out_of_distribution": int((table["status"] == OUT_OF_DISTRIBUTION).sum()),
+              "predicted_pneumonia": int((table["label"] == "PNEUMONIA").sum())}
+    logger.info("predicted %d images: %s", len(table), counts)
     with mlflow_run(registry):
         mlflow.log_params({"model_uri": model_info["uri"], "model_version": model_info["version"], "images": source,
                            "threshold": model_info["threshold"], "image_size": model_info["image_size"]})
-        mlflow.log_metrics({"images": len(table), "unreadable": int((table["status"] != "ok").sum()),
-                            "predicted_pneumonia": int((table["label"] == "PNEUMONIA").sum())})
+        mlflow.log_metrics(counts)
         mlflow.log_text(table.to_csv(index=False), "predictions.csv")
-    return table
+    return table, features
 
 
-@step
-def explain_predictions(model: keras.Model, model_info: dict, images: ValidatedDataset, explain: int,
+@step(enable_cache=False)
+def explain_predictions(model_info: dict, images: ValidatedDataset, explain: int,
                         registry: RegistryConfig) -> Annotated[dict, "gradcam"]:
     """Grad-CAM overlays (last conv block of the backbone) for the first ``explain`` readable images."""
     rows = images.manifest[images.manifest["status"] == "ok"].head(explain)
     if rows.empty:
         return {}
-    pictures = gradcam.overlays_for(model, images.paths(rows), model_info["image_size"], model_info["threshold"])
+    predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
+    pictures = gradcam.overlays_for(predictor.model, images.paths(rows), predictor.image_size, predictor.threshold)
     overlays: dict[str, Image.Image] = {
         f"gradcam_{Path(source.split('!')[-1]).stem}.png": picture for source, picture in zip(rows["source"], pictures)}
     with mlflow_run(registry):

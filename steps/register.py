@@ -11,12 +11,14 @@ from xray import CLASS_NAMES, model_card
 from xray import registry as xregistry
 from xray.config import EvaluateConfig, ModelConfig, RegistryConfig
 from xray.data import DatasetSpec
+from xray.ood import ReferenceProfile
 
 
 @step(cache_policy=DOMAIN_CODE)
 def register_model(
     model: keras.Model, metrics: dict, threshold: float, spec: DatasetSpec, archive_info: dict, data_report: dict,
-    history: dict, model_config: ModelConfig, registry: RegistryConfig, evaluate: EvaluateConfig,
+    history: dict, reference_profile: ReferenceProfile, model_config: ModelConfig, registry: RegistryConfig,
+    evaluate: EvaluateConfig,
 ) -> Annotated[dict, "registration"]:
     """Register a new MLflow model version with its card; promote it to champion only through the gate."""
     flat = metrics["flat"]
@@ -24,6 +26,7 @@ def register_model(
         "threshold": threshold, "threshold_policy": metrics["threshold_policy"], "image_size": spec.image_size,
         "preprocessing": spec.preprocessing, "input": "float32 RGB in [0, 255], shape (N, image_size, image_size, 3)",
         "classes": list(CLASS_NAMES), "positive_class": CLASS_NAMES[1], "dataset_sha256": archive_info["sha256"],
+        "ood_threshold": reference_profile.threshold, "val_ood_fraction": reference_profile.val_ood_fraction,
     }
     with mlflow_run(registry) as run:
         log_config(registry=registry)
@@ -31,8 +34,8 @@ def register_model(
             "mlflow_run_id": run.info.run_id, "backbone": model_config.backbone, "weights": model_config.weights,
             "image_size": spec.image_size, "preprocessing": spec.preprocessing,
             "epochs_run": history["throughput"]["epochs_run"], "class_weights": spec.class_weights,
-            "dataset_sha256": archive_info["sha256"]})
-        model_uri, version = xregistry.log_and_register(model, registry.model_name, metadata, card)
+            "dataset_sha256": archive_info["sha256"]}, reference_profile)
+        model_uri, version = xregistry.log_and_register(model, registry.model_name, metadata, card, reference_profile)
         mlflow.log_text(card, "model_card.md")
         client = MlflowClient()
         for key, value in metadata.items():

@@ -118,6 +118,21 @@ class EvaluateConfig(_Section):
     bootstrap_samples: int = Field(1000, ge=100)
 
 
+class MonitoringConfig(_Section):
+    """Out-of-distribution detection per image and drift per batch (docs/MONITORING.md)."""
+
+    ood_alpha: float = Field(
+        0.01, gt=0, le=0.2, description="Nominal share of in-distribution images flagged out of distribution: the "
+        "threshold is the 1 - ood_alpha quantile of the combined detector statistic, fitted on val.")
+    content_components: int = Field(16, ge=1, le=256, description="Principal components of the content detector.")
+    neighbours: int = Field(20, ge=1, description="Nearest training images the content score averages over.")
+    aspect_ratio_tolerance: float = Field(
+        1.5, ge=1, description="Aspect ratios beyond the train split's by more than this factor are out of distribution.")
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the batch-level drift test.")
+    permutations: int = Field(1000, ge=100, description="Resamples of the MMD permutation test on the embeddings.")
+    experiment_name: str = "chest-xray-monitoring"
+
+
 class RegistryConfig(_Section):
     model_name: str = "chest-xray-classifier"
     experiment_name: str = "chest-xray-training"
@@ -138,6 +153,7 @@ class PipelineConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     registry: RegistryConfig = RegistryConfig()
     zenml: dict[str, Any] | None = Field(
         None,

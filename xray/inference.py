@@ -60,6 +60,8 @@ def gather(source: str, max_attempts: int = 5) -> list[tuple[str, bytes]]:
             items = [(str(p), p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file() and _is_image(p.name)]
         elif path.is_file() and zipfile.is_zipfile(path):
             items = _from_zip(path)
+        elif path.is_file() and path.suffix.lower() == ".zip":
+            raise DatasetSourceError(f"{source} is not a readable zip archive")
         elif path.is_file():
             items = [(str(path), path.read_bytes())]
         else:
@@ -83,15 +85,46 @@ def screen(items: list[tuple[str, bytes]], workdir: Path) -> ValidatedDataset:
     return ValidatedDataset(workdir, pd.DataFrame(rows, columns=COLUMNS))
 
 
-def predictions_table(images: ValidatedDataset, probabilities: np.ndarray, threshold: float, version: str) -> pd.DataFrame:
-    """One row per input image, in input order; unreadable ones have no probability."""
-    table = images.manifest.copy()
-    readable = table["status"] == "ok"
-    table["probability"] = np.nan
-    table.loc[readable, "probability"] = probabilities
+PREDICTION_COLUMNS = ["path", "probability", "label", "threshold", "ood_score", "status", "reason", "model_version"]
+
+
+def predict_images(predictor, images: ValidatedDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions, feature table): one prediction row per input image in input order, and the
+    out-of-distribution features of the readable ones (:func:`xray.ood.feature_table`).
+
+    Probabilities come through tf.data in batches; each readable image is also read once more for its
+    out-of-distribution features, scored against the version's reference profile.
+    """
+    from xray import ood
+    from xray.data import make_spec_for_inference
+    from xray.predict import predict_paths
+
+    readable = images.manifest[images.manifest["status"] == "ok"]
+    paths = images.paths(readable)
+    probabilities = predict_paths(predictor.model, paths, make_spec_for_inference(predictor.image_size))
+    features = ood.features_of_files(paths)
+    rows = predictor.rows(probabilities, predictor.assess(features))
+    table = predictions_table(images, rows, predictor.threshold, predictor.version)
+    return table, ood.feature_table(features, predictor.profile)
+
+
+def predictions_table(images: ValidatedDataset, rows: pd.DataFrame, threshold: float, version: str) -> pd.DataFrame:
+    """One row per input image, in input order; ``rows`` (ChestXrayPredictor.rows) for the readable ones.
+
+    Unreadable images have no probability, status ``unreadable`` and the decoder's reason.
+    """
+    from xray.ood import UNREADABLE
+
+    table = images.manifest.rename(columns={"path": "local_path", "source": "path"}).copy()
+    readable = (table["status"] == "ok").to_numpy()
+    for column in ("probability", "ood_score"):
+        table[column] = np.nan
     table["label"] = ""
-    table.loc[readable, "label"] = [CLASS_NAMES[int(p >= threshold)] for p in probabilities]
+    table["reason"] = table["status"].where(~readable, "").str.removeprefix(f"{UNREADABLE}: ")
+    table["status"] = UNREADABLE
+    if readable.any():
+        for column in ("probability", "label", "ood_score", "status", "reason"):
+            table.loc[readable, column] = rows[column].to_numpy()
     table["threshold"] = threshold
     table["model_version"] = version
-    table = table.rename(columns={"path": "local_path"}).rename(columns={"source": "path"})
-    return table[["path", "probability", "label", "threshold", "model_version", "status"]]
+    return table[PREDICTION_COLUMNS]

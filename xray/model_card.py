@@ -15,8 +15,9 @@ def _ratio(data_report: dict, split: str) -> str:
     return f"{counts[CLASS_NAMES[1]] / max(counts[CLASS_NAMES[0]], 1):.2f}"
 
 
-def render(model_name: str, metrics: dict, counts: dict, data_report: dict, model_info: dict) -> str:
-    """Markdown. ``metrics`` is the evaluate step's report ({"flat", "val", "test", "threshold_policy"})."""
+def render(model_name: str, metrics: dict, counts: dict, data_report: dict, model_info: dict, profile) -> str:
+    """Markdown. ``metrics`` is the evaluate step's report ({"flat", "val", "test", "threshold_policy"});
+    ``profile`` the version's :class:`xray.ood.ReferenceProfile`."""
     flat, test = metrics["flat"], metrics["test"]
     at = test["at_threshold"]
     rows = [
@@ -71,6 +72,17 @@ Kermany et al. 2018 (Guangzhou Women and Children's Medical Center), CC BY 4.0; 
 
 Confusion matrix at the threshold: TN {tn}, FP {fp}, FN {fn}, TP {tp}.
 Val: AUC {flat['val_auc']:.4f}, sensitivity {flat['val_sensitivity']:.4f}, specificity {flat['val_specificity']:.4f}.
+
+## Out-of-distribution inputs
+Every prediction (batch inference, REST serving) carries an `ood_score` and a `status`: `ok`,
+`out_of_distribution` (with the reason) or `unreadable`. **An out-of-distribution image still gets a probability,
+but its label must not be used**: the model was never validated on such images.
+- Checked against this version's reference profile (train split: {len(profile.train_content)} images; thresholds on
+  val: {len(profile.val_content)} images): image content (a low-resolution view, compared with the nearest training
+  images), acquisition statistics (exposure, contrast, noise, sharpness, grey-level histogram), colour, size and
+  aspect ratio. `ood_score` above 1 is out of distribution; {profile.val_ood_fraction:.1%} of val images score
+  above 1 (nominal {profile.alpha:.0%}).
+- A batch is checked as a whole with `python run.py --pipeline monitoring --images ...` (docs/MONITORING.md).
 
 ## Known limitations
 - **Prior and acquisition shift between splits.** Train is 1 NORMAL : {_ratio(data_report, 'train')} PNEUMONIA, test 1 : {_ratio(data_report, 'test')}, and the test

@@ -115,3 +115,69 @@ def image_grid(images: list[Image.Image], titles: list[str], columns: int = 4, t
     if title:
         figure.suptitle(title)
     return _to_image(figure)
+
+
+# -- monitoring: a batch against a model version's reference profile ------------------------------------------------
+
+def _histograms(axis, batch: np.ndarray, reference: np.ndarray, bins: int = 40, labels=("batch", "reference (val)")):
+    values = np.concatenate([batch, reference])
+    values = values[np.isfinite(values)]
+    edges = np.histogram_bin_edges(values, bins=bins) if len(values) else bins
+    axis.hist(reference, bins=edges, density=True, alpha=0.5, color="tab:blue", label=labels[1])
+    axis.hist(batch, bins=edges, density=True, alpha=0.5, color="tab:orange", label=labels[0])
+
+
+def ood_scores(batch: np.ndarray, reference: np.ndarray, title: str) -> Image.Image:
+    """Out-of-distribution scores of a batch against val's, with the decision boundary at 1."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    clipped = np.minimum(batch, 10.0)
+    _histograms(axis, clipped, np.minimum(reference, 10.0))
+    axis.axvline(1.0, color="red", linestyle="--", label="out of distribution above 1")
+    axis.set(xlabel="ood_score (clipped at 10)", ylabel="density", title=title)
+    axis.legend(fontsize=8)
+    return _to_image(figure)
+
+
+def probability_shift(batch: np.ndarray, reference: np.ndarray, threshold: float, title: str) -> Image.Image:
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    _histograms(axis, batch, reference, bins=np.linspace(0, 1, 26))
+    axis.axvline(threshold, color="red", linestyle="--", label=f"class threshold {threshold:.3f}")
+    axis.set(xlabel="predicted P(PNEUMONIA)", ylabel="density", title=title)
+    axis.legend(fontsize=8)
+    return _to_image(figure)
+
+
+def acquisition_shift(batch: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: dict[str, str],
+                      mean_histograms: tuple[np.ndarray, np.ndarray]) -> Image.Image:
+    """One panel per acquisition statistic, plus the mean grey-level histograms."""
+    names = list(batch)
+    columns = 3
+    rows = int(np.ceil((len(names) + 1) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, name in zip(np.ravel(axes), names):
+        _histograms(axis, batch[name], reference[name], bins=30)
+        axis.set_title(labels[name], fontsize=9)
+    axis = np.ravel(axes)[len(names)]
+    levels = np.arange(len(mean_histograms[0])) * 256 / len(mean_histograms[0])
+    width = 256 / len(levels)
+    axis.bar(levels, mean_histograms[1], width=width, align="edge", alpha=0.5, color="tab:blue", label="reference (val)")
+    axis.bar(levels, mean_histograms[0], width=width, align="edge", alpha=0.5, color="tab:orange", label="batch")
+    axis.set_title("mean grey-level histogram", fontsize=9)
+    axis.legend(fontsize=7)
+    for axis in np.ravel(axes)[len(names) + 1:]:
+        axis.axis("off")
+    np.ravel(axes)[0].legend(fontsize=7)
+    figure.suptitle("Acquisition statistics: batch against the reference")
+    return _to_image(figure)
+
+
+def content_map(batch: np.ndarray, reference: np.ndarray, flagged: np.ndarray, train: np.ndarray) -> Image.Image:
+    """The first two content components: train, val and the batch, out-of-distribution images marked."""
+    figure, axis = plt.subplots(figsize=(5.6, 5))
+    axis.scatter(train[:, 0], train[:, 1], s=3, color="lightgrey", label="train")
+    axis.scatter(reference[:, 0], reference[:, 1], s=6, color="tab:blue", alpha=0.6, label="val")
+    axis.scatter(batch[~flagged, 0], batch[~flagged, 1], s=10, color="tab:orange", label="batch, in distribution")
+    axis.scatter(batch[flagged, 0], batch[flagged, 1], s=22, marker="x", color="red", label="batch, out of distribution")
+    axis.set(xlabel="content component 1", ylabel="content component 2", title="Image content (whitened components)")
+    axis.legend(fontsize=7)
+    return _to_image(figure)

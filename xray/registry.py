@@ -75,7 +75,8 @@ class _KerasFlavor:
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(path, mlflow_model, serving: dict, model_card: str, signature, input_example, **kwargs):
+    def save_model(path, mlflow_model, serving: dict, model_card: str, signature, input_example, reference_profile,
+                   **kwargs):
         import mlflow.keras
         from mlflow.models.utils import _save_example  # what mlflow's own flavors call for this
 
@@ -85,6 +86,7 @@ class _KerasFlavor:
         _save_example(mlflow_model, input_example, path)
         with open(os.path.join(path, "data", serving_module.CONFIG_FILE), "w") as handle:
             json.dump(serving, handle)
+        reference_profile.save(os.path.join(path, "data", serving_module.PROFILE_DIR))
         package = Path(serving_module.__file__).parent
         shutil.copytree(package, Path(path, "code", package.name), ignore=shutil.ignore_patterns("__pycache__"))
         mlflow_model.flavors["python_function"].update(loader_module=serving_module.__name__, data="data", code="code")
@@ -98,7 +100,8 @@ def serving_signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
-        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "threshold")]),
+        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "threshold"),
+                        ColSpec("double", "ood_score"), ColSpec("string", "status"), ColSpec("string", "reason")]),
     )
 
 
@@ -109,8 +112,11 @@ def example_request() -> pd.DataFrame:
     return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})
 
 
-def log_and_register(model, model_name: str, metadata: dict, model_card: str) -> tuple[str, str]:
-    """Log the model (Keras + serving flavors, card) to the active run and register it; return (uri, version)."""
+def log_and_register(model, model_name: str, metadata: dict, model_card: str, reference_profile) -> tuple[str, str]:
+    """Log the model (Keras + serving flavors, card, reference profile) to the active run and register it.
+
+    Returns (uri, version).
+    """
     import mlflow
 
     serving = {"threshold": metadata["threshold"], "image_size": metadata["image_size"],
@@ -118,7 +124,7 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str) ->
     info = mlflow.models.Model.log(
         artifact_path=None, name="model", flavor=_KerasFlavor, model=model, signature=serving_signature(),
         input_example=example_request(), metadata=metadata, pip_requirements=pip_requirements(),
-        serving=serving, model_card=model_card,
+        serving=serving, model_card=model_card, reference_profile=reference_profile,
     )
     # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
     registered = mlflow.register_model(info.model_uri, model_name)
@@ -177,8 +183,8 @@ def model_uri(model_name: str, version_or_alias: str) -> str:
     return f"models:/{model_name}/{version_or_alias}" if version_or_alias.isdigit() else f"models:/{model_name}@{version_or_alias}"
 
 
-def load_version(model_name: str, version_or_alias: str):
-    """(Keras model, info) for ``champion`` or a version number, with what was recorded at registration."""
+def resolve_version(model_name: str, version_or_alias: str) -> dict:
+    """The version behind a number or an alias, pinned: uri ``models:/<name>/<number>``, threshold, image size."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -191,7 +197,46 @@ def load_version(model_name: str, version_or_alias: str):
                    else client.get_model_version_by_alias(model_name, version_or_alias))
     except MlflowException:
         raise ConfigError(f"no model version {uri} in the registry at {mlflow.get_tracking_uri()}") from None
-    metadata = mlflow.models.get_model_info(uri).metadata or {}
-    model = mlflow.keras.load_model(uri)
-    return model, {"uri": uri, "version": str(version.version), "threshold": float(metadata["threshold"]),
-                   "image_size": int(metadata["image_size"]), "preprocessing": metadata["preprocessing"]}
+    pinned = model_uri(model_name, str(version.version))
+    metadata = mlflow.models.get_model_info(pinned).metadata or {}
+    return {"uri": pinned, "requested": version_or_alias, "version": str(version.version),
+            "threshold": float(metadata["threshold"]), "image_size": int(metadata["image_size"])}
+
+
+def load_predictor(model_name: str, version_or_alias: str):
+    """(ChestXrayPredictor, info) for ``champion`` or a version number: the model folder as registered.
+
+    The Keras model, threshold, image size and reference profile come from the one folder that
+    serving loads too, so batch inference, monitoring and serving cannot disagree.
+    """
+    import tempfile
+
+    import mlflow
+
+    info = resolve_version(model_name, version_or_alias)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=tempfile.mkdtemp(prefix="xray-model-"))
+    predictor = serving_module.ChestXrayPredictor.from_dir(os.path.join(local, "data"))
+    predictor.version = info["version"]
+    return predictor, info | {"has_reference_profile": predictor.profile is not None}
+
+
+def load_reference_profile(model_name: str, version_or_alias: str):
+    """(ReferenceProfile, info): only the profile folder of the version, not its model."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from xray.errors import ConfigError
+    from xray.ood import ReferenceProfile
+
+    info = resolve_version(model_name, version_or_alias)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{info['uri']}/data/{serving_module.PROFILE_DIR}",
+                                                    dst_path=tempfile.mkdtemp(prefix="xray-profile-"))
+    except MlflowException as error:
+        if "No such artifact" not in str(error):
+            raise
+        raise ConfigError(f"{info['uri']} has no reference profile (registered before profiles existed): "
+                          "train and register a new version to monitor against it") from None
+    return ReferenceProfile.load(local), info

@@ -18,7 +18,8 @@ from conftest import MINI_ZIP, ROOT, dataset_entries, deterministic_smoke_config
 from xray.s3 import EmbeddedS3, make_client
 
 pytestmark = pytest.mark.slow
-STEPS = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "register_model"]
+STEPS = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "profile_reference",
+         "register_model"]
 
 
 @pytest.fixture(scope="module")

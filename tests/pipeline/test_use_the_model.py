@@ -1,9 +1,10 @@
-"""After a training run: batch inference (folder and S3 prefix), REST serving, Grad-CAM and the model card.
+"""After a training run: batch inference (folder and S3 prefix), REST serving, monitoring, Grad-CAM and the model card.
 
 Trains once with the smoke config in isolated stores, then uses the registered champion.
 """
 
 import base64
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from conftest import MINI_ZIP, ROOT, deterministic_smoke_config, isolated_env, require
 from xray import s3
@@ -69,13 +71,19 @@ def test_batch_inference_on_a_folder(trained):
     home, env, images, _ = trained
     (images / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     summary = _infer(env, "--images", str(images), "--output", str(home / "out" / "preds.csv"), "--explain", "2")
-    table = pd.read_csv(home / "out" / "preds.csv")
-    assert list(table.columns) == ["path", "probability", "label", "threshold", "model_version", "status"]
+    table = pd.read_csv(home / "out" / "preds.csv", keep_default_na=False, na_values=[""])
+    assert list(table.columns) == ["path", "probability", "label", "threshold", "ood_score", "status", "reason",
+                                   "model_version"]
     assert len(table) == 21 and summary["unreadable"] == 1
-    bad = table[table["status"] != "ok"]
+    bad = table[table["status"] == "unreadable"]
     assert bad["path"].str.endswith("corrupt.jpeg").all() and bad["probability"].isna().all()
-    good = table[table["status"] == "ok"]
+    assert bad["ood_score"].isna().all() and (bad["reason"] == "not a recognised image format").all()
+    good = table[table["status"] != "unreadable"]
     assert len(good) == 20 and set(good["label"]) <= {"NORMAL", "PNEUMONIA"}
+    assert set(good["status"]) <= {"ok", "out_of_distribution"} and good["ood_score"].notna().all()
+    assert good.loc[good["status"] == "ok", "ood_score"].le(1).all()
+    assert summary["out_of_distribution"] == int((good["status"] == "out_of_distribution").sum())
+    assert good.loc[good["status"] == "out_of_distribution", "reason"].str.len().gt(0).all()
     np.testing.assert_allclose(good["probability"], _reference(env, good["path"]), atol=1e-5)
     assert (good["model_version"].astype(str) == "1").all()
     pngs = sorted((home / "out").glob("gradcam_*.png"))
@@ -94,7 +102,7 @@ def test_batch_inference_on_an_s3_prefix(trained):
                                                     "AWS_DEFAULT_REGION")}
         _infer(s3_env, "--images", "s3://incoming/batch-7/", "--output", str(home / "s3" / "preds.csv"))
     table = pd.read_csv(home / "s3" / "preds.csv")
-    assert len(table) == 20 and (table["status"] == "ok").all()
+    assert len(table) == 20 and (table["status"] != "unreadable").all()
     assert table["path"].str.startswith("s3://incoming/batch-7/").all()
     local = [images / p.rsplit("/", 1)[1] for p in table["path"]]
     np.testing.assert_allclose(table["probability"], _reference(env, local), atol=1e-5)
@@ -143,9 +151,22 @@ def test_rest_serving_matches_batch_inference(trained):
         prediction = body["predictions"][0]
         assert prediction["probability"] == pytest.approx(float(_reference(env, [image])[0]), abs=1e-5)
         assert prediction["label"] in ("NORMAL", "PNEUMONIA")
+        assert prediction["status"] in ("ok", "out_of_distribution") and isinstance(prediction["ood_score"], float)
         status, body = _post(port, {"inputs": [base64.b64encode(b"\xff\xd8\xff corrupt").decode()]})
         assert 400 <= status < 500, body
         assert "cannot be decoded" in body.get("message", "")
+        # One unreadable image among readable ones does not fail the request: it gets its own row.
+        inverted = (255 - np.asarray(Image.open(image).convert("RGB"))).astype("uint8")
+        buffer = io.BytesIO()
+        Image.fromarray(inverted).save(buffer, format="PNG")
+        status, body = _post(port, {"inputs": [base64.b64encode(image.read_bytes()).decode(),
+                                               base64.b64encode(b"\xff\xd8\xff corrupt").decode(),
+                                               base64.b64encode(buffer.getvalue()).decode()]})
+        assert status == 200, body
+        rows = body["predictions"]
+        assert rows[0]["probability"] == pytest.approx(prediction["probability"], abs=1e-6)
+        assert rows[1]["status"] == "unreadable" and rows[1]["probability"] is None and rows[1]["reason"]
+        assert rows[2]["status"] == "out_of_distribution" and rows[2]["ood_score"] > 1
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -168,3 +189,75 @@ def test_model_card_numbers_equal_logged_metrics(trained):
     assert f"{metrics['test_auc_ci_low']:.4f} to {metrics['test_auc_ci_high']:.4f}" in card
     assert f"{metrics['threshold']:.4f}, chosen on val only" in card
     assert "Not a medical device" in card and "Single source centre" in card and "grouped by patient" in card
+
+
+def _monitor(env, *args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "monitoring", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _registry_state(env):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    return sorted((v.version, v.current_stage, tuple(sorted(v.tags.items())), tuple(sorted(v.aliases)))
+                  for v in client.search_model_versions("name='chest-xray-classifier'"))
+
+
+def test_monitoring_a_batch_writes_a_report_and_never_the_registry(trained, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    home, env, images, _ = trained
+    before = _registry_state(env)
+    result = _monitor(env, "--images", str(images), "--output", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"drift_detected", "p_value", "ood_fraction", "images"} <= summary.keys()
+    assert summary["images"] == summary["readable"] == 20 and summary["model_version"] == "1"
+    assert 0 <= summary["p_value"] <= 1 and summary["drift_detected"] == (summary["p_value"] < 0.01)
+    written = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"report.html", "report.json", "predictions.csv", "ood_scores.png", "acquisition.png"} <= written
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["ood_fraction"] == summary["ood_fraction"] and report["embedding"]["reference_images"] > 0
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("chest-xray-monitoring")
+    run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    assert run.data.metrics["ood_fraction"] == pytest.approx(summary["ood_fraction"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "monitoring")} >= {
+        "monitoring/report.html", "monitoring/report.json", "monitoring/ood_scores.png"}
+    assert _registry_state(env) == before
+
+
+def test_monitoring_fails_on_drift_when_asked(trained, tmp_path):
+    _, env, images, _ = trained
+    shifted = tmp_path / "inverted"
+    shifted.mkdir()
+    for path in sorted(images.glob("*.jpeg")):
+        Image.fromarray(255 - np.asarray(Image.open(path).convert("RGB"))).save(shifted / path.name)
+    result = _monitor(env, "--images", str(shifted), "--output", str(tmp_path / "report"), "--fail-on-drift")
+    assert result.returncode == 3, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["drift_detected"] is True and summary["p_value"] < 0.01 and summary["ood_fraction"] > 0.5
+    assert result.stderr.strip().splitlines()[-1].startswith("error: drift detected: ")
+
+
+@pytest.mark.parametrize("case, message", [("empty", "no .jpeg, .jpg or .png images found at"),
+                                           ("corrupt", "none of the 2 images could be read"),
+                                           ("broken_zip", "is not a readable zip archive")])
+def test_an_empty_or_corrupt_batch_is_one_error_line(trained, tmp_path, case, message):
+    _, env, _, _ = trained
+    before = _registry_state(env)
+    batch = tmp_path / case
+    if case == "broken_zip":
+        batch = tmp_path / "batch.zip"
+        batch.write_bytes(b"PK\x03\x04 this is not a zip")
+    else:
+        batch.mkdir()
+    if case == "corrupt":
+        (batch / "a.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+        (batch / "b.png").write_bytes(b"")
+    result = _monitor(env, "--images", str(batch))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert _registry_state(env) == before

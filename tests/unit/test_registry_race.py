@@ -15,15 +15,18 @@ pytestmark = pytest.mark.slow
 SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import keras, mlflow
+    import keras, mlflow, numpy as np
     from mlflow.tracking import MlflowClient
-    from xray import registry
+    from xray import ood, registry
     uri, auc, go = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
     mlflow.set_tracking_uri(uri)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
     with mlflow.start_run():
         metadata = {"threshold": 0.5, "image_size": 8, "preprocessing": "decode, resize"}
-        _, version = registry.log_and_register(model, "race-model", metadata, "# card")
+        rng = np.random.default_rng(0)
+        images = [ood.features_of_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(12)]
+        profile = ood.fit_profile(images[:8], images[8:], np.full(4, 0.5), 0.5)
+        _, version = registry.log_and_register(model, "race-model", metadata, "# card", profile)
         while time.time() < go:  # both finish together
             time.sleep(0.001)
         metrics = {"test_auc": auc, "test_sensitivity": 0.97, "test_specificity": 0.5, "test_accuracy": 0.8, "threshold": 0.5}

@@ -1,0 +1,41 @@
+import json
+import logging
+from typing import Annotated, Tuple
+
+import mlflow
+import pandas as pd
+from zenml import step
+
+from steps.tracking import log_config, log_images, mlflow_run
+from xray import drift
+from xray import registry as xregistry
+from xray.config import MonitoringConfig, RegistryConfig
+from xray.dataset import ValidatedDataset
+
+logger = logging.getLogger(__name__)
+
+
+@step(enable_cache=False)
+def check_drift(
+    predictions: pd.DataFrame, image_features: pd.DataFrame, images: ValidatedDataset, model_info: dict, source: str,
+    monitoring: MonitoringConfig, registry: RegistryConfig, seed: int,
+) -> Tuple[Annotated[dict, "drift_report"], Annotated[dict, "monitoring_plots"], Annotated[str, "report_html"]]:
+    """Compare the batch with the version's reference profile; reads the registry, never writes to it."""
+    profile, _ = xregistry.load_reference_profile(registry.model_name, model_info["version"])
+    report = drift.compare(profile, predictions, image_features, monitoring.drift_alpha, monitoring.permutations, seed)
+    report |= {"model_uri": model_info["uri"], "model_version": model_info["version"], "source": source}
+    readable = images.manifest[images.manifest["status"] == "ok"]
+    plots = drift.figures(profile, predictions, image_features, images.paths(readable))
+    page = drift.render_html(report, plots)
+    logger.info("%s: %s", "DRIFT" if report["drift_detected"] else "no drift", report["decision"])
+    with mlflow_run(registry):
+        log_config(monitoring=monitoring)
+        mlflow.set_tags({"drift_detected": str(report["drift_detected"]).lower(), "model_version": model_info["version"]})
+        mlflow.log_metrics({"drift_detected": float(report["drift_detected"]), "p_value": report["p_value"],
+                            "ood_fraction": report["ood_fraction"], "readable": report["readable"],
+                            "embedding_p_value": report["embedding"]["p_value"],
+                            "positive_rate": report["positive_rate"]["batch"]})
+        mlflow.log_text(json.dumps(report, indent=1, default=float), "monitoring/report.json")
+        mlflow.log_text(page, "monitoring/report.html")
+        log_images(plots, "monitoring")
+    return report, plots, page
