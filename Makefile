@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export ZENML_ANALYTICS_OPT_IN ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup stack train smoke quality test bench ui serve clean
+.PHONY: setup stack train smoke quality test bench bench-ood monitor ui serve clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench.py
+
+# Out-of-distribution detectors, the monitoring pipeline's acceptance runs and REST latency with the checks
+# (docs/MONITORING.md); all against the champion of the local MLflow store, so run `make train` first.
+bench-ood: setup
+	$(PY) benchmarks/ood_detectors.py
+	$(PY) benchmarks/monitoring_runs.py
+	$(PY) benchmarks/serving_latency.py --requests 500
+
+# A batch against the champion's reference profile: make monitor IMAGES=path/or/s3://prefix/
+monitor: stack
+	$(PY) run.py --pipeline monitoring --images $(IMAGES) --summary outputs/monitoring/summary.json
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000

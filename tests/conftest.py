@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MINI_ZIP = SHARED_DATA / "chest_xray_mini.zip"
 FULL_ZIP = SHARED_DATA / "chest_xray_224.zip"
+NEAR_OOD_ZIP = SHARED_DATA / "near_ood_adult_cxr_224.zip"
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
@@ -90,3 +91,12 @@ def deterministic_smoke_config(path: Path, **section_changes: dict) -> Path:
         raw[section] = raw.get(section, {}) | changes
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.fixture(scope="session")
+def full_dataset(tmp_path_factory):
+    """The full archive, validated as the training pipeline does (seed 42): (dataset, report)."""
+    from xray.config import DataConfig
+    from xray.dataset import prepare_dataset
+
+    return prepare_dataset(require(FULL_ZIP), tmp_path_factory.mktemp("full") / "d", DataConfig(), seed=42)

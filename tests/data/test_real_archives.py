@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import FULL_ZIP, MINI_ZIP, require
+from conftest import MINI_ZIP, require
 from xray import CLASS_NAMES
 from xray import data as xdata
 from xray.config import Augmentation, DataConfig
@@ -62,8 +62,8 @@ def test_kaggle_layout_counts_each_image_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_archive_counts(tmp_path):
-    dataset, report = prepare_dataset(require(FULL_ZIP), tmp_path / "d", DataConfig(), seed=42)
+def test_full_archive_counts(full_dataset):
+    dataset, report = full_dataset
     _check_invariants(dataset, report)
     counts = report.counts
     train_val = sum(counts["train"].values()) + sum(counts["val"].values())
