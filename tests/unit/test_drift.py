@@ -8,19 +8,6 @@ from PIL import Image
 from xray import drift, ood
 from xray.errors import DataQualityError
 
-from test_ood import radiograph_like
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(0)
-    return [radiograph_like(rng) for _ in range(300)]
-
-
-@pytest.fixture(scope="module")
-def profile(images):
-    features = [ood.features_of_array(image) for image in images]
-    return ood.fit_profile(features[:160], features[160:220], np.linspace(0, 1, 60), 0.5, alpha=0.01)
 
 
 def batch_of(profile, arrays, probability=0.3):
@@ -55,8 +42,8 @@ def test_mmd_statistic_and_p_values():
     assert mmd == pytest.approx(expected, rel=1e-9)
 
 
-def test_an_in_distribution_batch_is_not_drift(profile, images):
-    predictions, features = batch_of(profile, images[220:300])
+def test_an_in_distribution_batch_is_not_drift(profile, family):
+    predictions, features = batch_of(profile, family[220:300])
     report = drift.compare(profile, predictions, features, permutations=200)
     assert report["drift_detected"] is False and report["p_value"] >= 0.01
     assert report["images"] == report["readable"] == 80 and report["unreadable"] == 0
@@ -64,8 +51,8 @@ def test_an_in_distribution_batch_is_not_drift(profile, images):
     assert report["positive_rate"]["batch"] == 0.0 and report["positive_rate"]["shifted"] is True
 
 
-def test_a_batch_with_shifted_images_is_drift(profile, images):
-    arrays = [255 - a if i < 15 else a for i, a in enumerate(images[220:300])]
+def test_a_batch_with_shifted_images_is_drift(profile, family):
+    arrays = [255 - a if i < 15 else a for i, a in enumerate(family[220:300])]
     predictions, features = batch_of(profile, arrays)
     report = drift.compare(profile, predictions, features, permutations=200)
     assert report["drift_detected"] is True and report["p_value"] < 1e-6
@@ -73,8 +60,8 @@ def test_a_batch_with_shifted_images_is_drift(profile, images):
     assert "binomial p" in report["decision"]
 
 
-def test_unreadable_images_are_counted_but_not_tested(profile, images):
-    predictions, features = batch_of(profile, images[220:240])
+def test_unreadable_images_are_counted_but_not_tested(profile, family):
+    predictions, features = batch_of(profile, family[220:240])
     bad = pd.DataFrame({"status": [ood.UNREADABLE] * 3, "reason": ["empty file (0 bytes)"] * 3,
                         "probability": np.nan, "ood_score": np.nan, "path": ["x.jpeg"] * 3})
     report = drift.compare(profile, pd.concat([predictions, bad], ignore_index=True), features, permutations=100)
@@ -88,22 +75,22 @@ def test_a_batch_with_nothing_readable_is_an_error(profile):
         drift.compare(profile, bad, ood.feature_table([], profile))
 
 
-def test_feature_rows_must_match_readable_images(profile, images):
-    predictions, features = batch_of(profile, images[220:230])
+def test_feature_rows_must_match_readable_images(profile, family):
+    predictions, features = batch_of(profile, family[220:230])
     with pytest.raises(ValueError, match="feature rows"):
         drift.compare(profile, predictions, features.iloc[:5])
 
 
-def test_acquisition_tests_rank_the_shifted_statistic_first(profile, images):
-    darker = [np.clip(a.astype(int) - 60, 0, 255).astype(np.uint8) for a in images[220:300]]
+def test_acquisition_tests_rank_the_shifted_statistic_first(profile, family):
+    darker = [np.clip(a.astype(int) - 60, 0, 255).astype(np.uint8) for a in family[220:300]]
     _, stats = ood.stack([ood.features_of_array(a) for a in darker])
     tests = drift.acquisition_tests(stats, profile.val_stats)
     assert len(tests) == len(ood.STAT_NAMES)
     assert tests[0]["p_adjusted"] < 0.01 and tests[0]["batch_median"] != tests[0]["reference_median"]
 
 
-def test_figures_and_html_report(profile, images, tmp_path):
-    arrays = [255 - a if i < 3 else a for i, a in enumerate(images[220:250])]
+def test_figures_and_html_report(profile, family, tmp_path):
+    arrays = [255 - a if i < 3 else a for i, a in enumerate(family[220:250])]
     predictions, features = batch_of(profile, arrays)
     paths = []
     for i, array in enumerate(arrays):

@@ -7,30 +7,8 @@ import pytest
 from PIL import Image
 from scipy.stats import norm
 
+from conftest import radiograph_like
 from xray import ood, shifts
-
-
-def radiograph_like(rng: np.random.Generator, size: int = 96) -> np.ndarray:
-    """A grey 'chest': a bright body with two dark lungs, position and exposure jittered per image."""
-    y, x = np.mgrid[0:size, 0:size] / size
-    body = np.exp(-(((x - 0.5) / 0.38) ** 2 + ((y - 0.55) / 0.45) ** 2) ** 2)
-    lungs = sum(np.exp(-(((x - cx - rng.normal(0, 0.02)) / 0.12) ** 2 + ((y - 0.5 - rng.normal(0, 0.02)) / 0.22) ** 2))
-                for cx in (0.32, 0.68))
-    grey = 40 + 170 * body - 90 * lungs + rng.normal(0, 4, (size, size))
-    grey = grey * rng.uniform(0.9, 1.1) + rng.normal(0, 5)
-    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
-@pytest.fixture(scope="module")
-def family():
-    rng = np.random.default_rng(0)
-    return [radiograph_like(rng) for _ in range(260)]
-
-
-@pytest.fixture(scope="module")
-def profile(family):
-    features = [ood.features_of_array(image) for image in family]
-    return ood.fit_profile(features[:160], features[160:220], np.linspace(0, 1, 60), 0.5, alpha=0.01)
 
 
 def test_features_of_a_grey_and_a_colour_image():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from xray import ood, serving
 
-from test_ood import radiograph_like
+from conftest import radiograph_like
 
 
 def png(array: np.ndarray) -> bytes:
