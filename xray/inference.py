@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from xray import CLASS_NAMES, s3
+from xray import s3
 from xray.archive import check_entry, is_junk
 from xray.dataset import ValidatedDataset
 from xray.errors import DatasetSourceError

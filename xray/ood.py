@@ -106,6 +106,10 @@ def features_of_file(path: str) -> ImageFeatures:
         return features_of(image)
 
 
+def features_of_files(paths: list[str]) -> list[ImageFeatures]:
+    return [features_of_file(path) for path in paths]
+
+
 def stack(features: list[ImageFeatures]) -> tuple[np.ndarray, np.ndarray]:
     """(pixels, stats) as (N, PIXEL_SIZE**2) and (N, len(STAT_NAMES)) float64 arrays."""
     if not features:
@@ -345,9 +349,6 @@ def fit_profile(train: list[ImageFeatures], val: list[ImageFeatures], val_probab
     return profile
 
 
-def features_of_files(paths: list[str]) -> list[ImageFeatures]:
-    return [features_of_file(path) for path in paths]
-
 
 def content_columns(profile: ReferenceProfile) -> list[str]:
     return [f"content_{i:02d}" for i in range(profile.components.shape[0])]
@@ -356,12 +357,11 @@ def content_columns(profile: ReferenceProfile) -> list[str]:
 def feature_table(features: list[ImageFeatures], profile: ReferenceProfile | None) -> pd.DataFrame:
     """What batch monitoring needs of each readable image, without its pixels: size, channels, colour,
     acquisition statistics and (with a profile) the content detector's coordinates."""
-    _, stats = stack(features)
+    pixels, stats = stack(features)
     table = pd.DataFrame({"width": [f.width for f in features], "height": [f.height for f in features],
                           "channels": [f.channels for f in features], "colour": [f.colour for f in features]})
     table[list(STAT_NAMES)] = stats if len(features) else np.zeros((0, len(STAT_NAMES)))
     if profile is not None:
-        pixels, _ = stack(features)
         content = profile.content(pixels) if len(features) else np.zeros((0, profile.components.shape[0]))
         table[content_columns(profile)] = content
     return table
