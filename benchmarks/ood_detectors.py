@@ -15,7 +15,9 @@ Everything is measured against one registered model version (default: the champi
    spectrum. The row ``profile (registered)`` is the version's own reference profile, unchanged.
 2. **Threshold stability**: the combined detector refitted on five val carves (seeds 42, 7, 1, 2, 3), with the
    parametric threshold and with the empirical 99th percentile of val.
-3. **Per batch**, with the registered profile: the drift test on the whole test split and on the adult X-rays; 20
+3. **Export format**, with the registered profile: the test images as a site might send them (enlarged 2x or 4x,
+   re-encoded as JPEG at quality 95, 50 or 30, or as PNG): in-distribution content should stay in distribution.
+4. **Per batch**, with the registered profile: the drift test on the whole test split and on the adult X-rays; 20
    random batches of 100 test images, clean and with 10% of one shift mixed in (each shift in turn); and a batch of
    100 images of each shift.
 
@@ -240,6 +242,31 @@ def stability_table(dataset, features_by_path: dict) -> list[dict]:
     return rows
 
 
+def export_table(profile, test_images: list[np.ndarray]) -> dict[str, float]:
+    """Share of test images flagged when the same pictures arrive in another size or encoding."""
+    from PIL import Image
+
+    from xray import ood
+
+    def enlarged(image: np.ndarray, factor: int, method) -> np.ndarray:
+        height, width = image.shape[:2]
+        return np.asarray(Image.fromarray(image).resize((width * factor, height * factor), method))
+
+    variants = {
+        "as in the archive": lambda image: image,
+        "enlarged 2x (bilinear)": lambda image: enlarged(image, 2, Image.Resampling.BILINEAR),
+        "enlarged 4x (Lanczos)": lambda image: enlarged(image, 4, Image.Resampling.LANCZOS),
+        "JPEG quality 95": lambda image: reencode(image, 95),
+        "JPEG quality 50": lambda image: reencode(image, 50),
+        "JPEG quality 30": lambda image: reencode(image, 30),
+    }
+    result = {}
+    for name, change in variants.items():
+        assessed = profile.assess([ood.features_of_array(change(image)) for image in test_images])
+        result[name] = float((assessed["status"] == ood.OUT_OF_DISTRIBUTION).mean())
+    return result
+
+
 def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
     from xray import drift, ood, shifts
 
@@ -287,6 +314,8 @@ def markdown(results: dict) -> str:
         cells += [f"{row['empirical_threshold']:.2f}"] + [f"{100 * row[f'empirical: {s}']:.1f}%" for s in
                                                           ("val", "test", "adult (as shipped)", "adult (JPEG q75)")]
         lines.append(f"| {row['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", "| test images sent as | flagged |", "| --- | --- |"]
+    lines += [f"| {name} | {100 * share:.1f}% |" for name, share in results["export_format"].items()]
     lines += ["", "| batch | result |", "| --- | --- |"]
     for name, value in results["batches"].items():
         if "p_values" in value:
@@ -338,6 +367,7 @@ def main(model_version: str, model_name: str, output: Path, permutations: int) -
         "sets": {name: len(images) for name, images in sets.images.items()},
         "detectors": detector_table(sets, features, predictor.profile, predictor),
         "stability": stability_table(dataset, by_path),
+        "export_format": export_table(predictor.profile, sets.images["test"]),
         "batches": batch_table(predictor.profile, features, sets, permutations),
     }
     results["seconds"] = round(time.time() - started, 1)
