@@ -21,7 +21,8 @@ from xray import serving as serving_module
 def pip_requirements() -> list[str]:
     """Pinned from what is installed; MLflow's inference would load TF in a subprocess."""
     pins = []
-    for package in ("tensorflow-cpu", "keras", "mlflow", "pillow", "numpy"):
+    # scikit-learn and scipy: the reference profile scores every request (xray.ood).
+    for package in ("tensorflow-cpu", "keras", "mlflow", "pillow", "numpy", "scikit-learn", "scipy"):
         try:
             pins.append(f"{package}=={version(package)}")
         except Exception:  # noqa: BLE001 - a missing optional dist just is not pinned
