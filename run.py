@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "training_local.yaml"
 DRIFT_EXIT_CODE = 3
 SUMMARY_METRICS = ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_accuracy_at_0_5",
-                   "test_sensitivity_at_0_5", "test_specificity_at_0_5", "val_auc")
+                   "test_sensitivity_at_0_5", "test_specificity_at_0_5", "test_ece", "test_brier", "val_auc")
 
 # Before TensorFlow is imported anywhere: oneDNN roughly doubles CPU throughput on AVX2.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

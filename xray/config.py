@@ -116,6 +116,9 @@ class EvaluateConfig(_Section):
     min_sensitivity: float = Field(0.95, gt=0, le=1)
     fixed_threshold: float = Field(0.5, gt=0, lt=1)
     bootstrap_samples: int = Field(1000, ge=100)
+    calibration: Literal["platt", "temperature", "none"] = Field(
+        "platt", description="Fitted on val after training and saved inside the model: platt (temperature and bias), "
+        "temperature (temperature only) or none. The threshold policy then runs on calibrated val probabilities.")
 
 
 class MonitoringConfig(_Section):
@@ -140,6 +143,12 @@ class RegistryConfig(_Section):
         None, description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides; default: sqlite under .mlflow/."
     )
     champion_alias: str = "champion"
+    margin: float = Field(
+        0.01, ge=0, lt=0.5, description="Non-inferiority margin of the promotion gate: the lower bound of the paired "
+        "bootstrap 95% CI of AUC(challenger) - AUC(champion) must be at least -margin, on test and on every gate site.")
+    gate_sites: tuple[str, ...] = Field(
+        (), description="Labelled sites (archive or folder URIs with NORMAL/ and PNEUMONIA/ "
+        "folders) on which the challenger must also be non-inferior to the champion before promotion.")
 
 
 class PipelineConfig(_Section):

@@ -16,15 +16,16 @@ def heatmaps(model, images: np.ndarray, threshold: float) -> np.ndarray:
     import keras
     import tensorflow as tf
 
-    # The backbone's last feature map, whichever backbone: what the classifier head pools.
+    from xray.model import logit_model
+
+    # The backbone's last feature map, whichever backbone: what the classifier head pools; and the head's logit,
+    # calibrated when the model is (sigmoid(logit) is then the probability the threshold applies to).
     feature_map = model.get_layer("pool").input
-    head = model.get_layer("probability")
-    probe = keras.Model(model.inputs, [feature_map, head.input])
+    probe = keras.Model(model.inputs, [feature_map, logit_model(model).output])
     batch = tf.convert_to_tensor(images, tf.float32)
-    kernel, bias = (tf.cast(w, tf.float32) for w in head.weights)
     with tf.GradientTape() as tape:
-        features, hidden = probe(batch, training=False)
-        logit = (tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias)[:, 0]
+        features, logit = probe(batch, training=False)
+        logit = tf.cast(logit, tf.float32)[:, 0]
         score = tf.where(tf.sigmoid(logit) >= threshold, logit, -logit)
     gradients = tape.gradient(score, features)
     features, gradients = tf.cast(features, tf.float32), tf.cast(gradients, tf.float32)

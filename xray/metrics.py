@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
 from xray import CLASS_NAMES
+from xray.calibration import expected_calibration_error
 
 
 def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, policy: str, min_sensitivity: float = 0.95,
@@ -62,13 +63,14 @@ def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
 
 def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], samples: int,
                  seed: int) -> list[dict[str, tuple[float, float]]]:
-    """95% percentile intervals for AUC, accuracy, sensitivity and specificity at each threshold.
+    """95% percentile intervals for AUC, ECE, accuracy, sensitivity and specificity at each threshold.
 
     One set of image resamples serves every threshold, so the operating points
     are judged on identical bootstraps and each resample's AUC is computed once.
     """
     rng = np.random.default_rng(seed)
     aucs: list[float] = []
+    eces: list[float] = []
     rates = [{"accuracy": [], "sensitivity": [], "specificity": []} for _ in thresholds]
     for _ in range(samples):
         index = rng.integers(0, len(y), len(y))
@@ -77,6 +79,7 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], sa
         if not positives.any() or not negatives.any():
             continue
         aucs.append(roc_auc_score(ys, ps))
+        eces.append(expected_calibration_error(ys, ps))
         for threshold, stats in zip(thresholds, rates):
             hits = ps >= threshold
             stats["accuracy"].append((hits == positives).mean())
@@ -86,7 +89,8 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], sa
     def interval(values: list[float]) -> tuple[float, float]:
         return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
-    return [{"auc": interval(aucs), **{k: interval(v) for k, v in stats.items()}} for stats in rates]
+    return [{"auc": interval(aucs), "ece": interval(eces), **{k: interval(v) for k, v in stats.items()}}
+            for stats in rates]
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: int = 1000, seed: int = 0) -> dict:
@@ -98,6 +102,7 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: 
         "auc": float(roc_auc_score(y, p)),
         "average_precision": float(average_precision_score(y, p)),
         "brier": float(brier_score_loss(y, p)),
+        "ece": expected_calibration_error(y, p),
         "threshold": float(threshold),
         "at_threshold": at_threshold(y, p, threshold),
         "at_0_5": at_threshold(y, p, 0.5),
@@ -108,14 +113,42 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: 
 
 def flat_metrics(prefix: str, report: dict) -> dict[str, float]:
     """MLflow-friendly scalars: test_auc, test_sensitivity (at the chosen threshold), test_sensitivity_at_0_5, ..."""
-    flat = {f"{prefix}_{k}": report[k] for k in ("auc", "average_precision", "brier")}
+    flat = {f"{prefix}_{k}": report[k] for k in ("auc", "average_precision", "brier", "ece")}
     for suffix, block in (("", report["at_threshold"]), ("_at_0_5", report["at_0_5"])):
         for key, value in block.items():
             if key != "confusion_matrix":
                 flat[f"{prefix}_{key}{suffix}"] = value
     for suffix, block in (("", report.get("ci95", {})), ("_at_0_5", report.get("ci95_at_0_5", {}))):
         for key, (low, high) in block.items():
-            if suffix and key == "auc":
-                continue  # AUC does not depend on the threshold
+            if suffix and key in ("auc", "ece"):
+                continue  # neither depends on the threshold
             flat[f"{prefix}_{key}{suffix}_ci_low"], flat[f"{prefix}_{key}{suffix}_ci_high"] = low, high
     return flat
+
+
+def paired_auc_difference(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, samples: int,
+                          seed: int) -> dict[str, float]:
+    """AUC(challenger) - AUC(champion) on the same images, with a 95% CI from shared resamples.
+
+    Each bootstrap resample of the images scores both models, so the interval is of the paired difference: what
+    the two models have in common (which images are hard) cancels, as it does in DeLong's paired test.
+    """
+    y = np.asarray(y).astype(int)
+    p_challenger, p_champion = np.asarray(p_challenger, np.float64), np.asarray(p_champion, np.float64)
+    if not len(y) == len(p_challenger) == len(p_champion):
+        raise ValueError("both models must be scored on the same images")
+    if len(np.unique(y)) < 2:
+        raise ValueError("the paired AUC difference needs both classes")
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(samples):
+        index = rng.integers(0, len(y), len(y))
+        ys = y[index]
+        if ys.min() == ys.max():
+            continue
+        differences.append(roc_auc_score(ys, p_challenger[index]) - roc_auc_score(ys, p_champion[index]))
+    challenger, champion = roc_auc_score(y, p_challenger), roc_auc_score(y, p_champion)
+    return {"auc_challenger": float(challenger), "auc_champion": float(champion),
+            "auc_difference": float(challenger - champion), "resamples": len(differences),
+            "auc_difference_ci_low": float(np.percentile(differences, 2.5)),
+            "auc_difference_ci_high": float(np.percentile(differences, 97.5))}

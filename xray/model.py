@@ -134,3 +134,40 @@ def compile_model(model, learning_rate, label_smoothing: float, jit_compile: boo
         ],
         jit_compile=jit_compile,
     )
+
+
+def _head_logit(model):
+    """The pre-sigmoid logit tensor of a classifier built by :func:`build_model`, calibrated or not."""
+    import keras
+
+    if "logit" in [layer.name for layer in model.layers]:
+        return model.get_layer("probability").input  # calibrated: sigmoid(z / temperature + bias)
+    head = model.get_layer("probability")
+    # The head is Dense(1, sigmoid): the same Dense without its activation, sharing its weights.
+    linear = keras.layers.Dense(1, dtype="float32", name="logit")
+    logit = linear(head.input)
+    linear.set_weights(head.get_weights())
+    return logit
+
+
+def logit_model(model):
+    """The classifier up to its pre-sigmoid logit (calibration is fitted on these, at full precision)."""
+    import keras
+
+    return keras.Model(model.inputs, _head_logit(model), name=f"{model.name}_logit")
+
+
+def calibrated_model(model, temperature: float, bias: float):
+    """The same classifier whose output is sigmoid(logit / temperature + bias), built from Keras layers only.
+
+    The head becomes ``logit`` (Dense, linear) -> ``calibration`` (Rescaling) -> ``probability`` (sigmoid), so the
+    saved model carries its calibration and loads without custom objects wherever the model is loaded.
+    """
+    import keras
+
+    if "logit" in [layer.name for layer in model.layers]:
+        raise ValueError(f"model {model.name} is already calibrated")
+    scaled = keras.layers.Rescaling(1.0 / temperature, offset=bias, dtype="float32", name="calibration")(
+        _head_logit(model))
+    outputs = keras.layers.Activation("sigmoid", dtype="float32", name="probability")(scaled)
+    return keras.Model(model.inputs, outputs, name=model.name)

@@ -15,10 +15,25 @@ def _ratio(data_report: dict, split: str) -> str:
     return f"{counts[CLASS_NAMES[1]] / max(counts[CLASS_NAMES[0]], 1):.2f}"
 
 
-def render(model_name: str, metrics: dict, counts: dict, data_report: dict, model_info: dict, profile) -> str:
-    """Markdown. ``metrics`` is the evaluate step's report ({"flat", "val", "test", "threshold_policy"});
-    ``profile`` the version's :class:`xray.ood.ReferenceProfile`."""
+def _calibration(metrics: dict) -> str:
+    flat, calibration = metrics["flat"], metrics.get("calibration", {"method": "none"})
+    if calibration["method"] == "none":
+        return "The model's raw sigmoid output; not calibrated (evaluate.calibration: none)."
+    return (f"A calibrated P(PNEUMONIA): {calibration['method']} scaling fitted on val after training "
+            f"(temperature {calibration['temperature']:.3f}, bias {calibration['bias']:+.3f}) and saved inside the model, "
+            f"so every path (batch inference, serving, Grad-CAM, evaluation) returns the same calibrated value. On test: "
+            f"ECE {flat['test_ece_uncalibrated']:.4f} before, {flat['test_ece']:.4f} after; Brier "
+            f"{flat['test_brier_uncalibrated']:.4f} before, {flat['test_brier']:.4f} after. Of the images given "
+            "0.8, about 80% should have pneumonia, as long as they are like the training site's images.")
+
+
+def render(model_name: str, metrics: dict, counts: dict, data_report: dict, model_info: dict, profile,
+           gate: str = "") -> str:
+    """Markdown. ``metrics`` is the evaluate step's report ({"flat", "val", "test", "threshold_policy",
+    "calibration"}); ``profile`` the version's :class:`xray.ood.ReferenceProfile`; ``gate`` the promotion gate's
+    section (markdown)."""
     flat, test = metrics["flat"], metrics["test"]
+    gate_section = f"\n## Promotion gate\n{gate}\n" if gate else ""
     at = test["at_threshold"]
     rows = [
         ("AUC-ROC", f"{flat['test_auc']:.4f}", _ci(test, "auc"), ""),
@@ -29,6 +44,7 @@ def render(model_name: str, metrics: dict, counts: dict, data_report: dict, mode
         ("Accuracy", f"{flat['test_accuracy']:.4f}", "", f"{flat['test_accuracy_at_0_5']:.4f}"),
         ("Average precision", f"{flat['test_average_precision']:.4f}", "", ""),
         ("Brier score", f"{flat['test_brier']:.4f}", "", ""),
+        ("ECE (15 equal-width bins)", f"{flat['test_ece']:.4f}", _ci(test, "ece"), ""),
     ]
     table = "\n".join(f"| {name} | {value} | {ci} | {other} |" for name, value, ci, other in rows)
     split_rows = "\n".join(
@@ -62,8 +78,12 @@ Kermany et al. 2018 (Guangzhou Women and Children's Medical Center), CC BY 4.0; 
 - Cross-split duplicate images removed: {len(data_report['duplicates_removed'])}; quarantined images: {len(data_report['quarantined'])}.
 - Patients present in both train and test (the dataset's own split): {data_report['patients_in_train_and_test']}.
 
+## What the probability means
+{_calibration(metrics)}
+
 ## Decision threshold
-{flat['threshold']:.4f}, chosen on val only: {metrics['threshold_policy']}. The test split never influenced it.
+{flat['threshold']:.4f}, chosen on val only, on calibrated probabilities: {metrics['threshold_policy']}. The test
+split never influenced it.
 
 ## Test metrics ({test['n']} images)
 | metric | at threshold {flat['threshold']:.4f} | 95% bootstrap CI | at 0.5 |
@@ -91,5 +111,7 @@ but its label must not be used**: the model was never validated on such images.
 - **Single source centre.** All images come from one hospital; expect lower performance elsewhere until validated locally.
 - Labels come from the dataset's curation (expert graders), not from a clinical reference standard per case.
 - Pneumonia subtypes (bacterial, viral) are merged into one class.
-- Calibration: probabilities are not calibrated for other prevalences; use the threshold, and re-check calibration locally.
-"""
+- Calibration holds for images like val (train's prevalence, about 3 PNEUMONIA to 1 NORMAL). At another prevalence or
+  site the probabilities shift: measure and re-fit them there (`python run.py --pipeline evaluation ... 
+  --recalibrate-fraction 0.3`) before reading them as risks.
+{gate_section}"""

@@ -10,7 +10,6 @@ matplotlib.use("Agg")  # headless: steps run on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
 from xray import CLASS_NAMES  # noqa: E402
@@ -81,13 +80,23 @@ def confusion(matrix: list[list[int]], title: str) -> Image.Image:
     return _to_image(figure)
 
 
-def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> Image.Image:
-    figure, axis = plt.subplots(figsize=(4.2, 4))
-    observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="quantile")
-    axis.plot(predicted, observed, marker="o", label="model")
+def calibration(y: np.ndarray, curves: dict[str, np.ndarray], title: str = "Reliability (test)") -> Image.Image:
+    """Reliability diagram: observed PNEUMONIA rate against mean predicted probability per equal-width bin, one
+    line per named probability set (e.g. before and after calibration), with ECE in the legend and the images per
+    bin underneath."""
+    from xray.calibration import expected_calibration_error, reliability
+
+    figure, (axis, counts) = plt.subplots(2, 1, figsize=(4.6, 5.4), sharex=True, height_ratios=[3, 1])
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
-    axis.set(xlabel="predicted P(PNEUMONIA)", ylabel="observed fraction", title="Calibration (test)")
-    axis.legend()
+    for name, p in curves.items():
+        bins = reliability(y, p)
+        axis.plot(bins["predicted"], bins["observed"], marker="o",
+                  label=f"{name} (ECE {expected_calibration_error(y, p):.3f})")
+        counts.hist(p, bins=15, range=(0, 1), histtype="step", label=name)
+    axis.set(ylabel="observed fraction PNEUMONIA", title=title, xlim=(0, 1), ylim=(0, 1))
+    axis.legend(fontsize=8)
+    counts.set(xlabel="predicted P(PNEUMONIA)", ylabel="images")
+    figure.tight_layout()
     return _to_image(figure)
 
 

@@ -1,0 +1,109 @@
+"""Evaluation recipes: calibrate after training, measure a split, measure a labelled site.
+
+Everything here is chosen on val (or, for a site, on the site's own calibration share) and only measured on the
+images it reports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import brier_score_loss, roc_auc_score
+
+from xray import calibration as xcal
+from xray import metrics as xmetrics
+from xray.config import EvaluateConfig
+
+
+def calibrate_and_evaluate(y_val: np.ndarray, z_val: np.ndarray, y_test: np.ndarray, z_test: np.ndarray,
+                           evaluate: EvaluateConfig, seed: int) -> dict:
+    """Fit the calibration on val logits, choose the threshold on calibrated val, measure test before and after.
+
+    Returns ``calibration`` (:class:`xray.calibration.Calibration`), ``threshold``, ``threshold_policy``, the
+    ``val`` and ``test`` reports on calibrated probabilities, ``test_uncalibrated`` (the raw sigmoid, same
+    threshold policy on raw val), the calibrated probabilities ``p_val``/``p_test`` and ``flat`` metrics.
+    """
+    calibration = xcal.fit(y_val, z_val, evaluate.calibration)
+    p_val, p_test = calibration.probability(z_val), calibration.probability(z_test)
+    threshold, policy = xmetrics.choose_threshold(y_val, p_val, evaluate.threshold_policy, evaluate.min_sensitivity,
+                                                  evaluate.fixed_threshold)
+    val_report = xmetrics.evaluate(y_val, p_val, threshold, evaluate.bootstrap_samples, seed)
+    test_report = xmetrics.evaluate(y_test, p_test, threshold, evaluate.bootstrap_samples, seed)
+    raw_val, raw_test = xcal.sigmoid(z_val), xcal.sigmoid(z_test)
+    raw_threshold, _ = xmetrics.choose_threshold(y_val, raw_val, evaluate.threshold_policy, evaluate.min_sensitivity,
+                                                 evaluate.fixed_threshold)
+    uncalibrated = {"threshold": raw_threshold, "auc": roc_auc_score(y_test, raw_test),
+                    "ece": xcal.expected_calibration_error(y_test, raw_test),
+                    "brier": brier_score_loss(y_test, raw_test),
+                    "at_0_5": xmetrics.at_threshold(np.asarray(y_test).astype(int), raw_test, 0.5)}
+    flat = xmetrics.flat_metrics("val", val_report) | xmetrics.flat_metrics("test", test_report) | {
+        "threshold": threshold,
+        "calibration_temperature": calibration.temperature,
+        "calibration_bias": calibration.bias,
+        "test_ece_uncalibrated": uncalibrated["ece"],
+        "test_brier_uncalibrated": uncalibrated["brier"],
+        "val_ece_uncalibrated": xcal.expected_calibration_error(y_val, raw_val),
+        "threshold_uncalibrated": raw_threshold,
+    }
+    return {"calibration": calibration, "threshold": threshold, "threshold_policy": policy, "val": val_report,
+            "test": test_report, "test_uncalibrated": uncalibrated, "p_val": p_val, "p_test": p_test,
+            "raw_test": raw_test, "flat": flat}
+
+
+SITE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ece")
+
+
+def site_metrics(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, seed: int) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity and ECE at ``threshold``, each with its 95% bootstrap CI."""
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2:
+        raise ValueError("a site evaluation needs labelled images of both classes (NORMAL/ and PNEUMONIA/)")
+    report = xmetrics.evaluate(y, p, threshold, samples, seed)
+    point = {"auc": report["auc"], "ece": report["ece"], **{k: report["at_threshold"][k] for k in
+                                                             ("accuracy", "sensitivity", "specificity")}}
+    flat = {"threshold": float(threshold), "brier": report["brier"], "images": int(len(y))}
+    for name in SITE_METRICS:
+        low, high = report["ci95"][name]
+        flat |= {name: float(point[name]), f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return flat
+
+
+def grouped_split(groups: list[str], fraction: float, seed: int, y: np.ndarray) -> np.ndarray:
+    """Boolean mask of the calibration share: whole groups (patients, or images when none is known), stratified
+    so both classes are present on both sides when possible."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"recalibrate fraction must be in (0, 1), not {fraction}")
+    groups = np.asarray(groups)
+    y = np.asarray(y).astype(int)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(groups), dtype=bool)
+    # Group by patient; a group's class is its majority label, so classes are split in the same proportion.
+    unique = np.unique(groups)
+    label_of = {g: int(round(y[groups == g].mean())) for g in unique}
+    for label in (0, 1):
+        members = np.array([g for g in unique if label_of[g] == label])
+        rng.shuffle(members)
+        take = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            take = min(max(take, 1), len(members) - 1)
+        mask |= np.isin(groups, members[:take])
+    if mask.all() or not mask.any():
+        raise ValueError("the site has too few images to hold out a calibration share")
+    return mask
+
+
+def recalibrated_site_metrics(y: np.ndarray, logits: np.ndarray, groups: list[str], fraction: float,
+                              evaluate: EvaluateConfig, seed: int) -> dict:
+    """Re-fit the calibration and re-choose the threshold on a grouped share of the site; measure on the rest."""
+    y = np.asarray(y).astype(int)
+    mask = grouped_split(groups, fraction, seed, y)
+    for side, name in ((mask, "calibration"), (~mask, "measurement")):
+        if len(np.unique(y[side])) < 2:
+            raise ValueError(f"the site's {name} share has images of one class only: use a larger site or another "
+                             "--recalibrate-fraction")
+    calibration = xcal.fit(y[mask], logits[mask], evaluate.calibration)
+    p_fit, p_rest = calibration.probability(logits[mask]), calibration.probability(logits[~mask])
+    threshold, policy = xmetrics.choose_threshold(y[mask], p_fit, evaluate.threshold_policy, evaluate.min_sensitivity,
+                                                  evaluate.fixed_threshold)
+    measured = site_metrics(y[~mask], p_rest, threshold, evaluate.bootstrap_samples, seed)
+    return {"fraction": fraction, "calibration_images": int(mask.sum()), "measured_images": int((~mask).sum()),
+            "calibration": calibration.as_dict(), "threshold_policy": policy, "metrics": measured}
