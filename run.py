@@ -6,6 +6,8 @@
                   [--output preds.csv] [--explain N]
     python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
                   [--output outputs/monitoring] [--fail-on-drift]
+    python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
+                  [--site NAME] [--recalibrate-fraction F]
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def summarize(run, config) -> dict:
         "model_name": registration["model_name"],
         "model_version": registration["model_version"],
         "promoted": registration["promoted"],
+        "promotion_reason": registration["reason"],
         "threshold": registration["threshold"],
         "seed": config.seed,
         "dataset_sha256": load("ingest_from_s3", "archive_info")["sha256"],
@@ -238,6 +241,41 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
             "pipeline_run_id": str(run.id), "mlflow_tracking_uri": registry.tracking_uri}
 
 
+def run_evaluation(config, dataset_uri: str, model_version: str, site: str | None,
+                   recalibrate_fraction: float | None) -> dict:
+    """The evaluation pipeline: one registered version on one labelled site."""
+    from zenml.client import Client
+
+    from pipelines.evaluation import evaluation_pipeline
+    from xray import tracking
+    from xray.sites import site_name
+
+    quiet_expected_failures()
+    registry = config.registry.model_copy(update={
+        "tracking_uri": tracking.tracking_uri(config.registry.tracking_uri),
+        "experiment_name": config.evaluate.site_experiment_name})
+    name = site_name(dataset_uri, site)
+    run = evaluation_pipeline.with_options(enable_cache=False)(
+        dataset_uri=dataset_uri, site=name, model_version=model_version, recalibrate_fraction=recalibrate_fraction,
+        data=config.data, s3=config.s3, evaluate=config.evaluate, registry=registry, seed=config.seed)
+    steps = Client().get_pipeline_run(run.id).steps
+    result = steps["evaluate_on_site"].outputs["site_evaluation"][0].load()
+    info = steps["resolve_model_version"].outputs["model_info"][0].load()
+    metrics = result["metrics"]
+    summary = {"site": name, "model_version": info["version"], "model_uri": info["uri"], "images": metrics["images"],
+               "threshold": metrics["threshold"],
+               "metrics": {k: v for k, v in metrics.items() if k not in ("images", "threshold")},
+               "mlflow_run_id": result["mlflow_run_id"], "pipeline_run_id": str(run.id),
+               "mlflow_tracking_uri": registry.tracking_uri}
+    if "recalibrated" in result:
+        recalibrated = result["recalibrated"]
+        summary["recalibrated"] = {k: recalibrated[k] for k in ("fraction", "calibration_images", "measured_images",
+                                                                "calibration")} | {
+            "threshold": recalibrated["metrics"]["threshold"],
+            "metrics": {k: v for k, v in recalibrated["metrics"].items() if k not in ("images", "threshold")}}
+    return summary
+
+
 def list_schedules() -> None:
     from zenml.client import Client
 
@@ -251,17 +289,24 @@ def list_schedules() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--pipeline", "pipeline_name", type=click.Choice(["training", "inference", "monitoring"]), default="training",
+@click.option("--pipeline", "pipeline_name", type=click.Choice(["training", "inference", "monitoring", "evaluation"]), default="training",
               show_default=True, help="Which pipeline to run.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CONFIG,
               show_default=True, help="YAML run config, validated against xray.config.PipelineConfig.")
 @click.option("--dataset-uri", default=None,
-              help="Dataset archive: s3://bucket/key.zip, a local path or file://. Overrides dataset_uri in the config. "
-                   "Default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip, then Kaggle (kagglehub).")
+              help="training: the dataset archive, s3://bucket/key.zip, a local path or file://; overrides dataset_uri in "
+                   "the config; default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip, then Kaggle "
+                   "(kagglehub). evaluation (required): a labelled site, a zip, folder or s3:// zip with NORMAL/ and "
+                   "PNEUMONIA/ folders at any depth.")
+@click.option("--site", default=None,
+              help="evaluation: the site's name in tags and the model card (default: the archive's or folder's name).")
+@click.option("--recalibrate-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="evaluation: also re-fit calibration and threshold on this patient-grouped share of the site and "
+                   "measure on the rest.")
 @click.option("--images", default=None,
               help="inference, monitoring: a folder, a zip or an s3:// prefix of JPEG/PNG images.")
 @click.option("--model-version", default="champion", show_default=True,
-              help="inference, monitoring: a registered version number or an alias of the model.")
+              help="inference, monitoring, evaluation: a registered version number or an alias of the model.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="inference: the predictions CSV (Grad-CAM PNGs go beside it; default outputs/predictions.csv). "
                    "monitoring: a folder for report.html, report.json, plots and predictions.csv "
@@ -281,7 +326,8 @@ def list_schedules() -> None:
               help="Also write the one-line JSON summary to this file.")
 def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images: str | None, model_version: str,
          output: Path | None, fail_on_drift: bool, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
-         summary_path: Path | None, seed: int | None = None) -> None:
+         summary_path: Path | None, seed: int | None = None, site: str | None = None,
+         recalibrate_fraction: float | None = None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
     from xray.config import load_config
@@ -296,11 +342,19 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
         fail(str(error), 2)
     if pipeline_name in ("inference", "monitoring") and not images:
         fail(f"--pipeline {pipeline_name} needs --images (a folder, a zip or an s3:// prefix)", 2)
+    if pipeline_name == "evaluation" and not dataset_uri:
+        fail("--pipeline evaluation needs --dataset-uri (a zip, a folder or an s3:// zip with NORMAL/ and PNEUMONIA/ "
+             "folders)", 2)
+    if pipeline_name != "evaluation" and (site or recalibrate_fraction is not None):
+        fail("--site and --recalibrate-fraction belong to --pipeline evaluation", 2)
     try:
         if pipeline_name == "inference":
             summary = run_inference(config, images, model_version, output or Path("outputs/predictions.csv"), explain)
         elif pipeline_name == "monitoring":
             summary = run_monitoring(config, images, model_version, output or Path("outputs/monitoring"))
+        elif pipeline_name == "evaluation":
+            summary = run_evaluation(config, dataset_uri, model_version, site,
+                                     recalibrate_fraction)
         else:
             summary = run_training(config, dataset_uri, no_cache, cron)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback

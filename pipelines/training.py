@@ -21,9 +21,10 @@ def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train,
                           registry=config.registry, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=config.model, train=config.train, registry=config.registry)
-    calibrated, metrics, threshold, _, _, _, _, val_probabilities = evaluate_model(
+    calibrated, metrics, threshold, _, _, _, _, val_probabilities, test_probabilities = evaluate_model(
         model, dataset, spec, evaluate=config.evaluate, registry=config.registry, seed=config.seed)
     profile = profile_reference(dataset, spec, threshold, val_probabilities, monitoring=config.monitoring,
                                 registry=config.registry, seed=config.seed)
-    register_model(calibrated, metrics, threshold, spec, archive_info, data_report, history, profile,
-                   model_config=config.model, registry=config.registry, evaluate=config.evaluate)
+    register_model(calibrated, metrics, threshold, test_probabilities, dataset, spec, archive_info, data_report, history,
+                   profile, model_config=config.model, registry=config.registry, evaluate=config.evaluate,
+                   data=config.data, s3=config.s3, seed=config.seed)

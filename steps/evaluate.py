@@ -35,6 +35,7 @@ def evaluate_model(
     Annotated[Image.Image, "calibration"],
     Annotated[Image.Image, "gradcam_test_examples"],
     Annotated[np.ndarray, "val_probabilities"],
+    Annotated[np.ndarray, "test_probabilities"],
 ]:
     """Calibration and threshold fitted on val only; test measured before and after calibration."""
     val_rows, test_rows = (xdata.select(dataset.manifest, s, spec) for s in ("val", "test"))
@@ -68,4 +69,4 @@ def evaluate_model(
         mlflow.log_dict({k: v for k, v in report.items() if k != "flat"}, "evaluation/report.json")
         log_images(figures)
     return (calibrated, report, threshold, figures["roc_pr_curves"], figures["confusion_matrix"],
-            figures["calibration"], figures["gradcam_test_examples"], result["p_val"])
+            figures["calibration"], figures["gradcam_test_examples"], result["p_val"], p_test)

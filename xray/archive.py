@@ -187,3 +187,85 @@ def extract(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
             result.files.append((split, label, relative.as_posix()))
     return result
 
+
+
+def label_of(name: str) -> str | None:
+    """NORMAL or PNEUMONIA when a file's folder is named so (any case, any depth), else None."""
+    parts = PurePosixPath(name).parts
+    if len(parts) < 2 or is_junk(name) or name.endswith("/"):
+        return None
+    folder = parts[-2].upper()
+    return folder if folder in CLASS_NAMES else None
+
+
+def extract_labelled(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
+    """Validate every entry like :func:`extract`, then extract the files that sit in a ``NORMAL/`` or
+    ``PNEUMONIA/`` folder at any depth to ``destination/<label>/<n>_<file name>``.
+
+    A labelled site's archive has no splits; the same file name may appear in several folders, so each file gets
+    the index of its entry as a prefix.
+    """
+    with open_archive(path) as archive:
+        infos = archive.infolist()
+        if len(infos) > limits.max_entries:
+            raise ArchiveError(f"archive has {len(infos)} entries, over max_entries={limits.max_entries}")
+        for info in infos:
+            check_entry(info)
+        result = Extraction(root=".")
+        for index, info in enumerate(infos):
+            if info.is_dir():
+                continue
+            if is_junk(info.filename):
+                result.junk += 1
+                continue
+            label = label_of(info.filename)
+            if label is None:
+                result.ignored += 1
+                continue
+            relative = Path(label, f"{index:06d}_{PurePosixPath(info.filename).name}")
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            result.bytes_written += _inflate(archive, info, target, limits, limits.max_total_bytes - result.bytes_written)
+            result.files.append(("site", label, relative.as_posix()))
+    _check_labelled(result, path.name)
+    return result
+
+
+def _check_labelled(result: Extraction, source: str) -> None:
+    counts = Counter(label for _, label, _ in result.files)
+    missing = [label for label in CLASS_NAMES if counts[label] == 0]
+    if missing:
+        raise ArchiveError(f"{source}: no images in a {' or '.join(f'{m}/' for m in missing)} folder (found "
+                           f"{dict(counts) or 'no NORMAL/ or PNEUMONIA/ folders'}); a labelled site needs both classes")
+
+
+def copy_labelled(folder: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
+    """The folder version of :func:`extract_labelled`: files under NORMAL/ or PNEUMONIA/ at any depth, copied
+    (symlinks are not followed), with the same per-file and total size limits."""
+    import shutil
+
+    result = Extraction(root=str(folder))
+    files = sorted(p for p in folder.rglob("*") if not p.is_symlink() and p.is_file())
+    if len(files) > limits.max_entries:
+        raise ArchiveError(f"{folder} has {len(files)} files, over max_entries={limits.max_entries}")
+    for index, file in enumerate(files):
+        name = file.relative_to(folder).as_posix()
+        if is_junk(name):
+            result.junk += 1
+            continue
+        label = label_of(name)
+        if label is None:
+            result.ignored += 1
+            continue
+        size = file.stat().st_size
+        if size > limits.max_entry_bytes:
+            raise ArchiveError(f"file '{name}' has {size} bytes, over max_entry_bytes={limits.max_entry_bytes}")
+        if result.bytes_written + size > limits.max_total_bytes:
+            raise ArchiveError(f"{folder} holds more than max_total_bytes={limits.max_total_bytes} of labelled images")
+        relative = Path(label, f"{index:06d}_{file.name}")
+        (destination / label).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, destination / relative)
+        result.bytes_written += size
+        result.files.append(("site", label, relative.as_posix()))
+    _check_labelled(result, str(folder))
+    return result

@@ -83,6 +83,8 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 15) -> 
     p = np.asarray(p, dtype=np.float64).reshape(-1)
     if len(y) == 0:
         return float("nan")
+    if p.min() < 0 or p.max() > 1:
+        raise ValueError("ECE needs probabilities in [0, 1]")
     index = np.minimum((p * bins).astype(int), bins - 1)
     counts = np.bincount(index, minlength=bins)
     gaps = np.abs(np.bincount(index, weights=y, minlength=bins) - np.bincount(index, weights=p, minlength=bins))

@@ -119,6 +119,8 @@ class EvaluateConfig(_Section):
     calibration: Literal["platt", "temperature", "none"] = Field(
         "platt", description="Fitted on val after training and saved inside the model: platt (temperature and bias), "
         "temperature (temperature only) or none. The threshold policy then runs on calibrated val probabilities.")
+    site_experiment_name: str = Field(
+        "chest-xray-evaluation", description="MLflow experiment of `--pipeline evaluation` runs (one per site).")
 
 
 class MonitoringConfig(_Section):

@@ -12,6 +12,7 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 from xray import calibration as xcal
 from xray import metrics as xmetrics
 from xray.config import EvaluateConfig
+from xray.errors import DataQualityError
 
 
 def calibrate_and_evaluate(y_val: np.ndarray, z_val: np.ndarray, y_test: np.ndarray, z_test: np.ndarray,
@@ -56,7 +57,7 @@ def site_metrics(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, s
     """AUC, accuracy, sensitivity, specificity and ECE at ``threshold``, each with its 95% bootstrap CI."""
     y = np.asarray(y).astype(int)
     if len(np.unique(y)) < 2:
-        raise ValueError("a site evaluation needs labelled images of both classes (NORMAL/ and PNEUMONIA/)")
+        raise DataQualityError("a site evaluation needs labelled images of both classes (NORMAL/ and PNEUMONIA/)")
     report = xmetrics.evaluate(y, p, threshold, samples, seed)
     point = {"auc": report["auc"], "ece": report["ece"], **{k: report["at_threshold"][k] for k in
                                                              ("accuracy", "sensitivity", "specificity")}}
@@ -87,7 +88,7 @@ def grouped_split(groups: list[str], fraction: float, seed: int, y: np.ndarray) 
             take = min(max(take, 1), len(members) - 1)
         mask |= np.isin(groups, members[:take])
     if mask.all() or not mask.any():
-        raise ValueError("the site has too few images to hold out a calibration share")
+        raise DataQualityError("the site has too few images to hold out a calibration share")
     return mask
 
 
@@ -98,7 +99,7 @@ def recalibrated_site_metrics(y: np.ndarray, logits: np.ndarray, groups: list[st
     mask = grouped_split(groups, fraction, seed, y)
     for side, name in ((mask, "calibration"), (~mask, "measurement")):
         if len(np.unique(y[side])) < 2:
-            raise ValueError(f"the site's {name} share has images of one class only: use a larger site or another "
+            raise DataQualityError(f"the site's {name} share has images of one class only: use a larger site or another "
                              "--recalibrate-fraction")
     calibration = xcal.fit(y[mask], logits[mask], evaluate.calibration)
     p_fit, p_rest = calibration.probability(logits[mask]), calibration.probability(logits[~mask])
@@ -107,3 +108,28 @@ def recalibrated_site_metrics(y: np.ndarray, logits: np.ndarray, groups: list[st
     measured = site_metrics(y[~mask], p_rest, threshold, evaluate.bootstrap_samples, seed)
     return {"fraction": fraction, "calibration_images": int(mask.sum()), "measured_images": int((~mask).sum()),
             "calibration": calibration.as_dict(), "threshold_policy": policy, "metrics": measured}
+
+
+def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_fraction: float | None,
+                  seed: int) -> dict:
+    """A registered version (:class:`xray.serving.ChestXrayPredictor`) on a labelled site (:func:`xray.sites.load_site`).
+
+    ``metrics``: at the version's own threshold and calibration. ``recalibrated`` (with a fraction): calibration
+    and threshold re-fitted on a patient-grouped share of the site, measured on the rest. The logits come from the
+    version's model (calibrated ones when the version is calibrated), so re-fitting composes with what it has.
+    """
+    from xray.data import make_spec_for_inference
+    from xray.model import logit_model
+    from xray.predict import predict_paths
+    from xray.sites import labels
+
+    y = labels(dataset)
+    paths = dataset.paths(dataset.manifest)
+    logits = predict_paths(logit_model(predictor.model), paths, make_spec_for_inference(predictor.image_size))
+    probabilities = xcal.sigmoid(logits)
+    result = {"metrics": site_metrics(y, probabilities, predictor.threshold, evaluate.bootstrap_samples, seed),
+              "y": y, "probabilities": probabilities}
+    if recalibrate_fraction is not None:
+        groups = dataset.manifest["patient_id"].tolist()
+        result["recalibrated"] = recalibrated_site_metrics(y, logits, groups, recalibrate_fraction, evaluate, seed)
+    return result

@@ -69,6 +69,7 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], sa
     are judged on identical bootstraps and each resample's AUC is computed once.
     """
     rng = np.random.default_rng(seed)
+    probabilities = bool(np.all((p >= 0) & (p <= 1)))  # ECE only means something for probabilities
     aucs: list[float] = []
     eces: list[float] = []
     rates = [{"accuracy": [], "sensitivity": [], "specificity": []} for _ in thresholds]
@@ -79,7 +80,8 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], sa
         if not positives.any() or not negatives.any():
             continue
         aucs.append(roc_auc_score(ys, ps))
-        eces.append(expected_calibration_error(ys, ps))
+        if probabilities:
+            eces.append(expected_calibration_error(ys, ps))
         for threshold, stats in zip(thresholds, rates):
             hits = ps >= threshold
             stats["accuracy"].append((hits == positives).mean())
@@ -89,8 +91,8 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], sa
     def interval(values: list[float]) -> tuple[float, float]:
         return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
-    return [{"auc": interval(aucs), "ece": interval(eces), **{k: interval(v) for k, v in stats.items()}}
-            for stats in rates]
+    common = {"auc": interval(aucs)} | ({"ece": interval(eces)} if probabilities else {})
+    return [common | {k: interval(v) for k, v in stats.items()} for stats in rates]
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, threshold: float, bootstrap_samples: int = 1000, seed: int = 0) -> dict:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from xray import CLASS_NAMES
 
+SITE_TAG = "site."
+SITE_SECTION = "## Results by site"
+
 
 def _ci(report: dict, key: str) -> str:
     low, high = report["ci95"][key]
@@ -114,4 +117,46 @@ but its label must not be used**: the model was never validated on such images.
 - Calibration holds for images like val (train's prevalence, about 3 PNEUMONIA to 1 NORMAL). At another prevalence or
   site the probabilities shift: measure and re-fit them there (`python run.py --pipeline evaluation ... 
   --recalibrate-fraction 0.3`) before reading them as risks.
-{gate_section}"""
+{gate_section}
+{site_table({})}
+"""
+
+
+def site_results(tags: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{site: {metric: value}} from a version's tags."""
+    results: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        if key.startswith(SITE_TAG):
+            site, _, metric = key[len(SITE_TAG):].partition(".")
+            results.setdefault(site, {})[metric] = value
+    return results
+
+
+def site_table(tags: dict[str, str]) -> str:
+    """The model card's "Results by site" section, from the version's ``site.*`` tags."""
+    results = site_results(tags)
+    lines = [SITE_SECTION, "", "Measured with `python run.py --pipeline evaluation --model-version N --dataset-uri ... "
+             "--site NAME`; 95% bootstrap CIs. \"as registered\": at this version's threshold and calibration; "
+             "\"recalibrated\": threshold and calibration re-fitted on a patient-grouped share of the site, measured "
+             "on the rest.", ""]
+    if not results:
+        return "\n".join(lines + ["No site has been evaluated yet."])
+    lines += ["| site | operating point | images | threshold | AUC | sensitivity | specificity | accuracy | ECE |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(values: dict, name: str) -> str:
+        if name not in values:
+            return ""
+        return f"{float(values[name]):.3f} ({float(values[name + '_ci_low']):.3f}-{float(values[name + '_ci_high']):.3f})"
+
+    for site in sorted(results):
+        values = results[site]
+        recalibrated = {k.removeprefix("recalibrated."): v for k, v in values.items() if k.startswith("recalibrated.")}
+        points = [("as registered", values)]
+        if recalibrated:
+            points.append((f"recalibrated on {float(recalibrated['fraction']):.0%}", recalibrated))
+        for label, point in points:
+            lines.append(f"| {site} | {label} | {point.get('images', '')} | {float(point['threshold']):.4f} | "
+                         + " | ".join(cell(point, m) for m in ("auc", "sensitivity", "specificity", "accuracy", "ece"))
+                         + " |")
+    return "\n".join(lines)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,25 +27,6 @@ def pip_requirements() -> list[str]:
         except Exception:  # noqa: BLE001 - a missing optional dist just is not pinned
             continue
     return pins
-
-
-@dataclass
-class PromotionDecision:
-    promoted: bool
-    reason: str
-    previous_champion: str | None
-
-
-def decide(test_auc: float, test_sensitivity: float, min_sensitivity: float,
-           champion_version: str | None, champion_auc: float | None) -> PromotionDecision:
-    """Champion only if sensitivity holds at the chosen threshold and AUC does not regress."""
-    if not test_sensitivity >= min_sensitivity:
-        return PromotionDecision(False, f"test_sensitivity {test_sensitivity:.4f} < min_sensitivity {min_sensitivity:g}", champion_version)
-    if champion_version is None:
-        return PromotionDecision(True, f"no champion yet; test_sensitivity {test_sensitivity:.4f} >= {min_sensitivity:g}", None)
-    if champion_auc is None or test_auc >= champion_auc:
-        return PromotionDecision(True, f"test_auc {test_auc:.4f} >= champion v{champion_version} test_auc {champion_auc}", champion_version)
-    return PromotionDecision(False, f"test_auc {test_auc:.4f} < champion v{champion_version} test_auc {champion_auc:.4f}", champion_version)
 
 
 def current_champion(client, model_name: str, alias: str) -> tuple[str | None, float | None]:
@@ -132,22 +112,22 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str, re
     return info.model_uri, str(registered.version)
 
 
-def promote(client, model_name: str, version_id: str, alias: str, metrics: dict, min_sensitivity: float,
-            settle_seconds: float = 1.0, rounds: int = 3) -> PromotionDecision:
-    """Tag the version with its metrics, then apply the gate against the champion of now.
+def promote(client, model_name: str, version_id: str, alias: str, metrics: dict, decision,
+            settle_seconds: float = 1.0, rounds: int = 3) -> None:
+    """Tag the version with its metrics and the gate's evidence; give it the alias when the gate promoted it.
 
-    The registry has no compare-and-set, so two runs finishing together could
-    both read the old champion and both take the alias. After promoting, each
-    waits briefly and re-reads the alias: a run holding a higher test AUC than
-    the version that took the alias after it takes it back. Every racer ends on
-    the same answer, the best of the versions that passed the gate.
+    ``decision`` is :class:`xray.gate.PromotionDecision`, taken against the champion read before scoring. The
+    registry has no compare-and-set, so two runs finishing together could both take the alias. After promoting,
+    each waits briefly and re-reads the alias: a run holding a higher test AUC than the version that took the alias
+    after it takes it back. Every racer ends on the same answer, the best of the versions that passed the gate.
     """
-    for key in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "threshold"):
-        client.set_model_version_tag(model_name, version_id, key, str(metrics[key]))
-    champion_version, champion_auc = current_champion(client, model_name, alias)
-    decision = decide(metrics["test_auc"], metrics["test_sensitivity"], min_sensitivity, champion_version, champion_auc)
-    client.set_model_version_tag(model_name, version_id, "promotion_decision", "promoted" if decision.promoted else "rejected")
-    client.set_model_version_tag(model_name, version_id, "promotion_reason", decision.reason)
+    from xray import gate
+
+    for key in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_ece", "threshold"):
+        if key in metrics:
+            client.set_model_version_tag(model_name, version_id, key, str(metrics[key]))
+    for key, value in gate.tags(decision).items():
+        client.set_model_version_tag(model_name, version_id, key, value)
     if decision.promoted:
         set_alias(client, model_name, alias, version_id)
         for _ in range(rounds):
@@ -156,7 +136,6 @@ def promote(client, model_name: str, version_id: str, alias: str, metrics: dict,
             if holder == version_id or (holder_auc is not None and holder_auc >= metrics["test_auc"]):
                 break
             set_alias(client, model_name, alias, version_id)
-    return decision
 
 
 def set_alias(client, model_name: str, alias: str, version_id: str, attempts: int = 5, pause_s: float = 0.2) -> None:
@@ -241,3 +220,39 @@ def load_reference_profile(model_name: str, version_or_alias: str):
         raise ConfigError(f"{info['uri']} has no reference profile (registered before profiles existed): "
                           "train and register a new version to monitor against it") from None
     return ReferenceProfile.load(local), info
+
+
+from xray.model_card import SITE_SECTION, SITE_TAG, site_table  # noqa: E402
+
+
+def record_site_result(client, model_name: str, version: str, site: str, metrics: dict, run_id: str,
+                       recalibrated: dict | None = None) -> None:
+    """Version tags ``site.<site>.<metric>`` (the source of the model card's table), newest run wins."""
+    values = {f"{SITE_TAG}{site}.{key}": value for key, value in metrics.items()}
+    values[f"{SITE_TAG}{site}.run_id"] = run_id
+    if recalibrated is not None:
+        values |= {f"{SITE_TAG}{site}.recalibrated.{key}": value for key, value in recalibrated["metrics"].items()}
+        values[f"{SITE_TAG}{site}.recalibrated.fraction"] = recalibrated["fraction"]
+    for key, value in values.items():
+        client.set_model_version_tag(model_name, version, key, f"{value:.6g}" if isinstance(value, float) else str(value))
+
+
+def update_model_card(client, model_name: str, version: str) -> str:
+    """Rewrite the "Results by site" section of the version's model_card.md (in its logged model's artifacts) from
+    its tags; returns the new card."""
+    import tempfile
+
+    import mlflow
+
+    model_version = client.get_model_version(model_name, version)
+    if not model_version.model_id:
+        raise ValueError(f"{model_name} v{version} has no logged model to hold its model card")
+    folder = tempfile.mkdtemp(prefix="xray-card-")
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_version.model_id}/model_card.md",
+                                                dst_path=folder)
+    card = Path(local).read_text()
+    head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
+    card = f"{head}\n\n{site_table(model_version.tags)}\n"
+    Path(local).write_text(card)
+    client.log_model_artifact(model_version.model_id, local)
+    return card

@@ -230,6 +230,45 @@ def test_failed_gate_registers_a_version_but_keeps_the_champion(first_run, store
     assert (now.version, now.run_id, now.tags) == (champion.version, champion.run_id, champion.tags)
 
 
+def _labelled_site(folder, prefix="chest_xray/test/"):
+    """A site folder from the mini archive's test split, its class folders two levels down and lower-cased."""
+    with zipfile.ZipFile(MINI_ZIP) as archive:
+        for name in archive.namelist():
+            if name.startswith(prefix) and name.endswith(".jpeg"):
+                label, file = name.split("/")[-2:]
+                target = folder / "hospital" / "2026" / label.lower() / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(name))
+    return folder
+
+
+def test_a_sensitive_challenger_is_gated_on_paired_scores_against_the_champion(first_run, stores, tmp_path):
+    site = _labelled_site(tmp_path / "site-b")
+    env = {**stores[1], "XRAY_TEST_CONFIG": str(deterministic_smoke_config(
+        tmp_path / "gated.yaml", registry={"gate_sites": [str(site)], "margin": 0.01}, train={"learning_rate": 0.002}))}
+    client = mlflow_client(env)
+    champion = client.get_model_version_by_alias("chest-xray-classifier", "champion").version
+    summary = summary_of(run_cli(env))
+    version = client.get_model_version("chest-xray-classifier", summary["model_version"])
+    tags = version.tags
+    assert tags["gate.champion_version"] == str(champion) and tags["gate.margin"] == "0.01"
+    for image_set, images in (("test", 47), ("site:site-b", 47)):
+        assert tags[f"gate.{image_set}.images"] == str(images)
+        low, high = float(tags[f"gate.{image_set}.auc_difference_ci_low"]), float(tags[f"gate.{image_set}.auc_difference_ci_high"])
+        assert low <= float(tags[f"gate.{image_set}.auc_difference"]) <= high
+    non_inferior = all(float(tags[f"gate.{s}.auc_difference_ci_low"]) >= -0.01 for s in ("test", "site:site-b"))
+    assert summary["promoted"] is non_inferior and tags["promotion_decision"] == ("promoted" if non_inferior else "rejected")
+    assert f"champion v{champion}" in tags["promotion_reason"]
+    now = client.get_model_version_by_alias("chest-xray-classifier", "champion").version
+    assert now == (summary["model_version"] if non_inferior else champion)
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    card = open(mlflow.artifacts.download_artifacts(f"models:/chest-xray-classifier/{version.version}/model_card.md",
+                                                    dst_path=str(tmp_path / "card"))).read()
+    assert "## Promotion gate" in card and "| site:site-b | 47 |" in card and "## Results by site" in card
+
+
 def test_bad_config_is_rejected_before_any_step(stores, tmp_path):
     _, env = stores
     config = tmp_path / "bad.yaml"

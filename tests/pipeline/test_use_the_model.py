@@ -255,3 +255,60 @@ def test_a_batch_with_nothing_readable_is_one_error_line(trained, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: none of the 2 images could be read"), last
     assert _registry_state(env) == before
+
+
+def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(trained, tmp_path):
+    """--pipeline evaluation on a folder built from the mini archive, class folders at depth and in any case."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _, env, _, _ = trained
+    site = tmp_path / "site"
+    with zipfile.ZipFile(MINI_ZIP) as archive:
+        for name in archive.namelist():
+            if name.startswith("chest_xray/test/") and name.endswith(".jpeg"):
+                label, file = name.split("/")[-2:]
+                target = site / "export" / "cxr" / (label if label == "NORMAL" else label.lower()) / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(name))
+    (site / "export" / "README.txt").write_text("not an image, outside the class folders")
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "evaluation", "--model-version", "1",
+                             "--dataset-uri", str(site), "--site", "hospital-b", "--recalibrate-fraction", "0.5"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["site"] == "hospital-b" and summary["model_version"] == "1" and summary["images"] == 47
+    for name in ("auc", "accuracy", "sensitivity", "specificity", "ece"):
+        metrics = summary["metrics"]
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"], name
+    recalibrated = summary["recalibrated"]
+    assert recalibrated["calibration_images"] + recalibrated["measured_images"] == 47
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["site"] == "hospital-b" and run.data.tags["model_version"] == "1"
+    assert run.data.metrics["site_auc"] == pytest.approx(summary["metrics"]["auc"])
+    version = client.get_model_version("chest-xray-classifier", "1")
+    assert float(version.tags["site.hospital-b.auc"]) == pytest.approx(summary["metrics"]["auc"], abs=1e-5)
+    assert version.tags["site.hospital-b.run_id"] == summary["mlflow_run_id"]
+    # The run's metrics are linked to the version's logged model.
+    linked = client.get_logged_model(version.model_id).metrics or []
+    assert any(m.key == "site_auc" and m.run_id == summary["mlflow_run_id"] for m in linked)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    card = open(mlflow.artifacts.download_artifacts("models:/chest-xray-classifier/1/model_card.md",
+                                                    dst_path=str(tmp_path / "card"))).read()
+    assert card.count("## Results by site") == 1
+    row = f"| hospital-b | as registered | 47 | {summary['threshold']:.4f} | {summary['metrics']['auc']:.3f} ("
+    assert row in card and "| hospital-b | recalibrated on 50% |" in card
+
+
+def test_evaluation_of_a_site_without_both_classes_is_one_error_line(trained, tmp_path):
+    _, env, images, _ = trained
+    site = tmp_path / "normal-only" / "NORMAL"
+    site.mkdir(parents=True)
+    for path in sorted(images.glob("*.jpeg"))[:5]:
+        (site / path.name).write_bytes(path.read_bytes())
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "evaluation",
+                             "--dataset-uri", str(tmp_path / "normal-only")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "no images in a PNEUMONIA/ folder" in result.stderr.strip().splitlines()[-1]

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import keras, mlflow, numpy as np
     from mlflow.tracking import MlflowClient
-    from xray import ood, registry
+    from xray import gate, ood, registry
     uri, auc, go = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
     mlflow.set_tracking_uri(uri)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
@@ -30,7 +30,9 @@ SCRIPT = textwrap.dedent("""
         while time.time() < go:  # both finish together
             time.sleep(0.001)
         metrics = {"test_auc": auc, "test_sensitivity": 0.97, "test_specificity": 0.5, "test_accuracy": 0.8, "threshold": 0.5}
-        decision = registry.promote(MlflowClient(), "race-model", version, "champion", metrics, 0.95)
+        # Both read "no champion" before either registered: both pass the gate, the settle loop decides.
+        decision = gate.decide(0.97, 0.95, None, {}, 0.01)
+        registry.promote(MlflowClient(), "race-model", version, "champion", metrics, decision)
     print("RESULT", version, decision.promoted, flush=True)
 """)
 
