@@ -47,7 +47,7 @@ def evaluate_on_site(
     figure = plots.calibration(result["y"], {f"v{model_info['version']} as registered": result["probabilities"]},
                                title=f"Reliability on site {site}")
     client = MlflowClient()
-    model_id = client.get_model_version(registry.model_name, model_info["version"]).model_id
+    model_id = xregistry.logged_model_id(client.get_model_version(registry.model_name, model_info["version"]))
     with mlflow_run(registry) as run:
         log_config(evaluate=evaluate)
         mlflow.set_tags({"site": site, "model_name": registry.model_name, "model_version": model_info["version"],

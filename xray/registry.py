@@ -237,6 +237,18 @@ def record_site_result(client, model_name: str, version: str, site: str, metrics
         client.set_model_version_tag(model_name, version, key, f"{value:.6g}" if isinstance(value, float) else str(value))
 
 
+def logged_model_id(model_version) -> str:
+    """The id of the MLflow 3 logged model behind a registered version (``model_id``, or its ``models:/m-...`` source:
+    the SQL registry leaves ``model_id`` empty when a version is registered from the logged model's URI)."""
+    if model_version.model_id:
+        return model_version.model_id
+    source = model_version.source or ""
+    if source.startswith("models:/m-"):
+        return source.removeprefix("models:/").split("/")[0]
+    raise ValueError(f"{model_version.name} v{model_version.version} has no logged model (source {source!r}): "
+                     "registered before MLflow 3 logged models; its card cannot be updated")
+
+
 def update_model_card(client, model_name: str, version: str) -> str:
     """Rewrite the "Results by site" section of the version's model_card.md (in its logged model's artifacts) from
     its tags; returns the new card."""
@@ -245,14 +257,13 @@ def update_model_card(client, model_name: str, version: str) -> str:
     import mlflow
 
     model_version = client.get_model_version(model_name, version)
-    if not model_version.model_id:
-        raise ValueError(f"{model_name} v{version} has no logged model to hold its model card")
+    model_id = logged_model_id(model_version)
     folder = tempfile.mkdtemp(prefix="xray-card-")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_version.model_id}/model_card.md",
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri(model_name, str(version))}/model_card.md",
                                                 dst_path=folder)
     card = Path(local).read_text()
     head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
     card = f"{head}\n\n{site_table(model_version.tags)}\n"
     Path(local).write_text(card)
-    client.log_model_artifact(model_version.model_id, local)
+    client.log_model_artifact(model_id, local)
     return card
