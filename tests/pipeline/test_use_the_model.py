@@ -291,7 +291,9 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
     assert float(version.tags["site.hospital-b.auc"]) == pytest.approx(summary["metrics"]["auc"], abs=1e-5)
     assert version.tags["site.hospital-b.run_id"] == summary["mlflow_run_id"]
     # The run's metrics are linked to the version's logged model.
-    linked = client.get_logged_model(version.model_id).metrics or []
+    from xray.registry import logged_model_id
+
+    linked = client.get_logged_model(logged_model_id(version)).metrics or []
     assert any(m.key == "site_auc" and m.run_id == summary["mlflow_run_id"] for m in linked)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     card = open(mlflow.artifacts.download_artifacts("models:/chest-xray-classifier/1/model_card.md",
