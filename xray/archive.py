@@ -61,6 +61,15 @@ def check_entry(info: zipfile.ZipInfo) -> None:
         raise ArchiveError(f"unsafe archive: symlink entry '{name}'")
 
 
+def check_unique_names(names: list[str]) -> None:
+    """Two entries with one path are ambiguous (unzip tools disagree on which copy wins): refuse the archive."""
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1 and not name.endswith("/"))
+    if repeated:
+        shown = ", ".join(f"'{name}'" for name in repeated[:3]) + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else "")
+        raise ArchiveError(f"ambiguous archive: more than one entry named {shown}; tools disagree on which copy "
+                           "they extract, so the archive is refused")
+
+
 def open_archive(path: Path) -> zipfile.ZipFile:
     if not path.is_file():
         raise ArchiveError(f"archive not found: {path}")
@@ -172,6 +181,7 @@ def extract(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
         for info in infos:
             check_entry(info)
         names = [info.filename for info in infos]
+        check_unique_names(names)
         root = find_split_root(names)
         selected, ignored = _classify(names, root)
         result = Extraction(root=root or ".", ignored=ignored)
@@ -211,6 +221,7 @@ def extract_labelled(path: Path, destination: Path, limits: ArchiveLimits) -> Ex
             raise ArchiveError(f"archive has {len(infos)} entries, over max_entries={limits.max_entries}")
         for info in infos:
             check_entry(info)
+        check_unique_names([info.filename for info in infos])
         result = Extraction(root=".")
         for index, info in enumerate(infos):
             if info.is_dir():

@@ -55,6 +55,7 @@ def prepare_dataset(archive: Path, workdir: Path, config: DataConfig, seed: int)
         duplicates_across_splits=across,
         duplicates_removed=removed,
         patients_in_train_and_test=mf.patient_overlap(manifest, "train", "test"),
+        patients_in_train_and_val=mf.patient_overlap(manifest, "train", "val"),
         unparsed_patient_ids=int(manifest["patient_id"].str.startswith("image:").sum()),
         val_source=val_source,
         archive_root=extraction.root,

@@ -90,6 +90,8 @@ class DataReport:
     val_source: str
     archive_root: str = "."
     notes: list[str] = field(default_factory=list)
+    patients_in_train_and_val: int | None = None
+    """Counted on the final splits; None only in reports written before it was counted."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -18,6 +18,26 @@ def _ratio(data_report: dict, split: str) -> str:
     return f"{counts[CLASS_NAMES[1]] / max(counts[CLASS_NAMES[0]], 1):.2f}"
 
 
+def _val_overlap(data_report: dict) -> str:
+    """Only what this run's split was checked to be."""
+    overlap = data_report.get("patients_in_train_and_val")
+    if overlap is None:
+        return "Patients shared by train and val: not counted for this run."
+    if overlap == 0:
+        return "No patient is in both train and val (counted on this run's splits)."
+    return f"{overlap} patients are in both train and val (counted on this run's splits)."
+
+
+def _val_vs_test(flat: dict, test: dict) -> str:
+    """Whether val overstated test in this run: val AUC against test's 95% CI."""
+    low, high = test["ci95"]["auc"]
+    if flat["val_auc"] > high:
+        return (f"in this run val overstated test performance (val AUC {flat['val_auc']:.4f}, above test's 95% CI "
+                f"{low:.4f}-{high:.4f}), so a threshold or calibration chosen on val transfers imperfectly.")
+    return (f"in this run val AUC {flat['val_auc']:.4f} lies within or below test's 95% CI {low:.4f}-{high:.4f}; "
+            "a threshold chosen on val may still transfer imperfectly.")
+
+
 def _calibration(metrics: dict) -> str:
     flat, calibration = metrics["flat"], metrics.get("calibration", {"method": "none"})
     if calibration["method"] == "none":
@@ -83,7 +103,7 @@ Kermany et al. 2018 (Guangzhou Women and Children's Medical Center), CC BY 4.0; 
 | --- | --- | --- |
 {split_rows}
 
-- Validation split: {data_report['val_source']}. No patient is in both train and val.
+- Validation split: {data_report['val_source']}. {_val_overlap(data_report)}
 - Cross-split duplicate images removed: {len(data_report['duplicates_removed'])}; quarantined images: {len(data_report['quarantined'])}.
 - Patients present in both train and test (the dataset's own split): {data_report['patients_in_train_and_test']}.
 
@@ -115,8 +135,7 @@ but its label must not be used**: the model was never validated on such images.
 
 ## Known limitations
 - **Prior and acquisition shift between splits.** Train is 1 NORMAL : {_ratio(data_report, 'train')} PNEUMONIA, test 1 : {_ratio(data_report, 'test')}, and the test
-  images differ in acquisition from train; val (carved from train) overstates test performance (val AUC
-  {flat['val_auc']:.4f} vs test {flat['test_auc']:.4f}), and a threshold chosen on val transfers imperfectly.
+  images differ in acquisition from train; {_val_vs_test(flat, test)}
 - **Single source centre.** All images come from one hospital; expect lower performance elsewhere until validated locally.
 - Labels come from the dataset's curation (expert graders), not from a clinical reference standard per case.
 - Pneumonia subtypes (bacterial, viral) are merged into one class.

@@ -125,3 +125,25 @@ def test_junk_detection():
 def test_shallowest_root_wins():
     names = ["a/b/train/NORMAL/1.jpeg", "a/b/test/NORMAL/1.jpeg", "a/train/NORMAL/1.jpeg", "a/test/NORMAL/1.jpeg"]
     assert find_split_root(names) == "a"
+
+
+def test_two_entries_with_one_path_are_refused_as_ambiguous(tmp_path):
+    """Tools disagree on which copy of a repeated name they extract; the archive is refused before any write."""
+    import warnings
+
+    path = tmp_path / "dup.zip"
+    entries = dataset_entries()
+    first = next(iter(entries))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns "Duplicate name" while writing
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in entries.items():
+                archive.writestr(name, data)
+            archive.writestr(first, b"\xff\xd8\xff a different, undecodable file")
+    with pytest.raises(ArchiveError, match=f"ambiguous archive: more than one entry named '{first}'"):
+        extract(path, tmp_path / "out", LIMITS)
+    assert not (tmp_path / "out").exists()
+    from xray.archive import extract_labelled
+
+    with pytest.raises(ArchiveError, match="ambiguous archive"):
+        extract_labelled(path, tmp_path / "site", LIMITS)
