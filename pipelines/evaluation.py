@@ -7,10 +7,12 @@ from zenml.enums import ExecutionMode
 
 from steps.predict import resolve_model_version
 from steps.site import evaluate_on_site, load_labelled_site
+from steps.tracking import mark_run_failed
 from xray.config import DataConfig, EvaluateConfig, RegistryConfig, S3Config
 
 
-@pipeline(name="chest_xray_evaluation", execution_mode=ExecutionMode.FAIL_FAST)
+@pipeline(name="chest_xray_evaluation", execution_mode=ExecutionMode.FAIL_FAST,
+          on_failure=mark_run_failed)
 def evaluation_pipeline(dataset_uri: str, site: str, model_version: str, recalibrate_fraction: Optional[float],
                         data: DataConfig, s3: S3Config, evaluate: EvaluateConfig, registry: RegistryConfig,
                         seed: int = 42) -> None:

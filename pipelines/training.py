@@ -5,6 +5,7 @@ from zenml.enums import ExecutionMode
 
 from steps import (build_datasets, evaluate_model, ingest_from_s3, profile_reference, register_model, train_model,
                    unzip_and_validate)
+from steps.tracking import mark_run_failed
 from xray.config import PipelineConfig
 
 MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2 by default; model.backbone).",
@@ -12,7 +13,8 @@ MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray N
 
 
 # FAIL_FAST re-raises the failing step's own exception, so run.py can report it in one line.
-@pipeline(name="chest_xray_training", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST)
+@pipeline(name="chest_xray_training", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST,
+          on_failure=mark_run_failed)
 def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     raw_archive, archive_info = ingest_from_s3(dataset_uri=dataset_uri, s3=config.s3, registry=config.registry,
                                                expected_sha256=config.expected_sha256)

@@ -186,6 +186,12 @@ def test_bad_archive_fails_in_one_line_and_registers_nothing(first_run, stores, 
     assert [v.version for v in after] == [v.version for v in before]
     champion = mlflow_client(env).get_model_version_by_alias("chest-xray-classifier", "champion")
     assert str(champion.version) == "1"
+    # The failed pipeline's MLflow run (opened by the ingest step) ends FAILED, with the step and the error as tags.
+    client = mlflow_client(env)
+    experiment = client.get_experiment_by_name("chest-xray-training")
+    latest = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    assert latest.info.status == "FAILED" and latest.data.tags["failed_step"] == "unzip_and_validate"
+    assert message in latest.data.tags["error"]
 
 
 @pytest.mark.parametrize("uri, reason", [("s3://no-such-bucket/x.zip", "bucket does not exist"),
