@@ -73,7 +73,14 @@ def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool 
     """
     import keras
 
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+    # float16 on a GPU; bfloat16 on a CPU, which has no fast float16 kernels (and the same 8-bit exponent as float32).
+    if mixed_precision:
+        import tensorflow as tf
+
+        keras.mixed_precision.set_global_policy("mixed_float16" if tf.config.list_physical_devices("GPU")
+                                                else "mixed_bfloat16")
+    else:
+        keras.mixed_precision.set_global_policy("float32")
     size = config.image_size
     inputs = keras.Input((size, size, 3), name="image")
     constructor, has_preprocessing = BACKBONES[config.backbone]

@@ -55,6 +55,81 @@ def learning_rate_schedule(config: TrainConfig, peak: float, total_steps: int, s
         warmup_target=peak if warmup else None, warmup_steps=warmup)
 
 
+class RunState:
+    """What a training run keeps across its phases and across a kill: the phases it completed and the weights of its
+    best val-AUC epoch so far (in memory, and under ``directory`` when the run is resumable).
+
+    EarlyStopping's own ``restore_best_weights`` keeps the best epoch of one ``fit`` call only: a frozen phase's best
+    epoch would be lost at the phase change, and every best epoch at a resume.
+    """
+
+    STATE, BEST = "state.json", "best.weights.h5"
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+        self.completed: list[str] = []
+        self.stopped = False
+        self.best_value, self.best_epoch, self.best_weights = -math.inf, None, None
+        if directory is not None and (directory / self.STATE).is_file():
+            saved = json.loads((directory / self.STATE).read_text())
+            self.completed, self.stopped = saved["completed"], saved["stopped"]
+            self.best_value = saved["best_value"] if saved["best_value"] is not None else -math.inf
+            self.best_epoch = saved["best_epoch"]
+
+    def _save(self) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = {"completed": self.completed, "stopped": self.stopped, "best_epoch": self.best_epoch,
+                 "best_value": None if self.best_value == -math.inf else self.best_value}
+        (self.directory / self.STATE).write_text(json.dumps(state))
+
+    def phase_weights(self, phase: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{phase}.end.weights.h5"
+
+    def record(self, model, epoch: int, value: float | None) -> None:
+        """After each epoch (1-based, counted over the whole run)."""
+        if value is None or not value > self.best_value:
+            return
+        self.best_value, self.best_epoch, self.best_weights = float(value), epoch, model.get_weights()
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            model.save_weights(self.directory / self.BEST)
+            self._save()
+
+    def complete(self, model, phase: str, stopped: bool) -> None:
+        self.completed.append(phase)
+        self.stopped = stopped
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            model.save_weights(self.phase_weights(phase))
+            self._save()
+
+    def restore_best(self, model) -> None:
+        if self.best_weights is not None:
+            model.set_weights(self.best_weights)
+        elif self.directory is not None and (self.directory / self.BEST).is_file():
+            model.load_weights(self.directory / self.BEST)
+
+    def callback(self):
+        import keras
+
+        state = self
+
+        class BestEpoch(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                state.record(self.model, epoch + 1, (logs or {}).get(MONITOR))
+
+        return BestEpoch()
+
+    def clear(self) -> None:
+        if self.directory is None:
+            return
+        for path in [self.directory / self.STATE, self.directory / self.BEST,
+                     *self.directory.glob("*.end.weights.h5")]:
+            path.unlink(missing_ok=True)
+
+
 def without_optimizer(model):
     """An uncompiled copy with the trained weights: the optimizer's slots would triple every saved model."""
     import keras
@@ -103,24 +178,40 @@ def fit(
     history: dict[str, list[float]] = {}
     start_epoch, started, images = 0, time.perf_counter(), 0
     train_images = sum(spec.counts["train"].values())
+    state = RunState(checkpoint_dir)
     for name, trainable_top, until, learning_rate in phases:
+        if state.stopped:
+            break
+        if name in state.completed:
+            # Killed after this phase ended: start from its final weights, do not train it again.
+            model.load_weights(state.phase_weights(name))
+            log(f"phase {name}: completed before the restart (best val AUC so far {state.best_value:.4f} at epoch "
+                f"{state.best_epoch}); not trained again")
+            start_epoch = until
+            continue
         if until <= start_epoch:
             continue
         set_backbone_trainable(backbone, trainable_top)
         steps = math.ceil(train_images / spec.batch_size) * (until - start_epoch)
         compile_model(model, learning_rate_schedule(train_config, learning_rate, steps, train_images / spec.batch_size),
                       train_config.label_smoothing, policy.jit_compile, train_config.weight_decay)
+        # Stopping only: the best epoch's weights are kept by RunState across phases and restarts.
         early_stopping = keras.callbacks.EarlyStopping(
-            monitor=MONITOR, mode="max", patience=train_config.early_stopping_patience, restore_best_weights=True, verbose=1)
+            monitor=MONITOR, mode="max", patience=train_config.early_stopping_patience, restore_best_weights=False,
+            verbose=1)
         callbacks = [
             early_stopping,
             progress_callback(spec.batch_size),
             *(extra_callbacks or []),
+            state.callback(),
         ]
         if checkpoint_dir is not None:
             callbacks.insert(0, keras.callbacks.BackupAndRestore(str(checkpoint_dir / name), delete_checkpoint=True))
         log(f"phase {name}: epochs {start_epoch + 1}-{until}, learning_rate={learning_rate:g}, "
             f"trainable backbone layers={'all' if trainable_top is None else trainable_top}")
+        # BackupAndRestore tells fit where to resume through the model's `_initial_epoch`, and nothing resets it:
+        # without this, a phase after a resumed one would start at the resumed phase's epoch and repeat epochs.
+        model._initial_epoch = None
         result = model.fit(
             train_ds, validation_data=val_ds, epochs=until, initial_epoch=start_epoch,
             class_weight=fit_class_weight(spec), callbacks=callbacks, verbose=2,
@@ -129,8 +220,14 @@ def fit(
             history.setdefault(key, []).extend(float(v) for v in values)
         images += len(result.history.get("loss", [])) * train_images
         start_epoch = until
+        state.restore_best(model)  # the next phase starts from the best epoch so far, not the phase's last
+        state.complete(model, name, stopped=bool(early_stopping.stopped_epoch))
         if early_stopping.stopped_epoch:
             break
+    state.restore_best(model)
+    if state.best_epoch is not None:
+        log(f"kept the weights of epoch {state.best_epoch}, the best val AUC of the run ({state.best_value:.4f})")
+    state.clear()
     seconds = time.perf_counter() - started
     model = without_optimizer(model)
     throughput = {"train_seconds": seconds, "epochs_run": len(history.get("loss", [])),
