@@ -101,7 +101,10 @@ def recalibrated_site_metrics(y: np.ndarray, logits: np.ndarray, groups: list[st
         if len(np.unique(y[side])) < 2:
             raise DataQualityError(f"the site's {name} share has images of one class only: use a larger site or another "
                              "--recalibrate-fraction")
-    calibration = xcal.fit(y[mask], logits[mask], evaluate.calibration)
+    try:
+        calibration = xcal.fit(y[mask], logits[mask], evaluate.calibration)
+    except ValueError as error:
+        raise DataQualityError(f"cannot re-fit the calibration on the site's {mask.sum()}-image share: {error}") from None
     p_fit, p_rest = calibration.probability(logits[mask]), calibration.probability(logits[~mask])
     threshold, policy = xmetrics.choose_threshold(y[mask], p_fit, evaluate.threshold_policy, evaluate.min_sensitivity,
                                                   evaluate.fixed_threshold)

@@ -124,3 +124,12 @@ def test_recalibration_on_the_site_share_lowers_its_ece_on_the_rest():
     mask = grouped_split(groups, 0.3, 0, y)
     as_is = xcal.expected_calibration_error(y[~mask], xcal.sigmoid(z[~mask]))
     assert recalibrated["metrics"]["ece"] < as_is / 2
+
+
+def test_a_site_share_the_model_ranks_backwards_is_one_clear_error():
+    from xray.errors import DataQualityError
+
+    y = np.array([0, 1] * 40)
+    logits = np.where(y == 1, -1.0, 1.0) + np.random.default_rng(0).normal(0, 0.1, 80)
+    with pytest.raises(DataQualityError, match="cannot re-fit the calibration.*does not rank"):
+        recalibrated_site_metrics(y, logits, [f"image:{i}" for i in range(80)], 0.5, EvaluateConfig(), seed=0)
