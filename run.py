@@ -34,6 +34,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 
 
+# The real stdout when run as a script (see the bottom of this file): it carries the command's result (the one
+# JSON summary line, or the schedule listing) and nothing else.
+RESULT_STREAM = None
+
+
+def emit(line: str) -> None:
+    click.echo(line, file=RESULT_STREAM or sys.stdout)
+
+
+def quiet_third_party() -> None:
+    """At the default level, no request lines from the embedded S3 server and no botocore credential notices."""
+    for name in ("werkzeug", "botocore", "boto3", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -281,10 +296,10 @@ def list_schedules() -> None:
 
     schedules = Client().list_schedules(size=100).items
     if not schedules:
-        click.echo("no schedules in the active ZenML project")
+        emit("no schedules in the active ZenML project")
     for item in schedules:
-        click.echo(f"{item.name}\tcron={item.cron_expression}\tactive={item.active}\tid={item.id}")
-    click.echo("delete one with: zenml pipeline schedule delete <name>  "
+        emit(f"{item.name}\tcron={item.cron_expression}\tactive={item.active}\tid={item.id}")
+    emit("delete one with: zenml pipeline schedule delete <name>  "
                "(on SageMaker this also removes the EventBridge schedule; see docs/sagemaker.md)")
 
 
@@ -330,6 +345,7 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
          recalibrate_fraction: float | None = None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
+    quiet_third_party()
     from xray.config import load_config
     from xray.errors import ConfigError
 
@@ -364,7 +380,7 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
             fail(f"pipeline {pipeline_name} failed: {type(error).__name__}: {error}".splitlines()[0])
         fail(str(known).splitlines()[0], 2 if isinstance(known, ConfigError) else 1)
     line = json.dumps(summary, sort_keys=True)
-    click.echo(line)
+    emit(line)
     if summary_path:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(line + "\n")
@@ -375,4 +391,9 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
 
 
 if __name__ == "__main__":
+    # Machine output on stdout, human output on stderr: the result stream keeps the real stdout, and everything else
+    # that writes to file descriptor 1 (ZenML's console log, Keras, TensorFlow's C++ runtime, print) goes to stderr.
+    sys.stdout.flush()
+    RESULT_STREAM = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     main()

@@ -1,3 +1,4 @@
+import logging
 from typing import Annotated
 
 import mlflow
@@ -8,6 +9,8 @@ from steps.tracking import mlflow_run
 from xray import data as xdata
 from xray.config import DataConfig, ModelConfig, RegistryConfig, TrainConfig
 from xray.dataset import ValidatedDataset
+
+logger = logging.getLogger(__name__)
 
 
 @step(cache_policy=DOMAIN_CODE)
@@ -20,8 +23,8 @@ def build_datasets(
                            data.max_train_per_class, data.max_eval_per_class, seed, train.class_weighting)
     rows = xdata.select(dataset.manifest, "train", spec)
     images = next(iter(xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)))[0]
-    print(f"input pipeline ok: batch {tuple(images.shape)}; class weights {spec.class_weights}; "
-          f"selected {spec.counts}", flush=True)
+    logger.info(f"input pipeline ok: batch {tuple(images.shape)}; class weights {spec.class_weights}; "
+                f"selected {spec.counts}")
     with mlflow_run(registry):
         mlflow.log_params({f"class_weight.{k}": round(v, 4) for k, v in spec.class_weights.items()})
         mlflow.log_params({f"selected.{s}.{l}": n for s, c in spec.counts.items() for l, n in c.items()})

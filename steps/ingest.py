@@ -1,3 +1,4 @@
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional, Tuple
@@ -9,6 +10,8 @@ from materializers import RawArchiveMaterializer
 from steps.tracking import log_config, mlflow_run
 from xray.config import RegistryConfig, S3Config
 from xray.ingest import RawArchive, fetch
+
+logger = logging.getLogger(__name__)
 
 
 # Never cached itself: the object behind a URI can change. The archive's SHA-256
@@ -22,7 +25,7 @@ def ingest_from_s3(
 ) -> Tuple[Annotated[RawArchive, "raw_archive"], Annotated[dict, "archive_info"]]:
     """Download the dataset archive (or read a local one) and checksum it."""
     archive = fetch(dataset_uri, Path(tempfile.mkdtemp(prefix="xray-ingest-")), s3, expected_sha256)
-    print(f"ingested {archive.source_uri}: {archive.size / 2**20:.1f} MiB, sha256 {archive.sha256}", flush=True)
+    logger.info(f"ingested {archive.source_uri}: {archive.size / 2**20:.1f} MiB, sha256 {archive.sha256}")
     with mlflow_run(registry):
         log_config(s3=s3, dataset_uri=dataset_uri, expected_sha256=str(expected_sha256))
         mlflow.log_params({f"dataset.{k}": v for k, v in archive.metadata().items()})

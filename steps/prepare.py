@@ -1,3 +1,4 @@
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, Tuple
@@ -15,6 +16,8 @@ from xray.config import DataConfig, RegistryConfig
 from xray.dataset import ValidatedDataset, prepare_dataset
 from xray.ingest import RawArchive
 
+logger = logging.getLogger(__name__)
+
 
 @step(output_materializers={"dataset": ValidatedDatasetMaterializer}, cache_policy=DOMAIN_CODE)
 def unzip_and_validate(
@@ -29,9 +32,9 @@ def unzip_and_validate(
     """Safe extraction, full decode, de-duplication and a patient-grouped val split."""
     workdir = Path(tempfile.mkdtemp(prefix="xray-dataset-"))
     dataset, report = prepare_dataset(raw_archive.path, workdir, data, seed)
-    print(f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
-          f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "
-          f"{report.junk_files} junk files ignored", flush=True)
+    logger.info(f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
+                f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "
+                f"{report.junk_files} junk files ignored")
     examples = dataset.manifest.groupby(["split", "label"]).head(2)
     figures = {
         "class_distribution": plots.class_distribution(report.counts),

@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 from typing import Annotated, Tuple
 
@@ -13,6 +14,8 @@ from xray import data as xdata
 from xray import plots, tracking, training
 from xray.config import ModelConfig, RegistryConfig, TrainConfig
 from xray.dataset import ValidatedDataset, fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 @step(output_materializers={"model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE)
@@ -36,6 +39,6 @@ def train_model(
         curves = plots.training_curves(history)
         mlflow.log_metrics({f"train_{k}": v for k, v in throughput.items()})
         log_images({"training_curves": curves})
-    print(f"trained {throughput['epochs_run']} epochs in {throughput['train_seconds']:.0f}s "
-          f"({throughput['images_per_second']:.1f} img/s)", flush=True)
+    logger.info(f"trained {throughput['epochs_run']} epochs in {throughput['train_seconds']:.0f}s "
+                f"({throughput['images_per_second']:.1f} img/s)")
     return classifier, history | {"throughput": throughput}, curves

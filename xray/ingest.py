@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 from xray import s3
 from xray.config import S3Config
 from xray.errors import DatasetSourceError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,7 +33,7 @@ def _progress(uri: str):
 
     def report(done: int, total: int) -> None:
         if total and done / total >= state["next"]:
-            print(f"  downloading {uri}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({done / total:.0%})", flush=True)
+            logger.info(f"  downloading {uri}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({done / total:.0%})")
             state["next"] += 0.25
 
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Callable
 from xray.config import ModelConfig, TrainConfig
 from xray.data import DatasetSpec, fit_class_weight
 from xray.model import build_model, compile_model, device_policy, distribution_strategy, resolve_weights, set_backbone_trainable
+
+logger = logging.getLogger(__name__)
 
 MONITOR = "val_auc"
 
@@ -33,7 +36,8 @@ def progress_callback(images_per_batch: int, every: float = 0.1):
             done = (batch + 1) / steps if steps else 0
             if steps and done + 1e-9 >= self.next_report:
                 rate = (batch + 1) * images_per_batch / (time.perf_counter() - self.start)
-                print(f"  epoch {self.epoch + 1} batch {batch + 1}/{steps} loss={logs.get('loss', float('nan')):.4f} {rate:.1f} img/s", flush=True)
+                logger.info("  epoch %d batch %d/%d loss=%.4f %.1f img/s", self.epoch + 1, batch + 1, steps,
+                            logs.get("loss", float("nan")), rate)
                 self.next_report += every
 
     return Progress()
@@ -157,7 +161,7 @@ def fit(
     val_ds,
     extra_callbacks: list | None = None,
     checkpoint_dir: Path | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ):
     """Train and return (model, history dict of per-epoch lists, throughput info)."""
     import keras

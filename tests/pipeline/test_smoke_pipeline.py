@@ -58,7 +58,10 @@ def mlflow_client(env):
 
 def test_summary(first_run):
     summary, result = first_run
-    assert "embedded S3 at http://127.0.0.1" in result.stdout
+    # stdout is the summary line alone; progress and third-party output go to stderr, without the noise.
+    assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout) == summary
+    assert "embedded S3 at http://127.0.0.1" in result.stderr
+    assert "HTTP/1.1\" 200" not in result.stderr and "Found credentials" not in result.stderr
     assert summary["steps"] == {name: "completed" for name in STEPS}
     assert summary["promoted"] is True and summary["model_version"] == "1"
     assert summary["splits"]["test"] == {"NORMAL": 23, "PNEUMONIA": 24}

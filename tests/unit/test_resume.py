@@ -12,6 +12,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=__import__("sys").stdout)
     import sys, time
     import numpy as np, tensorflow as tf
     from pathlib import Path

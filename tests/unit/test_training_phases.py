@@ -18,6 +18,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=__import__("sys").stdout)
     import hashlib, sys, time
     import numpy as np, tensorflow as tf, keras
     from pathlib import Path
