@@ -256,7 +256,7 @@ def test_a_sensitive_challenger_is_gated_on_paired_scores_against_the_champion(f
     env = {**stores[1], "XRAY_TEST_CONFIG": str(deterministic_smoke_config(
         tmp_path / "gated.yaml", registry={"gate_sites": [str(site)], "margin": 0.01}, train={"learning_rate": 0.002}))}
     client = mlflow_client(env)
-    champion = client.get_model_version_by_alias("chest-xray-classifier", "champion").version
+    champion = str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version)
     summary = summary_of(run_cli(env))
     version = client.get_model_version("chest-xray-classifier", summary["model_version"])
     tags = version.tags
@@ -268,7 +268,7 @@ def test_a_sensitive_challenger_is_gated_on_paired_scores_against_the_champion(f
     non_inferior = all(float(tags[f"gate.{s}.auc_difference_ci_low"]) >= -0.01 for s in ("test", "site:site-b"))
     assert summary["promoted"] is non_inferior and tags["promotion_decision"] == ("promoted" if non_inferior else "rejected")
     assert f"champion v{champion}" in tags["promotion_reason"]
-    now = client.get_model_version_by_alias("chest-xray-classifier", "champion").version
+    now = str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version)
     assert now == (summary["model_version"] if non_inferior else champion)
     import mlflow
 
