@@ -70,6 +70,18 @@ def check_unique_names(names: list[str]) -> None:
                            "they extract, so the archive is refused")
 
 
+def checked_entries(archive: zipfile.ZipFile, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
+    """Every entry, after the checks that come before any write: count, names (absolute, ``..``, symlinks) and
+    no two entries with one path."""
+    infos = archive.infolist()
+    if len(infos) > limits.max_entries:
+        raise ArchiveError(f"archive has {len(infos)} entries, over max_entries={limits.max_entries}")
+    for info in infos:
+        check_entry(info)
+    check_unique_names([info.filename for info in infos])
+    return infos
+
+
 def open_archive(path: Path) -> zipfile.ZipFile:
     if not path.is_file():
         raise ArchiveError(f"archive not found: {path}")
@@ -175,13 +187,8 @@ def extract(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
     written anywhere else.
     """
     with open_archive(path) as archive:
-        infos = archive.infolist()
-        if len(infos) > limits.max_entries:
-            raise ArchiveError(f"archive has {len(infos)} entries, over max_entries={limits.max_entries}")
-        for info in infos:
-            check_entry(info)
+        infos = checked_entries(archive, limits)
         names = [info.filename for info in infos]
-        check_unique_names(names)
         root = find_split_root(names)
         selected, ignored = _classify(names, root)
         result = Extraction(root=root or ".", ignored=ignored)
@@ -216,12 +223,7 @@ def extract_labelled(path: Path, destination: Path, limits: ArchiveLimits) -> Ex
     the index of its entry as a prefix.
     """
     with open_archive(path) as archive:
-        infos = archive.infolist()
-        if len(infos) > limits.max_entries:
-            raise ArchiveError(f"archive has {len(infos)} entries, over max_entries={limits.max_entries}")
-        for info in infos:
-            check_entry(info)
-        check_unique_names([info.filename for info in infos])
+        infos = checked_entries(archive, limits)
         result = Extraction(root=".")
         for index, info in enumerate(infos):
             if info.is_dir():
