@@ -1,6 +1,4 @@
 import logging
-import tempfile
-from pathlib import Path
 from typing import Annotated
 
 import keras
@@ -11,30 +9,14 @@ from zenml import log_metadata, step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray import CLASS_NAMES, gate, model_card, sites, tracking
+from xray import CLASS_NAMES, gate, model_card, tracking
 from xray import data as xdata
 from xray import registry as xregistry
 from xray.config import DataConfig, EvaluateConfig, ModelConfig, RegistryConfig, S3Config
 from xray.dataset import ValidatedDataset
 from xray.ood import ReferenceProfile
-from xray.predict import predict_paths
 
 logger = logging.getLogger(__name__)
-
-
-def _image_sets(model, dataset: ValidatedDataset, spec: xdata.DatasetSpec, test_probabilities: np.ndarray,
-                registry: RegistryConfig, data: DataConfig, s3: S3Config):
-    """The gate's image sets: the test split (already scored) and each gate site (scored here)."""
-    test_rows = xdata.select(dataset.manifest, "test", spec)
-    paths, labels, challenger = ({"test": dataset.paths(test_rows)}, {"test": xdata.labels_of(test_rows)},
-                                 {"test": test_probabilities})
-    for uri in registry.gate_sites:
-        site, report = sites.load_site(uri, Path(tempfile.mkdtemp(prefix="xray-gate-site-")), data, s3)
-        name = f"site:{sites.site_name(uri)}"
-        paths[name], labels[name] = site.paths(site.manifest), sites.labels(site)
-        challenger[name] = predict_paths(model, paths[name], spec)
-        logger.info("gate site %s (%s): %s", name, uri, report["counts"])
-    return paths, labels, challenger
 
 
 @step(cache_policy=DOMAIN_CODE)
@@ -56,7 +38,7 @@ def register_model(
     mlflow.set_tracking_uri(tracking.tracking_uri(registry.tracking_uri))
     client = MlflowClient()
     champion, _ = xregistry.current_champion(client, registry.model_name, registry.champion_alias)
-    paths, labels, challenger = (_image_sets(model, dataset, spec, test_probabilities, registry, data, s3)
+    paths, labels, challenger = (gate.image_sets(model, dataset, spec, test_probabilities, registry.gate_sites, data, s3)
                                  if champion is not None else ({}, {}, {}))
     decision = gate.run(registry.model_name, champion, paths, labels, challenger, flat["test_sensitivity"],
                         evaluate.min_sensitivity, registry.margin, evaluate.bootstrap_samples, seed)

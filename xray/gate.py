@@ -128,3 +128,26 @@ def run(model_name: str, champion_version: str | None, image_sets: dict[str, lis
             comparisons = {name: compare(labels[name], challenger[name], champion[name], samples, seed)
                            for name in image_sets}
     return decide(test_sensitivity, min_sensitivity, champion_version, comparisons, margin, champion_error)
+
+
+def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites, data, s3):
+    """(paths, labels, challenger probabilities) per image set: the test split, already scored by the challenger,
+    and each labelled gate site (loaded through the site checks and scored here)."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    from xray import data as xdata
+    from xray import sites
+    from xray.predict import predict_paths
+
+    test_rows = xdata.select(dataset.manifest, "test", spec)
+    paths, labels, challenger = ({"test": dataset.paths(test_rows)}, {"test": xdata.labels_of(test_rows)},
+                                 {"test": test_probabilities})
+    for uri in gate_sites:
+        site, report = sites.load_site(uri, Path(tempfile.mkdtemp(prefix="xray-gate-site-")), data, s3)
+        name = f"site:{sites.site_name(uri)}"
+        paths[name], labels[name] = site.paths(site.manifest), sites.labels(site)
+        challenger[name] = predict_paths(model, paths[name], spec)
+        logging.getLogger(__name__).info("gate site %s (%s): %s", name, uri, report["counts"])
+    return paths, labels, challenger
