@@ -3,16 +3,16 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-team.txt requirements-dev.txt | sha256sum | cut -c1-12)
 
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export ZENML_ANALYTICS_OPT_IN ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup stack train smoke quality test bench bench-ood monitor ui serve clean
+.PHONY: setup stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-team.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements into $(VENV) (first time: several minutes)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
@@ -20,22 +20,36 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 setup: $(STAMP)
 
+# run.py picks the ZenML stack: STACK=name, else the active one if it has an MLflow experiment tracker, else
+# xray-local (local orchestrator and artifact store, MLflow on ./.mlflow), registered on first use.
+STACK_FLAG := $(if $(STACK),--stack $(STACK))
 stack: setup
 	@test -d .zen || $(VENV)/bin/zenml init
-	@$(VENV)/bin/zenml stack set default > /dev/null
-	@echo "ZenML stack: default (local orchestrator, local artifact store)"
+
+# The team stack on this machine (README "Team stack"): ZenML server + dashboard, MLflow server on PostgreSQL with
+# artifacts in S3 (s3rver, on disk), and the ZenML stack `team`. State in .team/ (kept by team-stack-down).
+# Ports: XRAY_TEAM_ZENML_PORT (8237), XRAY_TEAM_MLFLOW_PORT (5050), XRAY_TEAM_S3_PORT (9010), XRAY_TEAM_PG_PORT (5433).
+team-stack: setup
+	@test -d .zen || $(VENV)/bin/zenml init
+	$(PY) -m infra.team_stack up
+
+team-stack-down: setup
+	$(PY) -m infra.team_stack down
+
+team-stack-status: setup
+	$(PY) -m infra.team_stack status
 
 train: stack
-	$(PY) run.py --pipeline training --summary outputs/summary.json
+	$(PY) run.py --pipeline training $(STACK_FLAG) --summary outputs/summary.json
 
 smoke: stack
-	$(PY) run.py --pipeline training --config configs/training_smoke.yaml --summary outputs/summary_smoke.json
+	$(PY) run.py --pipeline training $(STACK_FLAG) --config configs/training_smoke.yaml --summary outputs/summary_smoke.json
 
 # Model-quality recipe (issue #5): the real pipeline, then an independent reload of the registered version.
 # `make quality SEED=7` replicates the recipe with another seed (val carve, shuffling) and keeps its own summary.
 QUALITY_SUMMARY := outputs/summary_quality$(if $(SEED),_seed$(SEED)).json
 quality: stack
-	$(PY) run.py --pipeline training --config configs/training_quality_cpu.yaml $(if $(SEED),--seed $(SEED)) --summary $(QUALITY_SUMMARY)
+	$(PY) run.py --pipeline training $(STACK_FLAG) --config configs/training_quality_cpu.yaml $(if $(SEED),--seed $(SEED)) --summary $(QUALITY_SUMMARY)
 	$(PY) scripts/verify_registered.py --summary $(QUALITY_SUMMARY)
 
 test: setup
@@ -53,7 +67,7 @@ bench-ood: setup
 
 # A batch against the champion's reference profile: make monitor IMAGES=path/or/s3://prefix/
 monitor: stack
-	$(PY) run.py --pipeline monitoring --images $(IMAGES) --summary outputs/monitoring/summary.json
+	$(PY) run.py --pipeline monitoring $(STACK_FLAG) --images $(IMAGES) --summary outputs/monitoring/summary.json
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000

@@ -47,6 +47,10 @@ def quiet_third_party() -> None:
     """At the default level, no request lines from the embedded S3 server and no botocore credential notices."""
     for name in ("werkzeug", "botocore", "boto3", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # After every step ZenML's MLflow tracker disables autologging for frameworks this project never autologs, and
+    # warns about fastai (not installed); nothing to act on.
+    logging.getLogger("zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to disable MLflow autologging"))
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -100,8 +104,6 @@ def stage_dataset(config, dataset_uri: str | None, services: ExitStack) -> str:
 def summarize(run, config) -> dict:
     from zenml.client import Client
 
-    from xray import tracking
-
     run = Client().get_pipeline_run(run.id)
     steps = run.steps
 
@@ -114,7 +116,7 @@ def summarize(run, config) -> dict:
     return {
         "pipeline_run_id": str(run.id),
         "mlflow_run_id": registration["mlflow_run_id"],
-        "mlflow_tracking_uri": tracking.tracking_uri(config.registry.tracking_uri),
+        "mlflow_tracking_uri": config.registry.tracking_uri,
         "model_name": registration["model_name"],
         "model_version": registration["model_version"],
         "promoted": registration["promoted"],
@@ -150,7 +152,46 @@ def schedule_for(cron: str, orchestrator, stack_name: str):
             f"({orchestrator.flavor}) has no scheduler; register and activate a SageMaker stack "
             "(scripts/register_sagemaker_stack.sh) first"
         )
-    return Schedule(name=f"chest-xray-training-{abs(hash(expression)) % 10**8}", cron_expression=expression)
+    return Schedule(name=schedule_name(expression), cron_expression=expression)
+
+
+def schedule_name(expression: str) -> str:
+    """The same name for the same cron expression in every process (``hash()`` of a str is salted per process)."""
+    import hashlib
+
+    return f"chest-xray-training-{hashlib.sha256(expression.strip().encode()).hexdigest()[:10]}"
+
+
+def tracker_settings(registry) -> dict:
+    """The run's MLflow experiment, created first so that a SQLite store keeps its artifacts beside it; the stack's
+    experiment tracker opens the run in it."""
+    from mlflow.tracking import MlflowClient
+
+    from xray import tracking
+
+    tracking.experiment_id(MlflowClient(tracking_uri=registry.tracking_uri), registry.experiment_name)
+    return {"experiment_tracker": {"experiment_name": registry.experiment_name}}
+
+
+def with_sagemaker_checkpoints(zenml_config: dict, backup_dir: str | None, artifact_root: str) -> dict:
+    """SageMaker syncs a job's checkpoint folder with S3 only when its estimator has ``checkpoint_s3_uri``: every step
+    run by the SageMaker step operator gets one under the stack's artifact store, with ``train.backup_dir`` as the
+    local folder, so a retried or spot-interrupted job resumes from its last epoch."""
+    import copy
+
+    from xray.errors import ConfigError
+
+    result = copy.deepcopy(zenml_config)
+    for name, step in (result.get("steps") or {}).items():
+        estimator = ((step.get("settings") or {}).get("step_operator.sagemaker") or {}).get("estimator_args")
+        if estimator is None or not backup_dir or "checkpoint_s3_uri" in estimator:
+            continue
+        if not artifact_root.startswith("s3://"):
+            raise ConfigError(f"step {name} runs on SageMaker with train.backup_dir {backup_dir}, but the stack's "
+                              f"artifact store {artifact_root} is not on S3: set estimator_args.checkpoint_s3_uri")
+        estimator["checkpoint_s3_uri"] = f"{artifact_root.rstrip('/')}/checkpoints/{name}"
+        estimator["checkpoint_local_path"] = backup_dir
+    return result
 
 
 def launch_options(config, no_cache: bool, schedule, workdir: Path) -> dict:
@@ -158,13 +199,16 @@ def launch_options(config, no_cache: bool, schedule, workdir: Path) -> dict:
 
     from pipelines.training import MODEL
 
-    options = {"enable_cache": not no_cache,
+    options = {"enable_cache": not no_cache, "settings": tracker_settings(config.registry),
                "model": Model(name=config.registry.model_name, description=MODEL.description, tags=MODEL.tags)}
     if config.zenml:
         import yaml
+        from zenml.client import Client
 
+        zenml_config = with_sagemaker_checkpoints(config.zenml, config.train.backup_dir,
+                                                  Client().active_stack.artifact_store.path)
         path = workdir / "zenml_run_config.yaml"
-        path.write_text(yaml.safe_dump(config.zenml))
+        path.write_text(yaml.safe_dump(zenml_config))
         options["config_path"] = str(path)
     if schedule is not None:
         options["schedule"] = schedule
@@ -177,14 +221,10 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
     from zenml.client import Client
 
     from pipelines.training import training_pipeline
-    from xray import tracking
 
     quiet_expected_failures()
     stack = Client().active_stack
     schedule = schedule_for(cron, stack.orchestrator, stack.name) if cron else None
-    # Pin the tracking URI into the config: steps on other machines must log to the same store.
-    registry = config.registry.model_copy(update={"tracking_uri": tracking.tracking_uri(config.registry.tracking_uri)})
-    config = config.model_copy(update={"registry": registry})
     with ExitStack() as services, tempfile.TemporaryDirectory() as workdir:
         uri = stage_dataset(config, dataset_uri, services)
         run = training_pipeline.with_options(**launch_options(config, no_cache, schedule, Path(workdir)))(
@@ -199,12 +239,10 @@ def run_inference(config, images: str, model_version: str, output: Path, explain
     from zenml.client import Client
 
     from pipelines.inference import inference_pipeline
-    from xray import tracking
 
     quiet_expected_failures()
-    registry = config.registry.model_copy(update={
-        "tracking_uri": tracking.tracking_uri(config.registry.tracking_uri), "experiment_name": "chest-xray-inference"})
-    run = inference_pipeline.with_options(enable_cache=False)(
+    registry = config.registry.model_copy(update={"experiment_name": "chest-xray-inference"})
+    run = inference_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
         images=images, model_version=model_version, registry=registry, explain=explain,
         s3_max_attempts=config.s3.max_attempts)
     steps = Client().get_pipeline_run(run.id).steps
@@ -230,13 +268,10 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
     from zenml.client import Client
 
     from pipelines.monitoring import monitoring_pipeline
-    from xray import tracking
 
     quiet_expected_failures()
-    registry = config.registry.model_copy(update={
-        "tracking_uri": tracking.tracking_uri(config.registry.tracking_uri),
-        "experiment_name": config.monitoring.experiment_name})
-    run = monitoring_pipeline.with_options(enable_cache=False)(
+    registry = config.registry.model_copy(update={"experiment_name": config.monitoring.experiment_name})
+    run = monitoring_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
         images=images, model_version=model_version, registry=registry, monitoring=config.monitoring,
         seed=config.seed, s3_max_attempts=config.s3.max_attempts)
     steps = Client().get_pipeline_run(run.id).steps
@@ -262,15 +297,12 @@ def run_evaluation(config, dataset_uri: str, model_version: str, site: str | Non
     from zenml.client import Client
 
     from pipelines.evaluation import evaluation_pipeline
-    from xray import tracking
     from xray.sites import site_name
 
     quiet_expected_failures()
-    registry = config.registry.model_copy(update={
-        "tracking_uri": tracking.tracking_uri(config.registry.tracking_uri),
-        "experiment_name": config.evaluate.site_experiment_name})
+    registry = config.registry.model_copy(update={"experiment_name": config.evaluate.site_experiment_name})
     name = site_name(dataset_uri, site)
-    run = evaluation_pipeline.with_options(enable_cache=False)(
+    run = evaluation_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
         dataset_uri=dataset_uri, site=name, model_version=model_version, recalibrate_fraction=recalibrate_fraction,
         data=config.data, s3=config.s3, evaluate=config.evaluate, registry=registry, seed=config.seed)
     steps = Client().get_pipeline_run(run.id).steps
@@ -291,6 +323,18 @@ def run_evaluation(config, dataset_uri: str, model_version: str, site: str | Non
     return summary
 
 
+def on_stack(config, stack_name: str | None):
+    """Activate the run's ZenML stack; the config's registry.tracking_uri becomes its tracker's URI, so that the steps'
+    registry reads (and the summary) name the store the tracker logs to."""
+    from infra.stacks import use_stack
+    from xray import tracking
+
+    explicit = bool(os.environ.get("MLFLOW_TRACKING_URI") or config.registry.tracking_uri)
+    name, uri = use_stack(stack_name, tracking.tracking_uri(config.registry.tracking_uri), explicit)
+    click.echo(f"ZenML stack: {name}; MLflow: {uri}", err=True)
+    return config.model_copy(update={"registry": config.registry.model_copy(update={"tracking_uri": uri})})
+
+
 def list_schedules() -> None:
     from zenml.client import Client
 
@@ -299,8 +343,8 @@ def list_schedules() -> None:
         emit("no schedules in the active ZenML project")
     for item in schedules:
         emit(f"{item.name}\tcron={item.cron_expression}\tactive={item.active}\tid={item.id}")
-    emit("delete one with: zenml pipeline schedule delete <name>  "
-               "(on SageMaker this also removes the EventBridge schedule; see docs/sagemaker.md)")
+    emit("delete one with: zenml pipeline schedule delete <name>; on SageMaker also delete the EventBridge schedule "
+         "(aws scheduler delete-schedule --name <name>; docs/sagemaker.md)")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -330,6 +374,11 @@ def list_schedules() -> None:
               help=f"monitoring: exit with code {DRIFT_EXIT_CODE} when drift is detected (after printing the summary).")
 @click.option("--explain", type=click.IntRange(min=0), default=0, show_default=True,
               help="inference: write Grad-CAM overlays for the first N readable images.")
+@click.option("--stack", "stack_name", default=None,
+              help="The ZenML stack to run on (activated for this and later runs); its MLflow experiment tracker "
+                   "decides where runs and models go. Default: the active stack if it has an experiment tracker, "
+                   "else xray-local (local orchestrator and artifact store, MLflow on ./.mlflow). `team`: see "
+                   "README 'Team stack'.")
 @click.option("--no-cache", is_flag=True, help="Run every step even when ZenML has a cached result.")
 @click.option("--schedule", "cron", default=None,
               help="Attach a schedule instead of running once, e.g. \"cron(0 3 ? * MON *)\" (AWS six-field syntax "
@@ -342,7 +391,7 @@ def list_schedules() -> None:
 def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images: str | None, model_version: str,
          output: Path | None, fail_on_drift: bool, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
          summary_path: Path | None, seed: int | None = None, site: str | None = None,
-         recalibrate_fraction: float | None = None) -> None:
+         recalibrate_fraction: float | None = None, stack_name: str | None = None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
     quiet_third_party()
@@ -364,6 +413,7 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
     if pipeline_name != "evaluation" and (site or recalibrate_fraction is not None):
         fail("--site and --recalibrate-fraction belong to --pipeline evaluation", 2)
     try:
+        config = on_stack(config, stack_name)
         if pipeline_name == "inference":
             summary = run_inference(config, images, model_version, output or Path("outputs/predictions.csv"), explain)
         elif pipeline_name == "monitoring":

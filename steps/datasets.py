@@ -13,7 +13,7 @@ from xray.dataset import ValidatedDataset
 logger = logging.getLogger(__name__)
 
 
-@step(cache_policy=DOMAIN_CODE)
+@step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def build_datasets(
     dataset: ValidatedDataset, data: DataConfig, model: ModelConfig, train: TrainConfig,
     registry: RegistryConfig, seed: int,
@@ -25,7 +25,7 @@ def build_datasets(
     images = next(iter(xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)))[0]
     logger.info(f"input pipeline ok: batch {tuple(images.shape)}; class weights {spec.class_weights}; "
                 f"selected {spec.counts}")
-    with mlflow_run(registry):
+    with mlflow_run():
         mlflow.log_params({f"class_weight.{k}": round(v, 4) for k, v in spec.class_weights.items()})
         mlflow.log_params({f"selected.{s}.{l}": n for s, c in spec.counts.items() for l, n in c.items()})
     return spec

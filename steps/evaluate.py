@@ -22,7 +22,7 @@ from xray.predict import predict_paths
 logger = logging.getLogger(__name__)
 
 
-@step(output_materializers={"calibrated_model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE)
+@step(output_materializers={"calibrated_model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def evaluate_model(
     model: keras.Model, dataset: ValidatedDataset, spec: xdata.DatasetSpec, evaluate: EvaluateConfig,
     registry: RegistryConfig, seed: int,
@@ -62,7 +62,7 @@ def evaluate_model(
                 flat["test_specificity"])
     report = {"flat": flat, "val": result["val"], "test": result["test"], "threshold_policy": result["threshold_policy"],
               "calibration": calibration.as_dict(), "test_uncalibrated": result["test_uncalibrated"]}
-    with mlflow_run(registry):
+    with mlflow_run():
         log_config(evaluate=evaluate)
         mlflow.set_tags({"threshold_policy": result["threshold_policy"], "calibration": calibration.method})
         mlflow.log_metrics(flat)

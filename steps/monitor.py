@@ -15,7 +15,7 @@ from xray.dataset import ValidatedDataset
 logger = logging.getLogger(__name__)
 
 
-@step(enable_cache=False)
+@step(enable_cache=False, experiment_tracker=True)
 def check_drift(
     predictions: pd.DataFrame, image_features: pd.DataFrame, images: ValidatedDataset, model_info: dict, source: str,
     monitoring: MonitoringConfig, registry: RegistryConfig, seed: int,
@@ -28,7 +28,7 @@ def check_drift(
     plots = drift.figures(profile, predictions, image_features, images.paths(readable))
     page = drift.render_html(report, plots)
     logger.info("%s: %s", "DRIFT" if report["drift_detected"] else "no drift", report["decision"])
-    with mlflow_run(registry):
+    with mlflow_run():
         log_config(monitoring=monitoring)
         mlflow.set_tags({"drift_detected": str(report["drift_detected"]).lower(), "model_version": model_info["version"]})
         mlflow.log_metrics({"drift_detected": float(report["drift_detected"]), "p_value": report["p_value"],

@@ -18,7 +18,6 @@ from materializers import ValidatedDatasetMaterializer
 from steps.tracking import mlflow_run
 from xray import gradcam, inference
 from xray import registry as xregistry
-from xray import tracking
 from xray.config import RegistryConfig
 from xray.dataset import ValidatedDataset
 from xray.ood import OUT_OF_DISTRIBUTION, UNREADABLE
@@ -27,16 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 # Not cached: an alias such as champion can move between runs.
-@step(enable_cache=False)
+@step(enable_cache=False, experiment_tracker=True)
 def resolve_model_version(model_version: str, registry: RegistryConfig) -> Annotated[dict, "model_info"]:
     """Pin an alias such as champion to its version number, so every step of this run uses the same version."""
-    mlflow.set_tracking_uri(tracking.tracking_uri(registry.tracking_uri))
     info = xregistry.resolve_version(registry.model_name, model_version)
     logger.info("using %s (%s)", info["uri"], model_version)
     return info
 
 
-@step(enable_cache=False, output_materializers={"images": ValidatedDatasetMaterializer})
+@step(enable_cache=False, output_materializers={"images": ValidatedDatasetMaterializer}, experiment_tracker=True)
 def load_images(images: str, s3_max_attempts: int = 5) -> Annotated[ValidatedDataset, "images"]:
     """JPEG/PNG from a folder, a zip or an S3 prefix; unreadable ones are kept as rows with a status."""
     screened = inference.screen(inference.gather(images, s3_max_attempts), Path(tempfile.mkdtemp(prefix="xray-infer-")))
@@ -45,7 +43,7 @@ def load_images(images: str, s3_max_attempts: int = 5) -> Annotated[ValidatedDat
     return screened
 
 
-@step(enable_cache=False)
+@step(enable_cache=False, experiment_tracker=True)
 def batch_predict(model_info: dict, images: ValidatedDataset, source: str, registry: RegistryConfig) -> Tuple[
     Annotated[pd.DataFrame, "predictions"], Annotated[pd.DataFrame, "image_features"]
 ]:
@@ -56,7 +54,7 @@ def batch_predict(model_info: dict, images: ValidatedDataset, source: str, regis
               "out_of_distribution": int((table["status"] == OUT_OF_DISTRIBUTION).sum()),
               "predicted_pneumonia": int((table["label"] == "PNEUMONIA").sum())}
     logger.info("predicted %d images: %s", len(table), counts)
-    with mlflow_run(registry):
+    with mlflow_run():
         mlflow.log_params({"model_uri": model_info["uri"], "model_version": model_info["version"], "images": source,
                            "threshold": model_info["threshold"], "image_size": model_info["image_size"]})
         mlflow.log_metrics(counts)
@@ -64,7 +62,7 @@ def batch_predict(model_info: dict, images: ValidatedDataset, source: str, regis
     return table, features
 
 
-@step(enable_cache=False)
+@step(enable_cache=False, experiment_tracker=True)
 def explain_predictions(model_info: dict, images: ValidatedDataset, explain: int,
                         registry: RegistryConfig) -> Annotated[dict, "gradcam"]:
     """Grad-CAM overlays (last conv block of the backbone) for the first ``explain`` readable images."""
@@ -75,7 +73,7 @@ def explain_predictions(model_info: dict, images: ValidatedDataset, explain: int
     pictures = gradcam.overlays_for(predictor.model, images.paths(rows), predictor.image_size, predictor.threshold)
     overlays: dict[str, Image.Image] = {
         f"gradcam_{Path(source.split('!')[-1]).stem}.png": picture for source, picture in zip(rows["source"], pictures)}
-    with mlflow_run(registry):
+    with mlflow_run():
         for name, overlay in overlays.items():
             mlflow.log_image(overlay, f"gradcam/{name}")
     return overlays

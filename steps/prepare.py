@@ -19,7 +19,7 @@ from xray.ingest import RawArchive
 logger = logging.getLogger(__name__)
 
 
-@step(output_materializers={"dataset": ValidatedDatasetMaterializer}, cache_policy=DOMAIN_CODE)
+@step(output_materializers={"dataset": ValidatedDatasetMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def unzip_and_validate(
     raw_archive: RawArchive, data: DataConfig, registry: RegistryConfig, seed: int
 ) -> Tuple[
@@ -40,7 +40,7 @@ def unzip_and_validate(
         "class_distribution": plots.class_distribution(report.counts),
         "sample_grid": plots.sample_grid(dataset.paths(examples), [f"{r.split}/{r.label}" for r in examples.itertuples()]),
     }
-    with mlflow_run(registry):
+    with mlflow_run():
         log_config(data=data, seed=seed)
         mlflow.log_metrics({f"data.{s}.{l}": n for s, c in report.counts.items() for l, n in c.items()}
                            | {"data.quarantined": len(report.quarantined), "data.duplicates_removed": len(report.duplicates_removed)})

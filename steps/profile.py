@@ -16,7 +16,7 @@ from xray.dataset import ValidatedDataset
 logger = logging.getLogger(__name__)
 
 
-@step(output_materializers={"reference_profile": ReferenceProfileMaterializer}, cache_policy=DOMAIN_CODE)
+@step(output_materializers={"reference_profile": ReferenceProfileMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def profile_reference(
     dataset: ValidatedDataset, spec: xdata.DatasetSpec, threshold: float, val_probabilities: np.ndarray,
     monitoring: MonitoringConfig, registry: RegistryConfig, seed: int,
@@ -30,7 +30,7 @@ def profile_reference(
                               monitoring.aspect_ratio_tolerance, seed)
     logger.info("reference profile: %d train, %d val images; out-of-distribution threshold %.3f flags %.1f%% of val",
                 len(train), len(val), profile.threshold, 100 * profile.val_ood_fraction)
-    with mlflow_run(registry):
+    with mlflow_run():
         log_config(monitoring=monitoring)
         mlflow.log_metrics({"ood_threshold": profile.threshold, "val_ood_fraction": profile.val_ood_fraction,
                             "val_positive_rate": profile.val_positive_rate})

@@ -5,11 +5,11 @@ import keras
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
-from zenml import log_metadata, step
+from zenml import get_step_context, log_metadata, step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray import CLASS_NAMES, gate, model_card, tracking
+from xray import CLASS_NAMES, gate, model_card
 from xray import data as xdata
 from xray import registry as xregistry
 from xray.config import DataConfig, EvaluateConfig, ModelConfig, RegistryConfig, S3Config
@@ -19,7 +19,7 @@ from xray.ood import ReferenceProfile
 logger = logging.getLogger(__name__)
 
 
-@step(cache_policy=DOMAIN_CODE)
+@step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def register_model(
     model: keras.Model, metrics: dict, threshold: float, test_probabilities: np.ndarray, dataset: ValidatedDataset,
     spec: xdata.DatasetSpec, archive_info: dict, data_report: dict, history: dict, reference_profile: ReferenceProfile,
@@ -35,14 +35,13 @@ def register_model(
         "ood_threshold": reference_profile.threshold, "val_ood_fraction": reference_profile.val_ood_fraction,
         "calibration": metrics.get("calibration", {}).get("method", "none"),
     }
-    mlflow.set_tracking_uri(tracking.tracking_uri(registry.tracking_uri))
-    client = MlflowClient()
+    client = MlflowClient()  # the stack's tracking server: its experiment tracker set the URI
     champion, _ = xregistry.current_champion(client, registry.model_name, registry.champion_alias)
     paths, labels, challenger = (gate.image_sets(model, dataset, spec, test_probabilities, registry.gate_sites, data, s3)
                                  if champion is not None else ({}, {}, {}))
     decision = gate.run(registry.model_name, champion, paths, labels, challenger, flat["test_sensitivity"],
                         evaluate.min_sensitivity, registry.margin, evaluate.bootstrap_samples, seed)
-    with mlflow_run(registry) as run:
+    with mlflow_run() as run:
         log_config(registry=registry)
         card = model_card.render(registry.model_name, metrics, spec.counts, data_report, {
             "mlflow_run_id": run.info.run_id, "backbone": model_config.backbone, "weights": model_config.weights,
@@ -59,6 +58,10 @@ def register_model(
         for name, comparison in decision.comparisons.items():
             mlflow.log_metrics({f"gate_{name.replace(':', '_')}_{key}": value for key, value in comparison.items()
                                 if isinstance(value, float)})
+    if decision.promoted:
+        # One source of truth: the MLflow alias (read by batch inference, serving and the gate). The ZenML Model
+        # version of this run follows it, so the dashboard's "production" is the same version.
+        get_step_context().model.set_stage("production", force=True)
     logger.info("registered %s v%s: %s (%s)", registry.model_name, version,
                 f"promoted to {registry.champion_alias}" if decision.promoted else "not promoted", decision.reason)
     registration = {"model_name": registry.model_name, "model_version": version, "model_uri": model_uri,

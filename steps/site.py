@@ -22,7 +22,7 @@ from xray.evaluation import evaluate_site
 logger = logging.getLogger(__name__)
 
 
-@step(enable_cache=False, output_materializers={"site_images": ValidatedDatasetMaterializer})
+@step(enable_cache=False, output_materializers={"site_images": ValidatedDatasetMaterializer}, experiment_tracker=True)
 def load_labelled_site(dataset_uri: str, data: DataConfig, s3: S3Config) -> Tuple[
     Annotated[ValidatedDataset, "site_images"], Annotated[dict, "site_report"]
 ]:
@@ -34,7 +34,7 @@ def load_labelled_site(dataset_uri: str, data: DataConfig, s3: S3Config) -> Tupl
     return dataset, report
 
 
-@step(enable_cache=False)
+@step(enable_cache=False, experiment_tracker=True)
 def evaluate_on_site(
     model_info: dict, site_images: ValidatedDataset, site_report: dict, site: str,
     recalibrate_fraction: Optional[float], evaluate: EvaluateConfig, registry: RegistryConfig, seed: int,
@@ -48,7 +48,7 @@ def evaluate_on_site(
                                title=f"Reliability on site {site}")
     client = MlflowClient()
     model_id = xregistry.logged_model_id(client.get_model_version(registry.model_name, model_info["version"]))
-    with mlflow_run(registry) as run:
+    with mlflow_run() as run:
         log_config(evaluate=evaluate)
         mlflow.set_tags({"site": site, "model_name": registry.model_name, "model_version": model_info["version"],
                          "model_uri": model_info["uri"], "dataset_uri": site_report["source_uri"]})

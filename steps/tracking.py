@@ -1,22 +1,34 @@
-"""The MLflow run shared by every step of one pipeline run."""
+"""MLflow inside steps: the active stack's experiment tracker opens the run, the steps log into it.
 
+Every step that logs is declared with ``experiment_tracker=True`` (the active stack's tracker): ZenML's MLflow
+tracker starts or resumes one MLflow run per pipeline run (named after it) before the step and ends it after, with
+status FAILED when the step failed. The tracking URI and experiment come from the stack and the run's settings
+(run.py), never from a lookup here.
+"""
+
+import logging
 from contextlib import contextmanager
 
 import mlflow
-from zenml import get_step_context
 
-from xray import tracking
-from xray.config import RegistryConfig, flatten
+from xray.config import flatten
+
+logger = logging.getLogger(__name__)
+
+
+class NoExperimentTracker(RuntimeError):
+    pass
 
 
 @contextmanager
-def mlflow_run(registry: RegistryConfig):
-    uri = tracking.tracking_uri(registry.tracking_uri)
-    run = get_step_context().pipeline_run
-    run_id = tracking.shared_run_id(uri, registry.experiment_name, str(run.id), run.name)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id) as active:
-        yield active
+def mlflow_run():
+    """The pipeline run's MLflow run, opened by the stack's experiment tracker."""
+    run = mlflow.active_run()
+    if run is None:
+        raise NoExperimentTracker(
+            "this step logs to MLflow but no MLflow run is active: the active ZenML stack has no MLflow experiment "
+            "tracker (run through run.py, which selects a stack with one, or add one: README 'Team stack')")
+    yield run
 
 
 def log_images(images: dict, folder: str = "plots") -> None:
@@ -33,26 +45,16 @@ def log_config(**sections) -> None:
     mlflow.log_params(params)
 
 
-
 def mark_run_failed(exception: BaseException) -> None:
-    """on_failure hook of every pipeline: the pipeline run's MLflow run ends FAILED, with the failed step and the
-    error's first line as tags, so the MLflow UI tells a failed run from a finished one."""
-    import logging
+    """on_failure hook of every pipeline. It runs inside the failed step, before the experiment tracker ends the
+    MLflow run as FAILED: the run gains the failed step and the error's first line as tags, so the MLflow UI says
+    why."""
+    from zenml import get_step_context
 
-    from mlflow.tracking import MlflowClient
-
-    context = get_step_context()
-    registry = context.step_run.config.parameters.get("registry")
-    configured = registry.get("tracking_uri") if isinstance(registry, dict) else getattr(registry, "tracking_uri", None)
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(configured))
-    run_key = str(context.pipeline_run.id)
+    run = mlflow.active_run()
+    if run is None:
+        logger.warning("no MLflow run active in the failed step; its error is not recorded in MLflow")
+        return
     message = (str(exception).splitlines() or [type(exception).__name__])[0][:500]
-    try:
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(experiments, filter_string=f"tags.{tracking.RUN_KEY_TAG} = '{run_key}'") if experiments else []
-        for run in runs:
-            client.set_tag(run.info.run_id, "error", f"{type(exception).__name__}: {message}")
-            client.set_tag(run.info.run_id, "failed_step", context.step_run.name)
-            client.set_terminated(run.info.run_id, status="FAILED")
-    except Exception as error:  # noqa: BLE001 - the step's own error is what the user must see; say this one too
-        logging.getLogger(__name__).warning("could not mark the MLflow run of %s FAILED: %s", run_key, error)
+    mlflow.set_tags({"error": f"{type(exception).__name__}: {message}",
+                     "failed_step": get_step_context().step_run.name})

@@ -18,7 +18,7 @@ from xray.dataset import ValidatedDataset, fingerprint
 logger = logging.getLogger(__name__)
 
 
-@step(output_materializers={"model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE)
+@step(output_materializers={"model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def train_model(
     dataset: ValidatedDataset, spec: xdata.DatasetSpec, model: ModelConfig, train: TrainConfig,
     registry: RegistryConfig,
@@ -31,7 +31,7 @@ def train_model(
     if train.backup_dir:
         key = training.checkpoint_key(model, train, spec, fingerprint(dataset.manifest))
         checkpoint_dir = Path(train.backup_dir).expanduser() / key
-    with mlflow_run(registry):
+    with mlflow_run():
         log_config(model=model, train=train)
         classifier, history, throughput = training.fit(
             model, train, spec, train_ds, val_ds, extra_callbacks=[tracking.epoch_logger()], checkpoint_dir=checkpoint_dir

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +135,71 @@ def profile(family):
 
     features = [ood.features_of_array(image) for image in family]
     return ood.fit_profile(features[:160], features[160:220], np.linspace(0, 1, 60), 0.5, alpha=0.01)
+
+# -- the team stack, brought up once per session in its own folder and ports, and one smoke training run on it --
+# Shared by tests/pipeline/test_team_stack.py (the stack itself: S3, REST APIs, restart, browser) and
+# test_use_the_model.py (batch inference, serving, monitoring and site evaluation against its MLflow server).
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Team:
+    state: Path
+    home: Path
+    ports: dict[str, int]
+    env: dict[str, str]
+    info: dict = field(default_factory=dict)
+
+    def stack(self, command: str, timeout: int = 300) -> dict:
+        args = [f"--{name}-port={port}" for name, port in self.ports.items()]
+        result = subprocess.run([sys.executable, "-m", "infra.team_stack", command, "--state", str(self.state), *args],
+                                cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def run(self, *args: str, timeout: int = 900) -> dict:
+        result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--stack", "team", *args], cwd=ROOT,
+                                env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def team():
+    # Not under pytest's tmp folder (mode 0700): as root, PostgreSQL runs as `postgres` and must reach its data.
+    (ROOT / ".cache").mkdir(exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix="team-test-", dir=ROOT / ".cache"))
+    state.chmod(0o755)
+    home = state / "client"
+    home.mkdir()
+    ports = {"zenml": free_port(), "mlflow": free_port(), "s3": free_port(), "pg": free_port()}
+    env = isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)))
+    team = Team(state / "stack", home, ports, env)
+    team.info = team.stack("up")
+    # The client's MLflow calls (tests, `mlflow models serve`) go where the stack's tracker logs.
+    team.env["MLFLOW_TRACKING_URI"] = team.info["mlflow_tracking_uri"]
+    try:
+        yield team
+    finally:
+        team.stack("down")
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained(team):
+    """One smoke training run on the team stack; (home, env, twenty test images, summary)."""
+    home = team.home
+    deterministic_smoke_config(home / "smoke.yaml")
+    summary = team.run("--config", str(home / "smoke.yaml"))
+    images = home / "twenty"
+    images.mkdir()
+    with zipfile.ZipFile(MINI_ZIP) as archive:
+        names = sorted(n for n in archive.namelist() if n.startswith("chest_xray/test/") and n.endswith(".jpeg"))[:20]
+        for name in names:
+            (images / name.rsplit("/", 1)[1]).write_bytes(archive.read(name))
+    return home, team.env, images, summary

@@ -17,15 +17,33 @@ from PIL import Image
 
 from xray import serving as serving_module
 
-def pip_requirements() -> list[str]:
-    """Pinned from what is installed; MLflow's inference would load TF in a subprocess."""
-    pins = []
-    # scikit-learn and scipy: the reference profile scores every request (xray.ood).
-    for package in ("tensorflow-cpu", "keras", "mlflow", "pillow", "numpy", "scikit-learn", "scipy"):
+# TensorFlow installs under several distribution names: tensorflow-cpu here, tensorflow on the GPU image.
+TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel")
+# scikit-learn and scipy: the reference profile scores every request (xray.ood).
+RUNTIME_DISTRIBUTIONS = ("keras", "mlflow", "pillow", "numpy", "scikit-learn", "scipy")
+
+
+def pip_requirements(installed=version) -> list[str]:
+    """Pinned from what is installed, TensorFlow under whichever name it was installed; MLflow's inference would
+    load TF in a subprocess. ``installed``: distribution name -> version, raising PackageNotFoundError."""
+    from importlib.metadata import PackageNotFoundError
+
+    def pin(name: str) -> str | None:
         try:
-            pins.append(f"{package}=={version(package)}")
-        except Exception:  # noqa: BLE001 - a missing optional dist just is not pinned
-            continue
+            return f"{name}=={installed(name)}"
+        except PackageNotFoundError:
+            return None
+
+    tensorflow = next(filter(None, map(pin, TENSORFLOW_DISTRIBUTIONS)), None)
+    if tensorflow is None:
+        raise RuntimeError(f"no TensorFlow distribution installed (looked for {', '.join(TENSORFLOW_DISTRIBUTIONS)}): "
+                           "the registered model would have no TensorFlow requirement")
+    pins = [tensorflow]
+    for name in RUNTIME_DISTRIBUTIONS:
+        pinned = pin(name)
+        if pinned is None:
+            raise RuntimeError(f"{name} is not installed, but the registered model needs it at inference")
+        pins.append(pinned)
     return pins
 
 

@@ -1,8 +1,7 @@
-"""MLflow tracking: one MLflow run per pipeline run, shared by every step.
+"""MLflow tracking helpers: the local store's URI, experiments with their artifacts beside it, per-epoch logging.
 
-Steps may run on different machines (the train step on a SageMaker GPU), so
-they find the shared run by a tag holding the orchestrator's run id rather
-than by anything held in memory.
+Which MLflow run a step logs to is the ZenML stack's business (its MLflow experiment tracker opens one run per
+pipeline run); this module only names the local default store the local stack's tracker points at.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-RUN_KEY_TAG = "zenml_pipeline_run_id"
 DEFAULT_STORE = Path(__file__).resolve().parents[1] / ".mlflow"
 
 
@@ -32,26 +30,14 @@ def artifact_location(uri: str) -> str | None:
 
 
 def experiment_id(client, name: str) -> str:
+    """The experiment's id, created if missing (for a SQLite store, with its artifacts beside the database)."""
+    parsed = urlparse(client.tracking_uri)
+    if parsed.scheme == "sqlite":
+        Path(parsed.path).parent.mkdir(parents=True, exist_ok=True)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
-
-
-def shared_run_id(uri: str, experiment: str, run_key: str, run_name: str) -> str:
-    """The MLflow run of this pipeline run, created by whichever step asks first."""
-    from mlflow.tracking import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-    if urlparse(uri).scheme == "sqlite":
-        Path(urlparse(uri).path).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = experiment_id(client, experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.{RUN_KEY_TAG} = '{run_key}'", max_results=1)
-    if runs:
-        return runs[0].info.run_id
-    run = client.create_run(exp_id, tags={RUN_KEY_TAG: run_key, MLFLOW_RUN_NAME: run_name})
-    return run.info.run_id
 
 
 def epoch_logger():

@@ -1,6 +1,7 @@
 """After a training run: batch inference (folder and S3 prefix), REST serving, monitoring, Grad-CAM and the model card.
 
-Trains once with the smoke config in isolated stores, then uses the registered champion.
+Uses the champion of the smoke run on the team stack (conftest.trained): every read goes through its MLflow
+tracking server, and the pipelines run with `--stack team`.
 """
 
 import base64
@@ -21,32 +22,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import MINI_ZIP, ROOT, deterministic_smoke_config, isolated_env, require
+from conftest import MINI_ZIP, ROOT
 from xray import s3
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    home = tmp_path_factory.mktemp("use")
-    deterministic_smoke_config(home / "smoke.yaml")
-    env = isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)))
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(home / "smoke.yaml")], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    images = home / "twenty"
-    images.mkdir()
-    with zipfile.ZipFile(MINI_ZIP) as archive:
-        names = sorted(n for n in archive.namelist() if n.startswith("chest_xray/test/") and n.endswith(".jpeg"))[:20]
-        for name in names:
-            (images / name.rsplit("/", 1)[1]).write_bytes(archive.read(name))
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    return home, env, images, summary
-
-
 def _infer(env, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "inference", *args], cwd=ROOT,
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "inference", "--stack", "team", *args], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -139,3 +139,66 @@ def test_combined_requirements_resolve(tmp_path):
     assert to_install["sagemaker"].startswith("2.")
     # The local stack's pins stay as they are: nothing of the core set is up- or downgraded.
     assert not {"tensorflow-cpu", "keras", "mlflow", "zenml"} & to_install.keys(), to_install
+
+
+def test_the_sagemaker_train_step_gets_a_checkpoint_s3_uri_under_the_artifact_store():
+    import run
+    from xray.errors import ConfigError
+
+    config = load_config(CONFIG)
+    resolved = run.with_sagemaker_checkpoints(config.zenml, config.train.backup_dir, "s3://xray-artifacts/zenml/")
+    estimator = resolved["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
+    assert estimator["checkpoint_s3_uri"] == "s3://xray-artifacts/zenml/checkpoints/train_model"
+    assert estimator["checkpoint_local_path"] == config.train.backup_dir == "/opt/ml/checkpoints"
+    assert "checkpoint_s3_uri" not in config.zenml["steps"]["train_model"]["settings"]["step_operator.sagemaker"][
+        "estimator_args"]  # the loaded config itself is left alone
+    # A user's own URI is kept; no backup_dir, no checkpoints; a non-S3 artifact store cannot hold them.
+    own = yaml.safe_load(yaml.safe_dump(config.zenml))
+    own["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"] = "s3://x/y"
+    kept = run.with_sagemaker_checkpoints(own, "/opt/ml/checkpoints", "s3://xray-artifacts/zenml")
+    assert kept["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"] == "s3://x/y"
+    none = run.with_sagemaker_checkpoints(config.zenml, None, "s3://xray-artifacts/zenml")
+    assert "checkpoint_s3_uri" not in none["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
+    with pytest.raises(ConfigError, match="not on S3"):
+        run.with_sagemaker_checkpoints(config.zenml, "/opt/ml/checkpoints", "/home/me/.config/zenml/local_stores/x")
+
+
+def _installed(versions):
+    from importlib.metadata import PackageNotFoundError
+
+    def lookup(name):
+        if name not in versions:
+            raise PackageNotFoundError(name)
+        return versions[name]
+    return lookup
+
+
+RUNTIME = {"keras": "3.13.0", "mlflow": "3.17.2", "pillow": "12.0.0", "numpy": "2.3.0", "scikit-learn": "1.7.0",
+           "scipy": "1.16.0"}
+
+
+@pytest.mark.parametrize("tensorflow, pin", [
+    ({"tensorflow": "2.21.0"}, "tensorflow==2.21.0"),          # the GPU image (tensorflow/tensorflow:2.21.0-gpu)
+    ({"tensorflow-cpu": "2.21.0"}, "tensorflow-cpu==2.21.0"),  # this machine
+])
+def test_registered_requirements_name_tensorflow_however_it_was_installed(tensorflow, pin):
+    from xray.registry import pip_requirements
+
+    pins = pip_requirements(_installed(RUNTIME | tensorflow))
+    assert pins[0] == pin and "mlflow==3.17.2" in pins and len(pins) == 1 + len(RUNTIME)
+
+
+def test_registered_requirements_refuse_a_missing_tensorflow_or_runtime_package():
+    from xray.registry import pip_requirements
+
+    with pytest.raises(RuntimeError, match="no TensorFlow distribution"):
+        pip_requirements(_installed(RUNTIME))
+    with pytest.raises(RuntimeError, match="scipy is not installed"):
+        pip_requirements(_installed({k: v for k, v in RUNTIME.items() if k != "scipy"} | {"tensorflow": "2.21.0"}))
+    assert any(p.startswith(("tensorflow==", "tensorflow-cpu==")) for p in pip_requirements())  # this environment
+
+
+def test_sagemaker_docs_say_how_to_delete_the_eventbridge_schedule():
+    docs = (ROOT / "docs" / "sagemaker.md").read_text()
+    assert "aws scheduler delete-schedule --name" in docs
+    assert "ZenML removes the EventBridge schedule" not in docs

@@ -72,3 +72,14 @@ def test_cli_on_the_local_stack_says_so_in_one_line(tmp_path):
     listing = subprocess.run([sys.executable, str(ROOT / "run.py"), "--list-schedules"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert listing.returncode == 0 and "zenml pipeline schedule delete" in listing.stdout
+
+
+def test_schedule_name_is_the_same_in_every_process():
+    """str hashes are salted per process: the name must not come from hash(), or every call adds a schedule."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import run; print(run.schedule_name('cron(0 3 ? * MON *)'))"
+    names = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, check=True).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(names) == 1 and names.pop().startswith("chest-xray-training-")
+    import run
+
+    assert run.schedule_name("cron(0 3 ? * MON *)") != run.schedule_name("cron(0 4 ? * MON *)")

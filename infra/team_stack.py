@@ -1,0 +1,456 @@
+"""The team stack on one machine: a ZenML server, an MLflow tracking server on PostgreSQL, an S3 endpoint that
+keeps its objects on disk, and the ZenML stack `team` that uses them.
+
+    python -m infra.team_stack up      # start what is not running, connect the zenml client, register `team`
+    python -m infra.team_stack down    # disconnect the client (back to the local store), stop every process
+    python -m infra.team_stack status  # one JSON line: services, URLs, pids
+
+`make team-stack` / `make team-stack-down` call these. Everything lives under the state folder (`.team/` by
+default): the S3 objects, the PostgreSQL cluster, the ZenML server's database, logs and pid files. `down` keeps
+it, so the next `up` finds every run, model and artifact again. Ports come from flags or XRAY_TEAM_* variables.
+
+Parts (README "Team stack"):
+  s3rver (npm, objects as files under state/s3)                         http://127.0.0.1:S3_PORT
+  PostgreSQL (initdb into state/postgres; SQLite with a notice if absent)  127.0.0.1:PG_PORT
+  mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://BUCKET/mlflow
+  ZenML server (uvicorn, SQLite under state/zenml, dashboard at /)        http://127.0.0.1:ZENML_PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+S3RVER_VERSION = "3.7.1"
+S3RVER_HOME = ROOT / ".cache" / f"s3rver-{S3RVER_VERSION}"
+# s3rver's built-in credentials; the endpoint only listens on 127.0.0.1.
+S3_KEY = S3_SECRET = "S3RVER"
+REGION = "us-east-1"
+STACK = "team"
+logger = logging.getLogger("team_stack")
+
+
+class TeamStackError(RuntimeError):
+    pass
+
+
+@dataclass
+class TeamStack:
+    state: Path = ROOT / ".team"
+    host: str = "127.0.0.1"
+    zenml_port: int = 8237
+    mlflow_port: int = 5050
+    s3_port: int = 9010
+    pg_port: int = 5433
+    bucket: str = "xray-team"
+    timeout_s: float = 120.0
+    notices: list[str] = field(default_factory=list)
+
+    # -- addresses --
+    @property
+    def zenml_url(self) -> str:
+        return f"http://{self.host}:{self.zenml_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def artifact_root(self) -> str:
+        """Where ZenML writes artifacts; MLflow's go under s3://BUCKET/mlflow."""
+        return f"s3://{self.bucket}/zenml"
+
+    def s3_env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": REGION,
+                "MLFLOW_S3_ENDPOINT_URL": self.s3_url}
+
+    def s3_client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.s3_url, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name=REGION)
+
+    # -- processes --
+    def _pid_file(self, name: str) -> Path:
+        return self.state / "run" / f"{name}.pid"
+
+    def _log(self, name: str) -> Path:
+        return self.state / "logs" / f"{name}.log"
+
+    def _pid(self, name: str) -> int | None:
+        path = self._pid_file(name)
+        if not path.is_file():
+            return None
+        pid = int(path.read_text().split()[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
+        self._log(name).parent.mkdir(parents=True, exist_ok=True)
+        self._pid_file(name).parent.mkdir(parents=True, exist_ok=True)
+        with open(self._log(name), "ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=os.environ | (env or {}), start_new_session=True, cwd=self.state)
+        self._pid_file(name).write_text(f"{process.pid}\n")
+        return process.pid
+
+    def _wait_healthy(self, name: str, url: str, pid: int | None = None) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if healthy(url):
+                return
+            if pid is not None and self._pid(name) is None:
+                raise TeamStackError(f"{name} exited while starting; last lines of {self._log(name)}:\n"
+                                     + tail(self._log(name)))
+            time.sleep(0.5)
+        raise TeamStackError(f"{name} not healthy at {url} after {self.timeout_s:.0f} s; see {self._log(name)}:\n"
+                             + tail(self._log(name)))
+
+    def _stop(self, name: str) -> bool:
+        pid = self._pid(name)
+        if pid is None:
+            self._pid_file(name).unlink(missing_ok=True)
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._pid(name) is not None:
+            time.sleep(0.2)
+        if self._pid(name) is not None:
+            logger.warning("%s (pid %d) did not stop on SIGTERM; killing it", name, pid)
+            os.killpg(pid, signal.SIGKILL)
+        self._pid_file(name).unlink(missing_ok=True)
+        return True
+
+    # -- S3: s3rver keeps every object as files under state/s3 --
+    def start_s3(self) -> str:
+        if self._pid("s3") and healthy(self.s3_url + f"/{self.bucket}"):
+            return "running"
+        binary = s3rver_binary()
+        data = self.state / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        # s3rver makes ListObjectsV2 continuation tokens with DES, which Node's OpenSSL 3 only has in its legacy
+        # provider: without it every truncated listing (s3fs asks for MaxKeys=1 to test a prefix) is a 500.
+        node_options = " ".join(filter(None, [os.environ.get("NODE_OPTIONS"), "--openssl-legacy-provider"]))
+        pid = self._spawn("s3", [str(binary), "--directory", str(data), "--address", self.host,
+                                 "--port", str(self.s3_port), "--configure-bucket", self.bucket],
+                          {"NODE_OPTIONS": node_options})
+        self._wait_healthy("s3", self.s3_url + f"/{self.bucket}", pid)
+        return "started"
+
+    # -- PostgreSQL for MLflow's backend store --
+    def backend_store_uri(self) -> str:
+        if postgres_bin() is None:
+            return f"sqlite:///{self.state / 'mlflow' / 'mlflow.db'}"
+        return f"postgresql://mlflow@{self.host}:{self.pg_port}/mlflow"
+
+    def start_postgres(self) -> str:
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            notice = ("PostgreSQL not found (no initdb/pg_ctl under /usr/lib/postgresql/*/bin or on PATH): "
+                      "the MLflow server uses SQLite under " + str(self.state / "mlflow"))
+            self.notices.append(notice)
+            logger.warning(notice)
+            (self.state / "mlflow").mkdir(parents=True, exist_ok=True)
+            return "absent (SQLite)"
+        data = self.state / "postgres"
+        sockets = self.state / "run" / "pg"
+        as_user = as_postgres_user(data, sockets)
+        status = "running"
+        if not (data / "PG_VERSION").is_file():
+            data.mkdir(parents=True, exist_ok=True)
+            as_user.chown(data)
+            run([*as_user.prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
+                 "-E", "UTF8"], "initdb")
+        sockets.mkdir(parents=True, exist_ok=True)
+        as_user.chown(sockets)
+        probe = subprocess.run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "status"],
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            options = f"-p {self.pg_port} -k {sockets} -c listen_addresses={self.host}"
+            run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options,
+                 "-l", str(data / "server.log"), "-w", "-t", str(int(self.timeout_s)), "start"], "pg_ctl start")
+            status = "started"
+        exists = subprocess.run([str(bin_dir / "psql"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow",
+                                 "-d", "postgres", "-tAc", "SELECT 1 FROM pg_database WHERE datname='mlflow'"],
+                                capture_output=True, text=True)
+        if exists.returncode != 0:
+            raise TeamStackError(f"PostgreSQL on port {self.pg_port} does not answer: {exists.stderr.strip()}")
+        if exists.stdout.strip() != "1":
+            run([str(bin_dir / "createdb"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow", "mlflow"],
+                "createdb")
+        return status
+
+    def stop_postgres(self) -> bool:
+        bin_dir = postgres_bin()
+        data = self.state / "postgres"
+        if bin_dir is None or not (data / "postmaster.pid").is_file():
+            return False
+        as_user = as_postgres_user(data, self.state / "run" / "pg")
+        run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], "pg_ctl stop")
+        return True
+
+    # -- MLflow tracking server: runs and registry in PostgreSQL, artifacts proxied to S3 --
+    def start_mlflow(self) -> str:
+        if self._pid("mlflow") and healthy(self.mlflow_url + "/health"):
+            return "running"
+        mlflow = Path(sys.executable).parent / "mlflow"
+        pid = self._spawn("mlflow", [
+            str(mlflow), "server", "--backend-store-uri", self.backend_store_uri(),
+            "--artifacts-destination", f"s3://{self.bucket}/mlflow", "--serve-artifacts",
+            "--host", self.host, "--port", str(self.mlflow_port), "--workers", "2"], self.s3_env())
+        self._wait_healthy("mlflow", self.mlflow_url + "/health", pid)
+        return "started"
+
+    # -- ZenML server: its own config folder and SQLite database under state/zenml --
+    def start_zenml(self) -> str:
+        if self._pid("zenml") and healthy(self.zenml_url + "/health"):
+            return "running"
+        home = self.state / "zenml"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {"ZENML_SERVER": "true", "ZENML_CONFIG_PATH": str(home / "config"),
+               "ZENML_STORE_URL": f"sqlite:///{home / 'zenml.db'}", "ZENML_SERVER_AUTH_SCHEME": "NO_AUTH",
+               "ZENML_SERVER_DEPLOYMENT_TYPE": "local", "ZENML_SERVER_AUTO_ACTIVATE": "True",
+               "ZENML_SERVER_ALLOW_LOCAL_FILE_ACCESS": "true", "ZENML_ANALYTICS_OPT_IN": "false"} | self.s3_env()
+        pid = self._spawn("zenml", [sys.executable, "-m", "uvicorn", "zenml.zen_server.zen_server_api:app",
+                                    "--host", self.host, "--port", str(self.zenml_port), "--log-level", "warning"], env)
+        self._wait_healthy("zenml", self.zenml_url + "/health", pid)
+        return "started"
+
+    # -- the zenml client and the stack --
+    def connect_client(self) -> None:
+        """What `zenml login` does for a local server: the global config's store becomes the server."""
+        from zenml.config.global_config import GlobalConfiguration
+        from zenml.zen_stores.rest_zen_store import RestZenStoreConfiguration
+
+        config = GlobalConfiguration()
+        if config.store_configuration.url != self.zenml_url:
+            config.set_store(RestZenStoreConfiguration(url=self.zenml_url))
+
+    def register_stack(self) -> str:
+        from zenml.client import Client
+        from zenml.enums import StackComponentType as Kind
+
+        client = Client()
+        self.skip_onboarding()
+        if any(s.name == STACK for s in client.list_stacks(name=STACK)):
+            return "registered"
+        secret = f"{STACK}-s3"
+        if not client.list_secrets(name=secret).items:
+            client.create_secret(secret, values={"key": S3_KEY, "secret": S3_SECRET})
+        tracker_secret = f"{STACK}-mlflow"
+        if not client.list_secrets(name=tracker_secret).items:
+            # The local tracking server has no authentication; ZenML's tracker asks for credentials with any
+            # http(s) URI, and MLflow ignores these. A real server's token goes into this secret instead.
+            client.create_secret(tracker_secret, values={"username": "xray", "password": "no-auth"})
+        client.create_stack_component(f"{STACK}-s3", "s3", Kind.ARTIFACT_STORE, {
+            "path": self.artifact_root, "key": f"{{{{{secret}.key}}}}", "secret": f"{{{{{secret}.secret}}}}",
+            "client_kwargs": {"endpoint_url": self.s3_url, "region_name": REGION}})
+        client.create_stack_component(f"{STACK}-mlflow", "mlflow", Kind.EXPERIMENT_TRACKER, {
+            "tracking_uri": self.mlflow_url, "tracking_username": f"{{{{{tracker_secret}.username}}}}",
+            "tracking_password": f"{{{{{tracker_secret}.password}}}}"})
+        client.create_stack_component(f"{STACK}-mlflow-registry", "mlflow", Kind.MODEL_REGISTRY, {})
+        client.create_stack(STACK, components={
+            Kind.ORCHESTRATOR: "default", Kind.ARTIFACT_STORE: f"{STACK}-s3",
+            Kind.EXPERIMENT_TRACKER: f"{STACK}-mlflow", Kind.MODEL_REGISTRY: f"{STACK}-mlflow-registry"})
+        return "created"
+
+    def skip_onboarding(self) -> None:
+        """The dashboard's first-run form (account details, survey) is shown while the user's email_opted_in is
+        unset and the survey unfinished; answer both for the server's user. Only PUT /current-user may set
+        email_opted_in (the users endpoint drops it); the server has no authentication (NO_AUTH, 127.0.0.1 only)."""
+        body = {"email_opted_in": False, "user_metadata": {"finished_onboarding_survey": True,
+                                                           "awareness_channels": ["team-stack"]}}
+        request = urllib.request.Request(f"{self.zenml_url}/api/v1/current-user", data=json.dumps(body).encode(),
+                                         method="PUT", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            user = json.loads(response.read())
+        if user["body"]["email_opted_in"] is not False:
+            raise TeamStackError("the ZenML server did not record the dashboard's onboarding answers")
+
+    def disconnect_client(self) -> bool:
+        from zenml.config.global_config import GlobalConfiguration
+
+        config = GlobalConfiguration()
+        if config.store_configuration.url != self.zenml_url:
+            return False
+        config.set_default_store()
+        return True
+
+    # -- the commands --
+    def up(self) -> dict:
+        self.state.mkdir(parents=True, exist_ok=True)
+        services = {"s3": self.start_s3(), "postgres": self.start_postgres(), "mlflow": self.start_mlflow(),
+                    "zenml": self.start_zenml()}
+        self.connect_client()
+        services["stack"] = self.register_stack()
+        info = self.info() | {"services": services, "notices": self.notices}
+        (self.state / "team_stack.json").write_text(json.dumps(info, indent=1) + "\n")
+        return info
+
+    def down(self) -> dict:
+        disconnected = self.disconnect_client()
+        stopped = [name for name in ("zenml", "mlflow", "s3") if self._stop(name)]
+        if self.stop_postgres():
+            stopped.append("postgres")
+        return {"stopped": stopped, "client_returned_to_local_store": disconnected, "kept": str(self.state)}
+
+    def info(self) -> dict:
+        return {"stack": STACK, "zenml_url": self.zenml_url, "dashboard": self.zenml_url,
+                "mlflow_tracking_uri": self.mlflow_url, "s3_endpoint": self.s3_url,
+                "artifact_store": self.artifact_root, "mlflow_artifacts": f"s3://{self.bucket}/mlflow",
+                "backend_store": self.backend_store_uri(), "state": str(self.state)}
+
+    def status(self) -> dict:
+        return self.info() | {"running": {
+            "s3": healthy(self.s3_url + f"/{self.bucket}"), "mlflow": healthy(self.mlflow_url + "/health"),
+            "zenml": healthy(self.zenml_url + "/health"),
+            "postgres": (self.state / "postgres" / "postmaster.pid").is_file()}}
+
+
+@dataclass
+class PostgresUser:
+    """PostgreSQL refuses to run as root: as root, its files belong to and its commands run as `postgres`."""
+
+    prefix: list[str]
+    uid: int | None = None
+    gid: int | None = None
+
+    def chown(self, path: Path) -> None:
+        if self.uid is not None:
+            os.chown(path, self.uid, self.gid)
+
+
+def as_postgres_user(data: Path, sockets: Path) -> PostgresUser:
+    if os.geteuid() != 0:
+        return PostgresUser([])
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("postgres")
+    except KeyError:
+        raise TeamStackError("running as root, and there is no `postgres` user to run PostgreSQL as") from None
+    return PostgresUser(["runuser", "-u", "postgres", "--"], entry.pw_uid, entry.pw_gid)
+
+
+def postgres_bin() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    for folder in candidates:
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    return None
+
+
+# s3rver 3.7.1's filesystem store skips every directory two levels below the listed prefix when a delimiter is
+# given, so a "folder" holding only sub-folders (an MLflow model's code/xray/...) is missing from CommonPrefixes and
+# MLflow downloads a model without its code. Walking those directories too is all the fix needs: the key loop
+# below it already folds their keys into the common prefixes.
+S3RVER_PATCH = ("lib/stores/filesystem.js", """        if (
+          delimiterEnc &&
+          dirPath.slice(prefixPath.length).indexOf(delimiterEnc) !== -1
+        ) {
+          // avoid directories occurring beneath a common prefix
+          return false;
+        }
+""", """        // xray-pipeline: directories beneath a common prefix are walked too (see infra/team_stack.py)
+""")
+
+
+def patch_s3rver(package: Path) -> None:
+    path = package / S3RVER_PATCH[0]
+    text = path.read_text()
+    if S3RVER_PATCH[2] in text:
+        return
+    if S3RVER_PATCH[1] not in text:
+        raise TeamStackError(f"cannot apply the nested-prefix listing fix to {path}: not s3rver {S3RVER_VERSION}'s code")
+    path.write_text(text.replace(S3RVER_PATCH[1], S3RVER_PATCH[2]))
+
+
+def s3rver_binary() -> Path:
+    """s3rver from the npm registry, installed once into .cache/ and patched (S3RVER_PATCH)."""
+    binary = S3RVER_HOME / "node_modules" / ".bin" / "s3rver"
+    if binary.is_file():
+        patch_s3rver(S3RVER_HOME / "node_modules" / "s3rver")
+        return binary
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        raise TeamStackError("the team stack's S3 endpoint is s3rver, an npm package: install Node.js and npm "
+                             "(apt-get install nodejs npm) and run again")
+    logger.info("installing s3rver %s from npm into %s", S3RVER_VERSION, S3RVER_HOME)
+    S3RVER_HOME.mkdir(parents=True, exist_ok=True)
+    run(["npm", "install", "--prefix", str(S3RVER_HOME), "--no-audit", "--no-fund", "--loglevel", "error",
+         f"s3rver@{S3RVER_VERSION}"], "npm install s3rver")
+    patch_s3rver(S3RVER_HOME / "node_modules" / "s3rver")
+    return binary
+
+
+def run(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise TeamStackError(f"{what} failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-2000:]}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status < 400
+    except Exception:  # noqa: BLE001 - anything but an answer means "not up yet"
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
+
+
+def from_args(args: argparse.Namespace) -> TeamStack:
+    return TeamStack(state=Path(args.state).resolve(), zenml_port=args.zenml_port, mlflow_port=args.mlflow_port,
+                     s3_port=args.s3_port, pg_port=args.pg_port, timeout_s=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m infra.team_stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--state", default=env("XRAY_TEAM_STATE", str(ROOT / ".team")))
+    parser.add_argument("--zenml-port", type=int, default=int(env("XRAY_TEAM_ZENML_PORT", "8237")))
+    parser.add_argument("--mlflow-port", type=int, default=int(env("XRAY_TEAM_MLFLOW_PORT", "5050")))
+    parser.add_argument("--s3-port", type=int, default=int(env("XRAY_TEAM_S3_PORT", "9010")))
+    parser.add_argument("--pg-port", type=int, default=int(env("XRAY_TEAM_PG_PORT", "5433")))
+    parser.add_argument("--timeout", type=float, default=float(env("XRAY_TEAM_TIMEOUT_S", "120")),
+                        help="seconds each service may take to become healthy")
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("team stack: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    stack = from_args(args)
+    try:
+        result = getattr(stack, args.command)()
+    except TeamStackError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

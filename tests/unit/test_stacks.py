@@ -1,0 +1,79 @@
+"""Which ZenML stack a run uses (infra.stacks), on a real ZenML client store in a temporary folder, and the team
+stack's pure parts (infra.team_stack). The team stack's services are exercised in tests/pipeline/test_team_stack.py."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, isolated_env
+
+SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from zenml.client import Client
+from infra.stacks import use_stack, LOCAL_STACK, LOCAL_TRACKER
+from xray.errors import ConfigError
+from zenml.enums import StackComponentType as Kind
+
+out = {}
+out["first"] = use_stack(None, "sqlite:////tmp/a/mlflow.db")
+out["again"] = use_stack(None, "sqlite:////tmp/a/mlflow.db")
+out["moved"] = use_stack(LOCAL_STACK, "sqlite:////tmp/b/mlflow.db")
+out["trackers"] = len(Client().list_stack_components(type=Kind.EXPERIMENT_TRACKER).items)
+for name in ("default", "team"):
+    try:
+        use_stack(name, "sqlite:////tmp/a/mlflow.db")
+        out[name] = "no error"
+    except ConfigError as error:
+        out[name] = str(error)
+out["active"] = Client().active_stack_model.name
+print(json.dumps(out))
+"""
+
+
+def test_runs_use_xray_local_by_default_and_named_stacks_must_exist_with_a_tracker(tmp_path):
+    script = tmp_path / "use_stacks.py"  # a file: ZenML resolves its source root from the main module's path
+    script.write_text(SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(ROOT)], cwd=tmp_path, env=isolated_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["first"] == ["xray-local", "sqlite:////tmp/a/mlflow.db"]
+    assert out["again"] == out["first"] and out["trackers"] == 1  # registered once, reused
+    assert out["moved"] == ["xray-local", "sqlite:////tmp/b/mlflow.db"]  # the tracker follows the local store
+    assert "has no MLflow experiment tracker" in out["default"]
+    assert "no ZenML stack 'team'" in out["team"] and "make team-stack" in out["team"]
+    assert out["active"] == "xray-local"  # a refused stack leaves the active one alone
+
+
+def test_team_stack_defaults_and_addresses(tmp_path):
+    from infra.team_stack import TeamStack, main
+
+    stack = TeamStack(state=tmp_path, zenml_port=1, mlflow_port=2, s3_port=3, pg_port=4)
+    info = stack.info()
+    assert (info["zenml_url"], info["mlflow_tracking_uri"], info["s3_endpoint"]) == (
+        "http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3")
+    assert info["artifact_store"] == "s3://xray-team/zenml" and info["mlflow_artifacts"] == "s3://xray-team/mlflow"
+    status = stack.status()["running"]
+    assert status == {"s3": False, "mlflow": False, "zenml": False, "postgres": False}  # nothing listens there
+    assert stack.down()["stopped"] == []  # nothing was started in this folder: nothing to stop
+    assert main(["status", "--state", str(tmp_path), "--zenml-port", "1", "--mlflow-port", "2", "--s3-port", "3",
+                 "--pg-port", "4"]) == 0
+
+
+def test_the_s3rver_listing_fix_applies_once_and_refuses_unknown_code(tmp_path):
+    import pytest
+
+    from infra.team_stack import S3RVER_PATCH, TeamStackError, patch_s3rver
+
+    source = tmp_path / S3RVER_PATCH[0]
+    source.parent.mkdir(parents=True)
+    source.write_text("before\n" + S3RVER_PATCH[1] + "after\n")
+    patch_s3rver(tmp_path)
+    patched = source.read_text()
+    assert S3RVER_PATCH[1] not in patched and patched == "before\n" + S3RVER_PATCH[2] + "after\n"
+    patch_s3rver(tmp_path)
+    assert source.read_text() == patched  # idempotent
+    source.write_text("some other version\n")
+    with pytest.raises(TeamStackError, match="not s3rver"):
+        patch_s3rver(tmp_path)
