@@ -37,20 +37,64 @@ os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 # The real stdout when run as a script (see the bottom of this file): it carries the command's result (the one
 # JSON summary line, or the schedule listing) and nothing else.
 RESULT_STREAM = None
+logger = logging.getLogger("run")
 
 
 def emit(line: str) -> None:
     click.echo(line, file=RESULT_STREAM or sys.stdout)
 
 
-def quiet_third_party() -> None:
-    """At the default level, no request lines from the embedded S3 server and no botocore credential notices."""
-    for name in ("werkzeug", "botocore", "boto3", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Third-party loggers kept at WARNING unless -v: moto's request lines (werkzeug), botocore's credential notices,
+# MLflow's "creating tables" and "View run at" lines.
+NOISY = ("werkzeug", "botocore", "boto3", "urllib3", "s3transfer", "mlflow", "alembic")
+# Printed by TensorFlow's C++ runtime at `import tensorflow`, before any log level applies (TF_CPP_MIN_LOG_LEVEL does
+# not reach them): dropped at the default level, kept with -v.
+TF_IMPORT_BANNER = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog()",
+                    "cpu_feature_guard", "This TensorFlow binary is optimized")
+VERBOSE = False
+
+
+def configure_logging(level: str) -> None:
+    """Before ZenML or TensorFlow is imported: the project's loggers at ``level``, ZenML's at ``level``,
+    third-party noise at WARNING (INFO with debug), and TensorFlow's import banner dropped unless debug."""
+    global VERBOSE
+    VERBOSE = level == "debug"
+    numeric = getattr(logging, level.upper())
+    os.environ["ZENML_LOGGING_VERBOSITY"] = level.upper()
+    # MLflow sets its own logger's level when imported, from this variable.
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO" if VERBOSE else logging.getLevelName(max(numeric, logging.WARNING))
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if VERBOSE else os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("run", "xray", "steps", "pipelines", "infra", "materializers"):
+        logging.getLogger(name).setLevel(numeric)
+    for name in NOISY:
+        logging.getLogger(name).setLevel(logging.INFO if VERBOSE else max(numeric, logging.WARNING))
     # After every step ZenML's MLflow tracker disables autologging for frameworks this project never autologs, and
     # warns about fastai (not installed); nothing to act on.
     logging.getLogger("zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker").addFilter(
         lambda record: not record.getMessage().startswith("Failed to disable MLflow autologging"))
+    if not VERBOSE:
+        import_tensorflow_quietly()
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with file descriptor 2 captured, then pass on every line but the import banner."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(marker in line for marker in TF_IMPORT_BANNER):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -81,6 +125,8 @@ class HideExpectedTracebacks(logging.Filter):
 
 
 def quiet_expected_failures() -> None:
+    if VERBOSE:  # -v: ZenML's traceback of the failed step stays
+        return
     for handler in logging.getLogger().handlers:
         handler.addFilter(HideExpectedTracebacks())
 
@@ -90,14 +136,14 @@ def stage_dataset(config, dataset_uri: str | None, services: ExitStack) -> str:
     from xray import s3, sources
 
     source = sources.resolve(dataset_uri or config.dataset_uri)
-    click.echo(f"dataset: {source.uri} ({source.origin})")
+    logger.info("dataset: %s (%s)", source.uri, source.origin)
     if not (config.s3.embedded and source.discovered_locally):
         return source.uri
     embedded = services.enter_context(s3.EmbeddedS3())
     location = s3.S3Location(config.s3.bucket, config.s3.key)
     client = s3.make_client(config.s3.max_attempts)
     uploaded = s3.upload_if_missing(client, Path(source.uri), location)
-    click.echo(f"embedded S3 at {embedded.endpoint}: {'uploaded to' if uploaded else 'found'} {location.uri}")
+    logger.info("embedded S3 at %s: %s %s", embedded.endpoint, "uploaded to" if uploaded else "found", location.uri)
     return location.uri
 
 
@@ -331,7 +377,7 @@ def on_stack(config, stack_name: str | None):
 
     explicit = bool(os.environ.get("MLFLOW_TRACKING_URI") or config.registry.tracking_uri)
     name, uri = use_stack(stack_name, tracking.tracking_uri(config.registry.tracking_uri), explicit)
-    click.echo(f"ZenML stack: {name}; MLflow: {uri}", err=True)
+    logger.info("ZenML stack: %s; MLflow: %s", name, uri)
     return config.model_copy(update={"registry": config.registry.model_copy(update={"tracking_uri": uri})})
 
 
@@ -386,15 +432,24 @@ def list_schedules() -> None:
 @click.option("--list-schedules", "show_schedules", is_flag=True, help="List the schedules of the active ZenML project and exit.")
 @click.option("--seed", type=int, default=None,
               help="Override the config's seed (val carve, shuffling, bootstrap): replicate runs of one recipe.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logs: the project's debug lines, third-party INFO, TensorFlow's C++ logs, and the traceback "
+                   "of every failure.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only on stderr; the JSON summary is unchanged.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None,
+              help="Set the level explicitly (default info; -v is debug, -q is warning).")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the one-line JSON summary to this file.")
 def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images: str | None, model_version: str,
          output: Path | None, fail_on_drift: bool, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
          summary_path: Path | None, seed: int | None = None, site: str | None = None,
-         recalibrate_fraction: float | None = None, stack_name: str | None = None) -> None:
+         recalibrate_fraction: float | None = None, stack_name: str | None = None, verbose: bool = False,
+         quiet: bool = False, log_level: str | None = None) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
-    quiet_third_party()
+    if verbose and quiet:
+        fail("-v and -q contradict each other", 2)
+    configure_logging(log_level or ("debug" if verbose else "warning" if quiet else "info"))
     from xray.config import load_config
     from xray.errors import ConfigError
 
@@ -425,7 +480,7 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
             summary = run_training(config, dataset_uri, no_cache, cron)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback
         known = expected_error(error)
-        if known is None:
+        if known is None or VERBOSE:
             traceback.print_exc()
             fail(f"pipeline {pipeline_name} failed: {type(error).__name__}: {error}".splitlines()[0])
         fail(str(known).splitlines()[0], 2 if isinstance(known, ConfigError) else 1)

@@ -40,6 +40,13 @@ def progress_callback(images_per_batch: int, every: float = 0.1):
                             logs.get("loss", float("nan")), rate)
                 self.next_report += every
 
+        def on_epoch_end(self, epoch, logs=None):
+            # The epoch's one summary line (Keras' own is off: fit(verbose=0)).
+            shown = ("loss", "auc", "val_loss", "val_auc", "val_accuracy")
+            metrics = " ".join(f"{k}={logs[k]:.4f}" for k in shown if k in (logs or {}))
+            logger.info("epoch %d/%d: %s (%.0f s)", epoch + 1, self.params.get("epochs") or 0, metrics,
+                        time.perf_counter() - self.start)
+
     return Progress()
 
 
@@ -202,12 +209,12 @@ def fit(
         # Stopping only: the best epoch's weights are kept by RunState across phases and restarts.
         early_stopping = keras.callbacks.EarlyStopping(
             monitor=MONITOR, mode="max", patience=train_config.early_stopping_patience, restore_best_weights=False,
-            verbose=1)
+            verbose=0)
         callbacks = [
             early_stopping,
-            progress_callback(spec.batch_size),
             *(extra_callbacks or []),
             state.callback(),
+            progress_callback(spec.batch_size),  # last: its "epoch N/M:" line means every callback saw epoch N end
         ]
         if checkpoint_dir is not None:
             callbacks.insert(0, keras.callbacks.BackupAndRestore(str(checkpoint_dir / name), delete_checkpoint=True))
@@ -218,7 +225,8 @@ def fit(
         model._initial_epoch = None
         result = model.fit(
             train_ds, validation_data=val_ds, epochs=until, initial_epoch=start_epoch,
-            class_weight=fit_class_weight(spec), callbacks=callbacks, verbose=2,
+            class_weight=fit_class_weight(spec), callbacks=callbacks, verbose=0,
+            shuffle=False,  # tf.data shuffles; Keras would only warn that its own shuffle is ignored
         )
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
@@ -227,6 +235,8 @@ def fit(
         state.restore_best(model)  # the next phase starts from the best epoch so far, not the phase's last
         state.complete(model, name, stopped=bool(early_stopping.stopped_epoch))
         if early_stopping.stopped_epoch:
+            log(f"phase {name}: early stopping after epoch {early_stopping.stopped_epoch + 1} ({MONITOR} did not "
+                f"improve for {train_config.early_stopping_patience} epochs)")
             break
     state.restore_best(model)
     if state.best_epoch is not None:

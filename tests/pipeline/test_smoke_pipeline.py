@@ -7,6 +7,7 @@ embedded moto S3 endpoint and ingest goes through the S3 code path.
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -62,6 +63,12 @@ def test_summary(first_run):
     assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout) == summary
     assert "embedded S3 at http://127.0.0.1" in result.stderr
     assert "HTTP/1.1\" 200" not in result.stderr and "Found credentials" not in result.stderr
+    # TensorFlow's import banner, Keras' own epoch lines and MLflow's table creation are off at the default level;
+    # the project's own epoch line stays.
+    for noise in ("oneDNN", "absl::InitializeLog", "Epoch 1/1", "/step - ", "Creating initial MLflow database tables",
+                  "Failed to disable MLflow autologging", "shuffle=True"):
+        assert noise not in result.stderr, noise
+    assert re.search(r"^.*epoch 1/1: loss=\S+ auc=\S+ val_loss=\S+ val_auc=", result.stderr, re.M)
     assert summary["steps"] == {name: "completed" for name in STEPS}
     assert summary["promoted"] is True and summary["model_version"] == "1"
     assert summary["splits"]["test"] == {"NORMAL": 23, "PNEUMONIA": 24}

@@ -18,6 +18,8 @@ def launched(monkeypatch):
 
     calls = []
     monkeypatch.setattr(run, "run_training", lambda config, *args: calls.append(config) or {"seed": config.seed})
+    monkeypatch.setattr(run, "on_stack", lambda config, name: config)  # no ZenML store is touched here
+    monkeypatch.setattr(run, "import_tensorflow_quietly", lambda: None)
     return run, calls
 
 
@@ -40,3 +42,43 @@ def test_seed_must_be_an_integer(launched):
     run, calls = launched
     result = CliRunner().invoke(run.main, ["--config", str(SMOKE), "--seed", "seven"])
     assert result.exit_code == 2 and "is not a valid integer" in result.output and not calls
+
+
+def test_verbosity_flags_set_the_project_and_third_party_levels(launched, monkeypatch):
+    import logging
+
+    run, calls = launched
+    monkeypatch.setenv("ZENML_LOGGING_VERBOSITY", "INFO")
+    assert CliRunner().invoke(run.main, ["--config", str(SMOKE)]).exit_code == 0
+    assert logging.getLogger("xray").level == logging.INFO and logging.getLogger("botocore").level == logging.WARNING
+    assert CliRunner().invoke(run.main, ["--config", str(SMOKE), "-q"]).exit_code == 0
+    assert logging.getLogger("xray").level == logging.WARNING and not run.VERBOSE
+    assert CliRunner().invoke(run.main, ["--config", str(SMOKE), "-v"]).exit_code == 0
+    assert logging.getLogger("xray").level == logging.DEBUG and logging.getLogger("werkzeug").level == logging.INFO
+    assert run.VERBOSE and __import__("os").environ["ZENML_LOGGING_VERBOSITY"] == "DEBUG"
+    assert CliRunner().invoke(run.main, ["--config", str(SMOKE), "--log-level", "error"]).exit_code == 0
+    assert logging.getLogger("xray").level == logging.ERROR and logging.getLogger("mlflow").level == logging.ERROR
+    both = CliRunner().invoke(run.main, ["--config", str(SMOKE), "-v", "-q"])
+    assert both.exit_code == 2 and "contradict" in both.output
+    run.configure_logging("info")  # leave the process as the other tests expect it
+
+
+def test_the_tensorflow_banner_is_dropped_and_other_import_output_kept(capfd, monkeypatch):
+    import builtins
+    import os
+
+    import run
+
+    real_import = builtins.__import__
+
+    def noisy_import(name, *args, **kwargs):
+        if name == "tensorflow":
+            os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see...\n"
+                        b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                        b"a real warning from the import\n")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", noisy_import)
+    run.import_tensorflow_quietly()
+    err = capfd.readouterr().err
+    assert "a real warning from the import" in err and "oneDNN" not in err and "absl" not in err

@@ -52,7 +52,7 @@ def test_killed_training_continues_from_last_completed_epoch(tmp_path):
     lines = []
     for line in first.stdout:
         lines.append(line)
-        if line.startswith("Epoch 2/3"):  # epoch 1 finished and was backed up
+        if line.startswith("epoch 1/3:"):  # epoch 1 finished and was backed up
             first.send_signal(signal.SIGKILL)
             break
     first.wait(timeout=60)
@@ -62,7 +62,7 @@ def test_killed_training_continues_from_last_completed_epoch(tmp_path):
     second = _start(tmp_path)
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output[-3000:]
-    epochs = [line.split()[1] for line in output.splitlines() if line.startswith("Epoch ")]
+    epochs = [line.split()[1].rstrip(":") for line in output.splitlines() if line.startswith("epoch ")]
     assert epochs == ["2/3", "3/3"], output[-3000:]
     assert "EPOCHS_RUN 2" in output  # epochs 2 and 3 only
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "the backup is deleted after a completed run"

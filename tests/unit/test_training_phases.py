@@ -106,9 +106,9 @@ def test_uninterrupted_run_keeps_the_frozen_phases_best_epoch(tmp_path):
 
 
 def test_killed_in_the_frozen_phase_resumes_there(tmp_path):
-    first = _run_killed_at(tmp_path, "Epoch 2/2")  # epoch 1 done and backed up
+    first = _run_killed_at(tmp_path, "epoch 1/2:")  # epoch 1 done and backed up
     second = _finish(tmp_path)
-    epochs = [line.split()[1] for line in second.splitlines() if line.startswith("Epoch ")]
+    epochs = [line.split()[1].rstrip(":") for line in second.splitlines() if line.startswith("epoch ")]
     # Each epoch once: Keras' BackupAndRestore must not leak the resumed epoch into the fine-tune phase's fit.
     assert epochs == ["2/2", "3/4", "4/4"], second[-3000:]
     weights = _values(first, "WEIGHTS") | _values(second, "WEIGHTS")
@@ -116,11 +116,11 @@ def test_killed_in_the_frozen_phase_resumes_there(tmp_path):
 
 
 def test_killed_while_fine_tuning_resumes_without_retraining_the_frozen_phase(tmp_path):
-    first = _run_killed_at(tmp_path, "Epoch 4/4")  # epochs 1-2 (frozen) and 3 (fine-tune) done
+    first = _run_killed_at(tmp_path, "epoch 3/4:")  # epochs 1-2 (frozen) and 3 (fine-tune) done
     assert "phase fine_tune" in first
     second = _finish(tmp_path)
     assert "phase frozen: completed before the restart" in second
-    epochs = [line.split()[1] for line in second.splitlines() if line.startswith("Epoch ")]
+    epochs = [line.split()[1].rstrip(":") for line in second.splitlines() if line.startswith("epoch ")]
     assert epochs == ["4/4"], second[-3000:]
     # The best epoch (2) ran in the first process: its weights come back from disk.
     assert second.splitlines()[-1] == f"FINAL {_values(first, 'WEIGHTS')[2]}"
