@@ -6,6 +6,9 @@ images it reports.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
@@ -13,6 +16,8 @@ from xray import calibration as xcal
 from xray import metrics as xmetrics
 from xray.config import EvaluateConfig
 from xray.errors import DataQualityError
+
+logger = logging.getLogger(__name__)
 
 
 def calibrate_and_evaluate(y_val: np.ndarray, z_val: np.ndarray, y_test: np.ndarray, z_test: np.ndarray,
@@ -136,3 +141,50 @@ def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_frac
         groups = dataset.manifest["patient_id"].tolist()
         result["recalibrated"] = recalibrated_site_metrics(y, logits, groups, recalibrate_fraction, evaluate, seed)
     return result
+
+
+@dataclass
+class ModelEvaluation:
+    """What the training pipeline's evaluation produces: the calibrated model, the report (``flat`` metrics, val and
+    test reports, calibration), the threshold, figures by name and the calibrated val/test probabilities."""
+
+    calibrated: object
+    report: dict
+    threshold: float
+    p_val: np.ndarray
+    p_test: np.ndarray
+    figures: dict = field(default_factory=dict)
+
+
+def evaluate_model(model, dataset, spec, evaluate: EvaluateConfig, seed: int) -> ModelEvaluation:
+    """The evaluation recipe: logits on val and test, calibration and threshold fitted on val only, test measured
+    before and after calibration, the figures a reviewer looks at (ROC/PR, confusion, reliability, Grad-CAM)."""
+    from xray import data as xdata
+    from xray import gradcam, plots
+    from xray.model import calibrated_model, logit_model
+    from xray.predict import predict_paths
+
+    val_rows, test_rows = (xdata.select(dataset.manifest, s, spec) for s in ("val", "test"))
+    y_val, y_test = xdata.labels_of(val_rows), xdata.labels_of(test_rows)
+    logits = logit_model(model)
+    z_val, z_test = (predict_paths(logits, dataset.paths(rows), spec) for rows in (val_rows, test_rows))
+    result = calibrate_and_evaluate(y_val, z_val, y_test, z_test, evaluate, seed)
+    calibration, threshold, flat, p_test = result["calibration"], result["threshold"], result["flat"], result["p_test"]
+    calibrated = calibrated_model(model, calibration.temperature, calibration.bias)
+    figures = {
+        "roc_pr_curves": plots.roc_pr(y_test, p_test, threshold),
+        "confusion_matrix": plots.confusion(result["test"]["at_threshold"]["confusion_matrix"], f"test @ {threshold:.3f}"),
+        "calibration": plots.calibration(y_test, {"before calibration": xcal.sigmoid(z_test),
+                                                  f"after ({calibration.method} on val)": p_test}),
+        "gradcam_test_examples": gradcam.confident_examples_grid(calibrated, dataset.paths(test_rows), y_test, p_test,
+                                                                 threshold, spec.image_size),
+    }
+    logger.info("calibration (%s on val): temperature %.3f, bias %.3f; test ECE %.3f -> %.3f, Brier %.3f -> %.3f",
+                calibration.method, calibration.temperature, calibration.bias, flat["test_ece_uncalibrated"],
+                flat["test_ece"], flat["test_brier_uncalibrated"], flat["test_brier"])
+    logger.info("threshold %.4f (%s); test AUC %.4f, accuracy %.4f, sensitivity %.4f, specificity %.4f", threshold,
+                result["threshold_policy"], flat["test_auc"], flat["test_accuracy"], flat["test_sensitivity"],
+                flat["test_specificity"])
+    report = {"flat": flat, "val": result["val"], "test": result["test"], "threshold_policy": result["threshold_policy"],
+              "calibration": calibration.as_dict(), "test_uncalibrated": result["test_uncalibrated"]}
+    return ModelEvaluation(calibrated, report, threshold, result["p_val"], p_test, figures)

@@ -167,6 +167,35 @@ def test_the_dashboards_show_the_run_metrics_and_model_in_a_browser(team, traine
                for name in ("zenml_run.png", "mlflow_run.png", "mlflow_model_version.png", "mlflow_model.png"))
 
 
+def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
+    """A bad archive on the team stack: one error line (a traceback only with -v), and both REST APIs say FAILED."""
+    from conftest import dataset_entries, write_zip
+
+    home, *_ = trained
+    bad = write_zip(tmp_path / "no_test.zip", dataset_entries(splits=("train",)))
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--stack", "team", "--config",
+                             str(home / "smoke.yaml"), "--dataset-uri", str(bad), "-v"], cwd=ROOT, env=team.env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "Traceback" in result.stderr  # -v keeps the traceback of an expected failure
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no folder with both train/ and test/" in last, last
+
+    request = urllib.request.Request(
+        f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow/runs/search", method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"experiment_ids": [mlflow_api(team, "experiments/get-by-name?experiment_name="
+                                                             "chest-xray-training")["experiment"]["experiment_id"]],
+                         "order_by": ["attributes.start_time DESC"], "max_results": 1}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        latest = json.loads(response.read())["runs"][0]
+    tags = {t["key"]: t["value"] for t in latest["data"]["tags"]}
+    assert latest["info"]["status"] == "FAILED" and tags["failed_step"] == "unzip_and_validate"
+    assert "no folder with both train/ and test/" in tags["error"]
+    runs = get(f"{team.info['zenml_url']}/api/v1/runs?sort_by=desc:created&size=1")["items"]
+    assert runs[0]["name"] == latest["info"]["run_name"] and runs[0]["body"]["status"] == "failed"
+
+
 def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     *_, summary = trained
     keys_before = set(bucket_keys(team))
