@@ -3,22 +3,33 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-team.txt requirements-dev.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock | sha256sum | cut -c1-12)
 
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export ZENML_ANALYTICS_OPT_IN ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
+.PHONY: setup lock lint stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
-$(STAMP): requirements.txt requirements-team.txt requirements-dev.txt
+$(STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements into $(VENV) (first time: several minutes)"
-	$(PY) -m pip install --quiet -r requirements-dev.txt 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(PY) -m pip install --quiet -r requirements.lock 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
+
+# requirements.lock: the exact set CI and `make setup` install, resolved by uv from requirements-dev.txt (which pulls
+# requirements.txt and requirements-team.txt). Run after editing any requirements*.txt; commit the result.
+lock:
+	@test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet uv
+	$(VENV)/bin/uv pip compile requirements-dev.txt --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	  --custom-compile-command "make lock" --quiet -o requirements.lock
+
+# ruff with the rules in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # run.py picks the ZenML stack: STACK=name, else the active one if it has an MLflow experiment tracker, else
 # xray-local (local orchestrator and artifact store, MLflow on ./.mlflow), registered on first use.

@@ -77,3 +77,14 @@ def test_the_s3rver_listing_fix_applies_once_and_refuses_unknown_code(tmp_path):
     source.write_text("some other version\n")
     with pytest.raises(TeamStackError, match="not s3rver"):
         patch_s3rver(tmp_path)
+
+
+def test_without_postgresql_mlflow_falls_back_to_sqlite_with_a_notice(tmp_path, monkeypatch):
+    from infra import team_stack
+
+    monkeypatch.setattr(team_stack, "postgres_bin", lambda: None)
+    stack = team_stack.TeamStack(state=tmp_path)
+    assert stack.start_postgres() == "absent (SQLite)"
+    assert stack.backend_store_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert len(stack.notices) == 1 and "SQLite" in stack.notices[0] and (tmp_path / "mlflow").is_dir()
+    assert stack.stop_postgres() is False
