@@ -211,8 +211,10 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     for port in team.ports.values():
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
-    store = subprocess.run([sys.executable, "-c", "from zenml.client import Client; print(Client().zen_store.type.value)"],
-                           cwd=ROOT, env=team.env, capture_output=True, text=True, timeout=120)
+    probe = team.home / "store_type.py"
+    probe.write_text("from zenml.client import Client; print(Client().zen_store.type.value)\n")
+    store = subprocess.run([sys.executable, str(probe)], cwd=ROOT, env=team.env, capture_output=True, text=True,
+                           timeout=120)
     assert store.stdout.strip().splitlines()[-1] == "sql", store.stderr[-2000:]
 
     up = team.stack("up")
@@ -221,10 +223,13 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     assert set(bucket_keys(team)) >= keys_before
     assert get(f"{team.info['zenml_url']}/api/v1/runs/{summary['pipeline_run_id']}")["body"]["status"] == "completed"
     # An artifact loaded through the ZenML client from S3, and a model file read through MLflow's artifact proxy.
-    code = ("import json; from zenml.client import Client; "
-            f"run = Client().get_pipeline_run('{summary['pipeline_run_id']}'); "
-            "print(json.dumps(run.steps['evaluate_model'].outputs['metrics'][0].load()['flat']['test_auc']))")
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=team.env, capture_output=True, text=True,
+    # A script file, not `python -c`: without a .zen folder (a fresh clone) ZenML takes its source root from the
+    # main module's file.
+    script = team.home / "load_metrics.py"
+    script.write_text(f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from zenml.client import Client; "
+                      f"run = Client().get_pipeline_run('{summary['pipeline_run_id']}'); "
+                      "print(json.dumps(run.steps['evaluate_model'].outputs['metrics'][0].load()['flat']['test_auc']))\n")
+    loaded = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=team.env, capture_output=True, text=True,
                             timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert json.loads(loaded.stdout.strip().splitlines()[-1]) == pytest.approx(summary["metrics"]["test_auc"])
