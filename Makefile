@@ -5,12 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock | sha256sum | cut -c1-12)
 
-export TF_ENABLE_ONEDNN_OPTS ?= 1
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+# The Python entry points set TF/ZenML defaults themselves (xray/environment.py); this one is for the zenml CLI calls.
 export ZENML_ANALYTICS_OPT_IN ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup lock lint stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
+.PHONY: setup lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
 $(STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +64,10 @@ quality: stack
 
 test: setup
 	$(PY) -m pytest
+
+# The unit layer without the slow (training, subprocess) tests: the quick check while editing domain code.
+test-fast: setup
+	$(PY) -m pytest tests/unit -m "not slow" -q
 
 bench: setup
 	$(PY) benchmarks/bench.py

@@ -28,10 +28,10 @@ DRIFT_EXIT_CODE = 3
 SUMMARY_METRICS = ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_accuracy_at_0_5",
                    "test_sensitivity_at_0_5", "test_specificity_at_0_5", "test_ece", "test_brier", "val_auc")
 
-# Before TensorFlow is imported anywhere: oneDNN roughly doubles CPU throughput on AVX2.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+# Before TensorFlow or ZenML is imported anywhere (xray/environment.py says why each is set).
+from xray.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 
 # The real stdout when run as a script (see the bottom of this file): it carries the command's result (the one

@@ -22,10 +22,11 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from xray.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 import numpy as np  # noqa: E402
 

@@ -41,7 +41,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
+from xray.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 SHARED = ROOT.parent / "shared" / "data"
 SEEDS = (42, 7, 1, 2, 3)
 
@@ -332,7 +335,7 @@ def markdown(results: dict) -> str:
 
 @click.command()
 @click.option("--model-version", default="champion", show_default=True)
-@click.option("--model-name", default="chest-xray-classifier", show_default=True)
+@click.option("--model-name", default=MODEL_NAME, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               default=ROOT / "benchmarks" / "ood" / "results.json", show_default=True)
 @click.option("--permutations", default=200, show_default=True, help="MMD permutations per batch (reported only).")

@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
 
 
 def free_port() -> int:
@@ -71,7 +72,7 @@ def post(port: int, image: bytes) -> tuple[float, dict]:
 
 @click.command()
 @click.option("--model-version", default="champion", show_default=True)
-@click.option("--model-name", default="chest-xray-classifier", show_default=True)
+@click.option("--model-name", default=MODEL_NAME, show_default=True)
 @click.option("--requests", "count", default=300, show_default=True, help="Requests per server (after 10 warm-up).")
 @click.option("--baseline-ref", default="4434d31", show_default=True,
               help="Commit whose serving code is the baseline (the last one before out-of-distribution checks).")

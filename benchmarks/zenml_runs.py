@@ -4,14 +4,15 @@
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from xray.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 from zenml import pipeline  # noqa: E402
 from zenml.client import Client  # noqa: E402

@@ -6,9 +6,9 @@ from zenml.enums import ExecutionMode
 from steps import (build_datasets, evaluate_model, ingest_from_s3, profile_reference, register_model, train_model,
                    unzip_and_validate)
 from steps.tracking import mark_run_failed
-from xray.config import PipelineConfig
+from xray.config import MODEL_NAME, PipelineConfig
 
-MODEL = Model(name="chest-xray-classifier", description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2 by default; model.backbone).",
+MODEL = Model(name=MODEL_NAME, description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2 by default; model.backbone).",
               license="CC BY 4.0 data (Kermany et al. 2018)", tags=["pneumonia", "chest-xray"])
 
 

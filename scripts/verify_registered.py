@@ -22,6 +22,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
 
 TEST_ENTRY = re.compile(r"(?:^|/)test/(NORMAL|PNEUMONIA)/(?!\._)[^/]+\.(?:jpe?g|png)$", re.IGNORECASE)
 
@@ -41,7 +42,7 @@ def test_split(archive: Path, image_size: int, batch: int = 64):
 @click.option("--summary", "summary_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="run.py --summary output; gives the model version and the run to compare with.")
 @click.option("--version", default=None, help="A version number or an alias (default: the summary's version).")
-@click.option("--model-name", default="chest-xray-classifier", show_default=True)
+@click.option("--model-name", default=MODEL_NAME, show_default=True)
 @click.option("--archive", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Dataset zip (default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip).")
 @click.option("--tolerance", default=0.005, show_default=True)

@@ -25,9 +25,9 @@ FULL_ZIP = SHARED_DATA / "chest_xray_224.zip"
 NEAR_OOD_ZIP = SHARED_DATA / "near_ood_adult_cxr_224.zip"
 
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+from xray.environment import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 
 def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "JPEG") -> bytes:

@@ -138,8 +138,12 @@ class MonitoringConfig(_Section):
     experiment_name: str = "chest-xray-monitoring"
 
 
+# The registered model's name: the one default every config, script and pipeline takes it from.
+MODEL_NAME = "chest-xray-classifier"
+
+
 class RegistryConfig(_Section):
-    model_name: str = "chest-xray-classifier"
+    model_name: str = MODEL_NAME
     experiment_name: str = "chest-xray-training"
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides; default: sqlite under .mlflow/."

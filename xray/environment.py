@@ -1,0 +1,17 @@
+"""The environment every entry point (run.py, tests, benchmarks) sets before TensorFlow or ZenML is imported.
+
+    TF_ENABLE_ONEDNN_OPTS=1   oneDNN kernels: about twice the CPU training throughput on AVX2 (docs/BENCHMARKS.md)
+    TF_CPP_MIN_LOG_LEVEL=2    TensorFlow's C++ INFO and WARNING lines off (run.py -v turns them back on)
+    ZENML_ANALYTICS_OPT_IN=false  no usage analytics from an air-gapped hospital network
+
+Values already in the environment win.
+"""
+
+import os
+
+DEFAULTS = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "ZENML_ANALYTICS_OPT_IN": "false"}
+
+
+def apply_defaults() -> None:
+    for name, value in DEFAULTS.items():
+        os.environ.setdefault(name, value)
