@@ -26,9 +26,10 @@ lock:
 	$(VENV)/bin/uv pip compile requirements-dev.txt --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 	  --custom-compile-command "make lock" --quiet -o requirements.lock
 
-# ruff with the rules in pyproject.toml ([tool.ruff]).
+# ruff with the rules and line length in pyproject.toml ([tool.ruff]): lint rules, then the formatting.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # run.py picks the ZenML stack: STACK=name, else the active one if it has an MLflow experiment tracker, else
 # xray-local (local orchestrator and artifact store, MLflow on ./.mlflow), registered on first use.

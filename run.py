@@ -1,13 +1,13 @@
 """Command line: parse flags, load and validate the config, start embedded services, launch, summarise.
 
-    python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
-                  [--schedule CRON] [--list-schedules]
-    python run.py --pipeline inference --images PATH_OR_S3_PREFIX [--model-version champion|N]
-                  [--output preds.csv] [--explain N]
-    python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
-                  [--output outputs/monitoring] [--fail-on-drift]
-    python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
-                  [--site NAME] [--recalibrate-fraction F]
+python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
+              [--schedule CRON] [--list-schedules]
+python run.py --pipeline inference --images PATH_OR_S3_PREFIX [--model-version champion|N]
+              [--output preds.csv] [--explain N]
+python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
+              [--output outputs/monitoring] [--fail-on-drift]
+python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
+              [--site NAME] [--recalibrate-fraction F]
 """
 
 from __future__ import annotations
@@ -25,8 +25,18 @@ import click
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "training_local.yaml"
 DRIFT_EXIT_CODE = 3
-SUMMARY_METRICS = ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_accuracy_at_0_5",
-                   "test_sensitivity_at_0_5", "test_specificity_at_0_5", "test_ece", "test_brier", "val_auc")
+SUMMARY_METRICS = (
+    "test_auc",
+    "test_accuracy",
+    "test_sensitivity",
+    "test_specificity",
+    "test_accuracy_at_0_5",
+    "test_sensitivity_at_0_5",
+    "test_specificity_at_0_5",
+    "test_ece",
+    "test_brier",
+    "val_auc",
+)
 
 # Before TensorFlow or ZenML is imported anywhere (xray/environment.py says why each is set).
 from xray.environment import apply_defaults  # noqa: E402
@@ -50,8 +60,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 NOISY = ("werkzeug", "botocore", "boto3", "urllib3", "s3transfer", "mlflow", "alembic")
 # Printed by TensorFlow's C++ runtime at `import tensorflow`, before any log level applies (TF_CPP_MIN_LOG_LEVEL does
 # not reach them): dropped at the default level, kept with -v.
-TF_IMPORT_BANNER = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog()",
-                    "cpu_feature_guard", "This TensorFlow binary is optimized")
+TF_IMPORT_BANNER = (
+    "oneDNN custom operations are on",
+    "All log messages before absl::InitializeLog()",
+    "cpu_feature_guard",
+    "This TensorFlow binary is optimized",
+)
 VERBOSE = False
 
 
@@ -72,7 +86,8 @@ def configure_logging(level: str) -> None:
     # After every step ZenML's MLflow tracker disables autologging for frameworks this project never autologs, and
     # warns about fastai (not installed); nothing to act on.
     logging.getLogger("zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker").addFilter(
-        lambda record: not record.getMessage().startswith("Failed to disable MLflow autologging"))
+        lambda record: not record.getMessage().startswith("Failed to disable MLflow autologging")
+    )
     if not VERBOSE:
         import_tensorflow_quietly()
 
@@ -171,8 +186,8 @@ def summarize(run, config) -> dict:
         "seed": config.seed,
         "dataset_sha256": load("ingest_from_s3", "archive_info")["sha256"],
         "steps": {name: str(step.status.value) for name, step in steps.items()},
-        "splits": report["counts"] | {"duplicates_removed": len(report["duplicates_removed"]),
-                                      "quarantined": len(report["quarantined"])},
+        "splits": report["counts"]
+        | {"duplicates_removed": len(report["duplicates_removed"]), "quarantined": len(report["quarantined"])},
         "metrics": {k: flat[k] for k in SUMMARY_METRICS},
     }
 
@@ -233,8 +248,10 @@ def with_sagemaker_checkpoints(zenml_config: dict, backup_dir: str | None, artif
         if estimator is None or not backup_dir or "checkpoint_s3_uri" in estimator:
             continue
         if not artifact_root.startswith("s3://"):
-            raise ConfigError(f"step {name} runs on SageMaker with train.backup_dir {backup_dir}, but the stack's "
-                              f"artifact store {artifact_root} is not on S3: set estimator_args.checkpoint_s3_uri")
+            raise ConfigError(
+                f"step {name} runs on SageMaker with train.backup_dir {backup_dir}, but the stack's "
+                f"artifact store {artifact_root} is not on S3: set estimator_args.checkpoint_s3_uri"
+            )
         estimator["checkpoint_s3_uri"] = f"{artifact_root.rstrip('/')}/checkpoints/{name}"
         estimator["checkpoint_local_path"] = backup_dir
     return result
@@ -245,14 +262,18 @@ def launch_options(config, no_cache: bool, schedule, workdir: Path) -> dict:
 
     from pipelines.training import MODEL
 
-    options = {"enable_cache": not no_cache, "settings": tracker_settings(config.registry),
-               "model": Model(name=config.registry.model_name, description=MODEL.description, tags=MODEL.tags)}
+    options = {
+        "enable_cache": not no_cache,
+        "settings": tracker_settings(config.registry),
+        "model": Model(name=config.registry.model_name, description=MODEL.description, tags=MODEL.tags),
+    }
     if config.zenml:
         import yaml
         from zenml.client import Client
 
-        zenml_config = with_sagemaker_checkpoints(config.zenml, config.train.backup_dir,
-                                                  Client().active_stack.artifact_store.path)
+        zenml_config = with_sagemaker_checkpoints(
+            config.zenml, config.train.backup_dir, Client().active_stack.artifact_store.path
+        )
         path = workdir / "zenml_run_config.yaml"
         path.write_text(yaml.safe_dump(zenml_config))
         options["config_path"] = str(path)
@@ -274,10 +295,16 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
     with ExitStack() as services, tempfile.TemporaryDirectory() as workdir:
         uri = stage_dataset(config, dataset_uri, services)
         run = training_pipeline.with_options(**launch_options(config, no_cache, schedule, Path(workdir)))(
-            config=config, dataset_uri=uri)
+            config=config, dataset_uri=uri
+        )
         if schedule is not None:
-            return {"schedule": schedule.name, "cron_expression": schedule.cron_expression, "stack": stack.name,
-                    "dataset_uri": uri, "list_with": "python run.py --list-schedules"}
+            return {
+                "schedule": schedule.name,
+                "cron_expression": schedule.cron_expression,
+                "stack": stack.name,
+                "dataset_uri": uri,
+                "list_with": "python run.py --list-schedules",
+            }
         return summarize(run, config)
 
 
@@ -289,8 +316,12 @@ def run_inference(config, images: str, model_version: str, output: Path, explain
     quiet_expected_failures()
     registry = config.registry.model_copy(update={"experiment_name": "chest-xray-inference"})
     run = inference_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
-        images=images, model_version=model_version, registry=registry, explain=explain,
-        s3_max_attempts=config.s3.max_attempts)
+        images=images,
+        model_version=model_version,
+        registry=registry,
+        explain=explain,
+        s3_max_attempts=config.s3.max_attempts,
+    )
     steps = Client().get_pipeline_run(run.id).steps
     table = steps["batch_predict"].outputs["predictions"][0].load()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -300,13 +331,19 @@ def run_inference(config, images: str, model_version: str, output: Path, explain
         image.save(output.parent / name)
     info = steps["resolve_model_version"].outputs["model_info"][0].load()
     usable = table["status"] == "ok"
-    return {"pipeline_run_id": str(run.id), "output": str(output), "images": len(table),
-            "unreadable": int((table["status"] == "unreadable").sum()),
-            "out_of_distribution": int((table["status"] == "out_of_distribution").sum()),
-            "predicted": table.loc[usable, "label"].value_counts().to_dict(),
-            "model_uri": info["uri"], "model_version": info["version"], "threshold": info["threshold"],
-            "gradcam": sorted(str(output.parent / name) for name in overlays),
-            "mlflow_tracking_uri": registry.tracking_uri}
+    return {
+        "pipeline_run_id": str(run.id),
+        "output": str(output),
+        "images": len(table),
+        "unreadable": int((table["status"] == "unreadable").sum()),
+        "out_of_distribution": int((table["status"] == "out_of_distribution").sum()),
+        "predicted": table.loc[usable, "label"].value_counts().to_dict(),
+        "model_uri": info["uri"],
+        "model_version": info["version"],
+        "threshold": info["threshold"],
+        "gradcam": sorted(str(output.parent / name) for name in overlays),
+        "mlflow_tracking_uri": registry.tracking_uri,
+    }
 
 
 def run_monitoring(config, images: str, model_version: str, output: Path) -> dict:
@@ -318,8 +355,13 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
     quiet_expected_failures()
     registry = config.registry.model_copy(update={"experiment_name": config.monitoring.experiment_name})
     run = monitoring_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
-        images=images, model_version=model_version, registry=registry, monitoring=config.monitoring,
-        seed=config.seed, s3_max_attempts=config.s3.max_attempts)
+        images=images,
+        model_version=model_version,
+        registry=registry,
+        monitoring=config.monitoring,
+        seed=config.seed,
+        s3_max_attempts=config.s3.max_attempts,
+    )
     steps = Client().get_pipeline_run(run.id).steps
     report = steps["check_drift"].outputs["drift_report"][0].load()
     output.mkdir(parents=True, exist_ok=True)
@@ -328,17 +370,28 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
     (output / "report.html").write_text(steps["check_drift"].outputs["report_html"][0].load())
     for name, image in steps["check_drift"].outputs["monitoring_plots"][0].load().items():
         image.save(output / f"{name}.png")
-    return {"drift_detected": report["drift_detected"], "p_value": report["p_value"],
-            "ood_fraction": report["ood_fraction"], "images": report["images"], "readable": report["readable"],
-            "ood_images": report["ood_images"], "reference_ood_fraction": report["reference_ood_fraction"],
-            "embedding_p_value": report["embedding"]["p_value"], "positive_rate": report["positive_rate"]["batch"],
-            "reference_positive_rate": report["positive_rate"]["reference"], "model_uri": report["model_uri"],
-            "model_version": report["model_version"], "report": str(output / "report.html"),
-            "pipeline_run_id": str(run.id), "mlflow_tracking_uri": registry.tracking_uri}
+    return {
+        "drift_detected": report["drift_detected"],
+        "p_value": report["p_value"],
+        "ood_fraction": report["ood_fraction"],
+        "images": report["images"],
+        "readable": report["readable"],
+        "ood_images": report["ood_images"],
+        "reference_ood_fraction": report["reference_ood_fraction"],
+        "embedding_p_value": report["embedding"]["p_value"],
+        "positive_rate": report["positive_rate"]["batch"],
+        "reference_positive_rate": report["positive_rate"]["reference"],
+        "model_uri": report["model_uri"],
+        "model_version": report["model_version"],
+        "report": str(output / "report.html"),
+        "pipeline_run_id": str(run.id),
+        "mlflow_tracking_uri": registry.tracking_uri,
+    }
 
 
-def run_evaluation(config, dataset_uri: str, model_version: str, site: str | None,
-                   recalibrate_fraction: float | None) -> dict:
+def run_evaluation(
+    config, dataset_uri: str, model_version: str, site: str | None, recalibrate_fraction: float | None
+) -> dict:
     """The evaluation pipeline: one registered version on one labelled site."""
     from zenml.client import Client
 
@@ -349,23 +402,39 @@ def run_evaluation(config, dataset_uri: str, model_version: str, site: str | Non
     registry = config.registry.model_copy(update={"experiment_name": config.evaluate.site_experiment_name})
     name = site_name(dataset_uri, site)
     run = evaluation_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
-        dataset_uri=dataset_uri, site=name, model_version=model_version, recalibrate_fraction=recalibrate_fraction,
-        data=config.data, s3=config.s3, evaluate=config.evaluate, registry=registry, seed=config.seed)
+        dataset_uri=dataset_uri,
+        site=name,
+        model_version=model_version,
+        recalibrate_fraction=recalibrate_fraction,
+        data=config.data,
+        s3=config.s3,
+        evaluate=config.evaluate,
+        registry=registry,
+        seed=config.seed,
+    )
     steps = Client().get_pipeline_run(run.id).steps
     result = steps["evaluate_on_site"].outputs["site_evaluation"][0].load()
     info = steps["resolve_model_version"].outputs["model_info"][0].load()
     metrics = result["metrics"]
-    summary = {"site": name, "model_version": info["version"], "model_uri": info["uri"], "images": metrics["images"],
-               "threshold": metrics["threshold"],
-               "metrics": {k: v for k, v in metrics.items() if k not in ("images", "threshold")},
-               "mlflow_run_id": result["mlflow_run_id"], "pipeline_run_id": str(run.id),
-               "mlflow_tracking_uri": registry.tracking_uri}
+    summary = {
+        "site": name,
+        "model_version": info["version"],
+        "model_uri": info["uri"],
+        "images": metrics["images"],
+        "threshold": metrics["threshold"],
+        "metrics": {k: v for k, v in metrics.items() if k not in ("images", "threshold")},
+        "mlflow_run_id": result["mlflow_run_id"],
+        "pipeline_run_id": str(run.id),
+        "mlflow_tracking_uri": registry.tracking_uri,
+    }
     if "recalibrated" in result:
         recalibrated = result["recalibrated"]
-        summary["recalibrated"] = {k: recalibrated[k] for k in ("fraction", "calibration_images", "measured_images",
-                                                                "calibration")} | {
+        summary["recalibrated"] = {
+            k: recalibrated[k] for k in ("fraction", "calibration_images", "measured_images", "calibration")
+        } | {
             "threshold": recalibrated["metrics"]["threshold"],
-            "metrics": {k: v for k, v in recalibrated["metrics"].items() if k not in ("images", "threshold")}}
+            "metrics": {k: v for k, v in recalibrated["metrics"].items() if k not in ("images", "threshold")},
+        }
     return summary
 
 
@@ -389,62 +458,146 @@ def list_schedules() -> None:
         emit("no schedules in the active ZenML project")
     for item in schedules:
         emit(f"{item.name}\tcron={item.cron_expression}\tactive={item.active}\tid={item.id}")
-    emit("delete one with: zenml pipeline schedule delete <name>; on SageMaker also delete the EventBridge schedule "
-         "(aws scheduler delete-schedule --name <name>; docs/sagemaker.md)")
+    emit(
+        "delete one with: zenml pipeline schedule delete <name>; on SageMaker also delete the EventBridge schedule "
+        "(aws scheduler delete-schedule --name <name>; docs/sagemaker.md)"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--pipeline", "pipeline_name", type=click.Choice(["training", "inference", "monitoring", "evaluation"]), default="training",
-              show_default=True, help="Which pipeline to run.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CONFIG,
-              show_default=True, help="YAML run config, validated against xray.config.PipelineConfig.")
-@click.option("--dataset-uri", default=None,
-              help="training: the dataset archive, s3://bucket/key.zip, a local path or file://; overrides dataset_uri in "
-                   "the config; default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip, then Kaggle "
-                   "(kagglehub). evaluation (required): a labelled site, a zip, folder or s3:// zip with NORMAL/ and "
-                   "PNEUMONIA/ folders at any depth.")
-@click.option("--site", default=None,
-              help="evaluation: the site's name in tags and the model card (default: the archive's or folder's name).")
-@click.option("--recalibrate-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="evaluation: also re-fit calibration and threshold on this patient-grouped share of the site and "
-                   "measure on the rest.")
-@click.option("--images", default=None,
-              help="inference, monitoring: a folder, a zip or an s3:// prefix of JPEG/PNG images.")
-@click.option("--model-version", default="champion", show_default=True,
-              help="inference, monitoring, evaluation: a registered version number or an alias of the model.")
-@click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="inference: the predictions CSV (Grad-CAM PNGs go beside it; default outputs/predictions.csv). "
-                   "monitoring: a folder for report.html, report.json, plots and predictions.csv "
-                   "(default outputs/monitoring).")
-@click.option("--fail-on-drift", is_flag=True,
-              help=f"monitoring: exit with code {DRIFT_EXIT_CODE} when drift is detected (after printing the summary).")
-@click.option("--explain", type=click.IntRange(min=0), default=0, show_default=True,
-              help="inference: write Grad-CAM overlays for the first N readable images.")
-@click.option("--stack", "stack_name", default=None,
-              help="The ZenML stack to run on (activated for this and later runs); its MLflow experiment tracker "
-                   "decides where runs and models go. Default: the active stack if it has an experiment tracker, "
-                   "else xray-local (local orchestrator and artifact store, MLflow on ./.mlflow). `team`: see "
-                   "README 'Team stack'.")
+@click.option(
+    "--pipeline",
+    "pipeline_name",
+    type=click.Choice(["training", "inference", "monitoring", "evaluation"]),
+    default="training",
+    show_default=True,
+    help="Which pipeline to run.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="YAML run config, validated against xray.config.PipelineConfig.",
+)
+@click.option(
+    "--dataset-uri",
+    default=None,
+    help="training: the dataset archive, s3://bucket/key.zip, a local path or file://; overrides dataset_uri in "
+    "the config; default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip, then Kaggle "
+    "(kagglehub). evaluation (required): a labelled site, a zip, folder or s3:// zip with NORMAL/ and "
+    "PNEUMONIA/ folders at any depth.",
+)
+@click.option(
+    "--site",
+    default=None,
+    help="evaluation: the site's name in tags and the model card (default: the archive's or folder's name).",
+)
+@click.option(
+    "--recalibrate-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="evaluation: also re-fit calibration and threshold on this patient-grouped share of the site and "
+    "measure on the rest.",
+)
+@click.option(
+    "--images", default=None, help="inference, monitoring: a folder, a zip or an s3:// prefix of JPEG/PNG images."
+)
+@click.option(
+    "--model-version",
+    default="champion",
+    show_default=True,
+    help="inference, monitoring, evaluation: a registered version number or an alias of the model.",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="inference: the predictions CSV (Grad-CAM PNGs go beside it; default outputs/predictions.csv). "
+    "monitoring: a folder for report.html, report.json, plots and predictions.csv "
+    "(default outputs/monitoring).",
+)
+@click.option(
+    "--fail-on-drift",
+    is_flag=True,
+    help=f"monitoring: exit with code {DRIFT_EXIT_CODE} when drift is detected (after printing the summary).",
+)
+@click.option(
+    "--explain",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="inference: write Grad-CAM overlays for the first N readable images.",
+)
+@click.option(
+    "--stack",
+    "stack_name",
+    default=None,
+    help="The ZenML stack to run on (activated for this and later runs); its MLflow experiment tracker "
+    "decides where runs and models go. Default: the active stack if it has an experiment tracker, "
+    "else xray-local (local orchestrator and artifact store, MLflow on ./.mlflow). `team`: see "
+    "README 'Team stack'.",
+)
 @click.option("--no-cache", is_flag=True, help="Run every step even when ZenML has a cached result.")
-@click.option("--schedule", "cron", default=None,
-              help="Attach a schedule instead of running once, e.g. \"cron(0 3 ? * MON *)\" (AWS six-field syntax "
-                   "on SageMaker). Needs a stack whose orchestrator can schedule.")
-@click.option("--list-schedules", "show_schedules", is_flag=True, help="List the schedules of the active ZenML project and exit.")
-@click.option("--seed", type=int, default=None,
-              help="Override the config's seed (val carve, shuffling, bootstrap): replicate runs of one recipe.")
-@click.option("-v", "--verbose", is_flag=True,
-              help="Debug logs: the project's debug lines, third-party INFO, TensorFlow's C++ logs, and the traceback "
-                   "of every failure.")
+@click.option(
+    "--schedule",
+    "cron",
+    default=None,
+    help='Attach a schedule instead of running once, e.g. "cron(0 3 ? * MON *)" (AWS six-field syntax '
+    "on SageMaker). Needs a stack whose orchestrator can schedule.",
+)
+@click.option(
+    "--list-schedules", "show_schedules", is_flag=True, help="List the schedules of the active ZenML project and exit."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Override the config's seed (val carve, shuffling, bootstrap): replicate runs of one recipe.",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Debug logs: the project's debug lines, third-party INFO, TensorFlow's C++ logs, and the traceback "
+    "of every failure.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only on stderr; the JSON summary is unchanged.")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None,
-              help="Set the level explicitly (default info; -v is debug, -q is warning).")
-@click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the one-line JSON summary to this file.")
-def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images: str | None, model_version: str,
-         output: Path | None, fail_on_drift: bool, explain: int, no_cache: bool, cron: str | None, show_schedules: bool,
-         summary_path: Path | None, seed: int | None = None, site: str | None = None,
-         recalibrate_fraction: float | None = None, stack_name: str | None = None, verbose: bool = False,
-         quiet: bool = False, log_level: str | None = None) -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default=None,
+    help="Set the level explicitly (default info; -v is debug, -q is warning).",
+)
+@click.option(
+    "--summary",
+    "summary_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the one-line JSON summary to this file.",
+)
+def main(
+    pipeline_name: str,
+    config_path: Path,
+    dataset_uri: str | None,
+    images: str | None,
+    model_version: str,
+    output: Path | None,
+    fail_on_drift: bool,
+    explain: int,
+    no_cache: bool,
+    cron: str | None,
+    show_schedules: bool,
+    summary_path: Path | None,
+    seed: int | None = None,
+    site: str | None = None,
+    recalibrate_fraction: float | None = None,
+    stack_name: str | None = None,
+    verbose: bool = False,
+    quiet: bool = False,
+    log_level: str | None = None,
+) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     sys.path.insert(0, str(ROOT))
     if verbose and quiet:
@@ -463,8 +616,11 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
     if pipeline_name in ("inference", "monitoring") and not images:
         fail(f"--pipeline {pipeline_name} needs --images (a folder, a zip or an s3:// prefix)", 2)
     if pipeline_name == "evaluation" and not dataset_uri:
-        fail("--pipeline evaluation needs --dataset-uri (a zip, a folder or an s3:// zip with NORMAL/ and PNEUMONIA/ "
-             "folders)", 2)
+        fail(
+            "--pipeline evaluation needs --dataset-uri (a zip, a folder or an s3:// zip with NORMAL/ and PNEUMONIA/ "
+            "folders)",
+            2,
+        )
     if pipeline_name != "evaluation" and (site or recalibrate_fraction is not None):
         fail("--site and --recalibrate-fraction belong to --pipeline evaluation", 2)
     try:
@@ -474,8 +630,7 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
         elif pipeline_name == "monitoring":
             summary = run_monitoring(config, images, model_version, output or Path("outputs/monitoring"))
         elif pipeline_name == "evaluation":
-            summary = run_evaluation(config, dataset_uri, model_version, site,
-                                     recalibrate_fraction)
+            summary = run_evaluation(config, dataset_uri, model_version, site, recalibrate_fraction)
         else:
             summary = run_training(config, dataset_uri, no_cache, cron)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback
@@ -490,8 +645,11 @@ def main(pipeline_name: str, config_path: Path, dataset_uri: str | None, images:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(line + "\n")
     if fail_on_drift and summary.get("drift_detected"):
-        click.echo(f"error: drift detected: {summary['ood_images']} of {summary['readable']} images out of "
-                   f"distribution (p = {summary['p_value']:.3g}); report {summary['report']}", err=True)
+        click.echo(
+            f"error: drift detected: {summary['ood_images']} of {summary['readable']} images out of "
+            f"distribution (p = {summary['p_value']:.3g}); report {summary['report']}",
+            err=True,
+        )
         sys.exit(DRIFT_EXIT_CODE)
 
 

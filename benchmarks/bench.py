@@ -37,8 +37,12 @@ from xray.dataset import ValidatedDataset, prepare_dataset  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results.json"
 IMAGE_SIZE, BATCH = 128, 32  # configs/training_local.yaml
-TARGETS = {"input_pipeline_speedup": 5.0, "starvation_ratio": 0.95, "cached_rerun_speedup": 5.0,
-           "batch_inference_speedup": 10.0}
+TARGETS = {
+    "input_pipeline_speedup": 5.0,
+    "starvation_ratio": 0.95,
+    "cached_rerun_speedup": 5.0,
+    "batch_inference_speedup": 10.0,
+}
 
 
 def spec_for(dataset: ValidatedDataset, zoom: float = 0.2, interpolation: str = "bilinear") -> xdata.DatasetSpec:
@@ -84,9 +88,12 @@ def input_pipeline_speedup(dataset: ValidatedDataset, workdir: Path, repeats: in
 
     def seed_rate() -> float:
         start = time.perf_counter()
-        generator = tf.keras.preprocessing.image.ImageDataGenerator(rescale=1 / 255, horizontal_flip=True, zoom_range=0.2)
-        flow = generator.flow_from_directory(str(folder), target_size=(IMAGE_SIZE, IMAGE_SIZE), batch_size=BATCH,
-                                             class_mode="binary", seed=0)
+        generator = tf.keras.preprocessing.image.ImageDataGenerator(
+            rescale=1 / 255, horizontal_flip=True, zoom_range=0.2
+        )
+        flow = generator.flow_from_directory(
+            str(folder), target_size=(IMAGE_SIZE, IMAGE_SIZE), batch_size=BATCH, class_mode="binary", seed=0
+        )
         seen = sum(len(flow[i][0]) for _ in range(2) for i in range(len(flow)))
         return seen / (time.perf_counter() - start)
 
@@ -98,11 +105,21 @@ def input_pipeline_speedup(dataset: ValidatedDataset, workdir: Path, repeats: in
         seed.append(seed_rate())
         nearest.append(_two_passes(dataset, spec_for(dataset, interpolation="nearest"), rows)[0])
     median = statistics.median
-    return {"value": median(ours) / median(seed), "ours_images_per_s": median(ours), "seed_images_per_s": median(seed),
-            "ours_samples": ours, "seed_samples": seed, "ours_pass_images_per_s": passes,
-            "ours_nearest_interpolation_images_per_s": median(nearest),
-            "nearest_interpolation_speedup": median(nearest) / median(seed), "images": 2 * len(rows),
-            "passes": 2, "repeats": repeats, "image_size": IMAGE_SIZE, "batch_size": BATCH}
+    return {
+        "value": median(ours) / median(seed),
+        "ours_images_per_s": median(ours),
+        "seed_images_per_s": median(seed),
+        "ours_samples": ours,
+        "seed_samples": seed,
+        "ours_pass_images_per_s": passes,
+        "ours_nearest_interpolation_images_per_s": median(nearest),
+        "nearest_interpolation_speedup": median(nearest) / median(seed),
+        "images": 2 * len(rows),
+        "passes": 2,
+        "repeats": repeats,
+        "image_size": IMAGE_SIZE,
+        "batch_size": BATCH,
+    }
 
 
 def _fit_throughput(model, feed, steps: int, epochs: int, **fit_kwargs) -> float:
@@ -138,18 +155,31 @@ def starvation_ratio(dataset: ValidatedDataset, workdir: Path, steps: int = 10, 
 
     memory = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
     memory_rate = _fit_throughput(model, memory, steps, epochs)
-    return {"value": real_rate / memory_rate, "real_pipeline_images_per_s": real_rate,
-            "in_memory_images_per_s": memory_rate, "warm_epochs": epochs - 1, "steps_per_epoch": steps,
-            "image_size": IMAGE_SIZE, "batch_size": BATCH}
+    return {
+        "value": real_rate / memory_rate,
+        "real_pipeline_images_per_s": real_rate,
+        "in_memory_images_per_s": memory_rate,
+        "warm_epochs": epochs - 1,
+        "steps_per_epoch": steps,
+        "image_size": IMAGE_SIZE,
+        "batch_size": BATCH,
+    }
 
 
 def cached_rerun_speedup(archive: Path, workdir: Path) -> dict:
     """Runs benchmarks/zenml_runs.py in a child process with its own ZenML and MLflow stores."""
-    env = os.environ | {"ZENML_CONFIG_PATH": str(workdir / "zenml"), "ZENML_ANALYTICS_OPT_IN": "false",
-                        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    env = os.environ | {
+        "ZENML_CONFIG_PATH": str(workdir / "zenml"),
+        "ZENML_ANALYTICS_OPT_IN": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+    }
     out = workdir / "zenml_runs.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zenml_runs.py"), str(archive), str(out)], env=env,
-                   cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "zenml_runs.py"), str(archive), str(out)],
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
     result = json.loads(out.read_text())
     return {"value": result["first_data_seconds"] / result["cached_data_seconds"], **result}
 
@@ -175,9 +205,15 @@ def batch_inference_speedup(dataset: ValidatedDataset, workdir: Path) -> dict:
         image = xdata.decode_and_resize(tf.io.read_file(path), IMAGE_SIZE)
         single.append(float(model.predict(tf.cast(image, tf.float32)[None], verbose=0)[0, 0]))
     loop = len(paths) / (time.perf_counter() - start)
-    return {"value": ours / loop, "batched_images_per_s": ours, "per_image_images_per_s": loop, "images": len(paths),
-            "max_abs_difference": float(np.max(np.abs(batched - np.array(single)))), "image_size": IMAGE_SIZE,
-            "batch_size": BATCH}
+    return {
+        "value": ours / loop,
+        "batched_images_per_s": ours,
+        "per_image_images_per_s": loop,
+        "images": len(paths),
+        "max_abs_difference": float(np.max(np.abs(batched - np.array(single)))),
+        "image_size": IMAGE_SIZE,
+        "batch_size": BATCH,
+    }
 
 
 def environment() -> dict:
@@ -187,9 +223,15 @@ def environment() -> dict:
             versions[package] = version(package)
         except Exception:  # noqa: BLE001 - not every flavour of TF is installed
             continue
-    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
-            **cpu_model(), "python": platform.python_version(),
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "versions": versions}
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        **cpu_model(),
+        "python": platform.python_version(),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "versions": versions,
+    }
 
 
 def cpu_model() -> dict:
@@ -201,16 +243,23 @@ def cpu_model() -> dict:
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     flags = set(fields.get("flags", "").split())
-    return {"cpu_model": fields.get("model name"),
-            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})}
+    return {
+        "cpu_model": fields.get("model name"),
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}),
+    }
 
 
 def record(key: str, result: dict, command: str) -> None:
     """Keys in TARGETS get their target and verdict; other measurements are recorded as they are."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     verdict = {"target": TARGETS[key], "met": bool(result["value"] >= TARGETS[key])} if key in TARGETS else {}
-    entry = {**result, **verdict, "command": command,
-             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment()}
+    entry = {
+        **result,
+        **verdict,
+        "command": command,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **environment(),
+    }
     if key in results:
         results.setdefault("history", []).append({"key": key, **results[key]})
     results[key] = entry
@@ -239,8 +288,17 @@ def main() -> None:
             result["benchmark_seconds"] = time.perf_counter() - start
             record(key, result, command)
             verdict = "meets" if result["value"] >= TARGETS[key] else "MISSES"
-            print(json.dumps({key: round(result["value"], 3), "target": TARGETS[key], "verdict": verdict,
-                              **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        key: round(result["value"], 3),
+                        "target": TARGETS[key],
+                        "verdict": verdict,
+                        **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()},
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

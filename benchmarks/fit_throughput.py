@@ -45,9 +45,16 @@ def main() -> None:
         for size in args.sizes:
             rates.setdefault(backbone, {})[str(size)] = rate = rate_at(backbone, size, args.steps)
             print(f"{backbone} {size} px: {rate:.1f} img/s", flush=True)
-    record(KEY, {"images_per_s": rates, "batch_size": BATCH, "steps_per_epoch": args.steps,
-                 "benchmark_seconds": time.perf_counter() - start},
-           "python benchmarks/fit_throughput.py " + " ".join(sys.argv[1:]))
+    record(
+        KEY,
+        {
+            "images_per_s": rates,
+            "batch_size": BATCH,
+            "steps_per_epoch": args.steps,
+            "benchmark_seconds": time.perf_counter() - start,
+        },
+        "python benchmarks/fit_throughput.py " + " ".join(sys.argv[1:]),
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ SHARED = ROOT.parent / "shared" / "data"
 def test_images(folder: Path) -> list[Path]:
     folder.mkdir(parents=True)
     with zipfile.ZipFile(SHARED / "chest_xray_224.zip") as archive:
-        names = sorted(n for n in archive.namelist() if "/test/" in n and n.lower().endswith(".jpeg")
-                       and "__MACOSX" not in n)
+        names = sorted(
+            n for n in archive.namelist() if "/test/" in n and n.lower().endswith(".jpeg") and "__MACOSX" not in n
+        )
         for name in names:
             (folder / name.rsplit("/", 1)[1]).write_bytes(archive.read(name))
     return sorted(folder.iterdir())
@@ -68,8 +69,18 @@ def write_shifted(sources: list[Path], folder: Path, name: str, seed: int) -> No
 def monitor(images: Path, model_version: str, output: Path) -> dict:
     from xray import drift
 
-    command = [sys.executable, str(ROOT / "run.py"), "--pipeline", "monitoring", "--images", str(images),
-               "--model-version", model_version, "--output", str(output)]
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "--pipeline",
+        "monitoring",
+        "--images",
+        str(images),
+        "--model-version",
+        model_version,
+        "--output",
+        str(output),
+    ]
     started = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
@@ -78,14 +89,21 @@ def monitor(images: Path, model_version: str, output: Path) -> dict:
     table = pd.read_csv(output / "predictions.csv")
     readable = table[table["status"] != "unreadable"]
     reasons = readable.loc[readable["status"] == "out_of_distribution", "reason"].map(drift.reason_kind).value_counts()
-    return summary | {"seconds": round(time.time() - started, 1), "flagged_per_image": float(
-        (readable["status"] == "out_of_distribution").mean()), "reasons": reasons.to_dict()}
+    return summary | {
+        "seconds": round(time.time() - started, 1),
+        "flagged_per_image": float((readable["status"] == "out_of_distribution").mean()),
+        "reasons": reasons.to_dict(),
+    }
 
 
 @click.command()
 @click.option("--model-version", default="champion", show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
-              default=ROOT / "benchmarks" / "ood" / "monitoring_runs.json", show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=ROOT / "benchmarks" / "ood" / "monitoring_runs.json",
+    show_default=True,
+)
 def main(model_version: str, output: Path) -> None:
     from xray import shifts
 
@@ -94,9 +112,11 @@ def main(model_version: str, output: Path) -> None:
     photographs(work / "photographs")
     rng = np.random.default_rng(14)
     hundred = [test[i] for i in rng.choice(len(test), 100, replace=False)]
-    batches = {"internal test split (624)": work / "test",
-               "adult X-rays, near_ood_adult_cxr_224.zip (55)": SHARED / "near_ood_adult_cxr_224.zip",
-               "photographs and non-radiographs, scikit-image (226)": work / "photographs"}
+    batches = {
+        "internal test split (624)": work / "test",
+        "adult X-rays, near_ood_adult_cxr_224.zip (55)": SHARED / "near_ood_adult_cxr_224.zip",
+        "photographs and non-radiographs, scikit-image (226)": work / "photographs",
+    }
     for name in sorted(shifts.SHIFTS):
         write_shifted(hundred, work / f"shift_{name}", name, 0)
         batches[f"100 test images, all {name}"] = work / f"shift_{name}"
@@ -114,12 +134,33 @@ def main(model_version: str, output: Path) -> None:
     runs = {}
     for name, folder in batches.items():
         print(f"== {name}", file=sys.stderr, flush=True)
-        runs[name] = monitor(folder, model_version, work / "out" / name.split(" (")[0].replace(" ", "_").replace(",", ""))
-        print(json.dumps({k: runs[name][k] for k in ("drift_detected", "p_value", "ood_fraction", "images",
-                                                     "flagged_per_image", "reasons", "seconds")}), flush=True)
+        runs[name] = monitor(
+            folder, model_version, work / "out" / name.split(" (")[0].replace(" ", "_").replace(",", "")
+        )
+        print(
+            json.dumps(
+                {
+                    k: runs[name][k]
+                    for k in (
+                        "drift_detected",
+                        "p_value",
+                        "ood_fraction",
+                        "images",
+                        "flagged_per_image",
+                        "reasons",
+                        "seconds",
+                    )
+                }
+            ),
+            flush=True,
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"command": "python benchmarks/monitoring_runs.py " + " ".join(sys.argv[1:]),
-                                  "runs": runs}, indent=1) + "\n")
+    output.write_text(
+        json.dumps(
+            {"command": "python benchmarks/monitoring_runs.py " + " ".join(sys.argv[1:]), "runs": runs}, indent=1
+        )
+        + "\n"
+    )
     print(f"written {output}", file=sys.stderr)
 
 

@@ -89,7 +89,9 @@ class Sets:
         self.images["adult (as shipped)"] = near
         self.images["adult (JPEG q75)"] = [reencode(image, 75) for image in near]
         for name in sorted(shifts.SHIFTS):
-            self.images[f"shift: {name}"] = [shifts.apply(name, image, i) for i, image in enumerate(self.images["test"])]
+            self.images[f"shift: {name}"] = [
+                shifts.apply(name, image, i) for i, image in enumerate(self.images["test"])
+            ]
         self.images["photographs (scikit-image)"] = natural_images()
 
     def evaluated(self) -> list[str]:
@@ -168,8 +170,9 @@ def classifier_features(model, images: list[np.ndarray], image_size: int) -> dic
     probe = keras.Model(model.inputs, list(outputs.values()))
     collected = {name: [] for name in outputs}
     for start in range(0, len(images), 64):
-        batch = np.stack([decode_and_resize(tf.constant(_png(image)), image_size).numpy()
-                          for image in images[start:start + 64]]).astype(np.float32)
+        batch = np.stack(
+            [decode_and_resize(tf.constant(_png(image)), image_size).numpy() for image in images[start : start + 64]]
+        ).astype(np.float32)
         for name, values in zip(outputs, probe.predict(batch, verbose=0)):
             if values.ndim == 4:
                 values = np.concatenate([values.mean(axis=(1, 2)), values.std(axis=(1, 2))], axis=1)
@@ -193,31 +196,48 @@ def detector_table(sets: Sets, features: dict, profile, predictor) -> list[dict]
         "acquisition (profile)": lambda name: ood.stack(features[name])[1],
         "radial power spectrum": lambda name: np.stack([spectrum(i) for i in sets.images[name]]),
     }
-    fitters = {"content (profile)": lambda x: knn_detector(x, 16),
-               "acquisition (profile)": mahalanobis_detector,
-               "radial power spectrum": mahalanobis_detector}
+    fitters = {
+        "content (profile)": lambda x: knn_detector(x, 16),
+        "acquisition (profile)": mahalanobis_detector,
+        "radial power spectrum": mahalanobis_detector,
+    }
     print("classifier features of every set ...", file=sys.stderr, flush=True)
     started = time.time()
-    embedded = {name: classifier_features(predictor.model, sets.images[name], predictor.image_size)
-                for name in ["train"] + sets.evaluated()}
+    embedded = {
+        name: classifier_features(predictor.model, sets.images[name], predictor.image_size)
+        for name in ["train"] + sets.evaluated()
+    }
     print(f"  {time.time() - started:.0f} s", file=sys.stderr, flush=True)
     for layer in embedded["train"]:
         representations[f"classifier: {layer}"] = lambda name, layer=layer: embedded[name][layer]
-        fitters[f"classifier: {layer}"] = (lambda x: knn_detector(x, 16)) if layer == "early-block statistics" else (
-            lambda x: mahalanobis_detector(x, 64))
+        fitters[f"classifier: {layer}"] = (
+            (lambda x: knn_detector(x, 16))
+            if layer == "early-block statistics"
+            else (lambda x: mahalanobis_detector(x, 64))
+        )
     rows = []
     for detector, represent in representations.items():
         score = fitters[detector](represent("train"))
         scores = {name: score(represent(name)) for name in sets.evaluated()}
         threshold = gaussian_threshold(scores["val"])
-        rows.append({"detector": detector, "auroc_val_vs_adult": auroc(scores["val"], scores["adult (as shipped)"]),
-                     "flagged": rates(scores, threshold)})
+        rows.append(
+            {
+                "detector": detector,
+                "auroc_val_vs_adult": auroc(scores["val"], scores["adult (as shipped)"]),
+                "flagged": rates(scores, threshold),
+            }
+        )
     assessed = {name: profile.assess(features[name]) for name in sets.evaluated()}
     statistic = {name: table["ood_score"].to_numpy() for name, table in assessed.items()}
-    rows.append({"detector": "profile (registered): combined + rules",
-                 "auroc_val_vs_adult": auroc(statistic["val"], statistic["adult (as shipped)"]),
-                 "flagged": {name: float((table["status"] == ood.OUT_OF_DISTRIBUTION).mean())
-                             for name, table in assessed.items()}})
+    rows.append(
+        {
+            "detector": "profile (registered): combined + rules",
+            "auroc_val_vs_adult": auroc(statistic["val"], statistic["adult (as shipped)"]),
+            "flagged": {
+                name: float((table["status"] == ood.OUT_OF_DISTRIBUTION).mean()) for name, table in assessed.items()
+            },
+        }
+    )
     return rows
 
 
@@ -228,15 +248,21 @@ def stability_table(dataset, features_by_path: dict) -> list[dict]:
     rows = []
     for seed in SEEDS:
         manifest = carve(dataset, seed)
-        pick = lambda split: [features_by_path[str(dataset.root / p)] for p in manifest.loc[manifest["split"] == split, "path"]]  # noqa: E731,E501
+        pick = lambda split: [
+            features_by_path[str(dataset.root / p)] for p in manifest.loc[manifest["split"] == split, "path"]
+        ]  # noqa: E731,E501
         train, val, test = pick("train"), pick("val"), pick("test")
         profile = ood.fit_profile(train, val, np.full(len(val), 0.5), 0.5)
         row = {"seed": seed, "val_images": len(val), "parametric_threshold": profile.threshold}
         val_statistic = profile.val_scores * profile.threshold
         empirical = float(np.quantile(val_statistic, 0.99))
         for label, threshold in (("parametric", profile.threshold), ("empirical", empirical)):
-            for name, group in (("val", val), ("test", test), ("adult (as shipped)", features_by_path["adult"]),
-                                ("adult (JPEG q75)", features_by_path["adult_q75"])):
+            for name, group in (
+                ("val", val),
+                ("test", test),
+                ("adult (as shipped)", features_by_path["adult"]),
+                ("adult (JPEG q75)", features_by_path["adult_q75"]),
+            ):
                 pixels, stats = ood.stack(group)
                 statistic = profile.statistic(*profile.z_scores(pixels, stats))
                 row[f"{label}: {name}"] = float((statistic > threshold).mean())
@@ -277,8 +303,12 @@ def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
         predictions = profile.assess(group)
         predictions["probability"] = 0.5
         report = drift.compare(profile, predictions, ood.feature_table(group, profile), permutations=permutations)
-        return {"p_value": report["p_value"], "drift_detected": report["drift_detected"],
-                "ood_fraction": report["ood_fraction"], "embedding_p_value": report["embedding"]["p_value"]}
+        return {
+            "p_value": report["p_value"],
+            "drift_detected": report["drift_detected"],
+            "ood_fraction": report["ood_fraction"],
+            "embedding_p_value": report["embedding"]["p_value"],
+        }
 
     result = {"test split": run(features["test"]), "adult X-rays": run(features["adult (as shipped)"])}
     rng = np.random.default_rng(0)
@@ -289,14 +319,20 @@ def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
         batch = [features["test"][i] for i in picks]
         clean.append(run(batch))
         for name in names:
-            shifted = [ood.features_of_array(shifts.apply(name, sets.images["test"][i], 1000 * draw + i)) for i in picks[:10]]
+            shifted = [
+                ood.features_of_array(shifts.apply(name, sets.images["test"][i], 1000 * draw + i)) for i in picks[:10]
+            ]
             mixed[name].append(run(shifted + batch[10:]))
-    result["20 clean batches of 100"] = {"detected": sum(r["drift_detected"] for r in clean),
-                                         "p_values": [r["p_value"] for r in clean],
-                                         "embedding_detected": sum(r["embedding_p_value"] < 0.01 for r in clean)}
+    result["20 clean batches of 100"] = {
+        "detected": sum(r["drift_detected"] for r in clean),
+        "p_values": [r["p_value"] for r in clean],
+        "embedding_detected": sum(r["embedding_p_value"] < 0.01 for r in clean),
+    }
     for name in names:
-        result[f"20 batches of 100, 10% {name}"] = {"detected": sum(r["drift_detected"] for r in mixed[name]),
-                                                    "max_p_value": max(r["p_value"] for r in mixed[name])}
+        result[f"20 batches of 100, 10% {name}"] = {
+            "detected": sum(r["drift_detected"] for r in mixed[name]),
+            "max_p_value": max(r["p_value"] for r in mixed[name]),
+        }
         shifted = features[f"shift: {name}"]
         result[f"100 images, all {name}"] = run([shifted[i] for i in rng.choice(len(shifted), 100, replace=False)])
     return result
@@ -304,31 +340,45 @@ def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
 
 def markdown(results: dict) -> str:
     sets = list(results["detectors"][0]["flagged"])
-    lines = ["| detector | AUROC val vs adult | " + " | ".join(sets) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in sets) + " |"]
+    lines = [
+        "| detector | AUROC val vs adult | " + " | ".join(sets) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in sets) + " |",
+    ]
     for row in results["detectors"]:
-        lines.append(f"| {row['detector']} | {row['auroc_val_vs_adult']:.3f} | "
-                     + " | ".join(f"{100 * row['flagged'][s]:.1f}%" for s in sets) + " |")
-    lines += ["", "| val carve seed | threshold | val | test | adult | adult q75 | empirical thr. | val | test | adult | adult q75 |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {row['detector']} | {row['auroc_val_vs_adult']:.3f} | "
+            + " | ".join(f"{100 * row['flagged'][s]:.1f}%" for s in sets)
+            + " |"
+        )
+    lines += [
+        "",
+        "| val carve seed | threshold | val | test | adult | adult q75 | empirical thr. | val | test | adult | adult q75 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in results["stability"]:
-        cells = [f"{row['parametric_threshold']:.2f}"] + [f"{100 * row[f'parametric: {s}']:.1f}%" for s in
-                                                           ("val", "test", "adult (as shipped)", "adult (JPEG q75)")]
-        cells += [f"{row['empirical_threshold']:.2f}"] + [f"{100 * row[f'empirical: {s}']:.1f}%" for s in
-                                                          ("val", "test", "adult (as shipped)", "adult (JPEG q75)")]
+        cells = [f"{row['parametric_threshold']:.2f}"] + [
+            f"{100 * row[f'parametric: {s}']:.1f}%" for s in ("val", "test", "adult (as shipped)", "adult (JPEG q75)")
+        ]
+        cells += [f"{row['empirical_threshold']:.2f}"] + [
+            f"{100 * row[f'empirical: {s}']:.1f}%" for s in ("val", "test", "adult (as shipped)", "adult (JPEG q75)")
+        ]
         lines.append(f"| {row['seed']} | " + " | ".join(cells) + " |")
     lines += ["", "| test images sent as | flagged |", "| --- | --- |"]
     lines += [f"| {name} | {100 * share:.1f}% |" for name, share in results["export_format"].items()]
     lines += ["", "| batch | result |", "| --- | --- |"]
     for name, value in results["batches"].items():
         if "p_values" in value:
-            text = (f"drift in {value['detected']} of 20 (p from {min(value['p_values']):.3g}); "
-                    f"embedding MMD p < 0.01 in {value['embedding_detected']} of 20")
+            text = (
+                f"drift in {value['detected']} of 20 (p from {min(value['p_values']):.3g}); "
+                f"embedding MMD p < 0.01 in {value['embedding_detected']} of 20"
+            )
         elif "max_p_value" in value:
             text = f"drift in {value['detected']} of 20 (largest p {value['max_p_value']:.2g})"
         else:
-            text = (f"drift {value['drift_detected']}, p = {value['p_value']:.3g}, {100 * value['ood_fraction']:.1f}% "
-                    f"out of distribution, embedding MMD p = {value['embedding_p_value']:.3g}")
+            text = (
+                f"drift {value['drift_detected']}, p = {value['p_value']:.3g}, {100 * value['ood_fraction']:.1f}% "
+                f"out of distribution, embedding MMD p = {value['embedding_p_value']:.3g}"
+            )
         lines.append(f"| {name} | {text} |")
     return "\n".join(lines)
 
@@ -336,8 +386,12 @@ def markdown(results: dict) -> str:
 @click.command()
 @click.option("--model-version", default="champion", show_default=True)
 @click.option("--model-name", default=MODEL_NAME, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
-              default=ROOT / "benchmarks" / "ood" / "results.json", show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=ROOT / "benchmarks" / "ood" / "results.json",
+    show_default=True,
+)
 @click.option("--permutations", default=200, show_default=True, help="MMD permutations per batch (reported only).")
 def main(model_version: str, model_name: str, output: Path, permutations: int) -> None:
     import mlflow
@@ -352,21 +406,29 @@ def main(model_version: str, model_name: str, output: Path, permutations: int) -
     if predictor.profile is None:
         raise click.ClickException(f"{info['uri']} has no reference profile")
     print(f"{info['uri']}: profile threshold {predictor.profile.threshold:.3f}", file=sys.stderr, flush=True)
-    dataset, _ = prepare_dataset(SHARED / "chest_xray_224.zip", Path(tempfile.mkdtemp(prefix="xray-ood-bench-")),
-                                 DataConfig(), seed=42)
+    dataset, _ = prepare_dataset(
+        SHARED / "chest_xray_224.zip", Path(tempfile.mkdtemp(prefix="xray-ood-bench-")), DataConfig(), seed=42
+    )
     with zipfile.ZipFile(SHARED / "near_ood_adult_cxr_224.zip") as archive:
         from PIL import Image
 
-        near = [np.asarray(Image.open(io.BytesIO(archive.read(n))).convert("RGB"))
-                for n in sorted(archive.namelist()) if n.lower().endswith(".jpeg")]
+        near = [
+            np.asarray(Image.open(io.BytesIO(archive.read(n))).convert("RGB"))
+            for n in sorted(archive.namelist())
+            if n.lower().endswith(".jpeg")
+        ]
     sets = Sets(dataset, near)
     features = {name: [ood.features_of_array(i) for i in images] for name, images in sets.images.items()}
     by_path = {p: f for s in ("train", "val", "test") for p, f in zip(sets.split_paths[s], features[s])}
     by_path |= {"adult": features["adult (as shipped)"], "adult_q75": features["adult (JPEG q75)"]}
     results = {
-        "model_uri": info["uri"], "command": "python benchmarks/ood_detectors.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "model_uri": info["uri"],
+        "command": "python benchmarks/ood_detectors.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "sets": {name: len(images) for name, images in sets.images.items()},
         "detectors": detector_table(sets, features, predictor.profile, predictor),
         "stability": stability_table(dataset, by_path),

@@ -20,8 +20,12 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
+
 SHARED = ROOT.parent / "shared" / "data"
-SETS = {"internal_test": (SHARED / "chest_xray_224.zip", "/test/"), "adult": (SHARED / "near_ood_adult_cxr_224.zip", "")}
+SETS = {
+    "internal_test": (SHARED / "chest_xray_224.zip", "/test/"),
+    "adult": (SHARED / "near_ood_adult_cxr_224.zip", ""),
+}
 
 
 def extract(archive: Path, part: str, folder: Path) -> list[str]:
@@ -38,8 +42,12 @@ def extract(archive: Path, part: str, folder: Path) -> list[str]:
 @click.command()
 @click.option("--model-version", default="champion", show_default=True)
 @click.option("--model-name", default=MODEL_NAME, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "benchmarks/ood/ood_rates.json",
-              show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=ROOT / "benchmarks/ood/ood_rates.json",
+    show_default=True,
+)
 def main(model_version: str, model_name: str, output: Path) -> None:
     import mlflow
 

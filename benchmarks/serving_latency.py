@@ -43,9 +43,28 @@ def free_port() -> int:
 
 def serve(folder: Path, port: int) -> subprocess.Popen:
     env = os.environ | {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder), "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            str(folder),
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -62,8 +81,9 @@ def serve(folder: Path, port: int) -> subprocess.Popen:
 
 def post(port: int, image: bytes) -> tuple[float, dict]:
     body = json.dumps({"inputs": [base64.b64encode(image).decode()]}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
@@ -74,8 +94,12 @@ def post(port: int, image: bytes) -> tuple[float, dict]:
 @click.option("--model-version", default="champion", show_default=True)
 @click.option("--model-name", default=MODEL_NAME, show_default=True)
 @click.option("--requests", "count", default=300, show_default=True, help="Requests per server (after 10 warm-up).")
-@click.option("--baseline-ref", default="4434d31", show_default=True,
-              help="Commit whose serving code is the baseline (the last one before out-of-distribution checks).")
+@click.option(
+    "--baseline-ref",
+    default="4434d31",
+    show_default=True,
+    help="Commit whose serving code is the baseline (the last one before out-of-distribution checks).",
+)
 def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> None:
     import mlflow
 
@@ -89,8 +113,9 @@ def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> 
     baseline = work / "baseline"
     shutil.copytree(current, baseline)
     shutil.rmtree(baseline / "code" / "xray")
-    archive = subprocess.run(["git", "archive", "--format=tar", baseline_ref, "xray"], cwd=ROOT, check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", baseline_ref, "xray"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
     with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
         tar.extractall(baseline / "code", filter="data")
     with zipfile.ZipFile(ROOT.parent / "shared" / "data" / "chest_xray_224.zip") as handle:
@@ -119,17 +144,34 @@ def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> 
     summary = {}
     for name, values in latencies.items():
         values = np.array(values) * 1000
-        summary[name] = {"p50_ms": float(np.percentile(values, 50)), "p95_ms": float(np.percentile(values, 95)),
-                         "mean_ms": float(values.mean())}
+        summary[name] = {
+            "p50_ms": float(np.percentile(values, 50)),
+            "p95_ms": float(np.percentile(values, 95)),
+            "mean_ms": float(values.mean()),
+        }
     ratio = summary["current"]["p50_ms"] / summary["baseline"]["p50_ms"]
-    print(json.dumps(summary | {"p50_ratio": ratio, "requests_per_server": count, "model": info["uri"],
-                                "baseline_ref": baseline_ref}, indent=1))
-    bench.record("serving_latency_with_ood", {
-        "value": ratio, "unit": "current p50 / baseline p50, single-image requests",
-        "baseline_p50_ms": summary["baseline"]["p50_ms"], "current_p50_ms": summary["current"]["p50_ms"],
-        "baseline_p95_ms": summary["baseline"]["p95_ms"], "current_p95_ms": summary["current"]["p95_ms"],
-        "requests_per_server": count, "baseline_ref": baseline_ref, "model": info["uri"]},
-        "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]))
+    print(
+        json.dumps(
+            summary
+            | {"p50_ratio": ratio, "requests_per_server": count, "model": info["uri"], "baseline_ref": baseline_ref},
+            indent=1,
+        )
+    )
+    bench.record(
+        "serving_latency_with_ood",
+        {
+            "value": ratio,
+            "unit": "current p50 / baseline p50, single-image requests",
+            "baseline_p50_ms": summary["baseline"]["p50_ms"],
+            "current_p50_ms": summary["current"]["p50_ms"],
+            "baseline_p95_ms": summary["baseline"]["p95_ms"],
+            "current_p95_ms": summary["current"]["p95_ms"],
+            "requests_per_server": count,
+            "baseline_ref": baseline_ref,
+            "model": info["uri"],
+        },
+        "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
+    )
 
 
 if __name__ == "__main__":

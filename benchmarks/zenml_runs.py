@@ -1,6 +1,6 @@
 """Timed ZenML runs for cached_rerun_speedup; run by bench.py in a child process with isolated stores.
 
-    python benchmarks/zenml_runs.py ARCHIVE OUT.json
+python benchmarks/zenml_runs.py ARCHIVE OUT.json
 """
 
 import json
@@ -27,8 +27,9 @@ from xray.config import load_config  # noqa: E402
 def data_steps(config, dataset_uri: str) -> None:
     raw_archive, _ = ingest_from_s3(dataset_uri=dataset_uri, s3=config.s3, registry=config.registry)
     dataset, _, _, _, _ = unzip_and_validate(raw_archive, data=config.data, registry=config.registry, seed=config.seed)
-    build_datasets(dataset, data=config.data, model=config.model, train=config.train, registry=config.registry,
-                   seed=config.seed)
+    build_datasets(
+        dataset, data=config.data, model=config.model, train=config.train, registry=config.registry, seed=config.seed
+    )
 
 
 def timed(run_pipeline):
@@ -36,9 +37,13 @@ def timed(run_pipeline):
     run = run_pipeline()
     wall = time.perf_counter() - start
     run = Client().get_pipeline_run(run.id)
-    steps = {name: {"status": step.status.value,
-                    "seconds": (step.end_time - step.start_time).total_seconds() if step.end_time else None}
-             for name, step in run.steps.items()}
+    steps = {
+        name: {
+            "status": step.status.value,
+            "seconds": (step.end_time - step.start_time).total_seconds() if step.end_time else None,
+        }
+        for name, step in run.steps.items()
+    }
     return wall, steps
 
 
@@ -51,16 +56,26 @@ def main(archive: Path, out: Path) -> None:
         first, first_steps = timed(lambda: data_steps(config=config, dataset_uri=location.uri))
         cached, cached_steps = timed(lambda: data_steps(config=config, dataset_uri=location.uri))
         smoke_wall, smoke_steps = timed(
-            lambda: training_pipeline.with_options(enable_cache=False)(config=smoke, dataset_uri=location.uri))
+            lambda: training_pipeline.with_options(enable_cache=False)(config=smoke, dataset_uri=location.uri)
+        )
     inside = sum(step["seconds"] for step in smoke_steps.values())
-    out.write_text(json.dumps({
-        "first_data_seconds": first, "cached_data_seconds": cached,
-        "first_steps": first_steps, "cached_steps": cached_steps,
-        "smoke_wall_seconds": smoke_wall, "smoke_step_seconds": inside,
-        "smoke_orchestration_overhead_seconds": smoke_wall - inside, "smoke_steps": smoke_steps,
-        "note": "step seconds are ZenML step-run start to end (function plus artifact loading and saving); "
+    out.write_text(
+        json.dumps(
+            {
+                "first_data_seconds": first,
+                "cached_data_seconds": cached,
+                "first_steps": first_steps,
+                "cached_steps": cached_steps,
+                "smoke_wall_seconds": smoke_wall,
+                "smoke_step_seconds": inside,
+                "smoke_orchestration_overhead_seconds": smoke_wall - inside,
+                "smoke_steps": smoke_steps,
+                "note": "step seconds are ZenML step-run start to end (function plus artifact loading and saving); "
                 "the overhead is the rest of the wall time: run setup, caching checks, MLflow-independent bookkeeping",
-    }, indent=2))
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,16 +28,25 @@ def ensure_local_stack(client, tracking_uri: str) -> None:
         client.create_stack_component(LOCAL_TRACKER, "mlflow", Kind.EXPERIMENT_TRACKER, {"tracking_uri": tracking_uri})
         logger.info("registered the MLflow experiment tracker %s on %s", LOCAL_TRACKER, tracking_uri)
     elif trackers[0].configuration.get("tracking_uri") != tracking_uri:
-        client.update_stack_component(LOCAL_TRACKER, Kind.EXPERIMENT_TRACKER, configuration={"tracking_uri": tracking_uri})
+        client.update_stack_component(
+            LOCAL_TRACKER, Kind.EXPERIMENT_TRACKER, configuration={"tracking_uri": tracking_uri}
+        )
         logger.info("MLflow experiment tracker %s now tracks to %s", LOCAL_TRACKER, tracking_uri)
     if not client.list_stacks(name=LOCAL_STACK).items:
         default = client.get_stack("default")
-        client.create_stack(LOCAL_STACK, components={
-            Kind.ORCHESTRATOR: default.components[Kind.ORCHESTRATOR][0].name,
-            Kind.ARTIFACT_STORE: default.components[Kind.ARTIFACT_STORE][0].name,
-            Kind.EXPERIMENT_TRACKER: LOCAL_TRACKER})
-        logger.info("registered the ZenML stack %s (local orchestrator and artifact store, MLflow tracker %s)",
-                    LOCAL_STACK, LOCAL_TRACKER)
+        client.create_stack(
+            LOCAL_STACK,
+            components={
+                Kind.ORCHESTRATOR: default.components[Kind.ORCHESTRATOR][0].name,
+                Kind.ARTIFACT_STORE: default.components[Kind.ARTIFACT_STORE][0].name,
+                Kind.EXPERIMENT_TRACKER: LOCAL_TRACKER,
+            },
+        )
+        logger.info(
+            "registered the ZenML stack %s (local orchestrator and artifact store, MLflow tracker %s)",
+            LOCAL_STACK,
+            LOCAL_TRACKER,
+        )
 
 
 def use_stack(name: str | None, local_tracking_uri: str, explicit_uri: bool = False) -> tuple[str, str]:
@@ -55,8 +64,9 @@ def use_stack(name: str | None, local_tracking_uri: str, explicit_uri: bool = Fa
         if active.components.get(Kind.EXPERIMENT_TRACKER):
             name = active.name
         else:
-            logger.info("the active ZenML stack '%s' has no experiment tracker: running on '%s'", active.name,
-                        LOCAL_STACK)
+            logger.info(
+                "the active ZenML stack '%s' has no experiment tracker: running on '%s'", active.name, LOCAL_STACK
+            )
             name = LOCAL_STACK
     if name == LOCAL_STACK:
         ensure_local_stack(client, local_tracking_uri)
@@ -69,16 +79,24 @@ def use_stack(name: str | None, local_tracking_uri: str, explicit_uri: bool = Fa
     from zenml.stack import StackComponent
 
     trackers = client.get_stack(name).components.get(Kind.EXPERIMENT_TRACKER) or []
-    tracker = StackComponent.from_model(client.get_stack_component(Kind.EXPERIMENT_TRACKER, trackers[0].id)) \
-        if trackers else None
+    tracker = (
+        StackComponent.from_model(client.get_stack_component(Kind.EXPERIMENT_TRACKER, trackers[0].id))
+        if trackers
+        else None
+    )
     if tracker is None or tracker.flavor != "mlflow":
-        raise ConfigError(f"ZenML stack '{name}' has no MLflow experiment tracker; add one "
-                          f"(zenml stack update {name} -e <mlflow tracker>) or run with --stack {LOCAL_STACK}")
+        raise ConfigError(
+            f"ZenML stack '{name}' has no MLflow experiment tracker; add one "
+            f"(zenml stack update {name} -e <mlflow tracker>) or run with --stack {LOCAL_STACK}"
+        )
     if client.active_stack_model.name != name:
         client.activate_stack(name)
     uri = tracker.get_tracking_uri()
     if name != LOCAL_STACK and local_tracking_uri != uri and explicit_uri:
-        logger.warning("MLFLOW_TRACKING_URI / registry.tracking_uri (%s) is ignored: stack '%s' tracks to %s",
-                       local_tracking_uri, name, uri)
+        logger.warning(
+            "MLFLOW_TRACKING_URI / registry.tracking_uri (%s) is ignored: stack '%s' tracks to %s",
+            local_tracking_uri,
+            name,
+            uri,
+        )
     return name, uri
-

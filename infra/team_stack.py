@@ -76,14 +76,23 @@ class TeamStack:
         return f"s3://{self.bucket}/zenml"
 
     def s3_env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": REGION,
-                "MLFLOW_S3_ENDPOINT_URL": self.s3_url}
+        return {
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": REGION,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+        }
 
     def s3_client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.s3_url, aws_access_key_id=S3_KEY,
-                            aws_secret_access_key=S3_SECRET, region_name=REGION)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name=REGION,
+        )
 
     # -- processes --
     def _pid_file(self, name: str) -> Path:
@@ -107,8 +116,15 @@ class TeamStack:
         self._log(name).parent.mkdir(parents=True, exist_ok=True)
         self._pid_file(name).parent.mkdir(parents=True, exist_ok=True)
         with open(self._log(name), "ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=os.environ | (env or {}), start_new_session=True, cwd=self.state)
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=os.environ | (env or {}),
+                start_new_session=True,
+                cwd=self.state,
+            )
         self._pid_file(name).write_text(f"{process.pid}\n")
         return process.pid
 
@@ -118,11 +134,14 @@ class TeamStack:
             if healthy(url):
                 return
             if pid is not None and self._pid(name) is None:
-                raise TeamStackError(f"{name} exited while starting; last lines of {self._log(name)}:\n"
-                                     + tail(self._log(name)))
+                raise TeamStackError(
+                    f"{name} exited while starting; last lines of {self._log(name)}:\n" + tail(self._log(name))
+                )
             time.sleep(0.5)
-        raise TeamStackError(f"{name} not healthy at {url} after {self.timeout_s:.0f} s; see {self._log(name)}:\n"
-                             + tail(self._log(name)))
+        raise TeamStackError(
+            f"{name} not healthy at {url} after {self.timeout_s:.0f} s; see {self._log(name)}:\n"
+            + tail(self._log(name))
+        )
 
     def _stop(self, name: str) -> bool:
         pid = self._pid(name)
@@ -149,9 +168,21 @@ class TeamStack:
         # s3rver makes ListObjectsV2 continuation tokens with DES, which Node's OpenSSL 3 only has in its legacy
         # provider: without it every truncated listing (s3fs asks for MaxKeys=1 to test a prefix) is a 500.
         node_options = " ".join(filter(None, [os.environ.get("NODE_OPTIONS"), "--openssl-legacy-provider"]))
-        pid = self._spawn("s3", [str(binary), "--directory", str(data), "--address", self.host,
-                                 "--port", str(self.s3_port), "--configure-bucket", self.bucket],
-                          {"NODE_OPTIONS": node_options})
+        pid = self._spawn(
+            "s3",
+            [
+                str(binary),
+                "--directory",
+                str(data),
+                "--address",
+                self.host,
+                "--port",
+                str(self.s3_port),
+                "--configure-bucket",
+                self.bucket,
+            ],
+            {"NODE_OPTIONS": node_options},
+        )
         self._wait_healthy("s3", self.s3_url + f"/{self.bucket}", pid)
         return "started"
 
@@ -164,8 +195,10 @@ class TeamStack:
     def start_postgres(self) -> str:
         bin_dir = postgres_bin()
         if bin_dir is None:
-            notice = ("PostgreSQL not found (no initdb/pg_ctl under /usr/lib/postgresql/*/bin or on PATH): "
-                      "the MLflow server uses SQLite under " + str(self.state / "mlflow"))
+            notice = (
+                "PostgreSQL not found (no initdb/pg_ctl under /usr/lib/postgresql/*/bin or on PATH): "
+                "the MLflow server uses SQLite under " + str(self.state / "mlflow")
+            )
             self.notices.append(notice)
             logger.warning(notice)
             (self.state / "mlflow").mkdir(parents=True, exist_ok=True)
@@ -177,25 +210,69 @@ class TeamStack:
         if not (data / "PG_VERSION").is_file():
             data.mkdir(parents=True, exist_ok=True)
             as_user.chown(data)
-            run([*as_user.prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
-                 "-E", "UTF8"], "initdb")
+            run(
+                [
+                    *as_user.prefix,
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "mlflow",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                ],
+                "initdb",
+            )
         sockets.mkdir(parents=True, exist_ok=True)
         as_user.chown(sockets)
-        probe = subprocess.run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "status"],
-                               capture_output=True, text=True)
+        probe = subprocess.run(
+            [*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "status"], capture_output=True, text=True
+        )
         if probe.returncode != 0:
             options = f"-p {self.pg_port} -k {sockets} -c listen_addresses={self.host}"
-            run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options,
-                 "-l", str(data / "server.log"), "-w", "-t", str(int(self.timeout_s)), "start"], "pg_ctl start")
+            run(
+                [
+                    *as_user.prefix,
+                    str(bin_dir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-o",
+                    options,
+                    "-l",
+                    str(data / "server.log"),
+                    "-w",
+                    "-t",
+                    str(int(self.timeout_s)),
+                    "start",
+                ],
+                "pg_ctl start",
+            )
             status = "started"
-        exists = subprocess.run([str(bin_dir / "psql"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow",
-                                 "-d", "postgres", "-tAc", "SELECT 1 FROM pg_database WHERE datname='mlflow'"],
-                                capture_output=True, text=True)
+        exists = subprocess.run(
+            [
+                str(bin_dir / "psql"),
+                "-h",
+                self.host,
+                "-p",
+                str(self.pg_port),
+                "-U",
+                "mlflow",
+                "-d",
+                "postgres",
+                "-tAc",
+                "SELECT 1 FROM pg_database WHERE datname='mlflow'",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if exists.returncode != 0:
             raise TeamStackError(f"PostgreSQL on port {self.pg_port} does not answer: {exists.stderr.strip()}")
         if exists.stdout.strip() != "1":
-            run([str(bin_dir / "createdb"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow", "mlflow"],
-                "createdb")
+            run(
+                [str(bin_dir / "createdb"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow", "mlflow"],
+                "createdb",
+            )
         return status
 
     def stop_postgres(self) -> bool:
@@ -212,10 +289,25 @@ class TeamStack:
         if self._pid("mlflow") and healthy(self.mlflow_url + "/health"):
             return "running"
         mlflow = Path(sys.executable).parent / "mlflow"
-        pid = self._spawn("mlflow", [
-            str(mlflow), "server", "--backend-store-uri", self.backend_store_uri(),
-            "--artifacts-destination", f"s3://{self.bucket}/mlflow", "--serve-artifacts",
-            "--host", self.host, "--port", str(self.mlflow_port), "--workers", "2"], self.s3_env())
+        pid = self._spawn(
+            "mlflow",
+            [
+                str(mlflow),
+                "server",
+                "--backend-store-uri",
+                self.backend_store_uri(),
+                "--artifacts-destination",
+                f"s3://{self.bucket}/mlflow",
+                "--serve-artifacts",
+                "--host",
+                self.host,
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "2",
+            ],
+            self.s3_env(),
+        )
         self._wait_healthy("mlflow", self.mlflow_url + "/health", pid)
         return "started"
 
@@ -225,12 +317,32 @@ class TeamStack:
             return "running"
         home = self.state / "zenml"
         home.mkdir(parents=True, exist_ok=True)
-        env = {"ZENML_SERVER": "true", "ZENML_CONFIG_PATH": str(home / "config"),
-               "ZENML_STORE_URL": f"sqlite:///{home / 'zenml.db'}", "ZENML_SERVER_AUTH_SCHEME": "NO_AUTH",
-               "ZENML_SERVER_DEPLOYMENT_TYPE": "local", "ZENML_SERVER_AUTO_ACTIVATE": "True",
-               "ZENML_SERVER_ALLOW_LOCAL_FILE_ACCESS": "true", "ZENML_ANALYTICS_OPT_IN": "false"} | self.s3_env()
-        pid = self._spawn("zenml", [sys.executable, "-m", "uvicorn", "zenml.zen_server.zen_server_api:app",
-                                    "--host", self.host, "--port", str(self.zenml_port), "--log-level", "warning"], env)
+        env = {
+            "ZENML_SERVER": "true",
+            "ZENML_CONFIG_PATH": str(home / "config"),
+            "ZENML_STORE_URL": f"sqlite:///{home / 'zenml.db'}",
+            "ZENML_SERVER_AUTH_SCHEME": "NO_AUTH",
+            "ZENML_SERVER_DEPLOYMENT_TYPE": "local",
+            "ZENML_SERVER_AUTO_ACTIVATE": "True",
+            "ZENML_SERVER_ALLOW_LOCAL_FILE_ACCESS": "true",
+            "ZENML_ANALYTICS_OPT_IN": "false",
+        } | self.s3_env()
+        pid = self._spawn(
+            "zenml",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "zenml.zen_server.zen_server_api:app",
+                "--host",
+                self.host,
+                "--port",
+                str(self.zenml_port),
+                "--log-level",
+                "warning",
+            ],
+            env,
+        )
         self._wait_healthy("zenml", self.zenml_url + "/health", pid)
         return "started"
 
@@ -260,26 +372,53 @@ class TeamStack:
             # The local tracking server has no authentication; ZenML's tracker asks for credentials with any
             # http(s) URI, and MLflow ignores these. A real server's token goes into this secret instead.
             client.create_secret(tracker_secret, values={"username": "xray", "password": "no-auth"})
-        client.create_stack_component(f"{STACK}-s3", "s3", Kind.ARTIFACT_STORE, {
-            "path": self.artifact_root, "key": f"{{{{{secret}.key}}}}", "secret": f"{{{{{secret}.secret}}}}",
-            "client_kwargs": {"endpoint_url": self.s3_url, "region_name": REGION}})
-        client.create_stack_component(f"{STACK}-mlflow", "mlflow", Kind.EXPERIMENT_TRACKER, {
-            "tracking_uri": self.mlflow_url, "tracking_username": f"{{{{{tracker_secret}.username}}}}",
-            "tracking_password": f"{{{{{tracker_secret}.password}}}}"})
+        client.create_stack_component(
+            f"{STACK}-s3",
+            "s3",
+            Kind.ARTIFACT_STORE,
+            {
+                "path": self.artifact_root,
+                "key": f"{{{{{secret}.key}}}}",
+                "secret": f"{{{{{secret}.secret}}}}",
+                "client_kwargs": {"endpoint_url": self.s3_url, "region_name": REGION},
+            },
+        )
+        client.create_stack_component(
+            f"{STACK}-mlflow",
+            "mlflow",
+            Kind.EXPERIMENT_TRACKER,
+            {
+                "tracking_uri": self.mlflow_url,
+                "tracking_username": f"{{{{{tracker_secret}.username}}}}",
+                "tracking_password": f"{{{{{tracker_secret}.password}}}}",
+            },
+        )
         client.create_stack_component(f"{STACK}-mlflow-registry", "mlflow", Kind.MODEL_REGISTRY, {})
-        client.create_stack(STACK, components={
-            Kind.ORCHESTRATOR: "default", Kind.ARTIFACT_STORE: f"{STACK}-s3",
-            Kind.EXPERIMENT_TRACKER: f"{STACK}-mlflow", Kind.MODEL_REGISTRY: f"{STACK}-mlflow-registry"})
+        client.create_stack(
+            STACK,
+            components={
+                Kind.ORCHESTRATOR: "default",
+                Kind.ARTIFACT_STORE: f"{STACK}-s3",
+                Kind.EXPERIMENT_TRACKER: f"{STACK}-mlflow",
+                Kind.MODEL_REGISTRY: f"{STACK}-mlflow-registry",
+            },
+        )
         return "created"
 
     def skip_onboarding(self) -> None:
         """The dashboard's first-run form (account details, survey) is shown while the user's email_opted_in is
         unset and the survey unfinished; answer both for the server's user. Only PUT /current-user may set
         email_opted_in (the users endpoint drops it); the server has no authentication (NO_AUTH, 127.0.0.1 only)."""
-        body = {"email_opted_in": False, "user_metadata": {"finished_onboarding_survey": True,
-                                                           "awareness_channels": ["team-stack"]}}
-        request = urllib.request.Request(f"{self.zenml_url}/api/v1/current-user", data=json.dumps(body).encode(),
-                                         method="PUT", headers={"Content-Type": "application/json"})
+        body = {
+            "email_opted_in": False,
+            "user_metadata": {"finished_onboarding_survey": True, "awareness_channels": ["team-stack"]},
+        }
+        request = urllib.request.Request(
+            f"{self.zenml_url}/api/v1/current-user",
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             user = json.loads(response.read())
         if user["body"]["email_opted_in"] is not False:
@@ -297,8 +436,12 @@ class TeamStack:
     # -- the commands --
     def up(self) -> dict:
         self.state.mkdir(parents=True, exist_ok=True)
-        services = {"s3": self.start_s3(), "postgres": self.start_postgres(), "mlflow": self.start_mlflow(),
-                    "zenml": self.start_zenml()}
+        services = {
+            "s3": self.start_s3(),
+            "postgres": self.start_postgres(),
+            "mlflow": self.start_mlflow(),
+            "zenml": self.start_zenml(),
+        }
         self.connect_client()
         services["stack"] = self.register_stack()
         info = self.info() | {"services": services, "notices": self.notices}
@@ -313,16 +456,27 @@ class TeamStack:
         return {"stopped": stopped, "client_returned_to_local_store": disconnected, "kept": str(self.state)}
 
     def info(self) -> dict:
-        return {"stack": STACK, "zenml_url": self.zenml_url, "dashboard": self.zenml_url,
-                "mlflow_tracking_uri": self.mlflow_url, "s3_endpoint": self.s3_url,
-                "artifact_store": self.artifact_root, "mlflow_artifacts": f"s3://{self.bucket}/mlflow",
-                "backend_store": self.backend_store_uri(), "state": str(self.state)}
+        return {
+            "stack": STACK,
+            "zenml_url": self.zenml_url,
+            "dashboard": self.zenml_url,
+            "mlflow_tracking_uri": self.mlflow_url,
+            "s3_endpoint": self.s3_url,
+            "artifact_store": self.artifact_root,
+            "mlflow_artifacts": f"s3://{self.bucket}/mlflow",
+            "backend_store": self.backend_store_uri(),
+            "state": str(self.state),
+        }
 
     def status(self) -> dict:
-        return self.info() | {"running": {
-            "s3": healthy(self.s3_url + f"/{self.bucket}"), "mlflow": healthy(self.mlflow_url + "/health"),
-            "zenml": healthy(self.zenml_url + "/health"),
-            "postgres": (self.state / "postgres" / "postmaster.pid").is_file()}}
+        return self.info() | {
+            "running": {
+                "s3": healthy(self.s3_url + f"/{self.bucket}"),
+                "mlflow": healthy(self.mlflow_url + "/health"),
+                "zenml": healthy(self.zenml_url + "/health"),
+                "postgres": (self.state / "postgres" / "postmaster.pid").is_file(),
+            }
+        }
 
 
 @dataclass
@@ -365,15 +519,19 @@ def postgres_bin() -> Path | None:
 # given, so a "folder" holding only sub-folders (an MLflow model's code/xray/...) is missing from CommonPrefixes and
 # MLflow downloads a model without its code. Walking those directories too is all the fix needs: the key loop
 # below it already folds their keys into the common prefixes.
-S3RVER_PATCH = ("lib/stores/filesystem.js", """        if (
+S3RVER_PATCH = (
+    "lib/stores/filesystem.js",
+    """        if (
           delimiterEnc &&
           dirPath.slice(prefixPath.length).indexOf(delimiterEnc) !== -1
         ) {
           // avoid directories occurring beneath a common prefix
           return false;
         }
-""", """        // xray-pipeline: directories beneath a common prefix are walked too (see infra/team_stack.py)
-""")
+""",
+    """        // xray-pipeline: directories beneath a common prefix are walked too (see infra/team_stack.py)
+""",
+)
 
 
 def patch_s3rver(package: Path) -> None:
@@ -382,7 +540,9 @@ def patch_s3rver(package: Path) -> None:
     if S3RVER_PATCH[2] in text:
         return
     if S3RVER_PATCH[1] not in text:
-        raise TeamStackError(f"cannot apply the nested-prefix listing fix to {path}: not s3rver {S3RVER_VERSION}'s code")
+        raise TeamStackError(
+            f"cannot apply the nested-prefix listing fix to {path}: not s3rver {S3RVER_VERSION}'s code"
+        )
     path.write_text(text.replace(S3RVER_PATCH[1], S3RVER_PATCH[2]))
 
 
@@ -393,12 +553,26 @@ def s3rver_binary() -> Path:
         patch_s3rver(S3RVER_HOME / "node_modules" / "s3rver")
         return binary
     if shutil.which("npm") is None or shutil.which("node") is None:
-        raise TeamStackError("the team stack's S3 endpoint is s3rver, an npm package: install Node.js and npm "
-                             "(apt-get install nodejs npm) and run again")
+        raise TeamStackError(
+            "the team stack's S3 endpoint is s3rver, an npm package: install Node.js and npm "
+            "(apt-get install nodejs npm) and run again"
+        )
     logger.info("installing s3rver %s from npm into %s", S3RVER_VERSION, S3RVER_HOME)
     S3RVER_HOME.mkdir(parents=True, exist_ok=True)
-    run(["npm", "install", "--prefix", str(S3RVER_HOME), "--no-audit", "--no-fund", "--loglevel", "error",
-         f"s3rver@{S3RVER_VERSION}"], "npm install s3rver")
+    run(
+        [
+            "npm",
+            "install",
+            "--prefix",
+            str(S3RVER_HOME),
+            "--no-audit",
+            "--no-fund",
+            "--loglevel",
+            "error",
+            f"s3rver@{S3RVER_VERSION}",
+        ],
+        "npm install s3rver",
+    )
     patch_s3rver(S3RVER_HOME / "node_modules" / "s3rver")
     return binary
 
@@ -422,8 +596,14 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def from_args(args: argparse.Namespace) -> TeamStack:
-    return TeamStack(state=Path(args.state).resolve(), zenml_port=args.zenml_port, mlflow_port=args.mlflow_port,
-                     s3_port=args.s3_port, pg_port=args.pg_port, timeout_s=args.timeout)
+    return TeamStack(
+        state=Path(args.state).resolve(),
+        zenml_port=args.zenml_port,
+        mlflow_port=args.mlflow_port,
+        s3_port=args.s3_port,
+        pg_port=args.pg_port,
+        timeout_s=args.timeout,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,8 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-port", type=int, default=int(env("XRAY_TEAM_MLFLOW_PORT", "5050")))
     parser.add_argument("--s3-port", type=int, default=int(env("XRAY_TEAM_S3_PORT", "9010")))
     parser.add_argument("--pg-port", type=int, default=int(env("XRAY_TEAM_PG_PORT", "5433")))
-    parser.add_argument("--timeout", type=float, default=float(env("XRAY_TEAM_TIMEOUT_S", "120")),
-                        help="seconds each service may take to become healthy")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(env("XRAY_TEAM_TIMEOUT_S", "120")),
+        help="seconds each service may take to become healthy",
+    )
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("team stack: %(message)s"))

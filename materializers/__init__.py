@@ -5,4 +5,9 @@ from materializers.raw_archive import RawArchiveMaterializer
 from materializers.reference_profile import ReferenceProfileMaterializer
 from materializers.validated_dataset import ValidatedDatasetMaterializer
 
-__all__ = ["KerasModelMaterializer", "RawArchiveMaterializer", "ReferenceProfileMaterializer", "ValidatedDatasetMaterializer"]
+__all__ = [
+    "KerasModelMaterializer",
+    "RawArchiveMaterializer",
+    "ReferenceProfileMaterializer",
+    "ValidatedDatasetMaterializer",
+]

@@ -27,5 +27,9 @@ class ReferenceProfileMaterializer(BaseMaterializer):
             return ReferenceProfile.load(temp)
 
     def extract_metadata(self, data: ReferenceProfile) -> dict[str, Any]:
-        return {"train_images": int(len(data.train_content)), "val_images": int(len(data.val_content)),
-                "ood_threshold": float(data.threshold), "val_ood_fraction": float(data.val_ood_fraction)}
+        return {
+            "train_images": int(len(data.train_content)),
+            "val_images": int(len(data.val_content)),
+            "ood_threshold": float(data.threshold),
+            "val_ood_fraction": float(data.val_ood_fraction),
+        }

@@ -11,12 +11,27 @@ from steps.tracking import mark_run_failed
 from xray.config import DataConfig, EvaluateConfig, RegistryConfig, S3Config
 
 
-@pipeline(name="chest_xray_evaluation", execution_mode=ExecutionMode.FAIL_FAST,
-          on_failure=mark_run_failed)
-def evaluation_pipeline(dataset_uri: str, site: str, model_version: str, recalibrate_fraction: Optional[float],
-                        data: DataConfig, s3: S3Config, evaluate: EvaluateConfig, registry: RegistryConfig,
-                        seed: int = 42) -> None:
+@pipeline(name="chest_xray_evaluation", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
+def evaluation_pipeline(
+    dataset_uri: str,
+    site: str,
+    model_version: str,
+    recalibrate_fraction: Optional[float],
+    data: DataConfig,
+    s3: S3Config,
+    evaluate: EvaluateConfig,
+    registry: RegistryConfig,
+    seed: int = 42,
+) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
     site_images, site_report = load_labelled_site(dataset_uri=dataset_uri, data=data, s3=s3)
-    evaluate_on_site(model_info, site_images, site_report, site=site, recalibrate_fraction=recalibrate_fraction,
-                     evaluate=evaluate, registry=registry, seed=seed)
+    evaluate_on_site(
+        model_info,
+        site_images,
+        site_report,
+        site=site,
+        recalibrate_fraction=recalibrate_fraction,
+        evaluate=evaluate,
+        registry=registry,
+        seed=seed,
+    )

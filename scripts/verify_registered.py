@@ -39,15 +39,27 @@ def test_split(archive: Path, image_size: int, batch: int = 64):
 
 
 @click.command()
-@click.option("--summary", "summary_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="run.py --summary output; gives the model version and the run to compare with.")
+@click.option(
+    "--summary",
+    "summary_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="run.py --summary output; gives the model version and the run to compare with.",
+)
 @click.option("--version", default=None, help="A version number or an alias (default: the summary's version).")
 @click.option("--model-name", default=MODEL_NAME, show_default=True)
-@click.option("--archive", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Dataset zip (default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip).")
+@click.option(
+    "--archive",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Dataset zip (default: $CHEST_XRAY_ZIP, then ../shared/data/chest_xray_224.zip).",
+)
 @click.option("--tolerance", default=0.005, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Report JSON (default: outputs/verify_v<version>.json).")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Report JSON (default: outputs/verify_v<version>.json).",
+)
 def main(summary_path, version, model_name, archive, tolerance, output):
     import mlflow
 
@@ -73,17 +85,32 @@ def main(summary_path, version, model_name, archive, tolerance, output):
     probabilities = predictor.model.predict(images, batch_size=64, verbose=0).reshape(-1)
     report = metrics.evaluate(labels, probabilities, info["threshold"], bootstrap_samples=2000, seed=0)
     difference = abs(report["auc"] - logged.metrics["test_auc"])
-    report.update(model_uri=info["uri"], version=info["version"], run_id=run_id, logged_test_auc=logged.metrics["test_auc"],
-                  auc_difference=difference, tolerance=tolerance)
+    report.update(
+        model_uri=info["uri"],
+        version=info["version"],
+        run_id=run_id,
+        logged_test_auc=logged.metrics["test_auc"],
+        auc_difference=difference,
+        tolerance=tolerance,
+    )
     output = output or Path("outputs") / f"verify_v{info['version']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    for name, point, ci in (("chosen threshold %.4f" % info["threshold"], report["at_threshold"], report["ci95"]),
-                            ("threshold 0.5", report["at_0_5"], report["ci95_at_0_5"])):
-        print(f"  at {name}: " + ", ".join(
-            f"{k} {point[k]:.3f} ({ci[k][0]:.3f}-{ci[k][1]:.3f})" for k in ("accuracy", "sensitivity", "specificity")))
-    print(f"  test AUC {report['auc']:.4f} ({report['ci95']['auc'][0]:.3f}-{report['ci95']['auc'][1]:.3f}); "
-          f"logged {logged.metrics['test_auc']:.4f}; difference {difference:.5f} (tolerance {tolerance}); report {output}")
+    for name, point, ci in (
+        ("chosen threshold %.4f" % info["threshold"], report["at_threshold"], report["ci95"]),
+        ("threshold 0.5", report["at_0_5"], report["ci95_at_0_5"]),
+    ):
+        print(
+            f"  at {name}: "
+            + ", ".join(
+                f"{k} {point[k]:.3f} ({ci[k][0]:.3f}-{ci[k][1]:.3f})"
+                for k in ("accuracy", "sensitivity", "specificity")
+            )
+        )
+    print(
+        f"  test AUC {report['auc']:.4f} ({report['ci95']['auc'][0]:.3f}-{report['ci95']['auc'][1]:.3f}); "
+        f"logged {logged.metrics['test_auc']:.4f}; difference {difference:.5f} (tolerance {tolerance}); report {output}"
+    )
     if difference > tolerance:
         raise click.ClickException(f"reloaded test AUC differs from the logged one by {difference:.4f} > {tolerance}")
 

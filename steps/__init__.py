@@ -8,5 +8,12 @@ from steps.profile import profile_reference
 from steps.register import register_model
 from steps.train import train_model
 
-__all__ = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model",
-           "profile_reference", "register_model"]
+__all__ = [
+    "ingest_from_s3",
+    "unzip_and_validate",
+    "build_datasets",
+    "train_model",
+    "evaluate_model",
+    "profile_reference",
+    "register_model",
+]

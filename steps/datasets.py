@@ -15,16 +15,29 @@ logger = logging.getLogger(__name__)
 
 @step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def build_datasets(
-    dataset: ValidatedDataset, data: DataConfig, model: ModelConfig, train: TrainConfig,
-    registry: RegistryConfig, seed: int,
+    dataset: ValidatedDataset,
+    data: DataConfig,
+    model: ModelConfig,
+    train: TrainConfig,
+    registry: RegistryConfig,
+    seed: int,
 ) -> Annotated[xdata.DatasetSpec, "dataset_spec"]:
     """Class weights and the input-pipeline spec; one batch is decoded to fail early."""
-    spec = xdata.make_spec(dataset.manifest, model.image_size, train.batch_size, train.augmentation,
-                           data.max_train_per_class, data.max_eval_per_class, seed, train.class_weighting)
+    spec = xdata.make_spec(
+        dataset.manifest,
+        model.image_size,
+        train.batch_size,
+        train.augmentation,
+        data.max_train_per_class,
+        data.max_eval_per_class,
+        seed,
+        train.class_weighting,
+    )
     rows = xdata.select(dataset.manifest, "train", spec)
     images = next(iter(xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)))[0]
-    logger.info(f"input pipeline ok: batch {tuple(images.shape)}; class weights {spec.class_weights}; "
-                f"selected {spec.counts}")
+    logger.info(
+        f"input pipeline ok: batch {tuple(images.shape)}; class weights {spec.class_weights}; selected {spec.counts}"
+    )
     with mlflow_run():
         mlflow.log_params({f"class_weight.{k}": round(v, 4) for k, v in spec.class_weights.items()})
         mlflow.log_params({f"selected.{s}.{l}": n for s, c in spec.counts.items() for l, n in c.items()})

@@ -15,10 +15,16 @@ from xray.config import EvaluateConfig, RegistryConfig
 from xray.dataset import ValidatedDataset
 
 
-@step(output_materializers={"calibrated_model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
+@step(
+    output_materializers={"calibrated_model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True
+)
 def evaluate_model(
-    model: keras.Model, dataset: ValidatedDataset, spec: xdata.DatasetSpec, evaluate: EvaluateConfig,
-    registry: RegistryConfig, seed: int,
+    model: keras.Model,
+    dataset: ValidatedDataset,
+    spec: xdata.DatasetSpec,
+    evaluate: EvaluateConfig,
+    registry: RegistryConfig,
+    seed: int,
 ) -> Tuple[
     Annotated[keras.Model, "calibrated_model"],
     Annotated[dict, "metrics"],
@@ -35,9 +41,20 @@ def evaluate_model(
     report, figures = result.report, result.figures
     with mlflow_run():
         log_config(evaluate=evaluate)
-        mlflow.set_tags({"threshold_policy": report["threshold_policy"], "calibration": report["calibration"]["method"]})
+        mlflow.set_tags(
+            {"threshold_policy": report["threshold_policy"], "calibration": report["calibration"]["method"]}
+        )
         mlflow.log_metrics(report["flat"])
         mlflow.log_dict({k: v for k, v in report.items() if k != "flat"}, "evaluation/report.json")
         log_images(figures)
-    return (result.calibrated, report, result.threshold, figures["roc_pr_curves"], figures["confusion_matrix"],
-            figures["calibration"], figures["gradcam_test_examples"], result.p_val, result.p_test)
+    return (
+        result.calibrated,
+        report,
+        result.threshold,
+        figures["roc_pr_curves"],
+        figures["confusion_matrix"],
+        figures["calibration"],
+        figures["gradcam_test_examples"],
+        result.p_val,
+        result.p_test,
+    )

@@ -17,8 +17,14 @@ logger = logging.getLogger(__name__)
 
 @step(enable_cache=False, experiment_tracker=True)
 def check_drift(
-    predictions: pd.DataFrame, image_features: pd.DataFrame, images: ValidatedDataset, model_info: dict, source: str,
-    monitoring: MonitoringConfig, registry: RegistryConfig, seed: int,
+    predictions: pd.DataFrame,
+    image_features: pd.DataFrame,
+    images: ValidatedDataset,
+    model_info: dict,
+    source: str,
+    monitoring: MonitoringConfig,
+    registry: RegistryConfig,
+    seed: int,
 ) -> Tuple[Annotated[dict, "drift_report"], Annotated[dict, "monitoring_plots"], Annotated[str, "report_html"]]:
     """Compare the batch with the version's reference profile; reads the registry, never writes to it."""
     profile, _ = xregistry.load_reference_profile(registry.model_name, model_info["version"])
@@ -30,11 +36,19 @@ def check_drift(
     logger.info("%s: %s", "DRIFT" if report["drift_detected"] else "no drift", report["decision"])
     with mlflow_run():
         log_config(monitoring=monitoring)
-        mlflow.set_tags({"drift_detected": str(report["drift_detected"]).lower(), "model_version": model_info["version"]})
-        mlflow.log_metrics({"drift_detected": float(report["drift_detected"]), "p_value": report["p_value"],
-                            "ood_fraction": report["ood_fraction"], "readable": report["readable"],
-                            "embedding_p_value": report["embedding"]["p_value"],
-                            "positive_rate": report["positive_rate"]["batch"]})
+        mlflow.set_tags(
+            {"drift_detected": str(report["drift_detected"]).lower(), "model_version": model_info["version"]}
+        )
+        mlflow.log_metrics(
+            {
+                "drift_detected": float(report["drift_detected"]),
+                "p_value": report["p_value"],
+                "ood_fraction": report["ood_fraction"],
+                "readable": report["readable"],
+                "embedding_p_value": report["embedding"]["p_value"],
+                "positive_rate": report["positive_rate"]["batch"],
+            }
+        )
         mlflow.log_text(json.dumps(report, indent=1, default=float), "monitoring/report.json")
         mlflow.log_text(page, "monitoring/report.html")
         log_images(plots, "monitoring")

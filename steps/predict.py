@@ -44,27 +44,38 @@ def load_images(images: str, s3_max_attempts: int = 5) -> Annotated[ValidatedDat
 
 
 @step(enable_cache=False, experiment_tracker=True)
-def batch_predict(model_info: dict, images: ValidatedDataset, source: str, registry: RegistryConfig) -> Tuple[
-    Annotated[pd.DataFrame, "predictions"], Annotated[pd.DataFrame, "image_features"]
-]:
+def batch_predict(
+    model_info: dict, images: ValidatedDataset, source: str, registry: RegistryConfig
+) -> Tuple[Annotated[pd.DataFrame, "predictions"], Annotated[pd.DataFrame, "image_features"]]:
     """Probabilities at the version's threshold, and whether each image is like the version's training data."""
     predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
     table, features = inference.predict_images(predictor, images)
-    counts = {"images": len(table), "unreadable": int((table["status"] == UNREADABLE).sum()),
-              "out_of_distribution": int((table["status"] == OUT_OF_DISTRIBUTION).sum()),
-              "predicted_pneumonia": int((table["label"] == "PNEUMONIA").sum())}
+    counts = {
+        "images": len(table),
+        "unreadable": int((table["status"] == UNREADABLE).sum()),
+        "out_of_distribution": int((table["status"] == OUT_OF_DISTRIBUTION).sum()),
+        "predicted_pneumonia": int((table["label"] == "PNEUMONIA").sum()),
+    }
     logger.info("predicted %d images: %s", len(table), counts)
     with mlflow_run():
-        mlflow.log_params({"model_uri": model_info["uri"], "model_version": model_info["version"], "images": source,
-                           "threshold": model_info["threshold"], "image_size": model_info["image_size"]})
+        mlflow.log_params(
+            {
+                "model_uri": model_info["uri"],
+                "model_version": model_info["version"],
+                "images": source,
+                "threshold": model_info["threshold"],
+                "image_size": model_info["image_size"],
+            }
+        )
         mlflow.log_metrics(counts)
         mlflow.log_text(table.to_csv(index=False), "predictions.csv")
     return table, features
 
 
 @step(enable_cache=False, experiment_tracker=True)
-def explain_predictions(model_info: dict, images: ValidatedDataset, explain: int,
-                        registry: RegistryConfig) -> Annotated[dict, "gradcam"]:
+def explain_predictions(
+    model_info: dict, images: ValidatedDataset, explain: int, registry: RegistryConfig
+) -> Annotated[dict, "gradcam"]:
     """Grad-CAM overlays (last conv block of the backbone) for the first ``explain`` readable images."""
     rows = images.manifest[images.manifest["status"] == "ok"].head(explain)
     if rows.empty:
@@ -72,7 +83,8 @@ def explain_predictions(model_info: dict, images: ValidatedDataset, explain: int
     predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
     pictures = gradcam.overlays_for(predictor.model, images.paths(rows), predictor.image_size, predictor.threshold)
     overlays: dict[str, Image.Image] = {
-        f"gradcam_{Path(source.split('!')[-1]).stem}.png": picture for source, picture in zip(rows["source"], pictures)}
+        f"gradcam_{Path(source.split('!')[-1]).stem}.png": picture for source, picture in zip(rows["source"], pictures)
+    }
     with mlflow_run():
         for name, overlay in overlays.items():
             mlflow.log_image(overlay, f"gradcam/{name}")

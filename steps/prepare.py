@@ -32,18 +32,24 @@ def unzip_and_validate(
     """Safe extraction, full decode, de-duplication and a patient-grouped val split."""
     workdir = Path(tempfile.mkdtemp(prefix="xray-dataset-"))
     dataset, report = prepare_dataset(raw_archive.path, workdir, data, seed)
-    logger.info(f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
-                f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "
-                f"{report.junk_files} junk files ignored")
+    logger.info(
+        f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
+        f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "
+        f"{report.junk_files} junk files ignored"
+    )
     examples = dataset.manifest.groupby(["split", "label"]).head(2)
     figures = {
         "class_distribution": plots.class_distribution(report.counts),
-        "sample_grid": plots.sample_grid(dataset.paths(examples), [f"{r.split}/{r.label}" for r in examples.itertuples()]),
+        "sample_grid": plots.sample_grid(
+            dataset.paths(examples), [f"{r.split}/{r.label}" for r in examples.itertuples()]
+        ),
     }
     with mlflow_run():
         log_config(data=data, seed=seed)
-        mlflow.log_metrics({f"data.{s}.{l}": n for s, c in report.counts.items() for l, n in c.items()}
-                           | {"data.quarantined": len(report.quarantined), "data.duplicates_removed": len(report.duplicates_removed)})
+        mlflow.log_metrics(
+            {f"data.{s}.{l}": n for s, c in report.counts.items() for l, n in c.items()}
+            | {"data.quarantined": len(report.quarantined), "data.duplicates_removed": len(report.duplicates_removed)}
+        )
         mlflow.log_dict(report.to_dict(), "data/data_report.json")
         log_images(figures, "data")
     return dataset, dataset.manifest, report.to_dict(), figures["class_distribution"], figures["sample_grid"]

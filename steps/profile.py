@@ -16,22 +16,49 @@ from xray.dataset import ValidatedDataset
 logger = logging.getLogger(__name__)
 
 
-@step(output_materializers={"reference_profile": ReferenceProfileMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
+@step(
+    output_materializers={"reference_profile": ReferenceProfileMaterializer},
+    cache_policy=DOMAIN_CODE,
+    experiment_tracker=True,
+)
 def profile_reference(
-    dataset: ValidatedDataset, spec: xdata.DatasetSpec, threshold: float, val_probabilities: np.ndarray,
-    monitoring: MonitoringConfig, registry: RegistryConfig, seed: int,
+    dataset: ValidatedDataset,
+    spec: xdata.DatasetSpec,
+    threshold: float,
+    val_probabilities: np.ndarray,
+    monitoring: MonitoringConfig,
+    registry: RegistryConfig,
+    seed: int,
 ) -> Annotated[ood.ReferenceProfile, "reference_profile"]:
     """What train and val look like, with the out-of-distribution threshold chosen on val only."""
     train_rows, val_rows = (xdata.select(dataset.manifest, s, spec) for s in ("train", "val"))
     train = ood.features_of_files(dataset.paths(train_rows))
     val = ood.features_of_files(dataset.paths(val_rows))
-    profile = ood.fit_profile(train, val, val_probabilities, threshold, monitoring.ood_alpha,
-                              monitoring.content_components, monitoring.neighbours,
-                              monitoring.aspect_ratio_tolerance, seed)
-    logger.info("reference profile: %d train, %d val images; out-of-distribution threshold %.3f flags %.1f%% of val",
-                len(train), len(val), profile.threshold, 100 * profile.val_ood_fraction)
+    profile = ood.fit_profile(
+        train,
+        val,
+        val_probabilities,
+        threshold,
+        monitoring.ood_alpha,
+        monitoring.content_components,
+        monitoring.neighbours,
+        monitoring.aspect_ratio_tolerance,
+        seed,
+    )
+    logger.info(
+        "reference profile: %d train, %d val images; out-of-distribution threshold %.3f flags %.1f%% of val",
+        len(train),
+        len(val),
+        profile.threshold,
+        100 * profile.val_ood_fraction,
+    )
     with mlflow_run():
         log_config(monitoring=monitoring)
-        mlflow.log_metrics({"ood_threshold": profile.threshold, "val_ood_fraction": profile.val_ood_fraction,
-                            "val_positive_rate": profile.val_positive_rate})
+        mlflow.log_metrics(
+            {
+                "ood_threshold": profile.threshold,
+                "val_ood_fraction": profile.val_ood_fraction,
+                "val_positive_rate": profile.val_positive_rate,
+            }
+        )
     return profile

@@ -23,49 +23,82 @@ logger = logging.getLogger(__name__)
 
 
 @step(enable_cache=False, output_materializers={"site_images": ValidatedDatasetMaterializer}, experiment_tracker=True)
-def load_labelled_site(dataset_uri: str, data: DataConfig, s3: S3Config) -> Tuple[
-    Annotated[ValidatedDataset, "site_images"], Annotated[dict, "site_report"]
-]:
+def load_labelled_site(
+    dataset_uri: str, data: DataConfig, s3: S3Config
+) -> Tuple[Annotated[ValidatedDataset, "site_images"], Annotated[dict, "site_report"]]:
     """NORMAL/ and PNEUMONIA/ folders at any depth of a zip or folder, through the training archive's checks."""
     dataset, report = sites.load_site(dataset_uri, Path(tempfile.mkdtemp(prefix="xray-site-")), data, s3)
-    logger.info("site %s: %d images %s; %d quarantined, %d duplicates removed, %d files outside NORMAL/ PNEUMONIA/",
-                dataset_uri, report["images"], report["counts"], len(report["quarantined"]),
-                report["duplicates_removed"], report["ignored_files"])
+    logger.info(
+        "site %s: %d images %s; %d quarantined, %d duplicates removed, %d files outside NORMAL/ PNEUMONIA/",
+        dataset_uri,
+        report["images"],
+        report["counts"],
+        len(report["quarantined"]),
+        report["duplicates_removed"],
+        report["ignored_files"],
+    )
     return dataset, report
 
 
 @step(enable_cache=False, experiment_tracker=True)
 def evaluate_on_site(
-    model_info: dict, site_images: ValidatedDataset, site_report: dict, site: str,
-    recalibrate_fraction: Optional[float], evaluate: EvaluateConfig, registry: RegistryConfig, seed: int,
+    model_info: dict,
+    site_images: ValidatedDataset,
+    site_report: dict,
+    site: str,
+    recalibrate_fraction: Optional[float],
+    evaluate: EvaluateConfig,
+    registry: RegistryConfig,
+    seed: int,
 ) -> Tuple[Annotated[dict, "site_evaluation"], Annotated[Image.Image, "site_reliability"]]:
     """Metrics with CIs at the version's threshold (and re-fitted on a share of the site); MLflow run linked to the
     version; the version's tags and model card gain the site's row."""
     predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
     result = evaluate_site(predictor, site_images, evaluate, recalibrate_fraction, seed)
     metrics = result["metrics"]
-    figure = plots.calibration(result["y"], {f"v{model_info['version']} as registered": result["probabilities"]},
-                               title=f"Reliability on site {site}")
+    figure = plots.calibration(
+        result["y"],
+        {f"v{model_info['version']} as registered": result["probabilities"]},
+        title=f"Reliability on site {site}",
+    )
     client = MlflowClient()
     model_id = xregistry.logged_model_id(client.get_model_version(registry.model_name, model_info["version"]))
     with mlflow_run() as run:
         log_config(evaluate=evaluate)
-        mlflow.set_tags({"site": site, "model_name": registry.model_name, "model_version": model_info["version"],
-                         "model_uri": model_info["uri"], "dataset_uri": site_report["source_uri"]})
+        mlflow.set_tags(
+            {
+                "site": site,
+                "model_name": registry.model_name,
+                "model_version": model_info["version"],
+                "model_uri": model_info["uri"],
+                "dataset_uri": site_report["source_uri"],
+            }
+        )
         mlflow.log_params({"site": site, "recalibrate_fraction": recalibrate_fraction})
         # model_id links the run's metrics to the registered version's logged model (its page in the MLflow UI).
         mlflow.log_metrics({f"site_{k}": v for k, v in metrics.items()}, model_id=model_id)
         if "recalibrated" in result:
-            mlflow.log_metrics({f"site_recalibrated_{k}": v for k, v in result["recalibrated"]["metrics"].items()},
-                               model_id=model_id)
+            mlflow.log_metrics(
+                {f"site_recalibrated_{k}": v for k, v in result["recalibrated"]["metrics"].items()}, model_id=model_id
+            )
         summary = {k: v for k, v in result.items() if k not in ("y", "probabilities")}
-        mlflow.log_text(json.dumps(summary | {"site_report": site_report}, indent=1, default=str),
-                        "evaluation/site_report.json")
+        mlflow.log_text(
+            json.dumps(summary | {"site_report": site_report}, indent=1, default=str), "evaluation/site_report.json"
+        )
         log_images({"site_reliability": figure}, "evaluation")
-    xregistry.record_site_result(client, registry.model_name, model_info["version"], site, metrics, run.info.run_id,
-                                 result.get("recalibrated"))
+    xregistry.record_site_result(
+        client, registry.model_name, model_info["version"], site, metrics, run.info.run_id, result.get("recalibrated")
+    )
     xregistry.update_model_card(client, registry.model_name, model_info["version"])
-    logger.info("v%s on site %s: AUC %.3f (%.3f-%.3f), sensitivity %.3f, specificity %.3f at threshold %.4f",
-                model_info["version"], site, metrics["auc"], metrics["auc_ci_low"], metrics["auc_ci_high"],
-                metrics["sensitivity"], metrics["specificity"], metrics["threshold"])
+    logger.info(
+        "v%s on site %s: AUC %.3f (%.3f-%.3f), sensitivity %.3f, specificity %.3f at threshold %.4f",
+        model_info["version"],
+        site,
+        metrics["auc"],
+        metrics["auc_ci_low"],
+        metrics["auc_ci_high"],
+        metrics["sensitivity"],
+        metrics["specificity"],
+        metrics["threshold"],
+    )
     return summary | {"mlflow_run_id": run.info.run_id}, figure

@@ -27,7 +27,8 @@ def mlflow_run():
     if run is None:
         raise NoExperimentTracker(
             "this step logs to MLflow but no MLflow run is active: the active ZenML stack has no MLflow experiment "
-            "tracker (run through run.py, which selects a stack with one, or add one: README 'Team stack')")
+            "tracker (run through run.py, which selects a stack with one, or add one: README 'Team stack')"
+        )
     yield run
 
 
@@ -56,5 +57,6 @@ def mark_run_failed(exception: BaseException) -> None:
         logger.warning("no MLflow run active in the failed step; its error is not recorded in MLflow")
         return
     message = (str(exception).splitlines() or [type(exception).__name__])[0][:500]
-    mlflow.set_tags({"error": f"{type(exception).__name__}: {message}",
-                     "failed_step": get_step_context().step_run.name})
+    mlflow.set_tags(
+        {"error": f"{type(exception).__name__}: {message}", "failed_step": get_step_context().step_run.name}
+    )

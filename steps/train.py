@@ -20,7 +20,10 @@ logger = logging.getLogger(__name__)
 
 @step(output_materializers={"model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def train_model(
-    dataset: ValidatedDataset, spec: xdata.DatasetSpec, model: ModelConfig, train: TrainConfig,
+    dataset: ValidatedDataset,
+    spec: xdata.DatasetSpec,
+    model: ModelConfig,
+    train: TrainConfig,
     registry: RegistryConfig,
 ) -> Tuple[Annotated[keras.Model, "model"], Annotated[dict, "history"], Annotated[Image.Image, "training_curves"]]:
     """Fit the classifier with tf.data pipelines built here, on whatever machine runs this step."""
@@ -34,11 +37,19 @@ def train_model(
     with mlflow_run():
         log_config(model=model, train=train)
         classifier, history, throughput = training.fit(
-            model, train, spec, train_ds, val_ds, extra_callbacks=[tracking.epoch_logger()], checkpoint_dir=checkpoint_dir
+            model,
+            train,
+            spec,
+            train_ds,
+            val_ds,
+            extra_callbacks=[tracking.epoch_logger()],
+            checkpoint_dir=checkpoint_dir,
         )
         curves = plots.training_curves(history)
         mlflow.log_metrics({f"train_{k}": v for k, v in throughput.items()})
         log_images({"training_curves": curves})
-    logger.info(f"trained {throughput['epochs_run']} epochs in {throughput['train_seconds']:.0f}s "
-                f"({throughput['images_per_second']:.1f} img/s)")
+    logger.info(
+        f"trained {throughput['epochs_run']} epochs in {throughput['train_seconds']:.0f}s "
+        f"({throughput['images_per_second']:.1f} img/s)"
+    )
     return classifier, history | {"throughput": throughput}, curves

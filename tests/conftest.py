@@ -47,7 +47,9 @@ def write_zip(path: Path, entries: dict[str, bytes]) -> Path:
     return path
 
 
-def dataset_entries(root: str = "chest_xray", per_class: int = 3, splits=("train", "test"), start: int = 0) -> dict[str, bytes]:
+def dataset_entries(
+    root: str = "chest_xray", per_class: int = 3, splits=("train", "test"), start: int = 0
+) -> dict[str, bytes]:
     entries, seed = {}, start
     for split in splits:
         for label, pattern in (("NORMAL", "IM-{:04d}-0001.jpeg"), ("PNEUMONIA", "person{}_bacteria_1.jpeg")):
@@ -77,8 +79,12 @@ def require(path: Path) -> Path:
 def isolated_env(home: Path, **extra: str) -> dict[str, str]:
     """This process's environment without AWS/MLflow/ZenML settings, plus stores under ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))}
-    return env | {"ZENML_CONFIG_PATH": str(home / "zenml"), "ZENML_ANALYTICS_OPT_IN": "false",
-                  "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", **extra}
+    return env | {
+        "ZENML_CONFIG_PATH": str(home / "zenml"),
+        "ZENML_ANALYTICS_OPT_IN": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        **extra,
+    }
 
 
 def deterministic_smoke_config(path: Path, **section_changes: dict) -> Path:
@@ -114,9 +120,11 @@ def full_dataset(tmp_path_factory):
 def radiograph_like(rng: np.random.Generator, size: int = 96) -> np.ndarray:
     """A grey 'chest': a bright body with two dark lungs, position and exposure jittered per image."""
     y, x = np.mgrid[0:size, 0:size] / size
-    body = np.exp(-(((x - 0.5) / 0.38) ** 2 + ((y - 0.55) / 0.45) ** 2) ** 2)
-    lungs = sum(np.exp(-(((x - cx - rng.normal(0, 0.02)) / 0.12) ** 2 + ((y - 0.5 - rng.normal(0, 0.02)) / 0.22) ** 2))
-                for cx in (0.32, 0.68))
+    body = np.exp(-((((x - 0.5) / 0.38) ** 2 + ((y - 0.55) / 0.45) ** 2) ** 2))
+    lungs = sum(
+        np.exp(-(((x - cx - rng.normal(0, 0.02)) / 0.12) ** 2 + ((y - 0.5 - rng.normal(0, 0.02)) / 0.22) ** 2))
+        for cx in (0.32, 0.68)
+    )
     grey = 40 + 170 * body - 90 * lungs + rng.normal(0, 4, (size, size))
     grey = grey * rng.uniform(0.9, 1.1) + rng.normal(0, 5)
     return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
@@ -135,6 +143,7 @@ def profile(family):
 
     features = [ood.features_of_array(image) for image in family]
     return ood.fit_profile(features[:160], features[160:220], np.linspace(0, 1, 60), 0.5, alpha=0.01)
+
 
 # -- the team stack, brought up once per session in its own folder and ports, and one smoke training run on it --
 # Shared by tests/pipeline/test_team_stack.py (the stack itself: S3, REST APIs, restart, browser) and
@@ -157,14 +166,26 @@ class Team:
 
     def stack(self, command: str, timeout: int = 300) -> dict:
         args = [f"--{name}-port={port}" for name, port in self.ports.items()]
-        result = subprocess.run([sys.executable, "-m", "infra.team_stack", command, "--state", str(self.state), *args],
-                                cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-m", "infra.team_stack", command, "--state", str(self.state), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     def run(self, *args: str, timeout: int = 900) -> dict:
-        result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--stack", "team", *args], cwd=ROOT,
-                                env=self.env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), "--stack", "team", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 

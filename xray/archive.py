@@ -41,9 +41,7 @@ class Extraction:
 def is_junk(name: str) -> bool:
     parts = PurePosixPath(name).parts
     return bool(parts) and (
-        any(p.lower() in JUNK_DIRS for p in parts[:-1])
-        or parts[-1].lower() in JUNK_NAMES
-        or parts[-1].startswith("._")
+        any(p.lower() in JUNK_DIRS for p in parts[:-1]) or parts[-1].lower() in JUNK_NAMES or parts[-1].startswith("._")
     )
 
 
@@ -65,9 +63,13 @@ def check_unique_names(names: list[str]) -> None:
     """Two entries with one path are ambiguous (unzip tools disagree on which copy wins): refuse the archive."""
     repeated = sorted(name for name, count in Counter(names).items() if count > 1 and not name.endswith("/"))
     if repeated:
-        shown = ", ".join(f"'{name}'" for name in repeated[:3]) + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else "")
-        raise ArchiveError(f"ambiguous archive: more than one entry named {shown}; tools disagree on which copy "
-                           "they extract, so the archive is refused")
+        shown = ", ".join(f"'{name}'" for name in repeated[:3]) + (
+            f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""
+        )
+        raise ArchiveError(
+            f"ambiguous archive: more than one entry named {shown}; tools disagree on which copy "
+            "they extract, so the archive is refused"
+        )
 
 
 def checked_entries(archive: zipfile.ZipFile, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
@@ -90,7 +92,9 @@ def open_archive(path: Path) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as error:
-        raise ArchiveError(f"{path.name} is not a readable zip archive ({error}); it may be truncated or another format") from None
+        raise ArchiveError(
+            f"{path.name} is not a readable zip archive ({error}); it may be truncated or another format"
+        ) from None
     if not archive.infolist():
         archive.close()
         raise ArchiveError(f"{path.name} is an empty zip archive: no entries")
@@ -129,7 +133,7 @@ def _classify(names: list[str], root: str) -> tuple[dict[str, tuple[str, str]], 
     for name in names:
         if name.endswith("/") or is_junk(name):
             continue
-        rest = name[len(prefix):] if name.startswith(prefix) else None
+        rest = name[len(prefix) :] if name.startswith(prefix) else None
         parts = PurePosixPath(rest).parts if rest is not None else ()
         if len(parts) != 3 or parts[0].lower() not in SPLITS:
             ignored += 1
@@ -146,7 +150,9 @@ def _check_layout(found: dict[str, Counter]) -> None:
     for split, labels in found.items():
         unknown = sorted(set(labels) - set(CLASS_NAMES))
         if unknown:
-            raise ArchiveError(f"unknown class folder(s) {unknown} in split '{split}'; expected {list(CLASS_NAMES)} (found {listing})")
+            raise ArchiveError(
+                f"unknown class folder(s) {unknown} in split '{split}'; expected {list(CLASS_NAMES)} (found {listing})"
+            )
     for split in REQUIRED_SPLITS:
         for label in CLASS_NAMES:
             if found.get(split, Counter())[label] == 0:
@@ -156,16 +162,22 @@ def _check_layout(found: dict[str, Counter]) -> None:
 def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits: ArchiveLimits, budget: int) -> int:
     """Copy one entry while counting real bytes; abort the moment a limit is passed."""
     if info.file_size > limits.max_entry_bytes:
-        raise ArchiveError(f"entry '{info.filename}' declares {info.file_size} bytes, over max_entry_bytes={limits.max_entry_bytes}")
+        raise ArchiveError(
+            f"entry '{info.filename}' declares {info.file_size} bytes, over max_entry_bytes={limits.max_entry_bytes}"
+        )
     written = 0
     try:
         with archive.open(info) as source, open(target, "wb") as out:
             while chunk := source.read(CHUNK):
                 written += len(chunk)
                 if written > limits.max_entry_bytes:
-                    raise ArchiveError(f"entry '{info.filename}' inflates past max_entry_bytes={limits.max_entry_bytes}")
+                    raise ArchiveError(
+                        f"entry '{info.filename}' inflates past max_entry_bytes={limits.max_entry_bytes}"
+                    )
                 if written > budget:
-                    raise ArchiveError(f"archive inflates past max_total_bytes={limits.max_total_bytes} at entry '{info.filename}'")
+                    raise ArchiveError(
+                        f"archive inflates past max_total_bytes={limits.max_total_bytes} at entry '{info.filename}'"
+                    )
                 if written > RATIO_FLOOR_BYTES and written > limits.max_compression_ratio * max(info.compress_size, 1):
                     raise ArchiveError(
                         f"entry '{info.filename}' compresses more than max_compression_ratio={limits.max_compression_ratio:g}:1 (zip bomb?)"
@@ -176,7 +188,9 @@ def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limi
         raise
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         target.unlink(missing_ok=True)
-        raise ArchiveError(f"entry '{info.filename}' cannot be read ({error}); the archive may be truncated or corrupt") from None
+        raise ArchiveError(
+            f"entry '{info.filename}' cannot be read ({error}); the archive may be truncated or corrupt"
+        ) from None
     return written
 
 
@@ -200,10 +214,11 @@ def extract(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
             relative = Path(split, label, PurePosixPath(info.filename).name)
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            result.bytes_written += _inflate(archive, info, target, limits, limits.max_total_bytes - result.bytes_written)
+            result.bytes_written += _inflate(
+                archive, info, target, limits, limits.max_total_bytes - result.bytes_written
+            )
             result.files.append((split, label, relative.as_posix()))
     return result
-
 
 
 def label_of(name: str) -> str | None:
@@ -238,7 +253,9 @@ def extract_labelled(path: Path, destination: Path, limits: ArchiveLimits) -> Ex
             relative = Path(label, f"{index:06d}_{PurePosixPath(info.filename).name}")
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            result.bytes_written += _inflate(archive, info, target, limits, limits.max_total_bytes - result.bytes_written)
+            result.bytes_written += _inflate(
+                archive, info, target, limits, limits.max_total_bytes - result.bytes_written
+            )
             result.files.append(("site", label, relative.as_posix()))
     _check_labelled(result, path.name)
     return result
@@ -248,8 +265,10 @@ def _check_labelled(result: Extraction, source: str) -> None:
     counts = Counter(label for _, label, _ in result.files)
     missing = [label for label in CLASS_NAMES if counts[label] == 0]
     if missing:
-        raise ArchiveError(f"{source}: no images in a {' or '.join(f'{m}/' for m in missing)} folder (found "
-                           f"{dict(counts) or 'no NORMAL/ or PNEUMONIA/ folders'}); a labelled site needs both classes")
+        raise ArchiveError(
+            f"{source}: no images in a {' or '.join(f'{m}/' for m in missing)} folder (found "
+            f"{dict(counts) or 'no NORMAL/ or PNEUMONIA/ folders'}); a labelled site needs both classes"
+        )
 
 
 def copy_labelled(folder: Path, destination: Path, limits: ArchiveLimits) -> Extraction:

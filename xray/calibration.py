@@ -72,8 +72,9 @@ def fit(y: np.ndarray, logits: np.ndarray, method: str = "platt") -> Calibration
         return Calibration("platt", temperature=1.0 / slope, bias=intercept)
     from scipy.optimize import minimize_scalar
 
-    result = minimize_scalar(lambda log_t: _log_loss(y, sigmoid(z / np.exp(log_t))), bounds=(-6.0, 6.0),
-                             method="bounded")
+    result = minimize_scalar(
+        lambda log_t: _log_loss(y, sigmoid(z / np.exp(log_t))), bounds=(-6.0, 6.0), method="bounded"
+    )
     return Calibration("temperature", temperature=float(np.exp(result.x)))
 
 
@@ -98,6 +99,8 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = 15) -> dict[str, np.nd
     index = np.minimum((p * bins).astype(int), bins - 1)
     counts = np.bincount(index, minlength=bins)
     keep = counts > 0
-    return {"predicted": np.bincount(index, weights=p, minlength=bins)[keep] / counts[keep],
-            "observed": np.bincount(index, weights=y, minlength=bins)[keep] / counts[keep],
-            "count": counts[keep]}
+    return {
+        "predicted": np.bincount(index, weights=p, minlength=bins)[keep] / counts[keep],
+        "observed": np.bincount(index, weights=y, minlength=bins)[keep] / counts[keep],
+        "count": counts[keep],
+    }

@@ -49,7 +49,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     max_train_per_class: int | None = Field(
-        None, ge=1, description="Cap train images per class (smoke runs). The manifest is still built from the whole archive."
+        None,
+        ge=1,
+        description="Cap train images per class (smoke runs). The manifest is still built from the whole archive.",
     )
     max_eval_per_class: int | None = Field(None, ge=1, description="Cap val and test images per class (smoke runs).")
     limits: ArchiveLimits = ArchiveLimits()
@@ -63,30 +65,41 @@ class Augmentation(_Section):
     brightness: float = Field(0.0, ge=0, lt=1)
     translation: float = Field(0.0, ge=0, lt=0.5, description="Random shift, as a fraction of the image side.")
     stretch: float = Field(
-        0.0, ge=0, lt=0.5, description="Random aspect-ratio change: width scaled by 1 + s and height by 1 - s, "
-        "s uniform in +/- stretch. Archives resized to a square squash each radiograph by its original aspect ratio.")
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Random aspect-ratio change: width scaled by 1 + s and height by 1 - s, "
+        "s uniform in +/- stretch. Archives resized to a square squash each radiograph by its original aspect ratio.",
+    )
     mixup: float = Field(
-        0.0, ge=0, le=1, description="> 0: mix each training image and its label with another of the batch, weight "
-        "lambda ~ Beta(mixup, mixup); class weights are mixed the same way. Softens what noisy train labels teach.")
+        0.0,
+        ge=0,
+        le=1,
+        description="> 0: mix each training image and its label with another of the batch, weight "
+        "lambda ~ Beta(mixup, mixup); class weights are mixed the same way. Softens what noisy train labels teach.",
+    )
     interpolation: Literal["bilinear", "nearest"] = Field(
-        "bilinear", description="Resampling for flip/zoom/rotation; nearest is about twice as fast on CPU.")
+        "bilinear", description="Resampling for flip/zoom/rotation; nearest is about twice as fast on CPU."
+    )
 
     @property
     def enabled(self) -> bool:
-        return self.horizontal_flip or any((self.zoom, self.rotation, self.contrast, self.brightness, self.translation,
-                                            self.stretch))
+        return self.horizontal_flip or any(
+            (self.zoom, self.rotation, self.contrast, self.brightness, self.translation, self.stretch)
+        )
 
 
 class ModelConfig(_Section):
     backbone: Literal["resnet50v2", "efficientnetv2b0", "mobilenetv3large"] = Field(
-        "resnet50v2", description="keras.applications backbone under the classifier head; ResNet50V2 is the default.")
-    weights: str = Field(
-        "none", description="'imagenet', 'none', or a local or s3:// path to a Keras weights file."
+        "resnet50v2", description="keras.applications backbone under the classifier head; ResNet50V2 is the default."
     )
+    weights: str = Field("none", description="'imagenet', 'none', or a local or s3:// path to a Keras weights file.")
     image_size: int = Field(128, ge=32, le=1024)
     input_normalization: Literal["fixed", "per_image"] = Field(
-        "fixed", description="fixed: the backbone's [-1, 1] scaling. per_image: standardise each image to zero mean and "
-        "unit variance inside the model, so exposure and contrast differences between sites cannot move the score.")
+        "fixed",
+        description="fixed: the backbone's [-1, 1] scaling. per_image: standardise each image to zero mean and "
+        "unit variance inside the model, so exposure and contrast differences between sites cannot move the score.",
+    )
     dense_units: int = Field(128, ge=1)
     dropout: float = Field(0.5, ge=0, lt=1)
 
@@ -96,11 +109,17 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="cosine: linear warm-up, then cosine decay to 1% of learning_rate by the last epoch of each phase.")
+        "constant",
+        description="cosine: linear warm-up, then cosine decay to 1% of learning_rate by the last epoch of each phase.",
+    )
     warmup_epochs: int = Field(0, ge=0, description="Linear warm-up from 10% of learning_rate (cosine schedule only).")
-    weight_decay: float = Field(0.0, ge=0, lt=1, description="> 0: AdamW with this decoupled weight decay instead of Adam.")
+    weight_decay: float = Field(
+        0.0, ge=0, lt=1, description="> 0: AdamW with this decoupled weight decay instead of Adam."
+    )
     frozen_epochs: int = Field(2, ge=0, description="With pretrained weights: epochs with the backbone frozen.")
-    fine_tune_layers: int = Field(30, ge=0, description="With pretrained weights: top backbone layers unfrozen after the frozen phase.")
+    fine_tune_layers: int = Field(
+        30, ge=0, description="With pretrained weights: top backbone layers unfrozen after the frozen phase."
+    )
     fine_tune_learning_rate: float = Field(1e-5, gt=0)
     early_stopping_patience: int = Field(3, ge=1)
     class_weighting: bool = True
@@ -117,22 +136,32 @@ class EvaluateConfig(_Section):
     fixed_threshold: float = Field(0.5, gt=0, lt=1)
     bootstrap_samples: int = Field(1000, ge=100)
     calibration: Literal["platt", "temperature", "none"] = Field(
-        "platt", description="Fitted on val after training and saved inside the model: platt (temperature and bias), "
-        "temperature (temperature only) or none. The threshold policy then runs on calibrated val probabilities.")
+        "platt",
+        description="Fitted on val after training and saved inside the model: platt (temperature and bias), "
+        "temperature (temperature only) or none. The threshold policy then runs on calibrated val probabilities.",
+    )
     site_experiment_name: str = Field(
-        "chest-xray-evaluation", description="MLflow experiment of `--pipeline evaluation` runs (one per site).")
+        "chest-xray-evaluation", description="MLflow experiment of `--pipeline evaluation` runs (one per site)."
+    )
 
 
 class MonitoringConfig(_Section):
     """Out-of-distribution detection per image and drift per batch (docs/MONITORING.md)."""
 
     ood_alpha: float = Field(
-        0.01, gt=0, le=0.2, description="Nominal share of in-distribution images flagged out of distribution: the "
-        "threshold is the 1 - ood_alpha quantile of the combined detector statistic, fitted on val.")
+        0.01,
+        gt=0,
+        le=0.2,
+        description="Nominal share of in-distribution images flagged out of distribution: the "
+        "threshold is the 1 - ood_alpha quantile of the combined detector statistic, fitted on val.",
+    )
     content_components: int = Field(16, ge=1, le=256, description="Principal components of the content detector.")
     neighbours: int = Field(20, ge=1, description="Nearest training images the content score averages over.")
     aspect_ratio_tolerance: float = Field(
-        1.5, ge=1, description="Aspect ratios beyond the train split's by more than this factor are out of distribution.")
+        1.5,
+        ge=1,
+        description="Aspect ratios beyond the train split's by more than this factor are out of distribution.",
+    )
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the batch-level drift test.")
     permutations: int = Field(1000, ge=100, description="Resamples of the MMD permutation test on the embeddings.")
     experiment_name: str = "chest-xray-monitoring"
@@ -150,16 +179,23 @@ class RegistryConfig(_Section):
     )
     champion_alias: str = "champion"
     margin: float = Field(
-        0.01, ge=0, lt=0.5, description="Non-inferiority margin of the promotion gate: the lower bound of the paired "
-        "bootstrap 95% CI of AUC(challenger) - AUC(champion) must be at least -margin, on test and on every gate site.")
+        0.01,
+        ge=0,
+        lt=0.5,
+        description="Non-inferiority margin of the promotion gate: the lower bound of the paired "
+        "bootstrap 95% CI of AUC(challenger) - AUC(champion) must be at least -margin, on test and on every gate site.",
+    )
     gate_sites: tuple[str, ...] = Field(
-        (), description="Labelled sites (archive or folder URIs with NORMAL/ and PNEUMONIA/ "
-        "folders) on which the challenger must also be non-inferior to the champion before promotion.")
+        (),
+        description="Labelled sites (archive or folder URIs with NORMAL/ and PNEUMONIA/ "
+        "folders) on which the challenger must also be non-inferior to the champion before promotion.",
+    )
 
 
 class PipelineConfig(_Section):
     dataset_uri: str | None = Field(
-        None, description="s3://bucket/key.zip, a local path or file://. None: CHEST_XRAY_ZIP, ../shared, then kagglehub."
+        None,
+        description="s3://bucket/key.zip, a local path or file://. None: CHEST_XRAY_ZIP, ../shared, then kagglehub.",
     )
     expected_sha256: str | None = Field(None, description="Fail before extraction when the archive differs.")
     seed: int = 42

@@ -18,8 +18,10 @@ from xray import CLASS_NAMES
 from xray import manifest as mf
 from xray.config import Augmentation
 
-PREPROCESSING = ("decode_image(channels=3) -> resize to image_size (area when shrinking, bilinear when enlarging) "
-                 "-> round to uint8 -> float32 in [0, 255]")
+PREPROCESSING = (
+    "decode_image(channels=3) -> resize to image_size (area when shrinking, bilinear when enlarging) "
+    "-> round to uint8 -> float32 in [0, 255]"
+)
 
 
 class DatasetSpec(BaseModel):
@@ -55,12 +57,25 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: (n / (2.0 * k) if k else 0.0) for c, k in counts.items()}
 
 
-def make_spec(manifest: pd.DataFrame, image_size: int, batch_size: int, augmentation: Augmentation,
-              max_train_per_class: int | None, max_eval_per_class: int | None, seed: int,
-              weighting: bool = True) -> DatasetSpec:
+def make_spec(
+    manifest: pd.DataFrame,
+    image_size: int,
+    batch_size: int,
+    augmentation: Augmentation,
+    max_train_per_class: int | None,
+    max_eval_per_class: int | None,
+    seed: int,
+    weighting: bool = True,
+) -> DatasetSpec:
     spec = DatasetSpec(
-        image_size=image_size, batch_size=batch_size, augmentation=augmentation, class_weights={0: 1.0, 1: 1.0},
-        max_train_per_class=max_train_per_class, max_eval_per_class=max_eval_per_class, seed=seed, counts={},
+        image_size=image_size,
+        batch_size=batch_size,
+        augmentation=augmentation,
+        class_weights={0: 1.0, 1: 1.0},
+        max_train_per_class=max_train_per_class,
+        max_eval_per_class=max_eval_per_class,
+        seed=seed,
+        counts={},
     )
     rows = {split: select(manifest, split, spec) for split in ("train", "val", "test")}
     counts = {split: {label: int((r["label"] == label).sum()) for label in CLASS_NAMES} for split, r in rows.items()}
@@ -76,8 +91,11 @@ def decode_and_resize(data: Any, image_size: int):
     size = [image_size, image_size]
     # Area averaging is the anti-aliased way to shrink, and 3x faster here than bilinear with antialias.
     shrinking = tf.reduce_min(tf.shape(image)[:2]) >= image_size
-    image = tf.cond(shrinking, lambda: tf.image.resize(image, size, method="area"),
-                    lambda: tf.image.resize(image, size, method="bilinear"))
+    image = tf.cond(
+        shrinking,
+        lambda: tf.image.resize(image, size, method="area"),
+        lambda: tf.image.resize(image, size, method="bilinear"),
+    )
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
@@ -124,11 +142,17 @@ def _flip_zoom_rotate(images, n, size, config: Augmentation, seed: int):
     cx, cy = (width - 1) / 2, (height - 1) / 2
     shift = tf.random.uniform([2, n], -config.translation, config.translation, seed=seed + 5)
     tx, ty = shift[0] * width, shift[1] * height
-    transforms = tf.stack([a0, a1, cx - a0 * cx - a1 * cy + tx, a3, a4, cy - a3 * cx - a4 * cy + ty,
-                           tf.zeros([n]), tf.zeros([n])], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=size,
-                                                 interpolation=config.interpolation.upper(), fill_mode="CONSTANT",
-                                                 fill_value=0.0)
+    transforms = tf.stack(
+        [a0, a1, cx - a0 * cx - a1 * cy + tx, a3, a4, cy - a3 * cx - a4 * cy + ty, tf.zeros([n]), tf.zeros([n])], axis=1
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=size,
+        interpolation=config.interpolation.upper(),
+        fill_mode="CONSTANT",
+        fill_value=0.0,
+    )
 
 
 def mixup(images, labels, alpha: float, class_weights: dict[int, float], seed: int):
@@ -173,13 +197,16 @@ def make_dataset(paths: list[str], labels: np.ndarray | None, spec: DatasetSpec,
         dataset = dataset.shuffle(len(paths), seed=spec.seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(spec.batch_size, num_parallel_calls=autotune)
     if training and spec.augmentation.enabled:
-        dataset = dataset.map(lambda x, y: (augment(tf.cast(x, tf.float32), spec.augmentation, spec.seed), y),
-                              num_parallel_calls=autotune)
+        dataset = dataset.map(
+            lambda x, y: (augment(tf.cast(x, tf.float32), spec.augmentation, spec.seed), y), num_parallel_calls=autotune
+        )
     else:
         dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     if training and spec.augmentation.mixup:
-        dataset = dataset.map(lambda x, y: mixup(x, y, spec.augmentation.mixup, spec.class_weights, spec.seed),
-                              num_parallel_calls=autotune)
+        dataset = dataset.map(
+            lambda x, y: mixup(x, y, spec.augmentation.mixup, spec.class_weights, spec.seed),
+            num_parallel_calls=autotune,
+        )
     return dataset.prefetch(autotune)
 
 
@@ -190,6 +217,13 @@ def fit_class_weight(spec: DatasetSpec) -> dict[int, float] | None:
 
 def make_spec_for_inference(image_size: int, batch_size: int = 32) -> DatasetSpec:
     """The input-pipeline spec for prediction only: no augmentation, no sampling."""
-    return DatasetSpec(image_size=image_size, batch_size=batch_size,
-                       augmentation=Augmentation(horizontal_flip=False, zoom=0.0), class_weights={0: 1.0, 1: 1.0},
-                       max_train_per_class=None, max_eval_per_class=None, seed=0, counts={})
+    return DatasetSpec(
+        image_size=image_size,
+        batch_size=batch_size,
+        augmentation=Augmentation(horizontal_flip=False, zoom=0.0),
+        class_weights={0: 1.0, 1: 1.0},
+        max_train_per_class=None,
+        max_eval_per_class=None,
+        seed=0,
+        counts={},
+    )

@@ -28,7 +28,9 @@ class ValidatedDataset:
         return [str(self.root / p) for p in rows["path"]]
 
 
-def prepare_dataset(archive: Path, workdir: Path, config: DataConfig, seed: int) -> tuple[ValidatedDataset, mf.DataReport]:
+def prepare_dataset(
+    archive: Path, workdir: Path, config: DataConfig, seed: int
+) -> tuple[ValidatedDataset, mf.DataReport]:
     """Extract safely, decode everything, de-duplicate and shape the splits."""
     extraction = extract(archive, workdir, config.limits)
     manifest, quarantined, converted = mf.build_manifest(workdir, extraction.files)
@@ -37,9 +39,8 @@ def prepare_dataset(archive: Path, workdir: Path, config: DataConfig, seed: int)
     if mf.needs_val_split(manifest, config.min_val_per_class):
         had_val = bool((manifest["split"] == "val").any())
         manifest = mf.carve_val(manifest, config.val_fraction, seed)
-        val_source = (
-            f"carved from train ({config.val_fraction:.0%} of images per class, grouped by patient)"
-            + ("; the archive's val split was too small and was merged into train first" if had_val else "")
+        val_source = f"carved from train ({config.val_fraction:.0%} of images per class, grouped by patient)" + (
+            "; the archive's val split was too small and was merged into train first" if had_val else ""
         )
     else:
         val_source = "archive"

@@ -61,7 +61,7 @@ def mmd_test(batch: np.ndarray, reference: np.ndarray, permutations: int = 1000,
         return float("nan"), 1.0
     pooled = np.concatenate([batch, reference])
     squared = cdist(pooled, pooled, "sqeuclidean")
-    reference_pairs = squared[len(batch):, len(batch):]
+    reference_pairs = squared[len(batch) :, len(batch) :]
     bandwidth = float(np.median(reference_pairs[np.triu_indices(len(reference), 1)])) or 1.0
     kernel = np.exp(-squared / bandwidth)
     sizes = len(batch), len(reference)
@@ -76,9 +76,16 @@ def mmd_test(batch: np.ndarray, reference: np.ndarray, permutations: int = 1000,
         values = np.einsum("bi,ij,bj->b", weights, kernel, weights)
         return values[0] if single else values
 
-    result = permutation_test((np.arange(sizes[0]), np.arange(sizes[0], len(pooled))), statistic,
-                              permutation_type="independent", vectorized=True, n_resamples=permutations,
-                              alternative="greater", batch=100, rng=np.random.default_rng(seed))
+    result = permutation_test(
+        (np.arange(sizes[0]), np.arange(sizes[0], len(pooled))),
+        statistic,
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=permutations,
+        alternative="greater",
+        batch=100,
+        rng=np.random.default_rng(seed),
+    )
     return float(result.statistic), float(result.pvalue)
 
 
@@ -90,14 +97,28 @@ def acquisition_tests(batch_stats: np.ndarray, reference_stats: np.ndarray) -> l
         return []
     raw = [ks_2samp(batch_stats[:, i], reference_stats[:, i]) for i in range(len(ood.STAT_NAMES))]
     adjusted = false_discovery_control([r.pvalue for r in raw], method="bh")
-    rows = [{"statistic": name, "label": ood.stat_label(name), "batch_median": float(np.median(batch_stats[:, i])),
-             "reference_median": float(np.median(reference_stats[:, i])), "ks": float(r.statistic),
-             "p_adjusted": float(p)} for i, (name, r, p) in enumerate(zip(ood.STAT_NAMES, raw, adjusted))]
+    rows = [
+        {
+            "statistic": name,
+            "label": ood.stat_label(name),
+            "batch_median": float(np.median(batch_stats[:, i])),
+            "reference_median": float(np.median(reference_stats[:, i])),
+            "ks": float(r.statistic),
+            "p_adjusted": float(p),
+        }
+        for i, (name, r, p) in enumerate(zip(ood.STAT_NAMES, raw, adjusted))
+    ]
     return sorted(rows, key=lambda row: -row["ks"])
 
 
-def compare(profile: ood.ReferenceProfile, predictions: pd.DataFrame, features: pd.DataFrame,
-            alpha: float = 0.01, permutations: int = 1000, seed: int = 0) -> dict:
+def compare(
+    profile: ood.ReferenceProfile,
+    predictions: pd.DataFrame,
+    features: pd.DataFrame,
+    alpha: float = 0.01,
+    permutations: int = 1000,
+    seed: int = 0,
+) -> dict:
     """The monitoring report of one batch.
 
     ``predictions``: one row per image with ``status`` (ok, out_of_distribution or unreadable),
@@ -111,8 +132,10 @@ def compare(profile: ood.ReferenceProfile, predictions: pd.DataFrame, features: 
     images, n_readable = len(predictions), int(readable.sum())
     if n_readable == 0:
         examples = "; ".join(f"{p}: {r}" for p, r in zip(predictions.get("path", []), predictions["reason"]))
-        raise DataQualityError(f"none of the {images} images could be read, nothing to monitor"
-                               + (f" (e.g. {examples[:300]})" if examples else ""))
+        raise DataQualityError(
+            f"none of the {images} images could be read, nothing to monitor"
+            + (f" (e.g. {examples[:300]})" if examples else "")
+        )
     if n_readable != len(features):
         raise ValueError(f"{len(features)} feature rows for {n_readable} readable images")
     flagged = int((status == ood.OUT_OF_DISTRIBUTION).sum())
@@ -137,18 +160,32 @@ def compare(profile: ood.ReferenceProfile, predictions: pd.DataFrame, features: 
         "ood_images": flagged,
         "ood_fraction": flagged / n_readable if n_readable else 0.0,
         "reference_ood_fraction": reference_fraction,
-        "decision": (f"{flagged} of {n_readable} readable images out of distribution "
-                     f"({flagged / max(n_readable, 1):.1%}) against {reference_fraction:.1%} on val: "
-                     f"binomial p = {p_ood:.3g} {'<' if p_ood < alpha else '>='} {alpha:g}"),
+        "decision": (
+            f"{flagged} of {n_readable} readable images out of distribution "
+            f"({flagged / max(n_readable, 1):.1%}) against {reference_fraction:.1%} on val: "
+            f"binomial p = {p_ood:.3g} {'<' if p_ood < alpha else '>='} {alpha:g}"
+        ),
         "ood_reasons": reasons.map(reason_kind).value_counts().to_dict(),
-        "embedding": {"test": "MMD, Gaussian kernel, permutation p-value", "mmd2": mmd, "p_value": p_mmd,
-                      "images_used": int(len(content[subset])), "reference_images": int(len(profile.val_content)),
-                      "shifted": bool(p_mmd < alpha)},
-        "positive_rate": {"batch": positives / n_readable if n_readable else float("nan"),
-                          "reference": profile.val_positive_rate, "p_value": p_positive,
-                          "class_threshold": profile.class_threshold, "shifted": bool(p_positive < alpha)},
-        "acquisition": {"tests": acquisition_tests(stats, profile.val_stats),
-                        "batch": acquisition_summary(features), "train": profile.summary},
+        "embedding": {
+            "test": "MMD, Gaussian kernel, permutation p-value",
+            "mmd2": mmd,
+            "p_value": p_mmd,
+            "images_used": int(len(content[subset])),
+            "reference_images": int(len(profile.val_content)),
+            "shifted": bool(p_mmd < alpha),
+        },
+        "positive_rate": {
+            "batch": positives / n_readable if n_readable else float("nan"),
+            "reference": profile.val_positive_rate,
+            "p_value": p_positive,
+            "class_threshold": profile.class_threshold,
+            "shifted": bool(p_positive < alpha),
+        },
+        "acquisition": {
+            "tests": acquisition_tests(stats, profile.val_stats),
+            "batch": acquisition_summary(features),
+            "train": profile.summary,
+        },
     }
 
 
@@ -162,9 +199,13 @@ def reason_kind(reason: str) -> str:
 
 def acquisition_summary(features: pd.DataFrame) -> dict:
     aspect = features["width"] / features["height"]
-    return {"width": _range(features["width"]), "height": _range(features["height"]), "aspect_ratio": _range(aspect),
-            "channels": {str(c): int(n) for c, n in features["channels"].value_counts().sort_index().items()},
-            "colour_max": float(features["colour"].max())}
+    return {
+        "width": _range(features["width"]),
+        "height": _range(features["height"]),
+        "aspect_ratio": _range(aspect),
+        "channels": {str(c): int(n) for c, n in features["channels"].value_counts().sort_index().items()},
+        "colour_max": float(features["colour"].max()),
+    }
 
 
 def _range(values) -> dict:
@@ -177,8 +218,13 @@ def _range(values) -> dict:
 ACQUISITION_PANELS = ("mean", "std", "noise", "edge", "p5", "p95")
 
 
-def figures(profile: ood.ReferenceProfile, predictions: pd.DataFrame, features: pd.DataFrame,
-            image_paths: list[str], examples: int = 8) -> dict:
+def figures(
+    profile: ood.ReferenceProfile,
+    predictions: pd.DataFrame,
+    features: pd.DataFrame,
+    image_paths: list[str],
+    examples: int = 8,
+) -> dict:
     """Plots of one batch against the reference; ``image_paths`` are the readable images' files, in order."""
     from PIL import Image
 
@@ -190,17 +236,29 @@ def figures(profile: ood.ReferenceProfile, predictions: pd.DataFrame, features: 
     index = {name: ood.STAT_NAMES.index(name) for name in ACQUISITION_PANELS}
     histogram = slice(ood.STAT_NAMES.index("hist00"), None)
     result = {
-        "ood_scores": plots.ood_scores(readable["ood_score"].to_numpy(dtype=np.float64), profile.val_scores,
-                                       f"Out-of-distribution scores: {flagged.sum()} of {len(readable)} above 1"),
-        "probabilities": plots.probability_shift(readable["probability"].to_numpy(dtype=np.float64),
-                                                 profile.val_probabilities, profile.class_threshold,
-                                                 "Predicted probabilities: batch against val"),
+        "ood_scores": plots.ood_scores(
+            readable["ood_score"].to_numpy(dtype=np.float64),
+            profile.val_scores,
+            f"Out-of-distribution scores: {flagged.sum()} of {len(readable)} above 1",
+        ),
+        "probabilities": plots.probability_shift(
+            readable["probability"].to_numpy(dtype=np.float64),
+            profile.val_probabilities,
+            profile.class_threshold,
+            "Predicted probabilities: batch against val",
+        ),
         "acquisition": plots.acquisition_shift(
-            {n: stats[:, i] for n, i in index.items()}, {n: profile.val_stats[:, i] for n, i in index.items()},
+            {n: stats[:, i] for n, i in index.items()},
+            {n: profile.val_stats[:, i] for n, i in index.items()},
             {n: ood.stat_label(n) for n in ACQUISITION_PANELS},
-            (stats[:, histogram].mean(axis=0), profile.val_stats[:, histogram].mean(axis=0))),
-        "content_map": plots.content_map(features[ood.content_columns(profile)].to_numpy(dtype=np.float64),
-                                         profile.val_content, flagged, profile.train_content),
+            (stats[:, histogram].mean(axis=0), profile.val_stats[:, histogram].mean(axis=0)),
+        ),
+        "content_map": plots.content_map(
+            features[ood.content_columns(profile)].to_numpy(dtype=np.float64),
+            profile.val_content,
+            flagged,
+            profile.train_content,
+        ),
     }
     worst = readable["ood_score"].to_numpy(dtype=np.float64).argsort()[::-1][:examples]
     if len(worst):
@@ -208,8 +266,11 @@ def figures(profile: ood.ReferenceProfile, predictions: pd.DataFrame, features: 
         for i in worst:
             with Image.open(image_paths[i]) as image:
                 pictures.append(image.convert("RGB").copy())
-        titles = [f"{readable['ood_score'][i]:.2f} {reason_kind(readable['reason'][i]) if flagged[i] else 'ok'}\n"
-                  f"{str(readable['path'][i]).rsplit('/', 1)[-1][:28]}" for i in worst]
+        titles = [
+            f"{readable['ood_score'][i]:.2f} {reason_kind(readable['reason'][i]) if flagged[i] else 'ok'}\n"
+            f"{str(readable['path'][i]).rsplit('/', 1)[-1][:28]}"
+            for i in worst
+        ]
         result["most_out_of_distribution"] = plots.image_grid(pictures, titles, title="Highest ood_score in the batch")
     return result
 
@@ -230,25 +291,38 @@ def render_html(report: dict, images: dict) -> str:
     embedding, positive = report["embedding"], report["positive_rate"]
     rows = [
         ("images / readable / unreadable", f"{report['images']} / {report['readable']} / {report['unreadable']}"),
-        ("out of distribution", f"{report['ood_images']} ({report['ood_fraction']:.1%}); reference "
-                                f"{report['reference_ood_fraction']:.1%}; by reason {report['ood_reasons']}"),
+        (
+            "out of distribution",
+            f"{report['ood_images']} ({report['ood_fraction']:.1%}); reference "
+            f"{report['reference_ood_fraction']:.1%}; by reason {report['ood_reasons']}",
+        ),
         ("drift test (decides)", report["decision"]),
-        ("content embedding, MMD", f"MMD^2 {embedding['mmd2']:.4f}, permutation p = {embedding['p_value']:.3g} "
-                                   f"({embedding['images_used']} batch vs {embedding['reference_images']} val images)"),
-        ("predicted-positive rate", f"{positive['batch']:.1%} against {positive['reference']:.1%} on val "
-                                    f"(threshold {positive['class_threshold']:.3f}), binomial p = {positive['p_value']:.3g}"),
+        (
+            "content embedding, MMD",
+            f"MMD^2 {embedding['mmd2']:.4f}, permutation p = {embedding['p_value']:.3g} "
+            f"({embedding['images_used']} batch vs {embedding['reference_images']} val images)",
+        ),
+        (
+            "predicted-positive rate",
+            f"{positive['batch']:.1%} against {positive['reference']:.1%} on val "
+            f"(threshold {positive['class_threshold']:.3f}), binomial p = {positive['p_value']:.3g}",
+        ),
     ]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     tests = "".join(
         f"<tr><td>{html.escape(t['label'])}</td><td>{t['batch_median']:.3g}</td><td>{t['reference_median']:.3g}</td>"
-        f"<td>{t['ks']:.3f}</td><td>{t['p_adjusted']:.3g}</td></tr>" for t in report["acquisition"]["tests"][:10])
-    pictures = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><img src='data:image/png;base64,{png(image)}'>"
-                       for name, image in images.items())
+        f"<td>{t['ks']:.3f}</td><td>{t['p_adjusted']:.3g}</td></tr>"
+        for t in report["acquisition"]["tests"][:10]
+    )
+    pictures = "".join(
+        f"<h3>{html.escape(name.replace('_', ' '))}</h3><img src='data:image/png;base64,{png(image)}'>"
+        for name, image in images.items()
+    )
     model = html.escape(f"{report.get('model_uri', '')}")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Monitoring report {model}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}th,td{{text-align:left;padding:4px 10px;
 border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head><body>
-<h1>Monitoring report</h1><p>Model {model}; images {html.escape(str(report.get('source', '')))}</p>
+<h1>Monitoring report</h1><p>Model {model}; images {html.escape(str(report.get("source", "")))}</p>
 <h2 style="color:{colour}">{verdict}</h2><table>{table}</table>
 <p>Out-of-distribution images keep their probability, but their label must not be used.</p>
 <h2>Acquisition statistics, largest shifts (Kolmogorov-Smirnov, Benjamini-Hochberg adjusted)</h2>

@@ -20,8 +20,9 @@ from xray.errors import DataQualityError
 logger = logging.getLogger(__name__)
 
 
-def calibrate_and_evaluate(y_val: np.ndarray, z_val: np.ndarray, y_test: np.ndarray, z_test: np.ndarray,
-                           evaluate: EvaluateConfig, seed: int) -> dict:
+def calibrate_and_evaluate(
+    y_val: np.ndarray, z_val: np.ndarray, y_test: np.ndarray, z_test: np.ndarray, evaluate: EvaluateConfig, seed: int
+) -> dict:
     """Fit the calibration on val logits, choose the threshold on calibrated val, measure test before and after.
 
     Returns ``calibration`` (:class:`xray.calibration.Calibration`), ``threshold``, ``threshold_policy``, the
@@ -30,29 +31,47 @@ def calibrate_and_evaluate(y_val: np.ndarray, z_val: np.ndarray, y_test: np.ndar
     """
     calibration = xcal.fit(y_val, z_val, evaluate.calibration)
     p_val, p_test = calibration.probability(z_val), calibration.probability(z_test)
-    threshold, policy = xmetrics.choose_threshold(y_val, p_val, evaluate.threshold_policy, evaluate.min_sensitivity,
-                                                  evaluate.fixed_threshold)
+    threshold, policy = xmetrics.choose_threshold(
+        y_val, p_val, evaluate.threshold_policy, evaluate.min_sensitivity, evaluate.fixed_threshold
+    )
     val_report = xmetrics.evaluate(y_val, p_val, threshold, evaluate.bootstrap_samples, seed)
     test_report = xmetrics.evaluate(y_test, p_test, threshold, evaluate.bootstrap_samples, seed)
     raw_val, raw_test = xcal.sigmoid(z_val), xcal.sigmoid(z_test)
-    raw_threshold, _ = xmetrics.choose_threshold(y_val, raw_val, evaluate.threshold_policy, evaluate.min_sensitivity,
-                                                 evaluate.fixed_threshold)
-    uncalibrated = {"threshold": raw_threshold, "auc": roc_auc_score(y_test, raw_test),
-                    "ece": xcal.expected_calibration_error(y_test, raw_test),
-                    "brier": brier_score_loss(y_test, raw_test),
-                    "at_0_5": xmetrics.at_threshold(np.asarray(y_test).astype(int), raw_test, 0.5)}
-    flat = xmetrics.flat_metrics("val", val_report) | xmetrics.flat_metrics("test", test_report) | {
-        "threshold": threshold,
-        "calibration_temperature": calibration.temperature,
-        "calibration_bias": calibration.bias,
-        "test_ece_uncalibrated": uncalibrated["ece"],
-        "test_brier_uncalibrated": uncalibrated["brier"],
-        "val_ece_uncalibrated": xcal.expected_calibration_error(y_val, raw_val),
-        "threshold_uncalibrated": raw_threshold,
+    raw_threshold, _ = xmetrics.choose_threshold(
+        y_val, raw_val, evaluate.threshold_policy, evaluate.min_sensitivity, evaluate.fixed_threshold
+    )
+    uncalibrated = {
+        "threshold": raw_threshold,
+        "auc": roc_auc_score(y_test, raw_test),
+        "ece": xcal.expected_calibration_error(y_test, raw_test),
+        "brier": brier_score_loss(y_test, raw_test),
+        "at_0_5": xmetrics.at_threshold(np.asarray(y_test).astype(int), raw_test, 0.5),
     }
-    return {"calibration": calibration, "threshold": threshold, "threshold_policy": policy, "val": val_report,
-            "test": test_report, "test_uncalibrated": uncalibrated, "p_val": p_val, "p_test": p_test,
-            "raw_test": raw_test, "flat": flat}
+    flat = (
+        xmetrics.flat_metrics("val", val_report)
+        | xmetrics.flat_metrics("test", test_report)
+        | {
+            "threshold": threshold,
+            "calibration_temperature": calibration.temperature,
+            "calibration_bias": calibration.bias,
+            "test_ece_uncalibrated": uncalibrated["ece"],
+            "test_brier_uncalibrated": uncalibrated["brier"],
+            "val_ece_uncalibrated": xcal.expected_calibration_error(y_val, raw_val),
+            "threshold_uncalibrated": raw_threshold,
+        }
+    )
+    return {
+        "calibration": calibration,
+        "threshold": threshold,
+        "threshold_policy": policy,
+        "val": val_report,
+        "test": test_report,
+        "test_uncalibrated": uncalibrated,
+        "p_val": p_val,
+        "p_test": p_test,
+        "raw_test": raw_test,
+        "flat": flat,
+    }
 
 
 SITE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ece")
@@ -64,8 +83,11 @@ def site_metrics(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, s
     if len(np.unique(y)) < 2:
         raise DataQualityError("a site evaluation needs labelled images of both classes (NORMAL/ and PNEUMONIA/)")
     report = xmetrics.evaluate(y, p, threshold, samples, seed)
-    point = {"auc": report["auc"], "ece": report["ece"], **{k: report["at_threshold"][k] for k in
-                                                             ("accuracy", "sensitivity", "specificity")}}
+    point = {
+        "auc": report["auc"],
+        "ece": report["ece"],
+        **{k: report["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity")},
+    }
     flat = {"threshold": float(threshold), "brier": report["brier"], "images": int(len(y))}
     for name in SITE_METRICS:
         low, high = report["ci95"][name]
@@ -97,29 +119,40 @@ def grouped_split(groups: list[str], fraction: float, seed: int, y: np.ndarray) 
     return mask
 
 
-def recalibrated_site_metrics(y: np.ndarray, logits: np.ndarray, groups: list[str], fraction: float,
-                              evaluate: EvaluateConfig, seed: int) -> dict:
+def recalibrated_site_metrics(
+    y: np.ndarray, logits: np.ndarray, groups: list[str], fraction: float, evaluate: EvaluateConfig, seed: int
+) -> dict:
     """Re-fit the calibration and re-choose the threshold on a grouped share of the site; measure on the rest."""
     y = np.asarray(y).astype(int)
     mask = grouped_split(groups, fraction, seed, y)
     for side, name in ((mask, "calibration"), (~mask, "measurement")):
         if len(np.unique(y[side])) < 2:
-            raise DataQualityError(f"the site's {name} share has images of one class only: use a larger site or another "
-                             "--recalibrate-fraction")
+            raise DataQualityError(
+                f"the site's {name} share has images of one class only: use a larger site or another "
+                "--recalibrate-fraction"
+            )
     try:
         calibration = xcal.fit(y[mask], logits[mask], evaluate.calibration)
     except ValueError as error:
-        raise DataQualityError(f"cannot re-fit the calibration on the site's {mask.sum()}-image share: {error}") from None
+        raise DataQualityError(
+            f"cannot re-fit the calibration on the site's {mask.sum()}-image share: {error}"
+        ) from None
     p_fit, p_rest = calibration.probability(logits[mask]), calibration.probability(logits[~mask])
-    threshold, policy = xmetrics.choose_threshold(y[mask], p_fit, evaluate.threshold_policy, evaluate.min_sensitivity,
-                                                  evaluate.fixed_threshold)
+    threshold, policy = xmetrics.choose_threshold(
+        y[mask], p_fit, evaluate.threshold_policy, evaluate.min_sensitivity, evaluate.fixed_threshold
+    )
     measured = site_metrics(y[~mask], p_rest, threshold, evaluate.bootstrap_samples, seed)
-    return {"fraction": fraction, "calibration_images": int(mask.sum()), "measured_images": int((~mask).sum()),
-            "calibration": calibration.as_dict(), "threshold_policy": policy, "metrics": measured}
+    return {
+        "fraction": fraction,
+        "calibration_images": int(mask.sum()),
+        "measured_images": int((~mask).sum()),
+        "calibration": calibration.as_dict(),
+        "threshold_policy": policy,
+        "metrics": measured,
+    }
 
 
-def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_fraction: float | None,
-                  seed: int) -> dict:
+def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_fraction: float | None, seed: int) -> dict:
     """A registered version (:class:`xray.serving.ChestXrayPredictor`) on a labelled site (:func:`xray.sites.load_site`).
 
     ``metrics``: at the version's own threshold and calibration. ``recalibrated`` (with a fraction): calibration
@@ -135,8 +168,11 @@ def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_frac
     paths = dataset.paths(dataset.manifest)
     logits = predict_paths(logit_model(predictor.model), paths, make_spec_for_inference(predictor.image_size))
     probabilities = xcal.sigmoid(logits)
-    result = {"metrics": site_metrics(y, probabilities, predictor.threshold, evaluate.bootstrap_samples, seed),
-              "y": y, "probabilities": probabilities}
+    result = {
+        "metrics": site_metrics(y, probabilities, predictor.threshold, evaluate.bootstrap_samples, seed),
+        "y": y,
+        "probabilities": probabilities,
+    }
     if recalibrate_fraction is not None:
         groups = dataset.manifest["patient_id"].tolist()
         result["recalibrated"] = recalibrated_site_metrics(y, logits, groups, recalibrate_fraction, evaluate, seed)
@@ -173,18 +209,41 @@ def evaluate_model(model, dataset, spec, evaluate: EvaluateConfig, seed: int) ->
     calibrated = calibrated_model(model, calibration.temperature, calibration.bias)
     figures = {
         "roc_pr_curves": plots.roc_pr(y_test, p_test, threshold),
-        "confusion_matrix": plots.confusion(result["test"]["at_threshold"]["confusion_matrix"], f"test @ {threshold:.3f}"),
-        "calibration": plots.calibration(y_test, {"before calibration": xcal.sigmoid(z_test),
-                                                  f"after ({calibration.method} on val)": p_test}),
-        "gradcam_test_examples": gradcam.confident_examples_grid(calibrated, dataset.paths(test_rows), y_test, p_test,
-                                                                 threshold, spec.image_size),
+        "confusion_matrix": plots.confusion(
+            result["test"]["at_threshold"]["confusion_matrix"], f"test @ {threshold:.3f}"
+        ),
+        "calibration": plots.calibration(
+            y_test, {"before calibration": xcal.sigmoid(z_test), f"after ({calibration.method} on val)": p_test}
+        ),
+        "gradcam_test_examples": gradcam.confident_examples_grid(
+            calibrated, dataset.paths(test_rows), y_test, p_test, threshold, spec.image_size
+        ),
     }
-    logger.info("calibration (%s on val): temperature %.3f, bias %.3f; test ECE %.3f -> %.3f, Brier %.3f -> %.3f",
-                calibration.method, calibration.temperature, calibration.bias, flat["test_ece_uncalibrated"],
-                flat["test_ece"], flat["test_brier_uncalibrated"], flat["test_brier"])
-    logger.info("threshold %.4f (%s); test AUC %.4f, accuracy %.4f, sensitivity %.4f, specificity %.4f", threshold,
-                result["threshold_policy"], flat["test_auc"], flat["test_accuracy"], flat["test_sensitivity"],
-                flat["test_specificity"])
-    report = {"flat": flat, "val": result["val"], "test": result["test"], "threshold_policy": result["threshold_policy"],
-              "calibration": calibration.as_dict(), "test_uncalibrated": result["test_uncalibrated"]}
+    logger.info(
+        "calibration (%s on val): temperature %.3f, bias %.3f; test ECE %.3f -> %.3f, Brier %.3f -> %.3f",
+        calibration.method,
+        calibration.temperature,
+        calibration.bias,
+        flat["test_ece_uncalibrated"],
+        flat["test_ece"],
+        flat["test_brier_uncalibrated"],
+        flat["test_brier"],
+    )
+    logger.info(
+        "threshold %.4f (%s); test AUC %.4f, accuracy %.4f, sensitivity %.4f, specificity %.4f",
+        threshold,
+        result["threshold_policy"],
+        flat["test_auc"],
+        flat["test_accuracy"],
+        flat["test_sensitivity"],
+        flat["test_specificity"],
+    )
+    report = {
+        "flat": flat,
+        "val": result["val"],
+        "test": result["test"],
+        "threshold_policy": result["threshold_policy"],
+        "calibration": calibration.as_dict(),
+        "test_uncalibrated": result["test_uncalibrated"],
+    }
     return ModelEvaluation(calibrated, report, threshold, result["p_val"], p_test, figures)

@@ -32,13 +32,21 @@ def compare(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, sam
 
 
 def _describe(name: str, comparison: dict) -> str:
-    return (f"{name}: AUC {comparison['auc_challenger']:.4f} vs champion {comparison['auc_champion']:.4f}, "
-            f"difference {comparison['auc_difference']:+.4f} (95% CI {comparison['auc_difference_ci_low']:+.4f} to "
-            f"{comparison['auc_difference_ci_high']:+.4f}, {comparison['images']} images)")
+    return (
+        f"{name}: AUC {comparison['auc_challenger']:.4f} vs champion {comparison['auc_champion']:.4f}, "
+        f"difference {comparison['auc_difference']:+.4f} (95% CI {comparison['auc_difference_ci_low']:+.4f} to "
+        f"{comparison['auc_difference_ci_high']:+.4f}, {comparison['images']} images)"
+    )
 
 
-def decide(test_sensitivity: float, min_sensitivity: float, champion_version: str | None,
-           comparisons: dict[str, dict], margin: float, champion_error: str | None = None) -> PromotionDecision:
+def decide(
+    test_sensitivity: float,
+    min_sensitivity: float,
+    champion_version: str | None,
+    comparisons: dict[str, dict],
+    margin: float,
+    champion_error: str | None = None,
+) -> PromotionDecision:
     """The rule, in order:
 
     1. test sensitivity at the val-chosen threshold below ``min_sensitivity``: rejected;
@@ -47,6 +55,7 @@ def decide(test_sensitivity: float, min_sensitivity: float, champion_version: st
     4. any image set whose paired CI lower bound is below ``-margin``: rejected, naming each;
     5. otherwise promoted.
     """
+
     def decision(promoted: bool, reason: str) -> PromotionDecision:
         return PromotionDecision(promoted, reason, champion_version, comparisons, champion_error, margin)
 
@@ -55,24 +64,35 @@ def decide(test_sensitivity: float, min_sensitivity: float, champion_version: st
     if champion_version is None:
         return decision(True, f"no champion yet; test_sensitivity {test_sensitivity:.4f} >= {min_sensitivity:g}")
     if champion_error is not None:
-        return decision(False, f"champion v{champion_version} could not be scored ({champion_error}); not promoted "
-                               "without a comparison: repair or re-point the alias, or promote by hand")
+        return decision(
+            False,
+            f"champion v{champion_version} could not be scored ({champion_error}); not promoted "
+            "without a comparison: repair or re-point the alias, or promote by hand",
+        )
     if "test" not in comparisons:
         raise ValueError("the gate needs the paired comparison on the test split")
     failing = {name: c for name, c in comparisons.items() if not c["auc_difference_ci_low"] >= -margin}
     if failing:
-        return decision(False, f"inferior to champion v{champion_version} beyond the margin {margin:g} on "
-                               + "; ".join(_describe(name, c) for name, c in failing.items()))
-    return decision(True, f"non-inferior to champion v{champion_version} within the margin {margin:g} on "
-                          + "; ".join(_describe(name, c) for name, c in comparisons.items())
-                          + f"; test_sensitivity {test_sensitivity:.4f} >= {min_sensitivity:g}")
+        return decision(
+            False,
+            f"inferior to champion v{champion_version} beyond the margin {margin:g} on "
+            + "; ".join(_describe(name, c) for name, c in failing.items()),
+        )
+    return decision(
+        True,
+        f"non-inferior to champion v{champion_version} within the margin {margin:g} on "
+        + "; ".join(_describe(name, c) for name, c in comparisons.items())
+        + f"; test_sensitivity {test_sensitivity:.4f} >= {min_sensitivity:g}",
+    )
 
 
 def tags(decision: PromotionDecision) -> dict[str, str]:
     """Model version tags: every number of the gate, the decision and its reason."""
-    out = {"promotion_decision": "promoted" if decision.promoted else "rejected",
-           "promotion_reason": decision.reason[:4900],
-           "gate.champion_version": decision.previous_champion or "none"}
+    out = {
+        "promotion_decision": "promoted" if decision.promoted else "rejected",
+        "promotion_reason": decision.reason[:4900],
+        "gate.champion_version": decision.previous_champion or "none",
+    }
     if decision.margin is not None:
         out["gate.margin"] = f"{decision.margin:g}"
     if decision.champion_error:
@@ -85,17 +105,25 @@ def tags(decision: PromotionDecision) -> dict[str, str]:
 
 def markdown(decision: PromotionDecision, min_sensitivity: float) -> str:
     """The model card's "Promotion gate" section."""
-    lines = [f"**{'Promoted' if decision.promoted else 'Not promoted'}.** {decision.reason}.", "",
-             f"Rule: test sensitivity at the val-chosen threshold >= {min_sensitivity:g}; then, against the champion "
-             f"of the time, the paired bootstrap 95% CI of AUC(this version) - AUC(champion) must have its lower bound "
-             f">= -{decision.margin if decision.margin is not None else 0:g} on the test split and on every gate site."]
+    lines = [
+        f"**{'Promoted' if decision.promoted else 'Not promoted'}.** {decision.reason}.",
+        "",
+        f"Rule: test sensitivity at the val-chosen threshold >= {min_sensitivity:g}; then, against the champion "
+        f"of the time, the paired bootstrap 95% CI of AUC(this version) - AUC(champion) must have its lower bound "
+        f">= -{decision.margin if decision.margin is not None else 0:g} on the test split and on every gate site.",
+    ]
     if decision.comparisons:
-        lines += ["", "| image set | images | AUC (this version) | AUC (champion) | difference | 95% CI |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| image set | images | AUC (this version) | AUC (champion) | difference | 95% CI |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for name, c in decision.comparisons.items():
-            lines.append(f"| {name} | {c['images']} | {c['auc_challenger']:.4f} | {c['auc_champion']:.4f} | "
-                         f"{c['auc_difference']:+.4f} | {c['auc_difference_ci_low']:+.4f} to "
-                         f"{c['auc_difference_ci_high']:+.4f} |")
+            lines.append(
+                f"| {name} | {c['images']} | {c['auc_challenger']:.4f} | {c['auc_champion']:.4f} | "
+                f"{c['auc_difference']:+.4f} | {c['auc_difference_ci_low']:+.4f} to "
+                f"{c['auc_difference_ci_high']:+.4f} |"
+            )
     return "\n".join(lines)
 
 
@@ -110,9 +138,18 @@ def score_champion(model_name: str, champion_version: str, image_sets: dict[str,
     return {name: predict_paths(predictor.model, paths, spec) for name, paths in image_sets.items()}
 
 
-def run(model_name: str, champion_version: str | None, image_sets: dict[str, list[str]],
-        labels: dict[str, np.ndarray], challenger: dict[str, np.ndarray], test_sensitivity: float,
-        min_sensitivity: float, margin: float, samples: int, seed: int) -> PromotionDecision:
+def run(
+    model_name: str,
+    champion_version: str | None,
+    image_sets: dict[str, list[str]],
+    labels: dict[str, np.ndarray],
+    challenger: dict[str, np.ndarray],
+    test_sensitivity: float,
+    min_sensitivity: float,
+    margin: float,
+    samples: int,
+    seed: int,
+) -> PromotionDecision:
     """Score the champion on the challenger's image sets, compare pairwise, decide.
 
     A champion that cannot be loaded or scored is reported in the decision (never skipped): the gate then rejects.
@@ -125,8 +162,9 @@ def run(model_name: str, champion_version: str | None, image_sets: dict[str, lis
         except Exception as error:  # noqa: BLE001 - whatever the cause, the gate must say it and not promote
             champion_error = f"{type(error).__name__}: {error}".splitlines()[0][:500]
         else:
-            comparisons = {name: compare(labels[name], challenger[name], champion[name], samples, seed)
-                           for name in image_sets}
+            comparisons = {
+                name: compare(labels[name], challenger[name], champion[name], samples, seed) for name in image_sets
+            }
     return decide(test_sensitivity, min_sensitivity, champion_version, comparisons, margin, champion_error)
 
 
@@ -142,8 +180,11 @@ def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites,
     from xray.predict import predict_paths
 
     test_rows = xdata.select(dataset.manifest, "test", spec)
-    paths, labels, challenger = ({"test": dataset.paths(test_rows)}, {"test": xdata.labels_of(test_rows)},
-                                 {"test": test_probabilities})
+    paths, labels, challenger = (
+        {"test": dataset.paths(test_rows)},
+        {"test": xdata.labels_of(test_rows)},
+        {"test": test_probabilities},
+    )
     for uri in gate_sites:
         site, report = sites.load_site(uri, Path(tempfile.mkdtemp(prefix="xray-gate-site-")), data, s3)
         name = f"site:{sites.site_name(uri)}"

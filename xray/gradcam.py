@@ -79,8 +79,9 @@ def overlays_for(model, paths: list[str], image_size: int, threshold: float) -> 
     return [overlay(image, heat) for image, heat in zip(pixels, heatmaps(model, pixels, threshold))]
 
 
-def confident_examples_grid(model, paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float,
-                            image_size: int) -> Image.Image:
+def confident_examples_grid(
+    model, paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float, image_size: int
+) -> Image.Image:
     from xray import plots
 
     picks = confident_examples(y, p, threshold)

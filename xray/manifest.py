@@ -192,7 +192,9 @@ def carve_val(manifest: pd.DataFrame, val_fraction: float, seed: int) -> pd.Data
 
 def split_counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
     return {
-        split: {label: int(((manifest["split"] == split) & (manifest["label"] == label)).sum()) for label in CLASS_NAMES}
+        split: {
+            label: int(((manifest["split"] == split) & (manifest["label"] == label)).sum()) for label in CLASS_NAMES
+        }
         for split in SPLITS
     }
 

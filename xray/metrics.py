@@ -12,8 +12,9 @@ from xray import CLASS_NAMES
 from xray.calibration import expected_calibration_error
 
 
-def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, policy: str, min_sensitivity: float = 0.95,
-                     fixed: float = 0.5) -> tuple[float, str]:
+def choose_threshold(
+    y_val: np.ndarray, p_val: np.ndarray, policy: str, min_sensitivity: float = 0.95, fixed: float = 0.5
+) -> tuple[float, str]:
     """Return (threshold, one-line description of how it was chosen).
 
     ``min_sensitivity``: the highest-specificity threshold whose val
@@ -61,8 +62,9 @@ def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     return {k: (float(v) if not isinstance(v, list) else v) for k, v in result.items()}
 
 
-def bootstrap_ci(y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], samples: int,
-                 seed: int) -> list[dict[str, tuple[float, float]]]:
+def bootstrap_ci(
+    y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], samples: int, seed: int
+) -> list[dict[str, tuple[float, float]]]:
     """95% percentile intervals for AUC, ECE, accuracy, sensitivity and specificity at each threshold.
 
     One set of image resamples serves every threshold, so the operating points
@@ -128,8 +130,9 @@ def flat_metrics(prefix: str, report: dict) -> dict[str, float]:
     return flat
 
 
-def paired_auc_difference(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, samples: int,
-                          seed: int) -> dict[str, float]:
+def paired_auc_difference(
+    y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, samples: int, seed: int
+) -> dict[str, float]:
     """AUC(challenger) - AUC(champion) on the same images, with a 95% CI from shared resamples.
 
     Each bootstrap resample of the images scores both models, so the interval is of the paired difference: what
@@ -150,7 +153,11 @@ def paired_auc_difference(y: np.ndarray, p_challenger: np.ndarray, p_champion: n
             continue
         differences.append(roc_auc_score(ys, p_challenger[index]) - roc_auc_score(ys, p_champion[index]))
     challenger, champion = roc_auc_score(y, p_challenger), roc_auc_score(y, p_champion)
-    return {"auc_challenger": float(challenger), "auc_champion": float(champion),
-            "auc_difference": float(challenger - champion), "resamples": len(differences),
-            "auc_difference_ci_low": float(np.percentile(differences, 2.5)),
-            "auc_difference_ci_high": float(np.percentile(differences, 97.5))}
+    return {
+        "auc_challenger": float(challenger),
+        "auc_champion": float(champion),
+        "auc_difference": float(challenger - champion),
+        "resamples": len(differences),
+        "auc_difference_ci_low": float(np.percentile(differences, 2.5)),
+        "auc_difference_ci_high": float(np.percentile(differences, 97.5)),
+    }

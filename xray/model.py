@@ -77,8 +77,9 @@ def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool 
     if mixed_precision:
         import tensorflow as tf
 
-        keras.mixed_precision.set_global_policy("mixed_float16" if tf.config.list_physical_devices("GPU")
-                                                else "mixed_bfloat16")
+        keras.mixed_precision.set_global_policy(
+            "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+        )
     else:
         keras.mixed_precision.set_global_policy("float32")
     size = config.image_size
@@ -91,15 +92,17 @@ def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool 
     # Scaling inside the model keeps serving and training identical.
     if config.input_normalization == "per_image":
         # Mean and variance over all pixels of each image; float32 because the sum of squares overflows float16.
-        scaled = keras.layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1.0,
-                                                 dtype="float32", name="preprocess")(inputs)
+        scaled = keras.layers.LayerNormalization(
+            axis=[1, 2, 3], center=False, scale=False, epsilon=1.0, dtype="float32", name="preprocess"
+        )(inputs)
     elif own_preprocessing:
         scaled = inputs
     else:
         # The [-1, 1] range ResNet50V2's ImageNet weights were trained on.
         scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
-    backbone = getattr(keras.applications, constructor)(include_top=False, weights=weights, input_tensor=scaled,
-                                                         **options)
+    backbone = getattr(keras.applications, constructor)(
+        include_top=False, weights=weights, input_tensor=scaled, **options
+    )
     x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
     x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(config.dropout, name="dropout")(x)
@@ -175,6 +178,7 @@ def calibrated_model(model, temperature: float, bias: float):
     if "logit" in [layer.name for layer in model.layers]:
         raise ValueError(f"model {model.name} is already calibrated")
     scaled = keras.layers.Rescaling(1.0 / temperature, offset=bias, dtype="float32", name="calibration")(
-        _head_logit(model))
+        _head_logit(model)
+    )
     outputs = keras.layers.Activation("sigmoid", dtype="float32", name="probability")(scaled)
     return keras.Model(model.inputs, outputs, name=model.name)

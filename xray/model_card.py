@@ -32,32 +32,41 @@ def _val_vs_test(flat: dict, test: dict) -> str:
     """Whether val overstated test in this run: val AUC against test's 95% CI."""
     low, high = test["ci95"]["auc"]
     if flat["val_auc"] > high:
-        return (f"in this run val overstated test performance (val AUC {flat['val_auc']:.4f}, above test's 95% CI "
-                f"{low:.4f}-{high:.4f}), so a threshold or calibration chosen on val transfers imperfectly.")
-    return (f"in this run val AUC {flat['val_auc']:.4f} lies within or below test's 95% CI {low:.4f}-{high:.4f}; "
-            "a threshold chosen on val may still transfer imperfectly.")
+        return (
+            f"in this run val overstated test performance (val AUC {flat['val_auc']:.4f}, above test's 95% CI "
+            f"{low:.4f}-{high:.4f}), so a threshold or calibration chosen on val transfers imperfectly."
+        )
+    return (
+        f"in this run val AUC {flat['val_auc']:.4f} lies within or below test's 95% CI {low:.4f}-{high:.4f}; "
+        "a threshold chosen on val may still transfer imperfectly."
+    )
 
 
 def _calibration(metrics: dict) -> str:
     flat, calibration = metrics["flat"], metrics.get("calibration", {"method": "none"})
     if calibration["method"] == "none":
         return "The model's raw sigmoid output; not calibrated (evaluate.calibration: none)."
-    return (f"A calibrated P(PNEUMONIA): {calibration['method']} scaling fitted on val after training "
-            f"(temperature {calibration['temperature']:.3f}, bias {calibration['bias']:+.3f}) and saved inside the model, "
-            f"so every path (batch inference, serving, Grad-CAM, evaluation) returns the same calibrated value. On test: "
-            f"ECE {flat['test_ece_uncalibrated']:.4f} before, {flat['test_ece']:.4f} after; Brier "
-            f"{flat['test_brier_uncalibrated']:.4f} before, {flat['test_brier']:.4f} after. "
-            + ("Of val-like images given 0.8, about 80% have pneumonia; the test split's images are not val-like: "
-               "calibration fitted on val made test ECE worse, so read these probabilities as calibrated for the "
-               "training site only and re-fit them on a share of each new site's labelled images "
-               "(`--pipeline evaluation --recalibrate-fraction`)."
-               if flat["test_ece"] > flat["test_ece_uncalibrated"] else
-               "Of images given 0.8, about 80% have pneumonia, on images like the training site's; re-check at each "
-               "new site (`--pipeline evaluation`)."))
+    return (
+        f"A calibrated P(PNEUMONIA): {calibration['method']} scaling fitted on val after training "
+        f"(temperature {calibration['temperature']:.3f}, bias {calibration['bias']:+.3f}) and saved inside the model, "
+        f"so every path (batch inference, serving, Grad-CAM, evaluation) returns the same calibrated value. On test: "
+        f"ECE {flat['test_ece_uncalibrated']:.4f} before, {flat['test_ece']:.4f} after; Brier "
+        f"{flat['test_brier_uncalibrated']:.4f} before, {flat['test_brier']:.4f} after. "
+        + (
+            "Of val-like images given 0.8, about 80% have pneumonia; the test split's images are not val-like: "
+            "calibration fitted on val made test ECE worse, so read these probabilities as calibrated for the "
+            "training site only and re-fit them on a share of each new site's labelled images "
+            "(`--pipeline evaluation --recalibrate-fraction`)."
+            if flat["test_ece"] > flat["test_ece_uncalibrated"]
+            else "Of images given 0.8, about 80% have pneumonia, on images like the training site's; re-check at each "
+            "new site (`--pipeline evaluation`)."
+        )
+    )
 
 
-def render(model_name: str, metrics: dict, counts: dict, data_report: dict, model_info: dict, profile,
-           gate: str = "") -> str:
+def render(
+    model_name: str, metrics: dict, counts: dict, data_report: dict, model_info: dict, profile, gate: str = ""
+) -> str:
     """Markdown. ``metrics`` is the evaluate step's report ({"flat", "val", "test", "threshold_policy",
     "calibration"}); ``profile`` the version's :class:`xray.ood.ReferenceProfile`; ``gate`` the promotion gate's
     section (markdown)."""
@@ -66,10 +75,18 @@ def render(model_name: str, metrics: dict, counts: dict, data_report: dict, mode
     at = test["at_threshold"]
     rows = [
         ("AUC-ROC", f"{flat['test_auc']:.4f}", _ci(test, "auc"), ""),
-        ("Sensitivity (PNEUMONIA recall)", f"{flat['test_sensitivity']:.4f}", _ci(test, "sensitivity"),
-         f"{flat['test_sensitivity_at_0_5']:.4f}"),
-        ("Specificity (NORMAL recall)", f"{flat['test_specificity']:.4f}", _ci(test, "specificity"),
-         f"{flat['test_specificity_at_0_5']:.4f}"),
+        (
+            "Sensitivity (PNEUMONIA recall)",
+            f"{flat['test_sensitivity']:.4f}",
+            _ci(test, "sensitivity"),
+            f"{flat['test_sensitivity_at_0_5']:.4f}",
+        ),
+        (
+            "Specificity (NORMAL recall)",
+            f"{flat['test_specificity']:.4f}",
+            _ci(test, "specificity"),
+            f"{flat['test_specificity_at_0_5']:.4f}",
+        ),
         ("Accuracy", f"{flat['test_accuracy']:.4f}", "", f"{flat['test_accuracy_at_0_5']:.4f}"),
         ("Average precision", f"{flat['test_average_precision']:.4f}", "", ""),
         ("Brier score", f"{flat['test_brier']:.4f}", "", ""),
@@ -77,11 +94,12 @@ def render(model_name: str, metrics: dict, counts: dict, data_report: dict, mode
     ]
     table = "\n".join(f"| {name} | {value} | {ci} | {other} |" for name, value, ci, other in rows)
     split_rows = "\n".join(
-        f"| {split} | {c.get(CLASS_NAMES[0], 0)} | {c.get(CLASS_NAMES[1], 0)} |" for split, c in counts.items())
+        f"| {split} | {c.get(CLASS_NAMES[0], 0)} | {c.get(CLASS_NAMES[1], 0)} |" for split, c in counts.items()
+    )
     (tn, fp), (fn, tp) = at["confusion_matrix"]
     return f"""# Model card: {model_name}
 
-Generated by the training pipeline from run `{model_info['mlflow_run_id']}`. Every number below is the run's own logged metric.
+Generated by the training pipeline from run `{model_info["mlflow_run_id"]}`. Every number below is the run's own logged metric.
 
 ## Intended use
 - Decision support for clinicians reading **pediatric (age 1-5) frontal (AP/PA) chest X-rays**: a probability of
@@ -92,35 +110,35 @@ Out of scope: adults; lateral views; other hospitals, scanners or populations wi
 finding other than pneumonia (the model knows only NORMAL vs PNEUMONIA).
 
 ## Model
-- Backbone: {model_info['backbone']} (weights: {model_info['weights']}), input {model_info['image_size']}x{model_info['image_size']} RGB, raw pixel values 0-255.
-- Preprocessing (inside serving and batch inference): {model_info['preprocessing']}.
-- Training: {model_info['epochs_run']} epochs, early stopping on val AUC, class weights {model_info['class_weights']}.
+- Backbone: {model_info["backbone"]} (weights: {model_info["weights"]}), input {model_info["image_size"]}x{model_info["image_size"]} RGB, raw pixel values 0-255.
+- Preprocessing (inside serving and batch inference): {model_info["preprocessing"]}.
+- Training: {model_info["epochs_run"]} epochs, early stopping on val AUC, class weights {model_info["class_weights"]}.
 
 ## Training data
-Kermany et al. 2018 (Guangzhou Women and Children's Medical Center), CC BY 4.0; archive SHA-256 `{model_info['dataset_sha256']}`.
+Kermany et al. 2018 (Guangzhou Women and Children's Medical Center), CC BY 4.0; archive SHA-256 `{model_info["dataset_sha256"]}`.
 
 | split | NORMAL | PNEUMONIA |
 | --- | --- | --- |
 {split_rows}
 
-- Validation split: {data_report['val_source']}. {_val_overlap(data_report)}
-- Cross-split duplicate images removed: {len(data_report['duplicates_removed'])}; quarantined images: {len(data_report['quarantined'])}.
-- Patients present in both train and test (the dataset's own split): {data_report['patients_in_train_and_test']}.
+- Validation split: {data_report["val_source"]}. {_val_overlap(data_report)}
+- Cross-split duplicate images removed: {len(data_report["duplicates_removed"])}; quarantined images: {len(data_report["quarantined"])}.
+- Patients present in both train and test (the dataset's own split): {data_report["patients_in_train_and_test"]}.
 
 ## What the probability means
 {_calibration(metrics)}
 
 ## Decision threshold
-{flat['threshold']:.4f}, chosen on val only, on calibrated probabilities: {metrics['threshold_policy']}. The test
+{flat["threshold"]:.4f}, chosen on val only, on calibrated probabilities: {metrics["threshold_policy"]}. The test
 split never influenced it.
 
-## Test metrics ({test['n']} images)
-| metric | at threshold {flat['threshold']:.4f} | 95% bootstrap CI | at 0.5 |
+## Test metrics ({test["n"]} images)
+| metric | at threshold {flat["threshold"]:.4f} | 95% bootstrap CI | at 0.5 |
 | --- | --- | --- | --- |
 {table}
 
 Confusion matrix at the threshold: TN {tn}, FP {fp}, FN {fn}, TP {tp}.
-Val: AUC {flat['val_auc']:.4f}, sensitivity {flat['val_sensitivity']:.4f}, specificity {flat['val_specificity']:.4f}.
+Val: AUC {flat["val_auc"]:.4f}, sensitivity {flat["val_sensitivity"]:.4f}, specificity {flat["val_specificity"]:.4f}.
 
 ## Out-of-distribution inputs
 Every prediction (batch inference, REST serving) carries an `ood_score` and a `status`: `ok`,
@@ -134,7 +152,7 @@ but its label must not be used**: the model was never validated on such images.
 - A batch is checked as a whole with `python run.py --pipeline monitoring --images ...` (docs/MONITORING.md).
 
 ## Known limitations
-- **Prior and acquisition shift between splits.** Train is 1 NORMAL : {_ratio(data_report, 'train')} PNEUMONIA, test 1 : {_ratio(data_report, 'test')}, and the test
+- **Prior and acquisition shift between splits.** Train is 1 NORMAL : {_ratio(data_report, "train")} PNEUMONIA, test 1 : {_ratio(data_report, "test")}, and the test
   images differ in acquisition from train; {_val_vs_test(flat, test)}
 - **Single source centre.** All images come from one hospital; expect lower performance elsewhere until validated locally.
 - Labels come from the dataset's curation (expert graders), not from a clinical reference standard per case.
@@ -152,7 +170,7 @@ def site_results(tags: dict[str, str]) -> dict[str, dict[str, str]]:
     results: dict[str, dict[str, str]] = {}
     for key, value in tags.items():
         if key.startswith(SITE_TAG):
-            site, _, metric = key[len(SITE_TAG):].partition(".")
+            site, _, metric = key[len(SITE_TAG) :].partition(".")
             results.setdefault(site, {})[metric] = value
     return results
 
@@ -160,19 +178,28 @@ def site_results(tags: dict[str, str]) -> dict[str, dict[str, str]]:
 def site_table(tags: dict[str, str]) -> str:
     """The model card's "Results by site" section, from the version's ``site.*`` tags."""
     results = site_results(tags)
-    lines = [SITE_SECTION, "", "Measured with `python run.py --pipeline evaluation --model-version N --dataset-uri ... "
-             "--site NAME`; 95% bootstrap CIs. \"as registered\": at this version's threshold and calibration; "
-             "\"recalibrated\": threshold and calibration re-fitted on a patient-grouped share of the site, measured "
-             "on the rest.", ""]
+    lines = [
+        SITE_SECTION,
+        "",
+        "Measured with `python run.py --pipeline evaluation --model-version N --dataset-uri ... "
+        '--site NAME`; 95% bootstrap CIs. "as registered": at this version\'s threshold and calibration; '
+        '"recalibrated": threshold and calibration re-fitted on a patient-grouped share of the site, measured '
+        "on the rest.",
+        "",
+    ]
     if not results:
         return "\n".join(lines + ["No site has been evaluated yet."])
-    lines += ["| site | operating point | images | threshold | AUC | sensitivity | specificity | accuracy | ECE |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "| site | operating point | images | threshold | AUC | sensitivity | specificity | accuracy | ECE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
 
     def cell(values: dict, name: str) -> str:
         if name not in values:
             return ""
-        return f"{float(values[name]):.3f} ({float(values[name + '_ci_low']):.3f}-{float(values[name + '_ci_high']):.3f})"
+        return (
+            f"{float(values[name]):.3f} ({float(values[name + '_ci_low']):.3f}-{float(values[name + '_ci_high']):.3f})"
+        )
 
     for site in sorted(results):
         values = results[site]
@@ -181,7 +208,9 @@ def site_table(tags: dict[str, str]) -> str:
         if recalibrated:
             points.append((f"recalibrated on {float(recalibrated['fraction']):.0%}", recalibrated))
         for label, point in points:
-            lines.append(f"| {site} | {label} | {point.get('images', '')} | {float(point['threshold']):.4f} | "
-                         + " | ".join(cell(point, m) for m in ("auc", "sensitivity", "specificity", "accuracy", "ece"))
-                         + " |")
+            lines.append(
+                f"| {site} | {label} | {point.get('images', '')} | {float(point['threshold']):.4f} | "
+                + " | ".join(cell(point, m) for m in ("auc", "sensitivity", "specificity", "accuracy", "ece"))
+                + " |"
+            )
     return "\n".join(lines)

@@ -40,9 +40,11 @@ PIXEL_SIZE = 32
 """Side of the low-resolution grey view the content detector compares."""
 HISTOGRAM_BINS = 16
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-STAT_NAMES = (("mean", "std", "noise", "edge")
-              + tuple(f"p{q}" for q in PERCENTILES)
-              + tuple(f"hist{i:02d}" for i in range(HISTOGRAM_BINS)))
+STAT_NAMES = (
+    ("mean", "std", "noise", "edge")
+    + tuple(f"p{q}" for q in PERCENTILES)
+    + tuple(f"hist{i:02d}" for i in range(HISTOGRAM_BINS))
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,10 @@ def stack(features: list[ImageFeatures]) -> tuple[np.ndarray, np.ndarray]:
     """(pixels, stats) as (N, PIXEL_SIZE**2) and (N, len(STAT_NAMES)) float64 arrays."""
     if not features:
         return np.zeros((0, PIXEL_SIZE**2)), np.zeros((0, len(STAT_NAMES)))
-    return (np.stack([f.pixels for f in features]).astype(np.float64),
-            np.stack([f.stats for f in features]).astype(np.float64))
+    return (
+        np.stack([f.pixels for f in features]).astype(np.float64),
+        np.stack([f.stats for f in features]).astype(np.float64),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -202,8 +206,10 @@ class ReferenceProfile:
 
     def z_scores(self, pixels: np.ndarray, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         content, acquisition = self.raw_scores(pixels, stats)
-        return ((content - self.content_log_mean) / self.content_log_std,
-                (acquisition - self.acquisition_log_mean) / self.acquisition_log_std)
+        return (
+            (content - self.content_log_mean) / self.content_log_std,
+            (acquisition - self.acquisition_log_mean) / self.acquisition_log_std,
+        )
 
     def statistic(self, content_z: np.ndarray, acquisition_z: np.ndarray) -> np.ndarray:
         return combined_statistic(content_z, acquisition_z, self.correlation)
@@ -222,11 +228,19 @@ class ReferenceProfile:
                     reason = f"image content unlike the training images (content z {content_z[index]:.1f})"
                 else:
                     worst = STAT_NAMES[int(np.argmax(np.abs(standardised[index])))]
-                    reason = (f"acquisition unlike the training images: {stat_label(worst)} "
-                              f"(acquisition z {acquisition_z[index]:.1f})")
-            rows.append({"ood_score": float(scores[index]), "status": OUT_OF_DISTRIBUTION if reason else OK,
-                         "reason": reason, "content_z": float(content_z[index]),
-                         "acquisition_z": float(acquisition_z[index])})
+                    reason = (
+                        f"acquisition unlike the training images: {stat_label(worst)} "
+                        f"(acquisition z {acquisition_z[index]:.1f})"
+                    )
+            rows.append(
+                {
+                    "ood_score": float(scores[index]),
+                    "status": OUT_OF_DISTRIBUTION if reason else OK,
+                    "reason": reason,
+                    "content_z": float(content_z[index]),
+                    "acquisition_z": float(acquisition_z[index]),
+                }
+            )
         return pd.DataFrame(rows, columns=ASSESSMENT_COLUMNS)
 
     def rule_reason(self, item: ImageFeatures) -> str:
@@ -240,8 +254,19 @@ class ReferenceProfile:
         return ""
 
     # -- storage -----------------------------------------------------------------------------------------------
-    ARRAYS = ("pixel_mean", "components", "train_content", "stat_mean", "stat_scale", "stat_location",
-              "stat_precision", "val_content", "val_stats", "val_scores", "val_probabilities")
+    ARRAYS = (
+        "pixel_mean",
+        "components",
+        "train_content",
+        "stat_mean",
+        "stat_scale",
+        "stat_location",
+        "stat_precision",
+        "val_content",
+        "val_stats",
+        "val_scores",
+        "val_probabilities",
+    )
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -291,28 +316,45 @@ def _summary(features: list[ImageFeatures]) -> dict:
     def quantiles(values: np.ndarray) -> dict:
         return {f"q{q:g}": float(v) for q, v in zip((0, 1, 50, 99, 100), np.percentile(values, (0, 1, 50, 99, 100)))}
 
-    histogram = stats[:, STAT_NAMES.index("hist00"):].mean(axis=0)
-    return {"images": len(features), "width": quantiles(widths), "height": quantiles(heights),
-            "aspect_ratio": quantiles(aspects), "channels": {str(c): int(n) for c, n in
-                                                             zip(*np.unique([f.channels for f in features], return_counts=True))},
-            "colour_max": float(max(f.colour for f in features)),
-            "exposure_mean": quantiles(stats[:, 0]), "contrast_std": quantiles(stats[:, 1]),
-            "noise": quantiles(stats[:, 2]), "mean_histogram": [float(v) for v in histogram]}
+    histogram = stats[:, STAT_NAMES.index("hist00") :].mean(axis=0)
+    return {
+        "images": len(features),
+        "width": quantiles(widths),
+        "height": quantiles(heights),
+        "aspect_ratio": quantiles(aspects),
+        "channels": {str(c): int(n) for c, n in zip(*np.unique([f.channels for f in features], return_counts=True))},
+        "colour_max": float(max(f.colour for f in features)),
+        "exposure_mean": quantiles(stats[:, 0]),
+        "contrast_std": quantiles(stats[:, 1]),
+        "noise": quantiles(stats[:, 2]),
+        "mean_histogram": [float(v) for v in histogram],
+    }
 
 
-def fit_profile(train: list[ImageFeatures], val: list[ImageFeatures], val_probabilities: np.ndarray,
-                class_threshold: float, alpha: float = 0.01, components: int = 16, neighbours: int = 20,
-                aspect_ratio_tolerance: float = 1.5, seed: int = 0) -> ReferenceProfile:
+def fit_profile(
+    train: list[ImageFeatures],
+    val: list[ImageFeatures],
+    val_probabilities: np.ndarray,
+    class_threshold: float,
+    alpha: float = 0.01,
+    components: int = 16,
+    neighbours: int = 20,
+    aspect_ratio_tolerance: float = 1.5,
+    seed: int = 0,
+) -> ReferenceProfile:
     """Fit both detectors on train; standardise, correlate and threshold their scores on val only."""
     from sklearn.covariance import LedoitWolf
     from sklearn.decomposition import PCA
 
     if len(train) < 3 or len(val) < 3:
-        raise ValueError(f"a reference profile needs at least 3 train and 3 val images (got {len(train)} and {len(val)})")
+        raise ValueError(
+            f"a reference profile needs at least 3 train and 3 val images (got {len(train)} and {len(val)})"
+        )
     train_pixels, train_stats = stack(train)
     val_pixels, val_stats = stack(val)
-    pca = PCA(n_components=min(components, len(train) - 1, train_pixels.shape[1]), whiten=True,
-              random_state=seed).fit(train_pixels)
+    pca = PCA(n_components=min(components, len(train) - 1, train_pixels.shape[1]), whiten=True, random_state=seed).fit(
+        train_pixels
+    )
     whitened_axes = pca.components_ / np.sqrt(np.maximum(pca.explained_variance_, 1e-12))[:, None]
     stat_mean, stat_scale = train_stats.mean(axis=0), np.maximum(train_stats.std(axis=0), 1e-3)
     covariance = LedoitWolf().fit((train_stats - stat_mean) / stat_scale)
@@ -321,17 +363,33 @@ def fit_profile(train: list[ImageFeatures], val: list[ImageFeatures], val_probab
     aspects = np.array([f.aspect_ratio for f in train])
     probabilities = np.asarray(val_probabilities, dtype=np.float64).reshape(-1)
     profile = ReferenceProfile(
-        pixel_mean=pca.mean_, components=whitened_axes, train_content=train_content,
-        neighbours=min(neighbours, len(train)), stat_mean=stat_mean, stat_scale=stat_scale,
-        stat_location=covariance.location_, stat_precision=covariance.precision_,
-        content_log_mean=0.0, content_log_std=1.0, acquisition_log_mean=0.0, acquisition_log_std=1.0,
-        correlation=0.0, threshold=1.0, alpha=alpha, val_ood_fraction=0.0,
+        pixel_mean=pca.mean_,
+        components=whitened_axes,
+        train_content=train_content,
+        neighbours=min(neighbours, len(train)),
+        stat_mean=stat_mean,
+        stat_scale=stat_scale,
+        stat_location=covariance.location_,
+        stat_precision=covariance.precision_,
+        content_log_mean=0.0,
+        content_log_std=1.0,
+        acquisition_log_mean=0.0,
+        acquisition_log_std=1.0,
+        correlation=0.0,
+        threshold=1.0,
+        alpha=alpha,
+        val_ood_fraction=0.0,
         colour_limit=max(2.0, 2.0 * max(f.colour for f in train)),
         min_side=int(max(16, 0.5 * np.percentile(sides, 1))),
-        aspect_ratio_range=(float(np.percentile(aspects, 0.5) / aspect_ratio_tolerance),
-                            float(np.percentile(aspects, 99.5) * aspect_ratio_tolerance)),
-        val_content=(val_pixels - pca.mean_) @ whitened_axes.T, val_stats=val_stats, val_scores=np.zeros(len(val)),
-        val_probabilities=probabilities, class_threshold=float(class_threshold),
+        aspect_ratio_range=(
+            float(np.percentile(aspects, 0.5) / aspect_ratio_tolerance),
+            float(np.percentile(aspects, 99.5) * aspect_ratio_tolerance),
+        ),
+        val_content=(val_pixels - pca.mean_) @ whitened_axes.T,
+        val_stats=val_stats,
+        val_scores=np.zeros(len(val)),
+        val_probabilities=probabilities,
+        class_threshold=float(class_threshold),
         val_positive_rate=float((probabilities >= class_threshold).mean()) if len(probabilities) else float("nan"),
         summary=_summary(train),
     )
@@ -349,7 +407,6 @@ def fit_profile(train: list[ImageFeatures], val: list[ImageFeatures], val_probab
     return profile
 
 
-
 def content_columns(profile: ReferenceProfile) -> list[str]:
     return [f"content_{i:02d}" for i in range(profile.components.shape[0])]
 
@@ -358,8 +415,14 @@ def feature_table(features: list[ImageFeatures], profile: ReferenceProfile | Non
     """What batch monitoring needs of each readable image, without its pixels: size, channels, colour,
     acquisition statistics and (with a profile) the content detector's coordinates."""
     pixels, stats = stack(features)
-    table = pd.DataFrame({"width": [f.width for f in features], "height": [f.height for f in features],
-                          "channels": [f.channels for f in features], "colour": [f.colour for f in features]})
+    table = pd.DataFrame(
+        {
+            "width": [f.width for f in features],
+            "height": [f.height for f in features],
+            "channels": [f.channels for f in features],
+            "colour": [f.colour for f in features],
+        }
+    )
     table[list(STAT_NAMES)] = stats if len(features) else np.zeros((0, len(STAT_NAMES)))
     if profile is not None:
         content = profile.content(pixels) if len(features) else np.zeros((0, profile.components.shape[0]))

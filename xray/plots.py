@@ -90,8 +90,12 @@ def calibration(y: np.ndarray, curves: dict[str, np.ndarray], title: str = "Reli
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
     for name, p in curves.items():
         bins = reliability(y, p)
-        axis.plot(bins["predicted"], bins["observed"], marker="o",
-                  label=f"{name} (ECE {expected_calibration_error(y, p):.3f})")
+        axis.plot(
+            bins["predicted"],
+            bins["observed"],
+            marker="o",
+            label=f"{name} (ECE {expected_calibration_error(y, p):.3f})",
+        )
         counts.hist(p, bins=15, range=(0, 1), histtype="step", label=name)
     axis.set(ylabel="observed fraction PNEUMONIA", title=title, xlim=(0, 1), ylim=(0, 1))
     axis.legend(fontsize=8)
@@ -128,6 +132,7 @@ def image_grid(images: list[Image.Image], titles: list[str], columns: int = 4, t
 
 # -- monitoring: a batch against a model version's reference profile ------------------------------------------------
 
+
 def _histograms(axis, batch: np.ndarray, reference: np.ndarray, bins: int = 40, labels=("batch", "reference (val)")):
     values = np.concatenate([batch, reference])
     values = values[np.isfinite(values)]
@@ -156,8 +161,12 @@ def probability_shift(batch: np.ndarray, reference: np.ndarray, threshold: float
     return _to_image(figure)
 
 
-def acquisition_shift(batch: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: dict[str, str],
-                      mean_histograms: tuple[np.ndarray, np.ndarray]) -> Image.Image:
+def acquisition_shift(
+    batch: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    labels: dict[str, str],
+    mean_histograms: tuple[np.ndarray, np.ndarray],
+) -> Image.Image:
     """One panel per acquisition statistic, plus the mean grey-level histograms."""
     names = list(batch)
     columns = 3
@@ -169,11 +178,13 @@ def acquisition_shift(batch: dict[str, np.ndarray], reference: dict[str, np.ndar
     axis = np.ravel(axes)[len(names)]
     levels = np.arange(len(mean_histograms[0])) * 256 / len(mean_histograms[0])
     width = 256 / len(levels)
-    axis.bar(levels, mean_histograms[1], width=width, align="edge", alpha=0.5, color="tab:blue", label="reference (val)")
+    axis.bar(
+        levels, mean_histograms[1], width=width, align="edge", alpha=0.5, color="tab:blue", label="reference (val)"
+    )
     axis.bar(levels, mean_histograms[0], width=width, align="edge", alpha=0.5, color="tab:orange", label="batch")
     axis.set_title("mean grey-level histogram", fontsize=9)
     axis.legend(fontsize=7)
-    for axis in np.ravel(axes)[len(names) + 1:]:
+    for axis in np.ravel(axes)[len(names) + 1 :]:
         axis.axis("off")
     np.ravel(axes)[0].legend(fontsize=7)
     figure.suptitle("Acquisition statistics: batch against the reference")
@@ -186,7 +197,9 @@ def content_map(batch: np.ndarray, reference: np.ndarray, flagged: np.ndarray, t
     axis.scatter(train[:, 0], train[:, 1], s=3, color="lightgrey", label="train")
     axis.scatter(reference[:, 0], reference[:, 1], s=6, color="tab:blue", alpha=0.6, label="val")
     axis.scatter(batch[~flagged, 0], batch[~flagged, 1], s=10, color="tab:orange", label="batch, in distribution")
-    axis.scatter(batch[flagged, 0], batch[flagged, 1], s=22, marker="x", color="red", label="batch, out of distribution")
+    axis.scatter(
+        batch[flagged, 0], batch[flagged, 1], s=22, marker="x", color="red", label="batch, out of distribution"
+    )
     axis.set(xlabel="content component 1", ylabel="content component 2", title="Image content (whitened components)")
     axis.legend(fontsize=7)
     return _to_image(figure)

@@ -36,8 +36,10 @@ def pip_requirements(installed=version) -> list[str]:
 
     tensorflow = next(filter(None, map(pin, TENSORFLOW_DISTRIBUTIONS)), None)
     if tensorflow is None:
-        raise RuntimeError(f"no TensorFlow distribution installed (looked for {', '.join(TENSORFLOW_DISTRIBUTIONS)}): "
-                           "the registered model would have no TensorFlow requirement")
+        raise RuntimeError(
+            f"no TensorFlow distribution installed (looked for {', '.join(TENSORFLOW_DISTRIBUTIONS)}): "
+            "the registered model would have no TensorFlow requirement"
+        )
     pins = [tensorflow]
     for name in RUNTIME_DISTRIBUTIONS:
         pinned = pin(name)
@@ -74,8 +76,9 @@ class _KerasFlavor:
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(path, mlflow_model, serving: dict, model_card: str, signature, input_example, reference_profile,
-                   **kwargs):
+    def save_model(
+        path, mlflow_model, serving: dict, model_card: str, signature, input_example, reference_profile, **kwargs
+    ):
         import mlflow.keras
         from mlflow.models.utils import _save_example  # what mlflow's own flavors call for this
 
@@ -99,8 +102,16 @@ def serving_signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
-        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("double", "threshold"),
-                        ColSpec("double", "ood_score"), ColSpec("string", "status"), ColSpec("string", "reason")]),
+        outputs=Schema(
+            [
+                ColSpec("double", "probability"),
+                ColSpec("string", "label"),
+                ColSpec("double", "threshold"),
+                ColSpec("double", "ood_score"),
+                ColSpec("string", "status"),
+                ColSpec("string", "reason"),
+            ]
+        ),
     )
 
 
@@ -118,20 +129,39 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str, re
     """
     import mlflow
 
-    serving = {"threshold": metadata["threshold"], "image_size": metadata["image_size"],
-               "preprocessing": metadata["preprocessing"]}
+    serving = {
+        "threshold": metadata["threshold"],
+        "image_size": metadata["image_size"],
+        "preprocessing": metadata["preprocessing"],
+    }
     info = mlflow.models.Model.log(
-        artifact_path=None, name="model", flavor=_KerasFlavor, model=model, signature=serving_signature(),
-        input_example=example_request(), metadata=metadata, pip_requirements=pip_requirements(),
-        serving=serving, model_card=model_card, reference_profile=reference_profile,
+        artifact_path=None,
+        name="model",
+        flavor=_KerasFlavor,
+        model=model,
+        signature=serving_signature(),
+        input_example=example_request(),
+        metadata=metadata,
+        pip_requirements=pip_requirements(),
+        serving=serving,
+        model_card=model_card,
+        reference_profile=reference_profile,
     )
     # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
     registered = mlflow.register_model(info.model_uri, model_name)
     return info.model_uri, str(registered.version)
 
 
-def promote(client, model_name: str, version_id: str, alias: str, metrics: dict, decision,
-            settle_seconds: float = 1.0, rounds: int = 3) -> None:
+def promote(
+    client,
+    model_name: str,
+    version_id: str,
+    alias: str,
+    metrics: dict,
+    decision,
+    settle_seconds: float = 1.0,
+    rounds: int = 3,
+) -> None:
     """Tag the version with its metrics and the gate's evidence; give it the alias when the gate promoted it.
 
     ``decision`` is :class:`xray.gate.PromotionDecision`, taken against the champion read before scoring. The
@@ -178,7 +208,11 @@ def set_alias(client, model_name: str, alias: str, version_id: str, attempts: in
 
 
 def model_uri(model_name: str, version_or_alias: str) -> str:
-    return f"models:/{model_name}/{version_or_alias}" if version_or_alias.isdigit() else f"models:/{model_name}@{version_or_alias}"
+    return (
+        f"models:/{model_name}/{version_or_alias}"
+        if version_or_alias.isdigit()
+        else f"models:/{model_name}@{version_or_alias}"
+    )
 
 
 def resolve_version(model_name: str, version_or_alias: str) -> dict:
@@ -191,14 +225,22 @@ def resolve_version(model_name: str, version_or_alias: str) -> dict:
     uri = model_uri(model_name, version_or_alias)
     client = mlflow.tracking.MlflowClient()
     try:
-        version = (client.get_model_version(model_name, version_or_alias) if version_or_alias.isdigit()
-                   else client.get_model_version_by_alias(model_name, version_or_alias))
+        version = (
+            client.get_model_version(model_name, version_or_alias)
+            if version_or_alias.isdigit()
+            else client.get_model_version_by_alias(model_name, version_or_alias)
+        )
     except MlflowException:
         raise ConfigError(f"no model version {uri} in the registry at {mlflow.get_tracking_uri()}") from None
     pinned = model_uri(model_name, str(version.version))
     metadata = mlflow.models.get_model_info(pinned).metadata or {}
-    return {"uri": pinned, "requested": version_or_alias, "version": str(version.version),
-            "threshold": float(metadata["threshold"]), "image_size": int(metadata["image_size"])}
+    return {
+        "uri": pinned,
+        "requested": version_or_alias,
+        "version": str(version.version),
+        "threshold": float(metadata["threshold"]),
+        "image_size": int(metadata["image_size"]),
+    }
 
 
 def load_predictor(model_name: str, version_or_alias: str):
@@ -212,7 +254,9 @@ def load_predictor(model_name: str, version_or_alias: str):
     import mlflow
 
     info = resolve_version(model_name, version_or_alias)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=tempfile.mkdtemp(prefix="xray-model-"))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=info["uri"], dst_path=tempfile.mkdtemp(prefix="xray-model-")
+    )
     predictor = serving_module.ChestXrayPredictor.from_dir(os.path.join(local, "data"))
     predictor.version = info["version"]
     return predictor, info | {"has_reference_profile": predictor.profile is not None}
@@ -230,21 +274,26 @@ def load_reference_profile(model_name: str, version_or_alias: str):
 
     info = resolve_version(model_name, version_or_alias)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{info['uri']}/data/{serving_module.PROFILE_DIR}",
-                                                    dst_path=tempfile.mkdtemp(prefix="xray-profile-"))
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{info['uri']}/data/{serving_module.PROFILE_DIR}",
+            dst_path=tempfile.mkdtemp(prefix="xray-profile-"),
+        )
     except MlflowException as error:
         if "No such artifact" not in str(error):
             raise
-        raise ConfigError(f"{info['uri']} has no reference profile (registered before profiles existed): "
-                          "train and register a new version to monitor against it") from None
+        raise ConfigError(
+            f"{info['uri']} has no reference profile (registered before profiles existed): "
+            "train and register a new version to monitor against it"
+        ) from None
     return ReferenceProfile.load(local), info
 
 
 from xray.model_card import SITE_SECTION, SITE_TAG, site_table  # noqa: E402
 
 
-def record_site_result(client, model_name: str, version: str, site: str, metrics: dict, run_id: str,
-                       recalibrated: dict | None = None) -> None:
+def record_site_result(
+    client, model_name: str, version: str, site: str, metrics: dict, run_id: str, recalibrated: dict | None = None
+) -> None:
     """Version tags ``site.<site>.<metric>`` (the source of the model card's table), newest run wins."""
     values = {f"{SITE_TAG}{site}.{key}": value for key, value in metrics.items()}
     values[f"{SITE_TAG}{site}.run_id"] = run_id
@@ -252,7 +301,9 @@ def record_site_result(client, model_name: str, version: str, site: str, metrics
         values |= {f"{SITE_TAG}{site}.recalibrated.{key}": value for key, value in recalibrated["metrics"].items()}
         values[f"{SITE_TAG}{site}.recalibrated.fraction"] = recalibrated["fraction"]
     for key, value in values.items():
-        client.set_model_version_tag(model_name, version, key, f"{value:.6g}" if isinstance(value, float) else str(value))
+        client.set_model_version_tag(
+            model_name, version, key, f"{value:.6g}" if isinstance(value, float) else str(value)
+        )
 
 
 def logged_model_id(model_version) -> str:
@@ -263,8 +314,10 @@ def logged_model_id(model_version) -> str:
     source = model_version.source or ""
     if source.startswith("models:/m-"):
         return source.removeprefix("models:/").split("/")[0]
-    raise ValueError(f"{model_version.name} v{model_version.version} has no logged model (source {source!r}): "
-                     "registered before MLflow 3 logged models; its card cannot be updated")
+    raise ValueError(
+        f"{model_version.name} v{model_version.version} has no logged model (source {source!r}): "
+        "registered before MLflow 3 logged models; its card cannot be updated"
+    )
 
 
 def update_model_card(client, model_name: str, version: str) -> str:
@@ -277,8 +330,9 @@ def update_model_card(client, model_name: str, version: str) -> str:
     model_version = client.get_model_version(model_name, version)
     model_id = logged_model_id(model_version)
     folder = tempfile.mkdtemp(prefix="xray-card-")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri(model_name, str(version))}/model_card.md",
-                                                dst_path=folder)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model_uri(model_name, str(version))}/model_card.md", dst_path=folder
+    )
     card = Path(local).read_text()
     head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
     card = f"{head}\n\n{site_table(model_version.tags)}\n"

@@ -46,7 +46,9 @@ def local_path(uri: str) -> Path | None:
     if parsed.scheme == "file":
         return Path(parsed.path)
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter would be a Windows drive
-        raise DatasetSourceError(f"unsupported dataset URI scheme '{parsed.scheme}://' in {uri}; use s3://, file:// or a path")
+        raise DatasetSourceError(
+            f"unsupported dataset URI scheme '{parsed.scheme}://' in {uri}; use s3://, file:// or a path"
+        )
     return Path(uri).expanduser()
 
 
@@ -97,8 +99,11 @@ def head(client, location: S3Location) -> dict:
         response = client.head_object(Bucket=location.bucket, Key=location.key)
     except (BotoCoreError, ClientError) as error:
         raise explain_error(error, location) from None
-    return {"etag": response["ETag"].strip('"'), "size": int(response["ContentLength"]),
-            "sha256": response.get("Metadata", {}).get("sha256")}
+    return {
+        "etag": response["ETag"].strip('"'),
+        "size": int(response["ContentLength"]),
+        "sha256": response.get("Metadata", {}).get("sha256"),
+    }
 
 
 def download(

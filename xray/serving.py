@@ -67,8 +67,14 @@ def decode_payload(item) -> bytes:
 class ChestXrayPredictor:
     """The one prediction path: image bytes -> probability, label, and whether the image is like the training data."""
 
-    def __init__(self, model, threshold: float, image_size: int, version: str | None = None,
-                 profile: ood.ReferenceProfile | None = None):
+    def __init__(
+        self,
+        model,
+        threshold: float,
+        image_size: int,
+        version: str | None = None,
+        profile: ood.ReferenceProfile | None = None,
+    ):
         self.model, self.threshold, self.image_size, self.version = model, threshold, image_size, version
         self.profile = profile
 
@@ -82,9 +88,11 @@ class ChestXrayPredictor:
         profile_path = os.path.join(data_path, PROFILE_DIR)
         profile = ood.ReferenceProfile.load(profile_path) if os.path.isdir(profile_path) else None
         if profile is None:
-            logger.warning("model version %s has no reference profile (registered before profiles existed): "
-                           "ood_score is empty and no image is checked for being out of distribution",
-                           config.get("version", "?"))
+            logger.warning(
+                "model version %s has no reference profile (registered before profiles existed): "
+                "ood_score is empty and no image is checked for being out of distribution",
+                config.get("version", "?"),
+            )
         return cls(model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile)
 
     def pixels(self, data: bytes) -> np.ndarray:
@@ -107,14 +115,17 @@ class ChestXrayPredictor:
         return pd.DataFrame({"ood_score": [float("nan")] * len(features), "status": ood.OK, "reason": ""})
 
     def rows(self, probabilities: np.ndarray, assessment: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({
-            "probability": probabilities,
-            "label": [CLASS_NAMES[int(p >= self.threshold)] for p in probabilities],
-            "threshold": self.threshold,
-            "ood_score": assessment["ood_score"].to_numpy(),
-            "status": assessment["status"].to_numpy(),
-            "reason": assessment["reason"].to_numpy(),
-        }, columns=OUTPUT_COLUMNS)
+        return pd.DataFrame(
+            {
+                "probability": probabilities,
+                "label": [CLASS_NAMES[int(p >= self.threshold)] for p in probabilities],
+                "threshold": self.threshold,
+                "ood_score": assessment["ood_score"].to_numpy(),
+                "status": assessment["status"].to_numpy(),
+                "reason": assessment["reason"].to_numpy(),
+            },
+            columns=OUTPUT_COLUMNS,
+        )
 
     def predict_bytes(self, images: list[bytes]) -> pd.DataFrame:
         """One row per image, in order; an image that cannot be decoded gets status unreadable and no probability."""
@@ -145,8 +156,11 @@ class ChestXrayPredictor:
             raise InvalidImage("no images in the request")
         table = self.predict_bytes([decode_payload(item) for item in items])
         if (table["status"] == ood.UNREADABLE).all():
-            raise InvalidImage("; ".join(f"image {i} cannot be decoded as an image: {reason}"
-                                         for i, reason in enumerate(table["reason"])))
+            raise InvalidImage(
+                "; ".join(
+                    f"image {i} cannot be decoded as an image: {reason}" for i, reason in enumerate(table["reason"])
+                )
+            )
         return table
 
 

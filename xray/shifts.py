@@ -29,7 +29,7 @@ def corner_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One corner quarter (half the height and half the width), enlarged back to the full size."""
     height, width = image.shape[:2]
     top, left = int(rng.integers(2)) * (height // 2), int(rng.integers(2)) * (width // 2)
-    crop = Image.fromarray(image[top:top + height // 2, left:left + width // 2])
+    crop = Image.fromarray(image[top : top + height // 2, left : left + width // 2])
     return np.asarray(crop.resize((width, height), Image.Resampling.BILINEAR))
 
 

@@ -51,11 +51,17 @@ def load_site(uri: str, workdir: Path, data: DataConfig, s3: S3Config) -> tuple[
         (images / relative).unlink(missing_ok=True)
     manifest = manifest.loc[~duplicated].reset_index(drop=True)
     counts = {label: int((manifest["label"] == label).sum()) for label in ("NORMAL", "PNEUMONIA")}
-    report = fetched | {"counts": counts, "images": int(len(manifest)), "quarantined": quarantined,
-                        "converted": converted, "duplicates_removed": int(duplicated.sum()),
-                        "duplicates_with_both_labels": conflicting, "ignored_files": extraction.ignored,
-                        "junk_files": extraction.junk,
-                        "patients": int(manifest["patient_id"].nunique())}
+    report = fetched | {
+        "counts": counts,
+        "images": int(len(manifest)),
+        "quarantined": quarantined,
+        "converted": converted,
+        "duplicates_removed": int(duplicated.sum()),
+        "duplicates_with_both_labels": conflicting,
+        "ignored_files": extraction.ignored,
+        "junk_files": extraction.junk,
+        "patients": int(manifest["patient_id"].nunique()),
+    }
     return ValidatedDataset(images, manifest), report
 
 

@@ -51,7 +51,9 @@ def download_from_kaggle(cache_dir: Path = Path(".cache")) -> Path:
     try:
         import kagglehub
     except ImportError:
-        raise DatasetSourceError("KAGGLE credentials are set but kagglehub is not installed: pip install kagglehub") from None
+        raise DatasetSourceError(
+            "KAGGLE credentials are set but kagglehub is not installed: pip install kagglehub"
+        ) from None
     target = cache_dir / "chest_xray_kaggle.zip"
     if target.is_file():
         return target

@@ -12,7 +12,14 @@ from typing import Callable
 
 from xray.config import ModelConfig, TrainConfig
 from xray.data import DatasetSpec, fit_class_weight
-from xray.model import build_model, compile_model, device_policy, distribution_strategy, resolve_weights, set_backbone_trainable
+from xray.model import (
+    build_model,
+    compile_model,
+    device_policy,
+    distribution_strategy,
+    resolve_weights,
+    set_backbone_trainable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +43,27 @@ def progress_callback(images_per_batch: int, every: float = 0.1):
             done = (batch + 1) / steps if steps else 0
             if steps and done + 1e-9 >= self.next_report:
                 rate = (batch + 1) * images_per_batch / (time.perf_counter() - self.start)
-                logger.info("  epoch %d batch %d/%d loss=%.4f %.1f img/s", self.epoch + 1, batch + 1, steps,
-                            logs.get("loss", float("nan")), rate)
+                logger.info(
+                    "  epoch %d batch %d/%d loss=%.4f %.1f img/s",
+                    self.epoch + 1,
+                    batch + 1,
+                    steps,
+                    logs.get("loss", float("nan")),
+                    rate,
+                )
                 self.next_report += every
 
         def on_epoch_end(self, epoch, logs=None):
             # The epoch's one summary line (Keras' own is off: fit(verbose=0)).
             shown = ("loss", "auc", "val_loss", "val_auc", "val_accuracy")
             metrics = " ".join(f"{k}={logs[k]:.4f}" for k in shown if k in (logs or {}))
-            logger.info("epoch %d/%d: %s (%.0f s)", epoch + 1, self.params.get("epochs") or 0, metrics,
-                        time.perf_counter() - self.start)
+            logger.info(
+                "epoch %d/%d: %s (%.0f s)",
+                epoch + 1,
+                self.params.get("epochs") or 0,
+                metrics,
+                time.perf_counter() - self.start,
+            )
 
     return Progress()
 
@@ -62,8 +80,12 @@ def learning_rate_schedule(config: TrainConfig, peak: float, total_steps: int, s
 
     warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=peak * 0.1 if warmup else peak, decay_steps=max(total_steps - warmup, 1), alpha=0.01,
-        warmup_target=peak if warmup else None, warmup_steps=warmup)
+        initial_learning_rate=peak * 0.1 if warmup else peak,
+        decay_steps=max(total_steps - warmup, 1),
+        alpha=0.01,
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
+    )
 
 
 class RunState:
@@ -91,8 +113,12 @@ class RunState:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        state = {"completed": self.completed, "stopped": self.stopped, "best_epoch": self.best_epoch,
-                 "best_value": None if self.best_value == -math.inf else self.best_value}
+        state = {
+            "completed": self.completed,
+            "stopped": self.stopped,
+            "best_epoch": self.best_epoch,
+            "best_value": None if self.best_value == -math.inf else self.best_value,
+        }
         (self.directory / self.STATE).write_text(json.dumps(state))
 
     def phase_weights(self, phase: str) -> Path | None:
@@ -136,8 +162,7 @@ class RunState:
     def clear(self) -> None:
         if self.directory is None:
             return
-        for path in [self.directory / self.STATE, self.directory / self.BEST,
-                     *self.directory.glob("*.end.weights.h5")]:
+        for path in [self.directory / self.STATE, self.directory / self.BEST, *self.directory.glob("*.end.weights.h5")]:
             path.unlink(missing_ok=True)
 
 
@@ -153,8 +178,12 @@ def without_optimizer(model):
 def checkpoint_key(model_config: ModelConfig, train_config: TrainConfig, spec: DatasetSpec, data_hash: str) -> str:
     """Different configs or data never share a BackupAndRestore directory."""
     payload = json.dumps(
-        [model_config.model_dump(mode="json"), train_config.model_dump(mode="json", exclude={"backup_dir"}),
-         spec.model_dump(mode="json"), data_hash],
+        [
+            model_config.model_dump(mode="json"),
+            train_config.model_dump(mode="json", exclude={"backup_dir"}),
+            spec.model_dump(mode="json"),
+            data_hash,
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -182,7 +211,9 @@ def fit(
     phases = []
     if pretrained and train_config.frozen_epochs:
         phases.append(("frozen", 0, min(train_config.frozen_epochs, train_config.epochs), train_config.learning_rate))
-        phases.append(("fine_tune", train_config.fine_tune_layers, train_config.epochs, train_config.fine_tune_learning_rate))
+        phases.append(
+            ("fine_tune", train_config.fine_tune_layers, train_config.epochs, train_config.fine_tune_learning_rate)
+        )
     else:
         phases.append(("full", None, train_config.epochs, train_config.learning_rate))
 
@@ -196,20 +227,31 @@ def fit(
         if name in state.completed:
             # Killed after this phase ended: start from its final weights, do not train it again.
             model.load_weights(state.phase_weights(name))
-            log(f"phase {name}: completed before the restart (best val AUC so far {state.best_value:.4f} at epoch "
-                f"{state.best_epoch}); not trained again")
+            log(
+                f"phase {name}: completed before the restart (best val AUC so far {state.best_value:.4f} at epoch "
+                f"{state.best_epoch}); not trained again"
+            )
             start_epoch = until
             continue
         if until <= start_epoch:
             continue
         set_backbone_trainable(backbone, trainable_top)
         steps = math.ceil(train_images / spec.batch_size) * (until - start_epoch)
-        compile_model(model, learning_rate_schedule(train_config, learning_rate, steps, train_images / spec.batch_size),
-                      train_config.label_smoothing, policy.jit_compile, train_config.weight_decay)
+        compile_model(
+            model,
+            learning_rate_schedule(train_config, learning_rate, steps, train_images / spec.batch_size),
+            train_config.label_smoothing,
+            policy.jit_compile,
+            train_config.weight_decay,
+        )
         # Stopping only: the best epoch's weights are kept by RunState across phases and restarts.
         early_stopping = keras.callbacks.EarlyStopping(
-            monitor=MONITOR, mode="max", patience=train_config.early_stopping_patience, restore_best_weights=False,
-            verbose=0)
+            monitor=MONITOR,
+            mode="max",
+            patience=train_config.early_stopping_patience,
+            restore_best_weights=False,
+            verbose=0,
+        )
         callbacks = [
             early_stopping,
             *(extra_callbacks or []),
@@ -218,14 +260,21 @@ def fit(
         ]
         if checkpoint_dir is not None:
             callbacks.insert(0, keras.callbacks.BackupAndRestore(str(checkpoint_dir / name), delete_checkpoint=True))
-        log(f"phase {name}: epochs {start_epoch + 1}-{until}, learning_rate={learning_rate:g}, "
-            f"trainable backbone layers={'all' if trainable_top is None else trainable_top}")
+        log(
+            f"phase {name}: epochs {start_epoch + 1}-{until}, learning_rate={learning_rate:g}, "
+            f"trainable backbone layers={'all' if trainable_top is None else trainable_top}"
+        )
         # BackupAndRestore tells fit where to resume through the model's `_initial_epoch`, and nothing resets it:
         # without this, a phase after a resumed one would start at the resumed phase's epoch and repeat epochs.
         model._initial_epoch = None
         result = model.fit(
-            train_ds, validation_data=val_ds, epochs=until, initial_epoch=start_epoch,
-            class_weight=fit_class_weight(spec), callbacks=callbacks, verbose=0,
+            train_ds,
+            validation_data=val_ds,
+            epochs=until,
+            initial_epoch=start_epoch,
+            class_weight=fit_class_weight(spec),
+            callbacks=callbacks,
+            verbose=0,
             shuffle=False,  # tf.data shuffles; Keras would only warn that its own shuffle is ignored
         )
         for key, values in result.history.items():
@@ -235,8 +284,10 @@ def fit(
         state.restore_best(model)  # the next phase starts from the best epoch so far, not the phase's last
         state.complete(model, name, stopped=bool(early_stopping.stopped_epoch))
         if early_stopping.stopped_epoch:
-            log(f"phase {name}: early stopping after epoch {early_stopping.stopped_epoch + 1} ({MONITOR} did not "
-                f"improve for {train_config.early_stopping_patience} epochs)")
+            log(
+                f"phase {name}: early stopping after epoch {early_stopping.stopped_epoch + 1} ({MONITOR} did not "
+                f"improve for {train_config.early_stopping_patience} epochs)"
+            )
             break
     state.restore_best(model)
     if state.best_epoch is not None:
@@ -244,7 +295,9 @@ def fit(
     state.clear()
     seconds = time.perf_counter() - started
     model = without_optimizer(model)
-    throughput = {"train_seconds": seconds, "epochs_run": len(history.get("loss", [])),
-                  "images_per_second": images / seconds if seconds else 0.0}
+    throughput = {
+        "train_seconds": seconds,
+        "epochs_run": len(history.get("loss", [])),
+        "images_per_second": images / seconds if seconds else 0.0,
+    }
     return model, history, throughput
-

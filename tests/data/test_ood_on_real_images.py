@@ -66,7 +66,9 @@ def test_photographs_and_other_non_radiographs_are_flagged(detector):
             with Image.open(os.path.join(folder, name)) as image:
                 pictures.append(ood.features_of(image))
     faces = np.load(os.path.join(folder, "lfw_subset.npy"))  # 200 faces, 25 x 25 grey
-    pictures += [ood.features_of_array(np.repeat((face[..., None] * 255).astype(np.uint8), 3, axis=2)) for face in faces]
+    pictures += [
+        ood.features_of_array(np.repeat((face[..., None] * 255).astype(np.uint8), 3, axis=2)) for face in faces
+    ]
     assert len(pictures) >= 220
     assert flagged(profile, pictures).mean() >= 0.99
 

@@ -19,10 +19,14 @@ def _check_invariants(dataset, report):
     train = set(manifest.loc[manifest.split == "train", "patient_id"])
     val = set(manifest.loc[manifest.split == "val", "patient_id"])
     assert not train & val, "a patient is in both train and val"
-    assert not set(manifest.loc[manifest.split == "train", "sha256"]) & set(manifest.loc[manifest.split == "test", "sha256"])
+    assert not set(manifest.loc[manifest.split == "train", "sha256"]) & set(
+        manifest.loc[manifest.split == "test", "sha256"]
+    )
     assert all((dataset.root / p).is_file() for p in manifest["path"])
-    assert report.counts == {s: {l: int(((manifest.split == s) & (manifest.label == l)).sum()) for l in CLASS_NAMES}
-                             for s in ("train", "val", "test")}
+    assert report.counts == {
+        s: {l: int(((manifest.split == s) & (manifest.label == l)).sum()) for l in CLASS_NAMES}
+        for s in ("train", "val", "test")
+    }
 
 
 def test_mini_archive(tmp_path):

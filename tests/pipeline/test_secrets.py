@@ -24,11 +24,30 @@ def test_sentinel_secret_appears_nowhere(tmp_path):
     config = deterministic_smoke_config(tmp_path / "smoke.yaml", s3={"embedded": False})
     with s3.EmbeddedS3() as moto:
         s3.upload_if_missing(s3.make_client(1), require(MINI_ZIP), s3.S3Location("hospital-data", "xray/mini.zip"))
-        env = isolated_env(home, AWS_ENDPOINT_URL_S3=moto.endpoint, AWS_ACCESS_KEY_ID=ACCESS_KEY,
-                           AWS_SECRET_ACCESS_KEY=SENTINEL, AWS_DEFAULT_REGION="us-east-1")
+        env = isolated_env(
+            home,
+            AWS_ENDPOINT_URL_S3=moto.endpoint,
+            AWS_ACCESS_KEY_ID=ACCESS_KEY,
+            AWS_SECRET_ACCESS_KEY=SENTINEL,
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         result = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), "--config", str(config), "--dataset-uri", "s3://hospital-data/xray/mini.zip",
-             "--summary", str(home / "summary.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            [
+                sys.executable,
+                str(ROOT / "run.py"),
+                "--config",
+                str(config),
+                "--dataset-uri",
+                "s3://hospital-data/xray/mini.zip",
+                "--summary",
+                str(home / "summary.json"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((home / "summary.json").read_text())
     assert summary["model_version"] == "1"

@@ -18,8 +18,15 @@ from conftest import MINI_ZIP, ROOT, dataset_entries, deterministic_smoke_config
 from xray.s3 import EmbeddedS3, make_client
 
 pytestmark = pytest.mark.slow
-STEPS = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "profile_reference",
-         "register_model"]
+STEPS = [
+    "ingest_from_s3",
+    "unzip_and_validate",
+    "build_datasets",
+    "train_model",
+    "evaluate_model",
+    "profile_reference",
+    "register_model",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,14 @@ def stores(tmp_path_factory):
 
 def run_cli(env, *args, timeout=900):
     config = env["XRAY_TEST_CONFIG"]
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "training", "--config", config, *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--pipeline", "training", "--config", config, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def summary_of(result):
@@ -61,11 +74,18 @@ def test_summary(first_run):
     # stdout is the summary line alone; progress and third-party output go to stderr, without the noise.
     assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout) == summary
     assert "embedded S3 at http://127.0.0.1" in result.stderr
-    assert "HTTP/1.1\" 200" not in result.stderr and "Found credentials" not in result.stderr
+    assert 'HTTP/1.1" 200' not in result.stderr and "Found credentials" not in result.stderr
     # TensorFlow's import banner, Keras' own epoch lines and MLflow's table creation are off at the default level;
     # the project's own epoch line stays.
-    for noise in ("oneDNN", "absl::InitializeLog", "Epoch 1/1", "/step - ", "Creating initial MLflow database tables",
-                  "Failed to disable MLflow autologging", "shuffle=True"):
+    for noise in (
+        "oneDNN",
+        "absl::InitializeLog",
+        "Epoch 1/1",
+        "/step - ",
+        "Creating initial MLflow database tables",
+        "Failed to disable MLflow autologging",
+        "shuffle=True",
+    ):
         assert noise not in result.stderr, noise
     assert re.search(r"^.*epoch 1/1: loss=\S+ auc=\S+ val_loss=\S+ val_auc=", result.stderr, re.M)
     assert summary["steps"] == {name: "completed" for name in STEPS}
@@ -90,8 +110,14 @@ def test_mlflow_has_params_curves_metrics_and_plots(first_run, stores):
     assert run.data.metrics["test_auc"] == pytest.approx(summary["metrics"]["test_auc"])
     assert len(client.get_metric_history(run.info.run_id, "epoch_val_auc")) == 1
     artifacts = {a.path for folder in ("plots", "data") for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"plots/roc_pr_curves.png", "plots/confusion_matrix.png", "plots/calibration.png",
-            "plots/training_curves.png", "data/class_distribution.png", "data/sample_grid.png"} <= artifacts
+    assert {
+        "plots/roc_pr_curves.png",
+        "plots/confusion_matrix.png",
+        "plots/calibration.png",
+        "plots/training_curves.png",
+        "data/class_distribution.png",
+        "data/sample_grid.png",
+    } <= artifacts
     version = client.get_model_version("chest-xray-classifier", "1")
     assert version.tags["promotion_decision"] == "promoted"
     assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == "1"
@@ -103,9 +129,24 @@ def test_champion_reload_reproduces_test_auc(first_run, stores):
     home, env = stores
     report_path = home / "verify.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "verify_registered.py"), "--summary", str(home / "summary.json"),
-         "--version", "champion", "--archive", str(MINI_ZIP), "--output", str(report_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "verify_registered.py"),
+            "--summary",
+            str(home / "summary.json"),
+            "--version",
+            "champion",
+            "--archive",
+            str(MINI_ZIP),
+            "--output",
+            str(report_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     report = json.loads(report_path.read_text())
     assert report["n"] == 47 and report["version"] == summary["model_version"]
@@ -119,8 +160,20 @@ def test_verify_refuses_a_different_archive(first_run, stores, tmp_path):
     other = tmp_path / "other.zip"
     _zip(other, dataset_entries())
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "verify_registered.py"), "--summary", str(home / "summary.json"),
-         "--archive", str(other)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "verify_registered.py"),
+            "--summary",
+            str(home / "summary.json"),
+            "--archive",
+            str(other),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1 and "is not the archive this version was trained on" in result.stderr
 
 
@@ -156,14 +209,23 @@ def _truncated(path):
 
 
 BAD_ARCHIVES = {
-    "traversal": (lambda p: _zip(p, dataset_entries() | {"chest_xray/../../escape.jpeg": b"x"}),
-                  "unsafe archive: path traversal in entry 'chest_xray/../../escape.jpeg'"),
-    "zip_bomb": (_bomb, "entry 'chest_xray/train/NORMAL/IM-0999-0001.jpeg' declares 1073741824 bytes, over max_entry_bytes"),
+    "traversal": (
+        lambda p: _zip(p, dataset_entries() | {"chest_xray/../../escape.jpeg": b"x"}),
+        "unsafe archive: path traversal in entry 'chest_xray/../../escape.jpeg'",
+    ),
+    "zip_bomb": (
+        _bomb,
+        "entry 'chest_xray/train/NORMAL/IM-0999-0001.jpeg' declares 1073741824 bytes, over max_entry_bytes",
+    ),
     "empty_zip": (lambda p: _zip(p, {}), "is an empty zip archive: no entries"),
     "truncated": (_truncated, "is not a readable zip archive"),
     "no_test_split": (lambda p: _zip(p, dataset_entries(splits=("train",))), "no folder with both train/ and test/"),
-    "bad_images": (lambda p: _zip(p, dataset_entries(per_class=5) | {f"chest_xray/train/NORMAL/IM-{i}-1.jpeg": b"" for i in range(900, 903)}),
-                   "3 of 23 images failed to decode"),
+    "bad_images": (
+        lambda p: _zip(
+            p, dataset_entries(per_class=5) | {f"chest_xray/train/NORMAL/IM-{i}-1.jpeg": b"" for i in range(900, 903)}
+        ),
+        "3 of 23 images failed to decode",
+    ),
 }
 
 
@@ -192,8 +254,10 @@ def test_bad_archive_fails_in_one_line_and_registers_nothing(first_run, stores, 
     assert message in latest.data.tags["error"]
 
 
-@pytest.mark.parametrize("uri, reason", [("s3://no-such-bucket/x.zip", "bucket does not exist"),
-                                          ("s3://chest-xray/missing.zip", "object does not exist")])
+@pytest.mark.parametrize(
+    "uri, reason",
+    [("s3://no-such-bucket/x.zip", "bucket does not exist"), ("s3://chest-xray/missing.zip", "object does not exist")],
+)
 def test_s3_failures_end_in_one_line_and_register_nothing(first_run, stores, uri, reason):
     _, env = stores
     before = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
@@ -216,7 +280,10 @@ def test_failed_training_leaves_the_registry_untouched(first_run, stores, tmp_pa
     before = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
     result = run_cli(env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"error: model.weights: weights file not found: {tmp_path / 'missing.weights.h5'}"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: model.weights: weights file not found: {tmp_path / 'missing.weights.h5'}"
+    )
     after = mlflow_client(env).search_model_versions("name='chest-xray-classifier'")
     assert sorted(v.version for v in after) == sorted(v.version for v in before)
 
@@ -248,8 +315,16 @@ def _labelled_site(folder, prefix="chest_xray/test/"):
 
 def test_a_sensitive_challenger_is_gated_on_paired_scores_against_the_champion(first_run, stores, tmp_path):
     site = _labelled_site(tmp_path / "site-b")
-    env = {**stores[1], "XRAY_TEST_CONFIG": str(deterministic_smoke_config(
-        tmp_path / "gated.yaml", registry={"gate_sites": [str(site)], "margin": 0.01}, train={"learning_rate": 0.002}))}
+    env = {
+        **stores[1],
+        "XRAY_TEST_CONFIG": str(
+            deterministic_smoke_config(
+                tmp_path / "gated.yaml",
+                registry={"gate_sites": [str(site)], "margin": 0.01},
+                train={"learning_rate": 0.002},
+            )
+        ),
+    }
     client = mlflow_client(env)
     champion = str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version)
     summary = summary_of(run_cli(env))
@@ -258,18 +333,26 @@ def test_a_sensitive_challenger_is_gated_on_paired_scores_against_the_champion(f
     assert tags["gate.champion_version"] == str(champion) and tags["gate.margin"] == "0.01"
     for image_set, images in (("test", 47), ("site:site-b", 47)):
         assert tags[f"gate.{image_set}.images"] == str(images)
-        low, high = float(tags[f"gate.{image_set}.auc_difference_ci_low"]), float(tags[f"gate.{image_set}.auc_difference_ci_high"])
+        low, high = (
+            float(tags[f"gate.{image_set}.auc_difference_ci_low"]),
+            float(tags[f"gate.{image_set}.auc_difference_ci_high"]),
+        )
         assert low <= float(tags[f"gate.{image_set}.auc_difference"]) <= high
     non_inferior = all(float(tags[f"gate.{s}.auc_difference_ci_low"]) >= -0.01 for s in ("test", "site:site-b"))
-    assert summary["promoted"] is non_inferior and tags["promotion_decision"] == ("promoted" if non_inferior else "rejected")
+    assert summary["promoted"] is non_inferior and tags["promotion_decision"] == (
+        "promoted" if non_inferior else "rejected"
+    )
     assert f"champion v{champion}" in tags["promotion_reason"]
     now = str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version)
     assert now == (summary["model_version"] if non_inferior else champion)
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    card = open(mlflow.artifacts.download_artifacts(f"models:/chest-xray-classifier/{version.version}/model_card.md",
-                                                    dst_path=str(tmp_path / "card"))).read()
+    card = open(
+        mlflow.artifacts.download_artifacts(
+            f"models:/chest-xray-classifier/{version.version}/model_card.md", dst_path=str(tmp_path / "card")
+        )
+    ).read()
     assert "## Promotion gate" in card and "| site:site-b | 47 |" in card and "## Results by site" in card
 
 
@@ -277,7 +360,16 @@ def test_bad_config_is_rejected_before_any_step(stores, tmp_path):
     _, env = stores
     config = tmp_path / "bad.yaml"
     config.write_text("train:\n  batch_size: -4\n")
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", str(config)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: invalid config {config}: train.batch_size: Input should be greater than or equal to 1"
+    assert (
+        result.stderr.strip()
+        == f"error: invalid config {config}: train.batch_size: Input should be greater than or equal to 1"
+    )

@@ -33,11 +33,19 @@ def get(url: str) -> dict:
 def bucket_keys(team) -> list[str]:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=team.info["s3_endpoint"], aws_access_key_id="S3RVER",
-                          aws_secret_access_key="S3RVER", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=team.info["s3_endpoint"],
+        aws_access_key_id="S3RVER",
+        aws_secret_access_key="S3RVER",
+        region_name="us-east-1",
+    )
     bucket = team.info["artifact_store"].split("/")[2]
-    return [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for item in page.get("Contents", [])]
+    return [
+        item["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for item in page.get("Contents", [])
+    ]
 
 
 def running(pid: int, wait_s: float = 15) -> bool:
@@ -66,8 +74,13 @@ def mlflow_api(team, path: str) -> dict:
 
 def test_a_second_up_is_a_no_op(team):
     again = team.stack("up")
-    assert again["services"] == {"s3": "running", "postgres": "running", "mlflow": "running", "zenml": "running",
-                                 "stack": "registered"}
+    assert again["services"] == {
+        "s3": "running",
+        "postgres": "running",
+        "mlflow": "running",
+        "zenml": "running",
+        "stack": "registered",
+    }
     # PostgreSQL is installed on these machines: MLflow's backend is a real SQL server, not SQLite.
     assert again["backend_store"].startswith("postgresql://") and again["notices"] == []
 
@@ -86,15 +99,23 @@ def test_a_run_on_the_team_stack_lives_in_its_servers_and_bucket(team, trained):
     assert {s["name"]: s["body"]["status"] for s in steps} == summary["steps"]
 
     # Every artifact of the run is in the bucket, none on local disk.
-    uris = [version["body"]["uri"] for step in steps for versions in step["resources"]["outputs"].values()
-            for version in versions]
+    uris = [
+        version["body"]["uri"]
+        for step in steps
+        for versions in step["resources"]["outputs"].values()
+        for version in versions
+    ]
     assert len(uris) >= 20 and all(uri.startswith(team.info["artifact_store"] + "/") for uri in uris), uris
     keys = bucket_keys(team)
     bucket = team.info["artifact_store"].split("/")[2]
     missing = [uri for uri in uris if not any(key.startswith(uri.split(f"{bucket}/", 1)[1]) for key in keys)]
     assert not missing, missing
-    local = [path for folder in (team.home, team.state / "zenml") for path in folder.rglob("*")
-             if path.is_file() and "local_stores" in path.parts]
+    local = [
+        path
+        for folder in (team.home, team.state / "zenml")
+        for path in folder.rglob("*")
+        if path.is_file() and "local_stores" in path.parts
+    ]
     assert not local, local[:10]
 
     # MLflow's REST API: the run with its metrics, the new version, the champion alias; artifacts proxied to S3.
@@ -126,8 +147,10 @@ def test_the_dashboards_show_the_run_metrics_and_model_in_a_browser(team, traine
     *_, summary = trained
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.fail("the browser test needs Chromium and its driver: apt-get install chromium chromium-driver "
-                    "(.ci/run installs them)")
+        pytest.fail(
+            "the browser test needs Chromium and its driver: apt-get install chromium chromium-driver "
+            "(.ci/run installs them)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1400"):
@@ -139,32 +162,50 @@ def test_the_dashboards_show_the_run_metrics_and_model_in_a_browser(team, traine
         browser.get(url)
         try:
             WebDriverWait(browser, 90).until(
-                lambda b: all(t in b.find_element(By.TAG_NAME, "body").text for t in texts))
+                lambda b: all(t in b.find_element(By.TAG_NAME, "body").text for t in texts)
+            )
         finally:
             browser.save_screenshot(str(SCREENSHOTS / screenshot))
         return browser.find_element(By.TAG_NAME, "body").text
 
     try:
         run_name = get(f"{team.info['zenml_url']}/api/v1/runs/{summary['pipeline_run_id']}")["name"]
-        text = page_showing(f"{team.info['zenml_url']}/projects/default/runs/{summary['pipeline_run_id']}", run_name,
-                            "Total Steps", screenshot="zenml_run.png")
+        text = page_showing(
+            f"{team.info['zenml_url']}/projects/default/runs/{summary['pipeline_run_id']}",
+            run_name,
+            "Total Steps",
+            screenshot="zenml_run.png",
+        )
         steps = len(summary["steps"])
         assert re.search(rf"Total Steps\s+{steps}\b", text) and re.search(rf"Completed\s+{steps}\b", text), text[:2000]
         assert "Add your account details" not in text  # the onboarding form was answered by `team_stack up`
         mlflow_run = mlflow_api(team, f"runs/get?run_id={summary['mlflow_run_id']}")["run"]
         experiment = mlflow_run["info"]["experiment_id"]
-        page_showing(f"{team.info['mlflow_tracking_uri']}/#/experiments/{experiment}/runs/{summary['mlflow_run_id']}",
-                     mlflow_run["info"]["run_name"], "test_auc", screenshot="mlflow_run.png")
-        page_showing(f"{team.info['mlflow_tracking_uri']}/#/models/{MODEL}/versions/{summary['model_version']}",
-                     f"Version {summary['model_version']}", mlflow_run["info"]["run_name"],
-                     screenshot="mlflow_model_version.png")
+        page_showing(
+            f"{team.info['mlflow_tracking_uri']}/#/experiments/{experiment}/runs/{summary['mlflow_run_id']}",
+            mlflow_run["info"]["run_name"],
+            "test_auc",
+            screenshot="mlflow_run.png",
+        )
+        page_showing(
+            f"{team.info['mlflow_tracking_uri']}/#/models/{MODEL}/versions/{summary['model_version']}",
+            f"Version {summary['model_version']}",
+            mlflow_run["info"]["run_name"],
+            screenshot="mlflow_model_version.png",
+        )
         # The registered model's page lists its versions with their aliases (no tags there to mention champion).
-        page_showing(f"{team.info['mlflow_tracking_uri']}/#/models/{MODEL}", f"Version {summary['model_version']}",
-                     "champion", screenshot="mlflow_model.png")
+        page_showing(
+            f"{team.info['mlflow_tracking_uri']}/#/models/{MODEL}",
+            f"Version {summary['model_version']}",
+            "champion",
+            screenshot="mlflow_model.png",
+        )
     finally:
         browser.quit()
-    assert all((SCREENSHOTS / name).stat().st_size > 10_000
-               for name in ("zenml_run.png", "mlflow_run.png", "mlflow_model_version.png", "mlflow_model.png"))
+    assert all(
+        (SCREENSHOTS / name).stat().st_size > 10_000
+        for name in ("zenml_run.png", "mlflow_run.png", "mlflow_model_version.png", "mlflow_model.png")
+    )
 
 
 def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
@@ -173,20 +214,45 @@ def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
 
     home, *_ = trained
     bad = write_zip(tmp_path / "no_test.zip", dataset_entries(splits=("train",)))
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--stack", "team", "--config",
-                             str(home / "smoke.yaml"), "--dataset-uri", str(bad), "-v"], cwd=ROOT, env=team.env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "--stack",
+            "team",
+            "--config",
+            str(home / "smoke.yaml"),
+            "--dataset-uri",
+            str(bad),
+            "-v",
+        ],
+        cwd=ROOT,
+        env=team.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1 and result.stdout == ""
     assert "Traceback" in result.stderr  # -v keeps the traceback of an expected failure
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no folder with both train/ and test/" in last, last
 
     request = urllib.request.Request(
-        f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow/runs/search", method="POST",
+        f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow/runs/search",
+        method="POST",
         headers={"Content-Type": "application/json"},
-        data=json.dumps({"experiment_ids": [mlflow_api(team, "experiments/get-by-name?experiment_name="
-                                                             "chest-xray-training")["experiment"]["experiment_id"]],
-                         "order_by": ["attributes.start_time DESC"], "max_results": 1}).encode())
+        data=json.dumps(
+            {
+                "experiment_ids": [
+                    mlflow_api(team, "experiments/get-by-name?experiment_name=chest-xray-training")["experiment"][
+                        "experiment_id"
+                    ]
+                ],
+                "order_by": ["attributes.start_time DESC"],
+                "max_results": 1,
+            }
+        ).encode(),
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         latest = json.loads(response.read())["runs"][0]
     tags = {t["key"]: t["value"] for t in latest["data"]["tags"]}
@@ -213,30 +279,39 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
     probe = team.home / "store_type.py"
     probe.write_text("from zenml.client import Client; print(Client().zen_store.type.value)\n")
-    store = subprocess.run([sys.executable, str(probe)], cwd=ROOT, env=team.env, capture_output=True, text=True,
-                           timeout=120)
+    store = subprocess.run(
+        [sys.executable, str(probe)], cwd=ROOT, env=team.env, capture_output=True, text=True, timeout=120
+    )
     assert store.stdout.strip().splitlines()[-1] == "sql", store.stderr[-2000:]
 
     up = team.stack("up")
-    assert up["services"] == {"s3": "started", "postgres": "started", "mlflow": "started", "zenml": "started",
-                              "stack": "registered"}
+    assert up["services"] == {
+        "s3": "started",
+        "postgres": "started",
+        "mlflow": "started",
+        "zenml": "started",
+        "stack": "registered",
+    }
     assert set(bucket_keys(team)) >= keys_before
     assert get(f"{team.info['zenml_url']}/api/v1/runs/{summary['pipeline_run_id']}")["body"]["status"] == "completed"
     # An artifact loaded through the ZenML client from S3, and a model file read through MLflow's artifact proxy.
     # A script file, not `python -c`: without a .zen folder (a fresh clone) ZenML takes its source root from the
     # main module's file.
     script = team.home / "load_metrics.py"
-    script.write_text(f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from zenml.client import Client; "
-                      f"run = Client().get_pipeline_run('{summary['pipeline_run_id']}'); "
-                      "print(json.dumps(run.steps['evaluate_model'].outputs['metrics'][0].load()['flat']['test_auc']))\n")
-    loaded = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=team.env, capture_output=True, text=True,
-                            timeout=300)
+    script.write_text(
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from zenml.client import Client; "
+        f"run = Client().get_pipeline_run('{summary['pipeline_run_id']}'); "
+        "print(json.dumps(run.steps['evaluate_model'].outputs['metrics'][0].load()['flat']['test_auc']))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, env=team.env, capture_output=True, text=True, timeout=300
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert json.loads(loaded.stdout.strip().splitlines()[-1]) == pytest.approx(summary["metrics"]["test_auc"])
     mlmodel = next(key for key in keys_before if key.startswith("mlflow/") and key.endswith("/MLmodel"))
-    with urllib.request.urlopen(f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow-artifacts/artifacts/"
-                                f"{mlmodel.split('/', 1)[1]}", timeout=30) as response:
+    with urllib.request.urlopen(
+        f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow-artifacts/artifacts/{mlmodel.split('/', 1)[1]}", timeout=30
+    ) as response:
         assert b"python_function" in response.read()
     version = mlflow_api(team, f"model-versions/get?name={MODEL}&version={summary['model_version']}")["model_version"]
     assert version["run_id"] == summary["mlflow_run_id"]
-

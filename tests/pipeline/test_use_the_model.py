@@ -29,8 +29,14 @@ pytestmark = pytest.mark.slow
 
 
 def _infer(env, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "inference", "--stack", "team", *args], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--pipeline", "inference", "--stack", "team", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -45,8 +51,9 @@ def _reference(env, paths):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     info = mlflow.models.get_model_info("models:/chest-xray-classifier@champion")
     model = mlflow.keras.load_model("models:/chest-xray-classifier@champion")
-    pixels = np.stack([decode_and_resize(tf.io.read_file(str(p)), int(info.metadata["image_size"])).numpy()
-                       for p in paths]).astype("float32")
+    pixels = np.stack(
+        [decode_and_resize(tf.io.read_file(str(p)), int(info.metadata["image_size"])).numpy() for p in paths]
+    ).astype("float32")
     return model.predict(pixels, verbose=0).reshape(-1)
 
 
@@ -55,8 +62,16 @@ def test_batch_inference_on_a_folder(trained):
     (images / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     summary = _infer(env, "--images", str(images), "--output", str(home / "out" / "preds.csv"), "--explain", "2")
     table = pd.read_csv(home / "out" / "preds.csv", keep_default_na=False, na_values=[""])
-    assert list(table.columns) == ["path", "probability", "label", "threshold", "ood_score", "status", "reason",
-                                   "model_version"]
+    assert list(table.columns) == [
+        "path",
+        "probability",
+        "label",
+        "threshold",
+        "ood_score",
+        "status",
+        "reason",
+        "model_version",
+    ]
     assert len(table) == 21 and summary["unreadable"] == 1
     bad = table[table["status"] == "unreadable"]
     assert bad["path"].str.endswith("corrupt.jpeg").all() and bad["probability"].isna().all()
@@ -81,8 +96,10 @@ def test_batch_inference_on_an_s3_prefix(trained):
         client.create_bucket(Bucket="incoming")
         for path in sorted(images.glob("*.jpeg")):
             client.upload_file(str(path), "incoming", f"batch-7/{path.name}")
-        s3_env = env | {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                    "AWS_DEFAULT_REGION")}
+        s3_env = env | {
+            k: os.environ[k]
+            for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+        }
         _infer(s3_env, "--images", "s3://incoming/batch-7/", "--output", str(home / "s3" / "preds.csv"))
     table = pd.read_csv(home / "s3" / "preds.csv")
     assert len(table) == 20 and (table["status"] != "unreadable").all()
@@ -98,8 +115,11 @@ def _free_port():
 
 
 def _post(port, body):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -112,10 +132,28 @@ def test_rest_serving_matches_batch_inference(trained):
     port = _free_port()
     # The scoring server is started as `uvicorn ...` from PATH: put this interpreter's bin first.
     env = env | {"PATH": f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                               "models:/chest-xray-classifier@champion", "--env-manager", "local", "-p", str(port),
-                               "-h", "127.0.0.1"], cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/chest-xray-classifier@champion",
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -142,9 +180,16 @@ def test_rest_serving_matches_batch_inference(trained):
         inverted = (255 - np.asarray(Image.open(image).convert("RGB"))).astype("uint8")
         buffer = io.BytesIO()
         Image.fromarray(inverted).save(buffer, format="PNG")
-        status, body = _post(port, {"inputs": [base64.b64encode(image.read_bytes()).decode(),
-                                               base64.b64encode(b"\xff\xd8\xff corrupt").decode(),
-                                               base64.b64encode(buffer.getvalue()).decode()]})
+        status, body = _post(
+            port,
+            {
+                "inputs": [
+                    base64.b64encode(image.read_bytes()).decode(),
+                    base64.b64encode(b"\xff\xd8\xff corrupt").decode(),
+                    base64.b64encode(buffer.getvalue()).decode(),
+                ]
+            },
+        )
         assert status == 200, body
         rows = body["predictions"]
         assert rows[0]["probability"] == pytest.approx(prediction["probability"], abs=1e-6)
@@ -162,11 +207,17 @@ def test_model_card_numbers_equal_logged_metrics(trained):
     home, env, _, summary = trained
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     version = MlflowClient().get_model_version("chest-xray-classifier", summary["model_version"])
-    folder = mlflow.artifacts.download_artifacts(f"models:/chest-xray-classifier/{version.version}", dst_path=str(home / "card"))
+    folder = mlflow.artifacts.download_artifacts(
+        f"models:/chest-xray-classifier/{version.version}", dst_path=str(home / "card")
+    )
     card = open(os.path.join(folder, "model_card.md")).read()
     metrics = MlflowClient().get_run(summary["mlflow_run_id"]).data.metrics
-    for label, key in (("AUC-ROC", "test_auc"), ("Sensitivity (PNEUMONIA recall)", "test_sensitivity"),
-                       ("Specificity (NORMAL recall)", "test_specificity"), ("Accuracy", "test_accuracy")):
+    for label, key in (
+        ("AUC-ROC", "test_auc"),
+        ("Sensitivity (PNEUMONIA recall)", "test_sensitivity"),
+        ("Specificity (NORMAL recall)", "test_specificity"),
+        ("Accuracy", "test_accuracy"),
+    ):
         row = re.search(rf"^\| {re.escape(label)} \| ([0-9.]+) \|", card, re.MULTILINE)
         assert row and row.group(1) == f"{metrics[key]:.4f}", (label, row and row.group(1), metrics[key])
     assert f"{metrics['test_auc_ci_low']:.4f} to {metrics['test_auc_ci_high']:.4f}" in card
@@ -175,16 +226,24 @@ def test_model_card_numbers_equal_logged_metrics(trained):
 
 
 def _monitor(env, *args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "monitoring", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--pipeline", "monitoring", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _registry_state(env):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    return sorted((v.version, v.current_stage, tuple(sorted(v.tags.items())), tuple(sorted(v.aliases)))
-                  for v in client.search_model_versions("name='chest-xray-classifier'"))
+    return sorted(
+        (v.version, v.current_stage, tuple(sorted(v.tags.items())), tuple(sorted(v.aliases)))
+        for v in client.search_model_versions("name='chest-xray-classifier'")
+    )
 
 
 def test_monitoring_a_batch_writes_a_report_and_never_the_registry(trained, tmp_path):
@@ -207,7 +266,10 @@ def test_monitoring_a_batch_writes_a_report_and_never_the_registry(trained, tmp_
     run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
     assert run.data.metrics["ood_fraction"] == pytest.approx(summary["ood_fraction"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "monitoring")} >= {
-        "monitoring/report.html", "monitoring/report.json", "monitoring/ood_scores.png"}
+        "monitoring/report.html",
+        "monitoring/report.json",
+        "monitoring/ood_scores.png",
+    }
     assert _registry_state(env) == before
 
 
@@ -257,10 +319,29 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
     (site / "export" / "README.txt").write_text("not an image, outside the class folders")
     # The smoke config's calibration (a temperature): a one-epoch model may rank a small share backwards, which
     # Platt scaling refuses (tests/unit/test_calibration.py).
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "evaluation", "--model-version", "1",
-                             "--config", str(home / "smoke.yaml"), "--dataset-uri", str(site), "--site", "hospital-b",
-                             "--recalibrate-fraction", "0.5"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "--pipeline",
+            "evaluation",
+            "--model-version",
+            "1",
+            "--config",
+            str(home / "smoke.yaml"),
+            "--dataset-uri",
+            str(site),
+            "--site",
+            "hospital-b",
+            "--recalibrate-fraction",
+            "0.5",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["site"] == "hospital-b" and summary["model_version"] == "1" and summary["images"] == 47
@@ -282,8 +363,11 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
     linked = client.get_logged_model(logged_model_id(version)).metrics or []
     assert any(m.key == "site_auc" and m.run_id == summary["mlflow_run_id"] for m in linked)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    card = open(mlflow.artifacts.download_artifacts("models:/chest-xray-classifier/1/model_card.md",
-                                                    dst_path=str(tmp_path / "card"))).read()
+    card = open(
+        mlflow.artifacts.download_artifacts(
+            "models:/chest-xray-classifier/1/model_card.md", dst_path=str(tmp_path / "card")
+        )
+    ).read()
     assert card.count("## Results by site") == 1
     row = f"| hospital-b | as registered | 47 | {summary['threshold']:.4f} | {summary['metrics']['auc']:.3f} ("
     assert row in card and "| hospital-b | recalibrated on 50% |" in card
@@ -295,8 +379,20 @@ def test_evaluation_of_a_site_without_both_classes_is_one_error_line(trained, tm
     site.mkdir(parents=True)
     for path in sorted(images.glob("*.jpeg"))[:5]:
         (site / path.name).write_bytes(path.read_bytes())
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "--pipeline", "evaluation",
-                             "--dataset-uri", str(tmp_path / "normal-only")], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "--pipeline",
+            "evaluation",
+            "--dataset-uri",
+            str(tmp_path / "normal-only"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "no images in a PNEUMONIA/ folder" in result.stderr.strip().splitlines()[-1]

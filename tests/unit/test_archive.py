@@ -14,8 +14,11 @@ LIMITS = ArchiveLimits()
 def test_extracts_each_image_once_from_kaggle_layout(make_zip, tmp_path):
     entries = dataset_entries("chest_xray", splits=("train", "test", "val"))
     entries |= {k.replace("chest_xray/", "chest_xray/chest_xray/", 1): v for k, v in entries.items()}
-    entries |= {"__MACOSX/chest_xray/train/NORMAL/._IM-0001-0001.jpeg": b"\0\5\26\7", "chest_xray/.DS_Store": b"junk",
-                "chest_xray/train/.DS_Store": b"junk"}
+    entries |= {
+        "__MACOSX/chest_xray/train/NORMAL/._IM-0001-0001.jpeg": b"\0\5\26\7",
+        "chest_xray/.DS_Store": b"junk",
+        "chest_xray/train/.DS_Store": b"junk",
+    }
     result = extract(make_zip(entries), tmp_path / "out", LIMITS)
     assert result.root == "chest_xray"
     assert len(result.files) == 18  # 3 per class x 2 classes x 3 splits, nested copy ignored
@@ -23,7 +26,8 @@ def test_extracts_each_image_once_from_kaggle_layout(make_zip, tmp_path):
     assert result.ignored == 18
     assert {split for split, _, _ in result.files} == {"train", "test", "val"}
     assert sorted(p.relative_to(tmp_path / "out").parts[0] for p in (tmp_path / "out").rglob("*.jpeg")) == sorted(
-        split for split, _, _ in result.files)
+        split for split, _, _ in result.files
+    )
 
 
 def test_archive_without_top_folder(make_zip, tmp_path):
@@ -31,11 +35,14 @@ def test_archive_without_top_folder(make_zip, tmp_path):
     assert extract(make_zip(entries), tmp_path / "out", LIMITS).root == "."
 
 
-@pytest.mark.parametrize("name, message", [
-    ("/etc/evil.jpeg", "absolute path"),
-    ("chest_xray/../../evil.jpeg", "path traversal"),
-    ("C:/evil.jpeg", "absolute path"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("/etc/evil.jpeg", "absolute path"),
+        ("chest_xray/../../evil.jpeg", "path traversal"),
+        ("C:/evil.jpeg", "absolute path"),
+    ],
+)
 def test_unsafe_entries_are_rejected_by_name(make_zip, tmp_path, name, message):
     archive = make_zip(dataset_entries() | {name: b"x"})
     with pytest.raises(ArchiveError, match=message) as error:

@@ -73,9 +73,12 @@ def test_the_tensorflow_banner_is_dropped_and_other_import_output_kept(capfd, mo
 
     def noisy_import(name, *args, **kwargs):
         if name == "tensorflow":
-            os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see...\n"
-                        b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
-                        b"a real warning from the import\n")
+            os.write(
+                2,
+                b"I0000 port.cc:153] oneDNN custom operations are on. You may see...\n"
+                b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                b"a real warning from the import\n",
+            )
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", noisy_import)

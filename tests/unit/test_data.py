@@ -30,7 +30,9 @@ def test_augment_keeps_shape_and_range():
     from xray.config import Augmentation
 
     images = _batch()
-    out = xdata.augment(images, Augmentation(horizontal_flip=True, zoom=0.2, rotation=0.05, contrast=0.2, brightness=0.1), 0)
+    out = xdata.augment(
+        images, Augmentation(horizontal_flip=True, zoom=0.2, rotation=0.05, contrast=0.2, brightness=0.1), 0
+    )
     assert tuple(out.shape) == images.shape
     assert float(np.min(out)) >= 0 and float(np.max(out)) <= 255
     assert not np.allclose(out, images)
@@ -117,16 +119,24 @@ def test_mixup_batches_carry_the_class_weights_and_train(tmp_path):
         paths.append(str(tmp_path / f"{i}.jpeg"))
         (tmp_path / f"{i}.jpeg").write_bytes(jpeg_bytes(i))
     labels = np.array([0, 1] * 4, dtype="float32")
-    spec = xdata.DatasetSpec(image_size=32, batch_size=4, augmentation=Augmentation(mixup=0.4),
-                             class_weights={0: 2.0, 1: 0.5}, max_train_per_class=None, max_eval_per_class=None,
-                             seed=0, counts={"train": {"NORMAL": 4, "PNEUMONIA": 4}})
+    spec = xdata.DatasetSpec(
+        image_size=32,
+        batch_size=4,
+        augmentation=Augmentation(mixup=0.4),
+        class_weights={0: 2.0, 1: 0.5},
+        max_train_per_class=None,
+        max_eval_per_class=None,
+        seed=0,
+        counts={"train": {"NORMAL": 4, "PNEUMONIA": 4}},
+    )
     train = xdata.make_dataset(paths, labels, spec, training=True)
     val = xdata.make_dataset(paths, labels, spec)
     assert len(next(iter(train))) == 3 and len(next(iter(val))) == 2
     assert xdata.fit_class_weight(spec) is None
     assert xdata.fit_class_weight(spec.model_copy(update={"augmentation": Augmentation()})) == {0: 2.0, 1: 0.5}
-    _, history, _ = training.fit(ModelConfig(image_size=32, dense_units=4), TrainConfig(epochs=1), spec, train, val,
-                                 log=lambda line: None)
+    _, history, _ = training.fit(
+        ModelConfig(image_size=32, dense_units=4), TrainConfig(epochs=1), spec, train, val, log=lambda line: None
+    )
     assert np.isfinite(history["loss"]).all() and "val_auc" in history
 
 

@@ -21,8 +21,11 @@ def test_bad_images_are_quarantined_and_listed(make_zip, tmp_path):
     }
     dataset, report = prepare_dataset(make_zip(entries), tmp_path / "d", DataConfig(max_bad_fraction=0.05), seed=0)
     reasons = {q["path"]: q["reason"] for q in report.quarantined}
-    assert set(reasons) == {"train/NORMAL/IM-9001-0001.jpeg", "train/NORMAL/IM-9002-0001.jpeg",
-                            "train/PNEUMONIA/person9003_virus_1.jpeg"}
+    assert set(reasons) == {
+        "train/NORMAL/IM-9001-0001.jpeg",
+        "train/NORMAL/IM-9002-0001.jpeg",
+        "train/PNEUMONIA/person9003_virus_1.jpeg",
+    }
     assert reasons["train/NORMAL/IM-9001-0001.jpeg"] == "empty file (0 bytes)"
     assert report.converted == 1  # the CMYK JPEG; the PNG-named-.jpeg decodes as it is
     manifest = dataset.manifest.set_index("path")
@@ -32,7 +35,9 @@ def test_bad_images_are_quarantined_and_listed(make_zip, tmp_path):
 
 
 def test_too_many_bad_images_fail_the_run(make_zip, tmp_path):
-    entries = dataset_entries(per_class=10) | {f"chest_xray/train/NORMAL/IM-{9000 + i}-0001.jpeg": b"bad" for i in range(3)}
+    entries = dataset_entries(per_class=10) | {
+        f"chest_xray/train/NORMAL/IM-{9000 + i}-0001.jpeg": b"bad" for i in range(3)
+    }
     with pytest.raises(DataQualityError, match=r"3 of 43 images failed to decode \(7.0% > max_bad_fraction=1.0%\)"):
         prepare_dataset(make_zip(entries), tmp_path / "d", DataConfig(), seed=0)
 

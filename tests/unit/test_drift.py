@@ -9,7 +9,6 @@ from xray import drift, ood
 from xray.errors import DataQualityError
 
 
-
 def batch_of(profile, arrays, probability=0.3):
     features = [ood.features_of_array(a) for a in arrays]
     predictions = profile.assess(features)
@@ -62,15 +61,29 @@ def test_a_batch_with_shifted_images_is_drift(profile, family):
 
 def test_unreadable_images_are_counted_but_not_tested(profile, family):
     predictions, features = batch_of(profile, family[220:240])
-    bad = pd.DataFrame({"status": [ood.UNREADABLE] * 3, "reason": ["empty file (0 bytes)"] * 3,
-                        "probability": np.nan, "ood_score": np.nan, "path": ["x.jpeg"] * 3})
+    bad = pd.DataFrame(
+        {
+            "status": [ood.UNREADABLE] * 3,
+            "reason": ["empty file (0 bytes)"] * 3,
+            "probability": np.nan,
+            "ood_score": np.nan,
+            "path": ["x.jpeg"] * 3,
+        }
+    )
     report = drift.compare(profile, pd.concat([predictions, bad], ignore_index=True), features, permutations=100)
     assert (report["images"], report["readable"], report["unreadable"]) == (23, 20, 3)
 
 
 def test_a_batch_with_nothing_readable_is_an_error(profile):
-    bad = pd.DataFrame({"status": [ood.UNREADABLE] * 2, "reason": ["not a recognised image format"] * 2,
-                        "probability": np.nan, "ood_score": np.nan, "path": ["a.jpeg", "b.jpeg"]})
+    bad = pd.DataFrame(
+        {
+            "status": [ood.UNREADABLE] * 2,
+            "reason": ["not a recognised image format"] * 2,
+            "probability": np.nan,
+            "ood_score": np.nan,
+            "path": ["a.jpeg", "b.jpeg"],
+        }
+    )
     with pytest.raises(DataQualityError, match="none of the 2 images could be read"):
         drift.compare(profile, bad, ood.feature_table([], profile))
 

@@ -10,13 +10,16 @@ from xray import manifest as mf
 from xray.errors import DataQualityError
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("person1003_bacteria_2934.jpeg", "person1003"),
-    ("person25_virus_59.jpeg", "person25"),
-    ("IM-0115-0001.jpeg", "im-0115"),
-    ("NORMAL2-IM-0246-0001-0002.jpeg", "normal2-im-0246"),
-    ("scan_001.jpeg", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("person1003_bacteria_2934.jpeg", "person1003"),
+        ("person25_virus_59.jpeg", "person25"),
+        ("IM-0115-0001.jpeg", "im-0115"),
+        ("NORMAL2-IM-0246-0001-0002.jpeg", "normal2-im-0246"),
+        ("scan_001.jpeg", None),
+    ],
+)
 def test_patient_id(name, expected):
     assert mf.patient_id(name) == expected
 
@@ -30,9 +33,16 @@ def test_check_image_decodes_by_content():
     assert not mf.check_image(truncated).ok
 
 
-@pytest.mark.parametrize("mode, fmt, converted", [
-    ("L", "JPEG", False), ("RGB", "JPEG", False), ("RGBA", "PNG", False), ("CMYK", "JPEG", True), ("RGB", "BMP", True),
-])
+@pytest.mark.parametrize(
+    "mode, fmt, converted",
+    [
+        ("L", "JPEG", False),
+        ("RGB", "JPEG", False),
+        ("RGBA", "PNG", False),
+        ("CMYK", "JPEG", True),
+        ("RGB", "BMP", True),
+    ],
+)
 def test_every_mode_reaches_three_channels(mode, fmt, converted):
     check = mf.check_image(jpeg_bytes(3, mode=mode, fmt=fmt))
     assert check.ok
@@ -44,14 +54,34 @@ def test_every_mode_reaches_three_channels(mode, fmt, converted):
 def _rows(spec):
     rows = []
     for i, (split, label, patient, digest) in enumerate(spec):
-        rows.append({"path": f"{split}/{label}/{i}.jpeg", "split": split, "label": label, "patient_id": patient,
-                     "sha256": digest, "width": 8, "height": 8, "channels": 3, "format": "JPEG", "source_split": split})
+        rows.append(
+            {
+                "path": f"{split}/{label}/{i}.jpeg",
+                "split": split,
+                "label": label,
+                "patient_id": patient,
+                "sha256": digest,
+                "width": 8,
+                "height": 8,
+                "channels": 3,
+                "format": "JPEG",
+                "source_split": split,
+            }
+        )
     return pd.DataFrame(rows, columns=mf.COLUMNS)
 
 
 def test_cross_split_duplicates_leave_train_not_test():
-    manifest = _rows([("train", "NORMAL", "a", "h1"), ("test", "NORMAL", "b", "h1"), ("train", "NORMAL", "c", "h2"),
-                      ("train", "NORMAL", "d", "h2"), ("val", "PNEUMONIA", "e", "h3"), ("test", "PNEUMONIA", "f", "h3")])
+    manifest = _rows(
+        [
+            ("train", "NORMAL", "a", "h1"),
+            ("test", "NORMAL", "b", "h1"),
+            ("train", "NORMAL", "c", "h2"),
+            ("train", "NORMAL", "d", "h2"),
+            ("val", "PNEUMONIA", "e", "h3"),
+            ("test", "PNEUMONIA", "f", "h3"),
+        ]
+    )
     kept, removed, within, across = mf.remove_cross_split_duplicates(manifest)
     assert {(r["split"], r["sha256"]) for r in removed} == {("train", "h1"), ("val", "h3")}
     assert within == 1 and across == 2

@@ -15,7 +15,7 @@ def test_features_of_a_grey_and_a_colour_image():
     grey = radiograph_like(np.random.default_rng(1))
     features = ood.features_of_array(grey)
     assert features.colour == 0.0 and (features.width, features.height) == (96, 96)
-    assert features.stats.shape == (len(ood.STAT_NAMES),) and features.pixels.shape == (ood.PIXEL_SIZE ** 2,)
+    assert features.stats.shape == (len(ood.STAT_NAMES),) and features.pixels.shape == (ood.PIXEL_SIZE**2,)
     assert features.stats[ood.STAT_NAMES.index("mean")] == pytest.approx(grey[..., 0].mean(), abs=1.0)
     assert features.pixels.mean() == pytest.approx(0, abs=1e-4) and features.pixels.std() == pytest.approx(1, abs=1e-3)
     tinted = grey.astype(int)
@@ -83,7 +83,9 @@ def test_rules_name_their_reason(profile, family):
     wide = np.concatenate([grey, grey, grey], axis=1)
     tiny = grey[:20, :20]
     reasons = profile.assess([ood.features_of_array(x) for x in (colour, wide, tiny)])["reason"].tolist()
-    assert reasons[0].startswith("colour image") and "aspect ratio 3.00" in reasons[1] and "image size 20x20" in reasons[2]
+    assert (
+        reasons[0].startswith("colour image") and "aspect ratio 3.00" in reasons[1] and "image size 20x20" in reasons[2]
+    )
 
 
 def test_content_and_acquisition_reasons(profile, family):

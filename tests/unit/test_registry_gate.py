@@ -7,8 +7,15 @@ from xray.gate import compare, decide, markdown, tags
 
 
 def _comparison(difference: float, low: float, high: float, images: int = 624) -> dict:
-    return {"auc_challenger": 0.95 + difference, "auc_champion": 0.95, "auc_difference": difference,
-            "auc_difference_ci_low": low, "auc_difference_ci_high": high, "resamples": 1000, "images": images}
+    return {
+        "auc_challenger": 0.95 + difference,
+        "auc_champion": 0.95,
+        "auc_difference": difference,
+        "auc_difference_ci_low": low,
+        "auc_difference_ci_high": high,
+        "resamples": 1000,
+        "images": images,
+    }
 
 
 def test_first_version_is_promoted_when_sensitive_enough():
@@ -53,8 +60,14 @@ def test_tags_and_card_carry_every_number_and_the_reason():
     decision = decide(0.97, 0.95, "3", {"test": _comparison(-0.002, -0.008, 0.004)}, 0.01)
     written = tags(decision)
     assert written["promotion_decision"] == "promoted" and written["gate.champion_version"] == "3"
-    for key in ("auc_challenger", "auc_champion", "auc_difference", "auc_difference_ci_low", "auc_difference_ci_high",
-                "images"):
+    for key in (
+        "auc_challenger",
+        "auc_champion",
+        "auc_difference",
+        "auc_difference_ci_low",
+        "auc_difference_ci_high",
+        "images",
+    ):
         assert f"gate.test.{key}" in written
     card = markdown(decision, 0.95)
     assert "| test | 624 |" in card and "-0.0080 to +0.0040" in card and "Promoted" in card

@@ -43,12 +43,22 @@ def test_concurrent_registrations(tmp_path, monkeypatch):
     # The store's default experiment keeps its artifacts under ./mlruns of whoever creates it: not the repository.
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).create_registered_model("race-model")  # both racers need the model row; creating it is not the race
+    MlflowClient(uri).create_registered_model(
+        "race-model"
+    )  # both racers need the model row; creating it is not the race
     go = time.time() + 25
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    racers = {auc: subprocess.Popen([sys.executable, "-c", SCRIPT, uri, str(auc), str(go)], cwd=tmp_path, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for auc in (0.90, 0.95)}
+    racers = {
+        auc: subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, uri, str(auc), str(go)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for auc in (0.90, 0.95)
+    }
     results = {}
     for auc, process in racers.items():
         output, _ = process.communicate(timeout=300)

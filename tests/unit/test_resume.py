@@ -43,8 +43,13 @@ SCRIPT = textwrap.dedent("""
 
 
 def _start(backup):
-    return subprocess.Popen([sys.executable, "-u", "-c", SCRIPT, str(backup)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-u", "-c", SCRIPT, str(backup)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_killed_training_continues_from_last_completed_epoch(tmp_path):

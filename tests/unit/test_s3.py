@@ -39,10 +39,13 @@ def test_download_streams_and_checksums(bucket, tmp_path):
     assert seen[-1] == info["size"]
 
 
-@pytest.mark.parametrize("uri, reason", [
-    ("s3://no-such-bucket/x.zip", "bucket does not exist"),
-    ("s3://chest-xray/missing.zip", "object does not exist"),
-])
+@pytest.mark.parametrize(
+    "uri, reason",
+    [
+        ("s3://no-such-bucket/x.zip", "bucket does not exist"),
+        ("s3://chest-xray/missing.zip", "object does not exist"),
+    ],
+)
 def test_missing_bucket_or_key_is_one_clear_line(bucket, tmp_path, uri, reason):
     with pytest.raises(DatasetSourceError) as error:
         fetch(uri, tmp_path / "w", S3Config(max_attempts=1))

@@ -95,11 +95,14 @@ def test_without_retries_the_error_is_one_line(flaky, tmp_path):
     assert str(error.value) == "cannot read s3://bucket/a.zip: S3 error SlowDown (HTTP 503)"
 
 
-@pytest.mark.parametrize("status, code, reason", [
-    (403, "AccessDenied", "access denied"),
-    (403, "InvalidAccessKeyId", "the AWS access key id is not valid"),
-    (403, "SignatureDoesNotMatch", "the AWS secret key does not match the access key"),
-])
+@pytest.mark.parametrize(
+    "status, code, reason",
+    [
+        (403, "AccessDenied", "access denied"),
+        (403, "InvalidAccessKeyId", "the AWS access key id is not valid"),
+        (403, "SignatureDoesNotMatch", "the AWS secret key does not match the access key"),
+    ],
+)
 def test_permanent_errors_are_not_retried(moto_with_object, tmp_path, status, code, reason):
     proxy = _behind_proxy(moto_with_object, failures=100, status=status, code=code)
     try:

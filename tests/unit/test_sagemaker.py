@@ -47,9 +47,12 @@ def test_gpu_instance_and_cpu_orchestrator_settings_resolve(run_configuration):
 
     _, zenml_config = run_configuration
     step = SagemakerStepOperatorSettings.model_validate(
-        zenml_config.steps["train_model"].settings["step_operator.sagemaker"].model_dump())
+        zenml_config.steps["train_model"].settings["step_operator.sagemaker"].model_dump()
+    )
     assert step.estimator_args["instance_type"] == "ml.g5.xlarge"
-    orchestrator = SagemakerOrchestratorSettings.model_validate(zenml_config.settings["orchestrator.sagemaker"].model_dump())
+    orchestrator = SagemakerOrchestratorSettings.model_validate(
+        zenml_config.settings["orchestrator.sagemaker"].model_dump()
+    )
     assert orchestrator.instance_type.startswith("ml.m5")  # the other steps run on CPU
 
 
@@ -84,24 +87,30 @@ def _script(env, *args):
     return subprocess.run(["bash", str(SCRIPT), *args], env=clean | env, capture_output=True, text=True, timeout=60)
 
 
-STACK_ENV = {"AWS_REGION": "eu-west-1", "XRAY_ARTIFACT_BUCKET": "xray-artifacts",
-             "XRAY_SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/xray-sagemaker",
-             "XRAY_ECR_REGISTRY": "123456789012.dkr.ecr.eu-west-1.amazonaws.com", "XRAY_CODEBUILD_PROJECT": "xray-build",
-             "MLFLOW_TRACKING_URI": "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/xray"}
+STACK_ENV = {
+    "AWS_REGION": "eu-west-1",
+    "XRAY_ARTIFACT_BUCKET": "xray-artifacts",
+    "XRAY_SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/xray-sagemaker",
+    "XRAY_ECR_REGISTRY": "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+    "XRAY_CODEBUILD_PROJECT": "xray-build",
+    "MLFLOW_TRACKING_URI": "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/xray",
+}
 
 
 def test_stack_recipe_dry_run_shows_the_zenml_commands():
     result = _script(STACK_ENV, "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for expected in ("zenml artifact-store register xray-sagemaker-s3 --flavor=s3 --path=s3://xray-artifacts/zenml",
-                     "--flavor=sagemaker --execution_role=arn:aws:iam::123456789012:role/xray-sagemaker --region=eu-west-1",
-                     "zenml step-operator register sagemaker --flavor=sagemaker",
-                     "zenml container-registry register xray-sagemaker-ecr --flavor=aws",
-                     "zenml image-builder register xray-sagemaker-codebuild --flavor=aws --code_build_project=xray-build",
-                     "zenml experiment-tracker register xray-sagemaker-mlflow --flavor=mlflow --tracking_uri=arn:aws:sagemaker",
-                     "zenml model-registry register xray-sagemaker-mlflow-registry --flavor=mlflow",
-                     "zenml stack register xray-sagemaker"):
+    for expected in (
+        "zenml artifact-store register xray-sagemaker-s3 --flavor=s3 --path=s3://xray-artifacts/zenml",
+        "--flavor=sagemaker --execution_role=arn:aws:iam::123456789012:role/xray-sagemaker --region=eu-west-1",
+        "zenml step-operator register sagemaker --flavor=sagemaker",
+        "zenml container-registry register xray-sagemaker-ecr --flavor=aws",
+        "zenml image-builder register xray-sagemaker-codebuild --flavor=aws --code_build_project=xray-build",
+        "zenml experiment-tracker register xray-sagemaker-mlflow --flavor=mlflow --tracking_uri=arn:aws:sagemaker",
+        "zenml model-registry register xray-sagemaker-mlflow-registry --flavor=mlflow",
+        "zenml stack register xray-sagemaker",
+    ):
         assert expected in out
     assert "dry run: nothing was registered" in out
 
@@ -121,18 +130,37 @@ def test_stack_recipe_rejects_missing_or_malformed_inputs_and_hides_tokens():
 def test_local_path_does_not_import_sagemaker(tmp_path):
     # A script file, not -c: ZenML needs a main module file to find its source root.
     script = tmp_path / "imports.py"
-    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import run, pipelines, steps, materializers\n"
-                      "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'); print(bad)\n"
-                      "sys.exit(bool(bad))\n")
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import run, pipelines, steps, materializers\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'); print(bad)\n"
+        "sys.exit(bool(bad))\n"
+    )
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.slow
 def test_combined_requirements_resolve(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report",
-                             str(tmp_path / "report.json"), "-r", "requirements.txt", "-r", "requirements-aws.txt"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(tmp_path / "report.json"),
+            "-r",
+            "requirements.txt",
+            "-r",
+            "requirements-aws.txt",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = yaml.safe_load((tmp_path / "report.json").read_text())
     to_install = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report["install"]}
@@ -150,15 +178,24 @@ def test_the_sagemaker_train_step_gets_a_checkpoint_s3_uri_under_the_artifact_st
     estimator = resolved["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
     assert estimator["checkpoint_s3_uri"] == "s3://xray-artifacts/zenml/checkpoints/train_model"
     assert estimator["checkpoint_local_path"] == config.train.backup_dir == "/opt/ml/checkpoints"
-    assert "checkpoint_s3_uri" not in config.zenml["steps"]["train_model"]["settings"]["step_operator.sagemaker"][
-        "estimator_args"]  # the loaded config itself is left alone
+    assert (
+        "checkpoint_s3_uri"
+        not in config.zenml["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
+    )  # the loaded config itself is left alone
     # A user's own URI is kept; no backup_dir, no checkpoints; a non-S3 artifact store cannot hold them.
     own = yaml.safe_load(yaml.safe_dump(config.zenml))
-    own["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"] = "s3://x/y"
+    own["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"] = (
+        "s3://x/y"
+    )
     kept = run.with_sagemaker_checkpoints(own, "/opt/ml/checkpoints", "s3://xray-artifacts/zenml")
-    assert kept["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"] == "s3://x/y"
+    assert (
+        kept["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"]
+        == "s3://x/y"
+    )
     none = run.with_sagemaker_checkpoints(config.zenml, None, "s3://xray-artifacts/zenml")
-    assert "checkpoint_s3_uri" not in none["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
+    assert (
+        "checkpoint_s3_uri" not in none["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
+    )
     with pytest.raises(ConfigError, match="not on S3"):
         run.with_sagemaker_checkpoints(config.zenml, "/opt/ml/checkpoints", "/home/me/.config/zenml/local_stores/x")
 
@@ -170,17 +207,27 @@ def _installed(versions):
         if name not in versions:
             raise PackageNotFoundError(name)
         return versions[name]
+
     return lookup
 
 
-RUNTIME = {"keras": "3.13.0", "mlflow": "3.17.2", "pillow": "12.0.0", "numpy": "2.3.0", "scikit-learn": "1.7.0",
-           "scipy": "1.16.0"}
+RUNTIME = {
+    "keras": "3.13.0",
+    "mlflow": "3.17.2",
+    "pillow": "12.0.0",
+    "numpy": "2.3.0",
+    "scikit-learn": "1.7.0",
+    "scipy": "1.16.0",
+}
 
 
-@pytest.mark.parametrize("tensorflow, pin", [
-    ({"tensorflow": "2.21.0"}, "tensorflow==2.21.0"),          # the GPU image (tensorflow/tensorflow:2.21.0-gpu)
-    ({"tensorflow-cpu": "2.21.0"}, "tensorflow-cpu==2.21.0"),  # this machine
-])
+@pytest.mark.parametrize(
+    "tensorflow, pin",
+    [
+        ({"tensorflow": "2.21.0"}, "tensorflow==2.21.0"),  # the GPU image (tensorflow/tensorflow:2.21.0-gpu)
+        ({"tensorflow-cpu": "2.21.0"}, "tensorflow-cpu==2.21.0"),  # this machine
+    ],
+)
 def test_registered_requirements_name_tensorflow_however_it_was_installed(tensorflow, pin):
     from xray.registry import pip_requirements
 

@@ -34,7 +34,9 @@ def test_per_image_normalization_ignores_exposure_and_contrast():
     np.testing.assert_allclose(preprocess(image).numpy(), preprocess(darker_flatter).numpy(), atol=1e-3)
     np.testing.assert_allclose(model.predict(image, verbose=0), model.predict(darker_flatter, verbose=0), atol=1e-4)
     fixed, _ = build_model(ModelConfig(image_size=32, dense_units=4), None)
-    assert not np.allclose(fixed.get_layer("preprocess")(image).numpy(), fixed.get_layer("preprocess")(darker_flatter).numpy())
+    assert not np.allclose(
+        fixed.get_layer("preprocess")(image).numpy(), fixed.get_layer("preprocess")(darker_flatter).numpy()
+    )
 
 
 def test_per_image_model_survives_a_keras_round_trip(tmp_path):

@@ -26,8 +26,14 @@ def predictor():
     rng = np.random.default_rng(0)
     features = [ood.features_of_array(radiograph_like(rng)) for _ in range(80)]
     profile = ood.fit_profile(features[:50], features[50:], np.full(30, 0.4), 0.5)
-    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255.0),
-                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     return serving.ChestXrayPredictor(model, 0.5, 32, "7", profile)
 
 

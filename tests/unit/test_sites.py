@@ -21,8 +21,11 @@ def _entries(prefix: str = "export/2026/", per_class: int = 4, start: int = 0) -
 
 
 def test_zip_with_class_folders_at_depth_and_junk(tmp_path):
-    entries = _entries() | _entries("other/batch/", per_class=2, start=50) | {
-        "__MACOSX/export/NORMAL/._img0.jpeg": b"junk", "export/.DS_Store": b"junk", "export/notes.txt": b"hello"}
+    entries = (
+        _entries()
+        | _entries("other/batch/", per_class=2, start=50)
+        | {"__MACOSX/export/NORMAL/._img0.jpeg": b"junk", "export/.DS_Store": b"junk", "export/notes.txt": b"hello"}
+    )
     archive = write_zip(tmp_path / "hospital b.zip", entries)
     dataset, report = load_site(str(archive), tmp_path / "work", DataConfig(), S3Config())
     assert report["counts"] == {"NORMAL": 6, "PNEUMONIA": 6} and report["images"] == 12
@@ -48,8 +51,9 @@ def test_a_site_without_both_classes_is_refused(tmp_path):
     with pytest.raises(ArchiveError, match="no images in a PNEUMONIA/ folder"):
         load_site(str(archive), tmp_path / "work", DataConfig(), S3Config())
     with pytest.raises(ArchiveError, match="no NORMAL/ or PNEUMONIA/"):
-        load_site(str(write_zip(tmp_path / "t.zip", {"a/b.jpeg": jpeg_bytes(1)})), tmp_path / "w2", DataConfig(),
-                  S3Config())
+        load_site(
+            str(write_zip(tmp_path / "t.zip", {"a/b.jpeg": jpeg_bytes(1)})), tmp_path / "w2", DataConfig(), S3Config()
+        )
 
 
 def test_unsafe_or_oversized_archives_are_refused_like_training_archives(tmp_path):
@@ -68,8 +72,9 @@ def test_unsafe_or_oversized_archives_are_refused_like_training_archives(tmp_pat
 def test_too_many_unreadable_images_fail_the_bad_image_budget(tmp_path):
     entries = _entries() | {f"export/NORMAL/bad{i}.jpeg": b"\xff\xd8\xff broken" for i in range(3)}
     with pytest.raises(DataQualityError):
-        load_site(str(write_zip(tmp_path / "s.zip", entries)), tmp_path / "w", DataConfig(max_bad_fraction=0.1),
-                  S3Config())
+        load_site(
+            str(write_zip(tmp_path / "s.zip", entries)), tmp_path / "w", DataConfig(max_bad_fraction=0.1), S3Config()
+        )
 
 
 def test_missing_site_is_one_clear_error(tmp_path):
@@ -81,15 +86,24 @@ def test_the_site_table_of_the_model_card_comes_from_the_version_tags():
     from xray.model_card import site_table
 
     assert "No site has been evaluated yet" in site_table({})
-    tags = {"site.b.images": "55", "site.b.threshold": "0.2", "site.b.recalibrated.fraction": "0.3",
-            "site.b.recalibrated.threshold": "0.6", "site.b.recalibrated.images": "38"}
+    tags = {
+        "site.b.images": "55",
+        "site.b.threshold": "0.2",
+        "site.b.recalibrated.fraction": "0.3",
+        "site.b.recalibrated.threshold": "0.6",
+        "site.b.recalibrated.images": "38",
+    }
     for prefix in ("site.b.", "site.b.recalibrated."):
-        for name, value in (("auc", 0.93), ("sensitivity", 0.9), ("specificity", 0.5), ("accuracy", 0.7),
-                            ("ece", 0.2)):
-            tags |= {f"{prefix}{name}": str(value), f"{prefix}{name}_ci_low": str(value - 0.05),
-                     f"{prefix}{name}_ci_high": str(value + 0.01)}
+        for name, value in (("auc", 0.93), ("sensitivity", 0.9), ("specificity", 0.5), ("accuracy", 0.7), ("ece", 0.2)):
+            tags |= {
+                f"{prefix}{name}": str(value),
+                f"{prefix}{name}_ci_low": str(value - 0.05),
+                f"{prefix}{name}_ci_high": str(value + 0.01),
+            }
     table = site_table(tags | {"test_auc": "0.9"})
-    assert "| b | as registered | 55 | 0.2000 | 0.930 (0.880-0.940) | 0.900 (0.850-0.910) | 0.500 (0.450-0.510) |" in table
+    assert (
+        "| b | as registered | 55 | 0.2000 | 0.930 (0.880-0.940) | 0.900 (0.850-0.910) | 0.500 (0.450-0.510) |" in table
+    )
     assert "| b | recalibrated on 30% | 38 | 0.6000 |" in table
 
 

@@ -34,8 +34,14 @@ print(json.dumps(out))
 def test_runs_use_xray_local_by_default_and_named_stacks_must_exist_with_a_tracker(tmp_path):
     script = tmp_path / "use_stacks.py"  # a file: ZenML resolves its source root from the main module's path
     script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(ROOT)], cwd=tmp_path, env=isolated_env(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(ROOT)],
+        cwd=tmp_path,
+        env=isolated_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["first"] == ["xray-local", "sqlite:////tmp/a/mlflow.db"]
@@ -52,13 +58,32 @@ def test_team_stack_defaults_and_addresses(tmp_path):
     stack = TeamStack(state=tmp_path, zenml_port=1, mlflow_port=2, s3_port=3, pg_port=4)
     info = stack.info()
     assert (info["zenml_url"], info["mlflow_tracking_uri"], info["s3_endpoint"]) == (
-        "http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3")
+        "http://127.0.0.1:1",
+        "http://127.0.0.1:2",
+        "http://127.0.0.1:3",
+    )
     assert info["artifact_store"] == "s3://xray-team/zenml" and info["mlflow_artifacts"] == "s3://xray-team/mlflow"
     status = stack.status()["running"]
     assert status == {"s3": False, "mlflow": False, "zenml": False, "postgres": False}  # nothing listens there
     assert stack.down()["stopped"] == []  # nothing was started in this folder: nothing to stop
-    assert main(["status", "--state", str(tmp_path), "--zenml-port", "1", "--mlflow-port", "2", "--s3-port", "3",
-                 "--pg-port", "4"]) == 0
+    assert (
+        main(
+            [
+                "status",
+                "--state",
+                str(tmp_path),
+                "--zenml-port",
+                "1",
+                "--mlflow-port",
+                "2",
+                "--s3-port",
+                "3",
+                "--pg-port",
+                "4",
+            ]
+        )
+        == 0
+    )
 
 
 def test_the_s3rver_listing_fix_applies_once_and_refuses_unknown_code(tmp_path):

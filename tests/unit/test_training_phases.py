@@ -65,8 +65,13 @@ SCRIPT = textwrap.dedent("""
 
 
 def _start(folder):
-    return subprocess.Popen([sys.executable, "-u", "-c", SCRIPT, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-u", "-c", SCRIPT, str(folder)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _values(output: str, key: str) -> dict[int, str]:
