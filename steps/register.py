@@ -96,7 +96,7 @@ def register_model(
         mlflow.log_text(card, "model_card.md")
         for key, value in metadata.items():
             client.set_model_version_tag(registry.model_name, version, key, str(value))
-        xregistry.promote(client, registry.model_name, version, registry.champion_alias, flat, decision)
+        decision = xregistry.promote(client, registry.model_name, version, registry.champion_alias, flat, decision)
         mlflow.set_tags(
             {
                 "model_version": version,

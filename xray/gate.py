@@ -106,7 +106,10 @@ def tags(decision: PromotionDecision) -> dict[str, str]:
 def markdown(decision: PromotionDecision, min_sensitivity: float) -> str:
     """The model card's "Promotion gate" section."""
     lines = [
-        f"**{'Promoted' if decision.promoted else 'Not promoted'}.** {decision.reason}.",
+        f"**{'Passed' if decision.promoted else 'Did not pass'} the promotion gate.** {decision.reason}.",
+        "",
+        "Passing makes a version champion unless another run moved the champion while it was gated (promotions are "
+        "serialised; the version's `promotion_decision` tag and the registry's alias say what happened).",
         "",
         f"Rule: test sensitivity at the val-chosen threshold >= {min_sensitivity:g}; then, against the champion "
         f"of the time, the paired bootstrap 95% CI of AUC(this version) - AUC(champion) must have its lower bound "

@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import pandas as pd
 from PIL import Image
 
 from xray import serving as serving_module
+
+logger = logging.getLogger(__name__)
 
 # TensorFlow installs under several distribution names: tensorflow-cpu here, tensorflow on the GPU image.
 TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel")
@@ -153,58 +157,92 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str, re
 
 
 def promote(
-    client,
-    model_name: str,
-    version_id: str,
-    alias: str,
-    metrics: dict,
-    decision,
-    settle_seconds: float = 1.0,
-    rounds: int = 3,
-) -> None:
+    client, model_name: str, version_id: str, alias: str, metrics: dict, decision, lock_timeout_s: float = 300.0
+):
     """Tag the version with its metrics and the gate's evidence; give it the alias when the gate promoted it.
+    Returns the final :class:`xray.gate.PromotionDecision`.
 
-    ``decision`` is :class:`xray.gate.PromotionDecision`, taken against the champion read before scoring. The
-    registry has no compare-and-set, so two runs finishing together could both take the alias. After promoting,
-    each waits briefly and re-reads the alias: a run holding a higher test AUC than the version that took the alias
-    after it takes it back. Every racer ends on the same answer, the best of the versions that passed the gate.
+    ``decision`` was taken against the champion read before scoring. Promotions are serialised by
+    :func:`promotion_lock`; under it the alias moves only if the champion is still the one the gate compared against.
+    If another run moved it meanwhile, this version is not promoted (it was never compared with the new champion)
+    and its tags say so: the registry has no compare-and-set, the lock provides one.
     """
+    from dataclasses import replace
+
     from xray import gate
 
     for key in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_ece", "threshold"):
         if key in metrics:
             client.set_model_version_tag(model_name, version_id, key, str(metrics[key]))
+    if decision.promoted:
+        with promotion_lock(client, model_name, timeout_s=lock_timeout_s):
+            holder, _ = current_champion(client, model_name, alias)
+            if holder != decision.previous_champion:
+                compared = f"v{decision.previous_champion}" if decision.previous_champion else "no champion"
+                decision = replace(
+                    decision,
+                    promoted=False,
+                    reason=(
+                        f"the champion became v{holder} while this version was gated against {compared}; not promoted "
+                        f"without a paired comparison with v{holder} (train again, or compare by hand). Gate: "
+                        f"{decision.reason}"
+                    ),
+                )
+            else:
+                client.set_registered_model_alias(model_name, alias, version_id)
     for key, value in gate.tags(decision).items():
         client.set_model_version_tag(model_name, version_id, key, value)
-    if decision.promoted:
-        set_alias(client, model_name, alias, version_id)
-        for _ in range(rounds):
-            time.sleep(settle_seconds)
-            holder, holder_auc = current_champion(client, model_name, alias)
-            if holder == version_id or (holder_auc is not None and holder_auc >= metrics["test_auc"]):
-                break
-            set_alias(client, model_name, alias, version_id)
+    return decision
 
 
-def set_alias(client, model_name: str, alias: str, version_id: str, attempts: int = 5, pause_s: float = 0.2) -> None:
-    """Set the alias, retrying when a concurrent writer created it first.
+@contextmanager
+def promotion_lock(client, model_name: str, timeout_s: float = 300.0, stale_s: float = 1800.0, poll_s: float = 0.2):
+    """A mutex over the promotions of one model, in the registry itself so that it holds across machines and any
+    MLflow backend: creating a registered model is atomic (RESOURCE_ALREADY_EXISTS for the second creator), so the
+    holder is whoever created ``<model>.promotion-lock``; it is deleted on release. A lock older than ``stale_s``
+    (its holder died) is broken with a warning."""
+    import socket
 
-    The SQL registry stores check whether the alias exists and then insert it,
-    so two runs that set a new alias at the same moment make one of them fail
-    on the unique key. The retry finds the row and updates it instead; the
-    settle loop in :func:`promote` then decides which version keeps it.
-    """
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(1, attempts + 1):
+    name = f"{model_name}.promotion-lock"
+    deadline = time.monotonic() + timeout_s
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    while True:
         try:
-            client.set_registered_model_alias(model_name, alias, version_id)
-            return
+            client.create_registered_model(name, description=f"promotion lock held by {holder}; deleted on release")
+            break
         except MlflowException as error:
-            message = str(error).lower()
-            if attempt == attempts or not ("unique constraint" in message or "duplicate entry" in message):
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            time.sleep(pause_s * attempt)
+        try:
+            held = client.get_registered_model(name)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue  # released between the two calls
+            raise
+        age = time.time() - held.creation_timestamp / 1000
+        if age > stale_s:
+            logger.warning("breaking the promotion lock %s, %.0f s old (%s)", name, age, held.description)
+            _delete_model(client, name)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"promotion lock {name} still held after {timeout_s:.0f} s ({held.description})")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        _delete_model(client, name)
+
+
+def _delete_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def model_uri(model_name: str, version_or_alias: str) -> str:

@@ -70,7 +70,7 @@ def test_tags_and_card_carry_every_number_and_the_reason():
     ):
         assert f"gate.test.{key}" in written
     card = markdown(decision, 0.95)
-    assert "| test | 624 |" in card and "-0.0080 to +0.0040" in card and "Promoted" in card
+    assert "| test | 624 |" in card and "-0.0080 to +0.0040" in card and "Passed the promotion gate" in card
 
 
 def test_paired_ci_uses_shared_resamples():

@@ -1,4 +1,5 @@
-"""Two runs that finish together each register a version; the champion ends on the better one."""
+"""Two runs that finish together each register a version; promotions are serialised by the registry lock, so the
+champion is exactly one of them and the other says why it was not promoted."""
 
 import os
 import subprocess
@@ -30,9 +31,9 @@ SCRIPT = textwrap.dedent("""
         while time.time() < go:  # both finish together
             time.sleep(0.001)
         metrics = {"test_auc": auc, "test_sensitivity": 0.97, "test_specificity": 0.5, "test_accuracy": 0.8, "threshold": 0.5}
-        # Both read "no champion" before either registered: both pass the gate, the settle loop decides.
+        # Both read "no champion" before either registered: both pass the gate; the lock serialises the promotions.
         decision = gate.decide(0.97, 0.95, None, {}, 0.01)
-        registry.promote(MlflowClient(), "race-model", version, "champion", metrics, decision)
+        decision = registry.promote(MlflowClient(), "race-model", version, "champion", metrics, decision)
     print("RESULT", version, decision.promoted, flush=True)
 """)
 
@@ -64,7 +65,36 @@ def test_concurrent_registrations(tmp_path, monkeypatch):
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output[-3000:]
         line = [l for l in output.splitlines() if l.startswith("RESULT")][-1].split()
-        results[auc] = line[1]
-    assert len(set(results.values())) == 2, "each run registers its own version"
-    champion = MlflowClient(uri).get_model_version_by_alias("race-model", "champion")
-    assert str(champion.version) == results[0.95]
+        results[auc] = (line[1], line[2])
+    assert len({version for version, _ in results.values()}) == 2, "each run registers its own version"
+    promoted = [version for version, won in results.values() if won == "True"]
+    assert len(promoted) == 1, results  # one promotion took the alias; the other saw it move and stood down
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("race-model", "champion").version) == promoted[0]
+    loser = next(version for version, won in results.values() if won == "False")
+    tags = client.get_model_version("race-model", loser).tags
+    assert (
+        tags["promotion_decision"] == "rejected" and f"the champion became v{promoted[0]}" in tags["promotion_reason"]
+    )
+    assert not client.search_registered_models("name = 'race-model.promotion-lock'"), "the lock is released"
+
+
+def test_the_promotion_lock_is_exclusive_released_on_errors_and_broken_when_stale(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from xray.registry import promotion_lock
+
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with promotion_lock(client, "m"):
+        assert client.get_registered_model("m.promotion-lock")
+        with pytest.raises(TimeoutError, match="still held"):
+            with promotion_lock(client, "m", timeout_s=0.5):
+                pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with promotion_lock(client, "m"):
+            raise RuntimeError("boom")
+    assert not client.search_registered_models("name = 'm.promotion-lock'")  # released despite the error
+    client.create_registered_model("m.promotion-lock", description="held by a process that died")
+    with promotion_lock(client, "m", stale_s=0.0):  # older than stale_s: broken, then taken
+        assert "deleted on release" in client.get_registered_model("m.promotion-lock").description
