@@ -86,7 +86,7 @@ def test_cli_on_the_local_stack_says_so_in_one_line(tmp_path):
         timeout=300,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: stack 'default' cannot schedule runs")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: stack 'xray-local' cannot schedule runs")
     listing = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "--list-schedules"],
         cwd=ROOT,
