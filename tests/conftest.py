@@ -165,26 +165,16 @@ class Team:
     info: dict = field(default_factory=dict)
 
     def stack(self, command: str, timeout: int = 300) -> dict:
-        args = [f"--{name}-port={port}" for name, port in self.ports.items()]
-        result = subprocess.run(
-            [sys.executable, "-m", "infra.team_stack", command, "--state", str(self.state), *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        ports = [f"--{name}-port={port}" for name, port in self.ports.items()]
+        return self._json_line(["-m", "infra.team_stack", command, "--state", str(self.state), *ports], timeout)
 
     def run(self, *args: str, timeout: int = 900) -> dict:
+        return self._json_line([str(ROOT / "run.py"), "--stack", "team", *args], timeout)
+
+    def _json_line(self, args: list[str], timeout: int) -> dict:
+        """Run this interpreter with ``args`` in the team's environment; its last stdout line, parsed."""
         result = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), "--stack", "team", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+            [sys.executable, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
         )
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
