@@ -224,14 +224,21 @@ def schedule_name(expression: str) -> str:
 
 
 def tracker_settings(registry) -> dict:
-    """The run's MLflow experiment, created first so that a SQLite store keeps its artifacts beside it; the stack's
-    experiment tracker opens the run in it."""
+    """The stack's experiment tracker opens the run's MLflow run in ``registry.experiment_name``."""
+    return {"experiment_tracker": {"experiment_name": registry.experiment_name}}
+
+
+def ensure_experiment(registry) -> None:
+    """Create the run's MLflow experiment before the tracker does, so that a SQLite store keeps its artifacts beside it
+    (the tracker would leave them under ./mlruns). Needs the URI that on_stack pinned: an unset one would make MLflow
+    fall back to ./mlflow.db in whatever directory this runs from."""
     from mlflow.tracking import MlflowClient
 
     from xray import tracking
 
+    if not registry.tracking_uri:
+        raise ValueError("registry.tracking_uri is unset: on_stack() pins the stack's tracking URI before a launch")
     tracking.experiment_id(MlflowClient(tracking_uri=registry.tracking_uri), registry.experiment_name)
-    return {"experiment_tracker": {"experiment_name": registry.experiment_name}}
 
 
 def with_sagemaker_checkpoints(zenml_config: dict, backup_dir: str | None, artifact_root: str) -> dict:
@@ -292,6 +299,7 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
     quiet_expected_failures()
     stack = Client().active_stack
     schedule = schedule_for(cron, stack.orchestrator, stack.name) if cron else None
+    ensure_experiment(config.registry)
     with ExitStack() as services, tempfile.TemporaryDirectory() as workdir:
         uri = stage_dataset(config, dataset_uri, services)
         run = training_pipeline.with_options(**launch_options(config, no_cache, schedule, Path(workdir)))(
@@ -315,6 +323,7 @@ def run_inference(config, images: str, model_version: str, output: Path, explain
 
     quiet_expected_failures()
     registry = config.registry.model_copy(update={"experiment_name": "chest-xray-inference"})
+    ensure_experiment(registry)
     run = inference_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
         images=images,
         model_version=model_version,
@@ -354,6 +363,7 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
 
     quiet_expected_failures()
     registry = config.registry.model_copy(update={"experiment_name": config.monitoring.experiment_name})
+    ensure_experiment(registry)
     run = monitoring_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
         images=images,
         model_version=model_version,
@@ -401,6 +411,7 @@ def run_evaluation(
     quiet_expected_failures()
     registry = config.registry.model_copy(update={"experiment_name": config.evaluate.site_experiment_name})
     name = site_name(dataset_uri, site)
+    ensure_experiment(registry)
     run = evaluation_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
         dataset_uri=dataset_uri,
         site=name,

@@ -214,3 +214,14 @@ def trained(team):
         for name in names:
             (images / name.rsplit("/", 1)[1]).write_bytes(archive.read(name))
     return home, team.env, images, summary
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_store_in_the_repository():
+    """MLflow 3 falls back to sqlite:///mlflow.db in the working directory when no tracking URI is set: no test may
+    leave such a store (or ./mlruns) in the repository."""
+    strays = [ROOT / "mlflow.db", ROOT / "mlruns"]
+    before = {path for path in strays if path.exists()}
+    yield
+    created = [str(path) for path in strays if path.exists() and path not in before]
+    assert not created, f"a test wrote an MLflow store into the repository: {created}"
