@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.lock | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
 # The Python entry points set TF/ZenML defaults themselves (xray/environment.py); this one is for the zenml CLI calls.
 export ZENML_ANALYTICS_OPT_IN ?= false
@@ -11,10 +11,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
-$(STAMP): requirements.lock
+# The locked dependencies, then this project in editable mode (pyproject.toml; setuptools comes from the lock).
+$(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements into $(VENV) (first time: several minutes)"
 	$(PY) -m pip install --quiet -r requirements.lock 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
@@ -63,12 +65,19 @@ quality: stack
 	$(PY) run.py --pipeline training $(STACK_FLAG) --config configs/training_quality_cpu.yaml $(if $(SEED),--seed $(SEED)) --summary $(QUALITY_SUMMARY)
 	$(PY) scripts/verify_registered.py --summary $(QUALITY_SUMMARY)
 
+# pytest-xdist workers. --dist loadfile keeps each test file on one worker, so the team stack and the local run
+# (session fixtures, tests/conftest.py) are each built once and used in file order; --no-loadscope-reorder hands out
+# files in collection order (pyproject.toml: the pipeline files first), not by test count. TEST_WORKERS=3 on this 2-core
+# machine: the two pipeline files spend much of their time waiting on servers and subprocesses, and a third worker
+# runs the unit files meanwhile (README "Development" has the times). test-fast is CPU-bound: one worker per core.
+TEST_WORKERS ?= 3
+FAST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit layer without the slow (training, subprocess) tests: the quick check while editing domain code.
 test-fast: setup
-	$(PY) -m pytest tests/unit -m "not slow" -q
+	$(PY) -m pytest tests/unit -m "not slow" -q -n $(FAST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/bench.py

@@ -162,15 +162,21 @@ def stage_dataset(config, dataset_uri: str | None, services: ExitStack) -> str:
     return location.uri
 
 
-def summarize(run, config) -> dict:
+def run_outputs(run):
+    """The finished pipeline run, fetched again from the ZenML store, and ``load(step, output)`` for its artifacts:
+    the one place run.py reads artifacts back to build its summary and files."""
     from zenml.client import Client
 
     run = Client().get_pipeline_run(run.id)
-    steps = run.steps
 
     def load(step: str, output: str):
-        return steps[step].outputs[output][0].load()
+        return run.steps[step].outputs[output][0].load()
 
+    return run, load
+
+
+def summarize(run, config) -> dict:
+    run, load = run_outputs(run)
     registration = load("register_model", "registration")
     report = load("unzip_and_validate", "data_report")
     flat = load("evaluate_model", "metrics")["flat"]
@@ -185,7 +191,7 @@ def summarize(run, config) -> dict:
         "threshold": registration["threshold"],
         "seed": config.seed,
         "dataset_sha256": load("ingest_from_s3", "archive_info")["sha256"],
-        "steps": {name: str(step.status.value) for name, step in steps.items()},
+        "steps": {name: str(step.status.value) for name, step in run.steps.items()},
         "splits": report["counts"]
         | {"duplicates_removed": len(report["duplicates_removed"]), "quarantined": len(report["quarantined"])},
         "metrics": {k: flat[k] for k in SUMMARY_METRICS},
@@ -317,7 +323,6 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
 
 
 def run_inference(config, images: str, model_version: str, output: Path, explain: int) -> dict:
-    from zenml.client import Client
 
     from pipelines.inference import inference_pipeline
 
@@ -331,14 +336,14 @@ def run_inference(config, images: str, model_version: str, output: Path, explain
         explain=explain,
         s3_max_attempts=config.s3.max_attempts,
     )
-    steps = Client().get_pipeline_run(run.id).steps
-    table = steps["batch_predict"].outputs["predictions"][0].load()
+    run, load = run_outputs(run)
+    table = load("batch_predict", "predictions")
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)
-    overlays = steps["explain_predictions"].outputs["gradcam"][0].load() if explain else {}
+    overlays = load("explain_predictions", "gradcam") if explain else {}
     for name, image in overlays.items():
         image.save(output.parent / name)
-    info = steps["resolve_model_version"].outputs["model_info"][0].load()
+    info = load("resolve_model_version", "model_info")
     usable = table["status"] == "ok"
     return {
         "pipeline_run_id": str(run.id),
@@ -357,7 +362,6 @@ def run_inference(config, images: str, model_version: str, output: Path, explain
 
 def run_monitoring(config, images: str, model_version: str, output: Path) -> dict:
     """The monitoring pipeline; the report, plots and predictions are also written under ``output``."""
-    from zenml.client import Client
 
     from pipelines.monitoring import monitoring_pipeline
 
@@ -372,13 +376,13 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
         seed=config.seed,
         s3_max_attempts=config.s3.max_attempts,
     )
-    steps = Client().get_pipeline_run(run.id).steps
-    report = steps["check_drift"].outputs["drift_report"][0].load()
+    run, load = run_outputs(run)
+    report = load("check_drift", "drift_report")
     output.mkdir(parents=True, exist_ok=True)
-    steps["batch_predict"].outputs["predictions"][0].load().to_csv(output / "predictions.csv", index=False)
+    load("batch_predict", "predictions").to_csv(output / "predictions.csv", index=False)
     (output / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    (output / "report.html").write_text(steps["check_drift"].outputs["report_html"][0].load())
-    for name, image in steps["check_drift"].outputs["monitoring_plots"][0].load().items():
+    (output / "report.html").write_text(load("check_drift", "report_html"))
+    for name, image in load("check_drift", "monitoring_plots").items():
         image.save(output / f"{name}.png")
     return {
         "drift_detected": report["drift_detected"],
@@ -403,7 +407,6 @@ def run_evaluation(
     config, dataset_uri: str, model_version: str, site: str | None, recalibrate_fraction: float | None
 ) -> dict:
     """The evaluation pipeline: one registered version on one labelled site."""
-    from zenml.client import Client
 
     from pipelines.evaluation import evaluation_pipeline
     from xray.sites import site_name
@@ -423,9 +426,9 @@ def run_evaluation(
         registry=registry,
         seed=config.seed,
     )
-    steps = Client().get_pipeline_run(run.id).steps
-    result = steps["evaluate_on_site"].outputs["site_evaluation"][0].load()
-    info = steps["resolve_model_version"].outputs["model_info"][0].load()
+    run, load = run_outputs(run)
+    result = load("evaluate_on_site", "site_evaluation")
+    info = load("resolve_model_version", "model_info")
     metrics = result["metrics"]
     summary = {
         "site": name,
@@ -610,7 +613,6 @@ def main(
     log_level: str | None = None,
 ) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
-    sys.path.insert(0, str(ROOT))
     if verbose and quiet:
         fail("-v and -q contradict each other", 2)
     configure_logging(log_level or ("debug" if verbose else "warning" if quiet else "info"))

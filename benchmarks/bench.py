@@ -23,7 +23,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from xray.environment import apply_defaults  # noqa: E402
 
 apply_defaults()

@@ -40,8 +40,7 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
+from xray.config import MODEL_NAME  # noqa: E402
 from xray.environment import apply_defaults  # noqa: E402
 
 apply_defaults()

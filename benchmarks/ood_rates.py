@@ -10,7 +10,6 @@ adults >= 80%); `make bench-ood` measures everything.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,8 +17,7 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
+from xray.config import MODEL_NAME  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SETS = {

@@ -30,9 +30,7 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
+from xray.config import MODEL_NAME  # noqa: E402
 
 
 def free_port() -> int:

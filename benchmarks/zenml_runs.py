@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from xray.environment import apply_defaults  # noqa: E402
 
 apply_defaults()
@@ -25,11 +24,9 @@ from xray.config import load_config  # noqa: E402
 
 @pipeline(name="xray_data_steps_benchmark")
 def data_steps(config, dataset_uri: str) -> None:
-    raw_archive, _ = ingest_from_s3(dataset_uri=dataset_uri, s3=config.s3, registry=config.registry)
-    dataset, _, _, _, _ = unzip_and_validate(raw_archive, data=config.data, registry=config.registry, seed=config.seed)
-    build_datasets(
-        dataset, data=config.data, model=config.model, train=config.train, registry=config.registry, seed=config.seed
-    )
+    raw_archive, _ = ingest_from_s3(dataset_uri=dataset_uri, s3=config.s3)
+    dataset, _, _, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
+    build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
 
 
 def timed(run_pipeline):

@@ -312,7 +312,8 @@ class TeamStack:
         return "started"
 
     # -- ZenML server: its own config folder and SQLite database under state/zenml --
-    def start_zenml(self) -> str:
+    def start_zenml(self, wait: bool = True) -> str:
+        """Start the ZenML server; with ``wait=False`` return once it is spawned (:meth:`up` awaits it last)."""
         if self._pid("zenml") and healthy(self.zenml_url + "/health"):
             return "running"
         home = self.state / "zenml"
@@ -343,7 +344,8 @@ class TeamStack:
             ],
             env,
         )
-        self._wait_healthy("zenml", self.zenml_url + "/health", pid)
+        if wait:
+            self._wait_healthy("zenml", self.zenml_url + "/health", pid)
         return "started"
 
     # -- the zenml client and the stack --
@@ -436,12 +438,13 @@ class TeamStack:
     # -- the commands --
     def up(self) -> dict:
         self.state.mkdir(parents=True, exist_ok=True)
-        services = {
-            "s3": self.start_s3(),
-            "postgres": self.start_postgres(),
-            "mlflow": self.start_mlflow(),
-            "zenml": self.start_zenml(),
-        }
+        # The ZenML server is the slowest to come up (its database migrations) and needs none of the others: it starts
+        # first and is awaited last, while S3, PostgreSQL and MLflow start in turn.
+        zenml = self.start_zenml(wait=False)
+        services = {"s3": self.start_s3(), "postgres": self.start_postgres(), "mlflow": self.start_mlflow()}
+        if zenml == "started":
+            self._wait_healthy("zenml", self.zenml_url + "/health", self._pid("zenml"))
+        services["zenml"] = zenml
         self.connect_client()
         services["stack"] = self.register_stack()
         info = self.info() | {"services": services, "notices": self.notices}

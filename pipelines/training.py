@@ -27,17 +27,13 @@ MODEL = Model(
 @pipeline(name="chest_xray_training", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
 def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     raw_archive, archive_info = ingest_from_s3(
-        dataset_uri=dataset_uri, s3=config.s3, registry=config.registry, expected_sha256=config.expected_sha256
+        dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256
     )
-    dataset, _, data_report, _, _ = unzip_and_validate(
-        raw_archive, data=config.data, registry=config.registry, seed=config.seed
-    )
-    spec = build_datasets(
-        dataset, data=config.data, model=config.model, train=config.train, registry=config.registry, seed=config.seed
-    )
-    model, history, _ = train_model(dataset, spec, model=config.model, train=config.train, registry=config.registry)
+    dataset, _, data_report, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
+    spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
+    model, history, _ = train_model(dataset, spec, model=config.model, train=config.train)
     calibrated, metrics, threshold, _, _, _, _, val_probabilities, test_probabilities = evaluate_model(
-        model, dataset, spec, evaluate=config.evaluate, registry=config.registry, seed=config.seed
+        model, dataset, spec, evaluate=config.evaluate, seed=config.seed
     )
     profile = profile_reference(
         dataset,
@@ -45,7 +41,6 @@ def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
         threshold,
         val_probabilities,
         monitoring=config.monitoring,
-        registry=config.registry,
         seed=config.seed,
     )
     register_model(

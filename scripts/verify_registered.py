@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import zipfile
 from pathlib import Path
 
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from xray.config import MODEL_NAME  # noqa: E402 - after the path set-up above
+from xray.config import MODEL_NAME
 
 TEST_ENTRY = re.compile(r"(?:^|/)test/(NORMAL|PNEUMONIA)/(?!\._)[^/]+\.(?:jpe?g|png)$", re.IGNORECASE)
 

@@ -7,7 +7,7 @@ from zenml import step
 from steps.caching import DOMAIN_CODE
 from steps.tracking import mlflow_run
 from xray import data as xdata
-from xray.config import DataConfig, ModelConfig, RegistryConfig, TrainConfig
+from xray.config import DataConfig, ModelConfig, TrainConfig
 from xray.dataset import ValidatedDataset
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,6 @@ def build_datasets(
     data: DataConfig,
     model: ModelConfig,
     train: TrainConfig,
-    registry: RegistryConfig,
     seed: int,
 ) -> Annotated[xdata.DatasetSpec, "dataset_spec"]:
     """Class weights and the input-pipeline spec; one batch is decoded to fail early."""

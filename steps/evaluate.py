@@ -11,7 +11,7 @@ from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import data as xdata
 from xray import evaluation
-from xray.config import EvaluateConfig, RegistryConfig
+from xray.config import EvaluateConfig
 from xray.dataset import ValidatedDataset
 
 
@@ -23,7 +23,6 @@ def evaluate_model(
     dataset: ValidatedDataset,
     spec: xdata.DatasetSpec,
     evaluate: EvaluateConfig,
-    registry: RegistryConfig,
     seed: int,
 ) -> Tuple[
     Annotated[keras.Model, "calibrated_model"],

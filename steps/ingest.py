@@ -8,7 +8,7 @@ from zenml import step
 
 from materializers import RawArchiveMaterializer
 from steps.tracking import log_config, mlflow_run
-from xray.config import RegistryConfig, S3Config
+from xray.config import S3Config
 from xray.ingest import RawArchive, fetch
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,6 @@ logger = logging.getLogger(__name__)
 def ingest_from_s3(
     dataset_uri: str,
     s3: S3Config,
-    registry: RegistryConfig,
     expected_sha256: Optional[str] = None,
 ) -> Tuple[Annotated[RawArchive, "raw_archive"], Annotated[dict, "archive_info"]]:
     """Download the dataset archive (or read a local one) and checksum it."""

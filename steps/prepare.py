@@ -12,7 +12,7 @@ from materializers import ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import plots
-from xray.config import DataConfig, RegistryConfig
+from xray.config import DataConfig
 from xray.dataset import ValidatedDataset, prepare_dataset
 from xray.ingest import RawArchive
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @step(output_materializers={"dataset": ValidatedDatasetMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def unzip_and_validate(
-    raw_archive: RawArchive, data: DataConfig, registry: RegistryConfig, seed: int
+    raw_archive: RawArchive, data: DataConfig, seed: int
 ) -> Tuple[
     Annotated[ValidatedDataset, "dataset"],
     Annotated[pd.DataFrame, "manifest"],

@@ -10,7 +10,7 @@ from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
 from xray import data as xdata
 from xray import ood
-from xray.config import MonitoringConfig, RegistryConfig
+from xray.config import MonitoringConfig
 from xray.dataset import ValidatedDataset
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ def profile_reference(
     threshold: float,
     val_probabilities: np.ndarray,
     monitoring: MonitoringConfig,
-    registry: RegistryConfig,
     seed: int,
 ) -> Annotated[ood.ReferenceProfile, "reference_profile"]:
     """What train and val look like, with the out-of-distribution threshold chosen on val only."""

@@ -12,7 +12,7 @@ from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import data as xdata
 from xray import plots, tracking, training
-from xray.config import ModelConfig, RegistryConfig, TrainConfig
+from xray.config import ModelConfig, TrainConfig
 from xray.dataset import ValidatedDataset, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ def train_model(
     spec: xdata.DatasetSpec,
     model: ModelConfig,
     train: TrainConfig,
-    registry: RegistryConfig,
 ) -> Tuple[Annotated[keras.Model, "model"], Annotated[dict, "history"], Annotated[Image.Image, "training_curves"]]:
     """Fit the classifier with tf.data pipelines built here, on whatever machine runs this step."""
     splits = {name: xdata.select(dataset.manifest, name, spec) for name in ("train", "val")}

@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +26,13 @@ MINI_ZIP = SHARED_DATA / "chest_xray_mini.zip"
 FULL_ZIP = SHARED_DATA / "chest_xray_224.zip"
 NEAR_OOD_ZIP = SHARED_DATA / "near_ood_adult_cxr_224.zip"
 
-sys.path.insert(0, str(ROOT))
-from xray.environment import apply_defaults  # noqa: E402
+from xray.environment import apply_defaults  # noqa: E402 - before TensorFlow or ZenML is imported
 
 apply_defaults()
+# ZenML resolves step and cache-policy sources against a source root: the .zen folder's, else the main module's folder.
+# A pytest-xdist worker's main module has no file and a fresh clone has no .zen, so the tests that import steps in
+# process name the repository root (subprocesses get isolated_env(), without ZENML_* variables).
+os.environ.setdefault("ZENML_CUSTOM_SOURCE_ROOT", str(ROOT))
 
 
 def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
@@ -81,6 +86,10 @@ def isolated_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))}
     return env | {
         "ZENML_CONFIG_PATH": str(home / "zenml"),
+        # No ZenML repository (a .zen folder in the working directory holds an active stack shared by every client
+        # that runs there, so parallel tests would switch each other's stacks): the source root is run.py's folder,
+        # as in a fresh clone.
+        "ZENML_REPOSITORY_PATH": str(home),
         "ZENML_ANALYTICS_OPT_IN": "false",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         **extra,
@@ -146,8 +155,8 @@ def profile(family):
 
 
 # -- the team stack, brought up once per session in its own folder and ports, and one smoke training run on it --
-# Shared by tests/pipeline/test_team_stack.py (the stack itself: S3, REST APIs, restart, browser) and
-# test_use_the_model.py (batch inference, serving, monitoring and site evaluation against its MLflow server).
+# Used by tests/pipeline/test_team_stack.py (the stack itself: S3, REST APIs, browser, batch inference and serving
+# against its MLflow server, restart).
 
 
 def free_port() -> int:
@@ -163,6 +172,8 @@ class Team:
     ports: dict[str, int]
     env: dict[str, str]
     info: dict = field(default_factory=dict)
+    last_stderr: str = ""  # of the last command
+    training_stderr: str = ""  # of the smoke training run (``trained``)
 
     def stack(self, command: str, timeout: int = 300) -> dict:
         ports = [f"--{name}-port={port}" for name, port in self.ports.items()]
@@ -177,6 +188,7 @@ class Team:
             [sys.executable, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        self.last_stderr = result.stderr
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -201,27 +213,122 @@ def team():
         shutil.rmtree(state, ignore_errors=True)
 
 
+def twenty_test_images(folder: Path) -> Path:
+    """The first twenty test images of the mini archive, as files in ``folder``."""
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(MINI_ZIP) as archive:
+        names = sorted(n for n in archive.namelist() if n.startswith("chest_xray/test/") and n.endswith(".jpeg"))[:20]
+        for name in names:
+            (folder / name.rsplit("/", 1)[1]).write_bytes(archive.read(name))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained(team):
     """One smoke training run on the team stack; (home, env, twenty test images, summary)."""
     home = team.home
     deterministic_smoke_config(home / "smoke.yaml")
     summary = team.run("--config", str(home / "smoke.yaml"))
-    images = home / "twenty"
-    images.mkdir()
-    with zipfile.ZipFile(MINI_ZIP) as archive:
-        names = sorted(n for n in archive.namelist() if n.startswith("chest_xray/test/") and n.endswith(".jpeg"))[:20]
-        for name in names:
-            (images / name.rsplit("/", 1)[1]).write_bytes(archive.read(name))
-    return home, team.env, images, summary
+    team.training_stderr = team.last_stderr
+    return home, team.env, twenty_test_images(home / "twenty"), summary
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_store_in_the_repository():
-    """MLflow 3 falls back to sqlite:///mlflow.db in the working directory when no tracking URI is set: no test may
-    leave such a store (or ./mlruns) in the repository."""
-    strays = [ROOT / "mlflow.db", ROOT / "mlruns"]
-    before = {path for path in strays if path.exists()}
-    yield
-    created = [str(path) for path in strays if path.exists() and path not in before]
-    assert not created, f"a test wrote an MLflow store into the repository: {created}"
+def champion_probabilities(env: dict, paths) -> np.ndarray:
+    """The champion of ``env``'s MLflow store on image files, scored independently of the project's inference code:
+    mlflow.keras.load_model and the preprocessing recorded in the version's metadata."""
+    import mlflow
+    import tensorflow as tf
+
+    from xray.data import decode_and_resize
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    info = mlflow.models.get_model_info("models:/chest-xray-classifier@champion")
+    model = mlflow.keras.load_model("models:/chest-xray-classifier@champion")
+    pixels = np.stack(
+        [decode_and_resize(tf.io.read_file(str(p)), int(info.metadata["image_size"])).numpy() for p in paths]
+    ).astype("float32")
+    return model.predict(pixels, verbose=0).reshape(-1)
+
+
+# -- one smoke training run on the default local stack (xray-local), shared by the local end-to-end tests --
+
+LOCAL_SOURCE = "s3://hospital-data/xray/mini.zip"
+SENTINEL_SECRET = "SENTINEL-d41d8cd98f00b204e9800998ecf8427e"
+SENTINEL_ACCESS_KEY = "AKIASENTINELACCESSKEY"
+
+
+@dataclass
+class Local:
+    home: Path  # both stores (ZenML client store, SQLite MLflow and its artifacts) and the run's files
+    env: dict[str, str]  # isolated stores, the moto endpoint and the sentinel credentials, XRAY_TEST_CONFIG
+    config: Path
+    summary: dict
+    result: subprocess.CompletedProcess
+    images: Path  # twenty test images
+
+
+@contextmanager
+def moto_server():
+    """A moto S3 server in its own process (an in-process one shares moto's backend with every other in-process
+    endpoint, which each reset it); yields its endpoint URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def local(tmp_path_factory):
+    """The smoke config (fixed low threshold: deterministic_smoke_config) on the default local stack, with isolated
+    stores. Its archive is read from an explicit s3:// URI on a moto endpoint that lives for the session, with a
+    sentinel in AWS_SECRET_ACCESS_KEY that must appear nowhere afterwards. (The other default, a local archive staged
+    behind the embedded S3 endpoint, is the team stack's run: ``trained``.)"""
+    import boto3
+    import yaml
+
+    home = tmp_path_factory.mktemp("local")
+    config = deterministic_smoke_config(home / "smoke.yaml", s3={"embedded": False})
+    config.write_text(yaml.safe_dump(yaml.safe_load(config.read_text()) | {"dataset_uri": LOCAL_SOURCE}))
+    with moto_server() as endpoint:
+        credentials = {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": SENTINEL_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=SENTINEL_ACCESS_KEY,
+            aws_secret_access_key=SENTINEL_SECRET,
+            region_name="us-east-1",
+        )
+        bucket, key = LOCAL_SOURCE[len("s3://") :].split("/", 1)
+        client.create_bucket(Bucket=bucket)
+        client.upload_file(str(require(MINI_ZIP)), bucket, key)
+        env = isolated_env(home, XRAY_TEST_CONFIG=str(config), **credentials)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), "--config", str(config), "--summary", str(home / "summary.json")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        yield Local(home, env, config, summary, result, twenty_test_images(home / "twenty"))

@@ -213,6 +213,10 @@ def promotion_lock(client, model_name: str, timeout_s: float = 300.0, stale_s: f
             client.create_registered_model(name, description=f"promotion lock held by {holder}; deleted on release")
             break
         except MlflowException as error:
+            # RESOURCE_DOES_NOT_EXIST: MLflow's SQL store answers a lost insert race by reading the winner's row,
+            # which the winner may already have deleted (taken and released in between): contended, try again.
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
@@ -377,3 +381,132 @@ def update_model_card(client, model_name: str, version: str) -> str:
     Path(local).write_text(card)
     client.log_model_artifact(model_id, local)
     return card
+
+
+def version_metadata(metrics: dict, threshold: float, spec, dataset_sha256: str, reference_profile) -> dict:
+    """What a registered version carries as MLflow model metadata and version tags: the operating point, the
+    preprocessing a caller must reproduce, the data it was trained on and the OOD reference it is served with."""
+    from xray import CLASS_NAMES
+
+    return {
+        "threshold": threshold,
+        "threshold_policy": metrics["threshold_policy"],
+        "image_size": spec.image_size,
+        "preprocessing": spec.preprocessing,
+        "input": "float32 RGB in [0, 255], shape (N, image_size, image_size, 3)",
+        "classes": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "dataset_sha256": dataset_sha256,
+        "ood_threshold": reference_profile.threshold,
+        "val_ood_fraction": reference_profile.val_ood_fraction,
+        "calibration": metrics.get("calibration", {}).get("method", "none"),
+    }
+
+
+def register_candidate(
+    client,
+    model,
+    *,
+    metrics: dict,
+    threshold: float,
+    test_probabilities: np.ndarray,
+    dataset,
+    spec,
+    dataset_sha256: str,
+    data_report: dict,
+    training: dict,
+    reference_profile,
+    registry,
+    evaluate,
+    data,
+    s3,
+    seed: int,
+) -> dict:
+    """The training pipeline's registration: gate the trained model against the champion (paired scores on test
+    and the gate sites), log and register it as a new version with its card, and move the champion alias only if
+    the gate passed and the champion did not change meanwhile (:func:`promote`).
+
+    Logs to the active MLflow run (its tags and gate metrics). ``training`` is the card's model section (backbone,
+    weights, epochs run, class weights). Returns the registration: name, version, URI, run id, decision and reason.
+    """
+    import mlflow
+
+    from xray import gate, model_card
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_candidate logs to the active MLflow run: start one first")
+    flat = metrics["flat"]
+    metadata = version_metadata(metrics, threshold, spec, dataset_sha256, reference_profile)
+    champion, _ = current_champion(client, registry.model_name, registry.champion_alias)
+    paths, labels, challenger = (
+        gate.image_sets(model, dataset, spec, test_probabilities, registry.gate_sites, data, s3)
+        if champion is not None
+        else ({}, {}, {})
+    )
+    decision = gate.run(
+        registry.model_name,
+        champion,
+        paths,
+        labels,
+        challenger,
+        flat["test_sensitivity"],
+        evaluate.min_sensitivity,
+        registry.margin,
+        evaluate.bootstrap_samples,
+        seed,
+    )
+    card = model_card.render(
+        registry.model_name,
+        metrics,
+        spec.counts,
+        data_report,
+        {
+            "mlflow_run_id": run.info.run_id,
+            **training,
+            "image_size": spec.image_size,
+            "preprocessing": spec.preprocessing,
+            "class_weights": spec.class_weights,
+            "dataset_sha256": dataset_sha256,
+        },
+        reference_profile,
+        gate.markdown(decision, evaluate.min_sensitivity),
+    )
+    uri, version = log_and_register(model, registry.model_name, metadata, card, reference_profile)
+    mlflow.log_text(card, "model_card.md")
+    for key, value in metadata.items():
+        client.set_model_version_tag(registry.model_name, version, key, str(value))
+    decision = promote(client, registry.model_name, version, registry.champion_alias, flat, decision)
+    mlflow.set_tags(
+        {
+            "model_version": version,
+            "promotion_decision": "promoted" if decision.promoted else "rejected",
+            "promotion_reason": decision.reason[:4900],
+        }
+    )
+    for name, comparison in decision.comparisons.items():
+        mlflow.log_metrics(
+            {
+                f"gate_{name.replace(':', '_')}_{key}": value
+                for key, value in comparison.items()
+                if isinstance(value, float)
+            }
+        )
+    logger.info(
+        "registered %s v%s: %s (%s)",
+        registry.model_name,
+        version,
+        f"promoted to {registry.champion_alias}" if decision.promoted else "not promoted",
+        decision.reason,
+    )
+    return {
+        "model_name": registry.model_name,
+        "model_version": version,
+        "model_uri": uri,
+        "mlflow_run_id": run.info.run_id,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "threshold": threshold,
+        "gate": decision.comparisons,
+        "previous_champion": champion,
+    }

@@ -1,24 +1,34 @@
 """The team stack end to end: a ZenML server, an MLflow server on PostgreSQL with artifacts in S3 (s3rver), the
-ZenML stack `team`, a smoke training run on it (conftest.trained), both REST APIs, a real browser, and a restart.
+ZenML stack `team`, a smoke training run on it (conftest.trained), both REST APIs, a real browser, batch inference,
+`mlflow models serve`, the model card and a site evaluation against the tracking server, and a restart.
 
-The last test takes the stack down and up again; the tests before it and test_use_the_model find it up.
+The tests share one stack and one run: they run in file order, on one worker under `make test` (--dist loadfile).
+The last test takes the stack down and up again.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
-from conftest import ROOT
+from conftest import MINI_ZIP, ROOT, champion_probabilities, free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "chest-xray-classifier"
@@ -87,6 +97,9 @@ def test_a_second_up_is_a_no_op(team):
 
 def test_a_run_on_the_team_stack_lives_in_its_servers_and_bucket(team, trained):
     *_, summary = trained
+    # The default source: a local archive ($CHEST_XRAY_ZIP) staged behind the embedded S3 endpoint, read through S3.
+    stderr = re.sub(r"\x1b\[[0-9;]*m", "", team.training_stderr)  # ZenML colours parts of lines
+    assert "embedded S3 at http://127.0.0.1" in stderr and "s3://chest-xray/chest_xray.zip" in stderr
     assert summary["mlflow_tracking_uri"] == team.info["mlflow_tracking_uri"].rstrip("/")
     assert summary["mlflow_tracking_uri"].startswith("http://")
     assert len(summary["steps"]) == 7 and set(summary["steps"].values()) == {"completed"}, summary["steps"]
@@ -262,6 +275,219 @@ def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
     assert runs[0]["name"] == latest["info"]["run_name"] and runs[0]["body"]["status"] == "failed"
 
 
+def test_batch_inference_on_a_folder(team, trained):
+    home, env, images, _ = trained
+    (images / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    summary = team.run(
+        "--pipeline",
+        "inference",
+        "--images",
+        str(images),
+        "--output",
+        str(home / "out" / "preds.csv"),
+        "--explain",
+        "2",
+    )
+    table = pd.read_csv(home / "out" / "preds.csv", keep_default_na=False, na_values=[""])
+    assert list(table.columns) == [
+        "path",
+        "probability",
+        "label",
+        "threshold",
+        "ood_score",
+        "status",
+        "reason",
+        "model_version",
+    ]
+    assert len(table) == 21 and summary["unreadable"] == 1
+    bad = table[table["status"] == "unreadable"]
+    assert bad["path"].str.endswith("corrupt.jpeg").all() and bad["probability"].isna().all()
+    assert bad["ood_score"].isna().all() and (bad["reason"] == "not a recognised image format").all()
+    good = table[table["status"] != "unreadable"]
+    assert len(good) == 20 and set(good["label"]) <= {"NORMAL", "PNEUMONIA"}
+    assert set(good["status"]) <= {"ok", "out_of_distribution"} and good["ood_score"].notna().all()
+    assert good.loc[good["status"] == "ok", "ood_score"].le(1).all()
+    assert summary["out_of_distribution"] == int((good["status"] == "out_of_distribution").sum())
+    assert good.loc[good["status"] == "out_of_distribution", "reason"].str.len().gt(0).all()
+    np.testing.assert_allclose(good["probability"], champion_probabilities(env, good["path"]), atol=1e-5)
+    assert (good["model_version"].astype(str) == "1").all()
+    pngs = sorted((home / "out").glob("gradcam_*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 1000 for p in pngs)
+    (images / "corrupt.jpeg").unlink()
+
+
+def _post(port, body):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_rest_serving_matches_batch_inference(trained):
+    home, env, images, _ = trained
+    port = free_port()
+    # The scoring server is started as `uvicorn ...` from PATH: put this interpreter's bin first.
+    env = env | {"PATH": f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}"}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/chest-xray-classifier@champion",
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+            assert server.poll() is None, server.stdout.read()[-3000:]
+        else:
+            pytest.fail("mlflow models serve did not come up")
+        image = sorted(images.glob("*.jpeg"))[0]
+        status, body = _post(port, {"inputs": [base64.b64encode(image.read_bytes()).decode()]})
+        assert status == 200, body
+        prediction = body["predictions"][0]
+        assert prediction["probability"] == pytest.approx(float(champion_probabilities(env, [image])[0]), abs=1e-5)
+        assert prediction["label"] in ("NORMAL", "PNEUMONIA")
+        assert prediction["status"] in ("ok", "out_of_distribution") and isinstance(prediction["ood_score"], float)
+        status, body = _post(port, {"inputs": [base64.b64encode(b"\xff\xd8\xff corrupt").decode()]})
+        assert 400 <= status < 500, body
+        assert "cannot be decoded" in body.get("message", "")
+        # One unreadable image among readable ones does not fail the request: it gets its own row.
+        inverted = (255 - np.asarray(Image.open(image).convert("RGB"))).astype("uint8")
+        buffer = io.BytesIO()
+        Image.fromarray(inverted).save(buffer, format="PNG")
+        status, body = _post(
+            port,
+            {
+                "inputs": [
+                    base64.b64encode(image.read_bytes()).decode(),
+                    base64.b64encode(b"\xff\xd8\xff corrupt").decode(),
+                    base64.b64encode(buffer.getvalue()).decode(),
+                ]
+            },
+        )
+        assert status == 200, body
+        rows = body["predictions"]
+        assert rows[0]["probability"] == pytest.approx(prediction["probability"], abs=1e-6)
+        assert rows[1]["status"] == "unreadable" and rows[1]["probability"] is None and rows[1]["reason"]
+        assert rows[2]["status"] == "out_of_distribution" and rows[2]["ood_score"] > 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_model_card_numbers_equal_logged_metrics(trained):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    home, env, _, summary = trained
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    version = MlflowClient().get_model_version("chest-xray-classifier", summary["model_version"])
+    folder = mlflow.artifacts.download_artifacts(
+        f"models:/chest-xray-classifier/{version.version}", dst_path=str(home / "card")
+    )
+    card = open(os.path.join(folder, "model_card.md")).read()
+    metrics = MlflowClient().get_run(summary["mlflow_run_id"]).data.metrics
+    for label, key in (
+        ("AUC-ROC", "test_auc"),
+        ("Sensitivity (PNEUMONIA recall)", "test_sensitivity"),
+        ("Specificity (NORMAL recall)", "test_specificity"),
+        ("Accuracy", "test_accuracy"),
+    ):
+        row = re.search(rf"^\| {re.escape(label)} \| ([0-9.]+) \|", card, re.MULTILINE)
+        assert row and row.group(1) == f"{metrics[key]:.4f}", (label, row and row.group(1), metrics[key])
+    assert f"{metrics['test_auc_ci_low']:.4f} to {metrics['test_auc_ci_high']:.4f}" in card
+    assert f"{metrics['threshold']:.4f}, chosen on val only" in card
+    assert "Not a medical device" in card and "Single source centre" in card and "grouped by patient" in card
+
+
+def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(team, trained, tmp_path):
+    """--pipeline evaluation on a folder built from the mini archive, class folders at depth and in any case. A site
+    without one of the classes is one error line (tests/unit/test_sites.py), like every archive error."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    home, env, _, _ = trained
+    site = tmp_path / "site"
+    with zipfile.ZipFile(MINI_ZIP) as archive:
+        for name in archive.namelist():
+            if name.startswith("chest_xray/test/") and name.endswith(".jpeg"):
+                label, file = name.split("/")[-2:]
+                target = site / "export" / "cxr" / (label if label == "NORMAL" else label.lower()) / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(name))
+    (site / "export" / "README.txt").write_text("not an image, outside the class folders")
+    # The smoke config's calibration (a temperature): a one-epoch model may rank a small share backwards, which
+    # Platt scaling refuses (tests/unit/test_calibration.py).
+    summary = team.run(
+        "--pipeline",
+        "evaluation",
+        "--model-version",
+        "1",
+        "--config",
+        str(home / "smoke.yaml"),
+        "--dataset-uri",
+        str(site),
+        "--site",
+        "hospital-b",
+        "--recalibrate-fraction",
+        "0.5",
+    )
+    assert summary["site"] == "hospital-b" and summary["model_version"] == "1" and summary["images"] == 47
+    for name in ("auc", "accuracy", "sensitivity", "specificity", "ece"):
+        metrics = summary["metrics"]
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"], name
+    recalibrated = summary["recalibrated"]
+    assert recalibrated["calibration_images"] + recalibrated["measured_images"] == 47
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["site"] == "hospital-b" and run.data.tags["model_version"] == "1"
+    assert run.data.metrics["site_auc"] == pytest.approx(summary["metrics"]["auc"])
+    version = client.get_model_version("chest-xray-classifier", "1")
+    assert float(version.tags["site.hospital-b.auc"]) == pytest.approx(summary["metrics"]["auc"], abs=1e-5)
+    assert version.tags["site.hospital-b.run_id"] == summary["mlflow_run_id"]
+    # The run's metrics are linked to the version's logged model.
+    from xray.registry import logged_model_id
+
+    linked = client.get_logged_model(logged_model_id(version)).metrics or []
+    assert any(m.key == "site_auc" and m.run_id == summary["mlflow_run_id"] for m in linked)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    card = open(
+        mlflow.artifacts.download_artifacts(
+            "models:/chest-xray-classifier/1/model_card.md", dst_path=str(tmp_path / "card")
+        )
+    ).read()
+    assert card.count("## Results by site") == 1
+    row = f"| hospital-b | as registered | 47 | {summary['threshold']:.4f} | {summary['metrics']['auc']:.3f} ("
+    assert row in card and "| hospital-b | recalibrated on 50% |" in card
+
+
 def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     *_, summary = trained
     keys_before = set(bucket_keys(team))
@@ -299,7 +525,7 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     # main module's file.
     script = team.home / "load_metrics.py"
     script.write_text(
-        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from zenml.client import Client; "
+        "import json; from zenml.client import Client; "
         f"run = Client().get_pipeline_run('{summary['pipeline_run_id']}'); "
         "print(json.dumps(run.steps['evaluate_model'].outputs['metrics'][0].load()['flat']['test_auc']))\n"
     )

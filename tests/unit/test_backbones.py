@@ -15,6 +15,7 @@ def images():
     return np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["per_image", "fixed"])
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_backbone_predicts_and_explains(backbone, normalization, images):
@@ -27,6 +28,7 @@ def test_backbone_predicts_and_explains(backbone, normalization, images):
     assert maps.shape == (2, SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["efficientnetv2b0", "mobilenetv3large"])
 def test_backbone_round_trip_and_freezing(backbone, images, tmp_path):
     import keras

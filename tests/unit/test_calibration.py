@@ -70,13 +70,16 @@ def test_threshold_is_chosen_on_calibrated_val_and_test_reports_before_and_after
     assert flat["test_auc"] == pytest.approx(result["test_uncalibrated"]["auc"])
 
 
+@pytest.mark.slow
 def test_calibrated_keras_model_outputs_the_fitted_map_and_survives_save_and_load(tmp_path):
     import keras
 
     from xray.config import ModelConfig
     from xray.model import build_model, calibrated_model, logit_model
 
-    model, _ = build_model(ModelConfig(image_size=32, dense_units=4, input_normalization="per_image"), None)
+    model, _ = build_model(
+        ModelConfig(backbone="mobilenetv3large", image_size=32, dense_units=4, input_normalization="per_image"), None
+    )
     images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
     z = logit_model(model).predict(images, verbose=0).ravel()
     assert np.allclose(xcal.sigmoid(z), model.predict(images, verbose=0).ravel(), atol=1e-6)

@@ -1,15 +1,11 @@
 """Two runs that finish together each register a version; promotions are serialised by the registry lock, so the
 champion is exactly one of them and the other says why it was not promoted."""
 
-import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
-
-from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import keras, mlflow, numpy as np
     from mlflow.tracking import MlflowClient
     from xray import gate, ood, registry
-    uri, auc, go = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    uri, auc, barrier = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
     mlflow.set_tracking_uri(uri)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
     with mlflow.start_run():
@@ -28,7 +24,12 @@ SCRIPT = textwrap.dedent("""
         images = [ood.features_of_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(12)]
         profile = ood.fit_profile(images[:8], images[8:], np.full(4, 0.5), 0.5)
         _, version = registry.log_and_register(model, "race-model", metadata, "# card", profile)
-        while time.time() < go:  # both finish together
+        # Both finish together: each says it is ready, then waits until both are.
+        (barrier / f"ready-{auc}").touch()
+        deadline = time.time() + 240
+        while len(list(barrier.glob("ready-*"))) < 2:
+            if time.time() > deadline:
+                sys.exit("the other racer never got ready")
             time.sleep(0.001)
         metrics = {"test_auc": auc, "test_sensitivity": 0.97, "test_specificity": 0.5, "test_accuracy": 0.8, "threshold": 0.5}
         # Both read "no champion" before either registered: both pass the gate; the lock serialises the promotions.
@@ -47,13 +48,12 @@ def test_concurrent_registrations(tmp_path, monkeypatch):
     MlflowClient(uri).create_registered_model(
         "race-model"
     )  # both racers need the model row; creating it is not the race
-    go = time.time() + 25
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     racers = {
         auc: subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, uri, str(auc), str(go)],
+            [sys.executable, "-c", SCRIPT, uri, str(auc), str(barrier)],
             cwd=tmp_path,
-            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -98,3 +98,30 @@ def test_the_promotion_lock_is_exclusive_released_on_errors_and_broken_when_stal
     client.create_registered_model("m.promotion-lock", description="held by a process that died")
     with promotion_lock(client, "m", stale_s=0.0):  # older than stale_s: broken, then taken
         assert "deleted on release" in client.get_registered_model("m.promotion-lock").description
+
+
+def test_a_lock_taken_and_released_during_our_insert_is_tried_again():
+    """MLflow's SQL store turns a lost insert race into a read of the winner's row; when the winner has released the
+    lock meanwhile, that read fails with RESOURCE_DOES_NOT_EXIST: the lock must be tried again, not fail the run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from xray.registry import promotion_lock
+
+    class Store:
+        def __init__(self):
+            self.models, self.creates = set(), 0
+
+        def create_registered_model(self, name, description=""):
+            self.creates += 1
+            if self.creates == 1:  # lost the race to a holder that has already released the lock
+                raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+            self.models.add(name)
+
+        def delete_registered_model(self, name):
+            self.models.remove(name)
+
+    store = Store()
+    with promotion_lock(store, "m", poll_s=0.01):
+        assert store.models == {"m.promotion-lock"}
+    assert store.creates == 2 and not store.models

@@ -127,11 +127,12 @@ def test_stack_recipe_rejects_missing_or_malformed_inputs_and_hides_tokens():
     assert "--tracking_token={{xray-sagemaker-mlflow.token}}" in with_token.stdout
 
 
+@pytest.mark.slow
 def test_local_path_does_not_import_sagemaker(tmp_path):
     # A script file, not -c: ZenML needs a main module file to find its source root.
     script = tmp_path / "imports.py"
     script.write_text(
-        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import run, pipelines, steps, materializers\n"
+        "import sys; import run, pipelines, steps, materializers\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'); print(bad)\n"
         "sys.exit(bool(bad))\n"
     )

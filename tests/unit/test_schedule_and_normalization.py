@@ -26,7 +26,9 @@ def test_cosine_without_warmup_starts_at_the_peak():
 def test_per_image_normalization_ignores_exposure_and_contrast():
     from xray.model import build_model
 
-    model, _ = build_model(ModelConfig(image_size=32, dense_units=4, input_normalization="per_image"), None)
+    model, _ = build_model(
+        ModelConfig(backbone="mobilenetv3large", image_size=32, dense_units=4, input_normalization="per_image"), None
+    )
     rng = np.random.default_rng(0)
     image = rng.uniform(40, 200, (2, 32, 32, 3)).astype("float32")
     darker_flatter = 0.6 * image + 10.0
@@ -39,12 +41,15 @@ def test_per_image_normalization_ignores_exposure_and_contrast():
     )
 
 
+@pytest.mark.slow
 def test_per_image_model_survives_a_keras_round_trip(tmp_path):
     import keras
 
     from xray.model import build_model
 
-    model, _ = build_model(ModelConfig(image_size=32, dense_units=4, input_normalization="per_image"), None)
+    model, _ = build_model(
+        ModelConfig(backbone="mobilenetv3large", image_size=32, dense_units=4, input_normalization="per_image"), None
+    )
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     image = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")

@@ -79,53 +79,45 @@ def _values(output: str, key: str) -> dict[int, str]:
 
 
 def _run_killed_at(folder, epoch_line: str) -> str:
-    first = _start(folder)
+    process = _start(folder)
     lines = []
-    for line in first.stdout:
+    for line in process.stdout:
         lines.append(line)
         if line.startswith(epoch_line):
-            first.send_signal(signal.SIGKILL)
+            process.send_signal(signal.SIGKILL)
             break
-    first.wait(timeout=120)
-    assert first.returncode == -signal.SIGKILL, "".join(lines[-30:])
+    process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL, "".join(lines[-30:])
     return "".join(lines)
 
 
 def _finish(folder) -> str:
-    second = _start(folder)
-    output, _ = second.communicate(timeout=600)
-    assert second.returncode == 0, output[-4000:]
+    process = _start(folder)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
     return output
 
 
-def test_uninterrupted_run_keeps_the_frozen_phases_best_epoch(tmp_path):
-    output = _finish(tmp_path)
-    weights, trainable = _values(output, "WEIGHTS"), _values(output, "TRAINABLE")
-    assert sorted(weights) == [1, 2, 3, 4]
-    assert "phase frozen" in output and "phase fine_tune" in output
-    assert int(trainable[2]) < int(trainable[3]), "fine-tuning unfreezes backbone layers"
-    assert "DTYPE bfloat16" in output, "mixed precision on CPU computes in bfloat16"
-    assert len({weights[e] for e in weights}) == 4, "every epoch changes the weights"
-    assert output.splitlines()[-1] == f"FINAL {weights[2]}"
-    assert not [p for p in (tmp_path / "backup").rglob("*") if p.is_file()], "nothing is left to resume from"
+def _epochs(output: str) -> list[str]:
+    return [line.split()[1].rstrip(":") for line in output.splitlines() if line.startswith("epoch ")]
 
 
-def test_killed_in_the_frozen_phase_resumes_there(tmp_path):
+def test_killed_in_each_phase_it_resumes_there_and_keeps_the_best_epoch(tmp_path):
+    """Three processes: killed after epoch 1 (frozen), resumed and killed after epoch 3 (fine-tuning), resumed to the
+    end. The single-phase path (no pretrained weights: one phase "full") is the same loop with one phase."""
     first = _run_killed_at(tmp_path, "epoch 1/2:")  # epoch 1 done and backed up
-    second = _finish(tmp_path)
-    epochs = [line.split()[1].rstrip(":") for line in second.splitlines() if line.startswith("epoch ")]
+    assert "phase frozen" in first and _epochs(first) == ["1/2"]
+    second = _run_killed_at(tmp_path, "epoch 3/4:")  # epoch 2 (frozen) and 3 (fine-tune) done
     # Each epoch once: Keras' BackupAndRestore must not leak the resumed epoch into the fine-tune phase's fit.
-    assert epochs == ["2/2", "3/4", "4/4"], second[-3000:]
-    weights = _values(first, "WEIGHTS") | _values(second, "WEIGHTS")
-    assert second.splitlines()[-1] == f"FINAL {weights[2]}"
-
-
-def test_killed_while_fine_tuning_resumes_without_retraining_the_frozen_phase(tmp_path):
-    first = _run_killed_at(tmp_path, "epoch 3/4:")  # epochs 1-2 (frozen) and 3 (fine-tune) done
-    assert "phase fine_tune" in first
-    second = _finish(tmp_path)
-    assert "phase frozen: completed before the restart" in second
-    epochs = [line.split()[1].rstrip(":") for line in second.splitlines() if line.startswith("epoch ")]
-    assert epochs == ["4/4"], second[-3000:]
-    # The best epoch (2) ran in the first process: its weights come back from disk.
-    assert second.splitlines()[-1] == f"FINAL {_values(first, 'WEIGHTS')[2]}"
+    assert _epochs(second) == ["2/2", "3/4"] and "phase fine_tune" in second, second[-3000:]
+    trainable = _values(second, "TRAINABLE")
+    assert int(trainable[2]) < int(trainable[3]), "fine-tuning unfreezes backbone layers"
+    assert "DTYPE bfloat16" in second, "mixed precision on CPU computes in bfloat16"
+    third = _finish(tmp_path)
+    # Killed while fine-tuning: the frozen phase is not trained again.
+    assert "phase frozen: completed before the restart" in third and _epochs(third) == ["4/4"], third[-3000:]
+    weights = _values(first, "WEIGHTS") | _values(second, "WEIGHTS") | _values(third, "WEIGHTS")
+    assert sorted(weights) == [1, 2, 3, 4] and len(set(weights.values())) == 4, "every epoch changes the weights"
+    # The best epoch (2) ran in the second process, before the phase change: its weights come back from disk.
+    assert third.splitlines()[-1] == f"FINAL {weights[2]}"
+    assert not [p for p in (tmp_path / "backup").rglob("*") if p.is_file()], "nothing is left to resume from"

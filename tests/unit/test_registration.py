@@ -1,0 +1,136 @@
+"""xray.registry.register_candidate, the training pipeline's registration flow, on a tiny model and a SQLite MLflow:
+the first version is promoted, a challenger is gated on paired scores against the champion, a version the gate
+rejects is registered but never takes the alias."""
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import dataset_entries, write_zip
+from xray import data as xdata
+from xray import registry
+from xray.config import Augmentation, DataConfig, EvaluateConfig, RegistryConfig, S3Config
+from xray.dataset import prepare_dataset
+from xray.evaluation import calibrate_and_evaluate
+
+MODEL = "registration-test"
+
+
+@pytest.fixture(scope="module")
+def candidate(tmp_path_factory, profile):
+    """A tiny Keras model, the validated synthetic dataset it is scored on, and the evaluation report it would have."""
+    import keras
+
+    folder = tmp_path_factory.mktemp("registration")
+    archive = write_zip(folder / "a.zip", dataset_entries(per_class=10))
+    dataset, report = prepare_dataset(archive, folder / "d", DataConfig(min_val_per_class=2, val_fraction=0.25), seed=0)
+    spec = xdata.make_spec(dataset.manifest, 32, 8, Augmentation(), None, None, 0, "balanced")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")]
+    )
+    from xray.predict import predict_paths
+
+    scores = {}
+    for split in ("val", "test"):
+        rows = xdata.select(dataset.manifest, split, spec)
+        scores[split] = (xdata.labels_of(rows), predict_paths(model, dataset.paths(rows), spec))
+    evaluate = EvaluateConfig(bootstrap_samples=100, calibration="none", threshold_policy="fixed", fixed_threshold=0.02)
+    logit = lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # noqa: E731
+    metrics = calibrate_and_evaluate(
+        scores["val"][0], logit(scores["val"][1]), scores["test"][0], logit(scores["test"][1]), evaluate, seed=0
+    )
+    return {
+        "model": model,
+        "dataset": dataset,
+        "spec": spec,
+        "data_report": report.to_dict(),
+        "metrics": {k: metrics[k] for k in ("flat", "val", "test", "threshold_policy", "test_uncalibrated")}
+        | {"calibration": metrics["calibration"].as_dict()},
+        "threshold": metrics["threshold"],
+        "test_probabilities": scores["test"][1],
+        "evaluate": evaluate,
+        "profile": profile,
+    }
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A SQLite MLflow store in tmp_path, as the tracking URI of this process (the gate loads the champion by URI)."""
+    monkeypatch.chdir(tmp_path)  # a run's artifacts go under ./mlruns of the store's default experiment
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+def arguments(candidate, **changes) -> dict:
+    """register_candidate's keyword arguments for ``candidate``, some of them changed."""
+    c = candidate | changes
+    return {
+        "metrics": c["metrics"],
+        "threshold": c["threshold"],
+        "test_probabilities": c["test_probabilities"],
+        "dataset": c["dataset"],
+        "spec": c["spec"],
+        "dataset_sha256": "ab" * 32,
+        "data_report": c["data_report"],
+        "training": {"backbone": "tiny", "weights": "none", "epochs_run": 1},
+        "reference_profile": c["profile"],
+        "registry": RegistryConfig(model_name=MODEL),
+        "evaluate": c["evaluate"],
+        "data": DataConfig(),
+        "s3": S3Config(),
+        "seed": 0,
+    }
+
+
+def register(client, candidate, **changes):
+    with mlflow.start_run():
+        return registry.register_candidate(client, candidate["model"], **arguments(candidate, **changes))
+
+
+def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tags(store, candidate):
+    result = register(store, candidate)
+    assert result["promoted"] and result["model_version"] == "1" and result["previous_champion"] is None
+    assert "no champion" in result["reason"] and result["gate"] == {}
+    assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    tags = store.get_model_version(MODEL, "1").tags
+    assert tags["threshold"] == str(candidate["threshold"]) and tags["dataset_sha256"] == "ab" * 32
+    assert tags["image_size"] == "32" and tags["promotion_decision"] == "promoted"
+    assert tags["ood_threshold"] == str(candidate["profile"].threshold)
+    run = store.get_run(result["mlflow_run_id"])
+    assert run.data.tags["model_version"] == "1" and run.data.tags["promotion_decision"] == "promoted"
+    card = mlflow.artifacts.load_text(f"runs:/{result['mlflow_run_id']}/model_card.md")
+    assert "Backbone: tiny" in card and "## Promotion gate" in card
+    assert f"{candidate['metrics']['flat']['test_auc']:.4f}" in card
+
+
+def test_a_challenger_is_scored_against_the_champion_on_the_same_images(store, candidate):
+    register(store, candidate)
+    result = register(store, candidate)  # the same model again: a paired difference of exactly zero
+    assert result["previous_champion"] == "1" and result["model_version"] == "2"
+    test = result["gate"]["test"]
+    assert test["images"] == len(candidate["test_probabilities"]) and test["auc_difference"] == pytest.approx(0)
+    assert result["promoted"] and "non-inferior to champion v1" in result["reason"]
+    assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert store.get_model_version(MODEL, "2").tags["gate.champion_version"] == "1"
+    assert store.get_run(result["mlflow_run_id"]).data.metrics["gate_test_auc_difference"] == pytest.approx(0)
+
+
+def test_a_rejected_version_is_registered_but_the_champion_stays(store, candidate):
+    register(store, candidate)
+    metrics = candidate["metrics"] | {"flat": candidate["metrics"]["flat"] | {"test_sensitivity": 0.5}}
+    result = register(store, candidate, metrics=metrics)
+    assert not result["promoted"] and "min_sensitivity" in result["reason"]
+    assert result["model_version"] == "2" and str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    tags = store.get_model_version(MODEL, "2").tags
+    assert tags["promotion_decision"] == "rejected" and "min_sensitivity" in tags["promotion_reason"]
+
+
+def test_registration_needs_an_active_run(store, candidate):
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        registry.register_candidate(store, candidate["model"], **arguments(candidate))
+    assert not store.search_registered_models(f"name = '{MODEL}'")
