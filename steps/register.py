@@ -66,6 +66,7 @@ def register_model(
         # One source of truth: the MLflow alias (read by batch inference, serving and the gate). The ZenML Model
         # version of this run follows it, so the dashboard's "production" is the same version.
         get_step_context().model.set_stage("production", force=True)
+        logger.info("ZenML Model version of this run: stage production (follows the MLflow alias)")
     flat = metrics["flat"]
     log_metadata(
         metadata={

@@ -291,13 +291,25 @@ def moto_server():
         server.wait(timeout=30)
 
 
+def s3_client(env: dict[str, str]):
+    """A boto3 S3 client for the endpoint and credentials in ``env`` (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
+
+
 @pytest.fixture(scope="session")
 def local(tmp_path_factory):
     """The smoke config (fixed low threshold: deterministic_smoke_config) on the default local stack, with isolated
     stores. Its archive is read from an explicit s3:// URI on a moto endpoint that lives for the session, with a
     sentinel in AWS_SECRET_ACCESS_KEY that must appear nowhere afterwards. (The other default, a local archive staged
     behind the embedded S3 endpoint, is the team stack's run: ``trained``.)"""
-    import boto3
     import yaml
 
     home = tmp_path_factory.mktemp("local")
@@ -310,13 +322,7 @@ def local(tmp_path_factory):
             "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=SENTINEL_ACCESS_KEY,
-            aws_secret_access_key=SENTINEL_SECRET,
-            region_name="us-east-1",
-        )
+        client = s3_client(credentials)
         bucket, key = LOCAL_SOURCE[len("s3://") :].split("/", 1)
         client.create_bucket(Bucket=bucket)
         client.upload_file(str(require(MINI_ZIP)), bucket, key)

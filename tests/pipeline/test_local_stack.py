@@ -28,6 +28,7 @@ from conftest import (
     champion_probabilities,
     dataset_entries,
     isolated_env,
+    s3_client,
 )
 
 pytestmark = pytest.mark.slow
@@ -149,23 +150,15 @@ def test_the_sentinel_secret_appears_nowhere(first_run, stores):
     assert any(p.suffix == ".db" for p in home.rglob("*")) and summary["model_version"] == "1"
 
 
-def test_champion_reload_reproduces_test_auc(first_run, stores):
-    """scripts/verify_registered.py: a reload through the registry, test images decoded straight from the zip."""
-    summary, _ = first_run
-    home, env = stores
-    report_path = home / "verify.json"
-    result = subprocess.run(
+def _verify(env, home, *args):
+    """scripts/verify_registered.py on the local run's summary."""
+    return subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "verify_registered.py"),
             "--summary",
             str(home / "summary.json"),
-            "--version",
-            "champion",
-            "--archive",
-            str(MINI_ZIP),
-            "--output",
-            str(report_path),
+            *args,
         ],
         cwd=ROOT,
         env=env,
@@ -173,6 +166,14 @@ def test_champion_reload_reproduces_test_auc(first_run, stores):
         text=True,
         timeout=600,
     )
+
+
+def test_champion_reload_reproduces_test_auc(first_run, stores):
+    """scripts/verify_registered.py: a reload through the registry, test images decoded straight from the zip."""
+    summary, _ = first_run
+    home, env = stores
+    report_path = home / "verify.json"
+    result = _verify(env, home, "--version", "champion", "--archive", str(MINI_ZIP), "--output", str(report_path))
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     report = json.loads(report_path.read_text())
     assert report["n"] == 47 and report["version"] == summary["model_version"]
@@ -185,21 +186,7 @@ def test_verify_refuses_a_different_archive(first_run, stores, tmp_path):
     home, env = stores
     other = tmp_path / "other.zip"
     _zip(other, dataset_entries())
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "verify_registered.py"),
-            "--summary",
-            str(home / "summary.json"),
-            "--archive",
-            str(other),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _verify(env, home, "--archive", str(other))
     assert result.returncode == 1 and "is not the archive this version was trained on" in result.stderr
 
 
@@ -359,17 +346,10 @@ def _registry_state(env):
 def test_monitoring_a_shifted_batch_on_s3_reports_drift_and_never_touches_the_registry(local, tmp_path):
     """Inverted radiographs under an s3:// prefix, with --fail-on-drift: the report, plots and predictions are written
     and logged, the summary says drift, the exit code is 3, and the registry is exactly as before."""
-    import boto3
     from mlflow.tracking import MlflowClient
 
     env = local.env
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    client = s3_client(env)
     client.create_bucket(Bucket="incoming")
     shifted = tmp_path / "inverted"
     shifted.mkdir()
