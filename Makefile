@@ -98,7 +98,8 @@ ui: setup
 
 serve: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db} \
-	  $(VENV)/bin/mlflow models serve -m models:/chest-xray-classifier@champion --env-manager local -h 127.0.0.1 -p 5001
+	  $(VENV)/bin/mlflow models serve -m models:/chest-xray-classifier@champion --env-manager local -h 127.0.0.1 -p 5001 \
+	    -w $$(nproc)
 
 clean:
 	rm -rf .mlflow .cache outputs .pytest_cache

@@ -3,7 +3,7 @@
 python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
               [--schedule CRON] [--list-schedules]
 python run.py --pipeline inference --images PATH_OR_S3_PREFIX [--model-version champion|N]
-              [--output preds.csv] [--explain N]
+              [--output preds.csv|preds.parquet|s3://bucket/preds.parquet] [--resume] [--explain N]
 python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
               [--output outputs/monitoring] [--fail-on-drift]
 python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
@@ -322,40 +322,40 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
         return summarize(run, config)
 
 
-def run_inference(config, images: str, model_version: str, output: Path, explain: int) -> dict:
-
+def run_inference(config, images: str, model_version: str, output: str, explain: int, resume: bool) -> dict:
+    """The inference pipeline: predictions are streamed into ``output`` (.csv or .parquet, a path or s3://)."""
     from pipelines.inference import inference_pipeline
 
     quiet_expected_failures()
-    registry = config.registry.model_copy(update={"experiment_name": "chest-xray-inference"})
+    registry = config.registry.model_copy(update={"experiment_name": config.inference.experiment_name})
     ensure_experiment(registry)
+    if not output.startswith("s3://"):
+        output = str(Path(output).expanduser().resolve())
     run = inference_pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
         images=images,
+        output=output,
         model_version=model_version,
         registry=registry,
+        inference=config.inference,
+        resume=resume,
         explain=explain,
         s3_max_attempts=config.s3.max_attempts,
     )
     run, load = run_outputs(run)
-    table = load("batch_predict", "predictions")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output, index=False)
+    summary = load("predict_batch", "prediction_summary")
     overlays = load("explain_predictions", "gradcam") if explain else {}
+    folder = Path(output).parent if not output.startswith("s3://") else Path("outputs")
+    folder.mkdir(parents=True, exist_ok=True)
     for name, image in overlays.items():
-        image.save(output.parent / name)
+        image.save(folder / name)
     info = load("resolve_model_version", "model_info")
-    usable = table["status"] == "ok"
     return {
         "pipeline_run_id": str(run.id),
-        "output": str(output),
-        "images": len(table),
-        "unreadable": int((table["status"] == "unreadable").sum()),
-        "out_of_distribution": int((table["status"] == "out_of_distribution").sum()),
-        "predicted": table.loc[usable, "label"].value_counts().to_dict(),
+        **summary,
         "model_uri": info["uri"],
         "model_version": info["version"],
         "threshold": info["threshold"],
-        "gradcam": sorted(str(output.parent / name) for name in overlays),
+        "gradcam": sorted(str(folder / name) for name in overlays),
         "mlflow_tracking_uri": registry.tracking_uri,
     }
 
@@ -373,13 +373,14 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
         model_version=model_version,
         registry=registry,
         monitoring=config.monitoring,
+        inference=config.inference,
         seed=config.seed,
         s3_max_attempts=config.s3.max_attempts,
     )
     run, load = run_outputs(run)
     report = load("check_drift", "drift_report")
     output.mkdir(parents=True, exist_ok=True)
-    load("batch_predict", "predictions").to_csv(output / "predictions.csv", index=False)
+    load("score_batch", "predictions").to_csv(output / "predictions.csv", index=False)
     (output / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     (output / "report.html").write_text(load("check_drift", "report_html"))
     for name, image in load("check_drift", "monitoring_plots").items():
@@ -526,9 +527,9 @@ def list_schedules() -> None:
 )
 @click.option(
     "--output",
-    type=click.Path(path_type=Path),
     default=None,
-    help="inference: the predictions CSV (Grad-CAM PNGs go beside it; default outputs/predictions.csv). "
+    help="inference: the predictions file, .csv or .parquet, a path or s3:// (written as the images stream; "
+    "Grad-CAM PNGs go beside a local one, else under outputs/; default outputs/predictions.csv). "
     "monitoring: a folder for report.html, report.json, plots and predictions.csv "
     "(default outputs/monitoring).",
 )
@@ -536,6 +537,12 @@ def list_schedules() -> None:
     "--fail-on-drift",
     is_flag=True,
     help=f"monitoring: exit with code {DRIFT_EXIT_CODE} when drift is detected (after printing the summary).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="inference: keep the rows already in --output and predict only images whose content (SHA-256) is not "
+    "there yet.",
 )
 @click.option(
     "--explain",
@@ -597,9 +604,10 @@ def main(
     dataset_uri: str | None,
     images: str | None,
     model_version: str,
-    output: Path | None,
+    output: str | None,
     fail_on_drift: bool,
     explain: int,
+    resume: bool,
     no_cache: bool,
     cron: str | None,
     show_schedules: bool,
@@ -634,14 +642,17 @@ def main(
             "folders)",
             2,
         )
+    if resume and pipeline_name != "inference":
+        fail("--resume belongs to --pipeline inference", 2)
     if pipeline_name != "evaluation" and (site or recalibrate_fraction is not None):
         fail("--site and --recalibrate-fraction belong to --pipeline evaluation", 2)
     try:
         config = on_stack(config, stack_name)
         if pipeline_name == "inference":
-            summary = run_inference(config, images, model_version, output or Path("outputs/predictions.csv"), explain)
+            output = output or "outputs/predictions.csv"
+            summary = run_inference(config, images, model_version, output, explain, resume)
         elif pipeline_name == "monitoring":
-            summary = run_monitoring(config, images, model_version, output or Path("outputs/monitoring"))
+            summary = run_monitoring(config, images, model_version, Path(output or "outputs/monitoring"))
         elif pipeline_name == "evaluation":
             summary = run_evaluation(config, dataset_uri, model_version, site, recalibrate_fraction)
         else:

@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -30,51 +29,17 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+from inference_at_scale import free_port  # noqa: E402
+from inference_at_scale import serve as start_server  # noqa: E402
 from xray.config import MODEL_NAME  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve(folder: Path, port: int) -> subprocess.Popen:
     env = os.environ | {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            str(folder),
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-w",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(1)
-        if server.poll() is not None:
-            raise click.ClickException(f"server for {folder} exited with code {server.returncode}")
-    server.terminate()
-    raise click.ClickException(f"server for {folder} did not come up in 300 s")
+    try:
+        return start_server(str(folder), env, port, workers=1)
+    except RuntimeError as error:
+        raise click.ClickException(f"server for {folder}: {error}") from None
 
 
 def post(port: int, image: bytes) -> tuple[float, dict]:

@@ -17,14 +17,15 @@ from zenml import pipeline  # noqa: E402
 from zenml.client import Client  # noqa: E402
 
 from pipelines.training import training_pipeline  # noqa: E402
-from steps import build_datasets, ingest_from_s3, unzip_and_validate  # noqa: E402
+from steps import build_datasets, ingest_from_s3, locate_archive, unzip_and_validate  # noqa: E402
 from xray import s3  # noqa: E402
 from xray.config import load_config  # noqa: E402
 
 
 @pipeline(name="xray_data_steps_benchmark")
 def data_steps(config, dataset_uri: str) -> None:
-    raw_archive, _ = ingest_from_s3(dataset_uri=dataset_uri, s3=config.s3)
+    identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3)
+    raw_archive, _ = ingest_from_s3(identity, s3=config.s3)
     dataset, _, _, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
     build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
 

@@ -1,19 +1,36 @@
-"""Wiring only: registered version + images -> predictions with out-of-distribution checks (+ Grad-CAM)."""
+"""Wiring only: registered version + images -> predictions written to the output, with out-of-distribution checks
+(+ Grad-CAM)."""
 
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
-from steps.predict import batch_predict, explain_predictions, load_images, resolve_model_version
+from steps.predict import explain_predictions, predict_batch, resolve_model_version
 from steps.tracking import mark_run_failed
-from xray.config import RegistryConfig
+from xray.config import InferenceConfig, RegistryConfig
 
 
 @pipeline(name="chest_xray_inference", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
 def inference_pipeline(
-    images: str, model_version: str, registry: RegistryConfig, explain: int = 0, s3_max_attempts: int = 5
+    images: str,
+    output: str,
+    model_version: str,
+    registry: RegistryConfig,
+    inference: InferenceConfig,
+    resume: bool = False,
+    explain: int = 0,
+    s3_max_attempts: int = 5,
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
-    screened = load_images(images=images, s3_max_attempts=s3_max_attempts)
-    batch_predict(model_info, screened, source=images, registry=registry)
+    predict_batch(
+        model_info,
+        images=images,
+        output=output,
+        resume=resume,
+        inference=inference,
+        registry=registry,
+        s3_max_attempts=s3_max_attempts,
+    )
     if explain:
-        explain_predictions(model_info, screened, explain=explain, registry=registry)
+        explain_predictions(
+            model_info, images=images, explain=explain, registry=registry, s3_max_attempts=s3_max_attempts
+        )

@@ -4,9 +4,9 @@ from zenml import pipeline
 from zenml.enums import ExecutionMode
 
 from steps.monitor import check_drift
-from steps.predict import batch_predict, load_images, resolve_model_version
+from steps.predict import resolve_model_version, score_batch
 from steps.tracking import mark_run_failed
-from xray.config import MonitoringConfig, RegistryConfig
+from xray.config import InferenceConfig, MonitoringConfig, RegistryConfig
 
 
 @pipeline(name="chest_xray_monitoring", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
@@ -15,12 +15,14 @@ def monitoring_pipeline(
     model_version: str,
     registry: RegistryConfig,
     monitoring: MonitoringConfig,
+    inference: InferenceConfig,
     seed: int = 42,
     s3_max_attempts: int = 5,
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
-    screened = load_images(images=images, s3_max_attempts=s3_max_attempts)
-    predictions, features = batch_predict(model_info, screened, source=images, registry=registry)
+    predictions, features, examples = score_batch(
+        model_info, images=images, inference=inference, registry=registry, s3_max_attempts=s3_max_attempts
+    )
     check_drift(
-        predictions, features, screened, model_info, source=images, monitoring=monitoring, registry=registry, seed=seed
+        predictions, features, examples, model_info, source=images, monitoring=monitoring, registry=registry, seed=seed
     )

@@ -1,4 +1,4 @@
-"""Wiring only: the seven training steps and the artifacts between them."""
+"""Wiring only: the eight training steps and the artifacts between them."""
 
 from zenml import Model, pipeline
 from zenml.enums import ExecutionMode
@@ -7,6 +7,7 @@ from steps import (
     build_datasets,
     evaluate_model,
     ingest_from_s3,
+    locate_archive,
     profile_reference,
     register_model,
     train_model,
@@ -26,9 +27,8 @@ MODEL = Model(
 # FAIL_FAST re-raises the failing step's own exception, so run.py can report it in one line.
 @pipeline(name="chest_xray_training", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
 def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
-    raw_archive, archive_info = ingest_from_s3(
-        dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256
-    )
+    identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
+    raw_archive, archive_info = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
     dataset, _, data_report, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=config.model, train=config.train)

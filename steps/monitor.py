@@ -10,7 +10,6 @@ from steps.tracking import log_config, log_images, mlflow_run
 from xray import drift
 from xray import registry as xregistry
 from xray.config import MonitoringConfig, RegistryConfig
-from xray.dataset import ValidatedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +18,7 @@ logger = logging.getLogger(__name__)
 def check_drift(
     predictions: pd.DataFrame,
     image_features: pd.DataFrame,
-    images: ValidatedDataset,
+    ood_examples: dict,
     model_info: dict,
     source: str,
     monitoring: MonitoringConfig,
@@ -30,8 +29,7 @@ def check_drift(
     profile, _ = xregistry.load_reference_profile(registry.model_name, model_info["version"])
     report = drift.compare(profile, predictions, image_features, monitoring.drift_alpha, monitoring.permutations, seed)
     report |= {"model_uri": model_info["uri"], "model_version": model_info["version"], "source": source}
-    readable = images.manifest[images.manifest["status"] == "ok"]
-    plots = drift.figures(profile, predictions, image_features, images.paths(readable))
+    plots = drift.figures(profile, predictions, image_features, ood_examples)
     page = drift.render_html(report, plots)
     logger.info("%s: %s", "DRIFT" if report["drift_detected"] else "no drift", report["decision"])
     with mlflow_run():

@@ -1,7 +1,8 @@
 """Steps of the batch inference and monitoring pipelines: a registered version + images in, predictions out.
 
-The model is never copied into the artifact store: each step loads the version's folder from the MLflow
-registry (the folder serving loads), and the pipeline passes only the pinned version between steps.
+Nothing large passes through the artifact store: the model is loaded from the MLflow registry by its pinned version
+(recorded as metadata), images are streamed from their source, and batch inference writes its predictions to the
+output it was given; only a summary is stored. Monitoring keeps its batch's table and features for the drift test.
 """
 
 import logging
@@ -12,15 +13,13 @@ from typing import Annotated, Tuple
 import mlflow
 import pandas as pd
 from PIL import Image
-from zenml import step
+from zenml import log_metadata, step
 
-from materializers import ValidatedDatasetMaterializer
-from steps.tracking import mlflow_run
-from xray import gradcam, inference
+from steps.tracking import log_config, mlflow_run
+from xray import gradcam, ood
+from xray import inference as xinference
 from xray import registry as xregistry
-from xray.config import RegistryConfig
-from xray.dataset import ValidatedDataset
-from xray.ood import OUT_OF_DISTRIBUTION, UNREADABLE
+from xray.config import InferenceConfig, RegistryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,56 +33,101 @@ def resolve_model_version(model_version: str, registry: RegistryConfig) -> Annot
     return info
 
 
-@step(enable_cache=False, output_materializers={"images": ValidatedDatasetMaterializer}, experiment_tracker=True)
-def load_images(images: str, s3_max_attempts: int = 5) -> Annotated[ValidatedDataset, "images"]:
-    """JPEG/PNG from a folder, a zip or an S3 prefix; unreadable ones are kept as rows with a status."""
-    screened = inference.screen(inference.gather(images, s3_max_attempts), Path(tempfile.mkdtemp(prefix="xray-infer-")))
-    bad = int((screened.manifest["status"] != "ok").sum())
-    logger.info("%d images from %s; %d unreadable", len(screened.manifest), images, bad)
-    return screened
+def _load(model_info: dict, registry: RegistryConfig):
+    predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
+    log_metadata(metadata={"model_uri": model_info["uri"], "model_version": model_info["version"]})
+    return predictor
 
 
 @step(enable_cache=False, experiment_tracker=True)
-def batch_predict(
-    model_info: dict, images: ValidatedDataset, source: str, registry: RegistryConfig
-) -> Tuple[Annotated[pd.DataFrame, "predictions"], Annotated[pd.DataFrame, "image_features"]]:
-    """Probabilities at the version's threshold, and whether each image is like the version's training data."""
-    predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
-    table, features = inference.predict_images(predictor, images)
-    counts = {
-        "images": len(table),
-        "unreadable": int((table["status"] == UNREADABLE).sum()),
-        "out_of_distribution": int((table["status"] == OUT_OF_DISTRIBUTION).sum()),
-        "predicted_pneumonia": int((table["label"] == "PNEUMONIA").sum()),
-    }
-    logger.info("predicted %d images: %s", len(table), counts)
+def predict_batch(
+    model_info: dict,
+    images: str,
+    output: str,
+    resume: bool,
+    inference: InferenceConfig,
+    registry: RegistryConfig,
+    s3_max_attempts: int = 5,
+) -> Annotated[dict, "prediction_summary"]:
+    """Stream every image of ``images`` through the version and write one row per image to ``output``."""
+    predictor = _load(model_info, registry)
+    refs = xinference.list_images(images, max_attempts=s3_max_attempts)
+    with xinference.PredictionWriter(output, resume, s3_max_attempts) as writer:
+        result = xinference.predict_stream(
+            predictor,
+            refs,
+            writer,
+            batch_size=inference.batch_size,
+            workers=inference.fetch_workers,
+            window=inference.window,
+        )
+    summary = result.summary() | {"output": output, "rows_written": writer.rows}
+    logger.info("predicted %s: %s", images, summary)
     with mlflow_run():
+        log_config(inference=inference)
         mlflow.log_params(
             {
                 "model_uri": model_info["uri"],
                 "model_version": model_info["version"],
-                "images": source,
+                "images": images,
+                "output": output,
+                "resume": resume,
                 "threshold": model_info["threshold"],
                 "image_size": model_info["image_size"],
             }
         )
-        mlflow.log_metrics(counts)
-        mlflow.log_text(table.to_csv(index=False), "predictions.csv")
-    return table, features
+        mlflow.log_metrics(
+            {key: value for key, value in summary.items() if isinstance(value, (int, float)) and value is not None}
+            | {f"predicted_{label.lower()}": count for label, count in result.predicted.items()}
+        )
+    return summary
+
+
+@step(enable_cache=False, experiment_tracker=True)
+def score_batch(
+    model_info: dict,
+    images: str,
+    inference: InferenceConfig,
+    registry: RegistryConfig,
+    s3_max_attempts: int = 5,
+) -> Tuple[
+    Annotated[pd.DataFrame, "predictions"],
+    Annotated[pd.DataFrame, "image_features"],
+    Annotated[dict, "ood_examples"],
+]:
+    """Monitoring: the batch's predictions, out-of-distribution features and its most unusual images."""
+    predictor = _load(model_info, registry)
+    result = xinference.predict_stream(
+        predictor,
+        xinference.list_images(images, max_attempts=s3_max_attempts),
+        batch_size=inference.batch_size,
+        workers=inference.fetch_workers,
+        window=inference.window,
+        keep=True,
+        examples=8,
+    )
+    logger.info("scored %s: %s", images, result.summary())
+    examples = {name: picture for _, name, picture in result.examples}
+    return result.table, ood.feature_table(result.features, predictor.profile), examples
 
 
 @step(enable_cache=False, experiment_tracker=True)
 def explain_predictions(
-    model_info: dict, images: ValidatedDataset, explain: int, registry: RegistryConfig
+    model_info: dict, images: str, explain: int, registry: RegistryConfig, s3_max_attempts: int = 5
 ) -> Annotated[dict, "gradcam"]:
     """Grad-CAM overlays (last conv block of the backbone) for the first ``explain`` readable images."""
-    rows = images.manifest[images.manifest["status"] == "ok"].head(explain)
-    if rows.empty:
+    found = xinference.first_readable(xinference.list_images(images, max_attempts=s3_max_attempts), explain)
+    if not found:
         return {}
-    predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
-    pictures = gradcam.overlays_for(predictor.model, images.paths(rows), predictor.image_size, predictor.threshold)
+    predictor = _load(model_info, registry)
+    folder = Path(tempfile.mkdtemp(prefix="xray-explain-"))
+    paths = []
+    for index, (_, data) in enumerate(found):
+        paths.append(str(folder / f"{index:04d}"))
+        Path(paths[-1]).write_bytes(data)
+    pictures = gradcam.overlays_for(predictor.model, paths, predictor.image_size, predictor.threshold)
     overlays: dict[str, Image.Image] = {
-        f"gradcam_{Path(source.split('!')[-1]).stem}.png": picture for source, picture in zip(rows["source"], pictures)
+        f"gradcam_{Path(name.split('!')[-1]).stem}.png": picture for (name, _), picture in zip(found, pictures)
     }
     with mlflow_run():
         for name, overlay in overlays.items():

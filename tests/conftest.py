@@ -126,6 +126,37 @@ def full_dataset(tmp_path_factory):
 # -- synthetic radiograph-like images and a reference profile fitted on them (monitoring unit tests) --
 
 
+def png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    """A ChestXrayPredictor on 32 px with a tiny model and a reference profile fitted on radiograph-like images."""
+    import keras
+
+    from xray import ood, serving
+
+    rng = np.random.default_rng(0)
+    features = [ood.features_of_array(radiograph_like(rng)) for _ in range(80)]
+    profile = ood.fit_profile(features[:50], features[50:], np.full(30, 0.4), 0.5)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    return serving.ChestXrayPredictor(model, 0.5, 32, "7", profile)
+
+
 def radiograph_like(rng: np.random.Generator, size: int = 96) -> np.ndarray:
     """A grey 'chest': a bright body with two dark lungs, position and exposure jittered per image."""
     y, x = np.mgrid[0:size, 0:size] / size

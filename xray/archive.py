@@ -159,38 +159,53 @@ def _check_layout(found: dict[str, Counter]) -> None:
                 raise ArchiveError(f"class {label} has no images in split '{split}' (found {listing})")
 
 
-def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits: ArchiveLimits, budget: int) -> int:
-    """Copy one entry while counting real bytes; abort the moment a limit is passed."""
+def inflate_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ArchiveLimits, budget: int):
+    """One entry's bytes in chunks, counted as they inflate; the moment a limit is passed, ArchiveError.
+
+    ``budget``: the bytes the whole archive may still inflate to (max_total_bytes less what came before).
+    """
     if info.file_size > limits.max_entry_bytes:
         raise ArchiveError(
             f"entry '{info.filename}' declares {info.file_size} bytes, over max_entry_bytes={limits.max_entry_bytes}"
         )
-    written = 0
+    inflated = 0
     try:
-        with archive.open(info) as source, open(target, "wb") as out:
+        with archive.open(info) as source:
             while chunk := source.read(CHUNK):
-                written += len(chunk)
-                if written > limits.max_entry_bytes:
+                inflated += len(chunk)
+                if inflated > limits.max_entry_bytes:
                     raise ArchiveError(
                         f"entry '{info.filename}' inflates past max_entry_bytes={limits.max_entry_bytes}"
                     )
-                if written > budget:
+                if inflated > budget:
                     raise ArchiveError(
                         f"archive inflates past max_total_bytes={limits.max_total_bytes} at entry '{info.filename}'"
                     )
-                if written > RATIO_FLOOR_BYTES and written > limits.max_compression_ratio * max(info.compress_size, 1):
+                if inflated > RATIO_FLOOR_BYTES and inflated > limits.max_compression_ratio * max(
+                    info.compress_size, 1
+                ):
                     raise ArchiveError(
-                        f"entry '{info.filename}' compresses more than max_compression_ratio={limits.max_compression_ratio:g}:1 (zip bomb?)"
+                        f"entry '{info.filename}' compresses more than max_compression_ratio="
+                        f"{limits.max_compression_ratio:g}:1 (zip bomb?)"
                     )
-                out.write(chunk)
-    except ArchiveError:
-        target.unlink(missing_ok=True)
-        raise
+                yield chunk
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        target.unlink(missing_ok=True)
         raise ArchiveError(
             f"entry '{info.filename}' cannot be read ({error}); the archive may be truncated or corrupt"
         ) from None
+
+
+def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits: ArchiveLimits, budget: int) -> int:
+    """Copy one entry while counting real bytes; abort the moment a limit is passed."""
+    written = 0
+    try:
+        with open(target, "wb") as out:
+            for chunk in inflate_chunks(archive, info, limits, budget):
+                out.write(chunk)
+                written += len(chunk)
+    except (ArchiveError, OSError):
+        target.unlink(missing_ok=True)
+        raise
     return written
 
 

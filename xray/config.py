@@ -167,6 +167,22 @@ class MonitoringConfig(_Section):
     experiment_name: str = "chest-xray-monitoring"
 
 
+class InferenceConfig(_Section):
+    """Batch inference and monitoring: one stream from the source to the predictions file (xray/inference.py)."""
+
+    batch_size: int = Field(32, ge=1, le=1024, description="Images per compiled model call.")
+    fetch_workers: int = Field(
+        8, ge=1, le=64, description="Threads that fetch, decode and screen images ahead of the model."
+    )
+    window: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Images in flight between fetching and the model: with batch_size, what bounds memory.",
+    )
+    experiment_name: str = "chest-xray-inference"
+
+
 # The registered model's name: the one default every config, script and pipeline takes it from.
 MODEL_NAME = "chest-xray-classifier"
 
@@ -205,6 +221,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    inference: InferenceConfig = InferenceConfig()
     registry: RegistryConfig = RegistryConfig()
     zenml: dict[str, Any] | None = Field(
         None,

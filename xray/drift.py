@@ -222,12 +222,10 @@ def figures(
     profile: ood.ReferenceProfile,
     predictions: pd.DataFrame,
     features: pd.DataFrame,
-    image_paths: list[str],
-    examples: int = 8,
+    examples: dict | None = None,
 ) -> dict:
-    """Plots of one batch against the reference; ``image_paths`` are the readable images' files, in order."""
-    from PIL import Image
-
+    """Plots of one batch against the reference; ``examples``: {path: RGB picture} of the images with the highest
+    ood_score (xray.inference.predict_stream keeps them while it streams), shown with their scores."""
     from xray import plots
 
     readable = predictions[predictions["status"] != ood.UNREADABLE].reset_index(drop=True)
@@ -260,18 +258,17 @@ def figures(
             profile.train_content,
         ),
     }
-    worst = readable["ood_score"].to_numpy(dtype=np.float64).argsort()[::-1][:examples]
-    if len(worst):
-        pictures = []
-        for i in worst:
-            with Image.open(image_paths[i]) as image:
-                pictures.append(image.convert("RGB").copy())
-        titles = [
-            f"{readable['ood_score'][i]:.2f} {reason_kind(readable['reason'][i]) if flagged[i] else 'ok'}\n"
-            f"{str(readable['path'][i]).rsplit('/', 1)[-1][:28]}"
-            for i in worst
-        ]
-        result["most_out_of_distribution"] = plots.image_grid(pictures, titles, title="Highest ood_score in the batch")
+    if examples:
+        rows = readable.set_index("path")
+        titles = []
+        for path in examples:
+            row = rows.loc[path]
+            row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
+            kind = reason_kind(row["reason"]) if row["status"] == ood.OUT_OF_DISTRIBUTION else "ok"
+            titles.append(f"{row['ood_score']:.2f} {kind}\n{str(path).rsplit('/', 1)[-1][:28]}")
+        result["most_out_of_distribution"] = plots.image_grid(
+            list(examples.values()), titles, title="Highest ood_score in the batch"
+        )
     return result
 
 

@@ -161,7 +161,7 @@ def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_frac
     """
     from xray.data import make_spec_for_inference
     from xray.model import logit_model
-    from xray.predict import predict_paths
+    from xray.inference import predict_paths
     from xray.sites import labels
 
     y = labels(dataset)
@@ -198,7 +198,7 @@ def evaluate_model(model, dataset, spec, evaluate: EvaluateConfig, seed: int) ->
     from xray import data as xdata
     from xray import gradcam, plots
     from xray.model import calibrated_model, logit_model
-    from xray.predict import predict_paths
+    from xray.inference import predict_paths
 
     val_rows, test_rows = (xdata.select(dataset.manifest, s, spec) for s in ("val", "test"))
     y_val, y_test = xdata.labels_of(val_rows), xdata.labels_of(test_rows)

@@ -134,7 +134,7 @@ def score_champion(model_name: str, champion_version: str, image_sets: dict[str,
     """The champion's probabilities on each set of image files, through the champion's own registered folder."""
     from xray import registry
     from xray.data import make_spec_for_inference
-    from xray.predict import predict_paths
+    from xray.inference import predict_paths
 
     predictor, _ = registry.load_predictor(model_name, champion_version)
     spec = make_spec_for_inference(predictor.image_size)
@@ -180,7 +180,7 @@ def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites,
 
     from xray import data as xdata
     from xray import sites
-    from xray.predict import predict_paths
+    from xray.inference import predict_paths
 
     test_rows = xdata.select(dataset.manifest, "test", spec)
     paths, labels, challenger = (

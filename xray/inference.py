@@ -1,130 +1,480 @@
-"""Batch inference inputs: images from a folder, a zip or an S3 prefix, screened before prediction.
+"""Batch inference as one stream: list -> fetch -> screen -> predict -> write, in bounded memory.
 
-Unreadable images never abort a batch: they get a row with a status that says why.
+Images come from a folder, a zip (under the same size and ratio limits as training archives) or an S3 prefix
+(paginated listing, parallel GETs with the client's retries). A pool of threads fetches, hashes, decodes, screens and
+computes the out-of-distribution features of a bounded window of images ahead of the model; the model decodes,
+resizes and predicts each batch in one compiled call; rows are written as they come (CSV or Parquet, local or s3://). Memory
+depends on the window and the batch size, not on the number of images.
+
+Unreadable images never abort a batch: they get a row with a status that says why. With ``resume``, images whose
+content hash is already in the output are not predicted again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
 import zipfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from xray import s3
-from xray.archive import check_entry, is_junk
-from xray.dataset import ValidatedDataset
-from xray.errors import DatasetSourceError
-from xray.manifest import check_image
+from xray.archive import checked_entries, inflate_chunks, is_junk
+from xray.config import ArchiveLimits
+from xray.errors import ArchiveError, DatasetSourceError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-COLUMNS = ["path", "source", "status"]
+PREDICTION_COLUMNS = [
+    "path",
+    "sha256",
+    "probability",
+    "label",
+    "threshold",
+    "ood_score",
+    "status",
+    "reason",
+    "model_version",
+]
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet"}
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES and not is_junk(name)
 
 
-def _from_s3(uri: str, max_attempts: int) -> list[tuple[str, bytes]]:
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image: its display path and how to read its bytes (called in a worker thread)."""
+
+    name: str
+    read: Callable[[], bytes]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Listing
+
+
+def _s3_refs(uri: str, max_attempts: int) -> Iterator[ImageRef]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    location = s3.parse_s3_uri(uri)
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise DatasetSourceError(f"not an s3://bucket/prefix URI: {uri}")
+    location = s3.S3Location(parsed.netloc, parsed.path.lstrip("/"))
     client = s3.make_client(max_attempts)
-    items = []
+
+    def reader(key: str) -> Callable[[], bytes]:
+        def read() -> bytes:
+            try:
+                return client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
+            except (BotoCoreError, ClientError) as error:
+                raise s3.explain_error(error, s3.S3Location(location.bucket, key)) from None
+
+        return read
+
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
             for entry in page.get("Contents", []):
-                if _is_image(entry["Key"]):
-                    body = client.get_object(Bucket=location.bucket, Key=entry["Key"])["Body"].read()
-                    items.append((f"s3://{location.bucket}/{entry['Key']}", body))
+                if is_image_name(entry["Key"]):
+                    yield ImageRef(f"s3://{location.bucket}/{entry['Key']}", reader(entry["Key"]))
     except (BotoCoreError, ClientError) as error:
         raise s3.explain_error(error, location) from None
-    return items
 
 
-def _from_zip(path: Path) -> list[tuple[str, bytes]]:
+def _zip_refs(path: Path, limits: ArchiveLimits) -> Iterator[ImageRef]:
+    """Entries are checked before any is read (count, names, duplicates) and inflated under the byte and ratio
+    limits of training archives; one ZipFile per reading thread (a ZipFile is not safe to share)."""
     with zipfile.ZipFile(path) as archive:
-        infos = [info for info in archive.infolist() if not info.is_dir() and _is_image(info.filename)]
-        for info in infos:
-            check_entry(info)
-        return [(f"{path}!{info.filename}", archive.read(info)) for info in infos]
+        infos = sorted(
+            (info for info in checked_entries(archive, limits) if not info.is_dir() and is_image_name(info.filename)),
+            key=lambda info: info.filename,
+        )
+    declared = sum(info.file_size for info in infos)
+    if declared > limits.max_total_bytes:
+        raise ArchiveError(
+            f"{path.name} declares {declared} bytes of images, over max_total_bytes={limits.max_total_bytes}"
+        )
+    import threading
+
+    local, lock, inflated = threading.local(), threading.Lock(), [0]
+
+    def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
+        def read() -> bytes:
+            if not hasattr(local, "archive"):
+                local.archive = zipfile.ZipFile(path)
+            # The real inflated bytes count, whatever the headers claim: each entry against what is left of the
+            # archive's budget, and the running total after it.
+            data = b"".join(inflate_chunks(local.archive, info, limits, limits.max_total_bytes - inflated[0]))
+            with lock:
+                inflated[0] += len(data)
+                if inflated[0] > limits.max_total_bytes:
+                    raise ArchiveError(
+                        f"archive inflates past max_total_bytes={limits.max_total_bytes} at entry '{info.filename}'"
+                    )
+            return data
+
+        return read
+
+    for info in infos:
+        yield ImageRef(f"{path}!{info.filename}", reader(info))
 
 
-def gather(source: str, max_attempts: int = 5) -> list[tuple[str, bytes]]:
-    """(display path, bytes) for every JPEG/PNG under a folder, in a zip, or under an s3:// prefix."""
-    if source.startswith("s3://"):
-        items = _from_s3(source, max_attempts)
-    else:
-        path = Path(source.removeprefix("file://")).expanduser()
-        if path.is_dir():
-            items = [(str(p), p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file() and _is_image(p.name)]
-        elif path.is_file() and zipfile.is_zipfile(path):
-            items = _from_zip(path)
-        elif path.is_file() and path.suffix.lower() == ".zip":
-            raise DatasetSourceError(f"{source} is not a readable zip archive")
-        elif path.is_file():
-            items = [(str(path), path.read_bytes())]
-        else:
-            raise DatasetSourceError(f"no images at {source}: not a folder, zip, file or s3:// prefix")
-    if not items:
+def list_images(source: str, limits: ArchiveLimits | None = None, max_attempts: int = 5) -> Iterator[ImageRef]:
+    """Every JPEG/PNG under a folder, in a zip, or under an s3:// prefix, in name order, lazily.
+
+    Raises DatasetSourceError when the source holds no image (after listing it).
+    """
+    limits = limits or ArchiveLimits()
+    count = 0
+    for ref in _refs(source, limits, max_attempts):
+        count += 1
+        yield ref
+    if not count:
         raise DatasetSourceError(f"no .jpeg, .jpg or .png images found at {source}")
-    return sorted(items)
 
 
-def screen(items: list[tuple[str, bytes]], workdir: Path) -> ValidatedDataset:
-    """Decode each image once; readable ones are written under workdir, the rest keep a status."""
-    rows = []
-    for index, (name, data) in enumerate(items):
-        check = check_image(data)
-        if not check.ok:
-            rows.append({"path": None, "source": name, "status": f"unreadable: {check.reason}"})
-            continue
-        relative = f"{index:06d}{'.png' if check.converted is not None else Path(name).suffix.lower()}"
-        (workdir / relative).write_bytes(check.converted if check.converted is not None else data)
-        rows.append({"path": relative, "source": name, "status": "ok"})
-    return ValidatedDataset(workdir, pd.DataFrame(rows, columns=COLUMNS))
+def _refs(source: str, limits: ArchiveLimits, max_attempts: int) -> Iterator[ImageRef]:
+    if source.startswith("s3://"):
+        yield from _s3_refs(source, max_attempts)
+        return
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
+        for name in files:
+            yield ImageRef(name, Path(name).read_bytes)
+    elif path.is_file() and zipfile.is_zipfile(path):
+        yield from _zip_refs(path, limits)
+    elif path.is_file() and path.suffix.lower() == ".zip":
+        raise DatasetSourceError(f"{source} is not a readable zip archive")
+    elif path.is_file():
+        yield ImageRef(str(path), path.read_bytes)
+    else:
+        raise DatasetSourceError(f"no images at {source}: not a folder, zip, file or s3:// prefix")
 
 
-PREDICTION_COLUMNS = ["path", "probability", "label", "threshold", "ood_score", "status", "reason", "model_version"]
+def in_order(function: Callable, items: Iterable, workers: int, window: int) -> Iterator:
+    """``function(item)`` for each item on a pool of threads, in input order, with at most ``window`` in flight.
 
-
-def predict_images(predictor, images: ValidatedDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(predictions, feature table): one prediction row per input image in input order, and the
-    out-of-distribution features of the readable ones (:func:`xray.ood.feature_table`).
-
-    Probabilities come through tf.data in batches; each readable image is also read once more for its
-    out-of-distribution features, scored against the version's reference profile.
+    The source is consumed lazily, so an unbounded listing never sits in memory.
     """
-    from xray import ood
-    from xray.data import make_spec_for_inference
-    from xray.predict import predict_paths
-
-    readable = images.manifest[images.manifest["status"] == "ok"]
-    paths = images.paths(readable)
-    probabilities = predict_paths(predictor.model, paths, make_spec_for_inference(predictor.image_size))
-    features = ood.features_of_files(paths)
-    rows = predictor.rows(probabilities, predictor.assess(features))
-    table = predictions_table(images, rows, predictor.threshold, predictor.version)
-    return table, ood.feature_table(features, predictor.profile)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xray-fetch") as pool:
+        pending: deque = deque()
+        iterator = iter(items)
+        for item in iterator:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
-def predictions_table(images: ValidatedDataset, rows: pd.DataFrame, threshold: float, version: str) -> pd.DataFrame:
-    """One row per input image, in input order; ``rows`` (ChestXrayPredictor.rows) for the readable ones.
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
 
-    Unreadable images have no probability, status ``unreadable`` and the decoder's reason.
+
+class PredictionWriter:
+    """Rows appended as they are predicted, to a CSV or Parquet file, local or s3://.
+
+    An s3:// output is written to a local file and uploaded when the writer closes, also after a failure, so a
+    rerun with resume finds what was done. Parquet gets one row group per write.
     """
-    from xray.ood import UNREADABLE
 
-    table = images.manifest.rename(columns={"path": "local_path", "source": "path"}).copy()
-    readable = (table["status"] == "ok").to_numpy()
-    for column in ("probability", "ood_score"):
-        table[column] = np.nan
-    table["label"] = ""
-    table["reason"] = table["status"].where(~readable, "").str.removeprefix(f"{UNREADABLE}: ")
-    table["status"] = UNREADABLE
-    if readable.any():
-        for column in ("probability", "label", "ood_score", "status", "reason"):
-            table.loc[readable, column] = rows[column].to_numpy()
-    table["threshold"] = threshold
-    table["model_version"] = version
-    return table[PREDICTION_COLUMNS]
+    def __init__(self, output: str, resume: bool = False, max_attempts: int = 5):
+        suffix = PurePosixPath(output).suffix.lower()
+        if suffix not in OUTPUT_FORMATS:
+            raise DatasetSourceError(f"predictions output must end in .csv or .parquet, got {output}")
+        self.output, self.format, self.rows = output, OUTPUT_FORMATS[suffix], 0
+        self._client = s3.make_client(max_attempts) if output.startswith("s3://") else None
+        self._spool = tempfile.mkdtemp(prefix="xray-predictions-") if self._client else None
+        self.local = Path(self._spool, f"predictions{suffix}") if self._client else Path(output).expanduser()
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        previous = self._previous() if resume else None
+        self.done = set(previous["sha256"].dropna()) if previous is not None else set()
+        self._parquet = None
+        if self.format == "csv":
+            keep = previous is not None and self.local.is_file()
+            self._csv = open(self.local, "a" if keep else "w", newline="")
+            if not keep:
+                self._csv.write(",".join(PREDICTION_COLUMNS) + "\n")
+        elif previous is not None and len(previous):
+            self.write(previous[PREDICTION_COLUMNS])
+        self.rows = 0
+
+    def _previous(self) -> pd.DataFrame | None:
+        if self._client is not None:
+            from botocore.exceptions import ClientError
+
+            location = s3.parse_s3_uri(self.output)
+            try:
+                self._client.download_file(location.bucket, location.key, str(self.local))
+            except ClientError:
+                return None
+        if not self.local.is_file():
+            return None
+        columns = ["sha256"] if self.format == "csv" else None
+        table = pd.read_csv(self.local, usecols=columns) if self.format == "csv" else pd.read_parquet(self.local)
+        logger.info("resume: %d images already in %s", len(table), self.output)
+        return table
+
+    def write(self, table: pd.DataFrame) -> None:
+        if table.empty:
+            return
+        table = table[PREDICTION_COLUMNS]
+        if self.format == "csv":
+            table.to_csv(self._csv, header=False, index=False)
+            self._csv.flush()
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            batch = pa.Table.from_pandas(table.astype(_PARQUET_TYPES), schema=_parquet_schema(), preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(str(self.local) + ".partial", _parquet_schema())
+            self._parquet.write_table(batch)
+        self.rows += len(table)
+
+    def close(self) -> None:
+        if self.format == "csv":
+            self._csv.close()
+        elif self._parquet is not None:
+            self._parquet.close()
+            os.replace(str(self.local) + ".partial", self.local)
+        elif not self.local.is_file():
+            pd.DataFrame(columns=PREDICTION_COLUMNS).astype(_PARQUET_TYPES).to_parquet(self.local, index=False)
+        if self._client is not None:
+            location = s3.parse_s3_uri(self.output)
+            self._client.upload_file(str(self.local), location.bucket, location.key)
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_PARQUET_TYPES = {
+    "path": "string",
+    "sha256": "string",
+    "probability": "float64",
+    "label": "string",
+    "threshold": "float64",
+    "ood_score": "float64",
+    "status": "string",
+    "reason": "string",
+    "model_version": "string",
+}
+
+
+def _parquet_schema():
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "float64": pa.float64()}
+    return pa.schema([(name, types[kind]) for name, kind in _PARQUET_TYPES.items()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stream
+
+
+@dataclass
+class StreamResult:
+    """What a streamed run did; ``table`` and ``features`` only when asked to keep them (monitoring)."""
+
+    images: int = 0
+    skipped: int = 0
+    unreadable: int = 0
+    out_of_distribution: int = 0
+    predicted: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    table: pd.DataFrame | None = None
+    features: list = field(default_factory=list)
+    examples: list = field(default_factory=list)
+    """(ood_score, path, RGB thumbnail) of the highest-scoring readable images, highest first."""
+
+    def summary(self) -> dict:
+        return {
+            "images": self.images,
+            "skipped_already_predicted": self.skipped,
+            "unreadable": self.unreadable,
+            "out_of_distribution": self.out_of_distribution,
+            "predicted": dict(sorted(self.predicted.items())),
+            "images_per_second": round((self.images - self.skipped) / self.seconds, 2) if self.seconds else None,
+        }
+
+
+@dataclass
+class _Item:
+    name: str
+    sha256: str = ""
+    skipped: bool = False
+    prepared: object = None
+    error: Exception | None = None
+    thumbnail: object = None
+
+
+def predict_stream(
+    predictor,
+    refs: Iterable[ImageRef],
+    writer: PredictionWriter | None = None,
+    *,
+    batch_size: int = 32,
+    workers: int = 8,
+    window: int = 256,
+    keep: bool = False,
+    examples: int = 0,
+    progress_every: int = 1000,
+) -> StreamResult:
+    """Predict every image of ``refs`` in order and write each batch's rows as soon as it is predicted.
+
+    ``writer.done`` (content hashes) are skipped. ``keep`` also returns the table and the out-of-distribution
+    features (monitoring needs them for its drift test; they grow with the batch, about 4 KB per image).
+    ``examples``: keep thumbnails of that many images with the highest ood_score.
+    """
+    from xray import CLASS_NAMES
+    from xray.ood import OUT_OF_DISTRIBUTION, UNREADABLE
+
+    done = writer.done if writer is not None else set()
+    result, started = StreamResult(), time.perf_counter()
+    tables, worst = [], []
+
+    def prepare(ref: ImageRef) -> _Item:
+        item = _Item(ref.name)
+        try:
+            data = ref.read()
+        except ArchiveError:
+            raise
+        except (DatasetSourceError, OSError) as error:
+            # One object that cannot be read after the client's retries: a row that says why, not a lost batch.
+            item.prepared = _unreadable(f"cannot be read: {error}".splitlines()[0][:200])
+            return item
+        item.sha256 = hashlib.sha256(data).hexdigest()
+        if item.sha256 in done:
+            item.skipped = True
+            return item
+        item.prepared = predictor.prepare(data)
+        if examples and item.prepared.readable:
+            item.thumbnail = _thumbnail(data)
+        return item
+
+    batch: list[_Item] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        readable = [item for item in batch if item.prepared.readable]
+        probabilities = predictor.probabilities_of_encoded([item.prepared.encoded for item in readable])
+        assessment = predictor.assess([item.prepared.features for item in readable])
+        rows = predictor.rows(probabilities, assessment)
+        table = pd.DataFrame(
+            {
+                "path": [item.name for item in batch],
+                "sha256": [item.sha256 or None for item in batch],
+                "probability": np.nan,
+                "label": "",
+                "threshold": predictor.threshold,
+                "ood_score": np.nan,
+                "status": UNREADABLE,
+                "reason": [item.prepared.reason for item in batch],
+                "model_version": predictor.version,
+            },
+            columns=PREDICTION_COLUMNS,
+        )
+        mask = np.array([item.prepared.readable for item in batch])
+        if mask.any():
+            for column in ("probability", "label", "ood_score", "status", "reason"):
+                table.loc[mask, column] = rows[column].to_numpy()
+        if writer is not None:
+            writer.write(table)
+        result.unreadable += int((~mask).sum())
+        result.out_of_distribution += int((table["status"] == OUT_OF_DISTRIBUTION).sum())
+        for label in CLASS_NAMES:
+            count = int((table.loc[table["status"] == "ok", "label"] == label).sum())
+            result.predicted[label] = result.predicted.get(label, 0) + count
+        if keep:
+            tables.append(table)
+            result.features.extend(item.prepared.features for item in readable)
+        if examples:
+            for item, score in zip(readable, assessment["ood_score"].to_numpy(dtype=float)):
+                entry = (float(np.nan_to_num(score, nan=-np.inf)), item.name, item.thumbnail)
+                if len(worst) < examples:
+                    heapq.heappush(worst, entry)
+                elif entry[0] > worst[0][0]:
+                    heapq.heapreplace(worst, entry)
+        batch.clear()
+
+    for item in in_order(prepare, refs, workers, window):
+        result.images += 1
+        if item.skipped:
+            result.skipped += 1
+        else:
+            batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
+        if progress_every and result.images % progress_every == 0:
+            rate = result.images / (time.perf_counter() - started)
+            logger.info("%d images (%d already predicted), %.1f images/s", result.images, result.skipped, rate)
+    flush()
+    result.seconds = time.perf_counter() - started
+    if keep:
+        result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    result.examples = [(score, name, picture) for score, name, picture in sorted(worst, key=lambda e: -e[0])]
+    return result
+
+
+def _unreadable(reason: str):
+    from xray.serving import PreparedImage
+
+    return PreparedImage(reason=reason)
+
+
+def _thumbnail(data: bytes, size: int = 256):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        picture = image.convert("RGB")
+        picture.thumbnail((size, size))
+        return picture
+
+
+def first_readable(refs: Iterable[ImageRef], count: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the first ``count`` decodable images; stops reading as soon as it has them."""
+    from xray.manifest import check_image
+
+    found = []
+    for ref in refs:
+        if len(found) >= count:
+            break
+        data = ref.read()
+        if check_image(data).ok:
+            found.append((ref.name, data))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files already on disk (evaluation, the gate)
+
+
+def predict_paths(model, paths: list[str], spec) -> np.ndarray:
+    """P(PNEUMONIA) for each image file, decoded and batched in parallel by tf.data (evaluation and the gate)."""
+    from xray.data import make_dataset
+
+    if not paths:
+        return np.zeros(0, dtype=np.float32)
+    return model.predict(make_dataset(paths, None, spec), verbose=0).reshape(-1)

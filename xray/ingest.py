@@ -39,8 +39,26 @@ def _progress(uri: str):
     return report
 
 
-def fetch(uri: str, workdir: Path, config: S3Config, expected_sha256: str | None = None) -> RawArchive:
-    """Copy the archive into ``workdir`` and checksum it; fail before extraction on a mismatch."""
+def locate(uri: str, config: S3Config) -> dict:
+    """What identifies the archive's content now, without reading it all: an S3 object's ETag and size (HEAD), or a
+    local file's SHA-256 and size. Equal identities mean equal bytes, so the download step can be cached on it."""
+    path = s3.local_path(uri)
+    if path is None:
+        location = s3.parse_s3_uri(uri)
+        client = s3.make_client(config.max_attempts, config.connect_timeout_s, config.read_timeout_s)
+        head = s3.head(client, location)
+        identity = {"source_uri": location.uri, "size": head["size"], "etag": head["etag"]}
+        return identity | ({"sha256": head["sha256"]} if head["sha256"] else {})
+    if not path.is_file():
+        raise DatasetSourceError(f"dataset archive not found: {path}")
+    return {"source_uri": str(path), "size": path.stat().st_size, "sha256": s3.sha256_file(path)}
+
+
+def fetch(
+    uri: str, workdir: Path, config: S3Config, expected_sha256: str | None = None, identity: dict | None = None
+) -> RawArchive:
+    """Copy the archive into ``workdir`` and checksum it; fail before extraction on a mismatch with
+    ``expected_sha256`` or with the ``identity`` :func:`locate` saw (the object changed in between)."""
     workdir.mkdir(parents=True, exist_ok=True)
     target = workdir / "archive.zip"
     path = s3.local_path(uri)
@@ -54,6 +72,14 @@ def fetch(uri: str, workdir: Path, config: S3Config, expected_sha256: str | None
             raise DatasetSourceError(f"dataset archive not found: {path}")
         shutil.copyfile(path, target)
         archive = RawArchive(target, str(path), target.stat().st_size, s3.sha256_file(target))
+    if identity is not None:
+        seen = archive.metadata()
+        changed = [key for key in ("size", "etag", "sha256") if key in identity and identity[key] != seen[key]]
+        if changed:
+            raise DatasetSourceError(
+                f"{archive.source_uri} changed while it was being read ({', '.join(changed)} differ from a moment "
+                "before); run again"
+            )
     if expected_sha256 and archive.sha256 != expected_sha256:
         raise DatasetSourceError(
             f"checksum mismatch for {archive.source_uri}: sha256 {archive.sha256} != expected_sha256 {expected_sha256}"

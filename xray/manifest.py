@@ -55,24 +55,33 @@ class ImageCheck:
     """PNG bytes when the original must be re-encoded to reach the model as RGB."""
 
 
+def decode_image(data: bytes) -> tuple[ImageCheck, Image.Image | None]:
+    """Fully decode an image by content (the extension is not trusted): its check and, when readable, the decoded
+    image as the model sees it (RGB when it had to be converted)."""
+    if not data:
+        return ImageCheck(False, "empty file (0 bytes)"), None
+    try:
+        # No context manager: closing a PIL image frees its pixels, and the decoded image is returned. The source is
+        # an in-memory buffer, so no file handle stays open.
+        image = Image.open(io.BytesIO(data))
+        image.load()  # full decode: truncated data fails here, not in training
+        fmt, mode = image.format or "unknown", image.mode
+        check = ImageCheck(True, width=image.width, height=image.height, channels=len(image.getbands()), format=fmt)
+        if fmt not in NATIVE_FORMATS or mode not in NATIVE_MODES:
+            image = image.convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            check.converted = buffer.getvalue()
+        return check, image
+    except UnidentifiedImageError:
+        return ImageCheck(False, "not a recognised image format"), None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return ImageCheck(False, f"cannot decode: {error}".splitlines()[0][:200]), None
+
+
 def check_image(data: bytes) -> ImageCheck:
     """Fully decode an image by content (the extension is not trusted)."""
-    if not data:
-        return ImageCheck(False, "empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # full decode: truncated data fails here, not in training
-            fmt, mode = image.format or "unknown", image.mode
-            check = ImageCheck(True, width=image.width, height=image.height, channels=len(image.getbands()), format=fmt)
-            if fmt not in NATIVE_FORMATS or mode not in NATIVE_MODES:
-                buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="PNG")
-                check.converted = buffer.getvalue()
-            return check
-    except UnidentifiedImageError:
-        return ImageCheck(False, "not a recognised image format")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return ImageCheck(False, f"cannot decode: {error}".splitlines()[0][:200])
+    return decode_image(data)[0]
 
 
 @dataclass

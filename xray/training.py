@@ -167,10 +167,16 @@ class RunState:
 
 
 def without_optimizer(model):
-    """An uncompiled copy with the trained weights: the optimizer's slots would triple every saved model."""
+    """An uncompiled copy with the trained weights: the optimizer's slots would triple every saved model.
+
+    Rebuilt from the model's config without its compile config, not ``keras.models.clone_model``, which compiles the clone again when the source was
+    compiled (and the saved file then carries a fresh optimizer's variables).
+    """
     import keras
 
-    clean = keras.models.clone_model(model)
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    clean = keras.saving.deserialize_keras_object(config)
     clean.set_weights(model.get_weights())
     return clean
 

@@ -33,6 +33,7 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 STEPS = [
+    "locate_archive",
     "ingest_from_s3",
     "unzip_and_validate",
     "build_datasets",
@@ -193,7 +194,8 @@ def test_verify_refuses_a_different_archive(first_run, stores, tmp_path):
 def test_identical_rerun_is_cached_by_content(first_run, stores):
     _, env = stores
     summary = summary_of(run_cli(env))
-    assert summary["steps"]["ingest_from_s3"] == "completed"  # always re-reads the object
+    assert summary["steps"]["locate_archive"] == "completed"  # always looks at the object again
+    # The same object: its archive is not downloaded or stored again, and nothing downstream reruns.
     assert all(summary["steps"][name] == "cached" for name in STEPS[1:])
     assert summary["model_version"] == first_run[0]["model_version"]
 

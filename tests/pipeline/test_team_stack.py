@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 from conftest import MINI_ZIP, ROOT, champion_probabilities, free_port
+from xray import inference
 
 pytestmark = pytest.mark.slow
 MODEL = "chest-xray-classifier"
@@ -289,17 +290,9 @@ def test_batch_inference_on_a_folder(team, trained):
         "2",
     )
     table = pd.read_csv(home / "out" / "preds.csv", keep_default_na=False, na_values=[""])
-    assert list(table.columns) == [
-        "path",
-        "probability",
-        "label",
-        "threshold",
-        "ood_score",
-        "status",
-        "reason",
-        "model_version",
-    ]
-    assert len(table) == 21 and summary["unreadable"] == 1
+    assert list(table.columns) == inference.PREDICTION_COLUMNS
+    assert len(table) == 21 and summary["unreadable"] == 1 and summary["rows_written"] == 21
+    assert table["sha256"].notna().all() and summary["output"] == str(home / "out" / "preds.csv")
     bad = table[table["status"] == "unreadable"]
     assert bad["path"].str.endswith("corrupt.jpeg").all() and bad["probability"].isna().all()
     assert bad["ood_score"].isna().all() and (bad["reason"] == "not a recognised image format").all()
@@ -317,16 +310,21 @@ def test_batch_inference_on_a_folder(team, trained):
 
 
 def _post(port, body):
+    """(status, answer) of POST /invocations; ``body`` a JSON-able object or raw bytes."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations",
-        data=json.dumps(body).encode(),
+        data=body if isinstance(body, bytes) else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        raw = error.read()
+        try:
+            return error.code, json.loads(raw or b"{}")
+        except ValueError:
+            return error.code, {"message": raw.decode(errors="replace")}
 
 
 def test_rest_serving_matches_batch_inference(trained):
@@ -397,6 +395,24 @@ def test_rest_serving_matches_batch_inference(trained):
         assert rows[0]["probability"] == pytest.approx(prediction["probability"], abs=1e-6)
         assert rows[1]["status"] == "unreadable" and rows[1]["probability"] is None and rows[1]["reason"]
         assert rows[2]["status"] == "out_of_distribution" and rows[2]["ood_score"] > 1
+        # Malformed requests: each a 4xx with a message, the worker stays up and answers the next good request.
+        good = base64.b64encode(image.read_bytes()).decode()
+        malformed = {
+            "not JSON": b"{this is not json",
+            "nested list": {"inputs": [[good, good]]},
+            "a number": {"inputs": [7]},
+            "empty list": {"inputs": []},
+            "non-image bytes": {"inputs": [base64.b64encode(b"%PDF-1.4 not an image").decode()]},
+            "over the size limit": {"inputs": ["A" * (17 * 2**20)]},
+        }
+        for case, body in malformed.items():
+            status, answer = _post(port, body)
+            assert 400 <= status < 500 and answer.get("message"), (case, status, answer)
+            assert server.poll() is None, case
+            status, answer = _post(port, {"inputs": [good]})
+            assert status == 200 and answer["predictions"][0]["probability"] == pytest.approx(
+                prediction["probability"], abs=1e-6
+            ), case
     finally:
         server.terminate()
         server.wait(timeout=30)

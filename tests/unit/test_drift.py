@@ -105,12 +105,10 @@ def test_acquisition_tests_rank_the_shifted_statistic_first(profile, family):
 def test_figures_and_html_report(profile, family, tmp_path):
     arrays = [255 - a if i < 3 else a for i, a in enumerate(family[220:250])]
     predictions, features = batch_of(profile, arrays)
-    paths = []
-    for i, array in enumerate(arrays):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.fromarray(array).save(paths[-1])
+    worst = predictions["ood_score"].to_numpy().argsort()[::-1][:4]
+    examples = {predictions["path"][i]: Image.fromarray(arrays[i]).convert("RGB") for i in worst}
     report = drift.compare(profile, predictions, features, permutations=100)
-    figures = drift.figures(profile, predictions, features, paths)
+    figures = drift.figures(profile, predictions, features, examples)
     assert set(figures) == {"ood_scores", "probabilities", "acquisition", "content_map", "most_out_of_distribution"}
     assert all(image.width > 300 for image in figures.values())
     page = drift.render_html(report | {"model_uri": "models:/m/1", "source": "batch"}, figures)

@@ -1,23 +1,30 @@
-"""Batch inputs and the predictions table: what reaches the model, and one row per input image."""
+"""Streamed batch inference: sources listed lazily, zip limits, bounded read-ahead, rows in input order, resume."""
+
+import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import jpeg_bytes, write_zip
-from xray import inference
-from xray.errors import DatasetSourceError
+from conftest import jpeg_bytes, png, radiograph_like, write_zip
+from xray import inference, s3
+from xray.config import ArchiveLimits
+from xray.errors import ArchiveError, DatasetSourceError
 
 
-def test_an_empty_folder_and_a_broken_zip_are_errors(tmp_path):
+def names(source: str, **kwargs) -> list[str]:
+    return [ref.name for ref in inference.list_images(source, **kwargs)]
+
+
+def test_an_empty_folder_a_broken_zip_and_a_missing_path_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetSourceError, match="no .jpeg, .jpg or .png images found at"):
-        inference.gather(str(tmp_path / "empty"))
+        names(str(tmp_path / "empty"))
     (tmp_path / "batch.zip").write_bytes(b"PK\x03\x04 this is not a zip")
     with pytest.raises(DatasetSourceError, match="is not a readable zip archive"):
-        inference.gather(str(tmp_path / "batch.zip"))
+        names(str(tmp_path / "batch.zip"))
     with pytest.raises(DatasetSourceError, match="not a folder, zip, file or s3:// prefix"):
-        inference.gather(str(tmp_path / "missing"))
+        names(str(tmp_path / "missing"))
 
 
 def test_a_zip_of_images_is_read_in_name_order(tmp_path):
@@ -30,28 +37,131 @@ def test_a_zip_of_images_is_read_in_name_order(tmp_path):
             "__MACOSX/x/._a.png": b"junk",
         },
     )
-    names = [name for name, _ in inference.gather(str(archive))]
-    assert names == [f"{archive}!x/a.png", f"{archive}!x/b.jpeg"]
+    refs = list(inference.list_images(str(archive)))
+    assert [ref.name for ref in refs] == [f"{archive}!x/a.png", f"{archive}!x/b.jpeg"]
+    assert refs[1].read() == jpeg_bytes(1)
 
 
-def test_predictions_table_keeps_input_order_and_unreadable_rows(tmp_path):
-    items = [("first.jpeg", jpeg_bytes(1)), ("broken.jpeg", b""), ("third.jpeg", jpeg_bytes(3))]
-    images = inference.screen(items, tmp_path)
-    rows = pd.DataFrame(
-        {
-            "probability": [0.2, 0.9],
-            "label": ["NORMAL", "PNEUMONIA"],
-            "threshold": 0.5,
-            "ood_score": [0.1, 3.0],
-            "status": ["ok", "out_of_distribution"],
-            "reason": ["", "image content unlike the training images (content z 7.0)"],
-        }
-    )
-    table = inference.predictions_table(images, rows, 0.5, "4")
+@pytest.mark.parametrize(
+    "entries, limits, message",
+    [
+        ({"../evil.jpeg": b"x"}, ArchiveLimits(), "path traversal"),
+        ({"a.jpeg": b"x", "b.jpeg": b"y", "c.jpeg": b"z"}, ArchiveLimits(max_entries=2), "over max_entries=2"),
+        ({"big.jpeg": b"\0" * 5000}, ArchiveLimits(max_entry_bytes=4000), "max_entry_bytes=4000"),
+        ({"a.jpeg": b"\1" * 3000, "b.jpeg": b"\2" * 3000}, ArchiveLimits(max_total_bytes=5000), "max_total_bytes"),
+        ({"bomb.jpeg": b"\0" * (3 * 2**20)}, ArchiveLimits(max_compression_ratio=10), "max_compression_ratio=10"),
+    ],
+)
+def test_zip_input_is_held_to_the_training_archive_limits(tmp_path, entries, limits, message):
+    archive = write_zip(tmp_path / "batch.zip", entries)
+    with pytest.raises(ArchiveError, match=message):
+        for ref in inference.list_images(str(archive), limits=limits):
+            ref.read()
+
+
+def images_folder(folder, count: int, unreadable=(3,)):
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        data = b"\xff\xd8\xff truncated" if i in unreadable else png(radiograph_like(np.random.default_rng(i), 40))
+        (folder / f"{i:03d}.png").write_bytes(data)
+    return folder
+
+
+class Counted:
+    """Refs that count how many were read: a stream must not read more than its window ahead of the writer."""
+
+    def __init__(self, refs):
+        self.refs, self.read, self.lock = list(refs), 0, threading.Lock()
+
+    def __iter__(self):
+        for ref in self.refs:
+            yield inference.ImageRef(ref.name, self._counting(ref.read))
+
+    def _counting(self, read):
+        def wrapped():
+            with self.lock:
+                self.read += 1
+            return read()
+
+        return wrapped
+
+
+def test_a_stream_longer_than_its_window_keeps_input_order_and_bounded_read_ahead(predictor, tmp_path):
+    folder = images_folder(tmp_path / "in", 23)
+    refs = Counted(inference.list_images(str(folder)))
+    ahead = []
+
+    class Watched(inference.PredictionWriter):
+        def write(self, table):
+            ahead.append(refs.read - (self.rows + len(table)))
+            super().write(table)
+
+    window, batch = 4, 3
+    with Watched(str(tmp_path / "out.csv")) as writer:
+        result = inference.predict_stream(predictor, refs, writer, batch_size=batch, workers=2, window=window)
+    table = pd.read_csv(tmp_path / "out.csv")
+    assert table["path"].tolist() == [str(folder / f"{i:03d}.png") for i in range(23)]
     assert list(table.columns) == inference.PREDICTION_COLUMNS
-    assert table["path"].tolist() == ["first.jpeg", "broken.jpeg", "third.jpeg"]
-    assert table["status"].tolist() == ["ok", "unreadable", "out_of_distribution"]
-    assert table["reason"][1] == "empty file (0 bytes)" and np.isnan(table["probability"][1])
-    assert (
-        table["probability"][2] == 0.9 and (table["threshold"] == 0.5).all() and (table["model_version"] == "4").all()
-    )
+    assert result.images == 23 and result.unreadable == 1 and writer.rows == 23
+    assert table["status"][3] == "unreadable" and np.isnan(table["probability"][3]) and table["reason"][3]
+    assert len(ahead) > 5 and max(ahead) <= window + 1, ahead
+    # The same numbers as the one-request path serving uses.
+    direct = predictor.predict_bytes([(folder / "000.png").read_bytes(), (folder / "022.png").read_bytes()])
+    np.testing.assert_allclose(table["probability"].iloc[[0, 22]], direct["probability"].astype(float), atol=1e-6)
+    assert table["status"].iloc[[0, 22]].tolist() == direct["status"].tolist()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_resume_predicts_only_images_not_yet_in_the_output(predictor, tmp_path, suffix):
+    folder = images_folder(tmp_path / "in", 10)
+    output = str(tmp_path / f"predictions{suffix}")
+    with inference.PredictionWriter(output) as writer:
+        inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=4)
+    first = pd.read_csv(output) if suffix == ".csv" else pd.read_parquet(output)
+    images_folder(folder, 15)  # five more images; the first ten are the same bytes
+    with inference.PredictionWriter(output, resume=True) as writer:
+        result = inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=4)
+    assert result.images == 15 and result.skipped == 10 and writer.rows == 5
+    table = pd.read_csv(output) if suffix == ".csv" else pd.read_parquet(output)
+    assert len(table) == 15 and table["sha256"].is_unique
+    pd.testing.assert_frame_equal(table.iloc[:10].reset_index(drop=True), first, check_dtype=False)
+
+
+def test_an_s3_prefix_streams_to_an_s3_output_and_resumes_there(predictor, tmp_path):
+    server = s3.EmbeddedS3().start()
+    try:
+        client = s3.make_client(max_attempts=1)
+        client.create_bucket(Bucket="batch")
+        rng = np.random.default_rng(5)
+        for i in range(7):
+            client.put_object(Bucket="batch", Key=f"site/day1/{i}.png", Body=png(radiograph_like(rng, 40)))
+        client.put_object(Bucket="batch", Key="site/day1/readme.txt", Body=b"not an image")
+        refs = list(inference.list_images("s3://batch/site/"))
+        assert [ref.name for ref in refs] == [f"s3://batch/site/day1/{i}.png" for i in range(7)]
+        with inference.PredictionWriter("s3://batch/out/predictions.parquet") as writer:
+            inference.predict_stream(predictor, refs, writer)
+        with inference.PredictionWriter("s3://batch/out/predictions.parquet", resume=True) as writer:
+            again = inference.predict_stream(predictor, inference.list_images("s3://batch/site/"), writer)
+        assert again.skipped == 7 and writer.rows == 0
+        client.download_file("batch", "out/predictions.parquet", str(tmp_path / "p.parquet"))
+        assert len(pd.read_parquet(tmp_path / "p.parquet")) == 7
+        with pytest.raises(DatasetSourceError, match="no .jpeg, .jpg or .png images found"):
+            names("s3://batch/nothing-here/")
+    finally:
+        server.stop()
+
+
+def test_an_output_that_is_neither_csv_nor_parquet_is_refused(tmp_path):
+    with pytest.raises(DatasetSourceError, match=".csv or .parquet"):
+        inference.PredictionWriter(str(tmp_path / "predictions.json"))
+
+
+def test_monitoring_keeps_the_table_features_and_the_most_unusual_images(predictor, tmp_path):
+    folder = images_folder(tmp_path / "in", 12, unreadable=())
+    inverted = 255 - radiograph_like(np.random.default_rng(9), 40)
+    (folder / "999.png").write_bytes(png(inverted))
+    result = inference.predict_stream(predictor, inference.list_images(str(folder)), keep=True, examples=3)
+    assert len(result.table) == 13 and len(result.features) == 13
+    scores = [score for score, _, _ in result.examples]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert result.examples[0][1].endswith("999.png") and result.examples[0][2].mode == "RGB"

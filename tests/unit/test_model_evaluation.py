@@ -37,7 +37,7 @@ def test_the_recipe_reports_calibrated_test_metrics_and_figures(evaluated):
 
 
 def test_the_calibrated_model_outputs_the_reported_probabilities(evaluated):
-    from xray.predict import predict_paths
+    from xray.inference import predict_paths
 
     result, dataset, spec = evaluated
     rows = xdata.select(dataset.manifest, "test", spec)

@@ -30,7 +30,7 @@ def candidate(tmp_path_factory, profile):
     model = keras.Sequential(
         [keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")]
     )
-    from xray.predict import predict_paths
+    from xray.inference import predict_paths
 
     scores = {}
     for split in ("val", "test"):

@@ -53,4 +53,4 @@ def test_this_environment_is_the_lock():
 
 def test_directly_imported_packages_are_declared():
     declared = {canonicalize_name(r.name) for r in _ranges(ROOT / "requirements.txt")}
-    assert {"keras", "numpy", "croniter", "tensorflow-cpu", "zenml", "mlflow", "moto"} <= declared
+    assert {"keras", "numpy", "croniter", "tensorflow-cpu", "zenml", "mlflow", "moto", "pyarrow"} <= declared

@@ -75,3 +75,19 @@ def test_local_paths_are_read_directly(tmp_path):
         fetch(str(tmp_path / "nope.zip"), tmp_path / "w", S3Config())
     with pytest.raises(DatasetSourceError, match="unsupported dataset URI scheme"):
         fetch("gs://bucket/a.zip", tmp_path / "w", S3Config())
+
+
+def test_locate_names_the_content_and_fetch_refuses_an_object_that_changed(bucket, tmp_path):
+    from xray.ingest import locate
+
+    client, location, source = bucket
+    identity = locate(location.uri, S3Config())
+    assert identity["size"] == source.stat().st_size and identity["etag"]
+    assert identity["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()  # metadata from our upload
+    assert fetch(location.uri, tmp_path / "a", S3Config(), identity=identity).sha256 == identity["sha256"]
+    client.put_object(Bucket=location.bucket, Key=location.key, Body=b"PK another archive")
+    with pytest.raises(DatasetSourceError, match="changed while it was being read"):
+        fetch(location.uri, tmp_path / "b", S3Config(), identity=identity)
+    assert locate(location.uri, S3Config()) != identity
+    local = locate(str(source), S3Config())
+    assert local == {"source_uri": str(source), "size": source.stat().st_size, "sha256": identity["sha256"]}

@@ -14,7 +14,15 @@ from xray.config import PipelineConfig, load_config
 
 CONFIG = ROOT / "configs" / "training_sagemaker.yaml"
 SCRIPT = ROOT / "scripts" / "register_sagemaker_stack.sh"
-STEPS = ["ingest_from_s3", "unzip_and_validate", "build_datasets", "train_model", "evaluate_model", "register_model"]
+STEPS = [
+    "locate_archive",
+    "ingest_from_s3",
+    "unzip_and_validate",
+    "build_datasets",
+    "train_model",
+    "evaluate_model",
+    "register_model",
+]
 
 
 @pytest.fixture(scope="module")

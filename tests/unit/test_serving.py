@@ -1,40 +1,19 @@
 """The one prediction path (ChestXrayPredictor): probabilities, out-of-distribution checks and unreadable images."""
 
 import base64
-import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
-from PIL import Image
 
 from xray import ood, serving
 
-from conftest import radiograph_like
+from conftest import png, radiograph_like
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    import keras
-
-    rng = np.random.default_rng(0)
-    features = [ood.features_of_array(radiograph_like(rng)) for _ in range(80)]
-    profile = ood.fit_profile(features[:50], features[50:], np.full(30, 0.4), 0.5)
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Rescaling(1 / 255.0),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(1, activation="sigmoid"),
-        ]
-    )
-    return serving.ChestXrayPredictor(model, 0.5, 32, "7", profile)
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def test_rows_for_readable_ood_and_unreadable_images(predictor):
@@ -69,3 +48,31 @@ def test_without_a_profile_nothing_is_scored_and_the_log_says_so(predictor, tmp_
     assert table["status"][0] == ood.OK and table["ood_score"][0] is None
     predictor.profile.save(tmp_path / serving.PROFILE_DIR)
     assert serving.ChestXrayPredictor.from_dir(str(tmp_path)).profile is not None
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"inputs": [[b64(b"a"), b64(b"b")]]}, "flat list"),
+        ({"inputs": [7]}, "image 0 is a int"),
+        ({"a": [b64(b"x")], "b": [b64(b"y")]}, "expected a list of images"),
+        (pd.DataFrame({"a": ["x"], "b": ["y"]}), "one image column"),
+        ({"inputs": ["x"] * (serving.MAX_IMAGES_PER_REQUEST + 1)}, "over the limit of"),
+        ({"inputs": ["A" * int(serving.MAX_REQUEST_MB * 2**20 + 4)]}, "MB of image data in one request"),
+    ],
+)
+def test_malformed_payloads_are_client_errors_that_say_what_to_send(predictor, payload, message):
+    with pytest.raises(serving.InvalidImage, match=message):
+        predictor.predict(payload)
+
+
+def test_the_compiled_call_equals_keras_predict_for_any_batch_size(predictor):
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 8):
+        batch = rng.uniform(0, 255, (size, 32, 32, 3)).astype("float32")
+        expected = predictor.model.predict(batch, verbose=0).reshape(-1)
+        np.testing.assert_allclose(predictor.probabilities(batch), expected, atol=1e-6)
+    # Decoding inside the compiled call is the preprocessing of pixels(): the same numbers.
+    images = [png(radiograph_like(rng)) for _ in range(3)]
+    pixels = np.stack([predictor.pixels(data) for data in images])
+    np.testing.assert_allclose(predictor.probabilities_of_encoded(images), predictor.probabilities(pixels), atol=1e-6)

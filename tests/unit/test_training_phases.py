@@ -121,3 +121,28 @@ def test_killed_in_each_phase_it_resumes_there_and_keeps_the_best_epoch(tmp_path
     # The best epoch (2) ran in the second process, before the phase change: its weights come back from disk.
     assert third.splitlines()[-1] == f"FINAL {weights[2]}"
     assert not [p for p in (tmp_path / "backup").rglob("*") if p.is_file()], "nothing is left to resume from"
+
+
+def test_the_returned_model_carries_no_optimizer(tmp_path):
+    import keras
+    import numpy as np
+
+    from xray.model import compile_model
+    from xray.training import without_optimizer
+
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(64, 3)(keras.layers.Rescaling(1 / 127.5)(inputs))
+    )
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dense(256)(pooled)))
+    compile_model(model, 1e-3, 0.0, False)
+    model.fit(np.zeros((2, 32, 32, 3)), np.zeros(2), verbose=0)
+    clean = without_optimizer(model)
+    assert not clean.compiled
+    clean.save(tmp_path / "clean.keras")
+    model.save(tmp_path / "trained.keras")
+    # The trained model's file also holds Adam's two slots per weight; the clean one only the weights.
+    assert (tmp_path / "clean.keras").stat().st_size < 0.5 * (tmp_path / "trained.keras").stat().st_size
+    loaded = keras.models.load_model(tmp_path / "clean.keras")
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(batch, verbose=0), model.predict(batch, verbose=0), atol=1e-6)

@@ -1,0 +1,339 @@
+"""Inference at scale, each side measured in one run (issue #18): the streamed batch path and REST serving, each
+against the bare model on the same machine at the same moment.
+
+Called by bench.py (``--only stream_inference_model_fraction stream_inference_memory_ratio
+serving_throughput_fraction``); ``python benchmarks/inference_at_scale.py stream-child N FOLDER WORKDIR`` is the
+child process of the memory benchmark (peak RSS is per process, so each size gets its own).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE, BATCH = 128, 32  # configs/training_local.yaml
+
+
+def bench_predictor(profile_dir: Path | None = None, train_paths=(), val_paths=()):
+    """ChestXrayPredictor on ResNet50V2 at 128 px (random weights: speed does not depend on them) with a reference
+    profile fitted on real train/val images, or loaded from ``profile_dir``."""
+    from xray import ood
+    from xray.config import ModelConfig
+    from xray.model import build_model
+    from xray.serving import ChestXrayPredictor
+
+    model, _ = build_model(ModelConfig(image_size=IMAGE_SIZE), None)
+    if profile_dir is not None and (profile_dir / ood.PROFILE_JSON).is_file():
+        profile = ood.ReferenceProfile.load(profile_dir)
+    else:
+        train, val = ood.features_of_files(list(train_paths)), ood.features_of_files(list(val_paths))
+        profile = ood.fit_profile(train, val, np.random.default_rng(0).uniform(0, 1, len(val)), 0.5)
+        if profile_dir is not None:
+            profile.save(profile_dir)
+    return ChestXrayPredictor(model, 0.5, IMAGE_SIZE, "bench", profile)
+
+
+def bare_batch_rate(predictor, batch: int = BATCH, batches: int = 15) -> float:
+    """images/s of the compiled model call alone on in-memory uint8 tensors of ``batch`` images."""
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    predictor.probabilities(pixels)  # trace
+    started = time.perf_counter()
+    for _ in range(batches):
+        predictor.probabilities(pixels)
+    return batch * batches / (time.perf_counter() - started)
+
+
+def upload(client, bucket: str, prefix: str, paths: list[str], workers: int = 16) -> None:
+    def put(item):
+        index, path = item
+        client.put_object(Bucket=bucket, Key=f"{prefix}{index:06d}.jpeg", Body=Path(path).read_bytes())
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(put, enumerate(paths)))
+
+
+def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str], workdir: Path, images=5000) -> dict:
+    """images/s of the streamed pipeline over ``images`` objects under an S3 prefix on the embedded endpoint, over the
+    bare model's images/s on in-memory tensors at the same batch size (measured before and after, averaged)."""
+    import logging
+
+    from xray import inference, s3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request lines: one per GET, in this process
+    predictor = bench_predictor(workdir / "profile", train_paths[:400], val_paths[:200])
+    sources = [train_paths[i % len(train_paths)] for i in range(images)]
+    with s3.EmbeddedS3() as server:
+        client = s3.make_client()
+        client.create_bucket(Bucket="bench")
+        started = time.perf_counter()
+        upload(client, "bench", "stream/", sources)
+        upload_seconds = time.perf_counter() - started
+        before = bare_batch_rate(predictor)
+        with inference.PredictionWriter(str(workdir / "stream.csv")) as writer:
+            result = inference.predict_stream(
+                predictor, inference.list_images("s3://bench/stream/"), writer, batch_size=BATCH
+            )
+        middle = bare_batch_rate(predictor)
+        endpoint = server.endpoint
+    # The same 5,000 files from a local folder: the stream without the S3 endpoint (client and moto server both
+    # run on this machine's two cores; a real S3 endpoint costs this machine nothing but the client).
+    folder = workdir / "stream_folder"
+    folder.mkdir(exist_ok=True)
+    for index, path in enumerate(sources):
+        if not (folder / f"{index:06d}.jpeg").exists():
+            os.link(path, folder / f"{index:06d}.jpeg")
+    with inference.PredictionWriter(str(workdir / "stream_folder.csv")) as writer:
+        local = inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=BATCH)
+    after = bare_batch_rate(predictor)
+    streamed = result.images / result.seconds
+    bare = (before + middle) / 2
+    from_folder = local.images / local.seconds
+    return {
+        "value": streamed / bare,
+        "streamed_images_per_s": streamed,
+        "bare_model_images_per_s": bare,
+        "bare_before_between_after": [before, middle, after],
+        "folder_streamed_images_per_s": from_folder,
+        "folder_fraction": from_folder / ((middle + after) / 2),
+        "images": result.images,
+        "unreadable": result.unreadable,
+        "upload_seconds": upload_seconds,
+        "source": f"s3://bench/stream/ on the embedded moto endpoint ({endpoint}), in this process",
+        "image_size": IMAGE_SIZE,
+        "batch_size": BATCH,
+        "fetch_workers": 8,
+        "window": 64,
+    }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def stream_child(count: int, folder: Path, workdir: Path) -> None:
+    """Stream ``count`` images; report the process's peak RSS and, sampled every 50 ms, the peak while streaming
+    (the process peak may be set before, while the model is built and traced)."""
+    from xray.environment import apply_defaults
+
+    apply_defaults()
+    from xray import inference
+
+    predictor = bench_predictor(workdir / "profile")
+    predictor.probabilities_of_encoded([(folder / "000000.jpeg").read_bytes()])  # trace before the baseline
+    before, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], _rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with inference.PredictionWriter(str(workdir / f"memory_{count}.csv")) as writer:
+        result = inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=BATCH)
+    done.set()
+    sampler.join()
+    print(
+        json.dumps(
+            {
+                "images": result.images,
+                "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_before_stream_mb": before,
+                "stream_peak_rss_mb": peak[0],
+                "images_per_s": result.images / result.seconds,
+            }
+        )
+    )
+
+
+def stream_inference_memory_ratio(paths: list[str], workdir: Path, small=2000, large=20000) -> dict:
+    """Peak RSS while streaming ``large`` images over that of ``small``, each in its own process; the images are
+    hard links to the test split's files, repeated."""
+    results = {}
+    for count in (small, large):
+        folder = workdir / f"links_{count}"
+        folder.mkdir(exist_ok=True)
+        for i in range(count):
+            target = folder / f"{i:06d}.jpeg"
+            if not target.exists():
+                os.link(paths[i % len(paths)], target)
+        output = subprocess.run(
+            [sys.executable, __file__, "stream-child", str(count), str(folder), str(workdir)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout
+        results[count] = json.loads(output.strip().splitlines()[-1])
+        print(f"  {count} images: {results[count]}", file=sys.stderr, flush=True)
+    return {
+        "value": results[large]["stream_peak_rss_mb"] / results[small]["stream_peak_rss_mb"],
+        "definition": "peak RSS while streaming (sampled every 50 ms), 20,000 images over 2,000, each in a fresh "
+        "process after the model is built and traced",
+        **{
+            key: {str(k): v[key] for k, v in results.items()} for key in next(iter(results.values())) if key != "images"
+        },
+        "image_size": IMAGE_SIZE,
+        "batch_size": BATCH,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serving
+
+
+def register_bench_model(predictor, workdir: Path) -> tuple[dict, str]:
+    """The bench model registered as the pipeline registers one (Keras + serving flavors, profile) in a temporary
+    MLflow store; returns (environment for the server, model URI)."""
+    import mlflow
+
+    from xray import registry
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("bench")
+    with mlflow.start_run():
+        metadata = {"threshold": 0.5, "image_size": IMAGE_SIZE, "preprocessing": "fixed"}
+        registry.log_and_register(predictor.model, "bench-xray", metadata, "bench model", predictor.profile)
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
+    }
+    return env, "models:/bench-xray/1"
+
+
+def serve(model_uri: str, env: dict, port: int, workers: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+        + ["-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/ping")
+            if connection.getresponse().status == 200:
+                return server
+        except OSError:
+            time.sleep(1)
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited with code {server.returncode}")
+    server.terminate()
+    raise RuntimeError("mlflow models serve did not come up in 300 s")
+
+
+def load_test(port: int, bodies: list[bytes], clients: int, requests: int) -> dict:
+    """``clients`` threads, each with one keep-alive connection, send ``requests`` single-image requests in all."""
+    latencies, errors, lock = [], [], threading.Lock()
+    counter = iter(range(requests))
+
+    def client():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        for index in counter:
+            started = time.perf_counter()
+            connection.request(
+                "POST", "/invocations", bodies[index % len(bodies)], {"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            body = response.read()
+            seconds = time.perf_counter() - started
+            with lock:
+                latencies.append(seconds)
+                if response.status != 200:
+                    errors.append(f"{response.status}: {body[:200]!r}")
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+    }
+
+
+def bare_single_rate(predictor, images: list[bytes], count: int = 100) -> float:
+    """images/s of the compiled model call alone on one in-memory image at a time."""
+    import tensorflow as tf
+
+    from xray.data import decode_and_resize
+
+    pixels = [decode_and_resize(tf.constant(data), IMAGE_SIZE).numpy()[None] for data in images[:10]]
+    predictor.probabilities(pixels[0])
+    started = time.perf_counter()
+    for i in range(count):
+        predictor.probabilities(pixels[i % len(pixels)])
+    return count / (time.perf_counter() - started)
+
+
+def serving_throughput_fraction(
+    train_paths: list[str], val_paths: list[str], test_paths: list[str], workdir: Path, workers: int | None = None
+) -> dict:
+    """Served single-image requests/s with 16 clients over the bare model's single-image images/s in-process;
+    the 1, 4 and 16 client levels are all recorded, with p50/p95/p99 latency and errors (must be 0)."""
+    workers = workers or os.cpu_count() or 1
+    predictor = bench_predictor(workdir / "profile", train_paths[:400], val_paths[:200])
+    env, model_uri = register_bench_model(predictor, workdir)
+    images = [Path(p).read_bytes() for p in test_paths[:50]]
+    bodies = [json.dumps({"inputs": [base64.b64encode(data).decode()]}).encode() for data in images]
+    port = free_port()
+    server = serve(model_uri, env, port, workers)
+    try:
+        load_test(port, bodies, 4, 40)  # warm every worker
+        levels = [load_test(port, bodies, clients, max(100, 30 * clients)) for clients in (1, 4, 16)]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    bare = statistics.median(bare_single_rate(predictor, images) for _ in range(3))
+    top = levels[-1]
+    return {
+        "value": top["requests_per_s"] / bare,
+        "served_requests_per_s_16_clients": top["requests_per_s"],
+        "bare_single_image_images_per_s": bare,
+        "levels": levels,
+        "errors": sum(level["errors"] for level in levels),
+        "serving_p99_ms": top["p99_ms"],
+        "server_workers": workers,
+        "image_size": IMAGE_SIZE,
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "stream-child":
+        stream_child(int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        sys.exit(__doc__)
