@@ -2,6 +2,7 @@
 
 python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
               [--schedule CRON] [--list-schedules]
+python run.py --pipeline tuning --config configs/tuning_smoke.yaml [--dataset-uri URI] [--no-cache]
 python run.py --pipeline inference --images PATH_OR_S3_PREFIX [--model-version champion|N]
               [--output preds.csv|preds.parquet|s3://bucket/preds.parquet] [--resume] [--explain N]
 python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
@@ -270,7 +271,19 @@ def with_sagemaker_checkpoints(zenml_config: dict, backup_dir: str | None, artif
     return result
 
 
-def launch_options(config, no_cache: bool, schedule, workdir: Path) -> dict:
+def with_trial_steps(zenml_config: dict, trials: int) -> dict:
+    """``steps.train_trial`` of a tuning config applies to every trial's step (``train_trial_0``, ``train_trial_1``...)."""
+    import copy
+
+    result = copy.deepcopy(zenml_config)
+    steps = result.get("steps") or {}
+    template = steps.pop("train_trial", None)
+    if template is not None:
+        steps.update({f"train_trial_{index}": copy.deepcopy(template) for index in range(trials)})
+    return result
+
+
+def launch_options(config, no_cache: bool, schedule, workdir: Path, trials: int = 0) -> dict:
     from zenml import Model
 
     from pipelines.training import MODEL
@@ -285,7 +298,7 @@ def launch_options(config, no_cache: bool, schedule, workdir: Path) -> dict:
         from zenml.client import Client
 
         zenml_config = with_sagemaker_checkpoints(
-            config.zenml, config.train.backup_dir, Client().active_stack.artifact_store.path
+            with_trial_steps(config.zenml, trials), config.train.backup_dir, Client().active_stack.artifact_store.path
         )
         path = workdir / "zenml_run_config.yaml"
         path.write_text(yaml.safe_dump(zenml_config))
@@ -320,6 +333,49 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
                 "list_with": "python run.py --list-schedules",
             }
         return summarize(run, config)
+
+
+def run_tuning(config, dataset_uri: str | None, no_cache: bool) -> dict:
+    """The search: trials drawn here (a pipeline parameter), trained as steps, the winner trained and registered."""
+    import tempfile
+
+    from pipelines.tuning import tuning_pipeline
+    from xray import tuning
+    from xray.errors import ConfigError
+
+    if config.tuning is None:
+        raise ConfigError("--pipeline tuning needs a `tuning:` section in the config (see configs/tuning_smoke.yaml)")
+    quiet_expected_failures()
+    config = config.model_copy(
+        update={"registry": config.registry.model_copy(update={"experiment_name": config.tuning.experiment_name})}
+    )
+    trials = tuning.sample(config.tuning, config.seed)
+    logger.info(
+        "search: %d trials (%s, seed %d) of %s",
+        len(trials),
+        config.tuning.sampler,
+        config.seed,
+        sorted(config.tuning.space),
+    )
+    ensure_experiment(config.registry)
+    with ExitStack() as services, tempfile.TemporaryDirectory() as workdir:
+        uri = stage_dataset(config, dataset_uri, services)
+        run = tuning_pipeline.with_options(**launch_options(config, no_cache, None, Path(workdir), len(trials)))(
+            config=config, dataset_uri=uri, trials=trials
+        )
+        summary = summarize(run, config)
+    _, load = run_outputs(run)
+    search = load("select_trial", "search")
+    return summary | {
+        "tuning": {
+            "winner": search["winner"]["trial"],
+            "winner_val_auc": search["winner"]["val_auc"],
+            "trials": [
+                {key: trial[key] for key in ("trial", "status", "val_auc", "overrides", "error", "mlflow_run_id")}
+                for trial in search["trials"]
+            ],
+        }
+    }
 
 
 def run_inference(config, images: str, model_version: str, output: str, explain: int, resume: bool) -> dict:
@@ -483,7 +539,7 @@ def list_schedules() -> None:
 @click.option(
     "--pipeline",
     "pipeline_name",
-    type=click.Choice(["training", "inference", "monitoring", "evaluation"]),
+    type=click.Choice(["training", "tuning", "inference", "monitoring", "evaluation"]),
     default="training",
     show_default=True,
     help="Which pipeline to run.",
@@ -653,6 +709,8 @@ def main(
             summary = run_inference(config, images, model_version, output, explain, resume)
         elif pipeline_name == "monitoring":
             summary = run_monitoring(config, images, model_version, Path(output or "outputs/monitoring"))
+        elif pipeline_name == "tuning":
+            summary = run_tuning(config, dataset_uri, no_cache)
         elif pipeline_name == "evaluation":
             summary = run_evaluation(config, dataset_uri, model_version, site, recalibrate_fraction)
         else:

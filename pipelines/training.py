@@ -32,6 +32,11 @@ def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     dataset, _, data_report, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=config.model, train=config.train)
+    evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, config.model)
+
+
+def evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, model_config) -> None:
+    """Evaluation, the reference profile and registration behind the gate: shared by training and tuning."""
     calibrated, metrics, threshold, _, _, _, _, val_probabilities, test_probabilities = evaluate_model(
         model, dataset, spec, evaluate=config.evaluate, seed=config.seed
     )
@@ -54,7 +59,7 @@ def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
         data_report,
         history,
         profile,
-        model_config=config.model,
+        model_config=model_config,
         registry=config.registry,
         evaluate=config.evaluate,
         data=config.data,

@@ -126,6 +126,17 @@ def full_dataset(tmp_path_factory):
 # -- synthetic radiograph-like images and a reference profile fitted on them (monitoring unit tests) --
 
 
+def one_layer_model(config, weights, mixed_precision=False):
+    """A stand-in for xray.model.build_model (same signature and return) with a one-layer backbone: for tests of the
+    contract between batches, callbacks and Keras' fit, where ResNet50V2's build and trace would only cost time."""
+    import keras
+
+    inputs = keras.Input((config.image_size, config.image_size, 3))
+    backbone = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled)), backbone
+
+
 def png(array: np.ndarray) -> bytes:
     import io
 

@@ -183,6 +183,60 @@ class InferenceConfig(_Section):
     experiment_name: str = "chest-xray-inference"
 
 
+class SearchRange(_Section):
+    """A numeric range of the search space; ``log`` samples evenly in log space, ``integer`` rounds."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @field_validator("high")
+    @classmethod
+    def _above_low(cls, value: float, info) -> float:
+        if "low" in info.data and value <= info.data["low"]:
+            raise ValueError("must be above low")
+        return value
+
+
+class SearchChoice(_Section):
+    """Values to choose from, each equally likely."""
+
+    choices: list[Any] = Field(..., min_length=1)
+
+
+class TuningConfig(_Section):
+    """Hyperparameter search (``--pipeline tuning``): trials of the config's own keys, chosen on val AUC only."""
+
+    trials: int = Field(6, ge=1, le=200)
+    sampler: Literal["sobol", "random"] = Field(
+        "sobol", description="sobol: scrambled quasi-random points that cover the space evenly; random: uniform."
+    )
+    epochs: int = Field(3, ge=1, description="Epochs per trial; the winner is then trained for train.epochs.")
+    space: dict[str, SearchRange | SearchChoice] = Field(
+        ...,
+        min_length=1,
+        description="Dotted config keys (train.learning_rate, model.dropout, train.augmentation.zoom, "
+        "model.image_size, model.backbone, ...) to a range {low, high, log, integer} or {choices: [...]}.",
+    )
+    experiment_name: str = "chest-xray-tuning"
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _one_kind_each(cls, space: Any) -> Any:
+        # A mapping with "choices" is a choice, any other a range: one error message per key, not one per union member.
+        if not isinstance(space, dict):
+            return space
+        parsed = {}
+        for key, value in space.items():
+            kind = SearchChoice if isinstance(value, dict) and "choices" in value else SearchRange
+            try:
+                parsed[key] = kind.model_validate(value)
+            except ValidationError as error:
+                raise ValueError(f"{key}: {_describe(error)}") from None
+        return parsed
+
+
 # The registered model's name: the one default every config, script and pipeline takes it from.
 MODEL_NAME = "chest-xray-classifier"
 
@@ -223,6 +277,7 @@ class PipelineConfig(_Section):
     monitoring: MonitoringConfig = MonitoringConfig()
     inference: InferenceConfig = InferenceConfig()
     registry: RegistryConfig = RegistryConfig()
+    tuning: TuningConfig | None = Field(None, description="The search of --pipeline tuning; unused by other pipelines.")
     zenml: dict[str, Any] | None = Field(
         None,
         description="ZenML run configuration (settings, steps.<name>.step_operator, ...), handed to ZenML as is; "
@@ -263,9 +318,48 @@ def _describe(error: ValidationError) -> str:
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
     try:
-        return PipelineConfig.model_validate(raw)
+        config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"invalid {source}: {_describe(error)}") from None
+    if config.tuning is not None:
+        _check_space(config, source)
+    return config
+
+
+def with_values(config: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
+    """The config with dotted keys set (``{"train.learning_rate": 3e-4}``), validated like a YAML file."""
+    tree = config.model_dump(mode="json")
+    for key, value in values.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: not a key of the config")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"{key}: not a key of the config")
+        node[leaf] = value
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def _check_space(config: PipelineConfig, source: str) -> None:
+    """Every key of the search space is a key of the config, and every end of its range or choice is a valid value."""
+    for key, dimension in config.tuning.space.items():
+        if key.split(".")[0] in ("tuning", "zenml", "registry", "s3", "seed", "dataset_uri", "expected_sha256"):
+            raise ConfigError(f"invalid {source}: tuning.space.{key}: not a hyperparameter")
+        values = dimension.choices if isinstance(dimension, SearchChoice) else [dimension.low, dimension.high]
+        if isinstance(dimension, SearchRange) and dimension.log and dimension.low <= 0:
+            raise ConfigError(f"invalid {source}: tuning.space.{key}: a log range needs low > 0")
+        for value in values:
+            if isinstance(dimension, SearchRange) and dimension.integer:
+                value = int(round(value))
+            try:
+                with_values(config, {key: value})
+            except ConfigError as error:
+                raise ConfigError(f"invalid {source}: tuning.space.{key} = {value!r}: {error}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -109,9 +109,8 @@ def test_mixup_blends_images_labels_and_class_weights_alike():
 
 
 def test_mixup_batches_carry_the_class_weights_and_train(tmp_path, monkeypatch):
-    import keras
 
-    from conftest import jpeg_bytes
+    from conftest import jpeg_bytes, one_layer_model
     from xray import training
     from xray.config import Augmentation, ModelConfig, TrainConfig
 
@@ -136,14 +135,7 @@ def test_mixup_batches_carry_the_class_weights_and_train(tmp_path, monkeypatch):
     assert xdata.fit_class_weight(spec) is None
     assert xdata.fit_class_weight(spec.model_copy(update={"augmentation": Augmentation()})) == {0: 2.0, 1: 0.5}
 
-    def small_model(config, weights, mixed_precision=False):
-        # The contract under test is between the batches and Keras' fit; a backbone of one layer keeps it cheap.
-        inputs = keras.Input((config.image_size, config.image_size, 3))
-        backbone = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
-        pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
-        return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled)), backbone
-
-    monkeypatch.setattr(training, "build_model", small_model)
+    monkeypatch.setattr(training, "build_model", one_layer_model)  # the batches and fit are under test
     _, history, _ = training.fit(
         ModelConfig(image_size=32, dense_units=4), TrainConfig(epochs=1), spec, train, val, log=lambda line: None
     )

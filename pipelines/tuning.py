@@ -1,0 +1,27 @@
+"""Wiring only: the data steps once, one training step per trial, selection on val, then the winner trained,
+evaluated and registered through the same steps and gate as a training run."""
+
+from zenml import pipeline
+from zenml.enums import ExecutionMode
+
+from pipelines.training import MODEL, evaluate_and_register
+from steps import build_datasets, ingest_from_s3, locate_archive, train_model, unzip_and_validate
+from steps.tracking import mark_run_failed
+from steps.tuning import select_trial, train_trial
+from xray.config import PipelineConfig
+
+
+@pipeline(name="chest_xray_tuning", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
+def tuning_pipeline(config: PipelineConfig, dataset_uri: str, trials: list[dict]) -> None:
+    identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
+    raw_archive, archive_info = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
+    dataset, _, data_report, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
+    # One step per trial: on a stack with a step operator (configs/tuning_sagemaker.yaml) they run side by side.
+    results = [
+        train_trial(dataset, config=config, overrides=overrides, trial=index, id=f"train_trial_{index}")
+        for index, overrides in enumerate(trials)
+    ]
+    model_config, train_config, _ = select_trial(results, config=config)
+    spec = build_datasets(dataset, data=config.data, model=model_config, train=train_config, seed=config.seed)
+    model, history, _ = train_model(dataset, spec, model=model_config, train=train_config)
+    evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, model_config)

@@ -1,0 +1,91 @@
+"""Steps of the search: one trial (a short training scored on val), and the selection of the winner."""
+
+import json
+import logging
+from typing import Annotated, List, Tuple
+
+import keras
+import mlflow
+import pandas as pd
+from zenml import step
+
+from steps.caching import DOMAIN_CODE
+from steps.tracking import log_config, mlflow_run
+from xray import data as xdata
+from xray import tracking, training, tuning
+from xray.config import ModelConfig, PipelineConfig, TrainConfig, flatten
+from xray.dataset import ValidatedDataset
+
+logger = logging.getLogger(__name__)
+
+
+@step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
+def train_trial(
+    dataset: ValidatedDataset, config: PipelineConfig, overrides: dict, trial: int
+) -> Annotated[dict, "trial_result"]:
+    """Train one trial for tuning.epochs and score it on val; its own MLflow run, a child of the search's run."""
+    chosen = tuning.trial_config(config, overrides, epochs=config.tuning.epochs)
+    spec = xdata.make_spec(
+        dataset.manifest,
+        chosen.model.image_size,
+        chosen.train.batch_size,
+        chosen.train.augmentation,
+        chosen.data.max_train_per_class,
+        chosen.data.max_eval_per_class,
+        chosen.seed,
+        chosen.train.class_weighting,
+    )
+    splits = {name: xdata.select(dataset.manifest, name, spec) for name in ("train", "val")}
+    train_ds = xdata.make_dataset(dataset.paths(splits["train"]), xdata.labels_of(splits["train"]), spec, training=True)
+    val_ds = xdata.make_dataset(dataset.paths(splits["val"]), xdata.labels_of(splits["val"]), spec)
+    logger.info("trial %d: %s", trial, overrides)
+    with mlflow_run():
+        child = mlflow.start_run(run_name=f"trial-{trial}", nested=True)
+        result = {"status": tuning.FAILED, "error": "interrupted", "val_auc": None}
+        try:
+            mlflow.log_params(flatten({"model": chosen.model.model_dump(mode="json")}))
+            mlflow.log_params(flatten({"train": chosen.train.model_dump(mode="json")}))
+            mlflow.set_tags({"trial": trial, "tuned": ", ".join(sorted(overrides))})
+            result = tuning.run_trial(
+                lambda: training.fit(
+                    chosen.model,
+                    chosen.train,
+                    spec,
+                    train_ds,
+                    val_ds,
+                    extra_callbacks=[tracking.epoch_logger(), keras.callbacks.TerminateOnNaN()],
+                )
+            )
+            if result["status"] == tuning.OK:
+                mlflow.log_metric("val_auc", result["val_auc"])
+            mlflow.set_tags({"status": result["status"], "error": result["error"]})
+        finally:
+            mlflow.end_run("FINISHED" if result["status"] == tuning.OK else "FAILED")
+    logger.info("trial %d: %s", trial, result)
+    return {"trial": trial, "overrides": overrides, "mlflow_run_id": child.info.run_id, **result}
+
+
+@step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
+def select_trial(
+    results: List[dict], config: PipelineConfig
+) -> Tuple[Annotated[ModelConfig, "model_config"], Annotated[TrainConfig, "train_config"], Annotated[dict, "search"]]:
+    """The trial with the best val AUC (never test), as the config the winner is trained with for train.epochs."""
+    results = sorted(results, key=lambda r: r["trial"])
+    winner = tuning.select(results)
+    chosen = tuning.trial_config(config, winner["overrides"])
+    table = pd.DataFrame(
+        [{"trial": r["trial"], "status": r["status"], "val_auc": r["val_auc"], **r["overrides"]} for r in results]
+    )
+    logger.info(
+        "search of %d trials:\n%s\nwinner: trial %d", len(results), table.to_string(index=False), winner["trial"]
+    )
+    with mlflow_run():
+        log_config(tuning=config.tuning.model_dump(mode="json", exclude={"space"}))
+        mlflow.log_params(
+            {"tuning.winner_trial": winner["trial"], "tuning.failed_trials": int((table["status"] != "ok").sum())}
+        )
+        mlflow.log_metric("tuning_best_val_auc", winner["val_auc"])
+        mlflow.log_text(json.dumps(config.tuning.model_dump(mode="json")["space"], indent=1), "tuning/space.json")
+        mlflow.log_text(table.to_csv(index=False), "tuning/trials.csv")
+        mlflow.log_text(tuning.winner_yaml(config, winner), "tuning/winner.yaml")
+    return chosen.model, chosen.train, {"trials": results, "winner": winner}
