@@ -24,7 +24,7 @@ def train_trial(
     dataset: ValidatedDataset, config: PipelineConfig, overrides: dict, trial: int
 ) -> Annotated[dict, "trial_result"]:
     """Train one trial for tuning.epochs and score it on val; its own MLflow run, a child of the search's run."""
-    chosen = tuning.trial_config(config, overrides, epochs=config.tuning.epochs)
+    chosen = tuning.trial_config(config, overrides, trial=True)
     spec = xdata.make_spec(
         dataset.manifest,
         chosen.model.image_size,
@@ -54,6 +54,7 @@ def train_trial(
                     train_ds,
                     val_ds,
                     extra_callbacks=[tracking.epoch_logger(), keras.callbacks.TerminateOnNaN()],
+                    keep_model=False,
                 )
             )
             if result["status"] == tuning.OK:

@@ -116,11 +116,26 @@ def deterministic_smoke_config(path: Path, **section_changes: dict) -> Path:
 
 @pytest.fixture(scope="session")
 def full_dataset(tmp_path_factory):
-    """The full archive, validated as the training pipeline does (seed 42): (dataset, report)."""
+    """The full archive, validated as the training pipeline does (seed 42): (dataset, report).
+
+    Built once per test session, also under pytest-xdist: the first worker that needs it validates the archive into
+    the session's shared temporary folder under a file lock, the others wait and load what it wrote.
+    """
+    import fcntl
+    import pickle
+
     from xray.config import DataConfig
     from xray.dataset import prepare_dataset
 
-    return prepare_dataset(require(FULL_ZIP), tmp_path_factory.mktemp("full") / "d", DataConfig(), seed=42)
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    folder, done = shared / "full_dataset", shared / "full_dataset.pickle"
+    with open(shared / "full_dataset.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            built = prepare_dataset(require(FULL_ZIP), folder / "d", DataConfig(), seed=42)
+            done.write_bytes(pickle.dumps(built))
+        return pickle.loads(done.read_bytes())
 
 
 # -- synthetic radiograph-like images and a reference profile fitted on them (monitoring unit tests) --

@@ -219,6 +219,11 @@ class TuningConfig(_Section):
         description="Dotted config keys (train.learning_rate, model.dropout, train.augmentation.zoom, "
         "model.image_size, model.backbone, ...) to a range {low, high, log, integer} or {choices: [...]}.",
     )
+    trial_values: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fixed values for the trials only, a cheaper proxy (model.image_size: 96); the winner is trained "
+        "with the config's own values for these keys.",
+    )
     experiment_name: str = "chest-xray-tuning"
 
     @field_validator("space", mode="before")
@@ -360,6 +365,10 @@ def _check_space(config: PipelineConfig, source: str) -> None:
                 with_values(config, {key: value})
             except ConfigError as error:
                 raise ConfigError(f"invalid {source}: tuning.space.{key} = {value!r}: {error}") from None
+    try:
+        with_values(config, config.tuning.trial_values)
+    except ConfigError as error:
+        raise ConfigError(f"invalid {source}: tuning.trial_values: {error}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -204,8 +204,13 @@ def fit(
     extra_callbacks: list | None = None,
     checkpoint_dir: Path | None = None,
     log: Callable[[str], None] = logger.info,
+    keep_model: bool = True,
 ):
-    """Train and return (model, history dict of per-epoch lists, throughput info)."""
+    """Train and return (model, history dict of per-epoch lists, throughput info).
+
+    ``keep_model=False`` (a search's trial, scored by its history): the model is returned as trained, without the
+    optimizer-free copy that a stored model needs.
+    """
     import keras
 
     policy = device_policy(train_config)
@@ -300,7 +305,8 @@ def fit(
         log(f"kept the weights of epoch {state.best_epoch}, the best val AUC of the run ({state.best_value:.4f})")
     state.clear()
     seconds = time.perf_counter() - started
-    model = without_optimizer(model)
+    if keep_model:
+        model = without_optimizer(model)
     throughput = {
         "train_seconds": seconds,
         "epochs_run": len(history.get("loss", [])),

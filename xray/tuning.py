@@ -47,9 +47,12 @@ def _value(dimension, u: float):
     return int(round(value)) if dimension.integer else float(value)
 
 
-def trial_config(config: PipelineConfig, overrides: dict[str, Any], epochs: int | None = None) -> PipelineConfig:
-    """The config a trial trains with: the overrides applied, ``epochs`` (the trial budget) if given, no search."""
-    values = dict(overrides) | ({"train.epochs": epochs} if epochs is not None else {})
+def trial_config(config: PipelineConfig, overrides: dict[str, Any], trial: bool = False) -> PipelineConfig:
+    """The config with a point of the space applied and no search. ``trial``: as a trial trains, on the search's
+    budget (``tuning.epochs`` and ``tuning.trial_values``); otherwise as the winner is trained."""
+    values = dict(overrides)
+    if trial:
+        values |= dict(config.tuning.trial_values) | {"train.epochs": config.tuning.epochs}
     trial = with_values(config, values)
     return trial.model_copy(update={"tuning": None})
 

@@ -33,7 +33,7 @@ def test_samples_are_seeded_and_inside_the_space(sampler):
     assert all(isinstance(t["train.fine_tune_layers"], int) and 10 <= t["train.fine_tune_layers"] <= 40 for t in trials)
     assert {t["model.backbone"] for t in trials} == {"resnet50v2", "efficientnetv2b0"}
     for trial in trials:  # every trial is a valid config
-        assert tuning.trial_config(config, trial, epochs=2).train.epochs == 2
+        assert tuning.trial_config(config, trial, trial=True).train.epochs == config.tuning.epochs
 
 
 @pytest.mark.parametrize(
@@ -53,10 +53,17 @@ def test_a_bad_space_is_a_config_error_that_names_the_key(space, message):
 
 
 def test_a_trial_config_applies_its_values_and_drops_the_search():
-    config = search()
-    trial = tuning.trial_config(config, {"train.learning_rate": 3e-4, "model.backbone": "efficientnetv2b0"}, epochs=1)
+    config = search(epochs=1, trial_values={"model.image_size": 96})
+    point = {"train.learning_rate": 3e-4, "model.backbone": "efficientnetv2b0"}
+    trial = tuning.trial_config(config, point, trial=True)
     assert (trial.train.learning_rate, trial.model.backbone, trial.train.epochs) == (3e-4, "efficientnetv2b0", 1)
-    assert trial.tuning is None and config.train.learning_rate != 3e-4  # the search's config is unchanged
+    assert trial.model.image_size == 96 and trial.tuning is None
+    # The winner is trained with the point, on the config's own budget and image size.
+    winner = tuning.trial_config(config, point)
+    assert (winner.train.learning_rate, winner.train.epochs, winner.model.image_size) == (3e-4, 4, 128)
+    assert config.train.learning_rate != 3e-4  # the search's config is unchanged
+    with pytest.raises(ConfigError, match="tuning.trial_values: model.image_size"):
+        search(trial_values={"model.image_size": 8})
 
 
 def fake_training(loss, val_auc):
@@ -148,6 +155,6 @@ def test_the_sagemaker_search_runs_every_trial_on_the_step_operator():
     on_operator = {name for name, step in zenml_config.steps.items() if step.step_operator == "sagemaker"}
     assert on_operator == {"train_model"} | {f"train_trial_{i}" for i in range(config.tuning.trials)}
     for trial in tuning.sample(config.tuning, config.seed):
-        tuning.trial_config(config, trial, epochs=config.tuning.epochs)
+        tuning.trial_config(config, trial, trial=True)
     smoke = load_config(ROOT / "configs" / "tuning_smoke.yaml")
     assert smoke.tuning.trials == 3 and smoke.tuning.epochs == 1
