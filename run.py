@@ -393,6 +393,7 @@ def run_inference(config, images: str, model_version: str, output: str, explain:
         model_version=model_version,
         registry=registry,
         inference=config.inference,
+        limits=config.data.limits,
         resume=resume,
         explain=explain,
         s3_max_attempts=config.s3.max_attempts,
@@ -430,6 +431,7 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
         registry=registry,
         monitoring=config.monitoring,
         inference=config.inference,
+        limits=config.data.limits,
         seed=config.seed,
         s3_max_attempts=config.s3.max_attempts,
     )

@@ -6,7 +6,7 @@ from zenml.enums import ExecutionMode
 
 from steps.predict import explain_predictions, predict_batch, resolve_model_version
 from steps.tracking import mark_run_failed
-from xray.config import InferenceConfig, RegistryConfig
+from xray.config import ArchiveLimits, InferenceConfig, RegistryConfig
 
 
 @pipeline(name="chest_xray_inference", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
@@ -16,6 +16,7 @@ def inference_pipeline(
     model_version: str,
     registry: RegistryConfig,
     inference: InferenceConfig,
+    limits: ArchiveLimits,
     resume: bool = False,
     explain: int = 0,
     s3_max_attempts: int = 5,
@@ -28,9 +29,15 @@ def inference_pipeline(
         resume=resume,
         inference=inference,
         registry=registry,
+        limits=limits,
         s3_max_attempts=s3_max_attempts,
     )
     if explain:
         explain_predictions(
-            model_info, images=images, explain=explain, registry=registry, s3_max_attempts=s3_max_attempts
+            model_info,
+            images=images,
+            explain=explain,
+            registry=registry,
+            limits=limits,
+            s3_max_attempts=s3_max_attempts,
         )

@@ -19,7 +19,7 @@ from steps.tracking import log_config, mlflow_run
 from xray import gradcam, ood
 from xray import inference as xinference
 from xray import registry as xregistry
-from xray.config import InferenceConfig, RegistryConfig
+from xray.config import ArchiveLimits, InferenceConfig, RegistryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,12 @@ def predict_batch(
     resume: bool,
     inference: InferenceConfig,
     registry: RegistryConfig,
+    limits: ArchiveLimits = ArchiveLimits(),
     s3_max_attempts: int = 5,
 ) -> Annotated[dict, "prediction_summary"]:
     """Stream every image of ``images`` through the version and write one row per image to ``output``."""
     predictor = _load(model_info, registry)
-    refs = xinference.list_images(images, max_attempts=s3_max_attempts)
+    refs = xinference.list_images(images, limits, max_attempts=s3_max_attempts)
     with xinference.PredictionWriter(output, resume, s3_max_attempts) as writer:
         result = xinference.predict_stream(
             predictor,
@@ -89,6 +90,7 @@ def score_batch(
     images: str,
     inference: InferenceConfig,
     registry: RegistryConfig,
+    limits: ArchiveLimits = ArchiveLimits(),
     s3_max_attempts: int = 5,
 ) -> Tuple[
     Annotated[pd.DataFrame, "predictions"],
@@ -99,7 +101,7 @@ def score_batch(
     predictor = _load(model_info, registry)
     result = xinference.predict_stream(
         predictor,
-        xinference.list_images(images, max_attempts=s3_max_attempts),
+        xinference.list_images(images, limits, max_attempts=s3_max_attempts),
         batch_size=inference.batch_size,
         workers=inference.fetch_workers,
         window=inference.window,
@@ -113,10 +115,15 @@ def score_batch(
 
 @step(enable_cache=False, experiment_tracker=True)
 def explain_predictions(
-    model_info: dict, images: str, explain: int, registry: RegistryConfig, s3_max_attempts: int = 5
+    model_info: dict,
+    images: str,
+    explain: int,
+    registry: RegistryConfig,
+    limits: ArchiveLimits = ArchiveLimits(),
+    s3_max_attempts: int = 5,
 ) -> Annotated[dict, "gradcam"]:
     """Grad-CAM overlays (last conv block of the backbone) for the first ``explain`` readable images."""
-    found = xinference.first_readable(xinference.list_images(images, max_attempts=s3_max_attempts), explain)
+    found = xinference.first_readable(xinference.list_images(images, limits, max_attempts=s3_max_attempts), explain)
     if not found:
         return {}
     predictor = _load(model_info, registry)

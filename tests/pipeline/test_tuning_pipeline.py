@@ -70,6 +70,7 @@ def test_mlflow_has_a_child_run_per_trial_and_the_search_on_the_parent(search):
         for key, value in trial["overrides"].items():
             assert float(child.data.params[key]) == pytest.approx(value)
         assert "epoch_val_auc" in child.data.metrics  # the curve, epoch by epoch
+        assert child.data.params["model.image_size"] == "32"  # tuning.trial_values: the trials' cheaper proxy
     assert int(parent.data.params["tuning.winner_trial"]) == summary["tuning"]["winner"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
     assert artifacts == {"tuning/space.json", "tuning/trials.csv", "tuning/winner.yaml"}
@@ -79,3 +80,4 @@ def test_mlflow_has_a_child_run_per_trial_and_the_search_on_the_parent(search):
     assert winner["model"]["dropout"] == pytest.approx(overrides["model.dropout"]) and "tuning" not in winner
     # The winner was trained with its own values (the parent run's params are the final training's).
     assert float(parent.data.params["model.dropout"]) == pytest.approx(overrides["model.dropout"])
+    assert parent.data.params["model.image_size"] == "64" and winner["model"]["image_size"] == 64
