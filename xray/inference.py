@@ -325,8 +325,6 @@ class _Item:
     sha256: str = ""
     skipped: bool = False
     prepared: object = None
-    error: Exception | None = None
-    thumbnail: object = None
 
 
 def predict_stream(
@@ -369,8 +367,6 @@ def predict_stream(
             item.skipped = True
             return item
         item.prepared = predictor.prepare(data)
-        if examples and item.prepared.readable:
-            item.thumbnail = _thumbnail(data)
         return item
 
     batch: list[_Item] = []
@@ -411,12 +407,13 @@ def predict_stream(
             tables.append(table)
             result.features.extend(item.prepared.features for item in readable)
         if examples:
+            # A thumbnail only for an image that enters the top ``examples``, from the bytes the batch still holds.
             for item, score in zip(readable, assessment["ood_score"].to_numpy(dtype=float)):
-                entry = (float(np.nan_to_num(score, nan=-np.inf)), item.name, item.thumbnail)
+                score = float(np.nan_to_num(score, nan=-np.inf))
                 if len(worst) < examples:
-                    heapq.heappush(worst, entry)
-                elif entry[0] > worst[0][0]:
-                    heapq.heapreplace(worst, entry)
+                    heapq.heappush(worst, (score, item.name, _thumbnail(item.prepared.encoded)))
+                elif score > worst[0][0]:
+                    heapq.heapreplace(worst, (score, item.name, _thumbnail(item.prepared.encoded)))
         batch.clear()
 
     for item in in_order(prepare, refs, workers, window):

@@ -65,12 +65,14 @@ def _payload_items(model_input) -> list:
             raise InvalidImage(f"expected one image column, got columns {list(model_input.columns)[:5]}; {SHAPE_HELP}")
         return list(model_input.iloc[:, 0])
     if isinstance(model_input, dict):
-        keys = [key for key in ("image", "inputs") if key in model_input] or list(model_input)
-        if len(keys) != 1 and not {"image", "inputs"} & set(model_input):
-            raise InvalidImage(
-                f"expected a list of images, got an object with keys {sorted(model_input)[:5]}; {SHAPE_HELP}"
-            )
-        return _payload_items(model_input[keys[0]])
+        for key in ("image", "inputs"):
+            if key in model_input:
+                return _payload_items(model_input[key])
+        if len(model_input) == 1:
+            return _payload_items(next(iter(model_input.values())))
+        raise InvalidImage(
+            f"expected a list of images, got an object with keys {sorted(model_input)[:5]}; {SHAPE_HELP}"
+        )
     if isinstance(model_input, (str, bytes)):
         return [model_input]
     array = np.asarray(model_input, dtype=object)
@@ -133,10 +135,10 @@ class ChestXrayPredictor:
     ):
         import tensorflow as tf
 
-        self.model, self.threshold, self.image_size, self.version = model, threshold, image_size, version
-        self.profile = profile
         from xray.data import decode_and_resize
 
+        self.model, self.threshold, self.image_size, self.version = model, threshold, image_size, version
+        self.profile = profile
         # Traced once for every batch size: a call pays for the arithmetic, not model.predict's per-call setup (data
         # adapter, callbacks, a step function per shape). The encoded variant also decodes and resizes inside the
         # graph, on TensorFlow's threads, with the preprocessing training used.
