@@ -70,10 +70,14 @@ quality: stack
 # files in collection order (pyproject.toml: the pipeline files first), not by test count. TEST_WORKERS=3 on this 2-core
 # machine: the two pipeline files spend much of their time waiting on servers and subprocesses, and a third worker
 # runs the unit files meanwhile (README "Development" has the times). test-fast is CPU-bound: one worker per core.
+# One TensorFlow/oneDNN thread per process in the suite: three workers (and their training subprocesses) share two
+# cores, and TF's default of one thread per core in each of them oversubscribes the CPU (7 min 36 s of pytest with
+# one thread against 7 min 59 s to 8 min 21 s without, fresh clones; README "Development").
+TEST_THREADS ?= TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1
 TEST_WORKERS ?= 3
 FAST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit layer without the slow (training, subprocess) tests: the quick check while editing domain code.
 test-fast: setup
