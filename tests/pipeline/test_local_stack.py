@@ -19,6 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from steps import __all__ as training_steps
+
 from conftest import (
     LOCAL_SOURCE,
     MINI_ZIP,
@@ -32,16 +34,7 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.slow
-STEPS = [
-    "locate_archive",
-    "ingest_from_s3",
-    "unzip_and_validate",
-    "build_datasets",
-    "train_model",
-    "evaluate_model",
-    "profile_reference",
-    "register_model",
-]
+STEPS = list(training_steps)  # the training pipeline's steps, in order
 
 
 @pytest.fixture(scope="module")

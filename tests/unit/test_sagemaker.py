@@ -10,19 +10,12 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from steps import __all__ as training_steps
 from xray.config import PipelineConfig, load_config
 
 CONFIG = ROOT / "configs" / "training_sagemaker.yaml"
 SCRIPT = ROOT / "scripts" / "register_sagemaker_stack.sh"
-STEPS = [
-    "locate_archive",
-    "ingest_from_s3",
-    "unzip_and_validate",
-    "build_datasets",
-    "train_model",
-    "evaluate_model",
-    "register_model",
-]
+STEPS = list(training_steps)
 
 
 @pytest.fixture(scope="module")
