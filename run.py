@@ -176,8 +176,8 @@ def run_outputs(run):
     return run, load
 
 
-def summarize(run, config) -> dict:
-    run, load = run_outputs(run)
+def summarize(run, load, config) -> dict:
+    """The training summary of a run fetched by :func:`run_outputs` (training and search runs share it)."""
     registration = load("register_model", "registration")
     report = load("unzip_and_validate", "data_report")
     flat = load("evaluate_model", "metrics")["flat"]
@@ -332,7 +332,7 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
                 "dataset_uri": uri,
                 "list_with": "python run.py --list-schedules",
             }
-        return summarize(run, config)
+        return summarize(*run_outputs(run), config)
 
 
 def run_tuning(config, dataset_uri: str | None, no_cache: bool) -> dict:
@@ -363,9 +363,8 @@ def run_tuning(config, dataset_uri: str | None, no_cache: bool) -> dict:
         run = tuning_pipeline.with_options(**launch_options(config, no_cache, None, Path(workdir), len(trials)))(
             config=config, dataset_uri=uri, trials=trials
         )
-        summary = summarize(run, config)
-    _, load = run_outputs(run)
-    search = load("select_trial", "search")
+        run, load = run_outputs(run)
+        summary, search = summarize(run, load, config), load("select_trial", "search")
     return summary | {
         "tuning": {
             "winner": search["winner"]["trial"],

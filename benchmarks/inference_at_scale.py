@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE, BATCH = 128, 32  # configs/training_local.yaml
 
 
+def stream_settings():
+    """What the inference pipeline streams with (xray.config.InferenceConfig's defaults), at the bench's batch."""
+    from xray.config import InferenceConfig
+
+    return InferenceConfig(batch_size=BATCH)
+
+
 def bench_predictor(profile_dir: Path | None = None, train_paths=(), val_paths=()):
     """ChestXrayPredictor on ResNet50V2 at 128 px (random weights: speed does not depend on them) with a reference
     profile fitted on real train/val images, or loaded from ``profile_dir``."""
@@ -72,6 +79,8 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
 
     from xray import inference, s3
 
+    settings = stream_settings()
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request lines: one per GET, in this process
     predictor = bench_predictor(workdir / "profile", train_paths[:400], val_paths[:200])
     sources = [train_paths[i % len(train_paths)] for i in range(images)]
@@ -83,9 +92,7 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
         upload_seconds = time.perf_counter() - started
         before = bare_batch_rate(predictor)
         with inference.PredictionWriter(str(workdir / "stream.csv")) as writer:
-            result = inference.predict_stream(
-                predictor, inference.list_images("s3://bench/stream/"), writer, batch_size=BATCH
-            )
+            result = inference.predict_source(predictor, "s3://bench/stream/", settings, writer)
         middle = bare_batch_rate(predictor)
         endpoint = server.endpoint
     # The same 5,000 files from a local folder: the stream without the S3 endpoint (client and moto server both
@@ -96,7 +103,7 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
         if not (folder / f"{index:06d}.jpeg").exists():
             os.link(path, folder / f"{index:06d}.jpeg")
     with inference.PredictionWriter(str(workdir / "stream_folder.csv")) as writer:
-        local = inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=BATCH)
+        local = inference.predict_source(predictor, str(folder), settings, writer)
     after = bare_batch_rate(predictor)
     streamed = result.images / result.seconds
     bare = (before + middle) / 2
@@ -113,9 +120,9 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
         "upload_seconds": upload_seconds,
         "source": f"s3://bench/stream/ on the embedded moto endpoint ({endpoint}), in this process",
         "image_size": IMAGE_SIZE,
-        "batch_size": BATCH,
-        "fetch_workers": 8,
-        "window": 64,
+        "batch_size": settings.batch_size,
+        "fetch_workers": settings.fetch_workers,
+        "window": settings.window,
     }
 
 
@@ -132,6 +139,8 @@ def stream_child(count: int, folder: Path, workdir: Path) -> None:
     apply_defaults()
     from xray import inference
 
+    settings = stream_settings()
+
     predictor = bench_predictor(workdir / "profile")
     predictor.probabilities_of_encoded([(folder / "000000.jpeg").read_bytes()])  # trace before the baseline
     before, peak, done = _rss_mb(), [0.0], threading.Event()
@@ -143,7 +152,7 @@ def stream_child(count: int, folder: Path, workdir: Path) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with inference.PredictionWriter(str(workdir / f"memory_{count}.csv")) as writer:
-        result = inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=BATCH)
+        result = inference.predict_source(predictor, str(folder), settings, writer)
     done.set()
     sampler.join()
     print(
@@ -187,7 +196,7 @@ def stream_inference_memory_ratio(paths: list[str], workdir: Path, small=2000, l
             key: {str(k): v[key] for k, v in results.items()} for key in next(iter(results.values())) if key != "images"
         },
         "image_size": IMAGE_SIZE,
-        "batch_size": BATCH,
+        **stream_settings().model_dump(include={"batch_size", "fetch_workers", "window"}),
     }
 
 

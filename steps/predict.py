@@ -52,15 +52,9 @@ def predict_batch(
 ) -> Annotated[dict, "prediction_summary"]:
     """Stream every image of ``images`` through the version and write one row per image to ``output``."""
     predictor = _load(model_info, registry)
-    refs = xinference.list_images(images, limits, max_attempts=s3_max_attempts)
     with xinference.PredictionWriter(output, resume, s3_max_attempts) as writer:
-        result = xinference.predict_stream(
-            predictor,
-            refs,
-            writer,
-            batch_size=inference.batch_size,
-            workers=inference.fetch_workers,
-            window=inference.window,
+        result = xinference.predict_source(
+            predictor, images, inference, writer, limits=limits, max_attempts=s3_max_attempts
         )
     summary = result.summary() | {"output": output, "rows_written": writer.rows}
     logger.info("predicted %s: %s", images, summary)
@@ -99,14 +93,8 @@ def score_batch(
 ]:
     """Monitoring: the batch's predictions, out-of-distribution features and its most unusual images."""
     predictor = _load(model_info, registry)
-    result = xinference.predict_stream(
-        predictor,
-        xinference.list_images(images, limits, max_attempts=s3_max_attempts),
-        batch_size=inference.batch_size,
-        workers=inference.fetch_workers,
-        window=inference.window,
-        keep=True,
-        examples=8,
+    result = xinference.predict_source(
+        predictor, images, inference, limits=limits, max_attempts=s3_max_attempts, keep=True, examples=8
     )
     logger.info("scored %s: %s", images, result.summary())
     examples = {name: picture for _, name, picture in result.examples}

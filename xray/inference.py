@@ -32,7 +32,7 @@ import pandas as pd
 
 from xray import s3
 from xray.archive import checked_entries, inflate_chunks, is_junk
-from xray.config import ArchiveLimits
+from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError
 
 logger = logging.getLogger(__name__)
@@ -327,14 +327,41 @@ class _Item:
     prepared: object = None
 
 
+_DEFAULTS = InferenceConfig()
+
+
+def predict_source(
+    predictor,
+    source: str,
+    settings: InferenceConfig,
+    writer: PredictionWriter | None = None,
+    *,
+    limits: ArchiveLimits | None = None,
+    max_attempts: int = 5,
+    keep: bool = False,
+    examples: int = 0,
+) -> StreamResult:
+    """Every image of ``source`` (folder, zip or s3:// prefix) through :func:`predict_stream` with ``settings``."""
+    return predict_stream(
+        predictor,
+        list_images(source, limits, max_attempts=max_attempts),
+        writer,
+        batch_size=settings.batch_size,
+        workers=settings.fetch_workers,
+        window=settings.window,
+        keep=keep,
+        examples=examples,
+    )
+
+
 def predict_stream(
     predictor,
     refs: Iterable[ImageRef],
     writer: PredictionWriter | None = None,
     *,
-    batch_size: int = 32,
-    workers: int = 8,
-    window: int = 256,
+    batch_size: int = _DEFAULTS.batch_size,
+    workers: int = _DEFAULTS.fetch_workers,
+    window: int = _DEFAULTS.window,
     keep: bool = False,
     examples: int = 0,
     progress_every: int = 1000,

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import jpeg_bytes, png, radiograph_like, write_zip
 from xray import inference, s3
-from xray.config import ArchiveLimits
+from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError
 
 
@@ -115,12 +115,13 @@ def test_a_stream_longer_than_its_window_keeps_input_order_and_bounded_read_ahea
 def test_resume_predicts_only_images_not_yet_in_the_output(predictor, tmp_path, suffix):
     folder = images_folder(tmp_path / "in", 10)
     output = str(tmp_path / f"predictions{suffix}")
+    settings = InferenceConfig(batch_size=4, fetch_workers=2, window=8)
     with inference.PredictionWriter(output) as writer:
-        inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=4)
+        inference.predict_source(predictor, str(folder), settings, writer)
     first = pd.read_csv(output) if suffix == ".csv" else pd.read_parquet(output)
     images_folder(folder, 15)  # five more images; the first ten are the same bytes
     with inference.PredictionWriter(output, resume=True) as writer:
-        result = inference.predict_stream(predictor, inference.list_images(str(folder)), writer, batch_size=4)
+        result = inference.predict_source(predictor, str(folder), settings, writer)
     assert result.images == 15 and result.skipped == 10 and writer.rows == 5
     table = pd.read_csv(output) if suffix == ".csv" else pd.read_parquet(output)
     assert len(table) == 15 and table["sha256"].is_unique
@@ -160,7 +161,7 @@ def test_monitoring_keeps_the_table_features_and_the_most_unusual_images(predict
     folder = images_folder(tmp_path / "in", 12, unreadable=())
     inverted = 255 - radiograph_like(np.random.default_rng(9), 40)
     (folder / "999.png").write_bytes(png(inverted))
-    result = inference.predict_stream(predictor, inference.list_images(str(folder)), keep=True, examples=3)
+    result = inference.predict_source(predictor, str(folder), InferenceConfig(), keep=True, examples=3)
     assert len(result.table) == 13 and len(result.features) == 13
     scores = [score for score, _, _ in result.examples]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
