@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%d trials of experiment %s; parameters %s; %s", len(ids), experiment, tuned, url)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1100}, device_scale_factor=1)
+        page = browser.new_page(viewport={"width": 1900, "height": 1100}, device_scale_factor=1)
         page.goto(url)
         page.get_by_text("Parallel Coordinates Plot").first.click()
         page.get_by_role("button", name="Clear All").click()
