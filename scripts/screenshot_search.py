@@ -1,7 +1,7 @@
 """Screenshot the MLflow compare view of a search: its trials' parallel-coordinates chart (docs/BENCHMARKS.md).
 
     make ui &                          # or any MLflow server that holds the search
-    python scripts/screenshot_search.py --parent-run <search run id> --output docs/tuning_cpu_parallel.png
+    python scripts/screenshot_search.py --parent-run <search run id> --output docs/tuning_cpu_parallel_coordinates.png
 
 The trials are the child runs of the search's run (tag mlflow.parentRunId); the chart shows the tuned parameters
 (the tag ``tuned`` of each trial) and the metric val_auc. Needs Playwright (``pip install playwright``, not a
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         page.wait_for_timeout(1500)  # plotly's transition
         container = plot.locator("xpath=ancestor::div[.//div[normalize-space(text())='Parameters:']][1]")
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        (container if container.count() else plot).screenshot(path=args.output)
+        container.screenshot(path=args.output)  # the controls and the chart; fails if the page's layout changed
         browser.close()
     print(json.dumps({"output": args.output, "trials": len(ids), "parameters": tuned, "metric": args.metric}))
     return 0
