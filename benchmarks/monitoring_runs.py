@@ -14,9 +14,11 @@ summary and its per-image flag rate from the predictions CSV:
 
 from __future__ import annotations
 
+import atexit
 import json
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 import zipfile
@@ -107,6 +109,7 @@ def main(model_version: str, output: Path) -> None:
     from xray import shifts
 
     work = Path(tempfile.mkdtemp(prefix="xray-monitoring-runs-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     test = test_images(work / "test")
     photographs(work / "photographs")
     rng = np.random.default_rng(14)

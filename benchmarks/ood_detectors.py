@@ -26,11 +26,13 @@ Writes the JSON and prints Markdown tables for docs/MONITORING.md. Needs no netw
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
 import platform
 import sys
+import shutil
 import tempfile
 import time
 import zipfile
@@ -405,9 +407,9 @@ def main(model_version: str, model_name: str, output: Path, permutations: int) -
     if predictor.profile is None:
         raise click.ClickException(f"{info['uri']} has no reference profile")
     print(f"{info['uri']}: profile threshold {predictor.profile.threshold:.3f}", file=sys.stderr, flush=True)
-    dataset, _ = prepare_dataset(
-        SHARED / "chest_xray_224.zip", Path(tempfile.mkdtemp(prefix="xray-ood-bench-")), DataConfig(), seed=42
-    )
+    workdir = Path(tempfile.mkdtemp(prefix="xray-ood-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    dataset, _ = prepare_dataset(SHARED / "chest_xray_224.zip", workdir, DataConfig(), seed=42)
     with zipfile.ZipFile(SHARED / "near_ood_adult_cxr_224.zip") as archive:
         from PIL import Image
 

@@ -9,7 +9,9 @@ adults >= 80%); `make bench-ood` measures everything.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -55,7 +57,9 @@ def main(model_version: str, model_name: str, output: Path) -> None:
     profile, info = registry.load_reference_profile(model_name, model_version)
     result = {"model_uri": info["uri"], "tracking_uri": mlflow.get_tracking_uri()}
     for name, (archive, part) in SETS.items():
-        paths = extract(archive, part, Path(tempfile.mkdtemp(prefix=f"xray-{name}-")))
+        folder = Path(tempfile.mkdtemp(prefix=f"xray-{name}-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        paths = extract(archive, part, folder)
         flagged = profile.assess(ood.features_of_files(paths))["status"] != ood.OK
         result[name] = {"images": len(paths), "flagged": int(flagged.sum()), "fraction": float(flagged.mean())}
         click.echo(f"{name}: {flagged.sum()} of {len(paths)} flagged ({flagged.mean():.1%})", err=True)

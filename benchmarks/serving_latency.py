@@ -12,6 +12,7 @@ so both see the same machine load; p50/p95 latency and their ratio are recorded 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
@@ -72,6 +73,7 @@ def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     info = registry.resolve_version(model_name, model_version)
     work = Path(tempfile.mkdtemp(prefix="xray-serving-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     current = Path(mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=str(work / "current")))
     baseline = work / "baseline"
     shutil.copytree(current, baseline)

@@ -11,10 +11,12 @@ on few images, but validates and stores the whole archive, as a full run does.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -46,6 +48,7 @@ def stores(home: Path) -> dict[str, int]:
 @click.option("--images", "count", default=100, show_default=True, help="Test images for the inference runs.")
 def main(config: str, count: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="xray-stores-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))} | {
         "ZENML_CONFIG_PATH": str(home / "zenml"),
         "ZENML_REPOSITORY_PATH": str(home),

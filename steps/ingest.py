@@ -1,12 +1,11 @@
 import logging
-import tempfile
-from pathlib import Path
 from typing import Annotated, Optional, Tuple
 
 import mlflow
 from zenml import step
 
 from materializers import RawArchiveMaterializer
+from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
 from xray.config import S3Config
 from xray.ingest import RawArchive, fetch, locate
@@ -39,7 +38,7 @@ def ingest_from_s3(
 ) -> Tuple[Annotated[RawArchive, "raw_archive"], Annotated[dict, "archive_info"]]:
     """Download the dataset archive (or read a local one), checksum it, and check it is the object located."""
     uri = archive_identity["source_uri"]
-    archive = fetch(uri, Path(tempfile.mkdtemp(prefix="xray-ingest-")), s3, expected_sha256, archive_identity)
+    archive = fetch(uri, output_folder("raw_archive"), s3, expected_sha256, archive_identity)
     logger.info(f"ingested {archive.source_uri}: {archive.size / 2**20:.1f} MiB, sha256 {archive.sha256}")
     if "sha256" not in archive_identity:  # an S3 object without our checksum metadata: known only now
         with mlflow_run():

@@ -115,12 +115,12 @@ def explain_predictions(
     if not found:
         return {}
     predictor = _load(model_info, registry)
-    folder = Path(tempfile.mkdtemp(prefix="xray-explain-"))
-    paths = []
-    for index, (_, data) in enumerate(found):
-        paths.append(str(folder / f"{index:04d}"))
-        Path(paths[-1]).write_bytes(data)
-    pictures = gradcam.overlays_for(predictor.model, paths, predictor.image_size, predictor.threshold)
+    with tempfile.TemporaryDirectory(prefix="xray-explain-") as folder:
+        paths = []
+        for index, (_, data) in enumerate(found):
+            paths.append(str(Path(folder, f"{index:04d}")))
+            Path(paths[-1]).write_bytes(data)
+        pictures = gradcam.overlays_for(predictor.model, paths, predictor.image_size, predictor.threshold)
     overlays: dict[str, Image.Image] = {
         f"gradcam_{Path(name.split('!')[-1]).stem}.png": picture for (name, _), picture in zip(found, pictures)
     }

@@ -1,6 +1,4 @@
 import logging
-import tempfile
-from pathlib import Path
 from typing import Annotated, Tuple
 
 import mlflow
@@ -10,6 +8,7 @@ from zenml import step
 
 from materializers import ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
+from steps.scratch import output_folder
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import plots
 from xray.config import DataConfig
@@ -30,8 +29,7 @@ def unzip_and_validate(
     Annotated[Image.Image, "sample_grid"],
 ]:
     """Safe extraction, full decode, de-duplication and a patient-grouped val split."""
-    workdir = Path(tempfile.mkdtemp(prefix="xray-dataset-"))
-    dataset, report = prepare_dataset(raw_archive.path, workdir, data, seed)
+    dataset, report = prepare_dataset(raw_archive.path, output_folder("dataset"), data, seed)
     logger.info(
         f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
         f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "

@@ -2,8 +2,6 @@
 
 import json
 import logging
-import tempfile
-from pathlib import Path
 from typing import Annotated, Optional, Tuple
 
 import mlflow
@@ -12,6 +10,7 @@ from PIL import Image
 from zenml import step
 
 from materializers import ValidatedDatasetMaterializer
+from steps.scratch import output_folder
 from steps.tracking import log_config, log_images, mlflow_run
 from xray import plots, sites
 from xray import registry as xregistry
@@ -27,7 +26,7 @@ def load_labelled_site(
     dataset_uri: str, data: DataConfig, s3: S3Config
 ) -> Tuple[Annotated[ValidatedDataset, "site_images"], Annotated[dict, "site_report"]]:
     """NORMAL/ and PNEUMONIA/ folders at any depth of a zip or folder, through the training archive's checks."""
-    dataset, report = sites.load_site(dataset_uri, Path(tempfile.mkdtemp(prefix="xray-site-")), data, s3)
+    dataset, report = sites.load_site(dataset_uri, output_folder("site_images"), data, s3)
     logger.info(
         "site %s: %d images %s; %d quarantined, %d duplicates removed, %d files outside NORMAL/ PNEUMONIA/",
         dataset_uri,

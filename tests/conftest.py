@@ -35,6 +35,42 @@ apply_defaults()
 os.environ.setdefault("ZENML_CUSTOM_SOURCE_ROOT", str(ROOT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytest(tmp_path_factory):
+    """This process's temporary files (and its subprocesses') go under the session's pytest folder, of which pytest
+    keeps the last three: a leak in a test or a library cannot pile up on a machine that runs the suite every day."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    tempfile.tempdir = None  # gettempdir() caches its first answer
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+
+
+def run_command(args: list, env: dict[str, str], timeout: int, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python *args`` in the repository with ``env`` and a TMPDIR of its own, which a successful command must leave
+    empty: scratch files that nobody removes fill the disk of a machine that retrains or scores on a schedule."""
+    scratch = Path(tempfile.mkdtemp(prefix="command-", dir=env.get("TMPDIR")))
+    try:
+        result = subprocess.run(
+            [sys.executable, *map(str, args)],
+            cwd=cwd,
+            env=env | {"TMPDIR": str(scratch)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        left = sorted(path.name for path in scratch.iterdir())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if result.returncode == 0:
+        assert not left, f"{' '.join(map(str, args))} left scratch files behind in its TMPDIR: {left}"
+    return result
+
+
 def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
     """A small, unique image: different seeds give different bytes."""
     rng = np.random.default_rng(seed)
@@ -233,17 +269,17 @@ class Team:
     training_stderr: str = ""  # of the smoke training run (``trained``)
 
     def stack(self, command: str, timeout: int = 300) -> dict:
+        """An ``infra.team_stack`` command. Not through run_command: the servers it starts keep the TMPDIR they get."""
         ports = [f"--{name}-port={port}" for name, port in self.ports.items()]
-        return self._json_line(["-m", "infra.team_stack", command, "--state", str(self.state), *ports], timeout)
+        args = [sys.executable, "-m", "infra.team_stack", command, "--state", str(self.state), *ports]
+        result = subprocess.run(args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return self._json_line(result)
 
     def run(self, *args: str, timeout: int = 900) -> dict:
-        return self._json_line([str(ROOT / "run.py"), "--stack", "team", *args], timeout)
+        return self._json_line(run_command([ROOT / "run.py", "--stack", "team", *args], self.env, timeout))
 
-    def _json_line(self, args: list[str], timeout: int) -> dict:
-        """Run this interpreter with ``args`` in the team's environment; its last stdout line, parsed."""
-        result = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+    def _json_line(self, result: subprocess.CompletedProcess) -> dict:
+        """The last stdout line of a successful command, parsed."""
         assert result.returncode == 0, result.stderr[-3000:]
         self.last_stderr = result.stderr
         return json.loads(result.stdout.strip().splitlines()[-1])
@@ -258,7 +294,9 @@ def team():
     home = state / "client"
     home.mkdir()
     ports = {"zenml": free_port(), "mlflow": free_port(), "s3": free_port(), "pg": free_port()}
-    env = isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)))
+    # Its own temporary folder too: the pytest folder is 0700, and the stack's servers keep this one.
+    (state / "tmp").mkdir()
+    env = isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)), TMPDIR=str(state / "tmp"))
     team = Team(state / "stack", home, ports, env)
     team.info = team.stack("up")
     # The client's MLflow calls (tests, `mlflow models serve`) go where the stack's tracker logs.
@@ -384,14 +422,7 @@ def local(tmp_path_factory):
         client.create_bucket(Bucket=bucket)
         client.upload_file(str(require(MINI_ZIP)), bucket, key)
         env = isolated_env(home, XRAY_TEST_CONFIG=str(config), **credentials)
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), "--config", str(config), "--summary", str(home / "summary.json")],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        result = run_command([ROOT / "run.py", "--config", config, "--summary", home / "summary.json"], env, 900)
         assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
         summary = json.loads(result.stdout.strip().splitlines()[-1])
         yield Local(home, env, config, summary, result, twenty_test_images(home / "twenty"))

@@ -171,11 +171,11 @@ def run(
     return decide(test_sensitivity, min_sensitivity, champion_version, comparisons, margin, champion_error)
 
 
-def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites, data, s3):
+def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites, data, s3, workdir):
     """(paths, labels, challenger probabilities) per image set: the test split, already scored by the challenger,
-    and each labelled gate site (loaded through the site checks and scored here)."""
+    and each labelled gate site (loaded through the site checks into a folder of ``workdir``, and scored here).
+    The sites' paths point into ``workdir``: the caller keeps it until the champion has scored them too."""
     import logging
-    import tempfile
     from pathlib import Path
 
     from xray import data as xdata
@@ -188,8 +188,8 @@ def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites,
         {"test": xdata.labels_of(test_rows)},
         {"test": test_probabilities},
     )
-    for uri in gate_sites:
-        site, report = sites.load_site(uri, Path(tempfile.mkdtemp(prefix="xray-gate-site-")), data, s3)
+    for index, uri in enumerate(gate_sites):
+        site, report = sites.load_site(uri, Path(workdir) / f"site-{index}", data, s3)
         name = f"site:{sites.site_name(uri)}"
         paths[name], labels[name] = site.paths(site.manifest), sites.labels(site)
         challenger[name] = predict_paths(model, paths[name], spec)

@@ -259,7 +259,11 @@ class PredictionWriter:
             pd.DataFrame(columns=PREDICTION_COLUMNS).astype(_PARQUET_TYPES).to_parquet(self.local, index=False)
         if self._client is not None:
             location = s3.parse_s3_uri(self.output)
-            self._client.upload_file(str(self.local), location.bucket, location.key)
+            try:
+                self._client.upload_file(str(self.local), location.bucket, location.key)
+            except Exception:
+                logger.error("predictions not uploaded to %s: they are kept in %s", self.output, self.local)
+                raise
             shutil.rmtree(self._spool, ignore_errors=True)
 
     def __enter__(self) -> "PredictionWriter":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,25 +46,29 @@ def distribution_strategy(policy: DevicePolicy):
     return tf.distribute.MirroredStrategy() if policy.gpus > 1 else tf.distribute.get_strategy()
 
 
-def resolve_weights(weights: str) -> str | None:
-    """'imagenet' and local paths pass through; s3:// is fetched; 'none' -> None."""
+@contextmanager
+def resolved_weights(weights: str) -> Iterator[str | None]:
+    """'imagenet' and local paths pass through; s3:// is fetched into a folder removed on exit (the backbone reads
+    the file when it is built); 'none' -> None."""
     if weights.lower() == "none":
-        return None
-    if weights.lower() == "imagenet":
-        return "imagenet"
-    if weights.startswith("s3://"):
+        yield None
+    elif weights.lower() == "imagenet":
+        yield "imagenet"
+    elif weights.startswith("s3://"):
         from xray import s3
 
         location = s3.parse_s3_uri(weights)
-        target = Path(tempfile.mkdtemp(prefix="xray-weights-")) / Path(location.key).name
-        s3.download(s3.make_client(), location, target)
-        return str(target)
-    path = Path(weights.removeprefix("file://")).expanduser()
-    if not path.is_file():
-        from xray.errors import ConfigError
+        with tempfile.TemporaryDirectory(prefix="xray-weights-") as folder:
+            target = Path(folder) / Path(location.key).name
+            s3.download(s3.make_client(), location, target)
+            yield str(target)
+    else:
+        path = Path(weights.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            from xray.errors import ConfigError
 
-        raise ConfigError(f"model.weights: weights file not found: {path}")
-    return str(path)
+            raise ConfigError(f"model.weights: weights file not found: {path}")
+        yield str(path)
 
 
 def build_model(config: ModelConfig, weights: str | None, mixed_precision: bool = False):

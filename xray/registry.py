@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -291,23 +292,19 @@ def load_predictor(model_name: str, version_or_alias: str):
     The Keras model, threshold, image size and reference profile come from the one folder that
     serving loads too, so batch inference, monitoring and serving cannot disagree.
     """
-    import tempfile
-
     import mlflow
 
     info = resolve_version(model_name, version_or_alias)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=info["uri"], dst_path=tempfile.mkdtemp(prefix="xray-model-")
-    )
-    predictor = serving_module.ChestXrayPredictor.from_dir(os.path.join(local, "data"))
+    # The folder is read whole into memory (Keras model, profile arrays): nothing refers to it afterwards.
+    with tempfile.TemporaryDirectory(prefix="xray-model-") as folder:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=folder)
+        predictor = serving_module.ChestXrayPredictor.from_dir(os.path.join(local, "data"))
     predictor.version = info["version"]
     return predictor, info | {"has_reference_profile": predictor.profile is not None}
 
 
 def load_reference_profile(model_name: str, version_or_alias: str):
     """(ReferenceProfile, info): only the profile folder of the version, not its model."""
-    import tempfile
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -315,19 +312,19 @@ def load_reference_profile(model_name: str, version_or_alias: str):
     from xray.ood import ReferenceProfile
 
     info = resolve_version(model_name, version_or_alias)
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{info['uri']}/data/{serving_module.PROFILE_DIR}",
-            dst_path=tempfile.mkdtemp(prefix="xray-profile-"),
-        )
-    except MlflowException as error:
-        if "No such artifact" not in str(error):
-            raise
-        raise ConfigError(
-            f"{info['uri']} has no reference profile (registered before profiles existed): "
-            "train and register a new version to monitor against it"
-        ) from None
-    return ReferenceProfile.load(local), info
+    with tempfile.TemporaryDirectory(prefix="xray-profile-") as folder:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{info['uri']}/data/{serving_module.PROFILE_DIR}", dst_path=folder
+            )
+        except MlflowException as error:
+            if "No such artifact" not in str(error):
+                raise
+            raise ConfigError(
+                f"{info['uri']} has no reference profile (registered before profiles existed): "
+                "train and register a new version to monitor against it"
+            ) from None
+        return ReferenceProfile.load(local), info
 
 
 from xray.model_card import SITE_SECTION, SITE_TAG, site_table  # noqa: E402
@@ -365,21 +362,19 @@ def logged_model_id(model_version) -> str:
 def update_model_card(client, model_name: str, version: str) -> str:
     """Rewrite the "Results by site" section of the version's model_card.md (in its logged model's artifacts) from
     its tags; returns the new card."""
-    import tempfile
-
     import mlflow
 
     model_version = client.get_model_version(model_name, version)
     model_id = logged_model_id(model_version)
-    folder = tempfile.mkdtemp(prefix="xray-card-")
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{model_uri(model_name, str(version))}/model_card.md", dst_path=folder
-    )
-    card = Path(local).read_text()
-    head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
-    card = f"{head}\n\n{site_table(model_version.tags)}\n"
-    Path(local).write_text(card)
-    client.log_model_artifact(model_id, local)
+    with tempfile.TemporaryDirectory(prefix="xray-card-") as folder:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri(model_name, str(version))}/model_card.md", dst_path=folder
+        )
+        card = Path(local).read_text()
+        head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
+        card = f"{head}\n\n{site_table(model_version.tags)}\n"
+        Path(local).write_text(card)
+        client.log_model_artifact(model_id, local)
     return card
 
 
@@ -439,23 +434,25 @@ def register_candidate(
     flat = metrics["flat"]
     metadata = version_metadata(metrics, threshold, spec, dataset_sha256, reference_profile)
     champion, _ = current_champion(client, registry.model_name, registry.champion_alias)
-    paths, labels, challenger = (
-        gate.image_sets(model, dataset, spec, test_probabilities, registry.gate_sites, data, s3)
-        if champion is not None
-        else ({}, {}, {})
-    )
-    decision = gate.run(
-        registry.model_name,
-        champion,
-        paths,
-        labels,
-        challenger,
-        flat["test_sensitivity"],
-        evaluate.min_sensitivity,
-        registry.margin,
-        evaluate.bootstrap_samples,
-        seed,
-    )
+    # The gate sites' images live in this folder until the champion has scored them.
+    with tempfile.TemporaryDirectory(prefix="xray-gate-sites-") as workdir:
+        paths, labels, challenger = (
+            gate.image_sets(model, dataset, spec, test_probabilities, registry.gate_sites, data, s3, workdir)
+            if champion is not None
+            else ({}, {}, {})
+        )
+        decision = gate.run(
+            registry.model_name,
+            champion,
+            paths,
+            labels,
+            challenger,
+            flat["test_sensitivity"],
+            evaluate.min_sensitivity,
+            registry.margin,
+            evaluate.bootstrap_samples,
+            seed,
+        )
     card = model_card.render(
         registry.model_name,
         metrics,

@@ -17,7 +17,7 @@ from xray.model import (
     compile_model,
     device_policy,
     distribution_strategy,
-    resolve_weights,
+    resolved_weights,
     set_backbone_trainable,
 )
 
@@ -215,10 +215,9 @@ def fit(
 
     policy = device_policy(train_config)
     log(f"training on {policy.describe()}")
-    weights = resolve_weights(model_config.weights)
-    pretrained = weights is not None
-    with distribution_strategy(policy).scope():
+    with resolved_weights(model_config.weights) as weights, distribution_strategy(policy).scope():
         model, backbone = build_model(model_config, weights, policy.mixed_precision)
+    pretrained = weights is not None
     phases = []
     if pretrained and train_config.frozen_epochs:
         phases.append(("frozen", 0, min(train_config.frozen_epochs, train_config.epochs), train_config.learning_rate))

@@ -30,6 +30,7 @@ from conftest import (
     champion_probabilities,
     dataset_entries,
     isolated_env,
+    run_command,
     s3_client,
 )
 
@@ -50,14 +51,8 @@ def first_run(local):
 
 
 def run_cli(env, *args, timeout=900):
-    config = env["XRAY_TEST_CONFIG"]
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "--pipeline", "training", "--config", config, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    return run_command(
+        [ROOT / "run.py", "--pipeline", "training", "--config", env["XRAY_TEST_CONFIG"], *args], env, timeout
     )
 
 
@@ -146,20 +141,7 @@ def test_the_sentinel_secret_appears_nowhere(first_run, stores):
 
 def _verify(env, home, *args):
     """scripts/verify_registered.py on the local run's summary."""
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "verify_registered.py"),
-            "--summary",
-            str(home / "summary.json"),
-            *args,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_command([ROOT / "scripts" / "verify_registered.py", "--summary", home / "summary.json", *args], env, 600)
 
 
 def test_champion_reload_reproduces_test_auc(first_run, stores):
@@ -189,7 +171,7 @@ def test_identical_rerun_is_cached_by_content(first_run, stores):
     summary = summary_of(run_cli(env))
     assert summary["steps"]["locate_archive"] == "completed"  # always looks at the object again
     # The same object: its archive is not downloaded or stored again, and nothing downstream reruns.
-    assert all(summary["steps"][name] == "cached" for name in STEPS[1:])
+    assert all(summary["steps"][name] == "cached" for name in STEPS[1:]), summary["steps"]
     assert summary["model_version"] == first_run[0]["model_version"]
 
 
@@ -318,14 +300,7 @@ def test_bad_config_is_rejected_before_any_step(tmp_path):
 
 
 def _monitor(env, *args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "--pipeline", "monitoring", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_command([ROOT / "run.py", "--pipeline", "monitoring", *args], env, 600)
 
 
 def _registry_state(env):

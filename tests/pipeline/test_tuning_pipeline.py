@@ -2,13 +2,11 @@
 picked on val AUC, trained, evaluated and registered through the gate; the MLflow parent run with a child per trial."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import MINI_ZIP, ROOT, isolated_env, require
+from conftest import MINI_ZIP, ROOT, isolated_env, require, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -17,23 +15,9 @@ pytestmark = pytest.mark.slow
 def search(tmp_path_factory):
     home = tmp_path_factory.mktemp("tuning")
     env = isolated_env(home)
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run.py"),
-            "--pipeline",
-            "tuning",
-            "--config",
-            str(ROOT / "configs" / "tuning_smoke.yaml"),
-            "--dataset-uri",
-            str(require(MINI_ZIP)),
-        ],
-        cwd=home,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    config = ROOT / "configs" / "tuning_smoke.yaml"
+    command = [ROOT / "run.py", "--pipeline", "tuning", "--config", config, "--dataset-uri", require(MINI_ZIP)]
+    result = run_command(command, env, 1500, cwd=home)
     assert result.returncode == 0, result.stderr[-4000:]
     return env, json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -2,12 +2,14 @@
 the first version is promoted, a challenger is gated on paired scores against the champion, a version the gate
 rejects is registered but never takes the alias."""
 
+import tempfile
+
 import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import dataset_entries, write_zip
+from conftest import dataset_entries, jpeg_bytes, write_zip
 from xray import data as xdata
 from xray import registry
 from xray.config import Augmentation, DataConfig, EvaluateConfig, RegistryConfig, S3Config
@@ -79,7 +81,7 @@ def arguments(candidate, **changes) -> dict:
         "data_report": c["data_report"],
         "training": {"backbone": "tiny", "weights": "none", "epochs_run": 1},
         "reference_profile": c["profile"],
-        "registry": RegistryConfig(model_name=MODEL),
+        "registry": c.get("registry", RegistryConfig(model_name=MODEL)),
         "evaluate": c["evaluate"],
         "data": DataConfig(),
         "s3": S3Config(),
@@ -134,3 +136,31 @@ def test_registration_needs_an_active_run(store, candidate):
     with pytest.raises(RuntimeError, match="active MLflow run"):
         registry.register_candidate(store, candidate["model"], **arguments(candidate))
     assert not store.search_registered_models(f"name = '{MODEL}'")
+
+
+def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, candidate, tmp_path, monkeypatch):
+    """Each temporary folder (a gate site's images, a downloaded model, profile or card) is removed when its work is
+    done: a machine that retrains and monitors on a schedule must not fill its disk. The loaded predictor needs none
+    of them."""
+    entries = {
+        f"export/{label}/{i}.jpeg": jpeg_bytes(500 + 10 * k + i)
+        for k, label in enumerate(("NORMAL", "PNEUMONIA"))
+        for i in range(3)
+    }
+    site = write_zip(tmp_path / "site.zip", entries)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    register(store, candidate)
+    result = register(store, candidate, registry=RegistryConfig(model_name=MODEL, gate_sites=[str(site)]))
+    assert result["gate"]["site:site"]["images"] == 6
+    predictor, info = registry.load_predictor(MODEL, "champion")
+    profile, _ = registry.load_reference_profile(MODEL, "champion")
+    registry.update_model_card(store, MODEL, info["version"])
+    # TensorFlow's autograph writes the sources it generates there too, and removes them when the interpreter exits.
+    left = sorted(p.name for p in scratch.iterdir() if not p.name.startswith("__autograph_generated_file"))
+    assert left == []
+    batch = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    expected = candidate["model"].predict(batch, verbose=0).reshape(-1)
+    np.testing.assert_allclose(predictor.probabilities(batch), expected, atol=1e-6)
+    assert profile.threshold == predictor.profile.threshold == candidate["profile"].threshold
