@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -95,8 +96,6 @@ def configure_logging(level: str) -> None:
 
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with file descriptor 2 captured, then pass on every line but the import banner."""
-    import tempfile
-
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
@@ -163,9 +162,12 @@ def stage_dataset(config, dataset_uri: str | None, services: ExitStack) -> str:
     return location.uri
 
 
+@contextmanager
 def run_outputs(run):
     """The finished pipeline run, fetched again from the ZenML store, and ``load(step, output)`` for its artifacts:
-    the one place run.py reads artifacts back to build its summary and files."""
+    the one place run.py reads artifacts back to build its summary and files. Use what ``load`` returns inside the
+    ``with``: outside a step, ZenML's materializers leave their local copies (an image's file, which PIL reads
+    lazily) for the caller to remove, so they are made in a folder removed on exit."""
     from zenml.client import Client
 
     run = Client().get_pipeline_run(run.id)
@@ -173,7 +175,12 @@ def run_outputs(run):
     def load(step: str, output: str):
         return run.steps[step].outputs[output][0].load()
 
-    return run, load
+    with tempfile.TemporaryDirectory(prefix="xray-outputs-") as scratch:
+        default, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield run, load
+        finally:
+            tempfile.tempdir = default
 
 
 def summarize(run, load, config) -> dict:
@@ -309,8 +316,6 @@ def launch_options(config, no_cache: bool, schedule, workdir: Path, trials: int 
 
 
 def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | None) -> dict:
-    import tempfile
-
     from zenml.client import Client
 
     from pipelines.training import training_pipeline
@@ -332,13 +337,12 @@ def run_training(config, dataset_uri: str | None, no_cache: bool, cron: str | No
                 "dataset_uri": uri,
                 "list_with": "python run.py --list-schedules",
             }
-        return summarize(*run_outputs(run), config)
+        with run_outputs(run) as (run, load):
+            return summarize(run, load, config)
 
 
 def run_tuning(config, dataset_uri: str | None, no_cache: bool) -> dict:
     """The search: trials drawn here (a pipeline parameter), trained as steps, the winner trained and registered."""
-    import tempfile
-
     from pipelines.tuning import tuning_pipeline
     from xray import tuning
     from xray.errors import ConfigError
@@ -363,8 +367,8 @@ def run_tuning(config, dataset_uri: str | None, no_cache: bool) -> dict:
         run = tuning_pipeline.with_options(**launch_options(config, no_cache, None, Path(workdir), len(trials)))(
             config=config, dataset_uri=uri, trials=trials
         )
-        run, load = run_outputs(run)
-        summary, search = summarize(run, load, config), load("select_trial", "search")
+        with run_outputs(run) as (run, load):
+            summary, search = summarize(run, load, config), load("select_trial", "search")
     return summary | {
         "tuning": {
             "winner": search["winner"]["trial"],
@@ -397,14 +401,14 @@ def run_inference(config, images: str, model_version: str, output: str, explain:
         explain=explain,
         s3_max_attempts=config.s3.max_attempts,
     )
-    run, load = run_outputs(run)
-    summary = load("predict_batch", "prediction_summary")
-    overlays = load("explain_predictions", "gradcam") if explain else {}
     folder = Path(output).parent if not output.startswith("s3://") else Path("outputs")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, image in overlays.items():
-        image.save(folder / name)
-    info = load("resolve_model_version", "model_info")
+    with run_outputs(run) as (run, load):
+        summary = load("predict_batch", "prediction_summary")
+        overlays = load("explain_predictions", "gradcam") if explain else {}
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, image in overlays.items():
+            image.save(folder / name)
+        info = load("resolve_model_version", "model_info")
     return {
         "pipeline_run_id": str(run.id),
         **summary,
@@ -434,14 +438,14 @@ def run_monitoring(config, images: str, model_version: str, output: Path) -> dic
         seed=config.seed,
         s3_max_attempts=config.s3.max_attempts,
     )
-    run, load = run_outputs(run)
-    report = load("check_drift", "drift_report")
     output.mkdir(parents=True, exist_ok=True)
-    load("score_batch", "predictions").to_csv(output / "predictions.csv", index=False)
-    (output / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    (output / "report.html").write_text(load("check_drift", "report_html"))
-    for name, image in load("check_drift", "monitoring_plots").items():
-        image.save(output / f"{name}.png")
+    with run_outputs(run) as (run, load):
+        report = load("check_drift", "drift_report")
+        load("score_batch", "predictions").to_csv(output / "predictions.csv", index=False)
+        (output / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+        (output / "report.html").write_text(load("check_drift", "report_html"))
+        for name, image in load("check_drift", "monitoring_plots").items():
+            image.save(output / f"{name}.png")
     return {
         "drift_detected": report["drift_detected"],
         "p_value": report["p_value"],
@@ -484,9 +488,9 @@ def run_evaluation(
         registry=registry,
         seed=config.seed,
     )
-    run, load = run_outputs(run)
-    result = load("evaluate_on_site", "site_evaluation")
-    info = load("resolve_model_version", "model_info")
+    with run_outputs(run) as (run, load):
+        result = load("evaluate_on_site", "site_evaluation")
+        info = load("resolve_model_version", "model_info")
     metrics = result["metrics"]
     summary = {
         "site": name,

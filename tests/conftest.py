@@ -33,6 +33,19 @@ apply_defaults()
 # A pytest-xdist worker's main module has no file and a fresh clone has no .zen, so the tests that import steps in
 # process name the repository root (subprocesses get isolated_env(), without ZENML_* variables).
 os.environ.setdefault("ZENML_CUSTOM_SOURCE_ROOT", str(ROOT))
+# ZenML in this process (steps imported, run configurations validated) reads and writes a global configuration: the
+# suite's own, never the developer's ~/.config/zenml and its active stack (subprocesses get isolated_env()'s).
+os.environ["ZENML_CONFIG_PATH"] = str(ROOT / ".cache" / "zenml-tests")
+os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
+
+
+def pytest_configure(config):
+    """Create (migrate) that ZenML store once, before pytest-xdist starts its workers: each worker imports the steps,
+    which opens the store, and workers that all find no database migrate it at once and fail."""
+    if not hasattr(config, "workerinput"):
+        from zenml.client import Client
+
+        Client().zen_store  # noqa: B018 - opening the store creates it
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,8 +64,9 @@ def temporary_files_under_pytest(tmp_path_factory):
 
 
 def run_command(args: list, env: dict[str, str], timeout: int, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python *args`` in the repository with ``env`` and a TMPDIR of its own, which a successful command must leave
-    empty: scratch files that nobody removes fill the disk of a machine that retrains or scores on a schedule."""
+    """``python *args`` in the repository with ``env`` and a TMPDIR of its own, which the command must leave empty,
+    whether it succeeds or fails: scratch files that nobody removes fill the disk of a machine that retrains or scores
+    on a schedule."""
     scratch = Path(tempfile.mkdtemp(prefix="command-", dir=env.get("TMPDIR")))
     try:
         result = subprocess.run(
@@ -66,8 +80,10 @@ def run_command(args: list, env: dict[str, str], timeout: int, cwd: Path = ROOT)
         left = sorted(path.name for path in scratch.iterdir())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if result.returncode == 0:
-        assert not left, f"{' '.join(map(str, args))} left scratch files behind in its TMPDIR: {left}"
+    assert not left, (
+        f"{' '.join(map(str, args))} (exit code {result.returncode}) left scratch files behind in its TMPDIR: "
+        f"{left}\n{result.stderr[-2000:]}"
+    )
     return result
 
 

@@ -276,7 +276,11 @@ def resolve_version(model_name: str, version_or_alias: str) -> dict:
     except MlflowException:
         raise ConfigError(f"no model version {uri} in the registry at {mlflow.get_tracking_uri()}") from None
     pinned = model_uri(model_name, str(version.version))
-    metadata = mlflow.models.get_model_info(pinned).metadata or {}
+    # Not mlflow.models.get_model_info: from a remote artifact store it downloads MLmodel into a folder it never
+    # removes, one per call.
+    with tempfile.TemporaryDirectory(prefix="xray-mlmodel-") as folder:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{pinned}/MLmodel", dst_path=folder)
+        metadata = mlflow.models.Model.load(local).metadata or {}
     return {
         "uri": pinned,
         "requested": version_or_alias,

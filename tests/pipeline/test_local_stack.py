@@ -9,8 +9,6 @@ worker under `make test` (--dist loadfile), and later ones see the versions earl
 
 import json
 import re
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -284,14 +282,7 @@ def test_bad_config_is_rejected_before_any_step(tmp_path):
     env = isolated_env(tmp_path)
     config = tmp_path / "bad.yaml"
     config.write_text("train:\n  batch_size: -4\n")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_command([ROOT / "run.py", "--config", config], env, 300)
     assert result.returncode == 2
     assert (
         result.stderr.strip()

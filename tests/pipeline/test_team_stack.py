@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import MINI_ZIP, ROOT, champion_probabilities, free_port
+from conftest import MINI_ZIP, ROOT, champion_probabilities, free_port, run_command
 from xray import inference
 
 pytestmark = pytest.mark.slow
@@ -228,24 +228,8 @@ def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
 
     home, *_ = trained
     bad = write_zip(tmp_path / "no_test.zip", dataset_entries(splits=("train",)))
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run.py"),
-            "--stack",
-            "team",
-            "--config",
-            str(home / "smoke.yaml"),
-            "--dataset-uri",
-            str(bad),
-            "-v",
-        ],
-        cwd=ROOT,
-        env=team.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [ROOT / "run.py", "--stack", "team", "--config", home / "smoke.yaml", "--dataset-uri", bad, "-v"]
+    result = run_command(command, team.env, 600)
     assert result.returncode == 1 and result.stdout == ""
     assert "Traceback" in result.stderr  # -v keeps the traceback of an expected failure
     last = result.stderr.strip().splitlines()[-1]
