@@ -17,8 +17,8 @@ from __future__ import annotations
 import atexit
 import json
 import subprocess
-import sys
 import shutil
+import sys
 import tempfile
 import time
 import zipfile

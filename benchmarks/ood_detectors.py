@@ -31,8 +31,8 @@ import io
 import json
 import os
 import platform
-import sys
 import shutil
+import sys
 import tempfile
 import time
 import zipfile

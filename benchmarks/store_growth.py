@@ -15,8 +15,8 @@ import atexit
 import json
 import os
 import subprocess
-import sys
 import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path

@@ -52,15 +52,20 @@ def pytest_configure(config):
 def temporary_files_under_pytest(tmp_path_factory):
     """This process's temporary files (and its subprocesses') go under the session's pytest folder, of which pytest
     keeps the last three: a leak in a test or a library cannot pile up on a machine that runs the suite every day."""
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
-    tempfile.tempdir = None  # gettempdir() caches its first answer
-    yield
-    if before is None:
-        os.environ.pop("TMPDIR")
-    else:
-        os.environ["TMPDIR"] = before
-    tempfile.tempdir = None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        patch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its first answer
+        yield
+
+
+@pytest.fixture
+def scratch_tempdir(tmp_path, monkeypatch) -> Path:
+    """An empty folder that this process's tempfile uses for the test: what is left in it afterwards, the code under
+    test left behind."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 def run_command(args: list, env: dict[str, str], timeout: int, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -2,8 +2,6 @@
 the first version is promoted, a challenger is gated on paired scores against the champion, a version the gate
 rejects is registered but never takes the alias."""
 
-import tempfile
-
 import mlflow
 import numpy as np
 import pytest
@@ -138,7 +136,7 @@ def test_registration_needs_an_active_run(store, candidate):
     assert not store.search_registered_models(f"name = '{MODEL}'")
 
 
-def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, candidate, tmp_path, monkeypatch):
+def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, candidate, tmp_path, scratch_tempdir):
     """Each temporary folder (a gate site's images, a downloaded model, profile or card) is removed when its work is
     done: a machine that retrains and monitors on a schedule must not fill its disk. The loaded predictor needs none
     of them."""
@@ -148,9 +146,6 @@ def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, can
         for i in range(3)
     }
     site = write_zip(tmp_path / "site.zip", entries)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     register(store, candidate)
     result = register(store, candidate, registry=RegistryConfig(model_name=MODEL, gate_sites=[str(site)]))
     assert result["gate"]["site:site"]["images"] == 6
@@ -158,7 +153,7 @@ def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, can
     profile, _ = registry.load_reference_profile(MODEL, "champion")
     registry.update_model_card(store, MODEL, info["version"])
     # TensorFlow's autograph writes the sources it generates there too, and removes them when the interpreter exits.
-    left = sorted(p.name for p in scratch.iterdir() if not p.name.startswith("__autograph_generated_file"))
+    left = sorted(p.name for p in scratch_tempdir.iterdir() if not p.name.startswith("__autograph_generated_file"))
     assert left == []
     batch = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     expected = candidate["model"].predict(batch, verbose=0).reshape(-1)

@@ -93,17 +93,13 @@ def test_locate_names_the_content_and_fetch_refuses_an_object_that_changed(bucke
     assert local == {"source_uri": str(source), "size": source.stat().st_size, "sha256": identity["sha256"]}
 
 
-def test_weights_on_s3_are_fetched_for_the_build_and_removed_after(bucket, tmp_path, monkeypatch):
-    import tempfile
-
+def test_weights_on_s3_are_fetched_for_the_build_and_removed_after(bucket, scratch_tempdir):
     from xray.model import resolved_weights
 
     client, _, source = bucket
     client.upload_file(str(source), "chest-xray", "weights/backbone.weights.h5")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
-    (tmp_path / "scratch").mkdir()
     with resolved_weights("s3://chest-xray/weights/backbone.weights.h5") as weights:
         assert open(weights, "rb").read() == source.read_bytes() and weights.endswith("backbone.weights.h5")
-    assert list((tmp_path / "scratch").iterdir()) == []
+    assert list(scratch_tempdir.iterdir()) == []
     with resolved_weights("none") as none, resolved_weights("ImageNet") as imagenet:
         assert none is None and imagenet == "imagenet"
