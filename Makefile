@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha25
 export ZENML_ANALYTICS_OPT_IN ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
+.PHONY: setup system-packages lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
 # The locked dependencies, then this project in editable mode (pyproject.toml; setuptools comes from the lock).
 $(STAMP): requirements.lock pyproject.toml
@@ -21,6 +21,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
+# What make test needs beyond Python (the team stack's browser test and S3 endpoint): installed when missing.
+system-packages:
+	@bash scripts/system_packages.sh
+
 # requirements.lock: the exact set CI and `make setup` install, resolved by uv from requirements-dev.txt (which pulls
 # requirements.txt and requirements-team.txt). Run after editing any requirements*.txt; commit the result.
 lock:
@@ -28,10 +32,12 @@ lock:
 	$(VENV)/bin/uv pip compile requirements-dev.txt --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 	  --custom-compile-command "make lock" --quiet -o requirements.lock
 
-# ruff with the rules and line length in pyproject.toml ([tool.ruff]): lint rules, then the formatting.
+# ruff with the rules and line length in pyproject.toml ([tool.ruff]): lint rules, the formatting, then the import
+# contract of docs/ARCHITECTURE.md ([tool.importlinter]: xray's stages in one order, no cycle, no ZenML in xray/).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # run.py picks the ZenML stack: STACK=name, else the active one if it has an MLflow experiment tracker, else
 # xray-local (local orchestrator and artifact store, MLflow on ./.mlflow), registered on first use.
@@ -39,7 +45,7 @@ STACK_FLAG := $(if $(STACK),--stack $(STACK))
 stack: setup
 	@test -d .zen || $(VENV)/bin/zenml init
 
-# The team stack on this machine (README "Team stack"): ZenML server + dashboard, MLflow server on PostgreSQL with
+# The team stack on this machine (docs/OPERATIONS.md "Team stack"): ZenML server + dashboard, MLflow server on PostgreSQL with
 # artifacts in S3 (s3rver, on disk), and the ZenML stack `team`. State in .team/ (kept by team-stack-down).
 # Ports: XRAY_TEAM_ZENML_PORT (8237), XRAY_TEAM_MLFLOW_PORT (5050), XRAY_TEAM_S3_PORT (9010), XRAY_TEAM_PG_PORT (5433).
 team-stack: setup
@@ -69,14 +75,14 @@ quality: stack
 # (session fixtures, tests/conftest.py) are each built once and used in file order; --no-loadscope-reorder hands out
 # files in collection order (pyproject.toml: the pipeline files first), not by test count. TEST_WORKERS=3 on this 2-core
 # machine: the two pipeline files spend much of their time waiting on servers and subprocesses, and a third worker
-# runs the unit files meanwhile (README "Development" has the times). test-fast is CPU-bound: one worker per core.
+# runs the unit files meanwhile (docs/OPERATIONS.md "Development" has the times). test-fast is CPU-bound: one worker per core.
 # One TensorFlow/oneDNN thread per process in the suite: three workers (and their training subprocesses) share two
 # cores, and TF's default of one thread per core in each of them oversubscribes the CPU (7 min 36 s of pytest with
-# one thread against 7 min 59 s to 8 min 21 s without, fresh clones; README "Development").
+# one thread against 7 min 59 s to 8 min 21 s without, fresh clones; docs/OPERATIONS.md "Development").
 TEST_THREADS ?= TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1
 TEST_WORKERS ?= 3
 FAST_WORKERS ?= 2
-test: setup
+test: setup system-packages
 	$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit layer without the slow (training, subprocess) tests: the quick check while editing domain code.

@@ -29,10 +29,11 @@ apply_defaults()
 
 import numpy as np  # noqa: E402
 
-from xray import data as xdata  # noqa: E402
-from xray import sources  # noqa: E402
 from xray.config import Augmentation, DataConfig, ModelConfig  # noqa: E402
-from xray.dataset import ValidatedDataset, prepare_dataset  # noqa: E402
+from xray.data import inputs  # noqa: E402
+from xray.data.dataset import ValidatedDataset, prepare_dataset  # noqa: E402
+from xray.data.images import decode_and_resize  # noqa: E402
+from xray.storage import sources  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results.json"
 IMAGE_SIZE, BATCH = 128, 32  # configs/training_local.yaml
@@ -64,16 +65,16 @@ def meets(key: str, value: float) -> bool:
     return value <= target if key in AT_MOST else value >= target
 
 
-def spec_for(dataset: ValidatedDataset, zoom: float = 0.2, interpolation: str = "bilinear") -> xdata.DatasetSpec:
+def spec_for(dataset: ValidatedDataset, zoom: float = 0.2, interpolation: str = "bilinear") -> inputs.DatasetSpec:
     # zoom 0.2 and horizontal flip: the seed's ImageDataGenerator augmentation (bilinear, as scipy order=1).
     augmentation = Augmentation(horizontal_flip=True, zoom=zoom, interpolation=interpolation)
-    return xdata.make_spec(dataset.manifest, IMAGE_SIZE, BATCH, augmentation, None, None, 0)
+    return inputs.make_spec(dataset.manifest, IMAGE_SIZE, BATCH, augmentation, None, None, 0)
 
 
-def _two_passes(dataset: ValidatedDataset, spec: xdata.DatasetSpec, rows) -> tuple[float, list[float]]:
+def _two_passes(dataset: ValidatedDataset, spec: inputs.DatasetSpec, rows) -> tuple[float, list[float]]:
     """Images/s over two passes, pipeline construction included; plus each pass's own rate."""
     start = time.perf_counter()
-    pipeline = xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)
+    pipeline = inputs.make_dataset(dataset.paths(rows), inputs.labels_of(rows), spec, training=True)
     rates, seen = [], 0
     for _ in range(2):
         pass_start, count = time.perf_counter(), 0
@@ -94,7 +95,7 @@ def input_pipeline_speedup(dataset: ValidatedDataset, workdir: Path, repeats: in
     import tensorflow as tf
 
     spec = spec_for(dataset)
-    rows = xdata.select(dataset.manifest, "train", spec)
+    rows = inputs.select(dataset.manifest, "train", spec)
     paths = dataset.paths(rows)
 
     # The seed read class folders; lay the same train rows out that way with symlinks.
@@ -159,13 +160,13 @@ def _fit_throughput(model, feed, steps: int, epochs: int, **fit_kwargs) -> float
 
 def starvation_ratio(dataset: ValidatedDataset, workdir: Path, steps: int = 10, epochs: int = 4) -> dict:
     """model.fit fed by the real pipeline vs by in-memory tensors: same model, batch and shapes."""
-    from xray.model import build_model, compile_model
+    from xray.model.network import build_model, compile_model
 
     spec = spec_for(dataset, zoom=0.1)
-    rows = xdata.select(dataset.manifest, "train", spec).sample(n=steps * BATCH, random_state=0)
+    rows = inputs.select(dataset.manifest, "train", spec).sample(n=steps * BATCH, random_state=0)
     model, _ = build_model(ModelConfig(image_size=IMAGE_SIZE), None)
     compile_model(model, 1e-3, 0.0, False)
-    real = xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True).repeat()
+    real = inputs.make_dataset(dataset.paths(rows), inputs.labels_of(rows), spec, training=True).repeat()
     real_rate = _fit_throughput(model, real, steps, epochs)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (steps * BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
@@ -233,11 +234,10 @@ def batch_inference_speedup(dataset: ValidatedDataset, workdir: Path) -> dict:
     """Test split: the batched tf.data prediction path vs a per-image model.predict loop."""
     import tensorflow as tf
 
-    from xray.model import build_model
-    from xray.inference import predict_paths
+    from xray.model.network import build_model, predict_paths
 
     spec = spec_for(dataset)
-    paths = dataset.paths(xdata.select(dataset.manifest, "test", spec))
+    paths = dataset.paths(inputs.select(dataset.manifest, "test", spec))
     model, _ = build_model(ModelConfig(image_size=IMAGE_SIZE), None)
     predict_paths(model, paths[:BATCH], spec)  # trace once, outside the timing, for both sides
     model.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), "float32"), verbose=0)
@@ -247,7 +247,7 @@ def batch_inference_speedup(dataset: ValidatedDataset, workdir: Path) -> dict:
     start = time.perf_counter()
     single = []
     for path in paths:
-        image = xdata.decode_and_resize(tf.io.read_file(path), IMAGE_SIZE)
+        image = decode_and_resize(tf.io.read_file(path), IMAGE_SIZE)
         single.append(float(model.predict(tf.cast(image, tf.float32)[None], verbose=0)[0, 0]))
     loop = len(paths) / (time.perf_counter() - start)
     return {

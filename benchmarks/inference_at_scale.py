@@ -37,10 +37,10 @@ def stream_settings():
 def bench_predictor(profile_dir: Path | None = None, train_paths=(), val_paths=()):
     """ChestXrayPredictor on ResNet50V2 at 128 px (random weights: speed does not depend on them) with a reference
     profile fitted on real train/val images, or loaded from ``profile_dir``."""
-    from xray import ood
     from xray.config import ModelConfig
-    from xray.model import build_model
-    from xray.serving import ChestXrayPredictor
+    from xray.model.network import build_model
+    from xray.monitoring import ood
+    from xray.serving.predictor import ChestXrayPredictor
 
     model, _ = build_model(ModelConfig(image_size=IMAGE_SIZE), None)
     if profile_dir is not None and (profile_dir / ood.PROFILE_JSON).is_file():
@@ -77,7 +77,8 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
     bare model's images/s on in-memory tensors at the same batch size (measured before and after, averaged)."""
     import logging
 
-    from xray import inference, s3
+    from xray.serving import batch
+    from xray.storage import s3
 
     settings = stream_settings()
 
@@ -91,8 +92,8 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
         upload(client, "bench", "stream/", sources)
         upload_seconds = time.perf_counter() - started
         before = bare_batch_rate(predictor)
-        with inference.PredictionWriter(str(workdir / "stream.csv")) as writer:
-            result = inference.predict_source(predictor, "s3://bench/stream/", settings, writer)
+        with batch.PredictionWriter(str(workdir / "stream.csv")) as writer:
+            result = batch.predict_source(predictor, "s3://bench/stream/", settings, writer)
         middle = bare_batch_rate(predictor)
         endpoint = server.endpoint
     # The same 5,000 files from a local folder: the stream without the S3 endpoint (client and moto server both
@@ -102,8 +103,8 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
     for index, path in enumerate(sources):
         if not (folder / f"{index:06d}.jpeg").exists():
             os.link(path, folder / f"{index:06d}.jpeg")
-    with inference.PredictionWriter(str(workdir / "stream_folder.csv")) as writer:
-        local = inference.predict_source(predictor, str(folder), settings, writer)
+    with batch.PredictionWriter(str(workdir / "stream_folder.csv")) as writer:
+        local = batch.predict_source(predictor, str(folder), settings, writer)
     after = bare_batch_rate(predictor)
     streamed = result.images / result.seconds
     bare = (before + middle) / 2
@@ -137,7 +138,7 @@ def stream_child(count: int, folder: Path, workdir: Path) -> None:
     from xray.environment import apply_defaults
 
     apply_defaults()
-    from xray import inference
+    from xray.serving import batch
 
     settings = stream_settings()
 
@@ -151,8 +152,8 @@ def stream_child(count: int, folder: Path, workdir: Path) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    with inference.PredictionWriter(str(workdir / f"memory_{count}.csv")) as writer:
-        result = inference.predict_source(predictor, str(folder), settings, writer)
+    with batch.PredictionWriter(str(workdir / f"memory_{count}.csv")) as writer:
+        result = batch.predict_source(predictor, str(folder), settings, writer)
     done.set()
     sampler.join()
     print(
@@ -209,14 +210,14 @@ def register_bench_model(predictor, workdir: Path) -> tuple[dict, str]:
     MLflow store; returns (environment for the server, model URI)."""
     import mlflow
 
-    from xray import registry
+    from xray.registry import store
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("bench")
     with mlflow.start_run():
         metadata = {"threshold": 0.5, "image_size": IMAGE_SIZE, "preprocessing": "fixed"}
-        registry.log_and_register(predictor.model, "bench-xray", metadata, "bench model", predictor.profile)
+        store.log_and_register(predictor.model, "bench-xray", metadata, "bench model", predictor.profile)
     env = os.environ | {
         "MLFLOW_TRACKING_URI": uri,
         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
@@ -291,7 +292,7 @@ def bare_single_rate(predictor, images: list[bytes], count: int = 100) -> float:
     """images/s of the compiled model call alone on one in-memory image at a time."""
     import tensorflow as tf
 
-    from xray.data import decode_and_resize
+    from xray.data.images import decode_and_resize
 
     pixels = [decode_and_resize(tf.constant(data), IMAGE_SIZE).numpy()[None] for data in images[:10]]
     predictor.probabilities(pixels[0])

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import atexit
 import json
-import subprocess
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +59,7 @@ def photographs(folder: Path) -> None:
 def write_shifted(sources: list[Path], folder: Path, name: str, seed: int) -> None:
     from PIL import Image
 
-    from xray import shifts
+    from xray.monitoring import shifts
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(sources):
@@ -68,7 +68,7 @@ def write_shifted(sources: list[Path], folder: Path, name: str, seed: int) -> No
 
 
 def monitor(images: Path, model_version: str, output: Path) -> dict:
-    from xray import drift
+    from xray.monitoring import drift
 
     command = [
         sys.executable,
@@ -106,7 +106,7 @@ def monitor(images: Path, model_version: str, output: Path) -> dict:
     show_default=True,
 )
 def main(model_version: str, output: Path) -> None:
-    from xray import shifts
+    from xray.monitoring import shifts
 
     work = Path(tempfile.mkdtemp(prefix="xray-monitoring-runs-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)

@@ -80,7 +80,7 @@ class Sets:
     def __init__(self, dataset, near: list[np.ndarray]):
         from PIL import Image
 
-        from xray import shifts
+        from xray.monitoring import shifts
 
         manifest = dataset.manifest
         self.split_paths = {s: dataset.paths(manifest[manifest["split"] == s]) for s in ("train", "val", "test")}
@@ -101,9 +101,9 @@ class Sets:
 
 def carve(dataset, seed: int):
     """The manifest with val carved by another seed, exactly as the pipeline would."""
-    from xray import manifest as mf
+    from xray.data import manifest
 
-    return mf.carve_val(dataset.manifest, 0.1, seed)
+    return manifest.carve_val(dataset.manifest, 0.1, seed)
 
 
 def gaussian_threshold(val_scores: np.ndarray, alpha: float = 0.01) -> float:
@@ -162,7 +162,7 @@ def classifier_features(model, images: list[np.ndarray], image_size: int) -> dic
     import keras
     import tensorflow as tf
 
-    from xray.data import decode_and_resize
+    from xray.data.images import decode_and_resize
 
     outputs = {"pooled embedding": model.get_layer("pool").output, "dense layer": model.get_layer("dense").output}
     names = [layer.name for layer in model.layers]
@@ -190,7 +190,7 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def detector_table(sets: Sets, features: dict, profile, predictor) -> list[dict]:
-    from xray import ood
+    from xray.monitoring import ood
 
     representations = {
         "content (profile)": lambda name: ood.stack(features[name])[0],
@@ -244,7 +244,7 @@ def detector_table(sets: Sets, features: dict, profile, predictor) -> list[dict]
 
 def stability_table(dataset, features_by_path: dict) -> list[dict]:
     """The combined detector refitted per val carve: parametric against empirical thresholds."""
-    from xray import ood
+    from xray.monitoring import ood
 
     rows = []
     for seed in SEEDS:
@@ -276,7 +276,7 @@ def export_table(profile, test_images: list[np.ndarray]) -> dict[str, float]:
     """Share of test images flagged when the same pictures arrive in another size or encoding."""
     from PIL import Image
 
-    from xray import ood
+    from xray.monitoring import ood
 
     def enlarged(image: np.ndarray, factor: int, method) -> np.ndarray:
         height, width = image.shape[:2]
@@ -298,7 +298,7 @@ def export_table(profile, test_images: list[np.ndarray]) -> dict[str, float]:
 
 
 def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
-    from xray import drift, ood, shifts
+    from xray.monitoring import drift, ood, shifts
 
     def run(group: list) -> dict:
         predictions = profile.assess(group)
@@ -397,13 +397,14 @@ def markdown(results: dict) -> str:
 def main(model_version: str, model_name: str, output: Path, permutations: int) -> None:
     import mlflow
 
-    from xray import ood, registry, tracking
     from xray.config import DataConfig
-    from xray.dataset import prepare_dataset
+    from xray.data.dataset import prepare_dataset
+    from xray.monitoring import ood
+    from xray.registry import store, tracking
 
     started = time.time()
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    predictor, info = registry.load_predictor(model_name, model_version)
+    predictor, info = store.load_predictor(model_name, model_version)
     if predictor.profile is None:
         raise click.ClickException(f"{info['uri']} has no reference profile")
     print(f"{info['uri']}: profile threshold {predictor.profile.threshold:.3f}", file=sys.stderr, flush=True)

@@ -51,10 +51,11 @@ def extract(archive: Path, part: str, folder: Path) -> list[str]:
 def main(model_version: str, model_name: str, output: Path) -> None:
     import mlflow
 
-    from xray import ood, registry, tracking
+    from xray.monitoring import ood
+    from xray.registry import store, tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    profile, info = registry.load_reference_profile(model_name, model_version)
+    profile, info = store.load_reference_profile(model_name, model_version)
     result = {"model_uri": info["uri"], "tracking_uri": mlflow.get_tracking_uri()}
     for name, (archive, part) in SETS.items():
         folder = Path(tempfile.mkdtemp(prefix=f"xray-{name}-"))

@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 from inference_at_scale import free_port  # noqa: E402
 from inference_at_scale import serve as start_server  # noqa: E402
+
 from xray.config import MODEL_NAME  # noqa: E402
 
 
@@ -65,13 +66,13 @@ def post(port: int, image: bytes) -> tuple[float, dict]:
     help="Commit whose serving code is the baseline (the last one before out-of-distribution checks).",
 )
 def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> None:
+    import bench
     import mlflow
 
-    import bench
-    from xray import registry, tracking
+    from xray.registry import store, tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    info = registry.resolve_version(model_name, model_version)
+    info = store.resolve_version(model_name, model_version)
     work = Path(tempfile.mkdtemp(prefix="xray-serving-bench-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     current = Path(mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=str(work / "current")))

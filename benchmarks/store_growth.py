@@ -14,8 +14,8 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 import tempfile
 import zipfile

@@ -18,8 +18,8 @@ from zenml.client import Client  # noqa: E402
 
 from pipelines.training import training_pipeline  # noqa: E402
 from steps import build_datasets, ingest_from_s3, locate_archive, unzip_and_validate  # noqa: E402
-from xray import s3  # noqa: E402
 from xray.config import load_config  # noqa: E402
+from xray.storage import s3  # noqa: E402
 
 
 @pipeline(name="xray_data_steps_benchmark")

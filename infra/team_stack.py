@@ -9,7 +9,7 @@ keeps its objects on disk, and the ZenML stack `team` that uses them.
 default): the S3 objects, the PostgreSQL cluster, the ZenML server's database, logs and pid files. `down` keeps
 it, so the next `up` finds every run, model and artifact again. Ports come from flags or XRAY_TEAM_* variables.
 
-Parts (README "Team stack"):
+Parts (docs/OPERATIONS.md "Team stack"):
   s3rver (npm, objects as files under state/s3)                         http://127.0.0.1:S3_PORT
   PostgreSQL (initdb into state/postgres; SQLite with a notice if absent)  127.0.0.1:PG_PORT
   mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://BUCKET/mlflow
@@ -31,7 +31,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from xray.environment import REPO_ROOT
+
+ROOT = REPO_ROOT
 S3RVER_VERSION = "3.7.1"
 S3RVER_HOME = ROOT / ".cache" / f"s3rver-{S3RVER_VERSION}"
 # s3rver's built-in credentials; the endpoint only listens on 127.0.0.1.

@@ -13,7 +13,7 @@ from zenml.enums import ArtifactType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
-from xray.ingest import RawArchive
+from xray.storage.fetch import RawArchive
 
 
 class RawArchiveMaterializer(BaseMaterializer):

@@ -7,7 +7,7 @@ from zenml.enums import ArtifactType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
-from xray.ood import PROFILE_ARRAYS, PROFILE_JSON, ReferenceProfile
+from xray.monitoring.ood import PROFILE_ARRAYS, PROFILE_JSON, ReferenceProfile
 
 
 class ReferenceProfileMaterializer(BaseMaterializer):

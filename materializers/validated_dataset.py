@@ -10,7 +10,7 @@ from zenml.enums import ArtifactType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
-from xray.dataset import ValidatedDataset, fingerprint
+from xray.data.dataset import ValidatedDataset, fingerprint
 
 IMAGES, MANIFEST = "images.tar", "manifest.csv"
 

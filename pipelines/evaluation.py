@@ -35,3 +35,28 @@ def evaluation_pipeline(
         registry=registry,
         seed=seed,
     )
+
+
+def summarize(load, site: str) -> dict:
+    """The summary line: the site's metrics at the version's operating point (and re-fitted, with a fraction)."""
+    result = load("evaluate_on_site", "site_evaluation")
+    info = load("resolve_model_version", "model_info")
+    metrics = result["metrics"]
+    summary = {
+        "site": site,
+        "model_version": info["version"],
+        "model_uri": info["uri"],
+        "images": metrics["images"],
+        "threshold": metrics["threshold"],
+        "metrics": {k: v for k, v in metrics.items() if k not in ("images", "threshold")},
+        "mlflow_run_id": result["mlflow_run_id"],
+    }
+    if "recalibrated" in result:
+        recalibrated = result["recalibrated"]
+        summary["recalibrated"] = {
+            k: recalibrated[k] for k in ("fraction", "calibration_images", "measured_images", "calibration")
+        } | {
+            "threshold": recalibrated["metrics"]["threshold"],
+            "metrics": {k: v for k, v in recalibrated["metrics"].items() if k not in ("images", "threshold")},
+        }
+    return summary

@@ -1,6 +1,8 @@
 """Wiring only: registered version + images -> predictions written to the output, with out-of-distribution checks
 (+ Grad-CAM)."""
 
+from pathlib import Path
+
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
@@ -41,3 +43,19 @@ def inference_pipeline(
             limits=limits,
             s3_max_attempts=s3_max_attempts,
         )
+
+
+def summarize(load, folder: Path, explain: int) -> dict:
+    """The summary line; the Grad-CAM overlays are written to ``folder``."""
+    summary = load("predict_batch", "prediction_summary")
+    overlays = load("explain_predictions", "gradcam") if explain else {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in overlays.items():
+        image.save(folder / name)
+    info = load("resolve_model_version", "model_info")
+    return summary | {
+        "model_uri": info["uri"],
+        "model_version": info["version"],
+        "threshold": info["threshold"],
+        "gradcam": sorted(str(folder / name) for name in overlays),
+    }

@@ -66,3 +66,40 @@ def evaluate_and_register(model, dataset, spec, archive_info, data_report, histo
         s3=config.s3,
         seed=config.seed,
     )
+
+
+SUMMARY_METRICS = (
+    "test_auc",
+    "test_accuracy",
+    "test_sensitivity",
+    "test_specificity",
+    "test_accuracy_at_0_5",
+    "test_sensitivity_at_0_5",
+    "test_specificity_at_0_5",
+    "test_ece",
+    "test_brier",
+    "val_auc",
+)
+
+
+def summarize(run, load, config: PipelineConfig) -> dict:
+    """The summary line of a training run (a search's too), from its artifacts (pipelines.launch.run_outputs)."""
+    registration = load("register_model", "registration")
+    report = load("unzip_and_validate", "data_report")
+    flat = load("evaluate_model", "metrics")["flat"]
+    return {
+        "pipeline_run_id": str(run.id),
+        "mlflow_run_id": registration["mlflow_run_id"],
+        "mlflow_tracking_uri": config.registry.tracking_uri,
+        "model_name": registration["model_name"],
+        "model_version": registration["model_version"],
+        "promoted": registration["promoted"],
+        "promotion_reason": registration["reason"],
+        "threshold": registration["threshold"],
+        "seed": config.seed,
+        "dataset_sha256": load("ingest_from_s3", "archive_info")["sha256"],
+        "steps": {name: str(step.status.value) for name, step in run.steps.items()},
+        "splits": report["counts"]
+        | {"duplicates_removed": len(report["duplicates_removed"]), "quarantined": len(report["quarantined"])},
+        "metrics": {k: flat[k] for k in SUMMARY_METRICS},
+    }

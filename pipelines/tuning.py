@@ -4,6 +4,7 @@ evaluated and registered through the same steps and gate as a training run."""
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
+from pipelines import training
 from pipelines.training import MODEL, evaluate_and_register
 from steps import build_datasets, ingest_from_s3, locate_archive, train_model, unzip_and_validate
 from steps.tracking import mark_run_failed
@@ -25,3 +26,18 @@ def tuning_pipeline(config: PipelineConfig, dataset_uri: str, trials: list[dict]
     spec = build_datasets(dataset, data=config.data, model=model_config, train=train_config, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=model_config, train=train_config)
     evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, model_config)
+
+
+def summarize(run, load, config: PipelineConfig) -> dict:
+    """A training run's summary, plus the search: every trial and the winner."""
+    search = load("select_trial", "search")
+    return training.summarize(run, load, config) | {
+        "tuning": {
+            "winner": search["winner"]["trial"],
+            "winner_val_auc": search["winner"]["val_auc"],
+            "trials": [
+                {key: trial[key] for key in ("trial", "status", "val_auc", "overrides", "error", "mlflow_run_id")}
+                for trial in search["trials"]
+            ],
+        }
+    }

@@ -27,7 +27,7 @@ TEST_ENTRY = re.compile(r"(?:^|/)test/(NORMAL|PNEUMONIA)/(?!\._)[^/]+\.(?:jpe?g|
 
 def test_split(archive: Path, image_size: int, batch: int = 64):
     """(labels, float32 images) for every test image in the archive, in name order."""
-    from xray.data import decode_and_resize
+    from xray.data.images import decode_and_resize
 
     with zipfile.ZipFile(archive) as handle:
         names = sorted(n for n in handle.namelist() if TEST_ENTRY.search(n) and "__MACOSX" not in n)
@@ -61,9 +61,11 @@ def test_split(archive: Path, image_size: int, batch: int = 64):
 def main(summary_path, version, model_name, archive, tolerance, output):
     import mlflow
 
-    from xray import metrics, sources, tracking
-    from xray.s3 import sha256_file
-    from xray.registry import load_predictor
+    from xray.evaluation import metrics
+    from xray.registry import tracking
+    from xray.registry.store import load_predictor
+    from xray.storage import sources
+    from xray.storage.s3 import sha256_file
 
     summary = json.loads(summary_path.read_text()) if summary_path else {}
     version = version or summary.get("model_version")

@@ -6,9 +6,9 @@ from zenml import step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import mlflow_run
-from xray import data as xdata
 from xray.config import DataConfig, ModelConfig, TrainConfig
-from xray.dataset import ValidatedDataset
+from xray.data import inputs
+from xray.data.dataset import ValidatedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -20,20 +20,11 @@ def build_datasets(
     model: ModelConfig,
     train: TrainConfig,
     seed: int,
-) -> Annotated[xdata.DatasetSpec, "dataset_spec"]:
+) -> Annotated[inputs.DatasetSpec, "dataset_spec"]:
     """Class weights and the input-pipeline spec; one batch is decoded to fail early."""
-    spec = xdata.make_spec(
-        dataset.manifest,
-        model.image_size,
-        train.batch_size,
-        train.augmentation,
-        data.max_train_per_class,
-        data.max_eval_per_class,
-        seed,
-        train.class_weighting,
-    )
-    rows = xdata.select(dataset.manifest, "train", spec)
-    images = next(iter(xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)))[0]
+    spec = inputs.spec_from_config(dataset.manifest, data, model, train, seed)
+    rows = inputs.select(dataset.manifest, "train", spec)
+    images = next(iter(inputs.make_dataset(dataset.paths(rows), inputs.labels_of(rows), spec, training=True)))[0]
     logger.info(
         f"input pipeline ok: batch {tuple(images.shape)}; class weights {spec.class_weights}; selected {spec.counts}"
     )

@@ -9,10 +9,10 @@ from zenml import step
 from materializers import KerasModelMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
-from xray import data as xdata
-from xray import evaluation
 from xray.config import EvaluateConfig
-from xray.dataset import ValidatedDataset
+from xray.data import inputs
+from xray.data.dataset import ValidatedDataset
+from xray.evaluation import recipes
 
 
 @step(
@@ -21,7 +21,7 @@ from xray.dataset import ValidatedDataset
 def evaluate_model(
     model: keras.Model,
     dataset: ValidatedDataset,
-    spec: xdata.DatasetSpec,
+    spec: inputs.DatasetSpec,
     evaluate: EvaluateConfig,
     seed: int,
 ) -> Tuple[
@@ -36,7 +36,7 @@ def evaluate_model(
     Annotated[np.ndarray, "test_probabilities"],
 ]:
     """Calibration and threshold fitted on val only; test measured before and after calibration (xray.evaluation)."""
-    result = evaluation.evaluate_model(model, dataset, spec, evaluate, seed)
+    result = recipes.evaluate_model(model, dataset, spec, evaluate, seed)
     report, figures = result.report, result.figures
     with mlflow_run():
         log_config(evaluate=evaluate)

@@ -8,7 +8,7 @@ from materializers import RawArchiveMaterializer
 from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
 from xray.config import S3Config
-from xray.ingest import RawArchive, fetch, locate
+from xray.storage.fetch import RawArchive, fetch, locate
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,10 @@ import pandas as pd
 from zenml import step
 
 from steps.tracking import log_config, log_images, mlflow_run
-from xray import drift
-from xray import registry as xregistry
 from xray.config import MonitoringConfig, RegistryConfig
+from xray.monitoring import drift
+from xray.monitoring.report import figures, render_html
+from xray.registry import store
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +27,11 @@ def check_drift(
     seed: int,
 ) -> Tuple[Annotated[dict, "drift_report"], Annotated[dict, "monitoring_plots"], Annotated[str, "report_html"]]:
     """Compare the batch with the version's reference profile; reads the registry, never writes to it."""
-    profile, _ = xregistry.load_reference_profile(registry.model_name, model_info["version"])
+    profile, _ = store.load_reference_profile(registry.model_name, model_info["version"])
     report = drift.compare(profile, predictions, image_features, monitoring.drift_alpha, monitoring.permutations, seed)
     report |= {"model_uri": model_info["uri"], "model_version": model_info["version"], "source": source}
-    plots = drift.figures(profile, predictions, image_features, ood_examples)
-    page = drift.render_html(report, plots)
+    plots = figures(profile, predictions, image_features, ood_examples)
+    page = render_html(report, plots)
     logger.info("%s: %s", "DRIFT" if report["drift_detected"] else "no drift", report["decision"])
     with mlflow_run():
         log_config(monitoring=monitoring)

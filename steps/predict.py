@@ -16,10 +16,12 @@ from PIL import Image
 from zenml import log_metadata, step
 
 from steps.tracking import log_config, mlflow_run
-from xray import gradcam, ood
-from xray import inference as xinference
-from xray import registry as xregistry
 from xray.config import ArchiveLimits, InferenceConfig, RegistryConfig
+from xray.model import gradcam
+from xray.monitoring import ood
+from xray.registry import store
+from xray.serving import batch
+from xray.storage import listing
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +30,13 @@ logger = logging.getLogger(__name__)
 @step(enable_cache=False, experiment_tracker=True)
 def resolve_model_version(model_version: str, registry: RegistryConfig) -> Annotated[dict, "model_info"]:
     """Pin an alias such as champion to its version number, so every step of this run uses the same version."""
-    info = xregistry.resolve_version(registry.model_name, model_version)
+    info = store.resolve_version(registry.model_name, model_version)
     logger.info("using %s (%s)", info["uri"], model_version)
     return info
 
 
 def _load(model_info: dict, registry: RegistryConfig):
-    predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
+    predictor, _ = store.load_predictor(registry.model_name, model_info["version"])
     log_metadata(metadata={"model_uri": model_info["uri"], "model_version": model_info["version"]})
     return predictor
 
@@ -52,10 +54,8 @@ def predict_batch(
 ) -> Annotated[dict, "prediction_summary"]:
     """Stream every image of ``images`` through the version and write one row per image to ``output``."""
     predictor = _load(model_info, registry)
-    with xinference.PredictionWriter(output, resume, s3_max_attempts) as writer:
-        result = xinference.predict_source(
-            predictor, images, inference, writer, limits=limits, max_attempts=s3_max_attempts
-        )
+    with batch.PredictionWriter(output, resume, s3_max_attempts) as writer:
+        result = batch.predict_source(predictor, images, inference, writer, limits=limits, max_attempts=s3_max_attempts)
     summary = result.summary() | {"output": output, "rows_written": writer.rows}
     logger.info("predicted %s: %s", images, summary)
     with mlflow_run():
@@ -93,7 +93,7 @@ def score_batch(
 ]:
     """Monitoring: the batch's predictions, out-of-distribution features and its most unusual images."""
     predictor = _load(model_info, registry)
-    result = xinference.predict_source(
+    result = batch.predict_source(
         predictor, images, inference, limits=limits, max_attempts=s3_max_attempts, keep=True, examples=8
     )
     logger.info("scored %s: %s", images, result.summary())
@@ -111,7 +111,7 @@ def explain_predictions(
     s3_max_attempts: int = 5,
 ) -> Annotated[dict, "gradcam"]:
     """Grad-CAM overlays (last conv block of the backbone) for the first ``explain`` readable images."""
-    found = xinference.first_readable(xinference.list_images(images, limits, max_attempts=s3_max_attempts), explain)
+    found = batch.first_readable(listing.list_images(images, limits, max_attempts=s3_max_attempts), explain)
     if not found:
         return {}
     predictor = _load(model_info, registry)

@@ -10,10 +10,10 @@ from materializers import ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.scratch import output_folder
 from steps.tracking import log_config, log_images, mlflow_run
-from xray import plots
 from xray.config import DataConfig
-from xray.dataset import ValidatedDataset, prepare_dataset
-from xray.ingest import RawArchive
+from xray.data.dataset import ValidatedDataset, prepare_dataset
+from xray.evaluation import plots
+from xray.storage.fetch import RawArchive
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from zenml import step
 from materializers import ReferenceProfileMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray import data as xdata
-from xray import ood
 from xray.config import MonitoringConfig
-from xray.dataset import ValidatedDataset
+from xray.data import inputs
+from xray.data.dataset import ValidatedDataset
+from xray.monitoring import ood
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +23,14 @@ logger = logging.getLogger(__name__)
 )
 def profile_reference(
     dataset: ValidatedDataset,
-    spec: xdata.DatasetSpec,
+    spec: inputs.DatasetSpec,
     threshold: float,
     val_probabilities: np.ndarray,
     monitoring: MonitoringConfig,
     seed: int,
 ) -> Annotated[ood.ReferenceProfile, "reference_profile"]:
     """What train and val look like, with the out-of-distribution threshold chosen on val only."""
-    train_rows, val_rows = (xdata.select(dataset.manifest, s, spec) for s in ("train", "val"))
+    train_rows, val_rows = (inputs.select(dataset.manifest, s, spec) for s in ("train", "val"))
     train = ood.features_of_files(dataset.paths(train_rows))
     val = ood.features_of_files(dataset.paths(val_rows))
     profile = ood.fit_profile(

@@ -8,11 +8,11 @@ from zenml import get_step_context, log_metadata, step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray import data as xdata
-from xray import registry as xregistry
 from xray.config import DataConfig, EvaluateConfig, ModelConfig, RegistryConfig, S3Config
-from xray.dataset import ValidatedDataset
-from xray.ood import ReferenceProfile
+from xray.data import inputs
+from xray.data.dataset import ValidatedDataset
+from xray.monitoring.ood import ReferenceProfile
+from xray.registry import promotion
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def register_model(
     threshold: float,
     test_probabilities: np.ndarray,
     dataset: ValidatedDataset,
-    spec: xdata.DatasetSpec,
+    spec: inputs.DatasetSpec,
     archive_info: dict,
     data_report: dict,
     history: dict,
@@ -37,10 +37,10 @@ def register_model(
     seed: int,
 ) -> Annotated[dict, "registration"]:
     """Register a new MLflow model version with its card; promote it to champion only through the gate
-    (xray.registry.register_candidate)."""
+    (xray.registry.promotion.register_candidate)."""
     with mlflow_run():
         log_config(registry=registry)
-        registration = xregistry.register_candidate(
+        registration = promotion.register_candidate(
             MlflowClient(),  # the stack's tracking server: its experiment tracker set the URI
             model,
             metrics=metrics,

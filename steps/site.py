@@ -12,11 +12,12 @@ from zenml import step
 from materializers import ValidatedDatasetMaterializer
 from steps.scratch import output_folder
 from steps.tracking import log_config, log_images, mlflow_run
-from xray import plots, sites
-from xray import registry as xregistry
 from xray.config import DataConfig, EvaluateConfig, RegistryConfig, S3Config
-from xray.dataset import ValidatedDataset
-from xray.evaluation import evaluate_site
+from xray.data import sites
+from xray.data.dataset import ValidatedDataset
+from xray.evaluation import plots
+from xray.evaluation.recipes import evaluate_site
+from xray.registry import store
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def evaluate_on_site(
 ) -> Tuple[Annotated[dict, "site_evaluation"], Annotated[Image.Image, "site_reliability"]]:
     """Metrics with CIs at the version's threshold (and re-fitted on a share of the site); MLflow run linked to the
     version; the version's tags and model card gain the site's row."""
-    predictor, _ = xregistry.load_predictor(registry.model_name, model_info["version"])
+    predictor, _ = store.load_predictor(registry.model_name, model_info["version"])
     result = evaluate_site(predictor, site_images, evaluate, recalibrate_fraction, seed)
     metrics = result["metrics"]
     figure = plots.calibration(
@@ -61,7 +62,7 @@ def evaluate_on_site(
         title=f"Reliability on site {site}",
     )
     client = MlflowClient()
-    model_id = xregistry.logged_model_id(client.get_model_version(registry.model_name, model_info["version"]))
+    model_id = store.logged_model_id(client.get_model_version(registry.model_name, model_info["version"]))
     with mlflow_run() as run:
         log_config(evaluate=evaluate)
         mlflow.set_tags(
@@ -85,10 +86,10 @@ def evaluate_on_site(
             json.dumps(summary | {"site_report": site_report}, indent=1, default=str), "evaluation/site_report.json"
         )
         log_images({"site_reliability": figure}, "evaluation")
-    xregistry.record_site_result(
+    store.record_site_result(
         client, registry.model_name, model_info["version"], site, metrics, run.info.run_id, result.get("recalibrated")
     )
-    xregistry.update_model_card(client, registry.model_name, model_info["version"])
+    store.update_model_card(client, registry.model_name, model_info["version"])
     logger.info(
         "v%s on site %s: AUC %.3f (%.3f-%.3f), sensitivity %.3f, specificity %.3f at threshold %.4f",
         model_info["version"],

@@ -27,7 +27,7 @@ def mlflow_run():
     if run is None:
         raise NoExperimentTracker(
             "this step logs to MLflow but no MLflow run is active: the active ZenML stack has no MLflow experiment "
-            "tracker (run through run.py, which selects a stack with one, or add one: README 'Team stack')"
+            "tracker (run through run.py, which selects a stack with one, or add one: docs/OPERATIONS.md 'Team stack')"
         )
     yield run
 

@@ -10,10 +10,12 @@ from zenml import step
 from materializers import KerasModelMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
-from xray import data as xdata
-from xray import plots, tracking, training
 from xray.config import ModelConfig, TrainConfig
-from xray.dataset import ValidatedDataset, fingerprint
+from xray.data import inputs
+from xray.data.dataset import ValidatedDataset, fingerprint
+from xray.evaluation import plots
+from xray.model import training
+from xray.registry import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -21,14 +23,12 @@ logger = logging.getLogger(__name__)
 @step(output_materializers={"model": KerasModelMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def train_model(
     dataset: ValidatedDataset,
-    spec: xdata.DatasetSpec,
+    spec: inputs.DatasetSpec,
     model: ModelConfig,
     train: TrainConfig,
 ) -> Tuple[Annotated[keras.Model, "model"], Annotated[dict, "history"], Annotated[Image.Image, "training_curves"]]:
     """Fit the classifier with tf.data pipelines built here, on whatever machine runs this step."""
-    splits = {name: xdata.select(dataset.manifest, name, spec) for name in ("train", "val")}
-    train_ds = xdata.make_dataset(dataset.paths(splits["train"]), xdata.labels_of(splits["train"]), spec, training=True)
-    val_ds = xdata.make_dataset(dataset.paths(splits["val"]), xdata.labels_of(splits["val"]), spec)
+    train_ds, val_ds = inputs.fit_datasets(dataset, spec)
     checkpoint_dir = None
     if train.backup_dir:
         key = training.checkpoint_key(model, train, spec, fingerprint(dataset.manifest))

@@ -11,10 +11,11 @@ from zenml import step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray import data as xdata
-from xray import tracking, training, tuning
 from xray.config import ModelConfig, PipelineConfig, TrainConfig, flatten
-from xray.dataset import ValidatedDataset
+from xray.data import inputs
+from xray.data.dataset import ValidatedDataset
+from xray.model import training, tuning
+from xray.registry import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +26,8 @@ def train_trial(
 ) -> Annotated[dict, "trial_result"]:
     """Train one trial for tuning.epochs and score it on val; its own MLflow run, a child of the search's run."""
     chosen = tuning.trial_config(config, overrides, trial=True)
-    spec = xdata.make_spec(
-        dataset.manifest,
-        chosen.model.image_size,
-        chosen.train.batch_size,
-        chosen.train.augmentation,
-        chosen.data.max_train_per_class,
-        chosen.data.max_eval_per_class,
-        chosen.seed,
-        chosen.train.class_weighting,
-    )
-    splits = {name: xdata.select(dataset.manifest, name, spec) for name in ("train", "val")}
-    train_ds = xdata.make_dataset(dataset.paths(splits["train"]), xdata.labels_of(splits["train"]), spec, training=True)
-    val_ds = xdata.make_dataset(dataset.paths(splits["val"]), xdata.labels_of(splits["val"]), spec)
+    spec = inputs.spec_from_config(dataset.manifest, chosen.data, chosen.model, chosen.train, chosen.seed)
+    train_ds, val_ds = inputs.fit_datasets(dataset, spec)
     logger.info("trial %d: %s", trial, overrides)
     with mlflow_run():
         child = mlflow.start_run(run_name=f"trial-{trial}", nested=True)

@@ -182,7 +182,7 @@ def full_dataset(tmp_path_factory):
     import pickle
 
     from xray.config import DataConfig
-    from xray.dataset import prepare_dataset
+    from xray.data.dataset import prepare_dataset
 
     shared = tmp_path_factory.getbasetemp()
     shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
@@ -224,7 +224,8 @@ def predictor():
     """A ChestXrayPredictor on 32 px with a tiny model and a reference profile fitted on radiograph-like images."""
     import keras
 
-    from xray import ood, serving
+    from xray.monitoring import ood
+    from xray.serving.predictor import ChestXrayPredictor
 
     rng = np.random.default_rng(0)
     features = [ood.features_of_array(radiograph_like(rng)) for _ in range(80)]
@@ -237,7 +238,7 @@ def predictor():
             keras.layers.Dense(1, activation="sigmoid"),
         ]
     )
-    return serving.ChestXrayPredictor(model, 0.5, 32, "7", profile)
+    return ChestXrayPredictor(model, 0.5, 32, "7", profile)
 
 
 def radiograph_like(rng: np.random.Generator, size: int = 96) -> np.ndarray:
@@ -262,7 +263,7 @@ def family():
 
 @pytest.fixture(scope="session")
 def profile(family):
-    from xray import ood
+    from xray.monitoring import ood
 
     features = [ood.features_of_array(image) for image in family]
     return ood.fit_profile(features[:160], features[160:220], np.linspace(0, 1, 60), 0.5, alpha=0.01)
@@ -355,7 +356,7 @@ def champion_probabilities(env: dict, paths) -> np.ndarray:
     import mlflow
     import tensorflow as tf
 
-    from xray.data import decode_and_resize
+    from xray.data.images import decode_and_resize
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     info = mlflow.models.get_model_info("models:/chest-xray-classifier@champion")

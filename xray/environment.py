@@ -8,6 +8,11 @@ Values already in the environment win.
 """
 
 import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The repository (or installed project) root: the one place paths beside the code are built from (the local MLflow
+store, ../shared, the cache key's source folders)."""
 
 DEFAULTS = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "ZENML_ANALYTICS_OPT_IN": "false"}
 

@@ -7,6 +7,7 @@ day-of-month and day-of-week must be ``?``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from xray.errors import ConfigError
@@ -69,3 +70,8 @@ def validate_aws_cron(expression: str) -> str:
     if (parts[2] == "?") == (parts[4] == "?"):
         raise CronError(f"invalid schedule '{expression}': exactly one of day-of-month and day-of-week must be '?'")
     return body
+
+
+def schedule_name(expression: str) -> str:
+    """The same name for the same cron expression in every process (``hash()`` of a str is salted per process)."""
+    return f"chest-xray-training-{hashlib.sha256(expression.strip().encode()).hexdigest()[:10]}"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import NEAR_OOD_ZIP, require
-from xray import drift, ood, shifts
+from xray.monitoring import drift, ood, shifts
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import MINI_ZIP, require
 from xray import CLASS_NAMES
-from xray import data as xdata
 from xray.config import Augmentation, DataConfig
-from xray.dataset import prepare_dataset
+from xray.data import inputs
+from xray.data.dataset import prepare_dataset
 
 
 def _check_invariants(dataset, report):
@@ -83,12 +83,12 @@ def test_full_archive_counts(full_dataset):
 
 def test_input_pipeline_on_real_images(tmp_path):
     dataset, _ = prepare_dataset(require(MINI_ZIP), tmp_path / "d", DataConfig(), seed=1)
-    spec = xdata.make_spec(dataset.manifest, 64, 8, Augmentation(zoom=0.2), 4, None, 1)
-    rows = xdata.select(dataset.manifest, "train", spec)
+    spec = inputs.make_spec(dataset.manifest, 64, 8, Augmentation(zoom=0.2), 4, None, 1)
+    rows = inputs.select(dataset.manifest, "train", spec)
     assert len(rows) == 8 and spec.counts["train"] == {"NORMAL": 4, "PNEUMONIA": 4}
-    images, labels = next(iter(xdata.make_dataset(dataset.paths(rows), xdata.labels_of(rows), spec, training=True)))
+    images, labels = next(iter(inputs.make_dataset(dataset.paths(rows), inputs.labels_of(rows), spec, training=True)))
     assert images.shape == (8, 64, 64, 3) and images.dtype.name == "float32"
     assert 0 <= float(np.min(images)) and float(np.max(images)) <= 255
-    plain = next(iter(xdata.make_dataset(dataset.paths(rows), None, spec)))[0]
-    again = next(iter(xdata.make_dataset(dataset.paths(rows), None, spec)))[0]
+    plain = next(iter(inputs.make_dataset(dataset.paths(rows), None, spec)))[0]
+    again = next(iter(inputs.make_dataset(dataset.paths(rows), None, spec)))[0]
     np.testing.assert_array_equal(plain, again)  # evaluation input is deterministic

@@ -17,8 +17,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from steps import __all__ as training_steps
-
 from conftest import (
     LOCAL_SOURCE,
     MINI_ZIP,
@@ -31,6 +29,7 @@ from conftest import (
     run_command,
     s3_client,
 )
+from steps import __all__ as training_steps
 
 pytestmark = pytest.mark.slow
 STEPS = list(training_steps)  # the training pipeline's steps, in order

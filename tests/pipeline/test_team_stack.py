@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from conftest import MINI_ZIP, ROOT, champion_probabilities, free_port, run_command
-from xray import inference
+from xray.serving import batch
 
 pytestmark = pytest.mark.slow
 MODEL = "chest-xray-classifier"
@@ -274,7 +274,7 @@ def test_batch_inference_on_a_folder(team, trained):
         "2",
     )
     table = pd.read_csv(home / "out" / "preds.csv", keep_default_na=False, na_values=[""])
-    assert list(table.columns) == inference.PREDICTION_COLUMNS
+    assert list(table.columns) == batch.PREDICTION_COLUMNS
     assert len(table) == 21 and summary["unreadable"] == 1 and summary["rows_written"] == 21
     assert table["sha256"].notna().all() and summary["output"] == str(home / "out" / "preds.csv")
     bad = table[table["status"] == "unreadable"]
@@ -473,7 +473,7 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
     assert float(version.tags["site.hospital-b.auc"]) == pytest.approx(summary["metrics"]["auc"], abs=1e-5)
     assert version.tags["site.hospital-b.run_id"] == summary["mlflow_run_id"]
     # The run's metrics are linked to the version's logged model.
-    from xray.registry import logged_model_id
+    from xray.registry.store import logged_model_id
 
     linked = client.get_logged_model(logged_model_id(version)).metrics or []
     assert any(m.key == "site_auc" and m.run_id == summary["mlflow_run_id"] for m in linked)

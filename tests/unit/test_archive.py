@@ -4,9 +4,9 @@ import zipfile
 import pytest
 
 from conftest import dataset_entries, jpeg_bytes
-from xray.archive import extract, find_split_root, is_junk
 from xray.config import ArchiveLimits
 from xray.errors import ArchiveError
+from xray.storage.archive import extract, find_split_root, is_junk
 
 LIMITS = ArchiveLimits()
 
@@ -150,7 +150,7 @@ def test_two_entries_with_one_path_are_refused_as_ambiguous(tmp_path):
     with pytest.raises(ArchiveError, match=f"ambiguous archive: more than one entry named '{first}'"):
         extract(path, tmp_path / "out", LIMITS)
     assert not (tmp_path / "out").exists()
-    from xray.archive import extract_labelled
+    from xray.storage.archive import extract_labelled
 
     with pytest.raises(ArchiveError, match="ambiguous archive"):
         extract_labelled(path, tmp_path / "site", LIMITS)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from xray import gradcam
 from xray.config import ModelConfig
-from xray.model import BACKBONES, build_model, set_backbone_trainable
+from xray.model import gradcam
+from xray.model.network import BACKBONES, build_model, set_backbone_trainable
 
 SIZE = 64
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from xray import calibration as xcal
 from xray.config import EvaluateConfig
-from xray.evaluation import calibrate_and_evaluate, grouped_split, recalibrated_site_metrics, site_metrics
+from xray.evaluation.calibration import Calibration, expected_calibration_error, fit_calibration, sigmoid
+from xray.evaluation.recipes import calibrate_and_evaluate, grouped_split, recalibrated_site_metrics, site_metrics
 
 
 def _scores(n: int, seed: int, scale: float = 4.0, shift: float = 1.5):
@@ -21,9 +21,9 @@ def _scores(n: int, seed: int, scale: float = 4.0, shift: float = 1.5):
 def test_calibration_fitted_on_one_set_lowers_ece_on_another(method, shift):
     y_val, z_val = _scores(3000, seed=0, shift=shift)
     y_test, z_test = _scores(3000, seed=1, shift=shift)
-    calibration = xcal.fit(y_val, z_val, method)
-    before = xcal.expected_calibration_error(y_test, xcal.sigmoid(z_test))
-    after = xcal.expected_calibration_error(y_test, calibration.probability(z_test))
+    calibration = fit_calibration(y_val, z_val, method)
+    before = expected_calibration_error(y_test, sigmoid(z_test))
+    after = expected_calibration_error(y_test, calibration.probability(z_test))
     assert before > 0.05 and after < before / 2
     # A monotone map: the ranking, hence AUC, is unchanged.
     assert np.array_equal(np.argsort(z_test, kind="stable"), np.argsort(calibration.probability(z_test), kind="stable"))
@@ -31,30 +31,30 @@ def test_calibration_fitted_on_one_set_lowers_ece_on_another(method, shift):
 
 def test_platt_recovers_the_true_map_and_temperature_has_no_bias():
     y, z = _scores(20000, seed=2, scale=4.0, shift=1.5)
-    platt = xcal.fit(y, z, "platt")
+    platt = fit_calibration(y, z, "platt")
     # True log-odds 2 * (z - 1.5) / 4 = z / 2 - 0.75.
     assert platt.temperature == pytest.approx(2.0, rel=0.05) and platt.bias == pytest.approx(-0.75, abs=0.05)
-    assert xcal.fit(y, z, "temperature").bias == 0.0
-    assert xcal.fit(y, z, "none") == xcal.Calibration("none")
+    assert fit_calibration(y, z, "temperature").bias == 0.0
+    assert fit_calibration(y, z, "none") == Calibration("none")
 
 
 def test_calibration_refuses_what_it_cannot_fit():
     with pytest.raises(ValueError, match="both classes"):
-        xcal.fit(np.ones(10), np.linspace(-1, 1, 10))
+        fit_calibration(np.ones(10), np.linspace(-1, 1, 10))
     with pytest.raises(ValueError, match="does not rank"):
-        xcal.fit(np.array([1, 1, 0, 0] * 20), np.tile([-2.0, -1.0, 1.0, 2.0], 20))
+        fit_calibration(np.array([1, 1, 0, 0] * 20), np.tile([-2.0, -1.0, 1.0, 2.0], 20))
     with pytest.raises(ValueError, match="unknown calibration"):
-        xcal.fit(np.array([0, 1]), np.array([0.0, 1.0]), "isotonic")
+        fit_calibration(np.array([0, 1]), np.array([0.0, 1.0]), "isotonic")
 
 
 def test_ece_by_hand():
     y = np.array([0, 1, 1, 1])
     p = np.array([0.1, 0.9, 0.9, 0.5])
     # bins: 0.1 -> |0 - 0.1|; 0.9 x2 -> |2 - 1.8|; 0.5 -> |1 - 0.5|: (0.1 + 0.2 + 0.5) / 4
-    assert xcal.expected_calibration_error(y, p) == pytest.approx(0.2)
-    assert xcal.expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0
+    assert expected_calibration_error(y, p) == pytest.approx(0.2)
+    assert expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0
     with pytest.raises(ValueError, match="probabilities"):
-        xcal.expected_calibration_error(y, p + 1)
+        expected_calibration_error(y, p + 1)
 
 
 def test_threshold_is_chosen_on_calibrated_val_and_test_reports_before_and_after():
@@ -75,15 +75,15 @@ def test_calibrated_keras_model_outputs_the_fitted_map_and_survives_save_and_loa
     import keras
 
     from xray.config import ModelConfig
-    from xray.model import build_model, calibrated_model, logit_model
+    from xray.model.network import build_model, calibrated_model, logit_model
 
     model, _ = build_model(
         ModelConfig(backbone="mobilenetv3large", image_size=32, dense_units=4, input_normalization="per_image"), None
     )
     images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
     z = logit_model(model).predict(images, verbose=0).ravel()
-    assert np.allclose(xcal.sigmoid(z), model.predict(images, verbose=0).ravel(), atol=1e-6)
-    calibration = xcal.Calibration("platt", temperature=2.5, bias=-0.4)
+    assert np.allclose(sigmoid(z), model.predict(images, verbose=0).ravel(), atol=1e-6)
+    calibration = Calibration("platt", temperature=2.5, bias=-0.4)
     calibrated = calibrated_model(model, calibration.temperature, calibration.bias)
     calibrated.save(tmp_path / "model.keras")
     reloaded = keras.models.load_model(tmp_path / "model.keras")  # built-in layers only: no custom objects
@@ -94,7 +94,7 @@ def test_calibrated_keras_model_outputs_the_fitted_map_and_survives_save_and_loa
 
 def test_site_metrics_carry_a_ci_for_each_number():
     y, z = _scores(400, seed=5)
-    metrics = site_metrics(y, xcal.sigmoid(z / 4), 0.5, 200, seed=0)
+    metrics = site_metrics(y, sigmoid(z / 4), 0.5, 200, seed=0)
     for name in ("auc", "accuracy", "sensitivity", "specificity", "ece"):
         assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
     assert metrics["images"] == 400
@@ -125,7 +125,7 @@ def test_recalibration_on_the_site_share_lowers_its_ece_on_the_rest():
     recalibrated = recalibrated_site_metrics(y, z, groups, 0.3, evaluate, seed=0)
     assert recalibrated["calibration_images"] + recalibrated["measured_images"] == 1200
     mask = grouped_split(groups, 0.3, 0, y)
-    as_is = xcal.expected_calibration_error(y[~mask], xcal.sigmoid(z[~mask]))
+    as_is = expected_calibration_error(y[~mask], sigmoid(z[~mask]))
     assert recalibrated["metrics"]["ece"] < as_is / 2
 
 

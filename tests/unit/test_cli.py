@@ -15,10 +15,11 @@ SMOKE = ROOT / "configs" / "training_smoke.yaml"
 @pytest.fixture
 def launched(monkeypatch):
     import run
+    from pipelines import launch
 
     calls = []
-    monkeypatch.setattr(run, "run_training", lambda config, *args: calls.append(config) or {"seed": config.seed})
-    monkeypatch.setattr(run, "on_stack", lambda config, name: config)  # no ZenML store is touched here
+    monkeypatch.setattr(launch, "run_training", lambda config, *args: calls.append(config) or {"seed": config.seed})
+    monkeypatch.setattr(launch, "on_stack", lambda config, name: config)  # no ZenML store is touched here
     monkeypatch.setattr(run, "import_tensorflow_quietly", lambda: None)
     return run, calls
 
@@ -85,3 +86,27 @@ def test_the_tensorflow_banner_is_dropped_and_other_import_output_kept(capfd, mo
     run.import_tensorflow_quietly()
     err = capfd.readouterr().err
     assert "a real warning from the import" in err and "oneDNN" not in err and "absl" not in err
+
+
+@pytest.mark.slow
+def test_the_documented_command_runs_from_a_python_without_the_projects_packages(tmp_path):
+    """`python run.py ...` as the README prints it, from an interpreter outside the project's .venv (the Python the
+    venv was made from, which has no TensorFlow or ZenML): the command re-runs itself in the .venv."""
+    import subprocess
+    import sys
+
+    from conftest import isolated_env
+
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    probe = subprocess.run([str(base), "-c", "import zenml"], capture_output=True, timeout=60)
+    assert probe.returncode != 0, f"{base} has zenml: pick an interpreter without the project's packages"
+    result = subprocess.run(
+        [str(base), str(ROOT / "run.py"), "--list-schedules"],
+        cwd=tmp_path,
+        env=isolated_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "zenml pipeline schedule delete" in result.stdout

@@ -2,19 +2,20 @@ import numpy as np
 import pytest
 
 from conftest import jpeg_bytes
-from xray import data as xdata
+from xray.data import inputs
+from xray.data.images import decode_and_resize
 
 
 def test_class_weights_balance_the_loss():
     labels = np.array([0] * 25 + [1] * 75, dtype=np.float32)
-    weights = xdata.class_weights(labels)
+    weights = inputs.class_weights(labels)
     assert weights[0] * 25 == pytest.approx(weights[1] * 75)
     assert weights[0] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("mode, fmt", [("L", "JPEG"), ("RGB", "JPEG"), ("RGBA", "PNG"), ("RGB", "PNG")])
 def test_decode_and_resize_gives_three_channels(mode, fmt):
-    image = xdata.decode_and_resize(jpeg_bytes(5, size=40, mode=mode, fmt=fmt), 24)
+    image = decode_and_resize(jpeg_bytes(5, size=40, mode=mode, fmt=fmt), 24)
     assert tuple(image.shape) == (24, 24, 3) and image.dtype.name == "uint8"
     if mode == "L":
         pixels = image.numpy()
@@ -30,7 +31,7 @@ def test_augment_keeps_shape_and_range():
     from xray.config import Augmentation
 
     images = _batch()
-    out = xdata.augment(
+    out = inputs.augment(
         images, Augmentation(horizontal_flip=True, zoom=0.2, rotation=0.05, contrast=0.2, brightness=0.1), 0
     )
     assert tuple(out.shape) == images.shape
@@ -42,7 +43,7 @@ def test_flip_only_mirrors_or_keeps_each_image():
     from xray.config import Augmentation
 
     images = _batch(16)
-    out = xdata.augment(images, Augmentation(horizontal_flip=True, zoom=0.0), 1).numpy()
+    out = inputs.augment(images, Augmentation(horizontal_flip=True, zoom=0.0), 1).numpy()
     for original, result in zip(images, out):
         assert np.array_equal(result, original) or np.array_equal(result, original[:, ::-1])
     assert any(not np.array_equal(r, o) for r, o in zip(out, images))
@@ -53,7 +54,7 @@ def test_zoom_without_change_is_identity():
 
     images = _batch()
     assert not Augmentation(horizontal_flip=False, zoom=0.0).enabled
-    out = xdata._flip_zoom_rotate(images, 8, [32, 32], Augmentation(horizontal_flip=False, zoom=1e-9), 0)
+    out = inputs._flip_zoom_rotate(images, 8, [32, 32], Augmentation(horizontal_flip=False, zoom=1e-9), 0)
     np.testing.assert_allclose(out, images, atol=1e-2)
 
 
@@ -65,7 +66,7 @@ def test_translation_shifts_each_image_within_its_range():
     images[:, 20, 20, :] = 255.0
     config = Augmentation(horizontal_flip=False, zoom=0.0, translation=0.2, interpolation="nearest")
     assert config.enabled
-    out = xdata.augment(images, config, 3).numpy()
+    out = inputs.augment(images, config, 3).numpy()
     shifts = []
     for image in out:
         rows, cols = np.nonzero(image[..., 0])
@@ -85,7 +86,7 @@ def test_stretch_changes_the_aspect_ratio_both_ways_within_its_range():
     images[:, 21:42, 21:42, :] = 255.0
     config = Augmentation(horizontal_flip=False, zoom=0.0, stretch=stretch, interpolation="nearest")
     assert config.enabled
-    out = xdata.augment(images, config, 5).numpy()
+    out = inputs.augment(images, config, 5).numpy()
     ratios = []
     for image in out:
         rows, cols = np.nonzero(image[..., 0])
@@ -101,7 +102,7 @@ def test_mixup_blends_images_labels_and_class_weights_alike():
     labels = np.array([0, 1] * 16, dtype="float32")
     # Each image's pixels equal 255 x its label, so a consistent blend keeps image / 255 == label.
     images = np.broadcast_to(255.0 * labels[:, None, None, None], (32, 8, 8, 3)).astype("float32")
-    mixed, soft, weights = (t.numpy() for t in xdata.mixup(images, labels, 0.4, {0: 2.0, 1: 0.5}, 0))
+    mixed, soft, weights = (t.numpy() for t in inputs.mixup(images, labels, 0.4, {0: 2.0, 1: 0.5}, 0))
     np.testing.assert_allclose(mixed[:, 0, 0, 0] / 255.0, soft, atol=1e-5)
     np.testing.assert_allclose(mixed, mixed[:, :1, :1, :1] * np.ones_like(mixed), atol=1e-3)
     np.testing.assert_allclose(weights, 2.0 + (0.5 - 2.0) * soft, atol=1e-5)
@@ -111,15 +112,15 @@ def test_mixup_blends_images_labels_and_class_weights_alike():
 def test_mixup_batches_carry_the_class_weights_and_train(tmp_path, monkeypatch):
 
     from conftest import jpeg_bytes, one_layer_model
-    from xray import training
     from xray.config import Augmentation, ModelConfig, TrainConfig
+    from xray.model import training
 
     paths = []
     for i in range(8):
         paths.append(str(tmp_path / f"{i}.jpeg"))
         (tmp_path / f"{i}.jpeg").write_bytes(jpeg_bytes(i))
     labels = np.array([0, 1] * 4, dtype="float32")
-    spec = xdata.DatasetSpec(
+    spec = inputs.DatasetSpec(
         image_size=32,
         batch_size=4,
         augmentation=Augmentation(mixup=0.4),
@@ -129,11 +130,11 @@ def test_mixup_batches_carry_the_class_weights_and_train(tmp_path, monkeypatch):
         seed=0,
         counts={"train": {"NORMAL": 4, "PNEUMONIA": 4}},
     )
-    train = xdata.make_dataset(paths, labels, spec, training=True)
-    val = xdata.make_dataset(paths, labels, spec)
+    train = inputs.make_dataset(paths, labels, spec, training=True)
+    val = inputs.make_dataset(paths, labels, spec)
     assert len(next(iter(train))) == 3 and len(next(iter(val))) == 2
-    assert xdata.fit_class_weight(spec) is None
-    assert xdata.fit_class_weight(spec.model_copy(update={"augmentation": Augmentation()})) == {0: 2.0, 1: 0.5}
+    assert inputs.fit_class_weight(spec) is None
+    assert inputs.fit_class_weight(spec.model_copy(update={"augmentation": Augmentation()})) == {0: 2.0, 1: 0.5}
 
     monkeypatch.setattr(training, "build_model", one_layer_model)  # the batches and fit are under test
     _, history, _ = training.fit(

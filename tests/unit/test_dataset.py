@@ -4,7 +4,7 @@ import pytest
 
 from conftest import dataset_entries, jpeg_bytes
 from xray.config import DataConfig
-from xray.dataset import prepare_dataset
+from xray.data.dataset import prepare_dataset
 from xray.errors import DataQualityError
 
 

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from xray import drift, ood
 from xray.errors import DataQualityError
+from xray.monitoring import drift, ood
+from xray.monitoring.report import figures, render_html
 
 
 def batch_of(profile, arrays, probability=0.3):
@@ -108,9 +109,9 @@ def test_figures_and_html_report(profile, family, tmp_path):
     worst = predictions["ood_score"].to_numpy().argsort()[::-1][:4]
     examples = {predictions["path"][i]: Image.fromarray(arrays[i]).convert("RGB") for i in worst}
     report = drift.compare(profile, predictions, features, permutations=100)
-    figures = drift.figures(profile, predictions, features, examples)
-    assert set(figures) == {"ood_scores", "probabilities", "acquisition", "content_map", "most_out_of_distribution"}
-    assert all(image.width > 300 for image in figures.values())
-    page = drift.render_html(report | {"model_uri": "models:/m/1", "source": "batch"}, figures)
+    pictures = figures(profile, predictions, features, examples)
+    assert set(pictures) == {"ood_scores", "probabilities", "acquisition", "content_map", "most_out_of_distribution"}
+    assert all(image.width > 300 for image in pictures.values())
+    page = render_html(report | {"model_uri": "models:/m/1", "source": "batch"}, pictures)
     verdict = "DRIFT DETECTED" if report["drift_detected"] else "no drift detected"
     assert verdict in page and page.count("data:image/png;base64,") == 5 and "models:/m/1" in page

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray import gradcam
 from xray.config import ModelConfig
-from xray.model import build_model
+from xray.model import gradcam
+from xray.model.network import build_model
 
 
 @pytest.fixture(scope="module")

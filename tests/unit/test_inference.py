@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 
 from conftest import jpeg_bytes, png, radiograph_like, write_zip
-from xray import inference, s3
 from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError
+from xray.serving.batch import PREDICTION_COLUMNS, PredictionWriter, predict_source, predict_stream
+from xray.storage import listing, s3
 
 
 def names(source: str, **kwargs) -> list[str]:
-    return [ref.name for ref in inference.list_images(source, **kwargs)]
+    return [ref.name for ref in listing.list_images(source, **kwargs)]
 
 
 def test_an_empty_folder_a_broken_zip_and_a_missing_path_are_errors(tmp_path):
@@ -37,7 +38,7 @@ def test_a_zip_of_images_is_read_in_name_order(tmp_path):
             "__MACOSX/x/._a.png": b"junk",
         },
     )
-    refs = list(inference.list_images(str(archive)))
+    refs = list(listing.list_images(str(archive)))
     assert [ref.name for ref in refs] == [f"{archive}!x/a.png", f"{archive}!x/b.jpeg"]
     assert refs[1].read() == jpeg_bytes(1)
 
@@ -55,7 +56,7 @@ def test_a_zip_of_images_is_read_in_name_order(tmp_path):
 def test_zip_input_is_held_to_the_training_archive_limits(tmp_path, entries, limits, message):
     archive = write_zip(tmp_path / "batch.zip", entries)
     with pytest.raises(ArchiveError, match=message):
-        for ref in inference.list_images(str(archive), limits=limits):
+        for ref in listing.list_images(str(archive), limits=limits):
             ref.read()
 
 
@@ -75,7 +76,7 @@ class Counted:
 
     def __iter__(self):
         for ref in self.refs:
-            yield inference.ImageRef(ref.name, self._counting(ref.read))
+            yield listing.ImageRef(ref.name, self._counting(ref.read))
 
     def _counting(self, read):
         def wrapped():
@@ -88,20 +89,20 @@ class Counted:
 
 def test_a_stream_longer_than_its_window_keeps_input_order_and_bounded_read_ahead(predictor, tmp_path):
     folder = images_folder(tmp_path / "in", 23)
-    refs = Counted(inference.list_images(str(folder)))
+    refs = Counted(listing.list_images(str(folder)))
     ahead = []
 
-    class Watched(inference.PredictionWriter):
+    class Watched(PredictionWriter):
         def write(self, table):
             ahead.append(refs.read - (self.rows + len(table)))
             super().write(table)
 
     window, batch = 4, 3
     with Watched(str(tmp_path / "out.csv")) as writer:
-        result = inference.predict_stream(predictor, refs, writer, batch_size=batch, workers=2, window=window)
+        result = predict_stream(predictor, refs, writer, batch_size=batch, workers=2, window=window)
     table = pd.read_csv(tmp_path / "out.csv")
     assert table["path"].tolist() == [str(folder / f"{i:03d}.png") for i in range(23)]
-    assert list(table.columns) == inference.PREDICTION_COLUMNS
+    assert list(table.columns) == PREDICTION_COLUMNS
     assert result.images == 23 and result.unreadable == 1 and writer.rows == 23
     assert table["status"][3] == "unreadable" and np.isnan(table["probability"][3]) and table["reason"][3]
     assert len(ahead) > 5 and max(ahead) <= window + 1, ahead
@@ -116,12 +117,12 @@ def test_resume_predicts_only_images_not_yet_in_the_output(predictor, tmp_path, 
     folder = images_folder(tmp_path / "in", 10)
     output = str(tmp_path / f"predictions{suffix}")
     settings = InferenceConfig(batch_size=4, fetch_workers=2, window=8)
-    with inference.PredictionWriter(output) as writer:
-        inference.predict_source(predictor, str(folder), settings, writer)
+    with PredictionWriter(output) as writer:
+        predict_source(predictor, str(folder), settings, writer)
     first = pd.read_csv(output) if suffix == ".csv" else pd.read_parquet(output)
     images_folder(folder, 15)  # five more images; the first ten are the same bytes
-    with inference.PredictionWriter(output, resume=True) as writer:
-        result = inference.predict_source(predictor, str(folder), settings, writer)
+    with PredictionWriter(output, resume=True) as writer:
+        result = predict_source(predictor, str(folder), settings, writer)
     assert result.images == 15 and result.skipped == 10 and writer.rows == 5
     table = pd.read_csv(output) if suffix == ".csv" else pd.read_parquet(output)
     assert len(table) == 15 and table["sha256"].is_unique
@@ -137,12 +138,12 @@ def test_an_s3_prefix_streams_to_an_s3_output_and_resumes_there(predictor, tmp_p
         for i in range(7):
             client.put_object(Bucket="batch", Key=f"site/day1/{i}.png", Body=png(radiograph_like(rng, 40)))
         client.put_object(Bucket="batch", Key="site/day1/readme.txt", Body=b"not an image")
-        refs = list(inference.list_images("s3://batch/site/"))
+        refs = list(listing.list_images("s3://batch/site/"))
         assert [ref.name for ref in refs] == [f"s3://batch/site/day1/{i}.png" for i in range(7)]
-        with inference.PredictionWriter("s3://batch/out/predictions.parquet") as writer:
-            inference.predict_stream(predictor, refs, writer)
-        with inference.PredictionWriter("s3://batch/out/predictions.parquet", resume=True) as writer:
-            again = inference.predict_stream(predictor, inference.list_images("s3://batch/site/"), writer)
+        with PredictionWriter("s3://batch/out/predictions.parquet") as writer:
+            predict_stream(predictor, refs, writer)
+        with PredictionWriter("s3://batch/out/predictions.parquet", resume=True) as writer:
+            again = predict_stream(predictor, listing.list_images("s3://batch/site/"), writer)
         assert again.skipped == 7 and writer.rows == 0
         client.download_file("batch", "out/predictions.parquet", str(tmp_path / "p.parquet"))
         assert len(pd.read_parquet(tmp_path / "p.parquet")) == 7
@@ -154,14 +155,14 @@ def test_an_s3_prefix_streams_to_an_s3_output_and_resumes_there(predictor, tmp_p
 
 def test_an_output_that_is_neither_csv_nor_parquet_is_refused(tmp_path):
     with pytest.raises(DatasetSourceError, match=".csv or .parquet"):
-        inference.PredictionWriter(str(tmp_path / "predictions.json"))
+        PredictionWriter(str(tmp_path / "predictions.json"))
 
 
 def test_monitoring_keeps_the_table_features_and_the_most_unusual_images(predictor, tmp_path):
     folder = images_folder(tmp_path / "in", 12, unreadable=())
     inverted = 255 - radiograph_like(np.random.default_rng(9), 40)
     (folder / "999.png").write_bytes(png(inverted))
-    result = inference.predict_source(predictor, str(folder), InferenceConfig(), keep=True, examples=3)
+    result = predict_source(predictor, str(folder), InferenceConfig(), keep=True, examples=3)
     assert len(result.table) == 13 and len(result.features) == 13
     scores = [score for score, _, _ in result.examples]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)

@@ -6,7 +6,15 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_bytes
-from xray import manifest as mf
+from xray.data.images import check_image
+from xray.data.manifest import (
+    COLUMNS,
+    carve_val,
+    check_bad_fraction,
+    needs_val_split,
+    patient_id,
+    remove_cross_split_duplicates,
+)
 from xray.errors import DataQualityError
 
 
@@ -21,16 +29,16 @@ from xray.errors import DataQualityError
     ],
 )
 def test_patient_id(name, expected):
-    assert mf.patient_id(name) == expected
+    assert patient_id(name) == expected
 
 
 def test_check_image_decodes_by_content():
     png_named_jpeg = jpeg_bytes(1, fmt="PNG")
-    assert mf.check_image(png_named_jpeg).ok and mf.check_image(png_named_jpeg).format == "PNG"
-    assert not mf.check_image(b"").ok
-    assert not mf.check_image(b"garbage bytes that are no image").ok
+    assert check_image(png_named_jpeg).ok and check_image(png_named_jpeg).format == "PNG"
+    assert not check_image(b"").ok
+    assert not check_image(b"garbage bytes that are no image").ok
     truncated = jpeg_bytes(2, size=64)[:300]
-    assert not mf.check_image(truncated).ok
+    assert not check_image(truncated).ok
 
 
 @pytest.mark.parametrize(
@@ -44,7 +52,7 @@ def test_check_image_decodes_by_content():
     ],
 )
 def test_every_mode_reaches_three_channels(mode, fmt, converted):
-    check = mf.check_image(jpeg_bytes(3, mode=mode, fmt=fmt))
+    check = check_image(jpeg_bytes(3, mode=mode, fmt=fmt))
     assert check.ok
     assert (check.converted is not None) == converted
     if converted:
@@ -68,7 +76,7 @@ def _rows(spec):
                 "source_split": split,
             }
         )
-    return pd.DataFrame(rows, columns=mf.COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def test_cross_split_duplicates_leave_train_not_test():
@@ -82,7 +90,7 @@ def test_cross_split_duplicates_leave_train_not_test():
             ("test", "PNEUMONIA", "f", "h3"),
         ]
     )
-    kept, removed, within, across = mf.remove_cross_split_duplicates(manifest)
+    kept, removed, within, across = remove_cross_split_duplicates(manifest)
     assert {(r["split"], r["sha256"]) for r in removed} == {("train", "h1"), ("val", "h3")}
     assert within == 1 and across == 2
     assert set(kept.loc[kept["sha256"] == "h1", "split"]) == {"test"}
@@ -96,25 +104,25 @@ def test_carved_val_is_grouped_by_patient_and_stratified():
             for _ in range(rng.integers(1, 5)):
                 spec.append(("train", label, f"{label}:{patient}", f"{label}{patient}{len(spec)}"))
     spec += [("val", "NORMAL", "NORMAL:999", "v1"), ("test", "PNEUMONIA", "PNEUMONIA:3", "t1")]
-    manifest = mf.carve_val(_rows(spec), 0.2, seed=1)
+    manifest = carve_val(_rows(spec), 0.2, seed=1)
     train, val = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "val"]
     assert not set(train["patient_id"]) & set(val["patient_id"])
     for label in ("NORMAL", "PNEUMONIA"):
         share = (val["label"] == label).sum() / (manifest[manifest["split"] != "test"]["label"] == label).sum()
         assert 0.15 <= share <= 0.3
     assert (manifest["split"] == "test").sum() == 1  # test untouched even when its patient is in train
-    again = mf.carve_val(_rows(spec), 0.2, seed=1)
+    again = carve_val(_rows(spec), 0.2, seed=1)
     assert again.equals(manifest)
 
 
 def test_needs_val_split():
     small = _rows([("val", "NORMAL", "a", "1"), ("val", "PNEUMONIA", "b", "2")])
-    assert mf.needs_val_split(small, 1) is False
-    assert mf.needs_val_split(small, 2) is True
+    assert needs_val_split(small, 1) is False
+    assert needs_val_split(small, 2) is True
 
 
 def test_bad_fraction_gate():
     bad = [{"path": "x.jpeg", "reason": "cannot decode"}]
-    mf.check_bad_fraction(100, bad, 0.01)
+    check_bad_fraction(100, bad, 0.01)
     with pytest.raises(DataQualityError, match="max_bad_fraction"):
-        mf.check_bad_fraction(99, bad * 2, 0.01)
+        check_bad_fraction(99, bad * 2, 0.01)

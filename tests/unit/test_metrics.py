@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from xray import metrics
+from xray.evaluation import metrics
 
 
 def test_min_sensitivity_threshold_is_the_most_specific_that_keeps_sensitivity():

@@ -1,6 +1,6 @@
 """The model card states only what was checked for the run."""
 
-from xray.model_card import _calibration, _val_overlap, _val_vs_test
+from xray.registry.card import _calibration, _val_overlap, _val_vs_test
 
 
 def test_train_val_patient_overlap_is_stated_as_counted():

@@ -8,7 +8,7 @@ from PIL import Image
 from scipy.stats import norm
 
 from conftest import radiograph_like
-from xray import ood, shifts
+from xray.monitoring import ood, shifts
 
 
 def test_features_of_a_grey_and_a_colour_image():

@@ -1,4 +1,4 @@
-"""xray.registry.register_candidate, the training pipeline's registration flow, on a tiny model and a SQLite MLflow:
+"""xray.registry.promotion.register_candidate, the training pipeline's registration flow, on a tiny model and a SQLite MLflow:
 the first version is promoted, a challenger is gated on paired scores against the champion, a version the gate
 rejects is registered but never takes the alias."""
 
@@ -8,11 +8,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import dataset_entries, jpeg_bytes, write_zip
-from xray import data as xdata
-from xray import registry
 from xray.config import Augmentation, DataConfig, EvaluateConfig, RegistryConfig, S3Config
-from xray.dataset import prepare_dataset
-from xray.evaluation import calibrate_and_evaluate
+from xray.data import inputs
+from xray.data.dataset import prepare_dataset
+from xray.evaluation.recipes import calibrate_and_evaluate
+from xray.registry import promotion
+from xray.registry.store import load_predictor, load_reference_profile, update_model_card
 
 MODEL = "registration-test"
 
@@ -25,17 +26,17 @@ def candidate(tmp_path_factory, profile):
     folder = tmp_path_factory.mktemp("registration")
     archive = write_zip(folder / "a.zip", dataset_entries(per_class=10))
     dataset, report = prepare_dataset(archive, folder / "d", DataConfig(min_val_per_class=2, val_fraction=0.25), seed=0)
-    spec = xdata.make_spec(dataset.manifest, 32, 8, Augmentation(), None, None, 0, "balanced")
+    spec = inputs.make_spec(dataset.manifest, 32, 8, Augmentation(), None, None, 0, "balanced")
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")]
     )
-    from xray.inference import predict_paths
+    from xray.model.network import predict_paths
 
     scores = {}
     for split in ("val", "test"):
-        rows = xdata.select(dataset.manifest, split, spec)
-        scores[split] = (xdata.labels_of(rows), predict_paths(model, dataset.paths(rows), spec))
+        rows = inputs.select(dataset.manifest, split, spec)
+        scores[split] = (inputs.labels_of(rows), predict_paths(model, dataset.paths(rows), spec))
     evaluate = EvaluateConfig(bootstrap_samples=100, calibration="none", threshold_policy="fixed", fixed_threshold=0.02)
     logit = lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # noqa: E731
     metrics = calibrate_and_evaluate(
@@ -89,7 +90,7 @@ def arguments(candidate, **changes) -> dict:
 
 def register(client, candidate, **changes):
     with mlflow.start_run():
-        return registry.register_candidate(client, candidate["model"], **arguments(candidate, **changes))
+        return promotion.register_candidate(client, candidate["model"], **arguments(candidate, **changes))
 
 
 def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tags(store, candidate):
@@ -132,7 +133,7 @@ def test_a_rejected_version_is_registered_but_the_champion_stays(store, candidat
 
 def test_registration_needs_an_active_run(store, candidate):
     with pytest.raises(RuntimeError, match="active MLflow run"):
-        registry.register_candidate(store, candidate["model"], **arguments(candidate))
+        promotion.register_candidate(store, candidate["model"], **arguments(candidate))
     assert not store.search_registered_models(f"name = '{MODEL}'")
 
 
@@ -149,9 +150,9 @@ def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, can
     register(store, candidate)
     result = register(store, candidate, registry=RegistryConfig(model_name=MODEL, gate_sites=[str(site)]))
     assert result["gate"]["site:site"]["images"] == 6
-    predictor, info = registry.load_predictor(MODEL, "champion")
-    profile, _ = registry.load_reference_profile(MODEL, "champion")
-    registry.update_model_card(store, MODEL, info["version"])
+    predictor, info = load_predictor(MODEL, "champion")
+    profile, _ = load_reference_profile(MODEL, "champion")
+    update_model_card(store, MODEL, info["version"])
     # TensorFlow's autograph writes the sources it generates there too, and removes them when the interpreter exits.
     left = sorted(p.name for p in scratch_tempdir.iterdir() if not p.name.startswith("__autograph_generated_file"))
     assert left == []

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xray.gate import compare, decide, markdown, tags
+from xray.registry.gate import compare, decide, markdown, tags
 
 
 def _comparison(difference: float, low: float, high: float, images: int = 624) -> dict:
@@ -84,7 +84,7 @@ def test_paired_ci_uses_shared_resamples():
     noisy = champion + rng.normal(0, 0.1, 400)
     paired = compare(y, noisy, champion, 500, seed=1)
     width = paired["auc_difference_ci_high"] - paired["auc_difference_ci_low"]
-    from xray.metrics import bootstrap_ci
+    from xray.evaluation.metrics import bootstrap_ci
 
     single = bootstrap_ci(y, champion, (0.5,), 500, seed=1)[0]["auc"]
     assert width < 0.5 * (single[1] - single[0])

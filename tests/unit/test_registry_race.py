@@ -14,7 +14,8 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import keras, mlflow, numpy as np
     from mlflow.tracking import MlflowClient
-    from xray import gate, ood, registry
+    from xray.monitoring import ood
+    from xray.registry import gate, promotion, store
     uri, auc, barrier = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
     mlflow.set_tracking_uri(uri)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
@@ -23,7 +24,7 @@ SCRIPT = textwrap.dedent("""
         rng = np.random.default_rng(0)
         images = [ood.features_of_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(12)]
         profile = ood.fit_profile(images[:8], images[8:], np.full(4, 0.5), 0.5)
-        _, version = registry.log_and_register(model, "race-model", metadata, "# card", profile)
+        _, version = store.log_and_register(model, "race-model", metadata, "# card", profile)
         # Both finish together: each says it is ready, then waits until both are.
         (barrier / f"ready-{auc}").touch()
         deadline = time.time() + 240
@@ -34,7 +35,7 @@ SCRIPT = textwrap.dedent("""
         metrics = {"test_auc": auc, "test_sensitivity": 0.97, "test_specificity": 0.5, "test_accuracy": 0.8, "threshold": 0.5}
         # Both read "no champion" before either registered: both pass the gate; the lock serialises the promotions.
         decision = gate.decide(0.97, 0.95, None, {}, 0.01)
-        decision = registry.promote(MlflowClient(), "race-model", version, "champion", metrics, decision)
+        decision = promotion.promote(MlflowClient(), "race-model", version, "champion", metrics, decision)
     print("RESULT", version, decision.promoted, flush=True)
 """)
 
@@ -82,7 +83,7 @@ def test_concurrent_registrations(tmp_path, monkeypatch):
 def test_the_promotion_lock_is_exclusive_released_on_errors_and_broken_when_stale(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from xray.registry import promotion_lock
+    from xray.registry.store import promotion_lock
 
     monkeypatch.chdir(tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -106,7 +107,7 @@ def test_a_lock_taken_and_released_during_our_insert_is_tried_again():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-    from xray.registry import promotion_lock
+    from xray.registry.store import promotion_lock
 
     class Store:
         def __init__(self):

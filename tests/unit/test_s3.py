@@ -4,10 +4,10 @@ import hashlib
 
 import pytest
 
-from xray import s3
 from xray.config import S3Config
 from xray.errors import DatasetSourceError
-from xray.ingest import fetch
+from xray.storage import s3
+from xray.storage.fetch import fetch
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_local_paths_are_read_directly(tmp_path):
 
 
 def test_locate_names_the_content_and_fetch_refuses_an_object_that_changed(bucket, tmp_path):
-    from xray.ingest import locate
+    from xray.storage.fetch import locate
 
     client, location, source = bucket
     identity = locate(location.uri, S3Config())
@@ -94,7 +94,7 @@ def test_locate_names_the_content_and_fetch_refuses_an_object_that_changed(bucke
 
 
 def test_weights_on_s3_are_fetched_for_the_build_and_removed_after(bucket, scratch_tempdir):
-    from xray.model import resolved_weights
+    from xray.model.network import resolved_weights
 
     client, _, source = bucket
     client.upload_file(str(source), "chest-xray", "weights/backbone.weights.h5")

@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from xray import s3
 from xray.config import S3Config
 from xray.errors import DatasetSourceError
-from xray.ingest import fetch
+from xray.storage import s3
+from xray.storage.fetch import fetch
 
 
 class FlakyProxy:

@@ -133,7 +133,7 @@ def test_local_path_does_not_import_sagemaker(tmp_path):
     # A script file, not -c: ZenML needs a main module file to find its source root.
     script = tmp_path / "imports.py"
     script.write_text(
-        "import sys; import run, pipelines, steps, materializers\n"
+        "import sys; import run, pipelines, pipelines.launch, steps, materializers\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sagemaker'); print(bad)\n"
         "sys.exit(bool(bad))\n"
     )
@@ -172,11 +172,11 @@ def test_combined_requirements_resolve(tmp_path):
 
 
 def test_the_sagemaker_train_step_gets_a_checkpoint_s3_uri_under_the_artifact_store():
-    import run
+    from pipelines import launch
     from xray.errors import ConfigError
 
     config = load_config(CONFIG)
-    resolved = run.with_sagemaker_checkpoints(config.zenml, config.train.backup_dir, "s3://xray-artifacts/zenml/")
+    resolved = launch.with_sagemaker_checkpoints(config.zenml, config.train.backup_dir, "s3://xray-artifacts/zenml/")
     estimator = resolved["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
     assert estimator["checkpoint_s3_uri"] == "s3://xray-artifacts/zenml/checkpoints/train_model"
     assert estimator["checkpoint_local_path"] == config.train.backup_dir == "/opt/ml/checkpoints"
@@ -189,17 +189,17 @@ def test_the_sagemaker_train_step_gets_a_checkpoint_s3_uri_under_the_artifact_st
     own["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"] = (
         "s3://x/y"
     )
-    kept = run.with_sagemaker_checkpoints(own, "/opt/ml/checkpoints", "s3://xray-artifacts/zenml")
+    kept = launch.with_sagemaker_checkpoints(own, "/opt/ml/checkpoints", "s3://xray-artifacts/zenml")
     assert (
         kept["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]["checkpoint_s3_uri"]
         == "s3://x/y"
     )
-    none = run.with_sagemaker_checkpoints(config.zenml, None, "s3://xray-artifacts/zenml")
+    none = launch.with_sagemaker_checkpoints(config.zenml, None, "s3://xray-artifacts/zenml")
     assert (
         "checkpoint_s3_uri" not in none["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
     )
     with pytest.raises(ConfigError, match="not on S3"):
-        run.with_sagemaker_checkpoints(config.zenml, "/opt/ml/checkpoints", "/home/me/.config/zenml/local_stores/x")
+        launch.with_sagemaker_checkpoints(config.zenml, "/opt/ml/checkpoints", "/home/me/.config/zenml/local_stores/x")
 
 
 def _installed(versions):
@@ -231,14 +231,14 @@ RUNTIME = {
     ],
 )
 def test_registered_requirements_name_tensorflow_however_it_was_installed(tensorflow, pin):
-    from xray.registry import pip_requirements
+    from xray.registry.store import pip_requirements
 
     pins = pip_requirements(_installed(RUNTIME | tensorflow))
     assert pins[0] == pin and "mlflow==3.17.2" in pins and len(pins) == 1 + len(RUNTIME)
 
 
 def test_registered_requirements_refuse_a_missing_tensorflow_or_runtime_package():
-    from xray.registry import pip_requirements
+    from xray.registry.store import pip_requirements
 
     with pytest.raises(RuntimeError, match="no TensorFlow distribution"):
         pip_requirements(_installed(RUNTIME))

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT
 from xray.errors import ScheduleError
-from xray.schedule import CronError, validate_aws_cron
+from xray.schedule import CronError, schedule_name, validate_aws_cron
 
 
 @pytest.mark.parametrize(
@@ -48,23 +48,23 @@ def _orchestrator(schedulable: bool, flavor: str):
 
 
 def test_schedule_reaches_with_options_when_the_orchestrator_can_schedule(tmp_path):
-    import run
+    from pipelines import launch
     from xray.config import PipelineConfig
 
-    schedule = run.schedule_for("cron(0 3 ? * MON *)", _orchestrator(True, "sagemaker"), "xray-sagemaker")
+    schedule = launch.schedule_for("cron(0 3 ? * MON *)", _orchestrator(True, "sagemaker"), "xray-sagemaker")
     assert schedule.cron_expression == "0 3 ? * MON *"
-    options = run.launch_options(PipelineConfig(zenml={"settings": {}}), False, schedule, tmp_path)
+    options = launch.launch_options(PipelineConfig(zenml={"settings": {}}), False, schedule, tmp_path)
     assert options["schedule"] is schedule
     assert options["config_path"].endswith("zenml_run_config.yaml")
 
 
 def test_local_orchestrator_cannot_schedule():
-    import run
+    from pipelines import launch
 
     with pytest.raises(ScheduleError, match="stack 'default' cannot schedule runs: its orchestrator 'my-local'"):
-        run.schedule_for("cron(0 3 ? * MON *)", _orchestrator(False, "local"), "default")
+        launch.schedule_for("cron(0 3 ? * MON *)", _orchestrator(False, "local"), "default")
     with pytest.raises(CronError):  # the expression is checked before the stack
-        run.schedule_for("cron(0 3 * * MON *)", _orchestrator(False, "local"), "default")
+        launch.schedule_for("cron(0 3 * * MON *)", _orchestrator(False, "local"), "default")
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_cli_on_the_local_stack_says_so_in_one_line(tmp_path):
 
 def test_schedule_name_is_the_same_in_every_process():
     """str hashes are salted per process: the name must not come from hash(), or every call adds a schedule."""
-    code = "import run; print(run.schedule_name('cron(0 3 ? * MON *)'))"
+    code = "from xray.schedule import schedule_name; print(schedule_name('cron(0 3 ? * MON *)'))"
     names = {
         subprocess.run(
             [sys.executable, "-c", code],
@@ -112,6 +112,4 @@ def test_schedule_name_is_the_same_in_every_process():
         for seed in ("1", "2", "3")
     }
     assert len(names) == 1 and names.pop().startswith("chest-xray-training-")
-    import run
-
-    assert run.schedule_name("cron(0 3 ? * MON *)") != run.schedule_name("cron(0 4 ? * MON *)")
+    assert schedule_name("cron(0 3 ? * MON *)") != schedule_name("cron(0 4 ? * MON *)")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from xray.config import ModelConfig, TrainConfig
-from xray.training import learning_rate_schedule
+from xray.model.training import learning_rate_schedule
 
 
 def test_constant_schedule_is_the_learning_rate():
@@ -24,7 +24,7 @@ def test_cosine_without_warmup_starts_at_the_peak():
 
 
 def test_per_image_normalization_ignores_exposure_and_contrast():
-    from xray.model import build_model
+    from xray.model.network import build_model
 
     model, _ = build_model(
         ModelConfig(backbone="mobilenetv3large", image_size=32, dense_units=4, input_normalization="per_image"), None
@@ -45,7 +45,7 @@ def test_per_image_normalization_ignores_exposure_and_contrast():
 def test_per_image_model_survives_a_keras_round_trip(tmp_path):
     import keras
 
-    from xray.model import build_model
+    from xray.model.network import build_model
 
     model, _ = build_model(
         ModelConfig(backbone="mobilenetv3large", image_size=32, dense_units=4, input_normalization="per_image"), None

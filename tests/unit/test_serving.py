@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xray import ood, serving
-
 from conftest import png, radiograph_like
+from xray.monitoring import ood
+from xray.serving import bundle, pyfunc
+from xray.serving.predictor import OUTPUT_COLUMNS
 
 
 def b64(data: bytes) -> str:
@@ -20,7 +21,7 @@ def test_rows_for_readable_ood_and_unreadable_images(predictor):
     rng = np.random.default_rng(1)
     normal, inverted = radiograph_like(rng), 255 - radiograph_like(rng)
     table = predictor.predict_bytes([png(normal), b"\xff\xd8\xff not a jpeg", png(inverted)])
-    assert list(table.columns) == serving.OUTPUT_COLUMNS
+    assert list(table.columns) == OUTPUT_COLUMNS
     assert table["status"].tolist()[1:] == [ood.UNREADABLE, ood.OUT_OF_DISTRIBUTION]
     assert table["status"][0] in (ood.OK, ood.OUT_OF_DISTRIBUTION)
     assert table["probability"][1] is None and table["ood_score"][1] is None and table["label"][1] == ""
@@ -31,23 +32,23 @@ def test_rows_for_readable_ood_and_unreadable_images(predictor):
 
 
 def test_a_request_with_nothing_readable_is_a_client_error(predictor):
-    with pytest.raises(serving.InvalidImage, match="image 0 cannot be decoded"):
-        predictor.predict({"inputs": [base64.b64encode(b"garbage").decode()]})
-    with pytest.raises(serving.InvalidImage, match="no images"):
-        predictor.predict({"inputs": []})
-    with pytest.raises(serving.InvalidImage, match="not base64"):
-        predictor.predict({"inputs": ["***"]})
+    with pytest.raises(pyfunc.InvalidImage, match="image 0 cannot be decoded"):
+        pyfunc.predict_request(predictor, {"inputs": [base64.b64encode(b"garbage").decode()]})
+    with pytest.raises(pyfunc.InvalidImage, match="no images"):
+        pyfunc.predict_request(predictor, {"inputs": []})
+    with pytest.raises(pyfunc.InvalidImage, match="not base64"):
+        pyfunc.predict_request(predictor, {"inputs": ["***"]})
 
 
 def test_without_a_profile_nothing_is_scored_and_the_log_says_so(predictor, tmp_path, caplog):
-    predictor.model.save(tmp_path / serving.KERAS_FILE)
-    (tmp_path / serving.CONFIG_FILE).write_text(json.dumps({"threshold": 0.5, "image_size": 32, "version": "3"}))
-    bare = serving.ChestXrayPredictor.from_dir(str(tmp_path))
+    predictor.model.save(tmp_path / bundle.KERAS_FILE)
+    (tmp_path / bundle.CONFIG_FILE).write_text(json.dumps({"threshold": 0.5, "image_size": 32, "version": "3"}))
+    bare = bundle.read(str(tmp_path))
     assert bare.profile is None and "no reference profile" in caplog.text
     table = bare.predict_bytes([png(radiograph_like(np.random.default_rng(2)))])
     assert table["status"][0] == ood.OK and table["ood_score"][0] is None
-    predictor.profile.save(tmp_path / serving.PROFILE_DIR)
-    assert serving.ChestXrayPredictor.from_dir(str(tmp_path)).profile is not None
+    predictor.profile.save(tmp_path / bundle.PROFILE_DIR)
+    assert bundle.read(str(tmp_path)).profile is not None
 
 
 @pytest.mark.parametrize(
@@ -57,13 +58,13 @@ def test_without_a_profile_nothing_is_scored_and_the_log_says_so(predictor, tmp_
         ({"inputs": [7]}, "image 0 is a int"),
         ({"a": [b64(b"x")], "b": [b64(b"y")]}, "expected a list of images"),
         (pd.DataFrame({"a": ["x"], "b": ["y"]}), "one image column"),
-        ({"inputs": ["x"] * (serving.MAX_IMAGES_PER_REQUEST + 1)}, "over the limit of"),
-        ({"inputs": ["A" * int(serving.MAX_REQUEST_MB * 2**20 + 4)]}, "MB of image data in one request"),
+        ({"inputs": ["x"] * (pyfunc.MAX_IMAGES_PER_REQUEST + 1)}, "over the limit of"),
+        ({"inputs": ["A" * int(pyfunc.MAX_REQUEST_MB * 2**20 + 4)]}, "MB of image data in one request"),
     ],
 )
 def test_malformed_payloads_are_client_errors_that_say_what_to_send(predictor, payload, message):
-    with pytest.raises(serving.InvalidImage, match=message):
-        predictor.predict(payload)
+    with pytest.raises(pyfunc.InvalidImage, match=message):
+        pyfunc.predict_request(predictor, payload)
 
 
 def test_the_compiled_call_equals_keras_predict_for_any_batch_size(predictor):

@@ -7,8 +7,10 @@ import pytest
 
 from conftest import jpeg_bytes, write_zip
 from xray.config import ArchiveLimits, DataConfig, S3Config
+from xray.data.inputs import labels_of
+from xray.data.sites import load_site, site_name
 from xray.errors import ArchiveError, DataQualityError, DatasetSourceError
-from xray.sites import labels, load_site, site_name
+from xray.registry import promotion
 
 
 def _entries(prefix: str = "export/2026/", per_class: int = 4, start: int = 0) -> dict[str, bytes]:
@@ -31,7 +33,7 @@ def test_zip_with_class_folders_at_depth_and_junk(tmp_path):
     assert report["counts"] == {"NORMAL": 6, "PNEUMONIA": 6} and report["images"] == 12
     assert report["ignored_files"] == 1 and report["junk_files"] == 2 and report["sha256"]
     assert set(dataset.manifest["split"]) == {"site"}
-    assert labels(dataset).sum() == 6 and all(p.endswith(".jpeg") for p in dataset.paths(dataset.manifest))
+    assert labels_of(dataset.manifest).sum() == 6 and all(p.endswith(".jpeg") for p in dataset.paths(dataset.manifest))
     assert site_name(str(archive)) == "hospital-b"
 
 
@@ -83,7 +85,7 @@ def test_missing_site_is_one_clear_error(tmp_path):
 
 
 def test_the_site_table_of_the_model_card_comes_from_the_version_tags():
-    from xray.model_card import site_table
+    from xray.registry.card import site_table
 
     assert "No site has been evaluated yet" in site_table({})
     tags = {
@@ -108,15 +110,15 @@ def test_the_site_table_of_the_model_card_comes_from_the_version_tags():
 
 
 def test_the_gate_says_when_the_champion_cannot_be_scored(monkeypatch):
-    from xray import gate
-
     def unreadable(*args):
         raise OSError("No such file: models:/chest-xray-classifier/3/data/model.keras")
 
-    monkeypatch.setattr(gate, "score_champion", unreadable)
+    monkeypatch.setattr(promotion, "score_champion", unreadable)
     y = np.array([0, 1] * 10)
-    decision = gate.run("m", "3", {"test": ["a"] * 20}, {"test": y}, {"test": y * 0.8 + 0.1}, 0.97, 0.95, 0.01, 100, 0)
+    decision = promotion.gate_against_champion(
+        "m", "3", {"test": ["a"] * 20}, {"test": y}, {"test": y * 0.8 + 0.1}, 0.97, 0.95, 0.01, 100, 0
+    )
     assert not decision.promoted and decision.champion_error.startswith("OSError: No such file")
     assert "champion v3 could not be scored" in decision.reason
     # No champion: nothing to score, promoted on sensitivity alone.
-    assert gate.run("m", None, {}, {}, {}, 0.97, 0.95, 0.01, 100, 0).promoted
+    assert promotion.gate_against_champion("m", None, {}, {}, {}, 0.97, 0.95, 0.01, 100, 0).promoted

@@ -1,7 +1,7 @@
 import pytest
 
-from xray import sources
 from xray.errors import DatasetSourceError
+from xray.storage import sources
 
 
 def test_precedence(tmp_path, monkeypatch):

@@ -24,13 +24,13 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, tensorflow as tf, keras
     from pathlib import Path
     from xray.config import Augmentation, ModelConfig, TrainConfig
-    from xray.data import DatasetSpec
-    from xray import training
+    from xray.data.inputs import DatasetSpec
+    from xray.model import training
 
     folder = Path(sys.argv[1])
     weights_file = folder / "backbone.weights.h5"
     if not weights_file.exists():  # a local "pretrained" backbone file, as a site without internet would have
-        from xray.model import build_model
+        from xray.model.network import build_model
         build_model(ModelConfig(image_size=32, dense_units=4), None)[1].save_weights(weights_file)
     SCRIPTED = {1: 0.60, 2: 0.90, 3: 0.70, 4: 0.80}   # the best epoch is 2, the frozen phase's last
 
@@ -127,8 +127,8 @@ def test_the_returned_model_carries_no_optimizer(tmp_path):
     import keras
     import numpy as np
 
-    from xray.model import compile_model
-    from xray.training import without_optimizer
+    from xray.model.network import compile_model
+    from xray.model.training import without_optimizer
 
     inputs = keras.Input((32, 32, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from xray import tuning
 from xray.config import load_config, parse_config
 from xray.errors import ConfigError
+from xray.model import tuning
 
 SPACE = {
     "train.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
@@ -87,12 +87,10 @@ def test_a_real_diverging_trial_fails_and_stops_early(monkeypatch):
     import keras
     import tensorflow as tf
 
-    from xray import training
-    from xray.config import ModelConfig, TrainConfig
-    from xray.data import DatasetSpec
-    from xray.config import Augmentation
-
     from conftest import one_layer_model
+    from xray.config import Augmentation, ModelConfig, TrainConfig
+    from xray.data.inputs import DatasetSpec
+    from xray.model import training
 
     monkeypatch.setattr(training, "build_model", one_layer_model)
     x = np.full((8, 32, 32, 3), np.nan, dtype="float32")  # a NaN input makes every loss NaN
@@ -146,11 +144,11 @@ def test_the_winner_yaml_is_a_training_config_with_the_winners_values():
 def test_the_sagemaker_search_runs_every_trial_on_the_step_operator():
     from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
 
-    import run
+    from pipelines import launch
 
     config = load_config(ROOT / "configs" / "tuning_sagemaker.yaml")
     assert config.tuning.trials >= 6 and config.s3.embedded is False
-    expanded = run.with_trial_steps(config.zenml, config.tuning.trials)
+    expanded = launch.with_trial_steps(config.zenml, config.tuning.trials)
     zenml_config = PipelineRunConfiguration.model_validate(expanded)
     on_operator = {name for name, step in zenml_config.steps.items() if step.step_operator == "sagemaker"}
     assert on_operator == {"train_model"} | {f"train_trial_{i}" for i in range(config.tuning.trials)}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The system packages make test needs beside Python, installed from Debian's packages when missing, with the time
+# printed: Chromium and its driver (the team stack's browser test), Node.js and npm (its S3 endpoint, s3rver).
+# Needs root or sudo; without either it says which packages to install and fails.
+set -euo pipefail
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  if ! command -v sudo >/dev/null; then
+    echo "make test needs these Debian packages: ${missing[*]} (apt-get install ${missing[*]} as root)" >&2
+    exit 1
+  fi
+  sudo="sudo"
+fi
+start=$(date +%s)
+echo "installing ${missing[*]} from Debian's packages (make test needs them)"
+$sudo apt-get update -q >/dev/null
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+echo "installed ${missing[*]} from Debian's packages in $(( $(date +%s) - start )) s"

@@ -1,0 +1,177 @@
+"""The manifest: one row per validated image, and the rules that shape the splits.
+
+Columns: path (relative to the dataset root), split, label, patient_id,
+sha256, width, height, channels, format, source_split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xray import CLASS_NAMES, SPLITS
+from xray.data.images import check_image
+from xray.errors import DataQualityError
+
+COLUMNS = ["path", "split", "label", "patient_id", "sha256", "width", "height", "channels", "format", "source_split"]
+# Evaluation splits win: a duplicate is dropped from the lower-priority split.
+SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
+    re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE),
+    re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE),
+)
+
+
+def patient_id(filename: str) -> str | None:
+    """Patient id from a Kermany file name, or None when it has no known pattern."""
+    stem = Path(filename).stem
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(stem)
+        if match:
+            return match.group(1).lower()
+    return None
+
+
+@dataclass
+class DataReport:
+    counts: dict[str, dict[str, int]]
+    junk_files: int
+    ignored_entries: int
+    quarantined: list[dict[str, str]]
+    converted: int
+    duplicates_within_split: int
+    duplicates_across_splits: int
+    duplicates_removed: list[dict[str, str]]
+    patients_in_train_and_test: int
+    unparsed_patient_ids: int
+    val_source: str
+    archive_root: str = "."
+    notes: list[str] = field(default_factory=list)
+    patients_in_train_and_val: int | None = None
+    """Counted on the final splits; None only in reports written before it was counted."""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_manifest(root: Path, files: list[tuple[str, str, str]]) -> tuple[pd.DataFrame, list[dict[str, str]], int]:
+    """Decode every image under ``root``; return (manifest, quarantined, converted).
+
+    Files that cannot be decoded are removed from ``root`` and listed; images
+    in formats or modes the model input cannot take as they are get a PNG copy.
+    """
+    rows, quarantined, converted = [], [], 0
+    for split, label, relative in files:
+        path = root / relative
+        data = path.read_bytes()
+        check = check_image(data)
+        if not check.ok:
+            quarantined.append({"path": relative, "split": split, "label": label, "reason": check.reason})
+            path.unlink()
+            continue
+        if check.converted is not None:
+            converted += 1
+            path.unlink()
+            path = path.with_suffix(".png")
+            path.write_bytes(check.converted)
+            relative = path.relative_to(root).as_posix()
+        pid = patient_id(path.name)
+        rows.append(
+            {
+                "path": relative,
+                "split": split,
+                "label": label,
+                "patient_id": f"{label.lower()}:{pid}" if pid else None,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "width": check.width,
+                "height": check.height,
+                "channels": check.channels,
+                "format": check.format,
+                "source_split": split,
+            }
+        )
+    manifest = pd.DataFrame(rows, columns=COLUMNS)
+    unparsed = manifest["patient_id"].isna()
+    # An image whose name carries no patient id is its own group, so it can never leak.
+    manifest.loc[unparsed, "patient_id"] = "image:" + manifest.loc[unparsed, "path"]
+    return manifest, quarantined, converted
+
+
+def check_bad_fraction(total: int, quarantined: list[dict[str, str]], max_bad_fraction: float) -> None:
+    if total and len(quarantined) / total > max_bad_fraction:
+        examples = ", ".join(f"{q['path']} ({q['reason']})" for q in quarantined[:3])
+        raise DataQualityError(
+            f"{len(quarantined)} of {total} images failed to decode "
+            f"({len(quarantined) / total:.1%} > max_bad_fraction={max_bad_fraction:.1%}); e.g. {examples}"
+        )
+
+
+def remove_cross_split_duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, str]], int, int]:
+    """Drop copies of an evaluation image from the lower-priority splits.
+
+    Returns (manifest, removed rows, duplicate groups within a split, groups across splits).
+    """
+    within = int(manifest.groupby(["sha256", "split"]).size().gt(1).sum())
+    splits_per_hash = manifest.groupby("sha256")["split"].nunique()
+    across_hashes = set(splits_per_hash[splits_per_hash > 1].index)
+    priority = manifest["split"].map(SPLIT_PRIORITY)
+    best = priority.groupby(manifest["sha256"]).transform("min")
+    drop = manifest["sha256"].isin(across_hashes) & (priority > best)
+    removed = manifest.loc[drop, ["path", "split", "label", "sha256"]].to_dict("records")
+    return manifest.loc[~drop].reset_index(drop=True), removed, within, len(across_hashes)
+
+
+def needs_val_split(manifest: pd.DataFrame, min_val_per_class: int) -> bool:
+    val = manifest[manifest["split"] == "val"]
+    return any((val["label"] == label).sum() < min_val_per_class for label in CLASS_NAMES)
+
+
+def carve_val(manifest: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
+    """Move whole patients from train to val, per label, until val_fraction of images.
+
+    Stratified by label and grouped by patient, so no patient is in both
+    train and val. A too-small existing val is merged back into train first.
+    """
+    manifest = manifest.copy()
+    manifest.loc[manifest["split"] == "val", "split"] = "train"
+    rng = np.random.default_rng(seed)
+    for label in CLASS_NAMES:
+        pool = manifest[(manifest["split"] == "train") & (manifest["label"] == label)]
+        sizes = pool.groupby("patient_id").size()
+        order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
+        target = int(round(val_fraction * len(pool)))
+        cumulative = sizes.loc[order].cumsum().to_numpy()
+        chosen = order[: int(np.searchsorted(cumulative, target) + 1)] if target else []
+        moving = manifest["patient_id"].isin(chosen) & (manifest["label"] == label) & (manifest["split"] == "train")
+        manifest.loc[moving, "split"] = "val"
+    return manifest
+
+
+def split_counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
+    return {
+        split: {
+            label: int(((manifest["split"] == split) & (manifest["label"] == label)).sum()) for label in CLASS_NAMES
+        }
+        for split in SPLITS
+    }
+
+
+def patient_overlap(manifest: pd.DataFrame, a: str, b: str) -> int:
+    patients = [set(manifest.loc[manifest["split"] == s, "patient_id"]) for s in (a, b)]
+    return len(patients[0] & patients[1])
+
+
+def sample(manifest: pd.DataFrame, split: str, per_class: int | None, seed: int) -> pd.DataFrame:
+    """At most ``per_class`` rows of each label from one split (all when None)."""
+    rows = manifest[manifest["split"] == split]
+    if per_class is None:
+        return rows.reset_index(drop=True)
+    parts = [group.sample(n=min(per_class, len(group)), random_state=seed) for _, group in rows.groupby("label")]
+    return pd.concat(parts).sort_values("path").reset_index(drop=True)

@@ -1,0 +1,242 @@
+"""Evaluation recipes: calibrate after training, measure a split, measure a labelled site.
+
+Everything here is chosen on val (or, for a site, on the site's own calibration share) and only measured on the
+images it reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.metrics import brier_score_loss, roc_auc_score
+
+from xray.config import EvaluateConfig
+from xray.data.inputs import labels_of, make_spec_for_inference, select
+from xray.errors import DataQualityError
+from xray.evaluation import metrics, plots
+from xray.evaluation.calibration import expected_calibration_error, fit_calibration, sigmoid
+from xray.model.network import calibrated_model, logit_model, predict_paths
+
+logger = logging.getLogger(__name__)
+
+
+def calibrate_and_evaluate(
+    y_val: np.ndarray, z_val: np.ndarray, y_test: np.ndarray, z_test: np.ndarray, evaluate: EvaluateConfig, seed: int
+) -> dict:
+    """Fit the calibration on val logits, choose the threshold on calibrated val, measure test before and after.
+
+    Returns ``calibration`` (:class:`xray.evaluation.calibration.Calibration`), ``threshold``, ``threshold_policy``, the
+    ``val`` and ``test`` reports on calibrated probabilities, ``test_uncalibrated`` (the raw sigmoid, same
+    threshold policy on raw val), the calibrated probabilities ``p_val``/``p_test`` and ``flat`` metrics.
+    """
+    calibration = fit_calibration(y_val, z_val, evaluate.calibration)
+    p_val, p_test = calibration.probability(z_val), calibration.probability(z_test)
+    threshold, policy = metrics.choose_threshold(
+        y_val, p_val, evaluate.threshold_policy, evaluate.min_sensitivity, evaluate.fixed_threshold
+    )
+    val_report = metrics.evaluate(y_val, p_val, threshold, evaluate.bootstrap_samples, seed)
+    test_report = metrics.evaluate(y_test, p_test, threshold, evaluate.bootstrap_samples, seed)
+    raw_val, raw_test = sigmoid(z_val), sigmoid(z_test)
+    raw_threshold, _ = metrics.choose_threshold(
+        y_val, raw_val, evaluate.threshold_policy, evaluate.min_sensitivity, evaluate.fixed_threshold
+    )
+    uncalibrated = {
+        "threshold": raw_threshold,
+        "auc": roc_auc_score(y_test, raw_test),
+        "ece": expected_calibration_error(y_test, raw_test),
+        "brier": brier_score_loss(y_test, raw_test),
+        "at_0_5": metrics.at_threshold(np.asarray(y_test).astype(int), raw_test, 0.5),
+    }
+    flat = (
+        metrics.flat_metrics("val", val_report)
+        | metrics.flat_metrics("test", test_report)
+        | {
+            "threshold": threshold,
+            "calibration_temperature": calibration.temperature,
+            "calibration_bias": calibration.bias,
+            "test_ece_uncalibrated": uncalibrated["ece"],
+            "test_brier_uncalibrated": uncalibrated["brier"],
+            "val_ece_uncalibrated": expected_calibration_error(y_val, raw_val),
+            "threshold_uncalibrated": raw_threshold,
+        }
+    )
+    return {
+        "calibration": calibration,
+        "threshold": threshold,
+        "threshold_policy": policy,
+        "val": val_report,
+        "test": test_report,
+        "test_uncalibrated": uncalibrated,
+        "p_val": p_val,
+        "p_test": p_test,
+        "raw_test": raw_test,
+        "flat": flat,
+    }
+
+
+SITE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ece")
+
+
+def site_metrics(y: np.ndarray, p: np.ndarray, threshold: float, samples: int, seed: int) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity and ECE at ``threshold``, each with its 95% bootstrap CI."""
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2:
+        raise DataQualityError("a site evaluation needs labelled images of both classes (NORMAL/ and PNEUMONIA/)")
+    report = metrics.evaluate(y, p, threshold, samples, seed)
+    point = {
+        "auc": report["auc"],
+        "ece": report["ece"],
+        **{k: report["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity")},
+    }
+    flat = {"threshold": float(threshold), "brier": report["brier"], "images": int(len(y))}
+    for name in SITE_METRICS:
+        low, high = report["ci95"][name]
+        flat |= {name: float(point[name]), f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return flat
+
+
+def grouped_split(groups: list[str], fraction: float, seed: int, y: np.ndarray) -> np.ndarray:
+    """Boolean mask of the calibration share: whole groups (patients, or images when none is known), stratified
+    so both classes are present on both sides when possible."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"recalibrate fraction must be in (0, 1), not {fraction}")
+    groups = np.asarray(groups)
+    y = np.asarray(y).astype(int)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(groups), dtype=bool)
+    # Group by patient; a group's class is its majority label, so classes are split in the same proportion.
+    unique = np.unique(groups)
+    label_of = {g: int(round(y[groups == g].mean())) for g in unique}
+    for label in (0, 1):
+        members = np.array([g for g in unique if label_of[g] == label])
+        rng.shuffle(members)
+        take = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            take = min(max(take, 1), len(members) - 1)
+        mask |= np.isin(groups, members[:take])
+    if mask.all() or not mask.any():
+        raise DataQualityError("the site has too few images to hold out a calibration share")
+    return mask
+
+
+def recalibrated_site_metrics(
+    y: np.ndarray, logits: np.ndarray, groups: list[str], fraction: float, evaluate: EvaluateConfig, seed: int
+) -> dict:
+    """Re-fit the calibration and re-choose the threshold on a grouped share of the site; measure on the rest."""
+    y = np.asarray(y).astype(int)
+    mask = grouped_split(groups, fraction, seed, y)
+    for side, name in ((mask, "calibration"), (~mask, "measurement")):
+        if len(np.unique(y[side])) < 2:
+            raise DataQualityError(
+                f"the site's {name} share has images of one class only: use a larger site or another "
+                "--recalibrate-fraction"
+            )
+    try:
+        calibration = fit_calibration(y[mask], logits[mask], evaluate.calibration)
+    except ValueError as error:
+        raise DataQualityError(
+            f"cannot re-fit the calibration on the site's {mask.sum()}-image share: {error}"
+        ) from None
+    p_fit, p_rest = calibration.probability(logits[mask]), calibration.probability(logits[~mask])
+    threshold, policy = metrics.choose_threshold(
+        y[mask], p_fit, evaluate.threshold_policy, evaluate.min_sensitivity, evaluate.fixed_threshold
+    )
+    measured = site_metrics(y[~mask], p_rest, threshold, evaluate.bootstrap_samples, seed)
+    return {
+        "fraction": fraction,
+        "calibration_images": int(mask.sum()),
+        "measured_images": int((~mask).sum()),
+        "calibration": calibration.as_dict(),
+        "threshold_policy": policy,
+        "metrics": measured,
+    }
+
+
+def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_fraction: float | None, seed: int) -> dict:
+    """A registered version (:class:`xray.serving.predictor.ChestXrayPredictor`) on a labelled site
+    (:func:`xray.data.sites.load_site`).
+
+    ``metrics``: at the version's own threshold and calibration. ``recalibrated`` (with a fraction): calibration
+    and threshold re-fitted on a patient-grouped share of the site, measured on the rest. The logits come from the
+    version's model (calibrated ones when the version is calibrated), so re-fitting composes with what it has.
+    """
+    y = labels_of(dataset.manifest)
+    paths = dataset.paths(dataset.manifest)
+    logits = predict_paths(logit_model(predictor.model), paths, make_spec_for_inference(predictor.image_size))
+    probabilities = sigmoid(logits)
+    result = {
+        "metrics": site_metrics(y, probabilities, predictor.threshold, evaluate.bootstrap_samples, seed),
+        "y": y,
+        "probabilities": probabilities,
+    }
+    if recalibrate_fraction is not None:
+        groups = dataset.manifest["patient_id"].tolist()
+        result["recalibrated"] = recalibrated_site_metrics(y, logits, groups, recalibrate_fraction, evaluate, seed)
+    return result
+
+
+@dataclass
+class ModelEvaluation:
+    """What the training pipeline's evaluation produces: the calibrated model, the report (``flat`` metrics, val and
+    test reports, calibration), the threshold, figures by name and the calibrated val/test probabilities."""
+
+    calibrated: object
+    report: dict
+    threshold: float
+    p_val: np.ndarray
+    p_test: np.ndarray
+    figures: dict = field(default_factory=dict)
+
+
+def evaluate_model(model, dataset, spec, evaluate: EvaluateConfig, seed: int) -> ModelEvaluation:
+    """The evaluation recipe: logits on val and test, calibration and threshold fitted on val only, test measured
+    before and after calibration, the figures a reviewer looks at (ROC/PR, confusion, reliability, Grad-CAM)."""
+    val_rows, test_rows = (select(dataset.manifest, s, spec) for s in ("val", "test"))
+    y_val, y_test = labels_of(val_rows), labels_of(test_rows)
+    logits = logit_model(model)
+    z_val, z_test = (predict_paths(logits, dataset.paths(rows), spec) for rows in (val_rows, test_rows))
+    result = calibrate_and_evaluate(y_val, z_val, y_test, z_test, evaluate, seed)
+    calibration, threshold, flat, p_test = result["calibration"], result["threshold"], result["flat"], result["p_test"]
+    calibrated = calibrated_model(model, calibration.temperature, calibration.bias)
+    figures = {
+        "roc_pr_curves": plots.roc_pr(y_test, p_test, threshold),
+        "confusion_matrix": plots.confusion(
+            result["test"]["at_threshold"]["confusion_matrix"], f"test @ {threshold:.3f}"
+        ),
+        "calibration": plots.calibration(
+            y_test, {"before calibration": sigmoid(z_test), f"after ({calibration.method} on val)": p_test}
+        ),
+        "gradcam_test_examples": plots.confident_examples_grid(
+            calibrated, dataset.paths(test_rows), y_test, p_test, threshold, spec.image_size
+        ),
+    }
+    logger.info(
+        "calibration (%s on val): temperature %.3f, bias %.3f; test ECE %.3f -> %.3f, Brier %.3f -> %.3f",
+        calibration.method,
+        calibration.temperature,
+        calibration.bias,
+        flat["test_ece_uncalibrated"],
+        flat["test_ece"],
+        flat["test_brier_uncalibrated"],
+        flat["test_brier"],
+    )
+    logger.info(
+        "threshold %.4f (%s); test AUC %.4f, accuracy %.4f, sensitivity %.4f, specificity %.4f",
+        threshold,
+        result["threshold_policy"],
+        flat["test_auc"],
+        flat["test_accuracy"],
+        flat["test_sensitivity"],
+        flat["test_specificity"],
+    )
+    report = {
+        "flat": flat,
+        "val": result["val"],
+        "test": result["test"],
+        "threshold_policy": result["threshold_policy"],
+        "calibration": calibration.as_dict(),
+        "test_uncalibrated": result["test_uncalibrated"],
+    }
+    return ModelEvaluation(calibrated, report, threshold, result["p_val"], p_test, figures)

@@ -1,0 +1,76 @@
+"""Grad-CAM: where in the image the backbone's last conv block drove the decision."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+
+from xray import CLASS_NAMES
+from xray.data.images import decode_and_resize
+from xray.model.network import logit_model
+
+
+def heatmaps(model, images: np.ndarray, threshold: float) -> np.ndarray:
+    """(N, H, W) maps in [0, 1] for the class each image is predicted as, at the model's input size.
+
+    The score is the head's logit (pre-sigmoid), signed towards the predicted
+    class: a confident prediction saturates the sigmoid, and the gradient of
+    the probability itself would vanish and leave a blank map.
+    """
+    import keras  # lazy: Keras imports TensorFlow, seconds
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    # The backbone's last feature map, whichever backbone: what the classifier head pools; and the head's logit,
+    # calibrated when the model is (sigmoid(logit) is then the probability the threshold applies to).
+    feature_map = model.get_layer("pool").input
+    probe = keras.Model(model.inputs, [feature_map, logit_model(model).output])
+    batch = tf.convert_to_tensor(images, tf.float32)
+    with tf.GradientTape() as tape:
+        features, logit = probe(batch, training=False)
+        logit = tf.cast(logit, tf.float32)[:, 0]
+        score = tf.where(tf.sigmoid(logit) >= threshold, logit, -logit)
+    gradients = tape.gradient(score, features)
+    features, gradients = tf.cast(features, tf.float32), tf.cast(gradients, tf.float32)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+    cam = tf.image.resize(cam, batch.shape[1:3], method="bilinear")[..., 0].numpy()
+    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, min_size: int = 256) -> Image.Image:
+    """Blend a jet-coloured heatmap over the grayscale X-ray, enlarged to at least ``min_size`` for reading."""
+    gray = np.asarray(image, dtype=np.float32).mean(axis=-1, keepdims=True).repeat(3, axis=-1)
+    colour = colormaps["jet"](heatmap)[..., :3] * 255.0
+    blended = (1 - alpha) * gray + alpha * colour
+    picture = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
+    if picture.width < min_size:
+        picture = picture.resize((min_size, round(min_size * picture.height / picture.width)), Image.Resampling.BICUBIC)
+    return picture
+
+
+def confident_examples(y: np.ndarray, p: np.ndarray, threshold: float) -> list[tuple[int, str]]:
+    """Per true class, the most confident right and the most confident wrong prediction."""
+    predicted = (p >= threshold).astype(int)
+    confidence = np.where(predicted == 1, p, 1 - p)
+    picks = []
+    for label in (0, 1):
+        for right in (True, False):
+            mask = (y == label) & ((predicted == label) == right)
+            if mask.any():
+                index = int(np.flatnonzero(mask)[np.argmax(confidence[mask])])
+                verdict = "right" if right else "WRONG"
+                picks.append((index, f"true {CLASS_NAMES[label]}, {verdict}: p={p[index]:.3f}"))
+    return picks
+
+
+def load_pixels(paths: list[str], image_size: int) -> np.ndarray:
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    return np.stack([decode_and_resize(tf.io.read_file(path), image_size).numpy() for path in paths]).astype(np.float32)
+
+
+def overlays_for(model, paths: list[str], image_size: int, threshold: float) -> list[Image.Image]:
+    pixels = load_pixels(paths, image_size)
+    return [overlay(image, heat) for image, heat in zip(pixels, heatmaps(model, pixels, threshold))]

@@ -1,0 +1,199 @@
+"""The monitoring report of one batch: figures against the reference profile, and the HTML page that holds them."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: steps run on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from xray.evaluation.plots import image_grid, to_image  # noqa: E402
+from xray.monitoring import ood  # noqa: E402
+from xray.monitoring.drift import reason_kind  # noqa: E402
+
+
+def _histograms(axis, batch: np.ndarray, reference: np.ndarray, bins: int = 40, labels=("batch", "reference (val)")):
+    values = np.concatenate([batch, reference])
+    values = values[np.isfinite(values)]
+    edges = np.histogram_bin_edges(values, bins=bins) if len(values) else bins
+    axis.hist(reference, bins=edges, density=True, alpha=0.5, color="tab:blue", label=labels[1])
+    axis.hist(batch, bins=edges, density=True, alpha=0.5, color="tab:orange", label=labels[0])
+
+
+def ood_scores(batch: np.ndarray, reference: np.ndarray, title: str) -> Image.Image:
+    """Out-of-distribution scores of a batch against val's, with the decision boundary at 1."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    clipped = np.minimum(batch, 10.0)
+    _histograms(axis, clipped, np.minimum(reference, 10.0))
+    axis.axvline(1.0, color="red", linestyle="--", label="out of distribution above 1")
+    axis.set(xlabel="ood_score (clipped at 10)", ylabel="density", title=title)
+    axis.legend(fontsize=8)
+    return to_image(figure)
+
+
+def probability_shift(batch: np.ndarray, reference: np.ndarray, threshold: float, title: str) -> Image.Image:
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    _histograms(axis, batch, reference, bins=np.linspace(0, 1, 26))
+    axis.axvline(threshold, color="red", linestyle="--", label=f"class threshold {threshold:.3f}")
+    axis.set(xlabel="predicted P(PNEUMONIA)", ylabel="density", title=title)
+    axis.legend(fontsize=8)
+    return to_image(figure)
+
+
+def acquisition_shift(
+    batch: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    labels: dict[str, str],
+    mean_histograms: tuple[np.ndarray, np.ndarray],
+) -> Image.Image:
+    """One panel per acquisition statistic, plus the mean grey-level histograms."""
+    names = list(batch)
+    columns = 3
+    rows = int(np.ceil((len(names) + 1) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, name in zip(np.ravel(axes), names):
+        _histograms(axis, batch[name], reference[name], bins=30)
+        axis.set_title(labels[name], fontsize=9)
+    axis = np.ravel(axes)[len(names)]
+    levels = np.arange(len(mean_histograms[0])) * 256 / len(mean_histograms[0])
+    width = 256 / len(levels)
+    axis.bar(
+        levels, mean_histograms[1], width=width, align="edge", alpha=0.5, color="tab:blue", label="reference (val)"
+    )
+    axis.bar(levels, mean_histograms[0], width=width, align="edge", alpha=0.5, color="tab:orange", label="batch")
+    axis.set_title("mean grey-level histogram", fontsize=9)
+    axis.legend(fontsize=7)
+    for axis in np.ravel(axes)[len(names) + 1 :]:
+        axis.axis("off")
+    np.ravel(axes)[0].legend(fontsize=7)
+    figure.suptitle("Acquisition statistics: batch against the reference")
+    return to_image(figure)
+
+
+def content_map(batch: np.ndarray, reference: np.ndarray, flagged: np.ndarray, train: np.ndarray) -> Image.Image:
+    """The first two content components: train, val and the batch, out-of-distribution images marked."""
+    figure, axis = plt.subplots(figsize=(5.6, 5))
+    axis.scatter(train[:, 0], train[:, 1], s=3, color="lightgrey", label="train")
+    axis.scatter(reference[:, 0], reference[:, 1], s=6, color="tab:blue", alpha=0.6, label="val")
+    axis.scatter(batch[~flagged, 0], batch[~flagged, 1], s=10, color="tab:orange", label="batch, in distribution")
+    axis.scatter(
+        batch[flagged, 0], batch[flagged, 1], s=22, marker="x", color="red", label="batch, out of distribution"
+    )
+    axis.set(xlabel="content component 1", ylabel="content component 2", title="Image content (whitened components)")
+    axis.legend(fontsize=7)
+    return to_image(figure)
+
+
+ACQUISITION_PANELS = ("mean", "std", "noise", "edge", "p5", "p95")
+
+
+def figures(
+    profile: ood.ReferenceProfile,
+    predictions: pd.DataFrame,
+    features: pd.DataFrame,
+    examples: dict | None = None,
+) -> dict:
+    """Plots of one batch against the reference; ``examples``: {path: RGB picture} of the images with the highest
+    ood_score (xray.inference.predict_stream keeps them while it streams), shown with their scores."""
+    readable = predictions[predictions["status"] != ood.UNREADABLE].reset_index(drop=True)
+    flagged = (readable["status"] == ood.OUT_OF_DISTRIBUTION).to_numpy()
+    stats = features[list(ood.STAT_NAMES)].to_numpy(dtype=np.float64)
+    index = {name: ood.STAT_NAMES.index(name) for name in ACQUISITION_PANELS}
+    histogram = slice(ood.STAT_NAMES.index("hist00"), None)
+    result = {
+        "ood_scores": ood_scores(
+            readable["ood_score"].to_numpy(dtype=np.float64),
+            profile.val_scores,
+            f"Out-of-distribution scores: {flagged.sum()} of {len(readable)} above 1",
+        ),
+        "probabilities": probability_shift(
+            readable["probability"].to_numpy(dtype=np.float64),
+            profile.val_probabilities,
+            profile.class_threshold,
+            "Predicted probabilities: batch against val",
+        ),
+        "acquisition": acquisition_shift(
+            {n: stats[:, i] for n, i in index.items()},
+            {n: profile.val_stats[:, i] for n, i in index.items()},
+            {n: ood.stat_label(n) for n in ACQUISITION_PANELS},
+            (stats[:, histogram].mean(axis=0), profile.val_stats[:, histogram].mean(axis=0)),
+        ),
+        "content_map": content_map(
+            features[ood.content_columns(profile)].to_numpy(dtype=np.float64),
+            profile.val_content,
+            flagged,
+            profile.train_content,
+        ),
+    }
+    if examples:
+        rows = readable.set_index("path")
+        titles = []
+        for path in examples:
+            row = rows.loc[path]
+            row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
+            kind = reason_kind(row["reason"]) if row["status"] == ood.OUT_OF_DISTRIBUTION else "ok"
+            titles.append(f"{row['ood_score']:.2f} {kind}\n{str(path).rsplit('/', 1)[-1][:28]}")
+        result["most_out_of_distribution"] = image_grid(
+            list(examples.values()), titles, title="Highest ood_score in the batch"
+        )
+    return result
+
+
+def render_html(report: dict, images: dict) -> str:
+    """One self-contained HTML page: the decision, the tests, and every figure inline."""
+
+    def png(image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    verdict = "DRIFT DETECTED" if report["drift_detected"] else "no drift detected"
+    colour = "#b00020" if report["drift_detected"] else "#1b5e20"
+    embedding, positive = report["embedding"], report["positive_rate"]
+    rows = [
+        ("images / readable / unreadable", f"{report['images']} / {report['readable']} / {report['unreadable']}"),
+        (
+            "out of distribution",
+            f"{report['ood_images']} ({report['ood_fraction']:.1%}); reference "
+            f"{report['reference_ood_fraction']:.1%}; by reason {report['ood_reasons']}",
+        ),
+        ("drift test (decides)", report["decision"]),
+        (
+            "content embedding, MMD",
+            f"MMD^2 {embedding['mmd2']:.4f}, permutation p = {embedding['p_value']:.3g} "
+            f"({embedding['images_used']} batch vs {embedding['reference_images']} val images)",
+        ),
+        (
+            "predicted-positive rate",
+            f"{positive['batch']:.1%} against {positive['reference']:.1%} on val "
+            f"(threshold {positive['class_threshold']:.3f}), binomial p = {positive['p_value']:.3g}",
+        ),
+    ]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    tests = "".join(
+        f"<tr><td>{html.escape(t['label'])}</td><td>{t['batch_median']:.3g}</td><td>{t['reference_median']:.3g}</td>"
+        f"<td>{t['ks']:.3f}</td><td>{t['p_adjusted']:.3g}</td></tr>"
+        for t in report["acquisition"]["tests"][:10]
+    )
+    pictures = "".join(
+        f"<h3>{html.escape(name.replace('_', ' '))}</h3><img src='data:image/png;base64,{png(image)}'>"
+        for name, image in images.items()
+    )
+    model = html.escape(f"{report.get('model_uri', '')}")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Monitoring report {model}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}th,td{{text-align:left;padding:4px 10px;
+border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head><body>
+<h1>Monitoring report</h1><p>Model {model}; images {html.escape(str(report.get("source", "")))}</p>
+<h2 style="color:{colour}">{verdict}</h2><table>{table}</table>
+<p>Out-of-distribution images keep their probability, but their label must not be used.</p>
+<h2>Acquisition statistics, largest shifts (Kolmogorov-Smirnov, Benjamini-Hochberg adjusted)</h2>
+<table><tr><th>statistic</th><th>batch median</th><th>reference median</th><th>KS</th><th>p adjusted</th></tr>{tests}
+</table>{pictures}</body></html>
+"""

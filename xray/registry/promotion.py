@@ -1,0 +1,233 @@
+"""The way to champion: score the champion on the challenger's images, decide by the gate's rule, register the
+version with its card, and move the alias under the promotion lock. The only module that uses both the rule
+(:mod:`xray.registry.gate`) and the registry's I/O (:mod:`xray.registry.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from xray import CLASS_NAMES
+from xray.data.inputs import labels_of, make_spec_for_inference, select
+from xray.data.sites import load_site, site_name
+from xray.model.network import predict_paths
+from xray.registry import card, gate, store
+
+logger = logging.getLogger(__name__)
+
+
+def score_champion(model_name: str, champion_version: str, image_sets: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """The champion's probabilities on each set of image files, through the champion's own registered folder."""
+    predictor, _ = store.load_predictor(model_name, champion_version)
+    spec = make_spec_for_inference(predictor.image_size)
+    return {name: predict_paths(predictor.model, paths, spec) for name, paths in image_sets.items()}
+
+
+def gate_against_champion(
+    model_name: str,
+    champion_version: str | None,
+    image_sets: dict[str, list[str]],
+    labels: dict[str, np.ndarray],
+    challenger: dict[str, np.ndarray],
+    test_sensitivity: float,
+    min_sensitivity: float,
+    margin: float,
+    samples: int,
+    seed: int,
+) -> gate.PromotionDecision:
+    """Score the champion on the challenger's image sets, compare pairwise, decide (:func:`xray.registry.gate.decide`).
+
+    A champion that cannot be loaded or scored is reported in the decision (never skipped): the gate then rejects.
+    """
+    comparisons: dict[str, dict] = {}
+    champion_error = None
+    if champion_version is not None and test_sensitivity >= min_sensitivity:
+        try:
+            champion = score_champion(model_name, champion_version, image_sets)
+        except Exception as error:  # noqa: BLE001 - whatever the cause, the gate must say it and not promote
+            champion_error = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        else:
+            comparisons = {
+                name: gate.compare(labels[name], challenger[name], champion[name], samples, seed) for name in image_sets
+            }
+    return gate.decide(test_sensitivity, min_sensitivity, champion_version, comparisons, margin, champion_error)
+
+
+def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites, data, s3, workdir):
+    """(paths, labels, challenger probabilities) per image set: the test split, already scored by the challenger,
+    and each labelled gate site (loaded through the site checks into a folder of ``workdir``, and scored here).
+    The sites' paths point into ``workdir``: the caller keeps it until the champion has scored them too."""
+    test_rows = select(dataset.manifest, "test", spec)
+    paths, labels, challenger = (
+        {"test": dataset.paths(test_rows)},
+        {"test": labels_of(test_rows)},
+        {"test": test_probabilities},
+    )
+    for index, uri in enumerate(gate_sites):
+        site, report = load_site(uri, Path(workdir) / f"site-{index}", data, s3)
+        name = f"site:{site_name(uri)}"
+        paths[name], labels[name] = site.paths(site.manifest), labels_of(site.manifest)
+        challenger[name] = predict_paths(model, paths[name], spec)
+        logger.info("gate site %s (%s): %s", name, uri, report["counts"])
+    return paths, labels, challenger
+
+
+def promote(
+    client, model_name: str, version_id: str, alias: str, metrics: dict, decision: gate.PromotionDecision
+) -> gate.PromotionDecision:
+    """Tag the version with its metrics and the gate's evidence; give it the alias when the gate promoted it.
+    Returns the final decision.
+
+    ``decision`` was taken against the champion read before scoring. Promotions are serialised by
+    :func:`xray.registry.store.promotion_lock`; under it the alias moves only if the champion is still the one the
+    gate compared against (:func:`xray.registry.store.move_alias_if`). If another run moved it meanwhile, this
+    version is not promoted (it was never compared with the new champion) and its tags say so.
+    """
+    keys = ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_ece", "threshold")
+    store.set_version_tags(client, model_name, version_id, {key: str(metrics[key]) for key in keys if key in metrics})
+    if decision.promoted:
+        holder = store.move_alias_if(client, model_name, alias, version_id, decision.previous_champion)
+        if holder != decision.previous_champion:
+            compared = f"v{decision.previous_champion}" if decision.previous_champion else "no champion"
+            decision = replace(
+                decision,
+                promoted=False,
+                reason=(
+                    f"the champion became v{holder} while this version was gated against {compared}; not promoted "
+                    f"without a paired comparison with v{holder} (train again, or compare by hand). Gate: "
+                    f"{decision.reason}"
+                ),
+            )
+    store.set_version_tags(client, model_name, version_id, gate.tags(decision))
+    return decision
+
+
+def version_metadata(metrics: dict, threshold: float, spec, dataset_sha256: str, reference_profile) -> dict:
+    """What a registered version carries as MLflow model metadata and version tags: the operating point, the
+    preprocessing a caller must reproduce, the data it was trained on and the OOD reference it is served with."""
+    return {
+        "threshold": threshold,
+        "threshold_policy": metrics["threshold_policy"],
+        "image_size": spec.image_size,
+        "preprocessing": spec.preprocessing,
+        "input": "float32 RGB in [0, 255], shape (N, image_size, image_size, 3)",
+        "classes": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "dataset_sha256": dataset_sha256,
+        "ood_threshold": reference_profile.threshold,
+        "val_ood_fraction": reference_profile.val_ood_fraction,
+        "calibration": metrics.get("calibration", {}).get("method", "none"),
+    }
+
+
+def register_candidate(
+    client,
+    model,
+    *,
+    metrics: dict,
+    threshold: float,
+    test_probabilities: np.ndarray,
+    dataset,
+    spec,
+    dataset_sha256: str,
+    data_report: dict,
+    training: dict,
+    reference_profile,
+    registry,
+    evaluate,
+    data,
+    s3,
+    seed: int,
+) -> dict:
+    """The training pipeline's registration: gate the trained model against the champion (paired scores on test
+    and the gate sites), log and register it as a new version with its card, and move the champion alias only if
+    the gate passed and the champion did not change meanwhile (:func:`promote`).
+
+    Logs to the active MLflow run (its tags and gate metrics). ``training`` is the card's model section (backbone,
+    weights, epochs run, class weights). Returns the registration: name, version, URI, run id, decision and reason.
+    """
+    import mlflow  # lazy: MLflow's import costs seconds; the module's rules are used without it
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_candidate logs to the active MLflow run: start one first")
+    flat = metrics["flat"]
+    metadata = version_metadata(metrics, threshold, spec, dataset_sha256, reference_profile)
+    champion, _ = store.current_champion(client, registry.model_name, registry.champion_alias)
+    # The gate sites' images live in this folder until the champion has scored them.
+    with tempfile.TemporaryDirectory(prefix="xray-gate-sites-") as workdir:
+        paths, labels, challenger = (
+            image_sets(model, dataset, spec, test_probabilities, registry.gate_sites, data, s3, workdir)
+            if champion is not None
+            else ({}, {}, {})
+        )
+        decision = gate_against_champion(
+            registry.model_name,
+            champion,
+            paths,
+            labels,
+            challenger,
+            flat["test_sensitivity"],
+            evaluate.min_sensitivity,
+            registry.margin,
+            evaluate.bootstrap_samples,
+            seed,
+        )
+    model_card = card.render(
+        registry.model_name,
+        metrics,
+        spec.counts,
+        data_report,
+        {
+            "mlflow_run_id": run.info.run_id,
+            **training,
+            "image_size": spec.image_size,
+            "preprocessing": spec.preprocessing,
+            "class_weights": spec.class_weights,
+            "dataset_sha256": dataset_sha256,
+        },
+        reference_profile,
+        gate.markdown(decision, evaluate.min_sensitivity),
+    )
+    uri, version = store.log_and_register(model, registry.model_name, metadata, model_card, reference_profile)
+    mlflow.log_text(model_card, "model_card.md")
+    store.set_version_tags(client, registry.model_name, version, {key: str(value) for key, value in metadata.items()})
+    decision = promote(client, registry.model_name, version, registry.champion_alias, flat, decision)
+    mlflow.set_tags(
+        {
+            "model_version": version,
+            "promotion_decision": "promoted" if decision.promoted else "rejected",
+            "promotion_reason": decision.reason[:4900],
+        }
+    )
+    for name, comparison in decision.comparisons.items():
+        mlflow.log_metrics(
+            {
+                f"gate_{name.replace(':', '_')}_{key}": value
+                for key, value in comparison.items()
+                if isinstance(value, float)
+            }
+        )
+    logger.info(
+        "registered %s v%s: %s (%s)",
+        registry.model_name,
+        version,
+        f"promoted to {registry.champion_alias}" if decision.promoted else "not promoted",
+        decision.reason,
+    )
+    return {
+        "model_name": registry.model_name,
+        "model_version": version,
+        "model_uri": uri,
+        "mlflow_run_id": run.info.run_id,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "threshold": threshold,
+        "gate": decision.comparisons,
+        "previous_champion": champion,
+    }

@@ -1,0 +1,370 @@
+"""Batch inference as one stream: list -> fetch -> screen -> predict -> write, in bounded memory.
+
+Images come from a folder, a zip (under the same size and ratio limits as training archives) or an S3 prefix
+(paginated listing, parallel GETs with the client's retries). A pool of threads fetches, hashes, decodes, screens and
+computes the out-of-distribution features of a bounded window of images ahead of the model; the model decodes,
+resizes and predicts each batch in one compiled call; rows are written as they come (CSV or Parquet, local or s3://). Memory
+depends on the window and the batch size, not on the number of images.
+
+Unreadable images never abort a batch: they get a row with a status that says why. With ``resume``, images whose
+content hash is already in the output are not predicted again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from xray import CLASS_NAMES
+from xray.config import ArchiveLimits, InferenceConfig
+from xray.data.images import check_image
+from xray.errors import ArchiveError, DatasetSourceError
+from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE
+from xray.serving.predictor import PreparedImage
+from xray.storage import s3
+from xray.storage.listing import ImageRef, list_images
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = [
+    "path",
+    "sha256",
+    "probability",
+    "label",
+    "threshold",
+    "ood_score",
+    "status",
+    "reason",
+    "model_version",
+]
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet"}
+
+
+def in_order(function: Callable, items: Iterable, workers: int, window: int) -> Iterator:
+    """``function(item)`` for each item on a pool of threads, in input order, with at most ``window`` in flight.
+
+    The source is consumed lazily, so an unbounded listing never sits in memory.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xray-fetch") as pool:
+        pending: deque = deque()
+        iterator = iter(items)
+        for item in iterator:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+class PredictionWriter:
+    """Rows appended as they are predicted, to a CSV or Parquet file, local or s3://.
+
+    An s3:// output is written to a local file and uploaded when the writer closes, also after a failure, so a
+    rerun with resume finds what was done. Parquet gets one row group per write.
+    """
+
+    def __init__(self, output: str, resume: bool = False, max_attempts: int = 5):
+        suffix = PurePosixPath(output).suffix.lower()
+        if suffix not in OUTPUT_FORMATS:
+            raise DatasetSourceError(f"predictions output must end in .csv or .parquet, got {output}")
+        self.output, self.format, self.rows = output, OUTPUT_FORMATS[suffix], 0
+        self._client = s3.make_client(max_attempts) if output.startswith("s3://") else None
+        self._spool = tempfile.mkdtemp(prefix="xray-predictions-") if self._client else None
+        self.local = Path(self._spool, f"predictions{suffix}") if self._client else Path(output).expanduser()
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        previous = self._previous() if resume else None
+        self.done = set(previous["sha256"].dropna()) if previous is not None else set()
+        self._parquet = None
+        if self.format == "csv":
+            keep = previous is not None and self.local.is_file()
+            self._csv = open(self.local, "a" if keep else "w", newline="")
+            if not keep:
+                self._csv.write(",".join(PREDICTION_COLUMNS) + "\n")
+        elif previous is not None and len(previous):
+            self.write(previous[PREDICTION_COLUMNS])
+        self.rows = 0
+
+    def _previous(self) -> pd.DataFrame | None:
+        if self._client is not None:
+            from botocore.exceptions import ClientError  # lazy: only S3 access needs botocore
+
+            location = s3.parse_s3_uri(self.output)
+            try:
+                self._client.download_file(location.bucket, location.key, str(self.local))
+            except ClientError:
+                return None
+        if not self.local.is_file():
+            return None
+        columns = ["sha256"] if self.format == "csv" else None
+        table = pd.read_csv(self.local, usecols=columns) if self.format == "csv" else pd.read_parquet(self.local)
+        logger.info("resume: %d images already in %s", len(table), self.output)
+        return table
+
+    def write(self, table: pd.DataFrame) -> None:
+        if table.empty:
+            return
+        table = table[PREDICTION_COLUMNS]
+        if self.format == "csv":
+            table.to_csv(self._csv, header=False, index=False)
+            self._csv.flush()
+        else:
+            batch = pa.Table.from_pandas(table.astype(_PARQUET_TYPES), schema=_parquet_schema(), preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(str(self.local) + ".partial", _parquet_schema())
+            self._parquet.write_table(batch)
+        self.rows += len(table)
+
+    def close(self) -> None:
+        if self.format == "csv":
+            self._csv.close()
+        elif self._parquet is not None:
+            self._parquet.close()
+            os.replace(str(self.local) + ".partial", self.local)
+        elif not self.local.is_file():
+            pd.DataFrame(columns=PREDICTION_COLUMNS).astype(_PARQUET_TYPES).to_parquet(self.local, index=False)
+        if self._client is not None:
+            location = s3.parse_s3_uri(self.output)
+            try:
+                self._client.upload_file(str(self.local), location.bucket, location.key)
+            except Exception:
+                logger.error("predictions not uploaded to %s: they are kept in %s", self.output, self.local)
+                raise
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_PARQUET_TYPES = {
+    "path": "string",
+    "sha256": "string",
+    "probability": "float64",
+    "label": "string",
+    "threshold": "float64",
+    "ood_score": "float64",
+    "status": "string",
+    "reason": "string",
+    "model_version": "string",
+}
+
+
+def _parquet_schema():
+    types = {"string": pa.string(), "float64": pa.float64()}
+    return pa.schema([(name, types[kind]) for name, kind in _PARQUET_TYPES.items()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stream
+
+
+@dataclass
+class StreamResult:
+    """What a streamed run did; ``table`` and ``features`` only when asked to keep them (monitoring)."""
+
+    images: int = 0
+    skipped: int = 0
+    unreadable: int = 0
+    out_of_distribution: int = 0
+    predicted: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    table: pd.DataFrame | None = None
+    features: list = field(default_factory=list)
+    examples: list = field(default_factory=list)
+    """(ood_score, path, RGB thumbnail) of the highest-scoring readable images, highest first."""
+
+    def summary(self) -> dict:
+        return {
+            "images": self.images,
+            "skipped_already_predicted": self.skipped,
+            "unreadable": self.unreadable,
+            "out_of_distribution": self.out_of_distribution,
+            "predicted": dict(sorted(self.predicted.items())),
+            "images_per_second": round((self.images - self.skipped) / self.seconds, 2) if self.seconds else None,
+        }
+
+
+@dataclass
+class _Item:
+    name: str
+    sha256: str = ""
+    skipped: bool = False
+    prepared: object = None
+
+
+_DEFAULTS = InferenceConfig()
+
+
+def predict_source(
+    predictor,
+    source: str,
+    settings: InferenceConfig,
+    writer: PredictionWriter | None = None,
+    *,
+    limits: ArchiveLimits | None = None,
+    max_attempts: int = 5,
+    keep: bool = False,
+    examples: int = 0,
+) -> StreamResult:
+    """Every image of ``source`` (folder, zip or s3:// prefix) through :func:`predict_stream` with ``settings``."""
+    return predict_stream(
+        predictor,
+        list_images(source, limits, max_attempts=max_attempts),
+        writer,
+        batch_size=settings.batch_size,
+        workers=settings.fetch_workers,
+        window=settings.window,
+        keep=keep,
+        examples=examples,
+    )
+
+
+def predict_stream(
+    predictor,
+    refs: Iterable[ImageRef],
+    writer: PredictionWriter | None = None,
+    *,
+    batch_size: int = _DEFAULTS.batch_size,
+    workers: int = _DEFAULTS.fetch_workers,
+    window: int = _DEFAULTS.window,
+    keep: bool = False,
+    examples: int = 0,
+    progress_every: int = 1000,
+) -> StreamResult:
+    """Predict every image of ``refs`` in order and write each batch's rows as soon as it is predicted.
+
+    ``writer.done`` (content hashes) are skipped. ``keep`` also returns the table and the out-of-distribution
+    features (monitoring needs them for its drift test; they grow with the batch, about 4 KB per image).
+    ``examples``: keep thumbnails of that many images with the highest ood_score.
+    """
+    done = writer.done if writer is not None else set()
+    result, started = StreamResult(), time.perf_counter()
+    tables, worst = [], []
+
+    def prepare(ref: ImageRef) -> _Item:
+        item = _Item(ref.name)
+        try:
+            data = ref.read()
+        except ArchiveError:
+            raise
+        except (DatasetSourceError, OSError) as error:
+            # One object that cannot be read after the client's retries: a row that says why, not a lost batch.
+            item.prepared = _unreadable(f"cannot be read: {error}".splitlines()[0][:200])
+            return item
+        item.sha256 = hashlib.sha256(data).hexdigest()
+        if item.sha256 in done:
+            item.skipped = True
+            return item
+        item.prepared = predictor.prepare(data)
+        return item
+
+    batch: list[_Item] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        readable = [item for item in batch if item.prepared.readable]
+        probabilities = predictor.probabilities_of_encoded([item.prepared.encoded for item in readable])
+        assessment = predictor.assess([item.prepared.features for item in readable])
+        rows = predictor.rows(probabilities, assessment)
+        table = pd.DataFrame(
+            {
+                "path": [item.name for item in batch],
+                "sha256": [item.sha256 or None for item in batch],
+                "probability": np.nan,
+                "label": "",
+                "threshold": predictor.threshold,
+                "ood_score": np.nan,
+                "status": UNREADABLE,
+                "reason": [item.prepared.reason for item in batch],
+                "model_version": predictor.version,
+            },
+            columns=PREDICTION_COLUMNS,
+        )
+        mask = np.array([item.prepared.readable for item in batch])
+        if mask.any():
+            for column in ("probability", "label", "ood_score", "status", "reason"):
+                table.loc[mask, column] = rows[column].to_numpy()
+        if writer is not None:
+            writer.write(table)
+        result.unreadable += int((~mask).sum())
+        result.out_of_distribution += int((table["status"] == OUT_OF_DISTRIBUTION).sum())
+        for label in CLASS_NAMES:
+            count = int((table.loc[table["status"] == "ok", "label"] == label).sum())
+            result.predicted[label] = result.predicted.get(label, 0) + count
+        if keep:
+            tables.append(table)
+            result.features.extend(item.prepared.features for item in readable)
+        if examples:
+            # A thumbnail only for an image that enters the top ``examples``, from the bytes the batch still holds.
+            for item, score in zip(readable, assessment["ood_score"].to_numpy(dtype=float)):
+                score = float(np.nan_to_num(score, nan=-np.inf))
+                if len(worst) < examples:
+                    heapq.heappush(worst, (score, item.name, _thumbnail(item.prepared.encoded)))
+                elif score > worst[0][0]:
+                    heapq.heapreplace(worst, (score, item.name, _thumbnail(item.prepared.encoded)))
+        batch.clear()
+
+    for item in in_order(prepare, refs, workers, window):
+        result.images += 1
+        if item.skipped:
+            result.skipped += 1
+        else:
+            batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
+        if progress_every and result.images % progress_every == 0:
+            rate = result.images / (time.perf_counter() - started)
+            logger.info("%d images (%d already predicted), %.1f images/s", result.images, result.skipped, rate)
+    flush()
+    result.seconds = time.perf_counter() - started
+    if keep:
+        result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    result.examples = [(score, name, picture) for score, name, picture in sorted(worst, key=lambda e: -e[0])]
+    return result
+
+
+def _unreadable(reason: str) -> PreparedImage:
+    return PreparedImage(reason=reason)
+
+
+def _thumbnail(data: bytes, size: int = 256):
+    with Image.open(io.BytesIO(data)) as image:
+        picture = image.convert("RGB")
+        picture.thumbnail((size, size))
+        return picture
+
+
+def first_readable(refs: Iterable[ImageRef], count: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the first ``count`` decodable images; stops reading as soon as it has them."""
+    found = []
+    for ref in refs:
+        if len(found) >= count:
+            break
+        data = ref.read()
+        if check_image(data).ok:
+            found.append((ref.name, data))
+    return found

@@ -1,0 +1,122 @@
+"""MLflow pyfunc flavor of the registered model: base64 image bytes in, one row per image out.
+
+``mlflow models serve`` and ``mlflow.pyfunc.load_model`` call :func:`_load_pyfunc` with the version's ``data``
+folder (:mod:`xray.serving.bundle`). Request body for ``POST /invocations``::
+
+    {"inputs": ["<base64 JPEG or PNG>", ...]}
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}
+
+Each image gets ``probability``, ``label``, ``threshold``, ``ood_score`` (1.0 is the out-of-distribution boundary),
+``status`` (``ok``, ``out_of_distribution`` or ``unreadable``) and ``reason``. An out-of-distribution image keeps its
+probability, but its label must not be used.
+
+Requests are refused with a 400 and a message, never a 500: a body that is not JSON, a payload that is not one base64
+string per image (``{"inputs": {...}}``, nested lists, numbers), an empty list, a request in which no image can be
+read, more than ``MAX_IMAGES_PER_REQUEST`` images, or more than ``MAX_REQUEST_MB`` of image data (set with
+``XRAY_SERVING_MAX_REQUEST_MB``). The scoring server reads the whole body before the model sees it; a hard cap on
+bytes on the wire belongs in the proxy in front (nginx ``client_max_body_size``, an ALB or API Gateway limit).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+
+import numpy as np
+import pandas as pd
+
+from xray.monitoring.ood import UNREADABLE
+from xray.serving import bundle
+from xray.serving.predictor import ChestXrayPredictor
+
+MAX_IMAGES_PER_REQUEST = 64
+MAX_REQUEST_MB = float(os.environ.get("XRAY_SERVING_MAX_REQUEST_MB", "16"))
+SHAPE_HELP = 'send {"inputs": ["<base64 image>", ...]}: one base64 string per image'
+
+
+class InvalidImage(ValueError):
+    pass
+
+
+def _payload_items(model_input) -> list:
+    if isinstance(model_input, pd.DataFrame):
+        if "image" in model_input.columns:
+            return list(model_input["image"])
+        if model_input.shape[1] != 1:
+            raise InvalidImage(f"expected one image column, got columns {list(model_input.columns)[:5]}; {SHAPE_HELP}")
+        return list(model_input.iloc[:, 0])
+    if isinstance(model_input, dict):
+        for key in ("image", "inputs"):
+            if key in model_input:
+                return _payload_items(model_input[key])
+        if len(model_input) == 1:
+            return _payload_items(next(iter(model_input.values())))
+        raise InvalidImage(
+            f"expected a list of images, got an object with keys {sorted(model_input)[:5]}; {SHAPE_HELP}"
+        )
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    array = np.asarray(model_input, dtype=object)
+    if array.ndim != 1:
+        raise InvalidImage(f"expected a flat list of images, got an array of shape {array.shape}; {SHAPE_HELP}")
+    return list(array)
+
+
+def decode_payload(item, index: int = 0) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if not isinstance(item, str):
+        raise InvalidImage(f"image {index} is a {type(item).__name__}, not a base64 string; {SHAPE_HELP}")
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidImage(f"image {index} is not base64-encoded image bytes: {error}") from None
+
+
+def check_request_size(items: list) -> None:
+    """Refuse a request over the documented limits before decoding any image."""
+    if not items:
+        raise InvalidImage(f"no images in the request; {SHAPE_HELP}")
+    if len(items) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidImage(
+            f"{len(items)} images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}; split the batch"
+        )
+    size = sum(len(item) for item in items if isinstance(item, (str, bytes)))
+    if size > MAX_REQUEST_MB * 2**20:
+        raise InvalidImage(
+            f"{size / 2**20:.1f} MB of image data in one request, over the limit of {MAX_REQUEST_MB:g} MB "
+            "(XRAY_SERVING_MAX_REQUEST_MB); send fewer or smaller images"
+        )
+
+
+def predict_request(predictor: ChestXrayPredictor, model_input) -> pd.DataFrame:
+    """One row per image of a request; InvalidImage when the request is malformed or no image in it can be read."""
+    items = _payload_items(model_input)
+    check_request_size(items)
+    table = predictor.predict_bytes([decode_payload(item, index) for index, item in enumerate(items)])
+    if (table["status"] == UNREADABLE).all():
+        raise InvalidImage(
+            "; ".join(f"image {i} cannot be decoded as an image: {reason}" for i, reason in enumerate(table["reason"]))
+        )
+    return table
+
+
+class _PyfuncModel:
+    """What mlflow.pyfunc wraps; turns bad input into a 400, not a 500."""
+
+    def __init__(self, predictor: ChestXrayPredictor):
+        self.predictor = predictor
+
+    def predict(self, model_input, params=None):
+        from mlflow.exceptions import MlflowException  # lazy: the module also loads where MLflow is not imported
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # lazy: MLflow's import takes seconds
+
+        try:
+            return predict_request(self.predictor, model_input)
+        except InvalidImage as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def _load_pyfunc(data_path: str) -> _PyfuncModel:
+    return _PyfuncModel(bundle.read(data_path))

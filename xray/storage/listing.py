@@ -1,0 +1,129 @@
+"""Listing the images of a source lazily: a folder, a zip (under the training archives' limits) or an S3 prefix.
+
+Each image is an :class:`ImageRef`: its display name and a function that reads its bytes (called in a worker
+thread by the batch stream, ``xray.serving.batch``).
+"""
+
+from __future__ import annotations
+
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from xray.config import ArchiveLimits
+from xray.errors import ArchiveError, DatasetSourceError
+from xray.storage import s3
+from xray.storage.archive import checked_entries, inflate_chunks, is_junk
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES and not is_junk(name)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image: its display path and how to read its bytes (called in a worker thread)."""
+
+    name: str
+    read: Callable[[], bytes]
+
+
+def _s3_refs(uri: str, max_attempts: int) -> Iterator[ImageRef]:
+    from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore only where S3 is read
+
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise DatasetSourceError(f"not an s3://bucket/prefix URI: {uri}")
+    location = s3.S3Location(parsed.netloc, parsed.path.lstrip("/"))
+    client = s3.make_client(max_attempts)
+
+    def reader(key: str) -> Callable[[], bytes]:
+        def read() -> bytes:
+            try:
+                return client.get_object(Bucket=location.bucket, Key=key)["Body"].read()
+            except (BotoCoreError, ClientError) as error:
+                raise s3.explain_error(error, s3.S3Location(location.bucket, key)) from None
+
+        return read
+
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
+            for entry in page.get("Contents", []):
+                if is_image_name(entry["Key"]):
+                    yield ImageRef(f"s3://{location.bucket}/{entry['Key']}", reader(entry["Key"]))
+    except (BotoCoreError, ClientError) as error:
+        raise s3.explain_error(error, location) from None
+
+
+def _zip_refs(path: Path, limits: ArchiveLimits) -> Iterator[ImageRef]:
+    """Entries are checked before any is read (count, names, duplicates) and inflated under the byte and ratio
+    limits of training archives; one ZipFile per reading thread (a ZipFile is not safe to share)."""
+    with zipfile.ZipFile(path) as archive:
+        infos = sorted(
+            (info for info in checked_entries(archive, limits) if not info.is_dir() and is_image_name(info.filename)),
+            key=lambda info: info.filename,
+        )
+    declared = sum(info.file_size for info in infos)
+    if declared > limits.max_total_bytes:
+        raise ArchiveError(
+            f"{path.name} declares {declared} bytes of images, over max_total_bytes={limits.max_total_bytes}"
+        )
+    local, lock, inflated = threading.local(), threading.Lock(), [0]
+
+    def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
+        def read() -> bytes:
+            if not hasattr(local, "archive"):
+                local.archive = zipfile.ZipFile(path)
+            # The real inflated bytes count, whatever the headers claim: each entry against what is left of the
+            # archive's budget, and the running total after it.
+            data = b"".join(inflate_chunks(local.archive, info, limits, limits.max_total_bytes - inflated[0]))
+            with lock:
+                inflated[0] += len(data)
+                if inflated[0] > limits.max_total_bytes:
+                    raise ArchiveError(
+                        f"archive inflates past max_total_bytes={limits.max_total_bytes} at entry '{info.filename}'"
+                    )
+            return data
+
+        return read
+
+    for info in infos:
+        yield ImageRef(f"{path}!{info.filename}", reader(info))
+
+
+def list_images(source: str, limits: ArchiveLimits | None = None, max_attempts: int = 5) -> Iterator[ImageRef]:
+    """Every JPEG/PNG under a folder, in a zip, or under an s3:// prefix, in name order, lazily.
+
+    Raises DatasetSourceError when the source holds no image (after listing it).
+    """
+    limits = limits or ArchiveLimits()
+    count = 0
+    for ref in _refs(source, limits, max_attempts):
+        count += 1
+        yield ref
+    if not count:
+        raise DatasetSourceError(f"no .jpeg, .jpg or .png images found at {source}")
+
+
+def _refs(source: str, limits: ArchiveLimits, max_attempts: int) -> Iterator[ImageRef]:
+    if source.startswith("s3://"):
+        yield from _s3_refs(source, max_attempts)
+        return
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
+        for name in files:
+            yield ImageRef(name, Path(name).read_bytes)
+    elif path.is_file() and zipfile.is_zipfile(path):
+        yield from _zip_refs(path, limits)
+    elif path.is_file() and path.suffix.lower() == ".zip":
+        raise DatasetSourceError(f"{source} is not a readable zip archive")
+    elif path.is_file():
+        yield ImageRef(str(path), path.read_bytes)
+    else:
+        raise DatasetSourceError(f"no images at {source}: not a folder, zip, file or s3:// prefix")
