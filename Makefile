@@ -5,11 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-# The Python entry points set TF/ZenML defaults themselves (xray/environment.py); this one is for the zenml CLI calls.
+# The Python entry points set TF/ZenML/MLflow defaults themselves (xray/environment.py); these are for the zenml and
+# mlflow CLI calls (make ui, make serve, the team stack's servers).
 export ZENML_ANALYTICS_OPT_IN ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-packages lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
+.PHONY: monitor-images setup system-packages lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
 # The locked dependencies, then this project in editable mode (pyproject.toml; setuptools comes from the lock).
 $(STAMP): requirements.lock pyproject.toml
@@ -99,9 +101,14 @@ bench-ood: setup
 	$(PY) benchmarks/monitoring_runs.py
 	$(PY) benchmarks/serving_latency.py --requests 500
 
-# A batch against the champion's reference profile: make monitor IMAGES=path/or/s3://prefix/
-monitor: stack
-	$(PY) run.py --pipeline monitoring $(STACK_FLAG) --images $(IMAGES) --summary outputs/monitoring/summary.json
+# A batch against the champion's reference profile: make monitor IMAGES=path/or/s3://prefix/ [OUTPUT=folder]
+MONITOR_OUTPUT := $(or $(OUTPUT),outputs/monitoring)
+monitor: monitor-images stack
+	$(PY) run.py --pipeline monitoring $(STACK_FLAG) --images $(IMAGES) --output $(MONITOR_OUTPUT) \
+	  --summary $(MONITOR_OUTPUT)/summary.json
+
+monitor-images:
+	@test -n "$(IMAGES)" || { echo "error: make monitor needs IMAGES=, the batch to check: a folder, a zip or an s3:// prefix (make monitor IMAGES=path/to/xrays [OUTPUT=outputs/monitoring])" >&2; exit 2; }
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000

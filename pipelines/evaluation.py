@@ -54,7 +54,8 @@ def summarize(load, site: str) -> dict:
     if "recalibrated" in result:
         recalibrated = result["recalibrated"]
         summary["recalibrated"] = {
-            k: recalibrated[k] for k in ("fraction", "calibration_images", "measured_images", "calibration")
+            k: recalibrated[k]
+            for k in ("fraction", "calibration_images", "measured_images", "calibration", "meets_policy", "policy")
         } | {
             "threshold": recalibrated["metrics"]["threshold"],
             "metrics": {k: v for k, v in recalibrated["metrics"].items() if k not in ("images", "threshold")},

@@ -60,4 +60,5 @@ def summarize(load, output: Path) -> dict:
         "model_uri": report["model_uri"],
         "model_version": report["model_version"],
         "report": str(output / "report.html"),
+        "headline": report["headline"],
     }

@@ -1,5 +1,6 @@
 import json
 import logging
+from datetime import datetime, timezone
 from typing import Annotated, Tuple
 
 import mlflow
@@ -9,7 +10,7 @@ from zenml import step
 from steps.tracking import log_config, log_images, mlflow_run
 from xray.config import MonitoringConfig, RegistryConfig
 from xray.monitoring import drift
-from xray.monitoring.report import figures, render_html
+from xray.monitoring.report import figures, headline, render_html
 from xray.registry import store
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,16 @@ def check_drift(
     """Compare the batch with the version's reference profile; reads the registry, never writes to it."""
     profile, _ = store.load_reference_profile(registry.model_name, model_info["version"])
     report = drift.compare(profile, predictions, image_features, monitoring.drift_alpha, monitoring.permutations, seed)
-    report |= {"model_uri": model_info["uri"], "model_version": model_info["version"], "source": source}
+    report |= {
+        "model_uri": model_info["uri"],
+        "model_version": model_info["version"],
+        "source": source,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    report["headline"], _, report["next_step"] = headline(report)
     plots = figures(profile, predictions, image_features, ood_examples)
     page = render_html(report, plots)
-    logger.info("%s: %s", "DRIFT" if report["drift_detected"] else "no drift", report["decision"])
+    logger.info("%s; %s", report["headline"], report["next_step"])
     with mlflow_run():
         log_config(monitoring=monitoring)
         mlflow.set_tags(

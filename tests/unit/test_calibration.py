@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from xray.config import EvaluateConfig
+from xray.errors import DataQualityError
 from xray.evaluation.calibration import Calibration, expected_calibration_error, fit_calibration, sigmoid
 from xray.evaluation.recipes import calibrate_and_evaluate, grouped_split, recalibrated_site_metrics, site_metrics
 
@@ -135,4 +136,32 @@ def test_a_site_share_the_model_ranks_backwards_is_one_clear_error():
     y = np.array([0, 1] * 40)
     logits = np.where(y == 1, -1.0, 1.0) + np.random.default_rng(0).normal(0, 0.1, 80)
     with pytest.raises(DataQualityError, match="cannot re-fit the calibration.*does not rank"):
-        recalibrated_site_metrics(y, logits, [f"image:{i}" for i in range(80)], 0.5, EvaluateConfig(), seed=0)
+        recalibrated_site_metrics(
+            y, logits, [f"image:{i}" for i in range(80)], 0.5, EvaluateConfig(min_recalibration_per_class=10), seed=0
+        )
+
+
+def test_a_calibration_share_too_small_is_refused_naming_the_setting():
+    """14 images (7 per class) re-fitted a site to temperature 0.05 and threshold 0.9997: refused, in one line."""
+    rng = np.random.default_rng(1)
+    y = np.array([0, 1] * 14)
+    logits = (2 * y - 1) * 1.5 + rng.normal(0, 1, len(y))
+    with pytest.raises(DataQualityError, match=r"evaluate.min_recalibration_per_class=30 of a class"):
+        recalibrated_site_metrics(y, logits, [f"image:{i}" for i in range(len(y))], 0.5, EvaluateConfig(), seed=0)
+
+
+def test_a_recalibration_that_is_not_shown_to_meet_the_sensitivity_floor_says_so(caplog):
+    """The operating point re-fitted on the share is measured on the rest: its sensitivity's CI against the floor."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 300)
+    weak = (2 * y - 1) * 0.4 + rng.normal(0, 1, 300)  # a model that barely ranks this site
+    strong = (2 * y - 1) * 4.0 + rng.normal(0, 1, 300)
+    groups = [f"image:{i}" for i in range(300)]
+    evaluate = EvaluateConfig(bootstrap_samples=200)
+    with caplog.at_level("WARNING"):
+        poor = recalibrated_site_metrics(y, weak, groups, 0.5, evaluate, seed=0)
+    assert not poor["meets_policy"] and "is not shown to meet evaluate.min_sensitivity 0.95" in poor["policy"]
+    assert "recalibrated operating point" in caplog.text
+    good = recalibrated_site_metrics(y, strong, groups, 0.5, evaluate, seed=0)
+    assert good["meets_policy"] == (good["metrics"]["sensitivity_ci_low"] >= 0.95)
+    assert min(good["calibration_counts"].values()) >= 30

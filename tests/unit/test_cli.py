@@ -110,3 +110,10 @@ def test_the_documented_command_runs_from_a_python_without_the_projects_packages
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "zenml pipeline schedule delete" in result.stdout
+
+
+def test_make_monitor_without_images_says_that_images_is_required():
+    import subprocess
+
+    result = subprocess.run(["make", "-s", "monitor"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "make monitor needs IMAGES=" in result.stderr

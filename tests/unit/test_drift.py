@@ -7,7 +7,7 @@ from PIL import Image
 
 from xray.errors import DataQualityError
 from xray.monitoring import drift, ood
-from xray.monitoring.report import figures, render_html
+from xray.monitoring.report import figures, headline, render_html
 
 
 def batch_of(profile, arrays, probability=0.3):
@@ -115,3 +115,24 @@ def test_figures_and_html_report(profile, family, tmp_path):
     page = render_html(report | {"model_uri": "models:/m/1", "source": "batch"}, pictures)
     verdict = "DRIFT DETECTED" if report["drift_detected"] else "no drift detected"
     assert verdict in page and page.count("data:image/png;base64,") == 5 and "models:/m/1" in page
+
+
+def test_the_headline_names_the_deciding_test_every_significant_reported_one_and_what_to_do(profile, family):
+    """A verdict of no drift above a significant embedding test must say so, not stand green on its own."""
+    predictions, features = batch_of(profile, family[220:260])
+    report = drift.compare(profile, predictions, features, permutations=100)
+    assert not report["drift_detected"]
+    quiet = report | {"embedding": report["embedding"] | {"p_value": 0.5}}
+    quiet["positive_rate"] = quiet["positive_rate"] | {"p_value": 0.5}
+    quiet["acquisition"] = quiet["acquisition"] | {"tests": []}
+    verdict, colour, action = headline(quiet)
+    assert verdict.startswith("no drift detected: ") and "binomial p" in verdict and "Nothing to do" in action
+    shifted = quiet | {"embedding": quiet["embedding"] | {"p_value": 0.002}}
+    verdict, colour, action = headline(shifted)
+    assert "1 reported test(s) significant" in verdict and "content embedding (MMD permutation p = 0.002)" in verdict
+    assert colour != headline(quiet)[1] and "evaluation" in action
+    page = render_html(
+        shifted | {"model_uri": "models:/m/4", "model_version": "4", "generated_at": "2026-12-02T10:00:00+00:00"}, {}
+    )
+    assert "version 4" in page and "2026-12-02T10:00:00+00:00" in page and "How the verdict is decided" in page
+    assert "What to do" in page and "content embedding (MMD permutation p = 0.002)" in page

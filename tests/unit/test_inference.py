@@ -1,6 +1,7 @@
 """Streamed batch inference: sources listed lazily, zip limits, bounded read-ahead, rows in input order, resume."""
 
 import threading
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,10 @@ def names(source: str, **kwargs) -> list[str]:
 
 def test_an_empty_folder_a_broken_zip_and_a_missing_path_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetSourceError, match="no .jpeg, .jpg or .png images found at"):
+    with pytest.raises(DatasetSourceError, match="no files found at"):
+        names(str(tmp_path / "empty"))
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"junk")
+    with pytest.raises(DatasetSourceError, match=r"no files found at .* \(only 1 system files\)"):
         names(str(tmp_path / "empty"))
     (tmp_path / "batch.zip").write_bytes(b"PK\x03\x04 this is not a zip")
     with pytest.raises(DatasetSourceError, match="is not a readable zip archive"):
@@ -34,12 +38,14 @@ def test_a_zip_of_images_is_read_in_name_order(tmp_path):
         {
             "x/b.jpeg": jpeg_bytes(1),
             "x/a.png": jpeg_bytes(2, fmt="PNG"),
-            "x/notes.txt": b"ignored",
+            "x/notes.txt": b"listed: its content says it is no image",
             "__MACOSX/x/._a.png": b"junk",
         },
     )
-    refs = list(listing.list_images(str(archive)))
-    assert [ref.name for ref in refs] == [f"{archive}!x/a.png", f"{archive}!x/b.jpeg"]
+    skipped = Counter()
+    refs = list(listing.list_images(str(archive), skipped=skipped))
+    assert [ref.name for ref in refs] == [f"{archive}!x/a.png", f"{archive}!x/b.jpeg", f"{archive}!x/notes.txt"]
+    assert skipped == {listing.JUNK: 1}
     assert refs[1].read() == jpeg_bytes(1)
 
 
@@ -139,15 +145,17 @@ def test_an_s3_prefix_streams_to_an_s3_output_and_resumes_there(predictor, tmp_p
             client.put_object(Bucket="batch", Key=f"site/day1/{i}.png", Body=png(radiograph_like(rng, 40)))
         client.put_object(Bucket="batch", Key="site/day1/readme.txt", Body=b"not an image")
         refs = list(listing.list_images("s3://batch/site/"))
-        assert [ref.name for ref in refs] == [f"s3://batch/site/day1/{i}.png" for i in range(7)]
+        expected = [f"s3://batch/site/day1/{i}.png" for i in range(7)] + ["s3://batch/site/day1/readme.txt"]
+        assert [ref.name for ref in refs] == expected  # every file is listed: its content says what it is
         with PredictionWriter("s3://batch/out/predictions.parquet") as writer:
-            predict_stream(predictor, refs, writer)
+            first = predict_stream(predictor, refs, writer)
+        assert first.not_read == {"not a recognised image format": 1}
         with PredictionWriter("s3://batch/out/predictions.parquet", resume=True) as writer:
             again = predict_stream(predictor, listing.list_images("s3://batch/site/"), writer)
-        assert again.skipped == 7 and writer.rows == 0
+        assert again.skipped == 8 and writer.rows == 0
         client.download_file("batch", "out/predictions.parquet", str(tmp_path / "p.parquet"))
-        assert len(pd.read_parquet(tmp_path / "p.parquet")) == 7
-        with pytest.raises(DatasetSourceError, match="no .jpeg, .jpg or .png images found"):
+        assert len(pd.read_parquet(tmp_path / "p.parquet")) == 8
+        with pytest.raises(DatasetSourceError, match="no files found"):
             names("s3://batch/nothing-here/")
     finally:
         server.stop()
@@ -167,3 +175,51 @@ def test_monitoring_keeps_the_table_features_and_the_most_unusual_images(predict
     scores = [score for score, _, _ in result.examples]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
     assert result.examples[0][1].endswith("999.png") and result.examples[0][2].mode == "RGB"
+
+
+def test_nothing_in_a_folder_is_skipped_silently(predictor, tmp_path):
+    """Files of every kind a site exports: each readable one is predicted, each other one is a row that says why,
+    and the summary counts by reason what was not read (junk files included)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    grey = radiograph_like(rng)[..., 0]
+
+    def encoded(fmt: str, pixels=grey) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    files = {
+        "a.jpeg": encoded("JPEG"),
+        "b.JPG": encoded("JPEG"),
+        "c.tif": encoded("TIFF"),
+        "d.bmp": encoded("BMP"),
+        "e16.png": encoded("PNG", grey.astype(np.uint16) * 257),
+        "f16.tif": encoded("TIFF", grey.astype(np.uint16) * 257),
+        "one/image.jpeg": encoded("JPEG"),
+        "two/image.jpeg": encoded("JPEG"),
+        "no-extension": encoded("PNG"),
+        "g.dcm": b"\0" * 128 + b"DICM" + b"\x02\x00" * 20,
+        "notes.txt": b"not an image",
+        ".DS_Store": b"\0\0\0\1Bud1",
+    }
+    for name, data in files.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+    with PredictionWriter(str(tmp_path / "out.csv")) as writer:
+        result = predict_source(predictor, str(tmp_path / "in"), InferenceConfig(), writer)
+    summary = result.summary()
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert len(table) == 11 and table["path"].is_unique and writer.rows == 11
+    reasons = dict(zip(table["path"].str.rsplit("/", n=1).str[-1], table["reason"]))
+    assert reasons["g.dcm"].startswith("a DICOM file") and reasons["notes.txt"] == "not a recognised image format"
+    assert summary["images"] == 11 and summary["unreadable"] == 2
+    assert summary["skipped"] == {
+        "a DICOM file": 1,
+        "not a recognised image format": 1,
+        "system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)": 1,
+    }
+    assert sum(summary["predicted"].values()) + summary["out_of_distribution"] == 9

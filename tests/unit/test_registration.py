@@ -109,6 +109,19 @@ def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tag
     assert f"{candidate['metrics']['flat']['test_auc']:.4f}" in card
 
 
+def test_a_served_version_names_itself_in_every_answer(store, candidate):
+    """The version number exists only once registered: registration writes it into the version's serving.json."""
+    import base64
+
+    import pandas as pd
+
+    register(store, candidate)
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(
+        pd.DataFrame({"image": [base64.b64encode(jpeg_bytes(7)).decode()]})
+    )
+    assert served["model_version"].tolist() == ["1"]
+
+
 def test_a_challenger_is_scored_against_the_champion_on_the_same_images(store, candidate):
     register(store, candidate)
     result = register(store, candidate)  # the same model again: a paired difference of exactly zero

@@ -11,6 +11,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 PREPROCESSING = (
@@ -22,6 +23,11 @@ PREPROCESSING = (
 # Formats and modes tf.io.decode_image turns into 3-channel RGB as they are.
 NATIVE_FORMATS = {"JPEG", "PNG"}
 NATIVE_MODES = {"L", "RGB", "RGBA", "LA"}
+# Grey images of more than 8 bits (16-bit PNG and TIFF, the usual lossless exports of a PACS; 32-bit integer TIFF)
+# and the largest value of their bit depth: their grey levels are scaled to 0-255, never clipped.
+EMPTY, NOT_AN_IMAGE = "empty file (0 bytes)", "not a recognised image format"
+DICOM = "a DICOM file: DICOM is not read yet (convert it to PNG, or see the DICOM issue)"
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None}
 
 
 @dataclass
@@ -33,14 +39,33 @@ class ImageCheck:
     channels: int = 0
     format: str = ""
     converted: bytes | None = None
-    """PNG bytes when the original must be re-encoded to reach the model as RGB."""
+    """PNG bytes when the original must be re-encoded to reach the model as RGB (or as 8-bit grey)."""
+    bits: int = 8
+    """Bits per grey level of the original (16 for a 16-bit PNG or TIFF)."""
+
+
+def to_8bit(image: Image.Image) -> tuple[Image.Image, int]:
+    """A grey image of more than 8 bits as 8-bit grey, each level scaled from the image's bit depth (65535 -> 255),
+    and that depth. A 32-bit integer image whose values fit 16 bits is read as 16-bit (PIL opens some 16-bit files
+    as mode I)."""
+    values = np.asarray(image, dtype=np.float64)
+    peak = WIDE_MODES[image.mode]
+    if peak is None:
+        if values.min() < 0:
+            raise ValueError(f"negative grey levels in a {image.mode} image")
+        peak = 65535 if values.max() <= 65535 else 2**32 - 1
+    bits = 16 if peak == 65535 else 32
+    levels = np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+    return Image.fromarray(levels, mode="L"), bits
 
 
 def decode_image(data: bytes) -> tuple[ImageCheck, Image.Image | None]:
     """Fully decode an image by content (the extension is not trusted): its check and, when readable, the decoded
     image as the model sees it (RGB when it had to be converted)."""
     if not data:
-        return ImageCheck(False, "empty file (0 bytes)"), None
+        return ImageCheck(False, EMPTY), None
+    if data[128:132] == b"DICM":
+        return ImageCheck(False, DICOM), None
     try:
         # No context manager: closing a PIL image frees its pixels, and the decoded image is returned. The source is
         # an in-memory buffer, so no file handle stays open.
@@ -48,14 +73,19 @@ def decode_image(data: bytes) -> tuple[ImageCheck, Image.Image | None]:
         image.load()  # full decode: truncated data fails here, not in training
         fmt, mode = image.format or "unknown", image.mode
         check = ImageCheck(True, width=image.width, height=image.height, channels=len(image.getbands()), format=fmt)
-        if fmt not in NATIVE_FORMATS or mode not in NATIVE_MODES:
+        if mode in WIDE_MODES:
+            # The model and the out-of-distribution checks both see these 8-bit levels (the PNG below is what the
+            # model decodes), so a 16-bit export of an image scores as the 8-bit image does.
+            image, check.bits = to_8bit(image)
+        elif fmt not in NATIVE_FORMATS or mode not in NATIVE_MODES:
             image = image.convert("RGB")
+        if image.mode != mode or fmt not in NATIVE_FORMATS:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             check.converted = buffer.getvalue()
         return check, image
     except UnidentifiedImageError:
-        return ImageCheck(False, "not a recognised image format"), None
+        return ImageCheck(False, NOT_AN_IMAGE), None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return ImageCheck(False, f"cannot decode: {error}".splitlines()[0][:200]), None
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
+from xray import CLASS_NAMES
 from xray.config import EvaluateConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
 from xray.errors import DataQualityError
@@ -127,6 +128,13 @@ def recalibrated_site_metrics(
     """Re-fit the calibration and re-choose the threshold on a grouped share of the site; measure on the rest."""
     y = np.asarray(y).astype(int)
     mask = grouped_split(groups, fraction, seed, y)
+    counts = {name: int((y[mask] == label).sum()) for label, name in enumerate(CLASS_NAMES)}
+    if min(counts.values()) < evaluate.min_recalibration_per_class:
+        raise DataQualityError(
+            f"not re-fitted: the site's calibration share ({fraction:g} of its patients) has {counts}, fewer than "
+            f"evaluate.min_recalibration_per_class={evaluate.min_recalibration_per_class} of a class; use a larger "
+            "site or a larger --recalibrate-fraction"
+        )
     for side, name in ((mask, "calibration"), (~mask, "measurement")):
         if len(np.unique(y[side])) < 2:
             raise DataQualityError(
@@ -144,13 +152,25 @@ def recalibrated_site_metrics(
         y[mask], p_fit, evaluate.threshold_policy, evaluate.min_sensitivity, evaluate.fixed_threshold
     )
     measured = site_metrics(y[~mask], p_rest, threshold, evaluate.bootstrap_samples, seed)
+    meets = measured["sensitivity_ci_low"] >= evaluate.min_sensitivity
+    verdict = (
+        f"held-out sensitivity {measured['sensitivity']:.3f} (95% CI {measured['sensitivity_ci_low']:.3f}-"
+        f"{measured['sensitivity_ci_high']:.3f}, {int((~mask & (y == 1)).sum())} PNEUMONIA images) "
+        + ("meets" if meets else "is not shown to meet")
+        + f" evaluate.min_sensitivity {evaluate.min_sensitivity:g} (the CI's lower bound against the floor)"
+    )
+    if not meets:
+        logger.warning("recalibrated operating point: %s; do not use it without more labelled images", verdict)
     return {
         "fraction": fraction,
         "calibration_images": int(mask.sum()),
+        "calibration_counts": counts,
         "measured_images": int((~mask).sum()),
         "calibration": calibration.as_dict(),
         "threshold_policy": policy,
         "metrics": measured,
+        "meets_policy": bool(meets),
+        "policy": verdict,
     }
 
 

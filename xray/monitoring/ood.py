@@ -25,7 +25,6 @@ images, or an aspect ratio far outside theirs is out of distribution whatever it
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,8 @@ from scipy.ndimage import uniform_filter
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
+
+from xray.data.images import decode_image
 
 WORKING_SIZE = 224
 """Side of the grey image on which intensity, noise and edge statistics are measured."""
@@ -95,9 +96,12 @@ def features_of(image: Image.Image) -> ImageFeatures:
 
 
 def features_of_bytes(data: bytes) -> ImageFeatures:
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return features_of(image)
+    """Features of encoded bytes, decoded as the model's input is (:func:`xray.data.images.decode_image`: a 16-bit
+    image's levels scaled from its bit depth, never clipped)."""
+    check, image = decode_image(data)
+    if not check.ok:
+        raise ValueError(f"cannot compute features: {check.reason}")
+    return features_of(image)
 
 
 def features_of_array(pixels: np.ndarray) -> ImageFeatures:
@@ -105,9 +109,7 @@ def features_of_array(pixels: np.ndarray) -> ImageFeatures:
 
 
 def features_of_file(path: str) -> ImageFeatures:
-    with Image.open(path) as image:
-        image.load()
-        return features_of(image)
+    return features_of_bytes(Path(path).read_bytes())
 
 
 def features_of_files(paths: list[str]) -> list[ImageFeatures]:

@@ -146,16 +146,72 @@ def figures(
     return result
 
 
+RULE = (
+    "The verdict is decided by one test: the share of images out of distribution, an exact one-sided binomial test "
+    "against the share of val images flagged at the same threshold, at monitoring.drift_alpha. The content embedding "
+    "(MMD), the predicted-positive rate and the acquisition statistics (Kolmogorov-Smirnov, Benjamini-Hochberg "
+    "adjusted) are reported beside it and do not decide: the training site's own later images already differ from "
+    "val on them (docs/MONITORING.md), and prevalence moves between batches without the model becoming untrustworthy."
+)
+
+
+def reported_shifts(report: dict) -> list[str]:
+    """The reported (non-deciding) tests that are significant at the report's alpha, in words."""
+    alpha, shifts = report["alpha"], []
+    if report["embedding"]["p_value"] < alpha:
+        shifts.append(f"content embedding (MMD permutation p = {report['embedding']['p_value']:.3g})")
+    if report["positive_rate"]["p_value"] < alpha:
+        positive = report["positive_rate"]
+        shifts.append(
+            f"predicted-positive rate ({positive['batch']:.1%} against {positive['reference']:.1%} on val, "
+            f"binomial p = {positive['p_value']:.3g})"
+        )
+    acquisition = [test for test in report["acquisition"]["tests"] if test["p_adjusted"] < alpha]
+    if acquisition:
+        shifts.append(
+            f"{len(acquisition)} acquisition statistic(s), most of all {acquisition[0]['label']} "
+            f"(KS {acquisition[0]['ks']:.2f}, adjusted p = {acquisition[0]['p_adjusted']:.3g})"
+        )
+    return shifts
+
+
+def headline(report: dict) -> tuple[str, str, str]:
+    """(verdict line, colour, what to do): the deciding test and every significant reported one, named."""
+    shifts = reported_shifts(report)
+    if report["drift_detected"]:
+        return (
+            f"DRIFT DETECTED: {report['decision']}",
+            "#b00020",
+            "More images than on val are out of distribution: do not use this batch's probabilities unreviewed. Look at "
+            "the most unusual images and their reasons below, check the acquisition (scanner, export settings, "
+            "inversion, cropping), then evaluate the version on labelled images of this source "
+            "(python run.py --pipeline evaluation) before trusting it there.",
+        )
+    if shifts:
+        return (
+            "no drift detected by the deciding test, but "
+            f"{len(shifts)} reported test(s) significant: " + "; ".join(shifts),
+            "#8a5300",
+            "Each image's own status still holds (the out-of-distribution share is as on val). A significant "
+            "reported test says the batch differs from val in a way the verdict does not count: if it persists over "
+            "batches, measure the version on labelled images of this source (python run.py --pipeline evaluation).",
+        )
+    return (
+        "no drift detected: " + report["decision"] + "; no reported test significant either",
+        "#1b5e20",
+        "Nothing to do; keep monitoring each batch.",
+    )
+
+
 def render_html(report: dict, images: dict) -> str:
-    """One self-contained HTML page: the decision, the tests, and every figure inline."""
+    """One self-contained HTML page: the verdict and how it is decided, what to do, the tests, every figure inline."""
 
     def png(image) -> str:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode()
 
-    verdict = "DRIFT DETECTED" if report["drift_detected"] else "no drift detected"
-    colour = "#b00020" if report["drift_detected"] else "#1b5e20"
+    verdict, colour, action = headline(report)
     embedding, positive = report["embedding"], report["positive_rate"]
     rows = [
         ("images / readable / unreadable", f"{report['images']} / {report['readable']} / {report['unreadable']}"),
@@ -166,12 +222,12 @@ def render_html(report: dict, images: dict) -> str:
         ),
         ("drift test (decides)", report["decision"]),
         (
-            "content embedding, MMD",
+            "content embedding, MMD (reported)",
             f"MMD^2 {embedding['mmd2']:.4f}, permutation p = {embedding['p_value']:.3g} "
             f"({embedding['images_used']} batch vs {embedding['reference_images']} val images)",
         ),
         (
-            "predicted-positive rate",
+            "predicted-positive rate (reported)",
             f"{positive['batch']:.1%} against {positive['reference']:.1%} on val "
             f"(threshold {positive['class_threshold']:.3f}), binomial p = {positive['p_value']:.3g}",
         ),
@@ -187,12 +243,20 @@ def render_html(report: dict, images: dict) -> str:
         for name, image in images.items()
     )
     model = html.escape(f"{report.get('model_uri', '')}")
+    context = (
+        f"Model {model} (version {html.escape(str(report.get('model_version', '?')))}); images "
+        f"{html.escape(str(report.get('source', '')))}; generated {html.escape(str(report.get('generated_at', '')))}"
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Monitoring report {model}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}th,td{{text-align:left;padding:4px 10px;
 border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head><body>
-<h1>Monitoring report</h1><p>Model {model}; images {html.escape(str(report.get("source", "")))}</p>
-<h2 style="color:{colour}">{verdict}</h2><table>{table}</table>
-<p>Out-of-distribution images keep their probability, but their label must not be used.</p>
+<h1>Monitoring report</h1><p>{context}</p>
+<h2 style="color:{colour}">{html.escape(verdict)}</h2>
+<p><b>What to do:</b> {html.escape(action)}</p>
+<p><b>How the verdict is decided:</b> {html.escape(RULE)}</p>
+<table>{table}</table>
+<p>Out-of-distribution images keep their probability and score, but get no label: the model was never validated on
+such images.</p>
 <h2>Acquisition statistics, largest shifts (Kolmogorov-Smirnov, Benjamini-Hochberg adjusted)</h2>
 <table><tr><th>statistic</th><th>batch median</th><th>reference median</th><th>KS</th><th>p adjusted</th></tr>{tests}
 </table>{pictures}</body></html>

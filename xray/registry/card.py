@@ -142,8 +142,8 @@ Val: AUC {flat["val_auc"]:.4f}, sensitivity {flat["val_sensitivity"]:.4f}, speci
 
 ## Out-of-distribution inputs
 Every prediction (batch inference, REST serving) carries an `ood_score` and a `status`: `ok`,
-`out_of_distribution` (with the reason) or `unreadable`. **An out-of-distribution image still gets a probability,
-but its label must not be used**: the model was never validated on such images.
+`out_of_distribution` (with the reason) or `unreadable`. **An out-of-distribution image keeps its probability
+and score but gets no label** (`label` is empty for every status but `ok`): the model was never validated on such images.
 - Checked against this version's reference profile (train split: {len(profile.train_content)} images; thresholds on
   val: {len(profile.val_content)} images): image content (a low-resolution view, compared with the nearest training
   images), acquisition statistics (exposure, contrast, noise, sharpness, grey-level histogram), colour, size and

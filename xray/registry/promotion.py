@@ -195,6 +195,7 @@ def register_candidate(
         gate.markdown(decision, evaluate.min_sensitivity),
     )
     uri, version = store.log_and_register(model, registry.model_name, metadata, model_card, reference_profile)
+    store.stamp_version(client, registry.model_name, version)
     mlflow.log_text(model_card, "model_card.md")
     store.set_version_tags(client, registry.model_name, version, {key: str(value) for key, value in metadata.items()})
     decision = promote(client, registry.model_name, version, registry.champion_alias, flat, decision)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import os
 import socket
@@ -147,6 +148,23 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str, re
     # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
     registered = mlflow.register_model(info.model_uri, model_name)
     return info.model_uri, str(registered.version)
+
+
+def stamp_version(client, model_name: str, version: str) -> None:
+    """Write the registered version's number into its ``data/serving.json``, so that every answer of a server that
+    loads the folder names the version (the number exists only once the logged model is registered)."""
+    import mlflow  # lazy: MLflow's import takes seconds
+
+    model_id = logged_model_id(client.get_model_version(model_name, version))
+    with tempfile.TemporaryDirectory(prefix="xray-serving-") as folder:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{model_uri(model_name, str(version))}/{bundle.DATA_DIR}/{bundle.CONFIG_FILE}",
+                dst_path=folder,
+            )
+        )
+        local.write_text(json.dumps(json.loads(local.read_text()) | {"version": str(version), "model": model_name}))
+        client.log_model_artifact(model_id, str(local), artifact_path=bundle.DATA_DIR)
 
 
 def set_version_tags(client, model_name: str, version: str, tags: dict) -> None:

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ from PIL import Image
 
 from xray import CLASS_NAMES
 from xray.config import ArchiveLimits, InferenceConfig
-from xray.data.images import check_image
+from xray.data.images import DICOM, EMPTY, NOT_AN_IMAGE, check_image
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE
 from xray.serving.predictor import PreparedImage
@@ -187,6 +187,9 @@ class StreamResult:
 
     images: int = 0
     skipped: int = 0
+    """Images already in the output (resume)."""
+    not_read: Counter = field(default_factory=Counter)
+    """Files that were listed or seen but not predicted, by reason: junk files, non-images, broken images."""
     unreadable: int = 0
     out_of_distribution: int = 0
     predicted: dict = field(default_factory=dict)
@@ -200,6 +203,7 @@ class StreamResult:
         return {
             "images": self.images,
             "skipped_already_predicted": self.skipped,
+            "skipped": dict(sorted(self.not_read.items())),
             "unreadable": self.unreadable,
             "out_of_distribution": self.out_of_distribution,
             "predicted": dict(sorted(self.predicted.items())),
@@ -229,10 +233,12 @@ def predict_source(
     keep: bool = False,
     examples: int = 0,
 ) -> StreamResult:
-    """Every image of ``source`` (folder, zip or s3:// prefix) through :func:`predict_stream` with ``settings``."""
-    return predict_stream(
+    """Every file of ``source`` (folder, zip or s3:// prefix) through :func:`predict_stream` with ``settings``; the
+    listing's junk files are counted with the files that were not read."""
+    junk = Counter()
+    result = predict_stream(
         predictor,
-        list_images(source, limits, max_attempts=max_attempts),
+        list_images(source, limits, max_attempts=max_attempts, skipped=junk),
         writer,
         batch_size=settings.batch_size,
         workers=settings.fetch_workers,
@@ -240,6 +246,10 @@ def predict_source(
         keep=keep,
         examples=examples,
     )
+    result.not_read.update(junk)
+    if junk:
+        logger.info("not listed: %s", dict(junk))
+    return result
 
 
 def predict_stream(
@@ -311,6 +321,7 @@ def predict_stream(
         if writer is not None:
             writer.write(table)
         result.unreadable += int((~mask).sum())
+        result.not_read.update(reason_kind(item.prepared.reason) for item in batch if not item.prepared.readable)
         result.out_of_distribution += int((table["status"] == OUT_OF_DISTRIBUTION).sum())
         for label in CLASS_NAMES:
             count = int((table.loc[table["status"] == "ok", "label"] == label).sum())
@@ -341,10 +352,22 @@ def predict_stream(
             logger.info("%d images (%d already predicted), %.1f images/s", result.images, result.skipped, rate)
     flush()
     result.seconds = time.perf_counter() - started
+    if result.not_read:
+        logger.warning(
+            "%d of %d files not read: %s", sum(result.not_read.values()), result.images, dict(result.not_read)
+        )
     if keep:
         result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS)
     result.examples = [(score, name, picture) for score, name, picture in sorted(worst, key=lambda e: -e[0])]
     return result
+
+
+def reason_kind(reason: str) -> str:
+    """What an unreadable file's reason comes to, for counting: the decoder's message without its details."""
+    for kind in (EMPTY, NOT_AN_IMAGE, DICOM):
+        if reason == kind:
+            return kind.split(":")[0]
+    return reason.split(":")[0]  # "cannot decode", "cannot be read"
 
 
 def _unreadable(reason: str) -> PreparedImage:

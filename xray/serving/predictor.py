@@ -16,7 +16,14 @@ from xray import CLASS_NAMES
 from xray.data.images import decode_and_resize, decode_image
 from xray.monitoring import ood
 
-OUTPUT_COLUMNS = ["probability", "label", "threshold", "ood_score", "status", "reason"]
+OUTPUT_COLUMNS = ["probability", "label", "threshold", "ood_score", "status", "reason", "model_version"]
+"""One row per image. ``label`` is empty unless ``status`` is ``ok``: an image out of distribution (or unreadable) keeps
+its probability and score, but no answer a client could read as the model's verdict."""
+
+
+def label_for(probability: float, threshold: float, status: str) -> str:
+    """NORMAL or PNEUMONIA at the threshold for an image whose status is ``ok``; empty for any other status."""
+    return CLASS_NAMES[int(probability >= threshold)] if status == ood.OK else ""
 
 
 @dataclass
@@ -98,14 +105,16 @@ class ChestXrayPredictor:
         return pd.DataFrame({"ood_score": [float("nan")] * len(features), "status": ood.OK, "reason": ""})
 
     def rows(self, probabilities: np.ndarray, assessment: pd.DataFrame) -> pd.DataFrame:
+        status = assessment["status"].to_numpy()
         return pd.DataFrame(
             {
                 "probability": probabilities,
-                "label": [CLASS_NAMES[int(p >= self.threshold)] for p in probabilities],
+                "label": [label_for(p, self.threshold, s) for p, s in zip(probabilities, status)],
                 "threshold": self.threshold,
                 "ood_score": assessment["ood_score"].to_numpy(),
-                "status": assessment["status"].to_numpy(),
+                "status": status,
                 "reason": assessment["reason"].to_numpy(),
+                "model_version": self.version,
             },
             columns=OUTPUT_COLUMNS,
         )
@@ -124,7 +133,7 @@ class ChestXrayPredictor:
         table = self.rows(self.probabilities_of_encoded(encoded), self.assess(features))
         table.index = readable
         for index, reason in unreadable.items():
-            table.loc[index] = [np.nan, "", self.threshold, np.nan, ood.UNREADABLE, reason]
+            table.loc[index] = [np.nan, "", self.threshold, np.nan, ood.UNREADABLE, reason, self.version]
         table = table.sort_index().reset_index(drop=True)
         # JSON has no NaN: an unreadable image has no probability and no score, null in the answer.
         return table.astype(object).where(table.notna(), None)

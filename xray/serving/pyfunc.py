@@ -7,8 +7,9 @@ folder (:mod:`xray.serving.bundle`). Request body for ``POST /invocations``::
     {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}
 
 Each image gets ``probability``, ``label``, ``threshold``, ``ood_score`` (1.0 is the out-of-distribution boundary),
-``status`` (``ok``, ``out_of_distribution`` or ``unreadable``) and ``reason``. An out-of-distribution image keeps its
-probability, but its label must not be used.
+``status`` (``ok``, ``out_of_distribution`` or ``unreadable``) and ``reason``. ``label`` is empty for every status but ``ok``: an
+out-of-distribution image keeps its probability and score, but gets no label. ``model_version`` is the version that
+answered.
 
 Requests are refused with a 400 and a message, never a 500: a body that is not JSON, a payload that is not one base64
 string per image (``{"inputs": {...}}``, nested lists, numbers), an empty list, a request in which no image can be

@@ -1,16 +1,19 @@
-"""Listing the images of a source lazily: a folder, a zip (under the training archives' limits) or an S3 prefix.
+"""Listing the files of a source lazily: a folder, a zip (under the training archives' limits) or an S3 prefix.
 
-Each image is an :class:`ImageRef`: its display name and a function that reads its bytes (called in a worker
-thread by the batch stream, ``xray.serving.batch``).
+Each file is an :class:`ImageRef`: its display name and a function that reads its bytes (called in a worker thread
+by the batch stream, ``xray.serving.batch``). Every file is listed whatever its name or extension: its content
+decides whether it is an image (TIFF, BMP, 16-bit PNG and extension-less files included). Only operating-system
+junk (``.DS_Store``, ``Thumbs.db``, ``._*``, ``__MACOSX/``) is left out, and counted.
 """
 
 from __future__ import annotations
 
 import threading
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import urlparse
 
 from xray.config import ArchiveLimits
@@ -18,11 +21,15 @@ from xray.errors import ArchiveError, DatasetSourceError
 from xray.storage import s3
 from xray.storage.archive import checked_entries, inflate_chunks, is_junk
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+JUNK = "system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)"
 
 
-def is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES and not is_junk(name)
+def _listed(name: str, skipped: Counter) -> bool:
+    """Whether a file is listed; junk is counted in ``skipped`` instead."""
+    if is_junk(name):
+        skipped[JUNK] += 1
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class ImageRef:
     read: Callable[[], bytes]
 
 
-def _s3_refs(uri: str, max_attempts: int) -> Iterator[ImageRef]:
+def _s3_refs(uri: str, max_attempts: int, skipped: Counter) -> Iterator[ImageRef]:
     from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore only where S3 is read
 
     parsed = urlparse(uri)
@@ -54,24 +61,28 @@ def _s3_refs(uri: str, max_attempts: int) -> Iterator[ImageRef]:
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
             for entry in page.get("Contents", []):
-                if is_image_name(entry["Key"]):
+                if not entry["Key"].endswith("/") and _listed(entry["Key"], skipped):
                     yield ImageRef(f"s3://{location.bucket}/{entry['Key']}", reader(entry["Key"]))
     except (BotoCoreError, ClientError) as error:
         raise s3.explain_error(error, location) from None
 
 
-def _zip_refs(path: Path, limits: ArchiveLimits) -> Iterator[ImageRef]:
+def _zip_refs(path: Path, limits: ArchiveLimits, skipped: Counter) -> Iterator[ImageRef]:
     """Entries are checked before any is read (count, names, duplicates) and inflated under the byte and ratio
     limits of training archives; one ZipFile per reading thread (a ZipFile is not safe to share)."""
     with zipfile.ZipFile(path) as archive:
         infos = sorted(
-            (info for info in checked_entries(archive, limits) if not info.is_dir() and is_image_name(info.filename)),
+            (
+                info
+                for info in checked_entries(archive, limits)
+                if not info.is_dir() and _listed(info.filename, skipped)
+            ),
             key=lambda info: info.filename,
         )
     declared = sum(info.file_size for info in infos)
     if declared > limits.max_total_bytes:
         raise ArchiveError(
-            f"{path.name} declares {declared} bytes of images, over max_total_bytes={limits.max_total_bytes}"
+            f"{path.name} declares {declared} bytes of files, over max_total_bytes={limits.max_total_bytes}"
         )
     local, lock, inflated = threading.local(), threading.Lock(), [0]
 
@@ -96,31 +107,38 @@ def _zip_refs(path: Path, limits: ArchiveLimits) -> Iterator[ImageRef]:
         yield ImageRef(f"{path}!{info.filename}", reader(info))
 
 
-def list_images(source: str, limits: ArchiveLimits | None = None, max_attempts: int = 5) -> Iterator[ImageRef]:
-    """Every JPEG/PNG under a folder, in a zip, or under an s3:// prefix, in name order, lazily.
+def list_images(
+    source: str, limits: ArchiveLimits | None = None, max_attempts: int = 5, skipped: Counter | None = None
+) -> Iterator[ImageRef]:
+    """Every file under a folder, in a zip, or under an s3:// prefix, in name order, lazily; junk files are counted
+    in ``skipped`` (by reason) instead.
 
-    Raises DatasetSourceError when the source holds no image (after listing it).
+    Raises DatasetSourceError when the source holds no file (after listing it).
     """
     limits = limits or ArchiveLimits()
+    skipped = Counter() if skipped is None else skipped
     count = 0
-    for ref in _refs(source, limits, max_attempts):
+    for ref in _refs(source, limits, max_attempts, skipped):
         count += 1
         yield ref
     if not count:
-        raise DatasetSourceError(f"no .jpeg, .jpg or .png images found at {source}")
+        junk = f" (only {sum(skipped.values())} system files)" if skipped else ""
+        raise DatasetSourceError(f"no files found at {source}{junk}")
 
 
-def _refs(source: str, limits: ArchiveLimits, max_attempts: int) -> Iterator[ImageRef]:
+def _refs(source: str, limits: ArchiveLimits, max_attempts: int, skipped: Counter) -> Iterator[ImageRef]:
     if source.startswith("s3://"):
-        yield from _s3_refs(source, max_attempts)
+        yield from _s3_refs(source, max_attempts, skipped)
         return
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
+        files = sorted(
+            str(p) for p in path.rglob("*") if p.is_file() and _listed(p.relative_to(path).as_posix(), skipped)
+        )
         for name in files:
             yield ImageRef(name, Path(name).read_bytes)
     elif path.is_file() and zipfile.is_zipfile(path):
-        yield from _zip_refs(path, limits)
+        yield from _zip_refs(path, limits, skipped)
     elif path.is_file() and path.suffix.lower() == ".zip":
         raise DatasetSourceError(f"{source} is not a readable zip archive")
     elif path.is_file():
