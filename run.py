@@ -225,7 +225,8 @@ def quiet_expected_failures() -> None:
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="inference: write Grad-CAM overlays for the first N readable images.",
+    help="inference: Grad-CAM of the N images most worth a look (the most confident PNEUMONIA calls and those "
+    "nearest the threshold), captioned, with a colour bar, beside the predictions.",
 )
 @click.option(
     "--stack",

@@ -24,7 +24,7 @@ def inference_pipeline(
     s3_max_attempts: int = 5,
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
-    predict_batch(
+    _, to_explain = predict_batch(
         model_info,
         images=images,
         output=output,
@@ -33,12 +33,13 @@ def inference_pipeline(
         registry=registry,
         limits=limits,
         s3_max_attempts=s3_max_attempts,
+        explain=explain,
     )
     if explain:
         explain_predictions(
             model_info,
+            to_explain,
             images=images,
-            explain=explain,
             registry=registry,
             limits=limits,
             s3_max_attempts=s3_max_attempts,

@@ -6,8 +6,6 @@ output it was given; only a summary is stored. Monitoring keeps its batch's tabl
 """
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Annotated, Tuple
 
 import mlflow
@@ -17,10 +15,11 @@ from zenml import log_metadata, step
 
 from steps.tracking import log_config, mlflow_run
 from xray.config import ArchiveLimits, InferenceConfig, RegistryConfig
-from xray.model import gradcam
+from xray.evaluation import plots
 from xray.monitoring import ood
 from xray.registry import store
 from xray.serving import batch
+from xray.serving.explain import explanation_caption, explanation_name
 from xray.storage import listing
 
 logger = logging.getLogger(__name__)
@@ -51,11 +50,15 @@ def predict_batch(
     registry: RegistryConfig,
     limits: ArchiveLimits = ArchiveLimits(),
     s3_max_attempts: int = 5,
-) -> Annotated[dict, "prediction_summary"]:
-    """Stream every image of ``images`` through the version and write one row per image to ``output``."""
+    explain: int = 0,
+) -> Tuple[Annotated[dict, "prediction_summary"], Annotated[list, "to_explain"]]:
+    """Stream every image of ``images`` through the version and write one row per image to ``output``; with
+    ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain)."""
     predictor = _load(model_info, registry)
     with batch.PredictionWriter(output, resume, s3_max_attempts) as writer:
-        result = batch.predict_source(predictor, images, inference, writer, limits=limits, max_attempts=s3_max_attempts)
+        result = batch.predict_source(
+            predictor, images, inference, writer, limits=limits, max_attempts=s3_max_attempts, explain=explain
+        )
     summary = result.summary() | {"output": output, "rows_written": writer.rows}
     logger.info("predicted %s: %s", images, summary)
     with mlflow_run():
@@ -75,7 +78,7 @@ def predict_batch(
             {key: value for key, value in summary.items() if isinstance(value, (int, float)) and value is not None}
             | {f"predicted_{label.lower()}": count for label, count in result.predicted.items()}
         )
-    return summary
+    return summary, result.to_explain
 
 
 @step(enable_cache=False, experiment_tracker=True)
@@ -104,26 +107,32 @@ def score_batch(
 @step(enable_cache=False, experiment_tracker=True)
 def explain_predictions(
     model_info: dict,
+    to_explain: list,
     images: str,
-    explain: int,
     registry: RegistryConfig,
     limits: ArchiveLimits = ArchiveLimits(),
     s3_max_attempts: int = 5,
 ) -> Annotated[dict, "gradcam"]:
-    """Grad-CAM overlays (last conv block of the backbone) for the first ``explain`` readable images."""
-    found = batch.first_readable(listing.list_images(images, limits, max_attempts=s3_max_attempts), explain)
-    if not found:
+    """Grad-CAM (last conv block of the backbone) of the chosen rows: the most confident PNEUMONIA calls and those
+    nearest the threshold, each captioned with its probability, threshold and status, with a colour bar."""
+    if not to_explain:
         return {}
+    names = {row["path"] for row in to_explain}
+    found = batch.read_chosen(listing.list_images(images, limits, max_attempts=s3_max_attempts), names)
     predictor = _load(model_info, registry)
-    with tempfile.TemporaryDirectory(prefix="xray-explain-") as folder:
-        paths = []
-        for index, (_, data) in enumerate(found):
-            paths.append(str(Path(folder, f"{index:04d}")))
-            Path(paths[-1]).write_bytes(data)
-        pictures = gradcam.overlays_for(predictor.model, paths, predictor.image_size, predictor.threshold)
+    rows = [row for row in to_explain if row["path"] in found]
+    encoded = [predictor.prepare(found[row["path"]]).encoded for row in rows]
+    pictures = plots.explanations(
+        predictor.model,
+        encoded,
+        predictor.image_size,
+        predictor.threshold,
+        [explanation_caption(r) for r in rows],
+    )
     overlays: dict[str, Image.Image] = {
-        f"gradcam_{Path(name.split('!')[-1]).stem}.png": picture for (name, _), picture in zip(found, pictures)
+        explanation_name(rank, row): picture for rank, (row, picture) in enumerate(zip(rows, pictures), 1)
     }
+    logger.info("Grad-CAM of %d images: %s", len(overlays), {row["path"]: row["why"] for row in rows})
     with mlflow_run():
         for name, overlay in overlays.items():
             mlflow.log_image(overlay, f"gradcam/{name}")

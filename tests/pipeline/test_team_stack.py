@@ -473,8 +473,10 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
     assert run.data.tags["site"] == "hospital-b" and run.data.tags["model_version"] == "1"
     assert run.data.metrics["site_auc"] == pytest.approx(summary["metrics"]["auc"])
     version = client.get_model_version("chest-xray-classifier", "1")
-    assert float(version.tags["site.hospital-b.auc"]) == pytest.approx(summary["metrics"]["auc"], abs=1e-5)
-    assert version.tags["site.hospital-b.run_id"] == summary["mlflow_run_id"]
+    site = json.loads(version.tags["site.hospital-b"])  # one tag per site, not one per metric
+    assert not [key for key in version.tags if key.startswith("site.hospital-b.")]
+    assert site["as_registered"]["auc"] == pytest.approx(summary["metrics"]["auc"], abs=1e-5)
+    assert site["run_id"] == summary["mlflow_run_id"] and "meets_policy" in site["recalibrated"]
     # The run's metrics are linked to the version's logged model.
     from xray.registry.store import logged_model_id
 
@@ -489,6 +491,11 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
     assert card.count("## Results by site") == 1
     row = f"| hospital-b | as registered | 47 | {summary['threshold']:.4f} | {summary['metrics']['auc']:.3f} ("
     assert row in card and "| hospital-b | recalibrated on 50% |" in card
+    # The same card is the version's description in the registry, and the training run links to it.
+    assert "## Results by site" in version.description and row in version.description
+    training_run = client.get_run(trained[3]["mlflow_run_id"])
+    assert training_run.data.tags["model_card"] == "models:/chest-xray-classifier/1/model_card.md"
+    assert "model_card.md" not in {a.path for a in client.list_artifacts(trained[3]["mlflow_run_id"])}
 
 
 def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):

@@ -104,9 +104,13 @@ def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tag
     assert tags["ood_threshold"] == str(candidate["profile"].threshold)
     run = store.get_run(result["mlflow_run_id"])
     assert run.data.tags["model_version"] == "1" and run.data.tags["promotion_decision"] == "promoted"
-    card = mlflow.artifacts.load_text(f"runs:/{result['mlflow_run_id']}/model_card.md")
+    card = mlflow.artifacts.load_text(run.data.tags["model_card"])  # the run links to the version's one card
+    assert run.data.tags["model_card"] == f"models:/{MODEL}/1/model_card.md"
     assert "Backbone: tiny" in card and "## Promotion gate" in card
     assert f"{candidate['metrics']['flat']['test_auc']:.4f}" in card
+    assert "model_card.md" not in {a.path for a in store.list_artifacts(result["mlflow_run_id"])}  # no second copy
+    described = store.get_model_version(MODEL, "1").description
+    assert "## Test metrics" in described and len(described) <= 5000
 
 
 def test_a_served_version_names_itself_in_every_answer(store, candidate):

@@ -122,3 +122,35 @@ def test_the_gate_says_when_the_champion_cannot_be_scored(monkeypatch):
     assert "champion v3 could not be scored" in decision.reason
     # No champion: nothing to score, promoted on sensitivity alone.
     assert promotion.gate_against_champion("m", None, {}, {}, {}, 0.97, 0.95, 0.01, 100, 0).promoted
+
+
+def test_one_json_tag_per_site_gives_the_same_table_as_the_per_metric_tags_did():
+    """A site evaluation writes one version tag, not 41, and the card's table reads it."""
+    import json
+
+    from xray.registry.card import site_table, site_tag
+
+    metrics = {"images": 55, "threshold": 0.2, "brier": 0.1}
+    for name, value in (("auc", 0.93), ("sensitivity", 0.9), ("specificity", 0.5), ("accuracy", 0.7), ("ece", 0.2)):
+        metrics |= {name: value, f"{name}_ci_low": value - 0.05, f"{name}_ci_high": value + 0.01}
+    recalibrated = {"fraction": 0.3, "meets_policy": False, "metrics": metrics | {"images": 38, "threshold": 0.6}}
+    key, value = site_tag("b", metrics, "run-1", recalibrated)
+    assert key == "site.b" and len(value) < 5000 and json.loads(value)["recalibrated"]["meets_policy"] is False
+    table = site_table({key: value, "test_auc": "0.9"})
+    assert (
+        "| b | as registered | 55 | 0.2000 | 0.930 (0.880-0.940) | 0.900 (0.850-0.910) | 0.500 (0.450-0.510) |" in table
+    )
+    assert "| b | recalibrated on 30% | 38 | 0.6000 |" in table
+
+
+def test_the_registry_description_is_the_card_or_its_main_sections_within_mlflows_limit():
+    from xray.registry.card import description
+
+    card = (
+        "# Model card: m\n\nintro\n\n## Intended use\nuse\n\n## Model\n" + "x" * 6000 + "\n\n## Test metrics\n| a |\n"
+    )
+    short = description(card[:300], "models:/m/1/model_card.md")
+    assert short == card[:300]
+    long = description(card, "models:/m/1/model_card.md")
+    assert len(long) <= 5000 and "## Intended use" in long and "## Test metrics" in long and "x" * 100 not in long
+    assert long.endswith("(this description holds its main sections).") and "models:/m/1/model_card.md" in long

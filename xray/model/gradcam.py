@@ -65,6 +65,13 @@ def confident_examples(y: np.ndarray, p: np.ndarray, threshold: float) -> list[t
     return picks
 
 
+def pixels_of(encoded: list[bytes], image_size: int) -> np.ndarray:
+    """The model's input for encoded images, through the preprocessing training used."""
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    return np.stack([decode_and_resize(tf.constant(data), image_size).numpy() for data in encoded]).astype(np.float32)
+
+
 def load_pixels(paths: list[str], image_size: int) -> np.ndarray:
     import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 

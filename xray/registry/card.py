@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 from xray import CLASS_NAMES
 
 SITE_TAG = "site."
@@ -165,14 +168,62 @@ and score but gets no label** (`label` is empty for every status but `ok`): the 
 """
 
 
+def site_tag(site: str, metrics: dict, run_id: str, recalibrated: dict | None = None) -> tuple[str, str]:
+    """One version tag per site, ``site.<name>``: the run, the metrics at the version's operating point and, with a
+    recalibration, its fraction, metrics and whether it meets the policy, as compact JSON (6 significant digits)."""
+
+    def compact(values: dict) -> dict:
+        return {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in values.items()}
+
+    value = {"run_id": run_id, "as_registered": compact(metrics)}
+    if recalibrated is not None:
+        value["recalibrated"] = compact(recalibrated["metrics"]) | {
+            "fraction": recalibrated["fraction"],
+            "meets_policy": recalibrated.get("meets_policy"),
+        }
+    return f"{SITE_TAG}{site}", json.dumps(value, separators=(",", ":"))
+
+
 def site_results(tags: dict[str, str]) -> dict[str, dict[str, str]]:
-    """{site: {metric: value}} from a version's tags."""
+    """{site: {metric: value, "recalibrated.<metric>": value}} from a version's tags: one JSON tag per site, or the
+    per-metric tags ``site.<site>.<metric>`` of versions evaluated before."""
     results: dict[str, dict[str, str]] = {}
     for key, value in tags.items():
-        if key.startswith(SITE_TAG):
+        if not key.startswith(SITE_TAG):
+            continue
+        if value.startswith("{"):
+            parsed = json.loads(value)
+            flat = {k: str(v) for k, v in parsed["as_registered"].items()} | {"run_id": parsed["run_id"]}
+            flat |= {f"recalibrated.{k}": str(v) for k, v in (parsed.get("recalibrated") or {}).items()}
+            results.setdefault(key[len(SITE_TAG) :], {}).update(flat)
+        else:
             site, _, metric = key[len(SITE_TAG) :].partition(".")
             results.setdefault(site, {})[metric] = value
     return results
+
+
+def description(card: str, link: str, limit: int = 5000) -> str:
+    """The card as the registered version's description (which MLflow's SQL stores hold to 5000 characters): whole when
+    it fits, else its sections in the order a reviewer reads them, as many as fit, and a link to the whole card."""
+    if len(card) <= limit:
+        return card
+    sections = re.split(r"(?m)^(?=## )", card)
+    order = (
+        "# ",
+        "## Intended use",
+        "## Decision threshold",
+        "## Test metrics",
+        "## Results by site",
+        "## Promotion gate",
+    )
+    footer = f"\n\nThe whole card: `{link}` (this description holds its main sections)."
+    kept, size = [], len(footer)
+    for prefix in order:
+        for section in sections:
+            if section.startswith(prefix) and section not in kept and size + len(section) <= limit:
+                kept.append(section)
+                size += len(section)
+    return "".join(sorted(kept, key=sections.index)).rstrip() + footer
 
 
 def site_table(tags: dict[str, str]) -> str:

@@ -196,12 +196,14 @@ def register_candidate(
     )
     uri, version = store.log_and_register(model, registry.model_name, metadata, model_card, reference_profile)
     store.stamp_version(client, registry.model_name, version)
-    mlflow.log_text(model_card, "model_card.md")
+    # One card, in one place: the version's logged model. The run links to it; the registry shows it.
+    store.publish_card(client, registry.model_name, version, model_card)
     store.set_version_tags(client, registry.model_name, version, {key: str(value) for key, value in metadata.items()})
     decision = promote(client, registry.model_name, version, registry.champion_alias, flat, decision)
     mlflow.set_tags(
         {
             "model_version": version,
+            "model_card": store.card_uri(registry.model_name, version),
             "promotion_decision": "promoted" if decision.promoted else "rejected",
             "promotion_reason": decision.reason[:4900],
         }

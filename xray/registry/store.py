@@ -22,7 +22,7 @@ from PIL import Image
 
 from xray.errors import ConfigError
 from xray.monitoring.ood import ReferenceProfile
-from xray.registry.card import SITE_SECTION, SITE_TAG, site_table
+from xray.registry.card import SITE_SECTION, description, site_table, site_tag
 from xray.serving import bundle
 from xray.serving.predictor import OUTPUT_COLUMNS
 
@@ -316,13 +316,19 @@ def load_reference_profile(model_name: str, version_or_alias: str):
 def record_site_result(
     client, model_name: str, version: str, site: str, metrics: dict, run_id: str, recalibrated: dict | None = None
 ) -> None:
-    """Version tags ``site.<site>.<metric>`` (the source of the model card's table), newest run wins."""
-    values = {f"{SITE_TAG}{site}.{key}": value for key, value in metrics.items()}
-    values[f"{SITE_TAG}{site}.run_id"] = run_id
-    if recalibrated is not None:
-        values |= {f"{SITE_TAG}{site}.recalibrated.{key}": value for key, value in recalibrated["metrics"].items()}
-        values[f"{SITE_TAG}{site}.recalibrated.fraction"] = recalibrated["fraction"]
-    set_version_tags(client, model_name, version, values)
+    """One version tag ``site.<site>`` (JSON: the source of the model card's table), newest run wins."""
+    key, value = site_tag(site, metrics, run_id, recalibrated)
+    set_version_tags(client, model_name, version, {key: value})
+
+
+def card_uri(model_name: str, version: str) -> str:
+    """Where the version's one model card is: its logged model's ``model_card.md``."""
+    return f"{model_uri(model_name, str(version))}/model_card.md"
+
+
+def publish_card(client, model_name: str, version: str, text: str) -> None:
+    """The card as the version's description in the registry (what the MLflow UI shows on the version's page)."""
+    client.update_model_version(model_name, version, description=description(text, card_uri(model_name, version)))
 
 
 def logged_model_id(model_version) -> str:
@@ -347,12 +353,11 @@ def update_model_card(client, model_name: str, version: str) -> str:
     model_version = client.get_model_version(model_name, version)
     model_id = logged_model_id(model_version)
     with tempfile.TemporaryDirectory(prefix="xray-card-") as folder:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{model_uri(model_name, str(version))}/model_card.md", dst_path=folder
-        )
+        local = mlflow.artifacts.download_artifacts(artifact_uri=card_uri(model_name, version), dst_path=folder)
         card = Path(local).read_text()
         head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
         card = f"{head}\n\n{site_table(model_version.tags)}\n"
         Path(local).write_text(card)
         client.log_model_artifact(model_id, local)
+    publish_card(client, model_name, version, card)
     return card

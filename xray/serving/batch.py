@@ -34,9 +34,10 @@ from PIL import Image
 
 from xray import CLASS_NAMES
 from xray.config import ArchiveLimits, InferenceConfig
-from xray.data.images import DICOM, EMPTY, NOT_AN_IMAGE, check_image
+from xray.data.images import DICOM, EMPTY, NOT_AN_IMAGE
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE
+from xray.serving.explain import candidates_to_explain, choose_to_explain
 from xray.serving.predictor import PreparedImage
 from xray.storage import s3
 from xray.storage.listing import ImageRef, list_images
@@ -198,6 +199,8 @@ class StreamResult:
     features: list = field(default_factory=list)
     examples: list = field(default_factory=list)
     """(ood_score, path, RGB thumbnail) of the highest-scoring readable images, highest first."""
+    to_explain: list = field(default_factory=list)
+    """The rows most worth a Grad-CAM look (:func:`choose_to_explain`), when asked for."""
 
     def summary(self) -> dict:
         return {
@@ -232,6 +235,7 @@ def predict_source(
     max_attempts: int = 5,
     keep: bool = False,
     examples: int = 0,
+    explain: int = 0,
 ) -> StreamResult:
     """Every file of ``source`` (folder, zip or s3:// prefix) through :func:`predict_stream` with ``settings``; the
     listing's junk files are counted with the files that were not read."""
@@ -245,6 +249,7 @@ def predict_source(
         window=settings.window,
         keep=keep,
         examples=examples,
+        explain=explain,
     )
     result.not_read.update(junk)
     if junk:
@@ -262,17 +267,20 @@ def predict_stream(
     window: int = _DEFAULTS.window,
     keep: bool = False,
     examples: int = 0,
+    explain: int = 0,
     progress_every: int = 1000,
 ) -> StreamResult:
     """Predict every image of ``refs`` in order and write each batch's rows as soon as it is predicted.
 
     ``writer.done`` (content hashes) are skipped. ``keep`` also returns the table and the out-of-distribution
     features (monitoring needs them for its drift test; they grow with the batch, about 4 KB per image).
-    ``examples``: keep thumbnails of that many images with the highest ood_score.
+    ``examples``: keep thumbnails of that many images with the highest ood_score. ``explain``: choose that many rows
+    for Grad-CAM (:func:`choose_to_explain`), from candidates kept in bounded memory as the batches pass.
     """
     done = writer.done if writer is not None else set()
     result, started = StreamResult(), time.perf_counter()
     tables, worst = [], []
+    candidates = pd.DataFrame(columns=PREDICTION_COLUMNS)
 
     def prepare(ref: ImageRef) -> _Item:
         item = _Item(ref.name)
@@ -294,6 +302,7 @@ def predict_stream(
     batch: list[_Item] = []
 
     def flush() -> None:
+        nonlocal candidates
         if not batch:
             return
         readable = [item for item in batch if item.prepared.readable]
@@ -329,6 +338,8 @@ def predict_stream(
         if keep:
             tables.append(table)
             result.features.extend(item.prepared.features for item in readable)
+        if explain:
+            candidates = candidates_to_explain(pd.concat([candidates, table], ignore_index=True), explain)
         if examples:
             # A thumbnail only for an image that enters the top ``examples``, from the bytes the batch still holds.
             for item, score in zip(readable, assessment["ood_score"].to_numpy(dtype=float)):
@@ -359,6 +370,7 @@ def predict_stream(
     if keep:
         result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS)
     result.examples = [(score, name, picture) for score, name, picture in sorted(worst, key=lambda e: -e[0])]
+    result.to_explain = choose_to_explain(candidates, explain) if explain else []
     return result
 
 
@@ -381,13 +393,12 @@ def _thumbnail(data: bytes, size: int = 256):
         return picture
 
 
-def first_readable(refs: Iterable[ImageRef], count: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of the first ``count`` decodable images; stops reading as soon as it has them."""
-    found = []
+def read_chosen(refs: Iterable[ImageRef], names: set[str]) -> dict[str, bytes]:
+    """The bytes of the listed files named in ``names``; every other file is listed, not read."""
+    found = {}
     for ref in refs:
-        if len(found) >= count:
-            break
-        data = ref.read()
-        if check_image(data).ok:
-            found.append((ref.name, data))
+        if ref.name in names:
+            found[ref.name] = ref.read()
+            if len(found) == len(names):
+                break
     return found
