@@ -35,7 +35,8 @@ def candidates_to_explain(table: pd.DataFrame, count: int) -> pd.DataFrame:
 def choose_to_explain(table: pd.DataFrame, count: int) -> list[dict]:
     """The ``count`` rows most worth a Grad-CAM look: half (rounded up) the most confident PNEUMONIA calls with status
     ok, the rest those nearest the threshold (any readable status: the calls a reader most needs explained), each
-    image once; one group fills in for the other when it runs short. Each row gains ``why``."""
+    image once; the nearest fill in when there are fewer confident calls (the nearest cover every readable row, so
+    nothing else is needed when they run short). Each row gains ``why``."""
     confident, nearest = _ranked(table)
     chosen: dict[str, str] = {}
     for frame, why, quota in ((confident, MOST_CONFIDENT, (count + 1) // 2), (nearest, NEAREST, count)):
@@ -45,10 +46,6 @@ def choose_to_explain(table: pd.DataFrame, count: int) -> list[dict]:
                 break
             if path not in chosen:
                 chosen[path], taken = why, taken + 1
-    for path in confident["path"]:
-        if len(chosen) >= count:
-            break
-        chosen.setdefault(path, MOST_CONFIDENT)
     rows = table.drop_duplicates("path").set_index("path")
     return [
         {
@@ -71,6 +68,7 @@ def explanation_name(rank: int, row: dict) -> str:
 
 
 def explanation_caption(row: dict) -> str:
+    """File, probability against the threshold, the call (or the status when there is none), why it was chosen."""
     verdict = row["label"] or str(row["status"]).replace("_", " ")
     return (
         f"{PurePosixPath(str(row['path']).split('!')[-1]).name[:48]}\n"
