@@ -34,7 +34,6 @@ from PIL import Image
 
 from xray import CLASS_NAMES
 from xray.config import ArchiveLimits, InferenceConfig
-from xray.data.images import DICOM, EMPTY, NOT_AN_IMAGE
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE
 from xray.serving.explain import candidates_to_explain, choose_to_explain
@@ -375,11 +374,9 @@ def predict_stream(
 
 
 def reason_kind(reason: str) -> str:
-    """What an unreadable file's reason comes to, for counting: the decoder's message without its details."""
-    for kind in (EMPTY, NOT_AN_IMAGE, DICOM):
-        if reason == kind:
-            return kind.split(":")[0]
-    return reason.split(":")[0]  # "cannot decode", "cannot be read"
+    """What an unreadable file's reason comes to, for counting: the decoder's message up to its details ("a DICOM file",
+    "not a recognised image format", "empty file (0 bytes)", "cannot decode", "cannot be read")."""
+    return reason.split(":")[0]
 
 
 def _unreadable(reason: str) -> PreparedImage:
