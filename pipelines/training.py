@@ -65,6 +65,7 @@ def evaluate_and_register(model, dataset, spec, archive_info, data_report, histo
         data=config.data,
         s3=config.s3,
         seed=config.seed,
+        scope=config.scope,
     )
 
 

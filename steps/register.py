@@ -8,7 +8,7 @@ from zenml import get_step_context, log_metadata, step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray.config import DataConfig, EvaluateConfig, ModelConfig, RegistryConfig, S3Config
+from xray.config import DataConfig, EvaluateConfig, ModelConfig, RegistryConfig, S3Config, ScopeConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
 from xray.monitoring.ood import ReferenceProfile
@@ -35,6 +35,7 @@ def register_model(
     data: DataConfig,
     s3: S3Config,
     seed: int,
+    scope: ScopeConfig = ScopeConfig(),
 ) -> Annotated[dict, "registration"]:
     """Register a new MLflow model version with its card; promote it to champion only through the gate
     (xray.registry.promotion.register_candidate)."""
@@ -61,6 +62,7 @@ def register_model(
             data=data,
             s3=s3,
             seed=seed,
+            scope=scope,
         )
     if registration["promoted"]:
         # One source of truth: the MLflow alias (read by batch inference, serving and the gate). The ZenML Model

@@ -14,8 +14,9 @@ from xray.environment import REPO_ROOT
 
 PACKAGE = ROOT / "xray"
 STAGES = ("storage", "data", "model", "evaluation", "monitoring", "serving", "registry")
-# What may stay a function-level import, and why: each takes seconds to import or is optional.
-LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub"}
+# What may stay a function-level import, and why: each takes seconds to import, is optional, or (pydicom) is paid
+# only where a DICOM file arrives.
+LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom"}
 
 
 def modules():

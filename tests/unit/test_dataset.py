@@ -30,7 +30,7 @@ def test_bad_images_are_quarantined_and_listed(make_zip, tmp_path):
     assert report.converted == 1  # the CMYK JPEG; the PNG-named-.jpeg decodes as it is
     manifest = dataset.manifest.set_index("path")
     assert manifest.loc["train/PNEUMONIA/person9004_virus_1.jpeg", "format"] == "PNG"
-    assert manifest.loc["train/PNEUMONIA/person9005_virus_1.png", "channels"] == 4
+    assert manifest.loc["train/PNEUMONIA/person9005_virus_1.jpeg.png", "channels"] == 4
     assert not any((dataset.root / p).exists() for p in reasons)
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import jpeg_bytes, png, radiograph_like, write_zip
+from dicom_factory import radiograph
 from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.serving.batch import PREDICTION_COLUMNS, PredictionWriter, predict_source, predict_stream
@@ -203,6 +204,8 @@ def test_nothing_in_a_folder_is_skipped_silently(predictor, tmp_path):
         "two/image.jpeg": encoded("JPEG"),
         "no-extension": encoded("PNG"),
         "g.dcm": b"\0" * 128 + b"DICM" + b"\x02\x00" * 20,
+        "h.dcm": radiograph(grey, bits=12),
+        "one/1.2.840.99.7": radiograph(grey, bits=16, syntax="rle", voi="none"),
         "notes.txt": b"not an image",
         ".DS_Store": b"\0\0\0\1Bud1",
     }
@@ -213,13 +216,22 @@ def test_nothing_in_a_folder_is_skipped_silently(predictor, tmp_path):
         result = predict_source(predictor, str(tmp_path / "in"), InferenceConfig(), writer)
     summary = result.summary()
     table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
-    assert len(table) == 11 and table["path"].is_unique and writer.rows == 11
-    reasons = dict(zip(table["path"].str.rsplit("/", n=1).str[-1], table["reason"]))
-    assert reasons["g.dcm"].startswith("a DICOM file") and reasons["notes.txt"] == "not a recognised image format"
-    assert summary["images"] == 11 and summary["unreadable"] == 2
+    assert len(table) == 13 and table["path"].is_unique and writer.rows == 13
+    names = table["path"].str.rsplit("/", n=1).str[-1]
+    reasons = dict(zip(names, table["reason"]))
+    assert reasons["g.dcm"] == "DICOM without pixel data: not an image"
+    assert reasons["notes.txt"] == "not a recognised image format"
+    # Only DICOM rows carry UIDs; the two made from the same pixels score as that JPEG does.
+    dicom_rows = table[names.isin(["h.dcm", "1.2.840.99.7"])]
+    assert (dicom_rows["sop_instance_uid"] != "").all() and (
+        table.loc[names == "a.jpeg", "sop_instance_uid"] == ""
+    ).all()
+    jpeg = float(table.loc[names == "e16.png", "probability"].iloc[0])
+    assert np.allclose(dicom_rows["probability"].astype(float), jpeg, atol=0.02)
+    assert summary["images"] == 13 and summary["unreadable"] == 2
     assert summary["skipped"] == {
-        "a DICOM file": 1,
+        "DICOM without pixel data": 1,
         "not a recognised image format": 1,
         "system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)": 1,
     }
-    assert sum(summary["predicted"].values()) + summary["out_of_distribution"] == 9
+    assert sum(summary["predicted"].values()) + summary["out_of_distribution"] + summary["out_of_scope"] == 11

@@ -1,5 +1,8 @@
 """The one image decoding path: bytes (any format, detected by content) to what the model and the checks see.
 
+DICOM files (by their ``DICM`` preamble, whatever their name) go through :mod:`xray.data.dicom`, which applies the
+standard's Modality and VOI LUTs and hands back 8-bit pixels; everything else through Pillow.
+
 Training, evaluation, batch inference and serving all decode with :func:`decode_image` (the check and the decoded
 picture) and :func:`decode_and_resize` (the model's input), so the pixels the model sees cannot drift between them.
 The model itself takes raw RGB values in [0, 255]; backbone-specific scaling lives inside the model.
@@ -14,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from xray.data import dicom
+
 PREPROCESSING = (
     "decode_image(channels=3) -> resize to image_size (area when shrinking, bilinear when enlarging) "
     "-> round to uint8 -> float32 in [0, 255]"
@@ -26,7 +31,6 @@ NATIVE_MODES = {"L", "RGB", "RGBA", "LA"}
 # Grey images of more than 8 bits (16-bit PNG and TIFF, the usual lossless exports of a PACS; 32-bit integer TIFF)
 # and the largest value of their bit depth: their grey levels are scaled to 0-255, never clipped.
 EMPTY, NOT_AN_IMAGE = "empty file (0 bytes)", "not a recognised image format"
-DICOM = "a DICOM file: DICOM is not read yet (convert it to PNG, or see the DICOM issue)"
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None}
 
 
@@ -41,7 +45,35 @@ class ImageCheck:
     converted: bytes | None = None
     """PNG bytes when the original must be re-encoded to reach the model as RGB (or as 8-bit grey)."""
     bits: int = 8
-    """Bits per grey level of the original (16 for a 16-bit PNG or TIFF)."""
+    """Bits per grey level of the original (16 for a 16-bit PNG or TIFF, BitsStored for DICOM)."""
+    header: dicom.DicomHeader | None = None
+    """What is kept of a DICOM file's header (UIDs, scope and subgroup tags; no patient data); None otherwise."""
+
+
+def _png(image: Image.Image) -> bytes:
+    # The fastest zlib level: the PNG lives for one model call, and a 3000 x 3000 radiograph encodes 4x faster.
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _decode_dicom(data: bytes) -> tuple[ImageCheck, Image.Image | None]:
+    try:
+        header, pixels = dicom.read(data)
+    except dicom.DicomError as error:
+        return ImageCheck(False, str(error), format="DICOM", header=error.header), None
+    image = Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
+    check = ImageCheck(
+        True,
+        width=image.width,
+        height=image.height,
+        channels=len(image.getbands()),
+        format="DICOM",
+        converted=_png(image),
+        bits=header.bits_stored or 8,
+        header=header,
+    )
+    return check, image
 
 
 def to_8bit(image: Image.Image) -> tuple[Image.Image, int]:
@@ -64,8 +96,8 @@ def decode_image(data: bytes) -> tuple[ImageCheck, Image.Image | None]:
     image as the model sees it (RGB when it had to be converted)."""
     if not data:
         return ImageCheck(False, EMPTY), None
-    if data[128:132] == b"DICM":
-        return ImageCheck(False, DICOM), None
+    if dicom.is_dicom(data):
+        return _decode_dicom(data)
     try:
         # No context manager: closing a PIL image frees its pixels, and the decoded image is returned. The source is
         # an in-memory buffer, so no file handle stays open.
@@ -80,9 +112,7 @@ def decode_image(data: bytes) -> tuple[ImageCheck, Image.Image | None]:
         elif fmt not in NATIVE_FORMATS or mode not in NATIVE_MODES:
             image = image.convert("RGB")
         if image.mode != mode or fmt not in NATIVE_FORMATS:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            check.converted = buffer.getvalue()
+            check.converted = _png(image)
         return check, image
     except UnidentifiedImageError:
         return ImageCheck(False, NOT_AN_IMAGE), None

@@ -1,7 +1,8 @@
 """The manifest: one row per validated image, and the rules that shape the splits.
 
-Columns: path (relative to the dataset root), split, label, patient_id,
-sha256, width, height, channels, format, source_split.
+Columns: path (relative to the dataset root), split, label, patient_id (from a Kermany file name, the keyed hash of
+a DICOM PatientID, else ``image:<path>``), sha256, width, height, channels, format, source_split. A DICOM image is
+stored as the PNG of its display pixels (the model's input), so training and evaluation read it like any image.
 """
 
 from __future__ import annotations
@@ -76,19 +77,26 @@ def build_manifest(root: Path, files: list[tuple[str, str, str]]) -> tuple[pd.Da
             quarantined.append({"path": relative, "split": split, "label": label, "reason": check.reason})
             path.unlink()
             continue
+        pid = patient_id(path.name)
         if check.converted is not None:
             converted += 1
             path.unlink()
-            path = path.with_suffix(".png")
+            # The whole name plus .png: "a.tif" and "a.bmp", or the extension-less DICOM files "1.2.3.4" and
+            # "1.2.3.5", must not become one file.
+            path = path.with_name(path.name + ".png")
             path.write_bytes(check.converted)
             relative = path.relative_to(root).as_posix()
-        pid = patient_id(path.name)
+        if check.header is not None and check.header.patient:
+            # A DICOM image's patient is its keyed PatientID hash (xray.data.dicom.patient_hash), whatever its name.
+            patient = f"dicom:{check.header.patient}"
+        else:
+            patient = f"{label.lower()}:{pid}" if pid else None
         rows.append(
             {
                 "path": relative,
                 "split": split,
                 "label": label,
-                "patient_id": f"{label.lower()}:{pid}" if pid else None,
+                "patient_id": patient,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "width": check.width,
                 "height": check.height,

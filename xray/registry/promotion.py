@@ -5,6 +5,7 @@ version with its card, and move the alias under the promotion lock. The only mod
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import replace
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from xray import CLASS_NAMES
+from xray.config import ScopeConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
 from xray.data.sites import load_site, site_name
 from xray.model.network import predict_paths
@@ -107,9 +109,12 @@ def promote(
     return decision
 
 
-def version_metadata(metrics: dict, threshold: float, spec, dataset_sha256: str, reference_profile) -> dict:
+def version_metadata(
+    metrics: dict, threshold: float, spec, dataset_sha256: str, reference_profile, scope: ScopeConfig | None = None
+) -> dict:
     """What a registered version carries as MLflow model metadata and version tags: the operating point, the
-    preprocessing a caller must reproduce, the data it was trained on and the OOD reference it is served with."""
+    preprocessing a caller must reproduce, the data it was trained on, the OOD reference it is served with and the
+    scope (DICOM header checks) it was validated for."""
     return {
         "threshold": threshold,
         "threshold_policy": metrics["threshold_policy"],
@@ -122,6 +127,7 @@ def version_metadata(metrics: dict, threshold: float, spec, dataset_sha256: str,
         "ood_threshold": reference_profile.threshold,
         "val_ood_fraction": reference_profile.val_ood_fraction,
         "calibration": metrics.get("calibration", {}).get("method", "none"),
+        "scope": (scope or ScopeConfig()).model_dump(mode="json"),
     }
 
 
@@ -143,6 +149,7 @@ def register_candidate(
     data,
     s3,
     seed: int,
+    scope: ScopeConfig | None = None,
 ) -> dict:
     """The training pipeline's registration: gate the trained model against the champion (paired scores on test
     and the gate sites), log and register it as a new version with its card, and move the champion alias only if
@@ -157,7 +164,8 @@ def register_candidate(
     if run is None:
         raise RuntimeError("register_candidate logs to the active MLflow run: start one first")
     flat = metrics["flat"]
-    metadata = version_metadata(metrics, threshold, spec, dataset_sha256, reference_profile)
+    scope = scope or ScopeConfig()
+    metadata = version_metadata(metrics, threshold, spec, dataset_sha256, reference_profile, scope)
     champion, _ = store.current_champion(client, registry.model_name, registry.champion_alias)
     # The gate sites' images live in this folder until the champion has scored them.
     with tempfile.TemporaryDirectory(prefix="xray-gate-sites-") as workdir:
@@ -193,12 +201,18 @@ def register_candidate(
         },
         reference_profile,
         gate.markdown(decision, evaluate.min_sensitivity),
+        scope,
     )
     uri, version = store.log_and_register(model, registry.model_name, metadata, model_card, reference_profile)
     store.stamp_version(client, registry.model_name, version)
     # One card, in one place: the version's logged model. The run links to it; the registry shows it.
     store.publish_card(client, registry.model_name, version, model_card)
-    store.set_version_tags(client, registry.model_name, version, {key: str(value) for key, value in metadata.items()})
+    store.set_version_tags(
+        client,
+        registry.model_name,
+        version,
+        {key: json.dumps(value) if isinstance(value, dict) else str(value) for key, value in metadata.items()},
+    )
     decision = promote(client, registry.model_name, version, registry.champion_alias, flat, decision)
     mlflow.set_tags(
         {

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from xray.config import ScopeConfig
 from xray.errors import ConfigError
 from xray.monitoring.ood import ReferenceProfile
 from xray.registry.card import SITE_SECTION, description, site_table, site_tag
@@ -131,6 +132,7 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str, re
         "threshold": metadata["threshold"],
         "image_size": metadata["image_size"],
         "preprocessing": metadata["preprocessing"],
+        "scope": metadata.get("scope") or ScopeConfig().model_dump(mode="json"),
     }
     info = mlflow.models.Model.log(
         artifact_path=None,

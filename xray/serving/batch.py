@@ -35,25 +35,16 @@ from PIL import Image
 from xray import CLASS_NAMES
 from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError
-from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE
+from xray.monitoring.ood import OUT_OF_DISTRIBUTION
+from xray.monitoring.scope import OUT_OF_SCOPE
 from xray.serving.explain import candidates_to_explain, choose_to_explain
-from xray.serving.predictor import PreparedImage
+from xray.serving.predictor import OUTPUT_COLUMNS, UID_COLUMNS, PreparedImage
 from xray.storage import s3
 from xray.storage.listing import ImageRef, list_images
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = [
-    "path",
-    "sha256",
-    "probability",
-    "label",
-    "threshold",
-    "ood_score",
-    "status",
-    "reason",
-    "model_version",
-]
+PREDICTION_COLUMNS = ["path", "sha256", *OUTPUT_COLUMNS]
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet"}
 
 
@@ -168,6 +159,8 @@ _PARQUET_TYPES = {
     "ood_score": "float64",
     "status": "string",
     "reason": "string",
+    "scope_unchecked": "string",
+    **dict.fromkeys(UID_COLUMNS, "string"),
     "model_version": "string",
 }
 
@@ -192,6 +185,7 @@ class StreamResult:
     """Files that were listed or seen but not predicted, by reason: junk files, non-images, broken images."""
     unreadable: int = 0
     out_of_distribution: int = 0
+    out_of_scope: int = 0
     predicted: dict = field(default_factory=dict)
     seconds: float = 0.0
     table: pd.DataFrame | None = None
@@ -208,6 +202,7 @@ class StreamResult:
             "skipped": dict(sorted(self.not_read.items())),
             "unreadable": self.unreadable,
             "out_of_distribution": self.out_of_distribution,
+            "out_of_scope": self.out_of_scope,
             "predicted": dict(sorted(self.predicted.items())),
             "images_per_second": round((self.images - self.skipped) / self.seconds, 2) if self.seconds else None,
         }
@@ -305,32 +300,16 @@ def predict_stream(
         if not batch:
             return
         readable = [item for item in batch if item.prepared.readable]
-        probabilities = predictor.probabilities_of_encoded([item.prepared.encoded for item in readable])
-        assessment = predictor.assess([item.prepared.features for item in readable])
-        rows = predictor.rows(probabilities, assessment)
-        table = pd.DataFrame(
-            {
-                "path": [item.name for item in batch],
-                "sha256": [item.sha256 or None for item in batch],
-                "probability": np.nan,
-                "label": "",
-                "threshold": predictor.threshold,
-                "ood_score": np.nan,
-                "status": UNREADABLE,
-                "reason": [item.prepared.reason for item in batch],
-                "model_version": predictor.version,
-            },
-            columns=PREDICTION_COLUMNS,
-        )
+        table = predictor.table([item.prepared for item in batch])
+        table.insert(0, "sha256", [item.sha256 or None for item in batch])
+        table.insert(0, "path", [item.name for item in batch])
         mask = np.array([item.prepared.readable for item in batch])
-        if mask.any():
-            for column in ("probability", "label", "ood_score", "status", "reason"):
-                table.loc[mask, column] = rows[column].to_numpy()
         if writer is not None:
             writer.write(table)
         result.unreadable += int((~mask).sum())
         result.not_read.update(reason_kind(item.prepared.reason) for item in batch if not item.prepared.readable)
         result.out_of_distribution += int((table["status"] == OUT_OF_DISTRIBUTION).sum())
+        result.out_of_scope += int((table["status"] == OUT_OF_SCOPE).sum())
         for label in CLASS_NAMES:
             count = int((table.loc[table["status"] == "ok", "label"] == label).sum())
             result.predicted[label] = result.predicted.get(label, 0) + count
@@ -341,7 +320,7 @@ def predict_stream(
             candidates = candidates_to_explain(pd.concat([candidates, table], ignore_index=True), explain)
         if examples:
             # A thumbnail only for an image that enters the top ``examples``, from the bytes the batch still holds.
-            for item, score in zip(readable, assessment["ood_score"].to_numpy(dtype=float)):
+            for item, score in zip(readable, table.loc[mask, "ood_score"].to_numpy(dtype=float)):
                 score = float(np.nan_to_num(score, nan=-np.inf))
                 if len(worst) < examples:
                     heapq.heappush(worst, (score, item.name, _thumbnail(item.prepared.encoded)))
@@ -374,7 +353,7 @@ def predict_stream(
 
 
 def reason_kind(reason: str) -> str:
-    """What an unreadable file's reason comes to, for counting: the decoder's message up to its details ("a DICOM file",
+    """What an unreadable file's reason comes to, for counting: the decoder's message up to its details ("multi-frame DICOM",
     "not a recognised image format", "empty file (0 bytes)", "cannot decode", "cannot be read")."""
     return reason.split(":")[0]
 

@@ -1,7 +1,7 @@
 """A registered version's folder: what :func:`write` puts beside the Keras model and :func:`read` loads back.
 
     data/model.keras             the calibrated Keras model (written by the keras flavor)
-    data/serving.json            threshold, image size, preprocessing
+    data/serving.json            threshold, image size, preprocessing, the validated scope (xray.config.ScopeConfig)
     data/reference_profile/      the out-of-distribution reference (xray.monitoring.ood.ReferenceProfile)
     code/xray/                   this package, so the pyfunc flavor loads without the project installed
 
@@ -17,7 +17,9 @@ import shutil
 from pathlib import Path
 
 import xray
+from xray.config import ScopeConfig
 from xray.monitoring.ood import ReferenceProfile
+from xray.monitoring.scope import describe
 from xray.serving.predictor import ChestXrayPredictor
 
 CONFIG_FILE = "serving.json"
@@ -58,6 +60,14 @@ def read(data_path: str | Path) -> ChestXrayPredictor:
             "ood_score is empty and no image is checked for being out of distribution",
             config.get("version", "?"),
         )
+    if "scope" not in config:
+        logger.warning(
+            "model version %s has no stored scope (registered before DICOM scope checks): DICOM headers are checked "
+            "against the default scope, that of the training data (%s)",
+            config.get("version", "?"),
+            "; ".join(describe(ScopeConfig())),
+        )
+    scope = ScopeConfig.model_validate(config.get("scope", {}))
     return ChestXrayPredictor(
-        model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile
+        model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile, scope
     )

@@ -13,12 +13,29 @@ import numpy as np
 import pandas as pd
 
 from xray import CLASS_NAMES
+from xray.config import ScopeConfig
+from xray.data.dicom import DicomHeader
 from xray.data.images import decode_and_resize, decode_image
-from xray.monitoring import ood
+from xray.monitoring import ood, scope
+from xray.monitoring.scope import OUT_OF_SCOPE, ScopeResult
 
-OUTPUT_COLUMNS = ["probability", "label", "threshold", "ood_score", "status", "reason", "model_version"]
-"""One row per image. ``label`` is empty unless ``status`` is ``ok``: an image out of distribution (or unreadable) keeps
-its probability and score, but no answer a client could read as the model's verdict."""
+UID_COLUMNS = ["study_instance_uid", "series_instance_uid", "sop_instance_uid"]
+OUTPUT_COLUMNS = [
+    "probability",
+    "label",
+    "threshold",
+    "ood_score",
+    "status",
+    "reason",
+    "scope_unchecked",
+    *UID_COLUMNS,
+    "model_version",
+]
+"""One row per image. ``status``: ok, out_of_scope (the DICOM header says the image is not of the validated kind),
+out_of_distribution (the pixels are unlike the training images) or unreadable. ``label`` is empty unless ``status`` is
+``ok``: an image out of scope or out of distribution keeps its probability and score, but no answer a client could
+read as the model's verdict. ``scope_unchecked``: the scope's tags a DICOM header lacks (comma-separated). The UIDs
+are a DICOM image's; all three are empty for JPEG and PNG."""
 
 
 def label_for(probability: float, threshold: float, status: str) -> str:
@@ -34,6 +51,8 @@ class PreparedImage:
     reason: str = ""
     features: ood.ImageFeatures | None = None
     encoded: bytes | None = None
+    header: DicomHeader | None = None
+    scope: ScopeResult | None = None
 
     @property
     def readable(self) -> bool:
@@ -50,11 +69,13 @@ class ChestXrayPredictor:
         image_size: int,
         version: str | None = None,
         profile: ood.ReferenceProfile | None = None,
+        scope: ScopeConfig | None = None,
     ):
         import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
         self.model, self.threshold, self.image_size, self.version = model, threshold, image_size, version
         self.profile = profile
+        self.scope = scope or ScopeConfig()
         # Traced once for every batch size: a call pays for the arithmetic, not model.predict's per-call setup (data
         # adapter, callbacks, a step function per shape). The encoded variant also decodes and resizes inside the
         # graph, on TensorFlow's threads, with the preprocessing training used.
@@ -78,11 +99,17 @@ class ChestXrayPredictor:
         return decode_and_resize(tf.constant(data), self.image_size).numpy().astype(np.float32)
 
     def prepare(self, data: bytes) -> PreparedImage:
-        """Decode once (PIL) for the check and the out-of-distribution features; the model decodes its own copy."""
+        """Decode once for the check, the scope (a DICOM header) and the out-of-distribution features; the model
+        decodes its own copy."""
         check, image = decode_image(data)
         if not check.ok:
-            return PreparedImage(reason=check.reason)
-        return PreparedImage(features=ood.features_of(image), encoded=check.converted or data)
+            return PreparedImage(reason=check.reason, header=check.header)
+        return PreparedImage(
+            features=ood.features_of(image),
+            encoded=check.converted or data,
+            header=check.header,
+            scope=scope.check(check.header, self.scope),
+        )
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for a batch of preprocessed images (N, size, size, 3)."""
@@ -104,36 +131,48 @@ class ChestXrayPredictor:
             return self.profile.assess(features)
         return pd.DataFrame({"ood_score": [float("nan")] * len(features), "status": ood.OK, "reason": ""})
 
-    def rows(self, probabilities: np.ndarray, assessment: pd.DataFrame) -> pd.DataFrame:
-        status = assessment["status"].to_numpy()
-        return pd.DataFrame(
+    def table(self, prepared: list[PreparedImage]) -> pd.DataFrame:
+        """One row per prepared image, in order (OUTPUT_COLUMNS): the readable ones through the model in one call."""
+        readable = [item for item in prepared if item.readable]
+        probabilities = self.probabilities_of_encoded([item.encoded for item in readable])
+        assessment = self.assess([item.features for item in readable])
+        table = pd.DataFrame(
             {
-                "probability": probabilities,
-                "label": [label_for(p, self.threshold, s) for p, s in zip(probabilities, status)],
+                "probability": np.nan,
+                "label": "",
                 "threshold": self.threshold,
-                "ood_score": assessment["ood_score"].to_numpy(),
-                "status": status,
-                "reason": assessment["reason"].to_numpy(),
+                "ood_score": np.nan,
+                "status": ood.UNREADABLE,
+                "reason": [item.reason for item in prepared],
+                "scope_unchecked": [",".join(item.scope.unchecked) if item.scope else "" for item in prepared],
+                **{
+                    column: [getattr(item.header, column) if item.header else "" for item in prepared]
+                    for column in UID_COLUMNS
+                },
                 "model_version": self.version,
             },
             columns=OUTPUT_COLUMNS,
         )
+        mask = np.array([item.readable for item in prepared], dtype=bool)
+        if mask.any():
+            status = assessment["status"].to_numpy(dtype=object)
+            reason = assessment["reason"].to_numpy(dtype=object)
+            for index, item in enumerate(readable):
+                # Out of scope comes first: the header is a fact, the pixel check a statistic; both are said.
+                if not item.scope.in_scope:
+                    pixels = (
+                        f"; out of distribution: {reason[index]}" if status[index] == ood.OUT_OF_DISTRIBUTION else ""
+                    )
+                    status[index], reason[index] = OUT_OF_SCOPE, item.scope.reason + pixels
+            table.loc[mask, "probability"] = probabilities
+            table.loc[mask, "ood_score"] = assessment["ood_score"].to_numpy()
+            table.loc[mask, "status"] = status
+            table.loc[mask, "reason"] = reason
+            table.loc[mask, "label"] = [label_for(p, self.threshold, st) for p, st in zip(probabilities, status)]
+        return table
 
     def predict_bytes(self, images: list[bytes]) -> pd.DataFrame:
         """One row per image, in order; an image that cannot be decoded gets status unreadable and no probability."""
-        readable, features, encoded, unreadable = [], [], [], {}
-        for index, data in enumerate(images):
-            prepared = self.prepare(data)
-            if not prepared.readable:
-                unreadable[index] = prepared.reason
-                continue
-            readable.append(index)
-            features.append(prepared.features)
-            encoded.append(prepared.encoded)
-        table = self.rows(self.probabilities_of_encoded(encoded), self.assess(features))
-        table.index = readable
-        for index, reason in unreadable.items():
-            table.loc[index] = [np.nan, "", self.threshold, np.nan, ood.UNREADABLE, reason, self.version]
-        table = table.sort_index().reset_index(drop=True)
+        table = self.table([self.prepare(data) for data in images])
         # JSON has no NaN: an unreadable image has no probability and no score, null in the answer.
         return table.astype(object).where(table.notna(), None)
