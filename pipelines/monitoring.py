@@ -53,6 +53,7 @@ def summarize(load, output: Path) -> dict:
         "images": report["images"],
         "readable": report["readable"],
         "ood_images": report["ood_images"],
+        "out_of_scope_images": report.get("out_of_scope_images", 0),
         "reference_ood_fraction": report["reference_ood_fraction"],
         "embedding_p_value": report["embedding"]["p_value"],
         "positive_rate": report["positive_rate"]["batch"],

@@ -55,7 +55,7 @@ SENTINELS = {
     "StudyID": "ZZSENTSTUDY",
     "InstitutionName": "ZZSENTINELHOSPITAL",
     "InstitutionAddress": "ZZSENTINELSTREET",
-    "ReferringPhysicianName": "ZZSENTINELREFERRER^DR",
+    "ReferringPhysicianName": "ZZSENTINELREFERRER^ZZSENTINELDOCTOR",
     "PerformingPhysicianName": "ZZSENTINELPERFORMER",
     "OperatorsName": "ZZSENTINELOPERATOR",
     "StationName": "ZZSENTSTATION",
@@ -180,6 +180,16 @@ def radiograph(
         options = {"jls_error": 2} if syntax == "jpeg-ls-near" else {"j2k_cr": [5]} if syntax == "jpeg2000" else {}
         ds.compress(transfer, pixels, generate_instance_uid=False, **options)
     return _write(ds, preamble)
+
+
+def with_sentinels(path: str) -> bytes:
+    """A DICOM file (one of pydicom's test files) with every identifying tag set to its sentinel."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in SENTINELS.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
 
 
 def _write(ds: Dataset, preamble: bool = True) -> bytes:

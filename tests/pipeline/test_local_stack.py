@@ -346,3 +346,154 @@ def test_monitoring_a_shifted_batch_on_s3_reports_drift_and_never_touches_the_re
         "monitoring/ood_scores.png",
     }
     assert _registry_state(env) == before
+
+
+# -- DICOM: the hospital's own files through every entry point, and no patient data in any store ----------------
+
+
+def _dicom_copies(images: list, folder, sentinels: bool = True) -> dict:
+    """A DICOM of each JPEG, the encodings in turn (every third without an extension, every fourth MONOCHROME1);
+    returns {DICOM file: its JPEG}."""
+    from dicom_factory import SYNTAXES, radiograph
+
+    syntaxes = sorted(SYNTAXES)
+    made = {}
+    for index, path in enumerate(images):
+        syntax = syntaxes[index % len(syntaxes)]
+        bits = 8 if syntax == "jpeg-baseline" else (12, 16)[index % 2]
+        photometric = "MONOCHROME1" if index % 4 == 3 else "MONOCHROME2"
+        name = f"{path.stem}-{syntax}" + ("" if index % 3 == 0 else ".dcm")
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(
+            radiograph(
+                path.read_bytes(),
+                bits=bits,
+                syntax=syntax,
+                photometric=photometric,
+                sentinels=sentinels,
+                PatientID=f"ZZSENTINELPID77-{index}" if sentinels else f"P{index}",
+            )
+        )
+        made[target] = path
+    return made
+
+
+def _assert_no_sentinel(home, *streams):
+    from dicom_factory import SENTINELS
+
+    parts = {part for value in SENTINELS.values() for part in [value, *value.split("^")]}
+    for stream in streams:
+        assert not [part for part in parts if part in stream], "a sentinel in an output stream"
+    searched = 0
+    for path in home.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            searched += 1
+            assert not [part for part in parts if part.encode() in data], f"a sentinel in {path}"
+    assert searched > 10
+
+
+def test_dicom_batches_mix_with_jpeg_are_scoped_and_leak_no_patient_data(local, tmp_path):
+    """A folder of the twenty JPEGs, a DICOM of each in every encoding (some without an extension), and adult,
+    lateral, CT, non-chest and broken DICOMs, every identifying tag planted with a sentinel: one row per file, each
+    DICOM within 0.02 of its JPEG, the wrong ones out of scope or unreadable with a reason, exit 0 for inference and
+    monitoring; then no sentinel in any output stream, file or store (ZenML, MLflow, the run's outputs)."""
+    from pydicom.data import get_testdata_file
+
+    from dicom_factory import radiograph, with_sentinels
+
+    env = local.env
+    folder = tmp_path / "hospital-batch"  # the inputs hold the sentinels; every store and output is under home
+    jpegs = sorted(local.images.glob("*.jpeg"))
+    for path in jpegs:
+        (folder / "jpeg").mkdir(parents=True, exist_ok=True)
+        (folder / "jpeg" / path.name).write_bytes(path.read_bytes())
+    made = _dicom_copies(jpegs, folder / "pacs" / "export")
+    first = jpegs[0].read_bytes()
+    wrong = {
+        "adult.dcm": (radiograph(first, sentinels=True, age="045Y"), "PatientAge 045Y outside the validated 1-5 years"),
+        "lateral": (radiograph(first, sentinels=True, view="LL"), "ViewPosition LL outside the validated PA, AP"),
+        "ct.dcm": (with_sentinels(get_testdata_file("CT_small.dcm")), "Modality CT outside the validated CR, DX"),
+        "hand.dcm": (radiograph(first, sentinels=True, body_part="HAND"), "BodyPartExamined HAND outside"),
+        "broken.dcm": (radiograph(first, sentinels=True)[:-4000], "cannot decode DICOM"),
+    }
+    for name, (data, _) in wrong.items():
+        (folder / "wrong" / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "wrong" / name).write_bytes(data)
+    output = local.home / "hospital-out"
+    inference = run_command(
+        [
+            ROOT / "run.py",
+            "--pipeline",
+            "inference",
+            "--images",
+            folder,
+            "--output",
+            output / "preds.csv",
+            "--explain",
+            "2",
+        ],
+        env,
+        900,
+    )
+    summary = summary_of(inference)
+    table = pd.read_csv(output / "preds.csv", keep_default_na=False)
+    assert len(table) == 20 + len(made) + len(wrong) == summary["rows_written"]
+    by_path = table.set_index("path")
+    for dicom_file, jpeg in made.items():
+        row, original = by_path.loc[str(dicom_file)], by_path.loc[str(folder / "jpeg" / jpeg.name)]
+        assert abs(float(row["probability"]) - float(original["probability"])) <= 0.02, dicom_file.name
+        assert row["sop_instance_uid"].startswith("1.2.") and original["sop_instance_uid"] == ""
+    for name, (_, reason) in wrong.items():
+        row = by_path.loc[str(folder / "wrong" / name)]
+        expected = "unreadable" if name == "broken.dcm" else "out_of_scope"
+        assert row["status"] == expected and row["reason"].startswith(reason) and row["label"] == "", name
+    assert summary["out_of_scope"] == 4 and summary["unreadable"] == 1
+    monitoring = _monitor(env, "--images", str(folder), "--output", str(local.home / "hospital-report"))
+    assert monitoring.returncode == 0, monitoring.stderr[-3000:]
+    _assert_no_sentinel(local.home, inference.stdout, inference.stderr, monitoring.stdout, monitoring.stderr)
+
+
+def test_a_dicom_site_is_evaluated_like_its_jpegs(local, tmp_path):
+    """The mini archive's 47 test images as DICOM under NORMAL/ and PNEUMONIA/ at some depth, every encoding, some
+    without an extension: --pipeline evaluation reads them all, and the AUC is the JPEGs' AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    env = local.env
+    jpegs = tmp_path / "jpegs"
+    with zipfile.ZipFile(MINI_ZIP) as archive:
+        for name in archive.namelist():
+            if name.startswith("chest_xray/test/") and name.endswith(".jpeg"):
+                target = jpegs / name.split("/")[-2] / name.rsplit("/", 1)[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(name))
+    champion = str(mlflow_client(env).get_model_version_by_alias("chest-xray-classifier", "champion").version)
+    site = tmp_path / "site"
+    made = {}
+    for label in ("NORMAL", "PNEUMONIA"):
+        made |= _dicom_copies(sorted((jpegs / label).iterdir()), site / "dicom" / "2026" / label, sentinels=False)
+    result = run_command(
+        [
+            ROOT / "run.py",
+            "--pipeline",
+            "evaluation",
+            "--model-version",
+            "1",
+            "--config",
+            local.config,
+            "--dataset-uri",
+            site,
+            "--site",
+            "dicom-site",
+        ],
+        env,
+        900,
+    )
+    summary = summary_of(result)
+    assert summary["images"] == 47 == len(made) and summary["model_version"] == champion
+    paths = sorted(made.values())
+    labels = [int(p.parent.name == "PNEUMONIA") for p in paths]
+    # The JPEGs through the registered model (no calibration refit: the evaluation reports the version as registered).
+    expected = roc_auc_score(labels, champion_probabilities(env, paths))
+    assert summary["metrics"]["auc"] == pytest.approx(expected, abs=0.02)

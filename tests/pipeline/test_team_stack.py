@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 from conftest import MINI_ZIP, ROOT, champion_probabilities, free_port, run_command
+from dicom_factory import radiograph
 from xray.serving import batch
 
 pytestmark = pytest.mark.slow
@@ -382,9 +383,25 @@ def test_rest_serving_matches_batch_inference(trained):
         assert rows[0]["probability"] == pytest.approx(prediction["probability"], abs=1e-6)
         assert rows[1]["status"] == "unreadable" and rows[1]["probability"] is None and rows[1]["reason"]
         assert rows[2]["status"] == "out_of_distribution" and rows[2]["ood_score"] > 1
+        # The same image as a DICOM (12-bit JPEG-LS, detected by content) scores as the JPEG and names its UIDs.
+        dicom_copy = radiograph(image.read_bytes(), bits=12, syntax="jpeg-ls")
+        status, body = _post(port, {"inputs": [base64.b64encode(dicom_copy).decode()]})
+        assert status == 200, body
+        row = body["predictions"][0]
+        assert row["probability"] == pytest.approx(prediction["probability"], abs=0.02)
+        assert row["sop_instance_uid"].startswith("1.2.") and row["status"] == prediction["status"]
         # Malformed requests: each a 4xx with a message, the worker stays up and answers the next good request.
         good = base64.b64encode(image.read_bytes()).decode()
+        zip_buffer = io.BytesIO()
+        with zipfile.ZipFile(zip_buffer, "w") as archive:
+            archive.writestr("image.dcm", b"x" * 1000)
+        hostile = {
+            "truncated DICOM": dicom_copy[: len(dicom_copy) // 2],
+            "DICOM declaring 65535 x 65535": radiograph(image.read_bytes(), bits=8, Rows=65535, Columns=65535),
+            "a zip behind a DICOM preamble": b"\0" * 128 + b"DICM" + zip_buffer.getvalue(),
+        }
         malformed = {
+            **{case: {"inputs": [base64.b64encode(data).decode()]} for case, data in hostile.items()},
             "not JSON": b"{this is not json",
             "nested list": {"inputs": [[good, good]]},
             "a number": {"inputs": [7]},

@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import png, radiograph_like
-from dicom_factory import SENTINELS, SYNTAXES, grey_levels, radiograph
+from dicom_factory import SENTINELS, SYNTAXES, grey_levels, radiograph, with_sentinels
 from xray.config import DataConfig, InferenceConfig, ScopeConfig
 from xray.data import dicom
 from xray.data.dataset import prepare_dataset
@@ -272,8 +272,8 @@ def test_no_identifying_value_reaches_rows_logs_or_messages(predictor, grey, tmp
         "adult": radiograph(grey, sentinels=True, age="045Y", syntax="jpeg-ls"),
         "truncated.dcm": radiograph(grey, sentinels=True)[:-3000],
         "broken-window.dcm": broken_window,
-        "sr.dcm": _with_sentinels(get_testdata_file("test-SR.dcm")),
-        "ct.dcm": _with_sentinels(get_testdata_file("CT_small.dcm")),
+        "sr.dcm": with_sentinels(get_testdata_file("test-SR.dcm")),
+        "ct.dcm": with_sentinels(get_testdata_file("CT_small.dcm")),
     }
     folder = tmp_path / "in"
     folder.mkdir()
@@ -295,13 +295,6 @@ def test_no_identifying_value_reaches_rows_logs_or_messages(predictor, grey, tmp
     for value in SENTINELS.values():
         for part in [value, *value.split("^")]:
             assert not any(part.encode() in blob for blob in blobs), f"{part} came out"
-
-
-def _with_sentinels(path: str) -> bytes:
-    dataset = pydicom.dcmread(path)
-    for keyword, value in SENTINELS.items():
-        setattr(dataset, keyword, value)
-    return _saved(dataset)
 
 
 # ---------------------------------------------------------------------------------------------------------------

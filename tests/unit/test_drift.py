@@ -75,6 +75,21 @@ def test_unreadable_images_are_counted_but_not_tested(profile, family):
     assert (report["images"], report["readable"], report["unreadable"]) == (23, 20, 3)
 
 
+def test_out_of_scope_images_are_counted_and_their_flagged_pixels_still_count(profile, family):
+    arrays = [255 - a if i < 15 else a for i, a in enumerate(family[220:300])]
+    predictions, features = batch_of(profile, arrays)
+    flagged = int((predictions["status"] == ood.OUT_OF_DISTRIBUTION).sum())
+    # The first 20 are adults by their header: the inverted ones among them were flagged by the pixels as well.
+    for index in range(20):
+        pixels = predictions.at[index, "reason"]
+        also = f"; out of distribution: {pixels}" if predictions.at[index, "status"] == ood.OUT_OF_DISTRIBUTION else ""
+        predictions.at[index, "reason"] = "PatientAge 045Y outside the validated 1-5 years" + also
+        predictions.at[index, "status"] = "out_of_scope"
+    report = drift.compare(profile, predictions, features, permutations=100)
+    assert report["out_of_scope_images"] == 20 and report["out_of_scope_tags"] == {"PatientAge": 20}
+    assert report["ood_images"] == flagged and report["readable"] == 80
+
+
 def test_a_batch_with_nothing_readable_is_an_error(profile):
     bad = pd.DataFrame(
         {

@@ -28,6 +28,7 @@ from scipy.stats import binomtest, false_discovery_control, ks_2samp, permutatio
 
 from xray.errors import DataQualityError
 from xray.monitoring import ood
+from xray.monitoring.scope import OUT_OF_SCOPE
 
 MMD_MAX_IMAGES = 1000
 """The MMD test uses at most this many batch images (a random subset), so its cost stays bounded."""
@@ -115,7 +116,7 @@ def compare(
 ) -> dict:
     """The monitoring report of one batch.
 
-    ``predictions``: one row per image with ``status`` (ok, out_of_distribution or unreadable),
+    ``predictions``: one row per image with ``status`` (ok, out_of_scope, out_of_distribution or unreadable),
     ``reason``, ``probability`` and ``ood_score``; ``features``: :func:`xray.ood.feature_table` of the
     readable images, in the same order.
     """
@@ -130,7 +131,12 @@ def compare(
         )
     if n_readable != len(features):
         raise ValueError(f"{len(features)} feature rows for {n_readable} readable images")
-    flagged = int((status == ood.OUT_OF_DISTRIBUTION).sum())
+    # An image out of scope whose pixels were flagged too (its reason says both) counts as out of distribution.
+    out_of_scope = status == OUT_OF_SCOPE
+    pixels_flagged = (status == ood.OUT_OF_DISTRIBUTION) | (
+        out_of_scope & predictions["reason"].astype(str).str.contains("out of distribution: ", regex=False)
+    )
+    flagged = int(pixels_flagged.sum())
     reference_fraction = max(profile.val_ood_fraction, profile.alpha)
     p_ood = ood_share_test(flagged, n_readable, reference_fraction)
     stats = features[list(ood.STAT_NAMES)].to_numpy(dtype=np.float64)
@@ -142,6 +148,7 @@ def compare(
     positives = int((probabilities >= profile.class_threshold).sum())
     p_positive = positive_rate_test(positives, n_readable, profile.val_positive_rate)
     reasons = predictions.loc[status == ood.OUT_OF_DISTRIBUTION, "reason"].astype(str)
+    scope_reasons = predictions.loc[out_of_scope, "reason"].astype(str).str.split(" ").str[0]
     return {
         "drift_detected": bool(p_ood < alpha),
         "p_value": p_ood,
@@ -150,6 +157,8 @@ def compare(
         "readable": n_readable,
         "unreadable": images - n_readable,
         "ood_images": flagged,
+        "out_of_scope_images": int(out_of_scope.sum()),
+        "out_of_scope_tags": scope_reasons.value_counts().to_dict(),
         "ood_fraction": flagged / n_readable if n_readable else 0.0,
         "reference_ood_fraction": reference_fraction,
         "decision": (
