@@ -160,6 +160,17 @@ def patient_hash(patient_id: str, key: bytes | None = None) -> str:
 
 def redact(text: str, dataset) -> str:
     """``text`` with every identifying value of ``dataset`` (and the pieces of person names) replaced."""
+    return _scrub(text, identifying_values(dataset))
+
+
+def _scrub(text: str, values: list[str]) -> str:
+    for value in values:
+        text = text.replace(value, "<redacted>")
+    return text
+
+
+def identifying_values(dataset) -> list[str]:
+    """Every identifying value of ``dataset`` and the pieces of its person names, longest first."""
     values: set[str] = set()
     for keyword in IDENTIFYING:
         element = dataset.get(keyword) if dataset is not None else None
@@ -170,9 +181,7 @@ def redact(text: str, dataset) -> str:
             if value:
                 values.add(value)
                 values.update(part for part in re.split(r"[\^=\s]+", value) if len(part) >= 3)
-    for value in sorted(values, key=len, reverse=True):
-        text = text.replace(value, "<redacted>")
-    return text
+    return sorted(values, key=len, reverse=True)
 
 
 def _is_multi(value) -> bool:
@@ -223,8 +232,15 @@ def _check_deflated(data: bytes) -> None:
     steps, so that a small file cannot claim gigabytes."""
     import pydicom  # lazy: see read
 
+    # Fast path: the meta group's length (its first element, as PS3.10 requires) bounds where its transfer syntax
+    # can be; a file that is not deflated says so there.
+    start = PREAMBLE + 4
+    if data[start : start + 6] == b"\x02\x00\x00\x00UL" and len(data) >= start + 12:
+        length = int.from_bytes(data[start + 8 : start + 12], "little")
+        if DEFLATED.encode() not in data[start : start + 12 + length]:
+            return
     stream = io.BytesIO(data)
-    stream.seek(PREAMBLE + 4)
+    stream.seek(start)
     try:
         meta = pydicom.filereader.read_dataset(
             stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, vr, length: tag.group != 2
@@ -256,7 +272,7 @@ _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 _CODE = re.compile(r"^[A-Z0-9 _]{1,16}$")
 
 
-def _code(value: str, dataset) -> str:
+def _code(value: str, values: list[str]) -> str:
     """A code string (Modality, BodyPartExamined, ViewPosition, PatientSex) as the standard allows it (upper-case
     letters, digits, space, underscore; 16 at most), and never a copy of an identifying value."""
     value = value.upper()
@@ -264,7 +280,7 @@ def _code(value: str, dataset) -> str:
         return ""
     if not _CODE.match(value):
         return "(not a code string)"
-    return redact(value, dataset)
+    return _scrub(value, values)
 
 
 def _uid(value: str) -> str:
@@ -288,24 +304,25 @@ def _header(dataset) -> DicomHeader:
             ("StudyDate - PatientBirthDate"),
         )
     patient = _text(dataset, "PatientID")
+    identifying = identifying_values(dataset)
     return DicomHeader(
         study_instance_uid=_uid(_text(dataset, "StudyInstanceUID")),
         series_instance_uid=_uid(_text(dataset, "SeriesInstanceUID")),
         sop_instance_uid=_uid(_text(dataset, "SOPInstanceUID")),
         sop_class=UID(sop_class).name if sop_class else "",
-        modality=_code(_text(dataset, "Modality"), dataset),
-        body_part=_code(_text(dataset, "BodyPartExamined"), dataset),
-        view_position=_code(_text(dataset, "ViewPosition"), dataset),
+        modality=_code(_text(dataset, "Modality"), identifying),
+        body_part=_code(_text(dataset, "BodyPartExamined"), identifying),
+        view_position=_code(_text(dataset, "ViewPosition"), identifying),
         patient_age=("over 89Y" if age is not None and age >= 90 and source == "PatientAge" else age_text)
         if _AGE.match(age_text.upper())
         else "",
         age_years=age,
         age_source=source if age is not None else "",
-        sex=_code(_text(dataset, "PatientSex"), dataset),
-        manufacturer=redact(_text(dataset, "Manufacturer")[:64], dataset),
+        sex=_code(_text(dataset, "PatientSex"), identifying),
+        manufacturer=_scrub(_text(dataset, "Manufacturer")[:64], identifying),
         patient=patient_hash(patient) if patient else "",
         transfer_syntax=UID(syntax).name if syntax else "",
-        photometric=_code(_text(dataset, "PhotometricInterpretation"), dataset),
+        photometric=_code(_text(dataset, "PhotometricInterpretation"), identifying),
         bits_stored=int(dataset.get("BitsStored") or 0),
     )
 
@@ -357,6 +374,12 @@ def _pixels(dataset, header: DicomHeader) -> np.ndarray:
     if photometric in COLOUR:
         # pydicom converts YBR to RGB; the model takes RGB values in 0-255.
         return _to_8bit(stored.astype(np.float64), 0.0, float(2 ** int(dataset.BitsStored) - 1))
+    if stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
+        # The whole pipeline computed once per stored value present, then looked up: the same numbers, and a
+        # 3000 x 3000 radiograph costs a table of at most 65536 entries instead of 9 M float operations per step.
+        low, high = int(stored.min()), int(stored.max())
+        table = display(np.arange(low, high + 1).astype(stored.dtype), dataset)
+        return table[stored - stored.dtype.type(low)] if low >= 0 else table[stored.astype(np.int32) - low]
     return display(stored, dataset)
 
 
