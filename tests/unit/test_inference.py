@@ -145,17 +145,23 @@ def test_an_s3_prefix_streams_to_an_s3_output_and_resumes_there(predictor, tmp_p
         for i in range(7):
             client.put_object(Bucket="batch", Key=f"site/day1/{i}.png", Body=png(radiograph_like(rng, 40)))
         client.put_object(Bucket="batch", Key="site/day1/readme.txt", Body=b"not an image")
+        # A PACS export: a DICOM object whose key is its SOP Instance UID, no extension.
+        dicom = radiograph(radiograph_like(rng, 40)[..., 0], bits=12, syntax="jpeg-ls")
+        client.put_object(Bucket="batch", Key="site/day2/1.2.826.0.1.3680043.9", Body=dicom)
         refs = list(listing.list_images("s3://batch/site/"))
         expected = [f"s3://batch/site/day1/{i}.png" for i in range(7)] + ["s3://batch/site/day1/readme.txt"]
+        expected += ["s3://batch/site/day2/1.2.826.0.1.3680043.9"]
         assert [ref.name for ref in refs] == expected  # every file is listed: its content says what it is
         with PredictionWriter("s3://batch/out/predictions.parquet") as writer:
             first = predict_stream(predictor, refs, writer)
         assert first.not_read == {"not a recognised image format": 1}
         with PredictionWriter("s3://batch/out/predictions.parquet", resume=True) as writer:
             again = predict_stream(predictor, listing.list_images("s3://batch/site/"), writer)
-        assert again.skipped == 8 and writer.rows == 0
+        assert again.skipped == 9 and writer.rows == 0
         client.download_file("batch", "out/predictions.parquet", str(tmp_path / "p.parquet"))
-        assert len(pd.read_parquet(tmp_path / "p.parquet")) == 8
+        table = pd.read_parquet(tmp_path / "p.parquet")
+        assert len(table) == 9 and table["sop_instance_uid"].iloc[-1].startswith("1.2.")
+        assert table["status"].iloc[-1] != "unreadable"
         with pytest.raises(DatasetSourceError, match="no files found"):
             names("s3://batch/nothing-here/")
     finally:

@@ -2,6 +2,8 @@
 the first version is promoted, a challenger is gated on paired scores against the champion, a version the gate
 rejects is registered but never takes the alias."""
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -88,9 +90,11 @@ def arguments(candidate, **changes) -> dict:
     }
 
 
-def register(client, candidate, **changes):
+def register(client, candidate, scope=None, **changes):
     with mlflow.start_run():
-        return promotion.register_candidate(client, candidate["model"], **arguments(candidate, **changes))
+        return promotion.register_candidate(
+            client, candidate["model"], **arguments(candidate, **changes), **({"scope": scope} if scope else {})
+        )
 
 
 def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tags(store, candidate):
@@ -111,6 +115,21 @@ def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tag
     assert "model_card.md" not in {a.path for a in store.list_artifacts(result["mlflow_run_id"])}  # no second copy
     described = store.get_model_version(MODEL, "1").description
     assert "## Test metrics" in described and len(described) <= 5000
+    # The validated scope is stored with the version (what serving checks DICOM headers against) and in its card.
+    assert "## Validated scope" in card and "ViewPosition: PA, AP" in card and "Age: 1 to 5 completed years" in card
+    assert json.loads(tags["scope"])["modalities"] == ["CR", "DX"]
+    serving = json.loads(mlflow.artifacts.load_text(f"models:/{MODEL}/1/data/serving.json"))
+    assert serving["scope"]["age_years"] == [1, 5]
+
+
+def test_a_configured_scope_is_the_one_the_version_serves_with(store, candidate):
+    from xray.config import ScopeConfig
+    from xray.registry import store as registry_store
+
+    adults = ScopeConfig(age_years=(18, 120), required=("PatientAge",))
+    result = register(store, candidate, scope=adults)
+    predictor, _ = registry_store.load_predictor(MODEL, result["model_version"])
+    assert predictor.scope == adults
 
 
 def test_a_served_version_names_itself_in_every_answer(store, candidate):
