@@ -11,7 +11,7 @@ export ZENML_ANALYTICS_OPT_IN ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: monitor-images setup system-packages lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
+.PHONY: pacs pacs-down monitor-images setup system-packages lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
 # The locked dependencies, then this project in editable mode (pyproject.toml; setuptools comes from the lock).
 $(STAMP): requirements.lock pyproject.toml
@@ -53,6 +53,14 @@ stack: setup
 team-stack: setup
 	@test -d .zen || $(VENV)/bin/zenml init
 	$(PY) -m infra.team_stack up
+
+# A local PACS: Orthanc with DICOMweb on http://127.0.0.1:$XRAY_PACS_PORT/dicom-web (8042), basic authentication with
+# XRAY_PACS_USER / XRAY_PACS_PASSWORD (local defaults xray / xray-local-pacs), storage in .pacs/ (kept by pacs-down).
+pacs: setup system-packages
+	$(PY) -m infra.pacs up
+
+pacs-down: setup
+	$(PY) -m infra.pacs down
 
 team-stack-down: setup
 	$(PY) -m infra.team_stack down

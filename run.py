@@ -3,8 +3,8 @@
 python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
               [--schedule CRON] [--list-schedules]
 python run.py --pipeline tuning --config configs/tuning_smoke.yaml [--dataset-uri URI] [--no-cache]
-python run.py --pipeline inference --images PATH_OR_S3_PREFIX [--model-version champion|N]
-              [--output preds.csv|preds.parquet|s3://bucket/preds.parquet] [--resume] [--explain N]
+python run.py --pipeline inference --images PATH|s3://prefix|dicomweb://HOST:PORT/dicom-web [--model-version champion|N]
+              [--output preds.csv|preds.parquet|s3://bucket/preds.parquet] [--resume] [--explain N] [--write-back]
 python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
               [--output outputs/monitoring] [--fail-on-drift]
 python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
@@ -193,7 +193,11 @@ def quiet_expected_failures() -> None:
     "measure on the rest.",
 )
 @click.option(
-    "--images", default=None, help="inference, monitoring: a folder, a zip or an s3:// prefix of JPEG/PNG images."
+    "--images",
+    default=None,
+    help="inference, monitoring: a folder, a zip, an s3:// prefix of DICOM/JPEG/PNG images, or a PACS: "
+    "dicomweb://HOST:PORT/dicom-web[?QIDO filters, e.g. ModalitiesInStudy=DX&StudyDate=20261101-] "
+    "(credentials from XRAY_PACS_USER / XRAY_PACS_PASSWORD).",
 )
 @click.option(
     "--model-version",
@@ -219,6 +223,12 @@ def quiet_expected_failures() -> None:
     is_flag=True,
     help="inference: keep the rows already in --output and predict only images whose content (SHA-256) is not "
     "there yet.",
+)
+@click.option(
+    "--write-back",
+    is_flag=True,
+    help="inference from a dicomweb:// PACS: store one DICOM Structured Report per analysed image in its study "
+    "(a new series per model version); reports already there are not written again.",
 )
 @click.option(
     "--explain",
@@ -296,6 +306,7 @@ def main(
     verbose: bool = False,
     quiet: bool = False,
     log_level: str | None = None,
+    write_back: bool = False,
 ) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     if verbose and quiet:
@@ -324,6 +335,8 @@ def main(
         )
     if resume and pipeline_name != "inference":
         fail("--resume belongs to --pipeline inference", 2)
+    if write_back and (pipeline_name != "inference" or not (images or "").startswith(("dicomweb://", "dicomwebs://"))):
+        fail("--write-back belongs to --pipeline inference with --images dicomweb://HOST:PORT/ROOT (a PACS)", 2)
     if pipeline_name != "evaluation" and (site or recalibrate_fraction is not None):
         fail("--site and --recalibrate-fraction belong to --pipeline evaluation", 2)
     try:
@@ -333,7 +346,7 @@ def main(
         config = launch.on_stack(config, stack_name)
         if pipeline_name == "inference":
             output = output or "outputs/predictions.csv"
-            summary = launch.run_inference(config, images, model_version, output, explain, resume)
+            summary = launch.run_inference(config, images, model_version, output, explain, resume, write_back)
         elif pipeline_name == "monitoring":
             summary = launch.run_monitoring(config, images, model_version, Path(output or "outputs/monitoring"))
         elif pipeline_name == "tuning":

@@ -22,6 +22,7 @@ def inference_pipeline(
     resume: bool = False,
     explain: int = 0,
     s3_max_attempts: int = 5,
+    write_back: bool = False,
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
     _, to_explain = predict_batch(
@@ -34,6 +35,7 @@ def inference_pipeline(
         limits=limits,
         s3_max_attempts=s3_max_attempts,
         explain=explain,
+        write_back=write_back,
     )
     if explain:
         explain_predictions(

@@ -245,7 +245,13 @@ def run_tuning(config: PipelineConfig, dataset_uri: str | None, no_cache: bool) 
 
 
 def run_inference(
-    config: PipelineConfig, images: str, model_version: str, output: str, explain: int, resume: bool
+    config: PipelineConfig,
+    images: str,
+    model_version: str,
+    output: str,
+    explain: int,
+    resume: bool,
+    write_back: bool = False,
 ) -> dict:
     """Predictions streamed into ``output`` (.csv or .parquet, a path or s3://); Grad-CAM overlays beside it."""
     if not output.startswith("s3://"):
@@ -263,6 +269,7 @@ def run_inference(
         resume=resume,
         explain=explain,
         s3_max_attempts=config.s3.max_attempts,
+        write_back=write_back,
     )
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The system packages make test needs beside Python, installed from Debian's packages when missing, with the time
-# printed: Chromium and its driver (the team stack's browser test), Node.js and npm (its S3 endpoint, s3rver).
+# printed: Chromium and its driver (the team stack's browser test), Node.js and npm (its S3 endpoint, s3rver),
+# Orthanc and its DICOMweb plugin (the local PACS).
 # Needs root or sudo; without either it says which packages to install and fails.
 set -euo pipefail
 missing=()
@@ -8,6 +9,9 @@ command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+# The local PACS (make pacs, the DICOMweb tests): Orthanc and its DICOMweb plugin.
+command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 [ ${#missing[@]} -eq 0 ] && exit 0
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -20,5 +24,13 @@ fi
 start=$(date +%s)
 echo "installing ${missing[*]} from Debian's packages (make test needs them)"
 $sudo apt-get update -q >/dev/null
+# Debian's orthanc package starts a system service on port 8042 when it can; the project runs its own Orthanc
+# (make pacs), so services are not started during this install (policy-rc.d, removed afterwards).
+guard=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null && $sudo chmod +x /usr/sbin/policy-rc.d
+  guard=/usr/sbin/policy-rc.d
+fi
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+[ -n "$guard" ] && $sudo rm -f "$guard"
 echo "installed ${missing[*]} from Debian's packages in $(( $(date +%s) - start )) s"

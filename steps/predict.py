@@ -18,7 +18,7 @@ from xray.config import ArchiveLimits, InferenceConfig, RegistryConfig
 from xray.evaluation import plots
 from xray.monitoring import ood
 from xray.registry import store
-from xray.serving import batch
+from xray.serving import batch, sr
 from xray.serving.explain import explanation_caption, explanation_name
 from xray.storage import listing
 
@@ -51,15 +51,29 @@ def predict_batch(
     limits: ArchiveLimits = ArchiveLimits(),
     s3_max_attempts: int = 5,
     explain: int = 0,
+    write_back: bool = False,
 ) -> Tuple[Annotated[dict, "prediction_summary"], Annotated[list, "to_explain"]]:
     """Stream every image of ``images`` through the version and write one row per image to ``output``; with
-    ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain)."""
+    ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain); with
+    ``write_back``, one DICOM SR per analysed image into the PACS the images came from (xray.serving.sr)."""
     predictor = _load(model_info, registry)
+    reports = (
+        sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
+    )
     with batch.PredictionWriter(output, resume, s3_max_attempts) as writer:
         result = batch.predict_source(
-            predictor, images, inference, writer, limits=limits, max_attempts=s3_max_attempts, explain=explain
+            predictor,
+            images,
+            inference,
+            writer,
+            limits=limits,
+            max_attempts=s3_max_attempts,
+            explain=explain,
+            on_batch=reports.write if reports else None,
         )
     summary = result.summary() | {"output": output, "rows_written": writer.rows}
+    if reports is not None:
+        summary |= reports.summary()
     logger.info("predicted %s: %s", images, summary)
     with mlflow_run():
         log_config(inference=inference)
@@ -70,6 +84,7 @@ def predict_batch(
                 "images": images,
                 "output": output,
                 "resume": resume,
+                "write_back": write_back,
                 "threshold": model_info["threshold"],
                 "image_size": model_info["image_size"],
             }

@@ -13,6 +13,10 @@ class DatasetSourceError(XrayError):
     """The dataset archive could not be found or fetched."""
 
 
+class SourceUnavailable(DatasetSourceError):
+    """A source that stopped answering mid-batch (a PACS down): the batch stops, what was written is kept."""
+
+
 class ScheduleError(XrayError):
     """The active stack cannot run the requested schedule."""
 

@@ -25,6 +25,7 @@ from conftest import (
     SENTINEL_SECRET,
     champion_probabilities,
     dataset_entries,
+    free_port,
     isolated_env,
     run_command,
     s3_client,
@@ -497,3 +498,45 @@ def test_a_dicom_site_is_evaluated_like_its_jpegs(local, tmp_path):
     # The JPEGs through the registered model (no calibration refit: the evaluation reports the version as registered).
     expected = roc_auc_score(labels, champion_probabilities(env, paths))
     assert summary["metrics"]["auc"] == pytest.approx(expected, abs=0.02)
+
+
+def test_inference_reads_a_pacs_and_writes_one_report_per_image_back(local, tmp_path_factory):
+    """make pacs's Orthanc (its own port and storage): a mix of studies stowed, one `--pipeline inference --images
+    dicomweb://... --write-back` leaves exactly one SR per analysed image, the same command with `--resume` adds none,
+    and the PACS password appears in no output stream, file or store."""
+    from test_pacs import PASSWORD, reports_in, stow_mix
+
+    from infra.pacs import Pacs
+    from xray.storage import dicomweb
+
+    pacs = Pacs(state=tmp_path_factory.mktemp("pacs-e2e"), port=free_port(), password=PASSWORD)
+    env = local.env | {dicomweb.USER_ENV: pacs.user, dicomweb.PASSWORD_ENV: PASSWORD}
+    import os
+
+    saved = {key: os.environ.get(key) for key in (dicomweb.USER_ENV, dicomweb.PASSWORD_ENV)}
+    os.environ.update({dicomweb.USER_ENV: pacs.user, dicomweb.PASSWORD_ENV: PASSWORD})
+    try:
+        pacs.up(die_with_parent=True)
+        made = stow_mix(pacs)
+        output = local.home / "pacs-out" / "preds.csv"
+        command = [ROOT / "run.py", "--pipeline", "inference", "--images", pacs.dicomweb, "--output", output]
+        first = run_command([*command, "--write-back"], env, 900)
+        summary = summary_of(first)
+        analysed = len(made) - 1  # the structured report is skipped
+        assert summary["rows_written"] == analysed and summary["reports_written"] == analysed
+        assert summary["skipped"] == {dicomweb.NOT_AN_IMAGE: 1}
+        assert len(reports_in(pacs)) == analysed
+        again = summary_of(run_command([*command, "--write-back", "--resume"], env, 900))
+        assert again["reports_written"] == 0 and len(reports_in(pacs)) == analysed
+        for stream in (first.stdout, first.stderr):
+            assert PASSWORD not in stream
+        for path in local.home.rglob("*"):
+            if path.is_file():
+                assert PASSWORD.encode() not in path.read_bytes(), f"the PACS password in {path}"
+    finally:
+        pacs.down()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -34,7 +34,7 @@ from PIL import Image
 
 from xray import CLASS_NAMES
 from xray.config import ArchiveLimits, InferenceConfig
-from xray.errors import ArchiveError, DatasetSourceError
+from xray.errors import ArchiveError, DatasetSourceError, SourceUnavailable
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION
 from xray.monitoring.scope import OUT_OF_SCOPE
 from xray.serving.explain import candidates_to_explain, choose_to_explain
@@ -230,9 +230,11 @@ def predict_source(
     keep: bool = False,
     examples: int = 0,
     explain: int = 0,
+    on_batch: Callable[[pd.DataFrame], None] | None = None,
 ) -> StreamResult:
-    """Every file of ``source`` (folder, zip or s3:// prefix) through :func:`predict_stream` with ``settings``; the
-    listing's junk files are counted with the files that were not read."""
+    """Every file of ``source`` (folder, zip, s3:// prefix or dicomweb://) through :func:`predict_stream` with
+    ``settings``; the listing's junk files (and a PACS's non-image instances) are counted with the files that were
+    not read."""
     junk = Counter()
     result = predict_stream(
         predictor,
@@ -244,6 +246,7 @@ def predict_source(
         keep=keep,
         examples=examples,
         explain=explain,
+        on_batch=on_batch,
     )
     result.not_read.update(junk)
     if junk:
@@ -263,6 +266,7 @@ def predict_stream(
     examples: int = 0,
     explain: int = 0,
     progress_every: int = 1000,
+    on_batch: Callable[[pd.DataFrame], None] | None = None,
 ) -> StreamResult:
     """Predict every image of ``refs`` in order and write each batch's rows as soon as it is predicted.
 
@@ -270,6 +274,7 @@ def predict_stream(
     features (monitoring needs them for its drift test; they grow with the batch, about 4 KB per image).
     ``examples``: keep thumbnails of that many images with the highest ood_score. ``explain``: choose that many rows
     for Grad-CAM (:func:`choose_to_explain`), from candidates kept in bounded memory as the batches pass.
+    ``on_batch``: called with each batch's rows once they are written (the PACS write-back, :mod:`xray.serving.sr`).
     """
     done = writer.done if writer is not None else set()
     result, started = StreamResult(), time.perf_counter()
@@ -280,7 +285,7 @@ def predict_stream(
         item = _Item(ref.name)
         try:
             data = ref.read()
-        except ArchiveError:
+        except (ArchiveError, SourceUnavailable):
             raise
         except (DatasetSourceError, OSError) as error:
             # One object that cannot be read after the client's retries: a row that says why, not a lost batch.
@@ -306,6 +311,8 @@ def predict_stream(
         mask = np.array([item.prepared.readable for item in batch])
         if writer is not None:
             writer.write(table)
+        if on_batch is not None:
+            on_batch(table)
         result.unreadable += int((~mask).sum())
         result.not_read.update(reason_kind(item.prepared.reason) for item in batch if not item.prepared.readable)
         result.out_of_distribution += int((table["status"] == OUT_OF_DISTRIBUTION).sum())

@@ -1,4 +1,5 @@
-"""Listing the files of a source lazily: a folder, a zip (under the training archives' limits) or an S3 prefix.
+"""Listing the files of a source lazily: a folder, a zip (under the training archives' limits), an S3 prefix or a PACS
+(``dicomweb://``: :mod:`xray.storage.dicomweb`).
 
 Each file is an :class:`ImageRef`: its display name and a function that reads its bytes (called in a worker thread
 by the batch stream, ``xray.serving.batch``). Every file is listed whatever its name or extension: its content
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 
 from xray.config import ArchiveLimits
 from xray.errors import ArchiveError, DatasetSourceError
-from xray.storage import s3
+from xray.storage import dicomweb, s3
 from xray.storage.archive import checked_entries, inflate_chunks, is_junk
 
 JUNK = "system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)"
@@ -129,6 +130,9 @@ def list_images(
 def _refs(source: str, limits: ArchiveLimits, max_attempts: int, skipped: Counter) -> Iterator[ImageRef]:
     if source.startswith("s3://"):
         yield from _s3_refs(source, max_attempts, skipped)
+        return
+    if dicomweb.is_dicomweb(source):
+        yield from dicomweb.refs(source, max_attempts, skipped, ImageRef)
         return
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
