@@ -127,11 +127,56 @@ def stream_inference_model_fraction(train_paths: list[str], val_paths: list[str]
     }
 
 
-def dicom_decode_fraction(train_paths: list[str], val_paths: list[str], workdir: Path, images=2000) -> dict:
+def dicomweb_rate(predictor, files: list[Path], workdir: Path, settings) -> dict:
+    """images/s of the stream from a local Orthanc over DICOMweb (QIDO-RS pages, one WADO-RS GET per instance), the
+    same files stowed first; Orthanc runs on this machine's two cores beside the model (its CPU time is reported)."""
+    import socket
+
+    from infra.pacs import Pacs
+    from xray.serving import batch
+    from xray.storage import dicomweb
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pacs = Pacs(state=workdir / "pacs", port=port)
+    process = pacs.up(die_with_parent=True)
+    try:
+        client = dicomweb.Client(dicomweb.parse(pacs.dicomweb))
+        started = time.perf_counter()
+        for start in range(0, len(files), 50):
+            client.store([path.read_bytes() for path in files[start : start + 50]])
+        stow_seconds = time.perf_counter() - started
+        cpu_before = _cpu_seconds(process.pid)
+        with batch.PredictionWriter(str(workdir / "dicomweb.csv")) as writer:
+            result = batch.predict_source(predictor, pacs.dicomweb, settings, writer)
+        orthanc_cpu = _cpu_seconds(process.pid) - cpu_before
+    finally:
+        pacs.down()
+    assert result.images == len(files) and result.unreadable == 0
+    return {
+        "images": result.images,
+        "images_per_s": result.images / result.seconds,
+        "stow_seconds": stow_seconds,
+        "orthanc_cpu_seconds": orthanc_cpu,
+        "orthanc_cpu_share_of_run": orthanc_cpu / result.seconds,
+        "source": f"Orthanc 1.10 + DICOMweb plugin on 127.0.0.1:{port}, basic authentication",
+    }
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dicom_decode_fraction(
+    train_paths: list[str], val_paths: list[str], workdir: Path, images=2000, dicomweb_images=1000
+) -> dict:
     """images/s of the streamed pipeline over a folder of 12-bit DICOMs (explicit VR, a VOI window: the common CR/DX
     export) made from ``images`` training JPEGs, over the same images as JPEG; the two folders are streamed in
     turns (JPEG, DICOM, JPEG, DICOM), each rate the mean of its two passes. A JPEG-LS and a JPEG 2000 lossless folder
-    are measured beside them, recorded without a target."""
+    are measured beside them, and ``dicomweb_images`` of the DICOMs streamed from a local Orthanc over DICOMweb,
+    recorded without a target."""
     sys.path.insert(0, str(ROOT / "tests"))
     from dicom_factory import radiograph
     from xray.serving import batch
@@ -163,8 +208,15 @@ def dicom_decode_fraction(train_paths: list[str], val_paths: list[str], workdir:
     for name in ("jpeg-ls", "jpeg2000-lossless"):
         passes[name].append(rate(name))
     rates = {name: statistics.mean(values) for name, values in passes.items()}
+    pacs = dicomweb_rate(predictor, sorted(folders["dicom"].iterdir())[:dicomweb_images], workdir, settings)
+    bare = bare_batch_rate(predictor)
     return {
         "value": rates["dicom"] / rates["jpeg"],
+        "dicomweb_images_per_s": pacs["images_per_s"],
+        "dicomweb_fraction_of_jpeg_folder": pacs["images_per_s"] / rates["jpeg"],
+        "dicomweb_fraction_of_bare_model": pacs["images_per_s"] / bare,
+        "dicomweb": pacs,
+        "bare_model_images_per_s": bare,
         "jpeg_images_per_s": rates["jpeg"],
         "dicom_images_per_s": rates["dicom"],
         "passes": passes,

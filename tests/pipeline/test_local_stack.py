@@ -480,7 +480,7 @@ def test_a_dicom_site_is_evaluated_like_its_jpegs(local, tmp_path):
             "--pipeline",
             "evaluation",
             "--model-version",
-            "1",
+            champion,
             "--config",
             local.config,
             "--dataset-uri",
