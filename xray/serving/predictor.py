@@ -46,7 +46,7 @@ def label_for(probability: float, threshold: float, status: str) -> str:
 @dataclass
 class PreparedImage:
     """One image screened for the model: the decoder's reason when unreadable, else its out-of-distribution features
-    and the encoded bytes the model decodes (PNG when the original had to be converted)."""
+    and the encoded bytes the model decodes (a BMP copy when the original had to be converted)."""
 
     reason: str = ""
     features: ood.ImageFeatures | None = None
