@@ -1,10 +1,11 @@
 """Command line: parse flags, load and validate the config, launch the pipeline (pipelines/launch.py), print.
 
 python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
-              [--schedule CRON] [--list-schedules]
+              [--schedule CRON] [--list-schedules] [--if-changed]
 python run.py --pipeline tuning --config configs/tuning_smoke.yaml [--dataset-uri URI] [--no-cache]
 python run.py --pipeline inference --images PATH|s3://prefix|dicomweb://HOST:PORT/dicom-web [--model-version champion|N]
               [--output preds.csv|preds.parquet|s3://bucket/preds.parquet] [--resume] [--explain N] [--write-back]
+              [--site NAME]
 python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
               [--output outputs/monitoring] [--fail-on-drift]
 python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
@@ -183,7 +184,8 @@ def quiet_expected_failures() -> None:
 @click.option(
     "--site",
     default=None,
-    help="evaluation: the site's name in tags and the model card (default: the archive's or folder's name).",
+    help="evaluation: the site's name in tags and the model card (default: the archive's or folder's name). "
+    "inference: answer at that site's own operating point (calibration and threshold stored with the version).",
 )
 @click.option(
     "--recalibrate-fraction",
@@ -249,6 +251,12 @@ def quiet_expected_failures() -> None:
 )
 @click.option("--no-cache", is_flag=True, help="Run every step even when ZenML has a cached result.")
 @click.option(
+    "--if-changed",
+    is_flag=True,
+    help="training: train only if the sources' content (data.sources digests) differs from the champion's "
+    'training data; otherwise exit 0 with "skipped" in the summary. For scheduled retraining.',
+)
+@click.option(
     "--schedule",
     "cron",
     default=None,
@@ -307,12 +315,13 @@ def main(
     quiet: bool = False,
     log_level: str | None = None,
     write_back: bool = False,
+    if_changed: bool = False,
 ) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     if verbose and quiet:
         fail("-v and -q contradict each other", 2)
     configure_logging(log_level or ("debug" if verbose else "warning" if quiet else "info"))
-    from xray.config import load_config
+    from xray.config_file import load_config
     from xray.errors import ConfigError
 
     if show_schedules:
@@ -337,8 +346,18 @@ def main(
         fail("--resume belongs to --pipeline inference", 2)
     if write_back and (pipeline_name != "inference" or not (images or "").startswith(("dicomweb://", "dicomwebs://"))):
         fail("--write-back belongs to --pipeline inference with --images dicomweb://HOST:PORT/ROOT (a PACS)", 2)
-    if pipeline_name != "evaluation" and (site or recalibrate_fraction is not None):
-        fail("--site and --recalibrate-fraction belong to --pipeline evaluation", 2)
+    if pipeline_name not in ("evaluation", "inference") and site:
+        fail("--site belongs to --pipeline evaluation or inference", 2)
+    if pipeline_name != "evaluation" and recalibrate_fraction is not None:
+        fail("--recalibrate-fraction belongs to --pipeline evaluation", 2)
+    if if_changed and pipeline_name != "training":
+        fail("--if-changed belongs to --pipeline training", 2)
+    if if_changed and cron:
+        fail(
+            "--if-changed checks once, before a launch; a --schedule runs the pipeline itself, where unchanged sources "
+            "make every step a cache hit and register nothing (README, 'Scheduled retraining')",
+            2,
+        )
     try:
         from pipelines import launch  # imports ZenML (and its log handlers), after the levels above are set
 
@@ -346,7 +365,7 @@ def main(
         config = launch.on_stack(config, stack_name)
         if pipeline_name == "inference":
             output = output or "outputs/predictions.csv"
-            summary = launch.run_inference(config, images, model_version, output, explain, resume, write_back)
+            summary = launch.run_inference(config, images, model_version, output, explain, resume, write_back, site)
         elif pipeline_name == "monitoring":
             summary = launch.run_monitoring(config, images, model_version, Path(output or "outputs/monitoring"))
         elif pipeline_name == "tuning":
@@ -354,7 +373,7 @@ def main(
         elif pipeline_name == "evaluation":
             summary = launch.run_evaluation(config, dataset_uri, model_version, site, recalibrate_fraction)
         else:
-            summary = launch.run_training(config, dataset_uri, no_cache, cron)
+            summary = launch.run_training(config, dataset_uri, no_cache, cron, if_changed)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback
         known = expected_error(error)
         if known is None or VERBOSE:

@@ -18,7 +18,7 @@ from zenml.client import Client  # noqa: E402
 
 from pipelines.training import training_pipeline  # noqa: E402
 from steps import build_datasets, ingest_from_s3, locate_archive, unzip_and_validate  # noqa: E402
-from xray.config import load_config  # noqa: E402
+from xray.config_file import load_config  # noqa: E402
 from xray.storage import s3  # noqa: E402
 
 

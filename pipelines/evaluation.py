@@ -59,5 +59,6 @@ def summarize(load, site: str) -> dict:
         } | {
             "threshold": recalibrated["metrics"]["threshold"],
             "metrics": {k: v for k, v in recalibrated["metrics"].items() if k not in ("images", "threshold")},
+            "operating_point": result.get("operating_point", ""),
         }
     return summary

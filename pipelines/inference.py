@@ -23,6 +23,7 @@ def inference_pipeline(
     explain: int = 0,
     s3_max_attempts: int = 5,
     write_back: bool = False,
+    site: str | None = None,
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
     _, to_explain = predict_batch(
@@ -36,6 +37,7 @@ def inference_pipeline(
         s3_max_attempts=s3_max_attempts,
         explain=explain,
         write_back=write_back,
+        site=site,
     )
     if explain:
         explain_predictions(
@@ -59,6 +61,6 @@ def summarize(load, folder: Path, explain: int) -> dict:
     return summary | {
         "model_uri": info["uri"],
         "model_version": info["version"],
-        "threshold": info["threshold"],
+        "threshold": summary.get("threshold", info["threshold"]),
         "gradcam": sorted(str(folder / name) for name in overlays),
     }

@@ -7,6 +7,7 @@ embedded S3 endpoint, ZenML's run options and schedules, and the finished run re
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import tempfile
@@ -23,12 +24,13 @@ from zenml.config.schedule import Schedule
 from infra.stacks import use_stack
 from pipelines import evaluation, inference, monitoring, training, tuning
 from xray.config import PipelineConfig, RegistryConfig
-from xray.data.sites import site_name
+from xray.data.sites import identify_source, site_name
 from xray.errors import ConfigError, ScheduleError
 from xray.model import tuning as search
-from xray.registry import tracking
+from xray.registry import promotion, store, tracking
 from xray.schedule import CronError, schedule_name, validate_aws_cron
 from xray.storage import s3, sources
+from xray.storage.fetch import locate
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +211,51 @@ def in_experiment(config: PipelineConfig, name: str) -> RegistryConfig:
 # -- one entry point per pipeline (run.py --pipeline NAME) ---------------------------------------------------------
 
 
-def run_training(config: PipelineConfig, dataset_uri: str | None, no_cache: bool, cron: str | None) -> dict:
+def unchanged_since(config: PipelineConfig, dataset_uri: str | None) -> dict | None:
+    """``--if-changed``: the skip summary when every source's content digest equals the champion's training data,
+    None when something changed (or there is no champion, or it predates recorded training data)."""
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    champion, _ = store.current_champion(client, config.registry.model_name, config.registry.champion_alias)
+    if champion is None:
+        logger.info("--if-changed: no champion yet; training")
+        return None
+    tags = client.get_model_version(config.registry.model_name, champion).tags
+    recorded = json.loads(tags.get("training_data", "{}"))
+    base = config.data.base_site
+    archive = sources.resolve(dataset_uri or config.dataset_uri)
+    identity = locate(archive.uri, config.s3)
+    digests = {base: identity.get("sha256") or ""}
+    if not digests[base] and identity.get("etag") and identity["etag"] == recorded.get("etags", {}).get(base):
+        digests[base] = recorded["sites"].get(base, "")  # the same S3 object (ETag) the champion was trained on
+    digests |= {source.site: identify_source(source, config.s3)["digest"] for source in config.data.extra_sources}
+    digest = promotion.data_digest(digests)
+    trained_on = tags.get("training_data_digest")
+    if trained_on != digest:
+        changed = sorted(site for site in digests if recorded.get("sites", {}).get(site) != digests[site])
+        logger.info(
+            "--if-changed: the sources differ from champion v%s's training data (%s); training",
+            champion,
+            "not recorded for that version" if trained_on is None else "changed: " + ", ".join(changed or ["sites"]),
+        )
+        return None
+    return {
+        "skipped": f"no new data since version {champion}",
+        "model_name": config.registry.model_name,
+        "model_version": champion,
+        "training_data_digest": digest,
+        "sites": sorted(digests),
+        "mlflow_tracking_uri": config.registry.tracking_uri,
+    }
+
+
+def run_training(
+    config: PipelineConfig, dataset_uri: str | None, no_cache: bool, cron: str | None, if_changed: bool = False
+) -> dict:
+    if if_changed:
+        skipped = unchanged_since(config, dataset_uri)
+        if skipped is not None:
+            logger.info("--if-changed: %s", skipped["skipped"])
+            return skipped
     return train_like(
         training.training_pipeline,
         config,
@@ -252,6 +298,7 @@ def run_inference(
     explain: int,
     resume: bool,
     write_back: bool = False,
+    site: str | None = None,
 ) -> dict:
     """Predictions streamed into ``output`` (.csv or .parquet, a path or s3://); Grad-CAM overlays beside it."""
     if not output.startswith("s3://"):
@@ -270,6 +317,7 @@ def run_inference(
         explain=explain,
         s3_max_attempts=config.s3.max_attempts,
         write_back=write_back,
+        site=site,
     )
 
 

@@ -8,6 +8,7 @@ from steps import (
     evaluate_model,
     ingest_from_s3,
     locate_archive,
+    locate_sources,
     profile_reference,
     register_model,
     train_model,
@@ -28,8 +29,11 @@ MODEL = Model(
 @pipeline(name="chest_xray_training", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
 def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
+    sources = locate_sources(data=config.data, s3=config.s3)
     raw_archive, archive_info = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
-    dataset, _, data_report, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
+    dataset, _, data_report, _, _ = unzip_and_validate(
+        raw_archive, data=config.data, seed=config.seed, s3=config.s3, source_identities=sources
+    )
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=config.model, train=config.train)
     evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, config.model)
@@ -87,7 +91,8 @@ def summarize(run, load, config: PipelineConfig) -> dict:
     """The summary line of a training run (a search's too), from its artifacts (pipelines.launch.run_outputs)."""
     registration = load("register_model", "registration")
     report = load("unzip_and_validate", "data_report")
-    flat = load("evaluate_model", "metrics")["flat"]
+    evaluation = load("evaluate_model", "metrics")
+    flat = evaluation["flat"]
     return {
         "pipeline_run_id": str(run.id),
         "mlflow_run_id": registration["mlflow_run_id"],
@@ -103,4 +108,26 @@ def summarize(run, load, config: PipelineConfig) -> dict:
         "splits": report["counts"]
         | {"duplicates_removed": len(report["duplicates_removed"]), "quarantined": len(report["quarantined"])},
         "metrics": {k: flat[k] for k in SUMMARY_METRICS},
+        "sites": site_summary(report, evaluation),
     }
+
+
+def site_summary(report: dict, evaluation: dict) -> dict:
+    """``{site: {splits: {split: {class: count}}, source, digest, metrics: {...}, own_operating_point: {...}}}``: the
+    test metrics (with CIs) of each site at the version's operating point, and at its own where it has one."""
+    per_site = evaluation.get("sites") or {}
+    sites = {}
+    for site, entry in (report.get("sites") or {}).items():
+        measured = per_site.get(site, {})
+        sites[site] = {
+            "source": entry.get("uri", ""),
+            "digest": entry.get("digest", ""),
+            "splits": entry.get("counts", {}),
+            "metrics": measured.get("test") or {},
+        }
+        if measured.get("operating_point"):
+            sites[site]["own_operating_point"] = {
+                "threshold": measured["operating_point"]["threshold"],
+                "metrics": measured.get("test_at_operating_point") or {},
+            }
+    return sites

@@ -6,7 +6,7 @@ from zenml.enums import ExecutionMode
 
 from pipelines import training
 from pipelines.training import MODEL, evaluate_and_register
-from steps import build_datasets, ingest_from_s3, locate_archive, train_model, unzip_and_validate
+from steps import build_datasets, ingest_from_s3, locate_archive, locate_sources, train_model, unzip_and_validate
 from steps.tracking import mark_run_failed
 from steps.tuning import select_trial, train_trial
 from xray.config import PipelineConfig
@@ -15,8 +15,11 @@ from xray.config import PipelineConfig
 @pipeline(name="chest_xray_tuning", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
 def tuning_pipeline(config: PipelineConfig, dataset_uri: str, trials: list[dict]) -> None:
     identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
+    sources = locate_sources(data=config.data, s3=config.s3)
     raw_archive, archive_info = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
-    dataset, _, data_report, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
+    dataset, _, data_report, _, _ = unzip_and_validate(
+        raw_archive, data=config.data, seed=config.seed, s3=config.s3, source_identities=sources
+    )
     # One step per trial: on a stack with a step operator (configs/tuning_sagemaker.yaml) they run side by side.
     results = [
         train_trial(dataset, config=config, overrides=overrides, trial=index, id=f"train_trial_{index}")

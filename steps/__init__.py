@@ -2,7 +2,7 @@
 
 from steps.datasets import build_datasets
 from steps.evaluate import evaluate_model
-from steps.ingest import ingest_from_s3, locate_archive
+from steps.ingest import ingest_from_s3, locate_archive, locate_sources
 from steps.prepare import unzip_and_validate
 from steps.profile import profile_reference
 from steps.register import register_model
@@ -10,6 +10,7 @@ from steps.train import train_model
 
 __all__ = [
     "locate_archive",
+    "locate_sources",
     "ingest_from_s3",
     "unzip_and_validate",
     "build_datasets",

@@ -7,7 +7,8 @@ from zenml import step
 from materializers import RawArchiveMaterializer
 from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
-from xray.config import S3Config
+from xray.config import DataConfig, S3Config
+from xray.data.sites import identify_source
 from xray.storage.fetch import RawArchive, fetch, locate
 
 logger = logging.getLogger(__name__)
@@ -44,3 +45,17 @@ def ingest_from_s3(
         with mlflow_run():
             mlflow.log_param("dataset.sha256", archive.sha256)
     return archive, archive.metadata()
+
+
+# Never cached, like locate_archive: a folder or an object behind a URI can change. It reads each source once (a
+# folder's files are hashed), so the prepare step is cached on the sources' content.
+@step(enable_cache=False, experiment_tracker=True)
+def locate_sources(data: DataConfig, s3: S3Config) -> Annotated[dict, "source_identities"]:
+    """What each of the other training sources (data.sources) is right now: its content digest, site and URIs."""
+    identities = {source.site: identify_source(source, s3) for source in data.extra_sources}
+    for site, identity in identities.items():
+        logger.info("source %s: %s, digest %s", site, identity["uri"], identity["digest"][:16])
+    if identities:
+        with mlflow_run():
+            mlflow.log_params({f"source.{site}.digest": identity["digest"] for site, identity in identities.items()})
+    return identities

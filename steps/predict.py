@@ -6,7 +6,7 @@ output it was given; only a summary is stored. Monitoring keeps its batch's tabl
 """
 
 import logging
-from typing import Annotated, Tuple
+from typing import Annotated, Optional, Tuple
 
 import mlflow
 import pandas as pd
@@ -52,11 +52,14 @@ def predict_batch(
     s3_max_attempts: int = 5,
     explain: int = 0,
     write_back: bool = False,
+    site: Optional[str] = None,
 ) -> Tuple[Annotated[dict, "prediction_summary"], Annotated[list, "to_explain"]]:
     """Stream every image of ``images`` through the version and write one row per image to ``output``; with
     ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain); with
     ``write_back``, one DICOM SR per analysed image into the PACS the images came from (xray.serving.sr)."""
     predictor = _load(model_info, registry)
+    point, threshold, _ = predictor.operating_point(site)  # an unknown site fails before any image is read
+    predictor.site = site
     reports = (
         sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
     )
@@ -71,7 +74,13 @@ def predict_batch(
             explain=explain,
             on_batch=reports.write if reports else None,
         )
-    summary = result.summary() | {"output": output, "rows_written": writer.rows}
+    summary = result.summary() | {
+        "output": output,
+        "rows_written": writer.rows,
+        "site": site or "",
+        "operating_point": point,
+        "threshold": threshold,
+    }
     if reports is not None:
         summary |= reports.summary()
     logger.info("predicted %s: %s", images, summary)
@@ -85,6 +94,8 @@ def predict_batch(
                 "output": output,
                 "resume": resume,
                 "write_back": write_back,
+                "site": site or "",
+                "operating_point": point,
                 "threshold": model_info["threshold"],
                 "image_size": model_info["image_size"],
             }

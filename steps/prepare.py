@@ -1,5 +1,7 @@
 import logging
-from typing import Annotated, Tuple
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional, Tuple
 
 import mlflow
 import pandas as pd
@@ -9,9 +11,10 @@ from zenml import step
 from materializers import ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.scratch import output_folder
-from steps.tracking import log_config, log_images, mlflow_run
-from xray.config import DataConfig
-from xray.data.dataset import ValidatedDataset, prepare_dataset
+from steps.tracking import log_config, log_images, log_sources, mlflow_run
+from xray.config import DataConfig, S3Config
+from xray.data.dataset import ValidatedDataset, add_sources, prepare_dataset
+from xray.data.sites import load_source
 from xray.evaluation import plots
 from xray.storage.fetch import RawArchive
 
@@ -20,7 +23,11 @@ logger = logging.getLogger(__name__)
 
 @step(output_materializers={"dataset": ValidatedDatasetMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def unzip_and_validate(
-    raw_archive: RawArchive, data: DataConfig, seed: int
+    raw_archive: RawArchive,
+    data: DataConfig,
+    seed: int,
+    s3: S3Config = S3Config(),
+    source_identities: Optional[dict] = None,
 ) -> Tuple[
     Annotated[ValidatedDataset, "dataset"],
     Annotated[pd.DataFrame, "manifest"],
@@ -28,8 +35,24 @@ def unzip_and_validate(
     Annotated[Image.Image, "class_distribution"],
     Annotated[Image.Image, "sample_grid"],
 ]:
-    """Safe extraction, full decode, de-duplication and a patient-grouped val split."""
-    dataset, report = prepare_dataset(raw_archive.path, output_folder("dataset"), data, seed)
+    """Safe extraction, full decode, de-duplication and a patient-grouped val split; then the other sources
+    (data.sources), each split by its own folders or by patient, duplicates across sources kept once."""
+    root = output_folder("dataset")
+    dataset, report = prepare_dataset(raw_archive.path, root, data, seed)
+    report.sites[data.base_site] |= {
+        "uri": raw_archive.source_uri,
+        "digest": raw_archive.sha256,
+        "etag": raw_archive.etag or "",
+    }
+    identities = source_identities or {}
+    with tempfile.TemporaryDirectory(prefix="xray-sources-") as scratch:
+        loaded = [
+            load_source(source, identities[source.site], root, data, s3, Path(scratch) / source.site)
+            for source in data.extra_sources
+        ]
+    add_sources(dataset, report, loaded)
+    for site, entry in report.sites.items():
+        logger.info("site %s: %s (splits from %s)", site, entry["counts"], entry["splits_from"])
     logger.info(
         f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
         f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "
@@ -49,5 +72,6 @@ def unzip_and_validate(
             | {"data.quarantined": len(report.quarantined), "data.duplicates_removed": len(report.duplicates_removed)}
         )
         mlflow.log_dict(report.to_dict(), "data/data_report.json")
+        log_sources(report.sites)
         log_images(figures, "data")
     return dataset, dataset.manifest, report.to_dict(), figures["class_distribution"], figures["sample_grid"]

@@ -89,6 +89,21 @@ def evaluate_on_site(
     store.record_site_result(
         client, registry.model_name, model_info["version"], site, metrics, run.info.run_id, result.get("recalibrated")
     )
+    recalibrated = result.get("recalibrated")
+    if recalibrated is not None:
+        if recalibrated["meets_policy"]:
+            point = {
+                "calibration": recalibrated["calibration"],
+                "threshold": recalibrated["metrics"]["threshold"],
+                "threshold_policy": recalibrated["threshold_policy"],
+                "fitted_on": f"{recalibrated['calibration_images']} images of the site (--recalibrate-fraction "
+                f"{recalibrated['fraction']:g}, run {run.info.run_id})",
+            }
+            store.save_operating_point(client, registry.model_name, model_info["version"], site, point)
+            summary["operating_point"] = f"stored: --site {site} now uses it in batch inference and serving"
+        else:
+            summary["operating_point"] = "not stored: " + recalibrated["policy"]
+        logger.info("site %s operating point %s", site, summary["operating_point"])
     store.update_model_card(client, registry.model_name, model_info["version"])
     logger.info(
         "v%s on site %s: AUC %.3f (%.3f-%.3f), sensitivity %.3f, specificity %.3f at threshold %.4f",

@@ -6,7 +6,9 @@ status FAILED when the step failed. The tracking URI and experiment come from th
 (run.py), never from a lookup here.
 """
 
+import json
 import logging
+import warnings
 from contextlib import contextmanager
 
 import mlflow
@@ -44,6 +46,31 @@ def log_config(**sections) -> None:
         value = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
         params.update(flatten({name: value}))
     mlflow.log_params(params)
+
+
+def log_sources(sites: dict) -> None:
+    """One MLflow dataset input per training source (data.sources): its URI, content digest and counts per split and
+    class (the run page's "Datasets used")."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for site, entry in sites.items():
+        with warnings.catch_warnings():
+            # MLflow registers two local-file source classes and warns that a path could be either.
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(entry["uri"])
+        dataset = MetaDataset(source, name=site, digest=entry["digest"][:32])
+        counts = {split: sum(by_class.values()) for split, by_class in entry["counts"].items()}
+        mlflow.log_input(
+            dataset,
+            context="training",
+            tags={
+                "site": site,
+                "splits_from": entry["splits_from"][:250],
+                "counts": json.dumps(entry["counts"]),
+                **{f"images.{split}": str(n) for split, n in counts.items()},
+            },
+        )
 
 
 def mark_run_failed(exception: BaseException) -> None:

@@ -7,13 +7,9 @@ names defined here.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from xray.errors import ConfigError
 
 GiB = 1024**3
 
@@ -44,7 +40,55 @@ class ArchiveLimits(_Section):
     max_compression_ratio: float = Field(100.0, ge=1)
 
 
+class SourceConfig(_Section):
+    """One labelled source of training data (docs/USER_GUIDE.md, "Several sources")."""
+
+    site: str = Field(..., max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The site's name.")
+    uri: str | None = Field(
+        None,
+        description="A zip (local, file:// or s3://) or a local folder of JPEG/PNG/DICOM images at any depth. "
+        "null: the dataset archive (dataset_uri / --dataset-uri / $CHEST_XRAY_ZIP / ../shared / Kaggle).",
+    )
+    labels: str | None = Field(
+        None,
+        description="A CSV (local or s3://) with a `label` column and a `file` (file name) or `sop_instance_uid` "
+        "column; without it, labels come from NORMAL/ and PNEUMONIA/ folders.",
+    )
+    splits: Literal["auto", "archive", "patient"] = Field(
+        "auto",
+        description="archive: the source's own train/ and test/ (val/) folders; patient: every patient to "
+        "train/val/test by a keyed hash (data.split); auto: archive when the source has train/ and test/ folders.",
+    )
+
+
+class SplitFractions(_Section):
+    """Where the patients of a source without its own test split go, by a keyed hash of the patient."""
+
+    val: float = Field(0.15, gt=0, lt=0.5)
+    test: float = Field(0.15, gt=0, lt=0.5)
+    key: str = Field(
+        "xray-pipeline-splits-v1",
+        min_length=1,
+        description="Keys the hash: a patient's split depends only on this key, the site and the patient. Never "
+        "change it for a site already trained on: a new key sends earlier test patients to train.",
+    )
+
+    @property
+    def train(self) -> float:
+        return 1.0 - self.val - self.test
+
+
+BASE_SITE = "guangzhou"
+
+
 class DataConfig(_Section):
+    sources: tuple[SourceConfig, ...] = Field(
+        (SourceConfig(site=BASE_SITE),),
+        min_length=1,
+        description="Labelled sources trained on together; exactly one has uri null (the dataset archive, with its own "
+        "train/test). The default is that archive alone, as site guangzhou (Kermany's Guangzhou children).",
+    )
+    split: SplitFractions = SplitFractions()
     min_val_per_class: int = Field(50, ge=1, description="Carve val from train when val has fewer per class.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
@@ -55,6 +99,31 @@ class DataConfig(_Section):
     )
     max_eval_per_class: int | None = Field(None, ge=1, description="Cap val and test images per class (smoke runs).")
     limits: ArchiveLimits = ArchiveLimits()
+
+    @field_validator("sources")
+    @classmethod
+    def _one_archive(cls, sources: tuple[SourceConfig, ...]) -> tuple[SourceConfig, ...]:
+        if sum(source.uri is None for source in sources) != 1:
+            raise ValueError(
+                "exactly one source must be the dataset archive (uri: null; its URI comes from dataset_uri or "
+                "--dataset-uri)"
+            )
+        names = [source.site.lower() for source in sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"site names must be unique: {repeated} repeated")
+        for source in sources:
+            if source.uri is None and (source.labels or source.splits == "patient"):
+                raise ValueError(f"{source.site}: the dataset archive keeps its own splits and folder labels")
+        return sources
+
+    @property
+    def base_site(self) -> str:
+        return next(source.site for source in self.sources if source.uri is None)
+
+    @property
+    def extra_sources(self) -> tuple[SourceConfig, ...]:
+        return tuple(source for source in self.sources if source.uri is not None)
 
 
 class Augmentation(_Section):
@@ -292,7 +361,7 @@ class TuningConfig(_Section):
             try:
                 parsed[key] = kind.model_validate(value)
             except ValidationError as error:
-                raise ValueError(f"{key}: {_describe(error)}") from None
+                raise ValueError(f"{key}: {describe_error(error)}") from None
         return parsed
 
 
@@ -314,6 +383,10 @@ class RegistryConfig(_Section):
         description="Non-inferiority margin of the promotion gate: the lower bound of the paired "
         "bootstrap 95% CI of AUC(challenger) - AUC(champion) must be at least -margin, on test and on every gate site.",
     )
+    gate_subgroups: bool = Field(
+        False, description="Also gate on each DICOM subgroup of test (age band, sex, view...)."
+    )
+    gate_subgroup_min_per_class: int = Field(20, ge=2, description="Images of each class a gated subgroup needs.")
     gate_sites: tuple[str, ...] = Field(
         (),
         description="Labelled sites (archive or folder URIs with NORMAL/ and PNEUMONIA/ "
@@ -367,74 +440,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _describe(error: ValidationError) -> str:
+def describe_error(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "<root>"
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
         parts.append(f"{field}: {message}")
     return "; ".join(parts)
-
-
-def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
-    try:
-        config = PipelineConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"invalid {source}: {_describe(error)}") from None
-    if config.tuning is not None:
-        _check_space(config, source)
-    return config
-
-
-def with_values(config: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
-    """The config with dotted keys set (``{"train.learning_rate": 3e-4}``), validated like a YAML file."""
-    tree = config.model_dump(mode="json")
-    for key, value in values.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key}: not a key of the config")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"{key}: not a key of the config")
-        node[leaf] = value
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
-
-
-def _check_space(config: PipelineConfig, source: str) -> None:
-    """Every key of the search space is a key of the config, and every end of its range or choice is a valid value."""
-    for key, dimension in config.tuning.space.items():
-        if key.split(".")[0] in ("tuning", "zenml", "registry", "s3", "seed", "dataset_uri", "expected_sha256"):
-            raise ConfigError(f"invalid {source}: tuning.space.{key}: not a hyperparameter")
-        values = dimension.choices if isinstance(dimension, SearchChoice) else [dimension.low, dimension.high]
-        if isinstance(dimension, SearchRange) and dimension.log and dimension.low <= 0:
-            raise ConfigError(f"invalid {source}: tuning.space.{key}: a log range needs low > 0")
-        for value in values:
-            if isinstance(dimension, SearchRange) and dimension.integer:
-                value = int(round(value))
-            try:
-                with_values(config, {key: value})
-            except ConfigError as error:
-                raise ConfigError(f"invalid {source}: tuning.space.{key} = {value!r}: {error}") from None
-    try:
-        with_values(config, config.tuning.trial_values)
-    except ConfigError as error:
-        raise ConfigError(f"invalid {source}: tuning.trial_values: {error}") from None
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config {path} is not valid YAML: {error}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping of keys, not {type(raw).__name__}")
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return parse_config(raw, source=f"config {path}")

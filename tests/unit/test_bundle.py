@@ -113,3 +113,39 @@ def test_a_version_registered_before_the_stages_still_loads_and_serves(registere
     assert load_in_a_clean_process(old, tmp_path)["rows"][0]["status"] == expected["status"][0]
     read = bundle.read(old / "data")  # what load_predictor does with a version's folder
     assert read.threshold == predictor.threshold and read.profile is not None
+
+
+def test_a_sites_operating_point_is_served_from_training_and_from_a_later_recalibration(tmp_path, predictor):
+    """Training's points travel in serving.json; a point re-fitted later (--recalibrate-fraction) is written beside
+    data/ in the logged model: both reach pyfunc serving (``params.site``) and batch inference (bundle.read)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("points", artifact_location=(tmp_path / "artifacts").as_uri())
+    at_training = {"calibration": {"method": "platt", "temperature": 2.0, "bias": 0.5}, "threshold": 0.7}
+    later = {"calibration": {"method": "temperature", "temperature": 0.5, "bias": 0.0}, "threshold": 0.2}
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            metadata = {
+                "threshold": predictor.threshold,
+                "image_size": predictor.image_size,
+                "preprocessing": "test",
+                "operating_points": {"b": at_training},
+            }
+            _, version = store.log_and_register(predictor.model, "points-test", metadata, "# card", predictor.profile)
+        store.save_operating_point(client, "points-test", version, "c", later)
+        served = mlflow.pyfunc.load_model(f"models:/points-test/{version}")
+        rows = {site: served.predict(request(), params={"site": site}).iloc[0] for site in ("b", "c", "")}
+        with pytest.raises(MlflowException, match="no operating point for site 'd' \\(it has: b, c\\)"):
+            served.predict(request(), params={"site": "d"})
+        assert client.get_model_version("points-test", version).tags["operating_point.c"] == json.dumps(later)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert (rows["b"]["operating_point"], rows["b"]["threshold"]) == ("site:b", 0.7)
+    assert (rows["c"]["operating_point"], rows["c"]["threshold"]) == ("site:c", 0.2)
+    assert (rows[""]["operating_point"], rows[""]["threshold"]) == ("version", predictor.threshold)
+    p = rows[""]["probability"]
+    z = np.log(p / (1 - p))
+    assert rows["c"]["probability"] == pytest.approx(1 / (1 + np.exp(-z / 0.5)))

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xray.config import PipelineConfig, load_config, parse_config
+from xray.config import PipelineConfig
+from xray.config_file import load_config, parse_config
 from xray.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))

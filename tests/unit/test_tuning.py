@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from xray.config import load_config, parse_config
+from xray.config_file import load_config, parse_config
 from xray.errors import ConfigError
 from xray.model import tuning
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from xray.config import DataConfig
 from xray.data.manifest import (
+    SPLIT_PRIORITY,
     DataReport,
     build_manifest,
     carve_val,
@@ -17,6 +18,7 @@ from xray.data.manifest import (
     needs_val_split,
     patient_overlap,
     remove_cross_split_duplicates,
+    site_counts,
     split_counts,
 )
 from xray.storage.archive import extract
@@ -38,9 +40,10 @@ class ValidatedDataset:
 
 
 def prepare_dataset(archive: Path, workdir: Path, config: DataConfig, seed: int) -> tuple[ValidatedDataset, DataReport]:
-    """Extract safely, decode everything, de-duplicate and shape the splits."""
+    """Extract safely, decode everything, de-duplicate and shape the splits (the dataset archive: site
+    ``config.base_site``)."""
     extraction = extract(archive, workdir, config.limits)
-    manifest, quarantined, converted = build_manifest(workdir, extraction.files)
+    manifest, quarantined, converted = build_manifest(workdir, extraction.files, config.base_site)
     check_bad_fraction(len(extraction.files), quarantined, config.max_bad_fraction)
     manifest, removed, within, across = remove_cross_split_duplicates(manifest)
     if needs_val_split(manifest, config.min_val_per_class):
@@ -67,8 +70,49 @@ def prepare_dataset(archive: Path, workdir: Path, config: DataConfig, seed: int)
         unparsed_patient_ids=int(manifest["patient_id"].str.startswith("image:").sum()),
         val_source=val_source,
         archive_root=extraction.root,
+        sites={
+            config.base_site: {
+                "site": config.base_site,
+                "splits_from": "the archive's own train/ and test/ folders; val " + val_source,
+                "counts": split_counts(manifest),
+            }
+        },
     )
     return ValidatedDataset(workdir, manifest), report
+
+
+def add_sources(dataset: ValidatedDataset, report: DataReport, sources: list[tuple[pd.DataFrame, dict]]) -> None:
+    """Join the other sources' rows (:func:`xray.data.sites.load_source`, files already under ``dataset.root``) to the
+    dataset archive's, in place. An image (by SHA-256) that more than one source holds is kept once: in its
+    highest-priority split (test, val, train), and there in the earliest source of data.sources."""
+    if not sources:
+        return
+    base = next(iter(report.sites))
+    order = {site: index for index, site in enumerate([base, *(r["site"] for _, r in sources)])}
+    manifest = pd.concat([dataset.manifest, *(rows for rows, _ in sources)], ignore_index=True)
+    rank = manifest["split"].map(SPLIT_PRIORITY) * len(order) + manifest["site"].map(order)
+    best = rank.groupby(manifest["sha256"]).transform("min")
+    first = ~manifest.assign(rank=rank).duplicated(["sha256", "rank"], keep="first")
+    in_several = manifest.groupby("sha256")["site"].transform("nunique") > 1
+    drop = in_several & ((rank > best) | ~first)
+    for relative in manifest.loc[drop, "path"]:
+        (dataset.root / relative).unlink(missing_ok=True)
+    dropped = manifest.loc[drop]
+    dataset.manifest = manifest.loc[~drop].reset_index(drop=True)
+    report.counts = split_counts(dataset.manifest)
+    report.duplicates_across_sources = int(dropped["sha256"].nunique())
+    report.duplicates_removed = report.duplicates_removed + dropped[["path", "split", "label", "sha256"]].to_dict(
+        "records"
+    )
+    report.patients_in_train_and_test = patient_overlap(dataset.manifest, "train", "test")
+    report.patients_in_train_and_val = patient_overlap(dataset.manifest, "train", "val")
+    report.unparsed_patient_ids = int(dataset.manifest["patient_id"].str.startswith("image:").sum())
+    counts = site_counts(dataset.manifest)
+    for _, source in sources:
+        source["counts"] = counts.get(source["site"], source["counts"])
+        source["duplicates_in_earlier_sources"] = int((dropped["site"] == source["site"]).sum())
+        report.sites[source["site"]] = source
+    report.sites[base]["counts"] = counts.get(base, {})
 
 
 def fingerprint(manifest: pd.DataFrame) -> str:

@@ -1,13 +1,16 @@
 """The manifest: one row per validated image, and the rules that shape the splits.
 
 Columns: path (relative to the dataset root), split, label, patient_id (from a Kermany file name, the keyed hash of
-a DICOM PatientID, else ``image:<path>``), sha256, width, height, channels, format, source_split. A DICOM image is
+a DICOM PatientID, else ``image:<path>``), sha256, width, height, channels, format, source_split, site (the source's
+name, data.sources), sop_instance_uid and the subgroups (age_band, sex, view, manufacturer: a DICOM image's header;
+empty otherwise). A DICOM image is
 stored as the PNG of its display pixels (the model's input), so training and evaluation read it like any image.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,44 @@ from xray import CLASS_NAMES, SPLITS
 from xray.data.images import check_image
 from xray.errors import DataQualityError
 
-COLUMNS = ["path", "split", "label", "patient_id", "sha256", "width", "height", "channels", "format", "source_split"]
+SUBGROUPS = ("age_band", "sex", "view", "manufacturer")
+"""What a DICOM header says about an image, kept for metrics by subgroup (empty for JPEG and PNG)."""
+AGE_BANDS = ((1, "under 1"), (3, "1-2"), (6, "3-5"), (18, "6-17"), (float("inf"), "18 and over"))
+
+
+def age_band(years: float | None) -> str:
+    """The band of an age in years (completed years: 1-2 holds 1.0 to 2.99)."""
+    if years is None:
+        return ""
+    return next(name for limit, name in AGE_BANDS if years < limit)
+
+
+def subgroups_of(header) -> dict[str, str]:
+    if header is None:
+        return dict.fromkeys(SUBGROUPS, "")
+    return {
+        "age_band": age_band(header.age_years),
+        "sex": header.sex,
+        "view": header.view_position,
+        "manufacturer": header.manufacturer,
+    }
+
+
+COLUMNS = [
+    "path",
+    "split",
+    "label",
+    "patient_id",
+    "sha256",
+    "width",
+    "height",
+    "channels",
+    "format",
+    "source_split",
+    "site",
+    "sop_instance_uid",
+    *SUBGROUPS,
+]
 # Evaluation splits win: a duplicate is dropped from the lower-priority split.
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
 
@@ -57,12 +97,17 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
     patients_in_train_and_val: int | None = None
     """Counted on the final splits; None only in reports written before it was counted."""
+    sites: dict[str, dict] = field(default_factory=dict)
+    """Per source (data.sources): uri, digest, where its splits come from, counts per split and class."""
+    duplicates_across_sources: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def build_manifest(root: Path, files: list[tuple[str, str, str]]) -> tuple[pd.DataFrame, list[dict[str, str]], int]:
+def build_manifest(
+    root: Path, files: list[tuple[str, str, str]], site: str = ""
+) -> tuple[pd.DataFrame, list[dict[str, str]], int]:
     """Decode every image under ``root``; return (manifest, quarantined, converted).
 
     Files that cannot be decoded are removed from ``root`` and listed; images
@@ -90,7 +135,7 @@ def build_manifest(root: Path, files: list[tuple[str, str, str]]) -> tuple[pd.Da
             # A DICOM image's patient is its keyed PatientID hash (xray.data.dicom.patient_hash), whatever its name.
             patient = f"dicom:{check.header.patient}"
         else:
-            patient = f"{label.lower()}:{pid}" if pid else None
+            patient = f"{label.lower() or 'name'}:{pid}" if pid else None
         rows.append(
             {
                 "path": relative,
@@ -103,6 +148,9 @@ def build_manifest(root: Path, files: list[tuple[str, str, str]]) -> tuple[pd.Da
                 "channels": check.channels,
                 "format": check.format,
                 "source_split": split,
+                "site": site,
+                "sop_instance_uid": check.header.sop_instance_uid if check.header is not None else "",
+                **subgroups_of(check.header),
             }
         )
     manifest = pd.DataFrame(rows, columns=COLUMNS)
@@ -181,5 +229,33 @@ def sample(manifest: pd.DataFrame, split: str, per_class: int | None, seed: int)
     rows = manifest[manifest["split"] == split]
     if per_class is None:
         return rows.reset_index(drop=True)
-    parts = [group.sample(n=min(per_class, len(group)), random_state=seed) for _, group in rows.groupby("label")]
+    # Per site and label, so that every source keeps images in a capped (smoke) run.
+    keys = ["site", "label"] if "site" in rows and rows["site"].nunique() > 1 else "label"
+    parts = [group.sample(n=min(per_class, len(group)), random_state=seed) for _, group in rows.groupby(keys)]
     return pd.concat(parts).sort_values("path").reset_index(drop=True)
+
+
+def split_key(row_patient: str, sha256: str) -> str:
+    """What a stable split hashes: the patient, or the image's content when no patient is known (a renamed or moved
+    file keeps its split)."""
+    return f"sha256:{sha256}" if row_patient.startswith("image:") else row_patient
+
+
+def stable_splits(manifest: pd.DataFrame, site: str, val: float, test: float, key: str) -> pd.Series:
+    """train/val/test per row by a keyed hash of (site, patient): HMAC-SHA256 under ``key`` read as a number in [0, 1),
+    below ``1 - val - test`` train, then val, then test. A patient's split depends on nothing else, so as a site's
+    data grows no earlier patient moves, and no test patient ever reaches train."""
+    secret = key.encode()
+
+    def split_of(group: str) -> str:
+        digest = hmac.new(secret, f"{site}\0{group}".encode(), hashlib.sha256).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64
+        return "train" if u < 1 - val - test else "val" if u < 1 - test else "test"
+
+    groups = [split_key(p, h) for p, h in zip(manifest["patient_id"], manifest["sha256"])]
+    return pd.Series([split_of(group) for group in groups], index=manifest.index, dtype=object)
+
+
+def site_counts(manifest: pd.DataFrame) -> dict[str, dict[str, dict[str, int]]]:
+    """{site: {split: {label: images}}}."""
+    return {site: split_counts(rows) for site, rows in manifest.groupby("site", sort=False)}

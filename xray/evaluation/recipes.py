@@ -15,9 +15,10 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 from xray import CLASS_NAMES
 from xray.config import EvaluateConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
+from xray.data.manifest import SUBGROUPS
 from xray.errors import DataQualityError
 from xray.evaluation import metrics, plots
-from xray.evaluation.calibration import expected_calibration_error, fit_calibration, sigmoid
+from xray.evaluation.calibration import Calibration, expected_calibration_error, fit_calibration, logit, sigmoid
 from xray.model.network import calibrated_model, logit_model, predict_paths
 
 logger = logging.getLogger(__name__)
@@ -197,6 +198,111 @@ def evaluate_site(predictor, dataset, evaluate: EvaluateConfig, recalibrate_frac
     return result
 
 
+def site_operating_point(y: np.ndarray, p: np.ndarray, evaluate: EvaluateConfig) -> dict:
+    """A site's own calibration (fitted on the logit of the version's calibrated probabilities, so it composes with
+    the model's) and threshold (the same policy), both from that site's val images only."""
+    calibration = fit_calibration(y, logit(p), evaluate.calibration)
+    threshold, policy = metrics.choose_threshold(
+        y,
+        calibration.probability(logit(p)),
+        evaluate.threshold_policy,
+        evaluate.min_sensitivity,
+        evaluate.fixed_threshold,
+    )
+    counts = {name: int((np.asarray(y) == label).sum()) for label, name in enumerate(CLASS_NAMES)}
+    return {
+        "calibration": calibration.as_dict(),
+        "threshold": float(threshold),
+        "threshold_policy": policy,
+        "fitted_on": f"val of this site at training ({counts})",
+    }
+
+
+def apply_operating_point(p: np.ndarray, point: dict) -> np.ndarray:
+    """The version's calibrated probabilities through a site's own calibration (:func:`site_operating_point`)."""
+    return Calibration(**point["calibration"]).probability(logit(p))
+
+
+def per_site(val_rows, test_rows, p_val: np.ndarray, p_test: np.ndarray, threshold: float, evaluate, seed) -> dict:
+    """Per site (the manifest's ``site``): its val and test counts, its test metrics with CIs at the version's
+    operating point and, where its val has enough images of each class (evaluate.min_recalibration_per_class), its
+    own operating point from its val and its test metrics there. Empty for a dataset of one site."""
+    sites = list(dict.fromkeys(list(test_rows["site"]) + list(val_rows["site"])))
+    if len(sites) < 2:
+        return {}
+    y_val, y_test = labels_of(val_rows), labels_of(test_rows)
+    result = {}
+    for site in sites:
+        in_val, in_test = (val_rows["site"] == site).to_numpy(), (test_rows["site"] == site).to_numpy()
+        counts = {
+            split: {name: int((y[mask] == label).sum()) for label, name in enumerate(CLASS_NAMES)}
+            for split, y, mask in (("val", y_val, in_val), ("test", y_test, in_test))
+        }
+        entry = {"counts": counts, "test": None, "operating_point": None, "test_at_operating_point": None, "notes": []}
+        if min(counts["test"].values()) > 0:
+            entry["test"] = site_metrics(y_test[in_test], p_test[in_test], threshold, evaluate.bootstrap_samples, seed)
+        else:
+            entry["notes"].append(f"test not measured: its test split has {counts['test']}")
+        if min(counts["val"].values()) >= evaluate.min_recalibration_per_class:
+            try:
+                point = site_operating_point(y_val[in_val], p_val[in_val], evaluate)
+            except ValueError as error:
+                entry["notes"].append(f"no operating point of its own: {error}")
+            else:
+                entry["operating_point"] = point
+                if entry["test"] is not None:
+                    entry["test_at_operating_point"] = site_metrics(
+                        y_test[in_test],
+                        apply_operating_point(p_test[in_test], point),
+                        point["threshold"],
+                        evaluate.bootstrap_samples,
+                        seed,
+                    )
+        else:
+            entry["notes"].append(
+                f"no operating point of its own: its val has {counts['val']}, fewer than "
+                f"evaluate.min_recalibration_per_class={evaluate.min_recalibration_per_class} of a class"
+            )
+        result[site] = entry
+    return result
+
+
+def by_subgroup(test_rows, y: np.ndarray, p: np.ndarray, threshold: float, evaluate, seed: int) -> dict:
+    """Test metrics with CIs per value of each subgroup a DICOM header gives (xray.data.manifest.SUBGROUPS: age band,
+    sex, view, manufacturer), at the version's operating point: ``{subgroup: {value: metrics}}``. A value with images
+    of one class only has its counts and no metrics. Subgroups no test image has are left out."""
+    result = {}
+    for name in SUBGROUPS:
+        if name not in test_rows:
+            continue
+        values = test_rows[name].fillna("").to_numpy(dtype=object)
+        present = sorted({value for value in values if value})
+        if not present:
+            continue
+        result[name] = {}
+        for value in present:
+            mask = values == value
+            counts = {label: int((y[mask] == index).sum()) for index, label in enumerate(CLASS_NAMES)}
+            result[name][value] = (
+                site_metrics(y[mask], p[mask], threshold, evaluate.bootstrap_samples, seed) | {"counts": counts}
+                if min(counts.values()) > 0
+                else {"images": int(mask.sum()), "counts": counts}
+            )
+    return result
+
+
+def site_flat(sites: dict) -> dict:
+    """MLflow metrics of :func:`per_site`: ``site.<name>.test_auc`` ... and ``site.<name>.own_test_...``."""
+    flat = {}
+    for site, entry in sites.items():
+        for prefix, measured in (("test", entry["test"]), ("own_test", entry["test_at_operating_point"])):
+            for key, value in (measured or {}).items():
+                flat[f"site.{site}.{prefix}_{key}"] = float(value)
+        if entry["operating_point"]:
+            flat[f"site.{site}.threshold"] = entry["operating_point"]["threshold"]
+    return flat
+
+
 @dataclass
 class ModelEvaluation:
     """What the training pipeline's evaluation produces: the calibrated model, the report (``flat`` metrics, val and
@@ -251,8 +357,24 @@ def evaluate_model(model, dataset, spec, evaluate: EvaluateConfig, seed: int) ->
         flat["test_sensitivity"],
         flat["test_specificity"],
     )
+    sites = per_site(val_rows, test_rows, result["p_val"], p_test, threshold, evaluate, seed)
+    for site, entry in sites.items():
+        measured = entry["test"]
+        logger.info(
+            "site %s: test %s%s",
+            site,
+            f"AUC {measured['auc']:.4f} (95% CI {measured['auc_ci_low']:.4f}-{measured['auc_ci_high']:.4f}), "
+            f"sensitivity {measured['sensitivity']:.3f}, specificity {measured['specificity']:.3f}, "
+            f"ECE {measured['ece']:.3f}"
+            if measured
+            else "not measured",
+            "; " + "; ".join(entry["notes"]) if entry["notes"] else "",
+        )
+    subgroups = by_subgroup(test_rows, y_test, p_test, threshold, evaluate, seed)
     report = {
-        "flat": flat,
+        "flat": flat | site_flat(sites),
+        "sites": sites,
+        "subgroups": subgroups,
         "val": result["val"],
         "test": result["test"],
         "threshold_policy": result["threshold_policy"],

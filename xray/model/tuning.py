@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 from scipy.stats import qmc
 
-from xray.config import PipelineConfig, SearchChoice, TuningConfig, with_values
+from xray.config import PipelineConfig, SearchChoice, TuningConfig
+from xray.config_file import with_values
 from xray.errors import ConfigError
 
 logger = logging.getLogger(__name__)

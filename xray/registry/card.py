@@ -69,6 +69,90 @@ def _calibration(metrics: dict) -> str:
     )
 
 
+def _counts(counts: dict) -> str:
+    return ", ".join(
+        f"{split} {sum(by_class.values())} ({by_class.get(CLASS_NAMES[0], 0)} / {by_class.get(CLASS_NAMES[1], 0)})"
+        for split, by_class in counts.items()
+    )
+
+
+def sources_section(data_report: dict, metrics: dict) -> str:
+    """The card's "Training sources" (one row per data.sources entry: URI, digest, splits) and "Results per site"
+    (each site's test split at this version's operating point and at the site's own, with CIs)."""
+    sites = data_report.get("sites") or {}
+    if not sites:
+        return ""
+    lines = [
+        "## Training sources",
+        "Images per split as total (NORMAL / PNEUMONIA). A site without its own test split has each patient in "
+        "train, val or test by a keyed hash (data.split), so a patient keeps its split as the site's data grows.",
+        "",
+        "| site | source | content digest | splits from | images |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for site, entry in sites.items():
+        source = entry.get("uri", "") + (f" + labels {entry['labels']}" if entry.get("labels") else "")
+        lines.append(
+            f"| {site} | `{source}` | `{entry.get('digest', '')[:16]}` | {entry.get('splits_from', '')} | "
+            f"{_counts(entry.get('counts', {}))} |"
+        )
+    per_site = metrics.get("sites") or {}
+    if per_site:
+        lines += [
+            "",
+            "## Results per site (test split)",
+            "At this version's threshold and calibration, and at the site's own operating point (calibration and "
+            "threshold fitted on the site's val; batch inference `--site NAME`, serving `params.site`) where its val "
+            "has enough images.",
+            "",
+            "| site | test images | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) | ECE | own threshold | "
+            "own sensitivity | own specificity | own ECE |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for site, entry in per_site.items():
+            m, own = entry.get("test"), entry.get("test_at_operating_point")
+
+            def ci(values, key):
+                return f"{values[key]:.3f} ({values[f'{key}_ci_low']:.3f}-{values[f'{key}_ci_high']:.3f})"
+
+            measured = (
+                f"{m['images']} | {ci(m, 'auc')} | {ci(m, 'sensitivity')} | {ci(m, 'specificity')} | {m['ece']:.3f}"
+                if m
+                else f"{sum(entry['counts']['test'].values())} | not measured | | |"
+            )
+            mine = (
+                f"{own['threshold']:.4f} | {ci(own, 'sensitivity')} | {ci(own, 'specificity')} | {own['ece']:.3f}"
+                if own
+                else "none | | |"
+            )
+            lines.append(f"| {site} | {measured} | {mine} |")
+        notes = [f"- {site}: {note}" for site, entry in per_site.items() for note in entry.get("notes", [])]
+        lines += ([""] + notes) if notes else []
+    subgroups = metrics.get("subgroups") or {}
+    if subgroups:
+        lines += [
+            "",
+            "## Results by subgroup (test split, from DICOM headers)",
+            "At this version's threshold; a value with images of one class only has no metrics.",
+            "",
+            "| subgroup | value | images (NORMAL / PNEUMONIA) | AUC (95% CI) | sensitivity (95% CI) | "
+            "specificity (95% CI) | ECE |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, values in subgroups.items():
+            for value, m in values.items():
+                counts = f"{sum(m['counts'].values())} ({m['counts'][CLASS_NAMES[0]]} / {m['counts'][CLASS_NAMES[1]]})"
+                if "auc" not in m:
+                    lines.append(f"| {name} | {value} | {counts} | | | | |")
+                    continue
+                cells = [
+                    f"{m[k]:.3f} ({m[f'{k}_ci_low']:.3f}-{m[f'{k}_ci_high']:.3f})"
+                    for k in ("auc", "sensitivity", "specificity")
+                ]
+                lines.append(f"| {name} | {value} | {counts} | {' | '.join(cells)} | {m['ece']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(
     model_name: str,
     metrics: dict,
@@ -138,6 +222,7 @@ Kermany et al. 2018 (Guangzhou Women and Children's Medical Center), CC BY 4.0; 
 - Cross-split duplicate images removed: {len(data_report["duplicates_removed"])}; quarantined images: {len(data_report["quarantined"])}.
 - Patients present in both train and test (the dataset's own split): {data_report["patients_in_train_and_test"]}.
 
+{sources_section(data_report, metrics)}
 ## What the probability means
 {_calibration(metrics)}
 

@@ -5,6 +5,7 @@ version with its card, and move the alias under the promotion lock. The only mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -16,6 +17,7 @@ import numpy as np
 from xray import CLASS_NAMES
 from xray.config import ScopeConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
+from xray.data.manifest import SUBGROUPS
 from xray.data.sites import load_site, site_name
 from xray.model.network import predict_paths
 from xray.registry import card, gate, store
@@ -60,9 +62,27 @@ def gate_against_champion(
     return gate.decide(test_sensitivity, min_sensitivity, champion_version, comparisons, margin, champion_error)
 
 
-def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites, data, s3, workdir):
+def subgroup_masks(test_rows, y: np.ndarray, min_per_class: int) -> dict[str, np.ndarray]:
+    """``{"subgroup:<name>=<value>": mask}`` over the test split for each DICOM subgroup value with at least
+    ``min_per_class`` images of each class (registry.gate_subgroups)."""
+    masks = {}
+    for name in SUBGROUPS:
+        if name not in test_rows:
+            continue
+        values = test_rows[name].fillna("").to_numpy(dtype=object)
+        for value in sorted({v for v in values if v}):
+            mask = values == value
+            if min((y[mask] == 0).sum(), (y[mask] == 1).sum()) >= min_per_class:
+                masks[f"subgroup:{name}={value}"] = mask
+    return masks
+
+
+def image_sets(
+    model, dataset, spec, test_probabilities: np.ndarray, gate_sites, data, s3, workdir, gate_subgroups: int = 0
+):
     """(paths, labels, challenger probabilities) per image set: the test split, already scored by the challenger,
-    and each labelled gate site (loaded through the site checks into a folder of ``workdir``, and scored here).
+    each site's part of it (``test:<site>``, when the test split holds more than one site), with ``gate_subgroups``
+    (a minimum per class) each DICOM subgroup large enough (:func:`subgroup_masks`), and each labelled gate site (loaded through the site checks into a folder of ``workdir``, and scored here).
     The sites' paths point into ``workdir``: the caller keeps it until the champion has scored them too."""
     test_rows = select(dataset.manifest, "test", spec)
     paths, labels, challenger = (
@@ -70,6 +90,21 @@ def image_sets(model, dataset, spec, test_probabilities: np.ndarray, gate_sites,
         {"test": labels_of(test_rows)},
         {"test": test_probabilities},
     )
+    sites = test_rows["site"].to_numpy() if "site" in test_rows else np.array([])
+    if len(set(sites)) > 1:
+        # Every site's own test split too: a version may not buy one site's gain with another's loss.
+        for site in dict.fromkeys(sites):
+            mask = sites == site
+            if len(np.unique(labels["test"][mask])) < 2:
+                logger.info("gate: test:%s has one class only; compared within the whole test split", site)
+                continue
+            name = f"test:{site}"
+            paths[name] = [path for path, keep in zip(paths["test"], mask) if keep]
+            labels[name], challenger[name] = labels["test"][mask], np.asarray(test_probabilities)[mask]
+    if gate_subgroups:
+        for name, mask in subgroup_masks(test_rows, labels["test"], gate_subgroups).items():
+            paths[name] = [path for path, keep in zip(paths["test"], mask) if keep]
+            labels[name], challenger[name] = labels["test"][mask], np.asarray(test_probabilities)[mask]
     for index, uri in enumerate(gate_sites):
         site, report = load_site(uri, Path(workdir) / f"site-{index}", data, s3)
         name = f"site:{site_name(uri)}"
@@ -109,8 +144,37 @@ def promote(
     return decision
 
 
+def training_data(data_report: dict) -> dict:
+    """{site: content digest} of the sources a version was trained on, and their one digest (``--if-changed``)."""
+    entries = (data_report.get("sites") or {}).items()
+    sites = {site: entry.get("digest", "") for site, entry in entries}
+    # An S3 object's ETag beside its SHA-256: --if-changed can then tell an unchanged object by a HEAD alone.
+    etags = {site: entry["etag"] for site, entry in entries if entry.get("etag")}
+    return {"sites": sites, "digest": data_digest(sites), "etags": etags}
+
+
+def data_digest(sites: dict[str, str]) -> str:
+    """One digest of the training sources: equal when every site's content digest is."""
+    return hashlib.sha256(json.dumps(dict(sorted(sites.items()))).encode()).hexdigest()
+
+
+def operating_points(metrics: dict) -> dict:
+    """{site: its own calibration and threshold} from the evaluation's per-site results (sites with enough val)."""
+    return {
+        site: entry["operating_point"]
+        for site, entry in (metrics.get("sites") or {}).items()
+        if entry["operating_point"]
+    }
+
+
 def version_metadata(
-    metrics: dict, threshold: float, spec, dataset_sha256: str, reference_profile, scope: ScopeConfig | None = None
+    metrics: dict,
+    threshold: float,
+    spec,
+    dataset_sha256: str,
+    reference_profile,
+    scope: ScopeConfig | None = None,
+    data_report: dict | None = None,
 ) -> dict:
     """What a registered version carries as MLflow model metadata and version tags: the operating point, the
     preprocessing a caller must reproduce, the data it was trained on, the OOD reference it is served with and the
@@ -128,6 +192,9 @@ def version_metadata(
         "val_ood_fraction": reference_profile.val_ood_fraction,
         "calibration": metrics.get("calibration", {}).get("method", "none"),
         "scope": (scope or ScopeConfig()).model_dump(mode="json"),
+        "operating_points": operating_points(metrics),
+        "training_data": training_data(data_report or {}),
+        "training_data_digest": training_data(data_report or {})["digest"],
     }
 
 
@@ -165,12 +232,22 @@ def register_candidate(
         raise RuntimeError("register_candidate logs to the active MLflow run: start one first")
     flat = metrics["flat"]
     scope = scope or ScopeConfig()
-    metadata = version_metadata(metrics, threshold, spec, dataset_sha256, reference_profile, scope)
+    metadata = version_metadata(metrics, threshold, spec, dataset_sha256, reference_profile, scope, data_report)
     champion, _ = store.current_champion(client, registry.model_name, registry.champion_alias)
     # The gate sites' images live in this folder until the champion has scored them.
     with tempfile.TemporaryDirectory(prefix="xray-gate-sites-") as workdir:
         paths, labels, challenger = (
-            image_sets(model, dataset, spec, test_probabilities, registry.gate_sites, data, s3, workdir)
+            image_sets(
+                model,
+                dataset,
+                spec,
+                test_probabilities,
+                registry.gate_sites,
+                data,
+                s3,
+                workdir,
+                registry.gate_subgroup_min_per_class if registry.gate_subgroups else 0,
+            )
             if champion is not None
             else ({}, {}, {})
         )

@@ -105,12 +105,14 @@ class _KerasFlavor:
 
 def serving_signature():
     from mlflow.models import ModelSignature  # lazy: MLflow's import takes seconds
-    from mlflow.types import ColSpec, Schema  # lazy: MLflow's import takes seconds
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # lazy: MLflow's import takes seconds
 
     kinds = {"probability": "double", "threshold": "double", "ood_score": "double"}
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec(kinds.get(name, "string"), name) for name in OUTPUT_COLUMNS]),
+        # A request's site (its own operating point); empty: the version's.
+        params=ParamSchema([ParamSpec("site", "string", "")]),
     )
 
 
@@ -133,6 +135,7 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str, re
         "image_size": metadata["image_size"],
         "preprocessing": metadata["preprocessing"],
         "scope": metadata.get("scope") or ScopeConfig().model_dump(mode="json"),
+        "operating_points": metadata.get("operating_points") or {},
     }
     info = mlflow.models.Model.log(
         artifact_path=None,
@@ -345,6 +348,32 @@ def logged_model_id(model_version) -> str:
         f"{model_version.name} v{model_version.version} has no logged model (source {source!r}): "
         "registered before MLflow 3 logged models; its card cannot be updated"
     )
+
+
+def save_operating_point(client, model_name: str, version: str, site: str, point: dict) -> None:
+    """Store a site's re-fitted operating point with the version: ``operating_points.json`` in its logged model,
+    beside ``data/`` (read by :func:`xray.serving.bundle.read`, so batch inference and serving use it), and the
+    version tag ``operating_point.<site>``."""
+    import mlflow  # lazy: MLflow's import takes seconds
+    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+
+    model_id = logged_model_id(client.get_model_version(model_name, version))
+    with tempfile.TemporaryDirectory(prefix="xray-points-") as folder:
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{model_uri(model_name, version)}/{bundle.OPERATING_POINTS_FILE}", dst_path=folder
+                )
+            )
+            points = json.loads(local.read_text())
+        except MlflowException as error:
+            if "No such artifact" not in str(error) and "not found" not in str(error).lower():
+                raise
+            local, points = Path(folder) / bundle.OPERATING_POINTS_FILE, {}
+        points[site] = point
+        local.write_text(json.dumps(points, indent=1))
+        client.log_model_artifact(model_id, str(local))
+    set_version_tags(client, model_name, version, {f"operating_point.{site}": json.dumps(point)})
 
 
 def update_model_card(client, model_name: str, version: str) -> str:

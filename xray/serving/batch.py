@@ -161,6 +161,8 @@ _PARQUET_TYPES = {
     "reason": "string",
     "scope_unchecked": "string",
     **dict.fromkeys(UID_COLUMNS, "string"),
+    "site": "string",
+    "operating_point": "string",
     "model_version": "string",
 }
 

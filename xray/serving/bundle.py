@@ -1,7 +1,10 @@
 """A registered version's folder: what :func:`write` puts beside the Keras model and :func:`read` loads back.
 
     data/model.keras             the calibrated Keras model (written by the keras flavor)
-    data/serving.json            threshold, image size, preprocessing, the validated scope (xray.config.ScopeConfig)
+    data/serving.json            threshold, image size, preprocessing, the validated scope (xray.config.ScopeConfig),
+                                 the sites' own operating points fitted at training
+    operating_points.json        (optional, beside data/) sites' operating points re-fitted later by
+                                 ``--pipeline evaluation --recalibrate-fraction`` (xray.registry.store)
     data/reference_profile/      the out-of-distribution reference (xray.monitoring.ood.ReferenceProfile)
     code/xray/                   this package, so the pyfunc flavor loads without the project installed
 
@@ -23,6 +26,7 @@ from xray.monitoring.scope import describe
 from xray.serving.predictor import ChestXrayPredictor
 
 CONFIG_FILE = "serving.json"
+OPERATING_POINTS_FILE = "operating_points.json"
 KERAS_FILE = "model.keras"
 PROFILE_DIR = "reference_profile"
 DATA_DIR, CODE_DIR = "data", "code"
@@ -68,6 +72,11 @@ def read(data_path: str | Path) -> ChestXrayPredictor:
             "; ".join(describe(ScopeConfig())),
         )
     scope = ScopeConfig.model_validate(config.get("scope", {}))
+    points = dict(config.get("operating_points") or {})
+    later = os.path.join(os.path.dirname(os.path.abspath(data_path)), OPERATING_POINTS_FILE)
+    if os.path.isfile(later):
+        with open(later) as handle:
+            points |= json.load(handle)
     return ChestXrayPredictor(
-        model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile, scope
+        model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile, scope, points
     )

@@ -16,6 +16,8 @@ from xray import CLASS_NAMES
 from xray.config import ScopeConfig
 from xray.data.dicom import DicomHeader
 from xray.data.images import decode_and_resize, decode_image
+from xray.errors import ConfigError
+from xray.evaluation.calibration import Calibration, logit
 from xray.monitoring import ood, scope
 from xray.monitoring.scope import OUT_OF_SCOPE, ScopeResult
 
@@ -29,13 +31,19 @@ OUTPUT_COLUMNS = [
     "reason",
     "scope_unchecked",
     *UID_COLUMNS,
+    "site",
+    "operating_point",
     "model_version",
 ]
 """One row per image. ``status``: ok, out_of_scope (the DICOM header says the image is not of the validated kind),
 out_of_distribution (the pixels are unlike the training images) or unreadable. ``label`` is empty unless ``status`` is
 ``ok``: an image out of scope or out of distribution keeps its probability and score, but no answer a client could
 read as the model's verdict. ``scope_unchecked``: the scope's tags a DICOM header lacks (comma-separated). The UIDs
-are a DICOM image's; all three are empty for JPEG and PNG."""
+are a DICOM image's; all three are empty for JPEG and PNG. ``site`` and ``operating_point``: the site asked for
+(``--site``, serving's ``params.site``) and whose calibration and threshold the probability and label are at: ``version``
+(the version's own, fitted on val of every training site) or ``site:<name>``."""
+
+VERSION_OPERATING_POINT = "version"
 
 
 def label_for(probability: float, threshold: float, status: str) -> str:
@@ -70,12 +78,17 @@ class ChestXrayPredictor:
         version: str | None = None,
         profile: ood.ReferenceProfile | None = None,
         scope: ScopeConfig | None = None,
+        operating_points: dict[str, dict] | None = None,
     ):
         import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
         self.model, self.threshold, self.image_size, self.version = model, threshold, image_size, version
         self.profile = profile
         self.scope = scope or ScopeConfig()
+        self.operating_points = dict(operating_points or {})
+        """{site: {"calibration": {temperature, bias, ...}, "threshold": t, ...}}: sites' own operating points."""
+        self.site: str | None = None
+        """The site whose operating point :meth:`table` uses when none is given (batch inference's ``--site``)."""
         # Traced once for every batch size: a call pays for the arithmetic, not model.predict's per-call setup (data
         # adapter, callbacks, a step function per shape). The encoded variant also decodes and resizes inside the
         # graph, on TensorFlow's threads, with the preprocessing training used.
@@ -131,16 +144,36 @@ class ChestXrayPredictor:
             return self.profile.assess(features)
         return pd.DataFrame({"ood_score": [float("nan")] * len(features), "status": ood.OK, "reason": ""})
 
-    def table(self, prepared: list[PreparedImage]) -> pd.DataFrame:
-        """One row per prepared image, in order (OUTPUT_COLUMNS): the readable ones through the model in one call."""
+    def operating_point(self, site: str | None) -> tuple[str, float, dict | None]:
+        """(name, threshold, calibration) of ``site``'s operating point; no site: the version's. A site the version has
+        no operating point for is an error, never a silent fall back to the version's."""
+        if not site:
+            return VERSION_OPERATING_POINT, self.threshold, None
+        if site not in self.operating_points:
+            known = ", ".join(sorted(self.operating_points)) or "none"
+            raise ConfigError(
+                f"model version {self.version} has no operating point for site {site!r} (it has: {known}); train with "
+                "the site's labelled data or run --pipeline evaluation --recalibrate-fraction on it, or leave --site out"
+            )
+        point = self.operating_points[site]
+        return f"site:{site}", float(point["threshold"]), Calibration(**point["calibration"])
+
+    def table(self, prepared: list[PreparedImage], site: str | None = None) -> pd.DataFrame:
+        """One row per prepared image, in order (OUTPUT_COLUMNS): the readable ones through the model in one call, at
+        ``site``'s operating point (default :attr:`site`; none: the version's)."""
+        site = site or self.site
+        point, threshold, calibration = self.operating_point(site)
         readable = [item for item in prepared if item.readable]
         probabilities = self.probabilities_of_encoded([item.encoded for item in readable])
+        if calibration is not None and len(probabilities):
+            # The site's calibration composes with the version's: it was fitted on the logit of these probabilities.
+            probabilities = calibration.probability(logit(probabilities))
         assessment = self.assess([item.features for item in readable])
         table = pd.DataFrame(
             {
                 "probability": np.nan,
                 "label": "",
-                "threshold": self.threshold,
+                "threshold": threshold,
                 "ood_score": np.nan,
                 "status": ood.UNREADABLE,
                 "reason": [item.reason for item in prepared],
@@ -149,6 +182,8 @@ class ChestXrayPredictor:
                     column: [getattr(item.header, column) if item.header else "" for item in prepared]
                     for column in UID_COLUMNS
                 },
+                "site": site or "",
+                "operating_point": point,
                 "model_version": self.version,
             },
             columns=OUTPUT_COLUMNS,
@@ -168,11 +203,12 @@ class ChestXrayPredictor:
             table.loc[mask, "ood_score"] = assessment["ood_score"].to_numpy()
             table.loc[mask, "status"] = status
             table.loc[mask, "reason"] = reason
-            table.loc[mask, "label"] = [label_for(p, self.threshold, st) for p, st in zip(probabilities, status)]
+            table.loc[mask, "label"] = [label_for(p, threshold, st) for p, st in zip(probabilities, status)]
         return table
 
-    def predict_bytes(self, images: list[bytes]) -> pd.DataFrame:
+    def predict_bytes(self, images: list[bytes], site: str | None = None) -> pd.DataFrame:
         """One row per image, in order; an image that cannot be decoded gets status unreadable and no probability."""
-        table = self.table([self.prepare(data) for data in images])
+        self.operating_point(site)  # an unknown site fails before any image is decoded
+        table = self.table([self.prepare(data) for data in images], site)
         # JSON has no NaN: an unreadable image has no probability and no score, null in the answer.
         return table.astype(object).where(table.notna(), None)

@@ -5,11 +5,13 @@ folder (:mod:`xray.serving.bundle`). Request body for ``POST /invocations``::
 
     {"inputs": ["<base64 JPEG or PNG>", ...]}
     {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}
+    {"inputs": [...], "params": {"site": "NAME"}}    (at that site's own operating point, when the version has one)
 
 Each image gets ``probability``, ``label``, ``threshold``, ``ood_score`` (1.0 is the out-of-distribution boundary),
 ``status`` (``ok``, ``out_of_distribution`` or ``unreadable``) and ``reason``. ``label`` is empty for every status but ``ok``: an
 out-of-distribution image keeps its probability and score, but gets no label. ``model_version`` is the version that
-answered.
+answered; ``site`` and ``operating_point`` say whose calibration and threshold the answer is at (``version`` or
+``site:<name>``); a site the version has no operating point for is a 400 that lists the ones it has.
 
 Requests are refused with a 400 and a message, never a 500: a body that is not JSON, a payload that is not one base64
 string per image (``{"inputs": {...}}``, nested lists, numbers), an empty list, a request in which no image can be
@@ -27,6 +29,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from xray.errors import ConfigError
 from xray.monitoring.ood import UNREADABLE
 from xray.serving import bundle
 from xray.serving.predictor import ChestXrayPredictor
@@ -91,11 +94,18 @@ def check_request_size(items: list) -> None:
         )
 
 
-def predict_request(predictor: ChestXrayPredictor, model_input) -> pd.DataFrame:
-    """One row per image of a request; InvalidImage when the request is malformed or no image in it can be read."""
+def predict_request(predictor: ChestXrayPredictor, model_input, site: str | None = None) -> pd.DataFrame:
+    """One row per image of a request; InvalidImage when the request is malformed, names a site the version has no
+    operating point for, or no image in it can be read."""
     items = _payload_items(model_input)
     check_request_size(items)
-    table = predictor.predict_bytes([decode_payload(item, index) for index, item in enumerate(items)])
+    if site is not None and not isinstance(site, str):
+        raise InvalidImage(f"params.site must be a site name, not {type(site).__name__}")
+    try:
+        predictor.operating_point(site or None)
+    except ConfigError as error:
+        raise InvalidImage(str(error)) from None
+    table = predictor.predict_bytes([decode_payload(item, index) for index, item in enumerate(items)], site or None)
     if (table["status"] == UNREADABLE).all():
         raise InvalidImage(
             "; ".join(f"image {i} cannot be decoded as an image: {reason}" for i, reason in enumerate(table["reason"]))
@@ -114,7 +124,7 @@ class _PyfuncModel:
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # lazy: MLflow's import takes seconds
 
         try:
-            return predict_request(self.predictor, model_input)
+            return predict_request(self.predictor, model_input, (params or {}).get("site"))
         except InvalidImage as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 

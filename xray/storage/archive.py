@@ -315,3 +315,63 @@ def copy_labelled(folder: Path, destination: Path, limits: ArchiveLimits) -> Ext
         result.files.append(("site", label, relative.as_posix()))
     _check_labelled(result, str(folder))
     return result
+
+
+def extract_tree(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
+    """Validate every entry like :func:`extract`, then extract every file that is not junk to ``destination`` at its
+    own path inside the archive (checked: no absolute paths, no ``..``, no symlinks, no two entries with one name).
+    Each file's ``(split, label)`` is what its folders say (``train/PNEUMONIA/x.dcm``), empty where they say nothing:
+    a source labelled by a CSV, or split by patient, decides the rest."""
+    with open_archive(path) as archive:
+        infos = checked_entries(archive, limits)
+        result = Extraction(root=".")
+        for info in infos:
+            if info.is_dir():
+                continue
+            if is_junk(info.filename):
+                result.junk += 1
+                continue
+            relative = PurePosixPath(info.filename.replace("\\", "/"))
+            target = destination.joinpath(*relative.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            result.bytes_written += _inflate(
+                archive, info, target, limits, limits.max_total_bytes - result.bytes_written
+            )
+            result.files.append((*folder_labels(relative.as_posix()), relative.as_posix()))
+    return result
+
+
+def copy_tree(folder: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
+    """The folder version of :func:`extract_tree`: every file at any depth copied at its own relative path (symlinks
+    are not followed), with the same per-file and total size limits."""
+    if not folder.is_dir():
+        raise ArchiveError(f"source folder not found: {folder}")
+    result = Extraction(root=str(folder))
+    files = sorted(p for p in folder.rglob("*") if not p.is_symlink() and p.is_file())
+    if len(files) > limits.max_entries:
+        raise ArchiveError(f"{folder} has {len(files)} files, over max_entries={limits.max_entries}")
+    for file in files:
+        name = file.relative_to(folder).as_posix()
+        if is_junk(name):
+            result.junk += 1
+            continue
+        size = file.stat().st_size
+        if size > limits.max_entry_bytes:
+            raise ArchiveError(f"file '{name}' has {size} bytes, over max_entry_bytes={limits.max_entry_bytes}")
+        if result.bytes_written + size > limits.max_total_bytes:
+            raise ArchiveError(f"{folder} holds more than max_total_bytes={limits.max_total_bytes} of files")
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+        result.bytes_written += size
+        result.files.append((*folder_labels(name), name))
+    return result
+
+
+def folder_labels(name: str) -> tuple[str, str]:
+    """(split, label) that a file's folders give: ``.../train/NORMAL/f`` -> ("train", "NORMAL"), ``.../NORMAL/f`` ->
+    ("", "NORMAL"), anything else ("", "")."""
+    label = label_of(name) or ""
+    parts = PurePosixPath(name).parts
+    split = parts[-3].lower() if label and len(parts) >= 3 and parts[-3].lower() in SPLITS else ""
+    return split, label
