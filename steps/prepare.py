@@ -6,7 +6,7 @@ from typing import Annotated, Optional, Tuple
 import mlflow
 import pandas as pd
 from PIL import Image
-from zenml import step
+from zenml import log_metadata, step
 
 from materializers import ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
@@ -53,6 +53,15 @@ def unzip_and_validate(
     add_sources(dataset, report, loaded)
     for site, entry in report.sites.items():
         logger.info("site %s: %s (splits from %s)", site, entry["counts"], entry["splits_from"])
+    # Lineage in ZenML too (the step's metadata in the dashboard): each source's URI, digest and counts.
+    log_metadata(
+        metadata={
+            "sites": {
+                site: {k: entry.get(k, "") for k in ("uri", "labels", "digest", "splits_from", "counts")}
+                for site, entry in report.sites.items()
+            }
+        }
+    )
     logger.info(
         f"validated {len(dataset.manifest)} images: {report.counts}; val {report.val_source}; "
         f"{len(report.quarantined)} quarantined, {len(report.duplicates_removed)} duplicates removed, "

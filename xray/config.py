@@ -46,7 +46,7 @@ class SourceConfig(_Section):
     site: str = Field(..., max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The site's name.")
     uri: str | None = Field(
         None,
-        description="A zip (local, file:// or s3://) or a local folder of JPEG/PNG/DICOM images at any depth. "
+        description="A zip (local, file:// or s3://), a local folder or an s3:// prefix of JPEG/PNG/DICOM at any depth. "
         "null: the dataset archive (dataset_uri / --dataset-uri / $CHEST_XRAY_ZIP / ../shared / Kaggle).",
     )
     labels: str | None = Field(

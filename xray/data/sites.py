@@ -33,6 +33,7 @@ from xray.errors import ConfigError, DatasetSourceError, XrayError
 from xray.storage import s3 as s3_storage
 from xray.storage.archive import copy_labelled, copy_tree, extract_labelled, extract_tree, is_junk
 from xray.storage.fetch import fetch, locate
+from xray.storage.listing import copy_prefix, is_s3_prefix, prefix_digest
 from xray.storage.s3 import local_path
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def identify_source(source: SourceConfig, s3: S3Config) -> dict:
         local = local_path(source.uri)
         if local is not None and local.is_dir():
             images = {"digest": folder_digest(local)}
+        elif is_s3_prefix(source.uri):
+            images = {"digest": prefix_digest(source.uri, s3.max_attempts)}
         else:
             images = _object_identity(source.uri, s3)
         labels = _object_identity(source.labels, s3) if source.labels else {"digest": ""}
@@ -138,7 +141,11 @@ def _read_labels(source: SourceConfig, workdir: Path, s3: S3Config, identity: di
     if local.stat().st_size > MAX_LABELS_BYTES:
         raise DatasetSourceError(f"{where}: larger than {MAX_LABELS_BYTES // 2**20} MiB")
     try:
-        table = pd.read_csv(io.BytesIO(local.read_bytes()), dtype=str, keep_default_na=False)
+        # Spreadsheets save a byte-order mark, and in many locales a semicolon between columns.
+        text = local.read_bytes().decode("utf-8-sig")
+        header = text.split("\n", 1)[0]
+        separator = ";" if ";" in header and "," not in header else ","
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, sep=separator)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DatasetSourceError(f"{where}: not a readable CSV ({str(error).splitlines()[0][:200]})") from None
     table.columns = [str(column).strip().lower() for column in table.columns]
@@ -216,6 +223,10 @@ def load_source(
             extraction = copy_tree(local, images, data.limits)
             if folder_digest(images) != identity["images"]["digest"]:
                 raise DatasetSourceError("the folder changed while it was being read; run again")
+        elif is_s3_prefix(source.uri):
+            extraction, read = copy_prefix(source.uri, images, data.limits, s3.max_attempts)
+            if read != identity["images"]["digest"]:
+                raise DatasetSourceError("the S3 prefix changed while it was being read; run again")
         else:
             identified = {k: v for k, v in identity["images"].items() if k != "digest"}
             archive = fetch(source.uri, workdir / "download", s3, identity=identified)

@@ -226,9 +226,12 @@ def apply_operating_point(p: np.ndarray, point: dict) -> np.ndarray:
 def per_site(val_rows, test_rows, p_val: np.ndarray, p_test: np.ndarray, threshold: float, evaluate, seed) -> dict:
     """Per site (the manifest's ``site``): its val and test counts, its test metrics with CIs at the version's
     operating point and, where its val has enough images of each class (evaluate.min_recalibration_per_class), its
-    own operating point from its val and its test metrics there. Empty for a dataset of one site."""
+    own operating point from its val and its test metrics there (with one site, the version's point is the site's).
+    Empty when the rows carry no site (datasets prepared before sources)."""
+    if "site" not in test_rows or "site" not in val_rows:
+        return {}
     sites = list(dict.fromkeys(list(test_rows["site"]) + list(val_rows["site"])))
-    if len(sites) < 2:
+    if not sites:
         return {}
     y_val, y_test = labels_of(val_rows), labels_of(test_rows)
     result = {}
@@ -243,7 +246,9 @@ def per_site(val_rows, test_rows, p_val: np.ndarray, p_test: np.ndarray, thresho
             entry["test"] = site_metrics(y_test[in_test], p_test[in_test], threshold, evaluate.bootstrap_samples, seed)
         else:
             entry["notes"].append(f"test not measured: its test split has {counts['test']}")
-        if min(counts["val"].values()) >= evaluate.min_recalibration_per_class:
+        if len(sites) == 1:
+            entry["notes"].append("the only site: the version's operating point is its own")
+        elif min(counts["val"].values()) >= evaluate.min_recalibration_per_class:
             try:
                 point = site_operating_point(y_val[in_val], p_val[in_val], evaluate)
             except ValueError as error:

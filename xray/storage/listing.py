@@ -9,18 +9,19 @@ junk (``.DS_Store``, ``Thumbs.db``, ``._*``, ``__MACOSX/``) is left out, and cou
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from xray.config import ArchiveLimits
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.storage import dicomweb, s3
-from xray.storage.archive import checked_entries, inflate_chunks, is_junk
+from xray.storage.archive import Extraction, checked_entries, folder_labels, inflate_chunks, is_junk
 
 JUNK = "system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)"
 
@@ -149,3 +150,84 @@ def _refs(source: str, limits: ArchiveLimits, max_attempts: int, skipped: Counte
         yield ImageRef(str(path), path.read_bytes)
     else:
         raise DatasetSourceError(f"no images at {source}: not a folder, zip, file or s3:// prefix")
+
+
+def is_s3_prefix(uri: str) -> bool:
+    """An ``s3://bucket/prefix`` of files, as opposed to one ``s3://bucket/key.zip`` archive."""
+    return uri.startswith("s3://") and not uri.lower().endswith(".zip")
+
+
+def _prefix(uri: str) -> s3.S3Location:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise DatasetSourceError(f"not an s3://bucket/prefix URI: {uri}")
+    return s3.S3Location(parsed.netloc, parsed.path.lstrip("/"))
+
+
+def prefix_digest(uri: str, max_attempts: int = 5) -> str:
+    """SHA-256 over every object's key (relative to the prefix), ETag and size: an S3 prefix's content, by listing
+    alone (junk left out, as when it is copied)."""
+    from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore only where S3 is read
+
+    location, client = _prefix(uri), s3.make_client(max_attempts)
+    digest, objects = hashlib.sha256(), 0
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
+            for entry in page.get("Contents", []):
+                relative = entry["Key"][len(location.key) :].lstrip("/")
+                if entry["Key"].endswith("/") or not relative or is_junk(relative):
+                    continue
+                digest.update(f"{relative}\0{entry['ETag'].strip(chr(34))}\0{entry['Size']}\n".encode())
+                objects += 1
+    except (BotoCoreError, ClientError) as error:
+        raise s3.explain_error(error, location) from None
+    if not objects:
+        raise DatasetSourceError(f"no files under {uri}")
+    return digest.hexdigest()
+
+
+def copy_prefix(uri: str, destination: Path, limits: ArchiveLimits, max_attempts: int = 5) -> tuple[Extraction, str]:
+    """Every file under an S3 prefix, downloaded to ``destination`` at its key relative to the prefix, under the
+    archive limits (count, per-file and total bytes); with the :func:`prefix_digest` of what was read, so a caller can
+    tell that the prefix changed since it was identified."""
+    from botocore.exceptions import BotoCoreError, ClientError  # lazy: botocore only where S3 is read
+
+    location, client = _prefix(uri), s3.make_client(max_attempts)
+    result, digest, entries = Extraction(root=uri), hashlib.sha256(), []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
+            entries.extend(page.get("Contents", []))
+    except (BotoCoreError, ClientError) as error:
+        raise s3.explain_error(error, location) from None
+    if len(entries) > limits.max_entries:
+        raise ArchiveError(f"{uri} has {len(entries)} objects, over max_entries={limits.max_entries}")
+    for entry in sorted(entries, key=lambda e: e["Key"]):
+        relative = entry["Key"][len(location.key) :].lstrip("/")
+        if entry["Key"].endswith("/") or not relative:
+            continue
+        if is_junk(relative):
+            result.junk += 1
+            continue
+        if ".." in PurePosixPath(relative).parts or relative.startswith("/"):
+            raise ArchiveError(f"unsafe key under {uri}: {entry['Key']!r}")
+        if entry["Size"] > limits.max_entry_bytes:
+            raise ArchiveError(
+                f"{entry['Key']} has {entry['Size']} bytes, over max_entry_bytes={limits.max_entry_bytes}"
+            )
+        if result.bytes_written + entry["Size"] > limits.max_total_bytes:
+            raise ArchiveError(f"{uri} holds more than max_total_bytes={limits.max_total_bytes}")
+        key = s3.S3Location(location.bucket, entry["Key"])
+        try:
+            response = client.get_object(Bucket=key.bucket, Key=key.key)
+            data = response["Body"].read(limits.max_entry_bytes + 1)
+        except (BotoCoreError, ClientError) as error:
+            raise s3.explain_error(error, key) from None
+        if len(data) > limits.max_entry_bytes:
+            raise ArchiveError(f"{entry['Key']} is over max_entry_bytes={limits.max_entry_bytes}")
+        target = destination.joinpath(*PurePosixPath(relative).parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        result.bytes_written += len(data)
+        digest.update(f"{relative}\0{response['ETag'].strip(chr(34))}\0{len(data)}\n".encode())
+        result.files.append((*folder_labels(relative), relative))
+    return result, digest.hexdigest()
