@@ -117,3 +117,35 @@ def test_make_monitor_without_images_says_that_images_is_required():
 
     result = subprocess.run(["make", "-s", "monitor"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "make monitor needs IMAGES=" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--pipeline", "monitoring", "--images", "x", "--site", "b"],
+            "--site belongs to --pipeline evaluation or inference",
+        ),
+        (
+            ["--pipeline", "inference", "--images", "x", "--recalibrate-fraction", "0.3"],
+            "--recalibrate-fraction belongs",
+        ),
+        (["--pipeline", "inference", "--images", "x", "--if-changed"], "--if-changed belongs to --pipeline training"),
+        (["--if-changed", "--schedule", "0 3 * * 1"], "--if-changed checks once, before a launch"),
+    ],
+)
+def test_flags_of_another_pipeline_are_refused_in_one_line(launched, args, message):
+    run, calls = launched
+    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
+    assert result.exit_code == 2 and message in result.output and not calls
+
+
+def test_if_changed_reaches_the_training_launch(launched, monkeypatch):
+    run, _ = launched
+    from pipelines import launch
+
+    seen = []
+    monkeypatch.setattr(launch, "run_training", lambda config, *args: seen.append(args) or {"skipped": "x"})
+    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), "--if-changed"])
+    assert result.exit_code == 0, result.output
+    assert seen == [(None, False, None, True)]
