@@ -10,6 +10,8 @@ python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-versio
               [--output outputs/monitoring] [--fail-on-drift]
 python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
               [--site NAME] [--recalibrate-fraction F]
+python run.py approve|reject --model-version N --reviewer NAME --reason TEXT     (registry.require_approval)
+python run.py rollback --to N --reviewer NAME --reason TEXT
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def quiet_expected_failures() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("action", required=False, type=click.Choice(["approve", "reject", "rollback"]))
 @click.option(
     "--pipeline",
     "pipeline_name",
@@ -181,6 +184,9 @@ def quiet_expected_failures() -> None:
     "(kagglehub). evaluation (required): a labelled site, a zip, folder or s3:// zip with NORMAL/ and "
     "PNEUMONIA/ folders at any depth.",
 )
+@click.option("--reviewer", default=None, help="approve, reject, rollback: who decides (recorded with the version).")
+@click.option("--reason", default=None, help="approve, reject, rollback: why (recorded with the version).")
+@click.option("--to", "to_version", default=None, help="rollback: the version that becomes champion again.")
 @click.option(
     "--site",
     default=None,
@@ -294,6 +300,7 @@ def quiet_expected_failures() -> None:
     help="Also write the one-line JSON summary to this file.",
 )
 def main(
+    action: str | None,
     pipeline_name: str,
     config_path: Path,
     dataset_uri: str | None,
@@ -316,6 +323,9 @@ def main(
     log_level: str | None = None,
     write_back: bool = False,
     if_changed: bool = False,
+    reviewer: str | None = None,
+    reason: str | None = None,
+    to_version: str | None = None,
 ) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     if verbose and quiet:
@@ -334,6 +344,22 @@ def main(
         config = load_config(config_path, overrides={"seed": seed})
     except ConfigError as error:
         fail(str(error), 2)
+    if action is not None:
+        if action == "rollback" and not to_version:
+            fail("rollback needs --to N (the version that becomes champion again)", 2)
+        if action != "rollback" and (to_version or model_version == "champion" or not model_version.isdigit()):
+            fail(f"{action} needs --model-version N (a version number) and no --to", 2)
+        if not reviewer or not reason:
+            fail(f"{action} needs --reviewer NAME and --reason TEXT", 2)
+        try:
+            from pipelines import launch
+
+            config = launch.on_stack(config, stack_name)
+            summary = launch.decide(config, action, to_version or model_version, reviewer, reason)
+        except ConfigError as error:
+            fail(str(error).splitlines()[0], 2)
+        emit(json.dumps(summary, sort_keys=True))
+        return
     if pipeline_name in ("inference", "monitoring") and not images:
         fail(f"--pipeline {pipeline_name} needs --images (a folder, a zip or an s3:// prefix)", 2)
     if pipeline_name == "evaluation" and not dataset_uri:

@@ -11,8 +11,10 @@ from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
 from xray.data.dataset import ValidatedDataset, fingerprint
+from xray.data.manifest import COLUMNS
 
 IMAGES, MANIFEST = "images.tar", "manifest.csv"
+TEXT_COLUMNS = [column for column in COLUMNS if column not in ("width", "height", "channels")]
 
 
 class ValidatedDatasetMaterializer(BaseMaterializer):
@@ -32,7 +34,8 @@ class ValidatedDatasetMaterializer(BaseMaterializer):
 
     def load(self, data_type: type[Any]) -> ValidatedDataset:
         with fileio.open(os.path.join(self.uri, MANIFEST), "r") as handle:
-            manifest = pd.read_csv(handle)
+            # The text columns as text: a site named "2026" stays a name, an empty UID stays empty (not NaN).
+            manifest = pd.read_csv(handle, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False)
         with self.get_temporary_directory(delete_at_exit=False) as temp:
             root = Path(temp)
             local_tar = root / IMAGES

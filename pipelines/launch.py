@@ -14,6 +14,7 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable
+from uuid import UUID
 
 import yaml
 from mlflow.tracking import MlflowClient
@@ -355,6 +356,24 @@ def run_evaluation(
         evaluate=config.evaluate,
         seed=config.seed,
     )
+
+
+def decide(config: PipelineConfig, action: str, version: str, reviewer: str, reason: str) -> dict:
+    """``run.py approve|reject|rollback``: a person's decision on a version (xray.registry.promotion), and the ZenML
+    Model version of its training run follows (production, archived)."""
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    decisions = {"approve": promotion.approve, "reject": promotion.reject, "rollback": promotion.rollback}
+    result = decisions[action](client, config.registry, version, reviewer, reason)
+    zenml_id = client.get_model_version(config.registry.model_name, version).tags.get("zenml.model_version_id")
+    stage = "archived" if action == "reject" else "production"
+    if zenml_id:
+        Client().update_model_version(config.registry.model_name, UUID(zenml_id), stage=stage, force=True)
+        result["zenml_stage"] = stage
+    else:
+        logger.warning(
+            "v%s has no ZenML Model version recorded (registered before approvals): its stage stays", version
+        )
+    return result | {"model_name": config.registry.model_name, "mlflow_tracking_uri": config.registry.tracking_uri}
 
 
 def schedules() -> list[str]:

@@ -64,10 +64,17 @@ def register_model(
             seed=seed,
             scope=scope,
         )
+    zenml_model = get_step_context().model
+    MlflowClient().set_model_version_tag(
+        registry.model_name, registration["model_version"], "zenml.model_version_id", str(zenml_model.id)
+    )
+    if registration.get("pending_approval"):
+        zenml_model.set_stage("staging", force=True)
+        logger.info("ZenML Model version of this run: stage staging (pending approval in MLflow)")
     if registration["promoted"]:
         # One source of truth: the MLflow alias (read by batch inference, serving and the gate). The ZenML Model
         # version of this run follows it, so the dashboard's "production" is the same version.
-        get_step_context().model.set_stage("production", force=True)
+        zenml_model.set_stage("production", force=True)
         logger.info("ZenML Model version of this run: stage production (follows the MLflow alias)")
     flat = metrics["flat"]
     log_metadata(

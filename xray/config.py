@@ -215,10 +215,8 @@ class EvaluateConfig(_Section):
     min_recalibration_per_class: int = Field(
         30,
         ge=2,
-        description="`--recalibrate-fraction` is refused when the site's calibration share has fewer images of a "
-        "class: with fewer, the re-fitted calibration and threshold rest on a handful of images (14 gave temperature "
-        "0.05, bias -63 and threshold 0.9997, and held-out sensitivity fell from 1.00 to 0.82), and a "
-        "min_sensitivity threshold on N positives moves by a whole 1/N with each one.",
+        description="Images of each class a site's own operating point is fitted on at least (--recalibrate-fraction"
+        "'s share, a site's val at training); docs/USER_GUIDE.md says why.",
     )
 
 
@@ -376,6 +374,8 @@ class RegistryConfig(_Section):
         None, description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides; default: sqlite under .mlflow/."
     )
     champion_alias: str = "champion"
+    require_approval: bool = Field(False, description="A version that passes the gate waits as candidate for approve.")
+    candidate_alias: str = "candidate"
     margin: float = Field(
         0.01,
         ge=0,

@@ -149,3 +149,37 @@ def test_if_changed_reaches_the_training_launch(launched, monkeypatch):
     result = CliRunner().invoke(run.main, ["--config", str(SMOKE), "--if-changed"])
     assert result.exit_code == 0, result.output
     assert seen == [(None, False, None, True)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["approve", "--model-version", "2", "--reason", "ok"], "approve needs --reviewer NAME and --reason TEXT"),
+        (["approve", "--reviewer", "a", "--reason", "ok"], "approve needs --model-version N (a version number)"),
+        (["rollback", "--reviewer", "a", "--reason", "ok"], "rollback needs --to N"),
+    ],
+)
+def test_a_decision_without_who_why_or_which_version_is_refused(launched, args, message):
+    run, calls = launched
+    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
+    assert result.exit_code == 2 and message in result.output and not calls
+
+
+def test_approve_reject_and_rollback_reach_the_decision(launched, monkeypatch):
+    run, _ = launched
+    from pipelines import launch
+
+    seen = []
+    monkeypatch.setattr(launch, "decide", lambda config, *args: seen.append(args) or {"action": args[0]})
+    for args in (
+        ["approve", "--model-version", "2", "--reviewer", "alice", "--reason", "checked"],
+        ["reject", "--model-version", "3", "--reviewer", "bob", "--reason", "no"],
+        ["rollback", "--to", "1", "--reviewer", "ops", "--reason", "alarms"],
+    ):
+        result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
+        assert result.exit_code == 0, result.output
+    assert seen == [
+        ("approve", "2", "alice", "checked"),
+        ("reject", "3", "bob", "no"),
+        ("rollback", "1", "ops", "alarms"),
+    ]

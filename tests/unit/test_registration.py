@@ -196,3 +196,56 @@ def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, can
     expected = candidate["model"].predict(batch, verbose=0).reshape(-1)
     np.testing.assert_allclose(predictor.probabilities(batch), expected, atol=1e-6)
     assert profile.threshold == predictor.profile.threshold == candidate["profile"].threshold
+
+
+def test_with_required_approval_a_person_moves_the_champion_and_the_card_says_who_and_why(store, candidate):
+    from xray.errors import ConfigError
+
+    register(store, candidate)  # v1: the champion, promoted by the gate (no approval asked)
+    waiting = RegistryConfig(model_name=MODEL, require_approval=True)
+    result = register(store, candidate, registry=waiting)
+    assert result["model_version"] == "2" and not result["promoted"] and result["pending_approval"]
+    assert "pending approval" in result["reason"] and "non-inferior to champion v1" in result["reason"]
+    assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert str(store.get_model_version_by_alias(MODEL, "candidate").version) == "2"
+    tags = store.get_model_version(MODEL, "2").tags
+    assert tags["approval"] == "pending" and tags["promotion_decision"] == "pending_approval"
+
+    with pytest.raises(ConfigError, match="needs --reviewer and --reason"):
+        promotion.approve(store, waiting, "2", "alice", " ")
+    with pytest.raises(ConfigError, match="v1 is not pending approval"):
+        promotion.approve(store, waiting, "1", "alice", "looks fine")
+    approved = promotion.approve(store, waiting, "2", "Dr. Alice Reviewer", "site b's sensitivity checked on 40 cases")
+    assert approved["previous_champion"] == "1"
+    assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert store.search_model_versions(f"name='{MODEL}'")  # the candidate alias is gone with the approval
+    assert "candidate" not in store.get_registered_model(MODEL).aliases
+    tags = store.get_model_version(MODEL, "2").tags
+    assert tags["approval"] == "approved"
+    (history,) = [json.loads(v) for k, v in tags.items() if k.startswith("history.")]
+    assert history["by"] == "Dr. Alice Reviewer" and history["action"] == "approved" and history["at"].endswith("Z")
+    card = mlflow.artifacts.load_text(f"models:/{MODEL}/2/model_card.md")
+    assert "## History" in card and "approved by Dr. Alice Reviewer: site b's sensitivity checked on 40 cases" in card
+    assert update_model_card(store, MODEL, "2").count("approved by Dr. Alice Reviewer") == 1  # survives site updates
+    with pytest.raises(ConfigError, match="v2 is not pending approval"):
+        promotion.approve(store, waiting, "2", "bob", "again")
+
+    # A candidate gated against v2, while the champion moves back to v1: its approval is refused (gate precondition).
+    register(store, candidate, registry=waiting)  # v3, gated against v2
+    rolled = promotion.rollback(store, waiting, "1", "ops on call", "v2 alarms at site b")
+    assert (
+        rolled["previous_champion"] == "2" and str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    )
+    assert "rollback to v1 by ops on call: v2 alarms at site b (champion was v2)" in mlflow.artifacts.load_text(
+        f"models:/{MODEL}/1/model_card.md"
+    )
+    assert "replaced as champion by v1 by ops on call" in mlflow.artifacts.load_text(f"models:/{MODEL}/2/model_card.md")
+    with pytest.raises(ConfigError, match="v3 was gated against v2, but the champion is now v1"):
+        promotion.approve(store, waiting, "3", "alice", "ok")
+    assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    rejected = promotion.reject(store, waiting, "3", "alice", "gated against a champion we rolled back")
+    assert rejected["action"] == "rejected" and store.get_model_version(MODEL, "3").tags["approval"] == "rejected"
+    with pytest.raises(ConfigError, match="v3 was never champion"):
+        promotion.rollback(store, waiting, "3", "alice", "no")
+    with pytest.raises(ConfigError, match="no version 9"):
+        promotion.approve(store, waiting, "9", "alice", "no")

@@ -11,6 +11,17 @@ from xray.monitoring.scope import describe
 
 SITE_TAG = "site."
 SITE_SECTION = "## Results by site"
+HISTORY_SECTION = "## History"
+
+
+def with_history(card: str, line: str) -> str:
+    """The card with ``line`` appended to its History section (made before the site results when missing), so that
+    rewriting the site results keeps it."""
+    head, separator, tail = card.partition(f"\n{SITE_SECTION}\n")
+    if f"\n{HISTORY_SECTION}\n" not in head:
+        head = head.rstrip("\n") + f"\n\n{HISTORY_SECTION}\nWho moved this version, when and why.\n"
+    head = head.rstrip("\n") + f"\n- {line}\n"
+    return head + (f"\n{separator}{tail}" if separator else "")
 
 
 def _ci(report: dict, key: str) -> str:

@@ -25,6 +25,8 @@ class PromotionDecision:
     """Per image set ("test", "site:<name>"): :func:`xray.evaluation.metrics.paired_auc_difference`."""
     champion_error: str | None = None
     margin: float | None = None
+    pending_approval: bool = False
+    """Passed the gate with registry.require_approval: a candidate until a person approves it."""
 
 
 def compare(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, samples: int, seed: int) -> dict:
@@ -90,7 +92,11 @@ def tags(decision: PromotionDecision) -> dict:
     """Model version tags: every number of the gate, the decision and its reason (values as they are; the store
     writes them as text)."""
     out = {
-        "promotion_decision": "promoted" if decision.promoted else "rejected",
+        "promotion_decision": "pending_approval"
+        if decision.pending_approval
+        else "promoted"
+        if decision.promoted
+        else "rejected",
         "promotion_reason": decision.reason[:4900],
         "gate.champion_version": decision.previous_champion or "none",
     }

@@ -10,6 +10,7 @@ import json
 import logging
 import tempfile
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from xray.config import ScopeConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
 from xray.data.manifest import SUBGROUPS
 from xray.data.sites import load_site, site_name
+from xray.errors import ConfigError
 from xray.model.network import predict_paths
 from xray.registry import card, gate, store
 
@@ -115,7 +117,13 @@ def image_sets(
 
 
 def promote(
-    client, model_name: str, version_id: str, alias: str, metrics: dict, decision: gate.PromotionDecision
+    client,
+    model_name: str,
+    version_id: str,
+    alias: str,
+    metrics: dict,
+    decision: gate.PromotionDecision,
+    candidate_alias: str | None = None,
 ) -> gate.PromotionDecision:
     """Tag the version with its metrics and the gate's evidence; give it the alias when the gate promoted it.
     Returns the final decision.
@@ -127,6 +135,17 @@ def promote(
     """
     keys = ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_ece", "threshold")
     store.set_version_tags(client, model_name, version_id, {key: str(metrics[key]) for key in keys if key in metrics})
+    if decision.promoted and candidate_alias:
+        # registry.require_approval: the champion stays; the version waits as the candidate for a person's approval.
+        client.set_registered_model_alias(model_name, candidate_alias, version_id)
+        decision = replace(
+            decision,
+            promoted=False,
+            pending_approval=True,
+            reason=f"passed the gate; pending approval (python run.py approve --model-version {version_id} "
+            f"--reviewer NAME --reason TEXT). Gate: {decision.reason}",
+        )
+        store.set_version_tags(client, model_name, version_id, {APPROVAL_TAG: "pending"})
     if decision.promoted:
         holder = store.move_alias_if(client, model_name, alias, version_id, decision.previous_champion)
         if holder != decision.previous_champion:
@@ -290,12 +309,20 @@ def register_candidate(
         version,
         {key: json.dumps(value) if isinstance(value, dict) else str(value) for key, value in metadata.items()},
     )
-    decision = promote(client, registry.model_name, version, registry.champion_alias, flat, decision)
+    decision = promote(
+        client,
+        registry.model_name,
+        version,
+        registry.champion_alias,
+        flat,
+        decision,
+        registry.candidate_alias if registry.require_approval else None,
+    )
     mlflow.set_tags(
         {
             "model_version": version,
             "model_card": store.card_uri(registry.model_name, version),
-            "promotion_decision": "promoted" if decision.promoted else "rejected",
+            "promotion_decision": gate.tags(decision)["promotion_decision"],
             "promotion_reason": decision.reason[:4900],
         }
     )
@@ -320,8 +347,92 @@ def register_candidate(
         "model_uri": uri,
         "mlflow_run_id": run.info.run_id,
         "promoted": decision.promoted,
+        "pending_approval": decision.pending_approval,
         "reason": decision.reason,
         "threshold": threshold,
         "gate": decision.comparisons,
         "previous_champion": champion,
     }
+
+
+# -- a person's decisions: approve, reject, roll back (registry.require_approval) -----------------------------------
+
+APPROVAL_TAG = "approval"
+
+
+def _action(action: str, by: str, why: str) -> dict:
+    if not by.strip() or not why.strip():
+        raise ConfigError(f"{action} needs --reviewer and --reason (who decides, and why, go on the record)")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # a tag key takes no colons: history.<digits>
+    return {"action": action, "by": by.strip()[:200], "why": why.strip()[:2000], "at": stamp}
+
+
+def _version(client, registry, version: str):
+    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+
+    try:
+        return client.get_model_version(registry.model_name, version)
+    except MlflowException:
+        raise ConfigError(f"no version {version} of {registry.model_name} in the registry") from None
+
+
+def approve(client, registry, version: str, reviewer: str, reason: str) -> dict:
+    """A pending candidate becomes champion, under the promotion lock, if the champion is still the one its gate
+    compared it with (the gate's precondition); otherwise nothing moves and the error says why."""
+    action = _action("approved", reviewer, reason)
+    with store.promotion_lock(client, registry.model_name):
+        tags = _version(client, registry, version).tags
+        if tags.get(APPROVAL_TAG) != "pending":
+            raise ConfigError(
+                f"v{version} is not pending approval (approval: {tags.get(APPROVAL_TAG, 'none')}, gate: "
+                f"{tags.get('promotion_decision', 'none')}); only a version that passed the gate can be approved"
+            )
+        champion = store.alias_holder(client, registry.model_name, registry.champion_alias)
+        gated_against = tags.get("gate.champion_version", "none")
+        if (champion or "none") != gated_against:
+            raise ConfigError(
+                f"v{version} was gated against {'no champion' if gated_against == 'none' else 'v' + gated_against}, "
+                f"but the champion is now {'none' if champion is None else 'v' + champion}: not approved without a "
+                "paired comparison with it (train again)"
+            )
+        client.set_registered_model_alias(registry.model_name, registry.champion_alias, version)
+        if store.alias_holder(client, registry.model_name, registry.candidate_alias) == version:
+            client.delete_registered_model_alias(registry.model_name, registry.candidate_alias)
+        store.set_version_tags(client, registry.model_name, version, {APPROVAL_TAG: "approved"})
+    action["why"] = f"{action['why']} (champion was {'none' if champion is None else 'v' + champion})"
+    store.add_history(client, registry.model_name, version, action)
+    return {"action": "approved", "model_version": version, "previous_champion": champion, **action}
+
+
+def reject(client, registry, version: str, reviewer: str, reason: str) -> dict:
+    """A pending candidate is turned down: it keeps its registration and tags, never the champion alias."""
+    action = _action("rejected", reviewer, reason)
+    with store.promotion_lock(client, registry.model_name):
+        tags = _version(client, registry, version).tags
+        if tags.get(APPROVAL_TAG) != "pending":
+            raise ConfigError(f"v{version} is not pending approval (approval: {tags.get(APPROVAL_TAG, 'none')})")
+        if store.alias_holder(client, registry.model_name, registry.candidate_alias) == version:
+            client.delete_registered_model_alias(registry.model_name, registry.candidate_alias)
+        store.set_version_tags(client, registry.model_name, version, {APPROVAL_TAG: "rejected"})
+    store.add_history(client, registry.model_name, version, action)
+    return {"action": "rejected", "model_version": version, **action}
+
+
+def rollback(client, registry, to: str, reviewer: str, reason: str) -> dict:
+    """The champion alias back to an earlier version that was champion once (promoted by the gate or approved)."""
+    action = _action(f"rollback to v{to}", reviewer, reason)
+    with store.promotion_lock(client, registry.model_name):
+        tags = _version(client, registry, to).tags
+        if tags.get("promotion_decision") != "promoted" and tags.get(APPROVAL_TAG) != "approved":
+            raise ConfigError(
+                f"v{to} was never champion (gate: {tags.get('promotion_decision', 'none')}): not rolled back"
+            )
+        champion = store.alias_holder(client, registry.model_name, registry.champion_alias)
+        if champion == to:
+            raise ConfigError(f"v{to} is already the champion")
+        client.set_registered_model_alias(registry.model_name, registry.champion_alias, to)
+    action["why"] = f"{action['why']} (champion was {'none' if champion is None else 'v' + champion})"
+    store.add_history(client, registry.model_name, to, action)
+    if champion is not None:
+        store.add_history(client, registry.model_name, champion, action | {"action": f"replaced as champion by v{to}"})
+    return {"action": "rolled back", "model_version": to, "previous_champion": champion, **action}

@@ -23,7 +23,7 @@ from PIL import Image
 from xray.config import ScopeConfig
 from xray.errors import ConfigError
 from xray.monitoring.ood import ReferenceProfile
-from xray.registry.card import SITE_SECTION, description, site_table, site_tag
+from xray.registry.card import SITE_SECTION, description, site_table, site_tag, with_history
 from xray.serving import bundle
 from xray.serving.predictor import OUTPUT_COLUMNS
 
@@ -374,6 +374,29 @@ def save_operating_point(client, model_name: str, version: str, site: str, point
         local.write_text(json.dumps(points, indent=1))
         client.log_model_artifact(model_id, str(local))
     set_version_tags(client, model_name, version, {f"operating_point.{site}": json.dumps(point)})
+
+
+def add_history(client, model_name: str, version: str, action: dict) -> None:
+    """One action on a version (who, when, why): a version tag ``history.<UTC time>`` (JSON) and a line of the
+    History section of its model card."""
+    import mlflow  # lazy: MLflow's import takes seconds
+
+    key = "".join(c for c in action["at"] if c.isdigit())
+    set_version_tags(client, model_name, version, {f"history.{key}": json.dumps(action)})
+    line = f"{action['at']} {action['action']} by {action['by']}: {action['why']}"
+    model_id = logged_model_id(client.get_model_version(model_name, version))
+    with tempfile.TemporaryDirectory(prefix="xray-card-") as folder:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=card_uri(model_name, version), dst_path=folder))
+        card = with_history(local.read_text(), line)
+        local.write_text(card)
+        client.log_model_artifact(model_id, str(local))
+    publish_card(client, model_name, version, card)
+
+
+def alias_holder(client, model_name: str, alias: str) -> str | None:
+    """The version an alias points to, None when it points nowhere."""
+    holder, _ = current_champion(client, model_name, alias)
+    return holder
 
 
 def update_model_card(client, model_name: str, version: str) -> str:
