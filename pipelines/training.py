@@ -100,6 +100,7 @@ def summarize(run, load, config: PipelineConfig) -> dict:
         "model_name": registration["model_name"],
         "model_version": registration["model_version"],
         "promoted": registration["promoted"],
+        "pending_approval": registration.get("pending_approval", False),
         "promotion_reason": registration["reason"],
         "threshold": registration["threshold"],
         "seed": config.seed,

@@ -375,6 +375,40 @@ def test_two_sources_train_together_with_lineage_and_an_unchanged_retraining_is_
     assert "changed: b" in caplog.text
 
 
+def test_a_required_approval_waits_for_a_person_and_a_rollback_restores_the_champion(first_run, stores, tmp_path):
+    env = _variant(stores[1], tmp_path / "approval.yaml", registry={"require_approval": True, "margin": 0.49})
+    client = mlflow_client(env)
+    champion = str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version)
+    summary = summary_of(run_cli(env))  # only registration settings changed: training comes from the cache
+    version = summary["model_version"]
+    assert summary["steps"]["train_model"] == "cached" and not summary["promoted"], summary
+    assert "pending approval" in summary["promotion_reason"]
+    assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == champion
+    assert str(client.get_model_version_by_alias("chest-xray-classifier", "candidate").version) == version
+
+    def decide(*args):
+        return run_command([ROOT / "run.py", "--config", env["XRAY_TEST_CONFIG"], *args], env, 300)
+
+    approved = summary_of(decide("approve", "--model-version", version, "--reviewer", "Dr. Q", "--reason", "read 40"))
+    assert approved["previous_champion"] == champion and approved["zenml_stage"] == "production"
+    assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == version
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    card = mlflow.artifacts.load_text(f"models:/chest-xray-classifier/{version}/model_card.md")
+    assert f"approved by Dr. Q: read 40 (champion was v{champion})" in card
+    again = decide("approve", "--model-version", version, "--reviewer", "Dr. Q", "--reason", "again")
+    assert (
+        again.returncode == 2 and f"error: v{version} is not pending approval" in again.stderr.strip().splitlines()[-1]
+    )
+    rolled = summary_of(decide("rollback", "--to", champion, "--reviewer", "on-call", "--reason", "alarms"))
+    assert rolled["previous_champion"] == version and rolled["zenml_stage"] == "production"
+    assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == champion
+    assert "replaced as champion by v" + champion in mlflow.artifacts.load_text(
+        f"models:/chest-xray-classifier/{version}/model_card.md"
+    )
+
+
 def test_bad_config_is_rejected_before_any_step(tmp_path):
     env = isolated_env(tmp_path)
     config = tmp_path / "bad.yaml"
