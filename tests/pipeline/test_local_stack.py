@@ -300,21 +300,30 @@ def _second_site(folder, per_class=90):
     return folder
 
 
-def test_two_sources_train_together_with_lineage_and_an_unchanged_retraining_is_skipped(
-    first_run, stores, tmp_path, monkeypatch, caplog
-):
-    import time
-
-    site = _second_site(tmp_path / "site-b")
-    # A wide margin and a low floor: the smoke model is near chance, and what is under test is the lineage and the
-    # skip, which need the two-source version to become champion.
+@pytest.fixture(scope="module")
+def two_sources(stores, tmp_path_factory):
+    """The module's config with a second labelled source (site b), as (site folder, environment). A wide margin and a
+    low floor: the smoke model is near chance, and what is under test (lineage, the skip, approval) needs the
+    two-source version to become champion."""
+    home = tmp_path_factory.mktemp("two-sources")
+    site = _second_site(home / "site-b")
     env = _variant(
         stores[1],
-        tmp_path / "two-sources.yaml",
+        home / "two-sources.yaml",
         data={"sources": [{"site": "guangzhou"}, {"site": "b", "uri": str(site)}], "max_eval_per_class": 40},
         registry={"margin": 0.49},
         evaluate={"min_sensitivity": 0.5, "min_recalibration_per_class": 8},
     )
+    return site, env
+
+
+def test_two_sources_train_together_with_lineage_and_an_unchanged_retraining_is_skipped(
+    first_run, two_sources, tmp_path, monkeypatch, caplog
+):
+    import shutil
+    import time
+
+    site, env = two_sources
     started = time.perf_counter()
     summary = summary_of(run_cli(env))
     trained_s = time.perf_counter() - started
@@ -367,16 +376,25 @@ def test_two_sources_train_together_with_lineage_and_an_unchanged_retraining_is_
         update={"registry": config.registry.model_copy(update={"tracking_uri": env["MLFLOW_TRACKING_URI"]})}
     )
     assert unchanged_since(config, None)["model_version"] == summary["model_version"]
+    # The same images elsewhere are the same data (the digest is of content); one image more is not. A copy, so
+    # that the site stays as the champion saw it for the next test.
+    grown = shutil.copytree(site, tmp_path / "site-b-grown")
     with zipfile.ZipFile(MINI_ZIP) as mini:
         image = mini.read(next(n for n in mini.namelist() if n.endswith(".jpeg")))
-    (site / "export" / "NORMAL" / "new-study.jpeg").write_bytes(image)
+    moved = config.data.model_copy(
+        update={"sources": (config.data.sources[0], config.data.sources[1].model_copy(update={"uri": str(grown)}))}
+    )
+    assert unchanged_since(config.model_copy(update={"data": moved}), None) is not None
+    (grown / "export" / "NORMAL" / "new-study.jpeg").write_bytes(image)
     with caplog.at_level("INFO", logger="pipelines.launch"):
-        assert unchanged_since(config, None) is None
+        assert unchanged_since(config.model_copy(update={"data": moved}), None) is None
     assert "changed: b" in caplog.text
 
 
-def test_a_required_approval_waits_for_a_person_and_a_rollback_restores_the_champion(first_run, stores, tmp_path):
-    env = _variant(stores[1], tmp_path / "approval.yaml", registry={"require_approval": True, "margin": 0.49})
+def test_a_required_approval_waits_for_a_person_and_a_rollback_restores_the_champion(two_sources, tmp_path):
+    # The champion's own config (the two-source run above) with approval required: the same model from the cache,
+    # so the gate's paired difference is exactly zero and the version waits for a person.
+    env = _variant(two_sources[1], tmp_path / "approval.yaml", registry={"require_approval": True})
     client = mlflow_client(env)
     champion = str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version)
     summary = summary_of(run_cli(env))  # only registration settings changed: training comes from the cache
