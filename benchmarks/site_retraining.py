@@ -162,20 +162,15 @@ def main() -> None:
     with_site = workdir / "with.yaml"
     with_site.write_text(yaml.safe_dump(raw))
 
-    a = run(["--pipeline", "training", "--config", without], env, workdir / "a.log")
-    a_site = run(
-        ["--pipeline", "evaluation", "--config", without, "--dataset-uri", test_folder, "--site", SITE,
-         "--model-version", a["model_version"]],
-        env,
-        workdir / "a-eval.log",
-    )  # fmt: skip
-    b = run(["--pipeline", "training", "--config", with_site], env, workdir / "b.log")
-    b_site = run(
-        ["--pipeline", "evaluation", "--config", with_site, "--dataset-uri", test_folder, "--site", SITE,
-         "--model-version", b["model_version"]],
-        env,
-        workdir / "b-eval.log",
-    )  # fmt: skip
+    def train_and_evaluate(config: Path, name: str) -> tuple[dict, dict]:
+        """One training run, then its version on the simulated site's test patients."""
+        trained = run(["--pipeline", "training", "--config", config], env, workdir / f"{name}.log")
+        evaluation = ["--pipeline", "evaluation", "--config", config, "--dataset-uri", test_folder, "--site", SITE]
+        site = run([*evaluation, "--model-version", trained["model_version"]], env, workdir / f"{name}-eval.log")
+        return trained, site
+
+    a, a_site = train_and_evaluate(without, "a")
+    b, b_site = train_and_evaluate(with_site, "b")
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version(raw.get("registry", {}).get(

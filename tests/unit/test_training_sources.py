@@ -2,6 +2,8 @@
 sources, per-site results and operating points. Images are small synthetic PNGs (and DICOMs from
 tests/dicom_factory.py); the end-to-end run with two sources is tests/pipeline/test_local_stack.py."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -399,3 +401,20 @@ def test_an_s3_prefix_is_a_source_whose_digest_follows_its_objects(tmp_path):
             identify_source(SourceConfig(site="c", uri="s3://hospital/nothing"), S3)
     finally:
         server.stop()
+
+
+def test_a_dicom_training_source_keeps_no_identifying_value_in_its_manifest_report_or_files(tmp_path, monkeypatch):
+    from dicom_factory import SENTINELS
+
+    monkeypatch.setenv("XRAY_PATIENT_KEY", "site-secret")
+    for label, offset in (("NORMAL", 0), ("PNEUMONIA", 100)):
+        (tmp_path / "site" / label).mkdir(parents=True)
+        for index in range(4):
+            level = np.full((24, 24), 30 + offset + 10 * index, dtype=np.uint8)
+            (tmp_path / "site" / label / f"{index}.dcm").write_bytes(radiograph(level, sentinels=True))
+    manifest, report = load({"site": "b", "uri": str(tmp_path / "site")}, tmp_path)
+    assert len(manifest) == 8
+    kept = manifest.to_csv() + json.dumps(report, default=str)
+    kept += "".join(p.read_bytes().decode("latin-1") for p in (tmp_path / "dataset").rglob("*") if p.is_file())
+    values = [str(v) for v in SENTINELS.values()] + [part for v in SENTINELS.values() for part in str(v).split("^")]
+    assert not [value for value in values if len(value) >= 6 and value in kept]

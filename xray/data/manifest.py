@@ -45,6 +45,16 @@ def subgroups_of(header) -> dict[str, str]:
     }
 
 
+def subgroups_in(rows: pd.DataFrame):
+    """(subgroup, value, mask over ``rows``) for every non-empty value of each subgroup column ``rows`` has."""
+    for name in SUBGROUPS:
+        if name not in rows:
+            continue
+        values = rows[name].fillna("").to_numpy(dtype=object)
+        for value in sorted({v for v in values if v}):
+            yield name, value, values == value
+
+
 COLUMNS = [
     "path",
     "split",

@@ -234,7 +234,6 @@ def load_source(
         files = extraction.files
         labels_identity = {k: v for k, v in identity["labels_identity"].items() if k != "digest"}
         table = _read_labels(source, workdir, s3, labels_identity or None) if source.labels else None
-        unlabelled = 0
         if table is not None and table.attrs["key"] == "file":
             matched = _by_file_name(files, table, site)
             labelled = [(split, matched[relative], relative) for split, _, relative in files if relative in matched]

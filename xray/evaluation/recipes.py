@@ -15,7 +15,7 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 from xray import CLASS_NAMES
 from xray.config import EvaluateConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
-from xray.data.manifest import SUBGROUPS
+from xray.data.manifest import subgroups_in
 from xray.errors import DataQualityError
 from xray.evaluation import metrics, plots
 from xray.evaluation.calibration import Calibration, expected_calibration_error, fit_calibration, logit, sigmoid
@@ -276,23 +276,14 @@ def by_subgroup(test_rows, y: np.ndarray, p: np.ndarray, threshold: float, evalu
     """Test metrics with CIs per value of each subgroup a DICOM header gives (xray.data.manifest.SUBGROUPS: age band,
     sex, view, manufacturer), at the version's operating point: ``{subgroup: {value: metrics}}``. A value with images
     of one class only has its counts and no metrics. Subgroups no test image has are left out."""
-    result = {}
-    for name in SUBGROUPS:
-        if name not in test_rows:
-            continue
-        values = test_rows[name].fillna("").to_numpy(dtype=object)
-        present = sorted({value for value in values if value})
-        if not present:
-            continue
-        result[name] = {}
-        for value in present:
-            mask = values == value
-            counts = {label: int((y[mask] == index).sum()) for index, label in enumerate(CLASS_NAMES)}
-            result[name][value] = (
-                site_metrics(y[mask], p[mask], threshold, evaluate.bootstrap_samples, seed) | {"counts": counts}
-                if min(counts.values()) > 0
-                else {"images": int(mask.sum()), "counts": counts}
-            )
+    result: dict[str, dict] = {}
+    for name, value, mask in subgroups_in(test_rows):
+        counts = {label: int((y[mask] == index).sum()) for index, label in enumerate(CLASS_NAMES)}
+        result.setdefault(name, {})[value] = (
+            site_metrics(y[mask], p[mask], threshold, evaluate.bootstrap_samples, seed) | {"counts": counts}
+            if min(counts.values()) > 0
+            else {"images": int(mask.sum()), "counts": counts}
+        )
     return result
 
 

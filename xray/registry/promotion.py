@@ -18,7 +18,7 @@ import numpy as np
 from xray import CLASS_NAMES
 from xray.config import ScopeConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
-from xray.data.manifest import SUBGROUPS
+from xray.data.manifest import subgroups_in
 from xray.data.sites import load_site, site_name
 from xray.errors import ConfigError
 from xray.model.network import predict_paths
@@ -67,16 +67,11 @@ def gate_against_champion(
 def subgroup_masks(test_rows, y: np.ndarray, min_per_class: int) -> dict[str, np.ndarray]:
     """``{"subgroup:<name>=<value>": mask}`` over the test split for each DICOM subgroup value with at least
     ``min_per_class`` images of each class (registry.gate_subgroups)."""
-    masks = {}
-    for name in SUBGROUPS:
-        if name not in test_rows:
-            continue
-        values = test_rows[name].fillna("").to_numpy(dtype=object)
-        for value in sorted({v for v in values if v}):
-            mask = values == value
-            if min((y[mask] == 0).sum(), (y[mask] == 1).sum()) >= min_per_class:
-                masks[f"subgroup:{name}={value}"] = mask
-    return masks
+    return {
+        f"subgroup:{name}={value}": mask
+        for name, value, mask in subgroups_in(test_rows)
+        if min((y[mask] == 0).sum(), (y[mask] == 1).sum()) >= min_per_class
+    }
 
 
 def image_sets(

@@ -291,11 +291,7 @@ def copy_labelled(folder: Path, destination: Path, limits: ArchiveLimits) -> Ext
     """The folder version of :func:`extract_labelled`: files under NORMAL/ or PNEUMONIA/ at any depth, copied
     (symlinks are not followed), with the same per-file and total size limits."""
     result = Extraction(root=str(folder))
-    files = sorted(p for p in folder.rglob("*") if not p.is_symlink() and p.is_file())
-    if len(files) > limits.max_entries:
-        raise ArchiveError(f"{folder} has {len(files)} files, over max_entries={limits.max_entries}")
-    for index, file in enumerate(files):
-        name = file.relative_to(folder).as_posix()
+    for index, (file, name) in enumerate(_folder_files(folder, limits)):
         if is_junk(name):
             result.junk += 1
             continue
@@ -303,18 +299,33 @@ def copy_labelled(folder: Path, destination: Path, limits: ArchiveLimits) -> Ext
         if label is None:
             result.ignored += 1
             continue
-        size = file.stat().st_size
-        if size > limits.max_entry_bytes:
-            raise ArchiveError(f"file '{name}' has {size} bytes, over max_entry_bytes={limits.max_entry_bytes}")
-        if result.bytes_written + size > limits.max_total_bytes:
-            raise ArchiveError(f"{folder} holds more than max_total_bytes={limits.max_total_bytes} of labelled images")
         relative = Path(label, f"{index:06d}_{file.name}")
-        (destination / label).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, destination / relative)
-        result.bytes_written += size
+        _copy_within_limits(file, name, destination / relative, limits, result, f"{folder} holds labelled images")
         result.files.append(("site", label, relative.as_posix()))
     _check_labelled(result, str(folder))
     return result
+
+
+def _folder_files(folder: Path, limits: ArchiveLimits) -> list[tuple[Path, str]]:
+    """(file, path relative to ``folder``) of every file at any depth, symlinks not followed, under max_entries."""
+    files = sorted(p for p in folder.rglob("*") if not p.is_symlink() and p.is_file())
+    if len(files) > limits.max_entries:
+        raise ArchiveError(f"{folder} has {len(files)} files, over max_entries={limits.max_entries}")
+    return [(file, file.relative_to(folder).as_posix()) for file in files]
+
+
+def _copy_within_limits(
+    file: Path, name: str, target: Path, limits: ArchiveLimits, result: Extraction, what: str
+) -> None:
+    """Copy one file of a folder under the per-file and running total limits, counting it in ``result``."""
+    size = file.stat().st_size
+    if size > limits.max_entry_bytes:
+        raise ArchiveError(f"file '{name}' has {size} bytes, over max_entry_bytes={limits.max_entry_bytes}")
+    if result.bytes_written + size > limits.max_total_bytes:
+        raise ArchiveError(f"{what} of more than max_total_bytes={limits.max_total_bytes}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(file, target)
+    result.bytes_written += size
 
 
 def extract_tree(path: Path, destination: Path, limits: ArchiveLimits) -> Extraction:
@@ -347,23 +358,11 @@ def copy_tree(folder: Path, destination: Path, limits: ArchiveLimits) -> Extract
     if not folder.is_dir():
         raise ArchiveError(f"source folder not found: {folder}")
     result = Extraction(root=str(folder))
-    files = sorted(p for p in folder.rglob("*") if not p.is_symlink() and p.is_file())
-    if len(files) > limits.max_entries:
-        raise ArchiveError(f"{folder} has {len(files)} files, over max_entries={limits.max_entries}")
-    for file in files:
-        name = file.relative_to(folder).as_posix()
+    for file, name in _folder_files(folder, limits):
         if is_junk(name):
             result.junk += 1
             continue
-        size = file.stat().st_size
-        if size > limits.max_entry_bytes:
-            raise ArchiveError(f"file '{name}' has {size} bytes, over max_entry_bytes={limits.max_entry_bytes}")
-        if result.bytes_written + size > limits.max_total_bytes:
-            raise ArchiveError(f"{folder} holds more than max_total_bytes={limits.max_total_bytes} of files")
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, target)
-        result.bytes_written += size
+        _copy_within_limits(file, name, destination / name, limits, result, f"{folder} holds files")
         result.files.append((*folder_labels(name), name))
     return result
 
