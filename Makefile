@@ -1,6 +1,8 @@
 # Two commands for users: `make train` and `make test`. Both install what they need.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The first Python 3.11 on PATH that is 3.11.4 or later (tarfile's extraction filters; Debian 12's own is 3.11.2).
+PYTHON_OK := import sys; sys.exit(not (3, 11, 4) <= sys.version_info < (3, 12))
+PYTHON ?= $(shell for p in $$(which -a python3.11 python3 2>/dev/null); do $$p -c '$(PYTHON_OK)' 2>/dev/null && echo $$p && break; done)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
@@ -15,6 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # The locked dependencies, then this project in editable mode (pyproject.toml; setuptools comes from the lock).
 $(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || { test -n "$(PYTHON)" && $(PYTHON) -c '$(PYTHON_OK)'; } || { echo "error: Python 3.11.4 or a later 3.11 is needed and none is on PATH (found: $$(which -a python3.11 python3 2>/dev/null | xargs -r -I{} sh -c '{} -V' | sort -u | paste -sd, -)); install one (pyenv, or your distribution's python3.11 update) or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements into $(VENV) (first time: several minutes)"
 	$(PY) -m pip install --quiet -r requirements.lock 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,11 @@ class TeamStack:
             os.kill(pid, 0)
         except ProcessLookupError:
             return None
+        try:  # a zombie (exited, its parent has not reaped it yet) is not running
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+        except (OSError, IndexError):
+            pass
         return pid
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
@@ -133,7 +139,7 @@ class TeamStack:
     def _wait_healthy(self, name: str, url: str, pid: int | None = None) -> None:
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            if healthy(url):
+            if healthy(url, timeout_s=10):  # a loaded machine answers late, not never
                 return
             if pid is not None and self._pid(name) is None:
                 raise TeamStackError(
@@ -144,6 +150,23 @@ class TeamStack:
             f"{name} not healthy at {url} after {self.timeout_s:.0f} s; see {self._log(name)}:\n"
             + tail(self._log(name))
         )
+
+    def _running(self, name: str, url: str) -> bool:
+        """Whether our ``name`` runs: a live process from our pid file is awaited until it answers, never started twice
+        (a busy machine can keep a health check waiting longer than its timeout)."""
+        pid = self._pid(name)
+        if pid is None:
+            return False
+        self._wait_healthy(name, url, pid)
+        return True
+
+    def _port_free(self, name: str, port: int) -> None:
+        with socket.socket() as probe:
+            if probe.connect_ex((self.host, port)) == 0:
+                raise TeamStackError(
+                    f"{name}: port {port} on {self.host} is taken by a process this stack did not start; "
+                    f"stop it or choose another port (--{name}-port)"
+                )
 
     def _stop(self, name: str) -> bool:
         pid = self._pid(name)
@@ -162,8 +185,9 @@ class TeamStack:
 
     # -- S3: s3rver keeps every object as files under state/s3 --
     def start_s3(self) -> str:
-        if self._pid("s3") and healthy(self.s3_url + f"/{self.bucket}"):
+        if self._running("s3", self.s3_url + f"/{self.bucket}"):
             return "running"
+        self._port_free("s3", self.s3_port)
         binary = s3rver_binary()
         data = self.state / "s3"
         data.mkdir(parents=True, exist_ok=True)
@@ -288,8 +312,9 @@ class TeamStack:
 
     # -- MLflow tracking server: runs and registry in PostgreSQL, artifacts proxied to S3 --
     def start_mlflow(self) -> str:
-        if self._pid("mlflow") and healthy(self.mlflow_url + "/health"):
+        if self._running("mlflow", self.mlflow_url + "/health"):
             return "running"
+        self._port_free("mlflow", self.mlflow_port)
         mlflow = Path(sys.executable).parent / "mlflow"
         pid = self._spawn(
             "mlflow",
@@ -316,8 +341,9 @@ class TeamStack:
     # -- ZenML server: its own config folder and SQLite database under state/zenml --
     def start_zenml(self, wait: bool = True) -> str:
         """Start the ZenML server; with ``wait=False`` return once it is spawned (:meth:`up` awaits it last)."""
-        if self._pid("zenml") and healthy(self.zenml_url + "/health"):
+        if self._running("zenml", self.zenml_url + "/health"):
             return "running"
+        self._port_free("zenml", self.zenml_port)
         home = self.state / "zenml"
         home.mkdir(parents=True, exist_ok=True)
         env = {
@@ -588,9 +614,9 @@ def run(command: list[str], what: str) -> None:
         raise TeamStackError(f"{what} failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-2000:]}")
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, timeout_s: float = 2) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.status < 400
     except Exception:  # noqa: BLE001 - anything but an answer means "not up yet"
         return False

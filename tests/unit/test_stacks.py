@@ -115,3 +115,55 @@ def test_without_postgresql_mlflow_falls_back_to_sqlite_with_a_notice(tmp_path, 
     assert stack.backend_store_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     assert len(stack.notices) == 1 and "SQLite" in stack.notices[0] and (tmp_path / "mlflow").is_dir()
     assert stack.stop_postgres() is False
+
+
+SLOW_SERVER = """
+import http.server, sys, time
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(float(sys.argv[2]))
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Slow).serve_forever()
+"""
+
+
+def listening(port: int, timeout_s: float = 20) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"nothing listens on {port}"
+        time.sleep(0.1)
+
+
+def test_a_slow_service_of_ours_is_awaited_not_started_twice_and_a_strangers_port_is_refused(tmp_path):
+    """A busy machine kept MLflow's /health waiting past the 2-s probe: `up` started a second server, whose pid then
+    replaced the first's in the pid file, and `down` left the real one running."""
+    from conftest import free_port
+    from infra.team_stack import TeamStack, TeamStackError
+
+    port = free_port()
+    stack = TeamStack(state=tmp_path, mlflow_port=port, timeout_s=30)
+    ours = stack._spawn("mlflow", [sys.executable, "-c", SLOW_SERVER, str(port), "3"])
+    try:
+        listening(port)
+        assert stack.start_mlflow() == "running"  # each answer takes 3 s, longer than one probe's 2-s timeout
+        assert stack._pid("mlflow") == ours
+    finally:
+        assert stack._stop("mlflow") and stack._pid("mlflow") is None
+
+    stranger = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port), "0"])
+    try:
+        listening(port)
+        with pytest.raises(TeamStackError, match=f"mlflow: port {port} .* did not start"):
+            stack.start_mlflow()
+        assert stack._pid("mlflow") is None and stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
