@@ -10,6 +10,8 @@ python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-versio
               [--output outputs/monitoring] [--fail-on-drift]
 python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
               [--site NAME] [--recalibrate-fraction F]
+python run.py --pipeline feedback --labels FILE.csv [--site NAME] [--period day|week|month]
+              [--output outputs/feedback] [--fail-on-degradation]
 python run.py approve|reject --model-version N --reviewer NAME --reason TEXT     (registry.require_approval)
 python run.py rollback --to N --reviewer NAME --reason TEXT
 """
@@ -51,6 +53,7 @@ import click  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "training_local.yaml"
 DRIFT_EXIT_CODE = 3
+DEGRADATION_EXIT_CODE = 4
 
 # Before TensorFlow or ZenML is imported anywhere (xray/environment.py says why each is set).
 from xray.environment import apply_defaults  # noqa: E402
@@ -163,7 +166,7 @@ def quiet_expected_failures() -> None:
 @click.option(
     "--pipeline",
     "pipeline_name",
-    type=click.Choice(["training", "tuning", "inference", "monitoring", "evaluation"]),
+    type=click.Choice(["training", "tuning", "inference", "monitoring", "evaluation", "feedback"]),
     default="training",
     show_default=True,
     help="Which pipeline to run.",
@@ -191,7 +194,25 @@ def quiet_expected_failures() -> None:
     "--site",
     default=None,
     help="evaluation: the site's name in tags and the model card (default: the archive's or folder's name). "
-    "inference: answer at that site's own operating point (calibration and threshold stored with the version).",
+    "inference: answer at that site's own operating point (calibration and threshold stored with the version). "
+    "feedback: only that site's predictions.",
+)
+@click.option(
+    "--labels",
+    default=None,
+    help="feedback (required): a CSV with `label` (NORMAL or PNEUMONIA), `sha256` or `sop_instance_uid`, and "
+    "optionally `read_at`.",
+)
+@click.option(
+    "--period",
+    type=click.Choice(["day", "week", "month"]),
+    default=None,
+    help="feedback: the period performance is computed per (default monitoring.feedback_period, week).",
+)
+@click.option(
+    "--fail-on-degradation",
+    is_flag=True,
+    help=f"feedback: exit with code {DEGRADATION_EXIT_CODE} when a period degraded (after printing the summary).",
 )
 @click.option(
     "--recalibrate-fraction",
@@ -219,7 +240,8 @@ def quiet_expected_failures() -> None:
     help="inference: the predictions file, .csv or .parquet, a path or s3:// (written as the images stream; "
     "Grad-CAM PNGs go beside a local one, else under outputs/; default outputs/predictions.csv). "
     "monitoring: a folder for report.html, report.json, plots and predictions.csv "
-    "(default outputs/monitoring).",
+    "(default outputs/monitoring). feedback: a folder for performance.csv, report.json, plots and the labelled "
+    "images as training sources (default outputs/feedback).",
 )
 @click.option(
     "--fail-on-drift",
@@ -326,6 +348,9 @@ def main(
     reviewer: str | None = None,
     reason: str | None = None,
     to_version: str | None = None,
+    labels: str | None = None,
+    period: str | None = None,
+    fail_on_degradation: bool = False,
 ) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     if verbose and quiet:
@@ -372,8 +397,12 @@ def main(
         fail("--resume belongs to --pipeline inference", 2)
     if write_back and (pipeline_name != "inference" or not (images or "").startswith(("dicomweb://", "dicomwebs://"))):
         fail("--write-back belongs to --pipeline inference with --images dicomweb://HOST:PORT/ROOT (a PACS)", 2)
-    if pipeline_name not in ("evaluation", "inference") and site:
-        fail("--site belongs to --pipeline evaluation or inference", 2)
+    if pipeline_name not in ("evaluation", "inference", "feedback") and site:
+        fail("--site belongs to --pipeline evaluation, inference or feedback", 2)
+    if pipeline_name == "feedback" and not labels:
+        fail("--pipeline feedback needs --labels FILE.csv (label, and sha256 or sop_instance_uid)", 2)
+    if pipeline_name != "feedback" and (labels or period or fail_on_degradation):
+        fail("--labels, --period and --fail-on-degradation belong to --pipeline feedback", 2)
     if pipeline_name != "evaluation" and recalibrate_fraction is not None:
         fail("--recalibrate-fraction belongs to --pipeline evaluation", 2)
     if if_changed and pipeline_name != "training":
@@ -398,6 +427,8 @@ def main(
             summary = launch.run_tuning(config, dataset_uri, no_cache)
         elif pipeline_name == "evaluation":
             summary = launch.run_evaluation(config, dataset_uri, model_version, site, recalibrate_fraction)
+        elif pipeline_name == "feedback":
+            summary = launch.run_feedback(config, labels, period, site, Path(output or "outputs/feedback"))
         else:
             summary = launch.run_training(config, dataset_uri, no_cache, cron, if_changed)
     except Exception as error:  # noqa: BLE001 - expected failures become one line, the rest keep a traceback
@@ -418,6 +449,10 @@ def main(
             err=True,
         )
         sys.exit(DRIFT_EXIT_CODE)
+    if fail_on_degradation and summary.get("alerts"):
+        for alert in summary["alerts"]:
+            click.echo(f"error: {alert}", err=True)
+        sys.exit(DEGRADATION_EXIT_CODE)
 
 
 def cli() -> None:

@@ -59,12 +59,12 @@ def photographs(folder: Path) -> None:
 def write_shifted(sources: list[Path], folder: Path, name: str, seed: int) -> None:
     from PIL import Image
 
-    from xray.monitoring import shifts
+    from xray.monitoring import drift
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(sources):
         image = np.asarray(Image.open(path).convert("RGB"))
-        Image.fromarray(shifts.apply(name, image, seed + i)).save(folder / f"{name}_{path.stem}.png")
+        Image.fromarray(drift.apply_shift(name, image, seed + i)).save(folder / f"{name}_{path.stem}.png")
 
 
 def monitor(images: Path, model_version: str, output: Path) -> dict:
@@ -106,7 +106,7 @@ def monitor(images: Path, model_version: str, output: Path) -> dict:
     show_default=True,
 )
 def main(model_version: str, output: Path) -> None:
-    from xray.monitoring import shifts
+    from xray.monitoring import drift
 
     work = Path(tempfile.mkdtemp(prefix="xray-monitoring-runs-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
@@ -119,7 +119,7 @@ def main(model_version: str, output: Path) -> None:
         "adult X-rays, near_ood_adult_cxr_224.zip (55)": SHARED / "near_ood_adult_cxr_224.zip",
         "photographs and non-radiographs, scikit-image (226)": work / "photographs",
     }
-    for name in sorted(shifts.SHIFTS):
+    for name in sorted(drift.SHIFTS):
         write_shifted(hundred, work / f"shift_{name}", name, 0)
         batches[f"100 test images, all {name}"] = work / f"shift_{name}"
     clean = work / "clean_100"

@@ -80,7 +80,7 @@ class Sets:
     def __init__(self, dataset, near: list[np.ndarray]):
         from PIL import Image
 
-        from xray.monitoring import shifts
+        from xray.monitoring import drift
 
         manifest = dataset.manifest
         self.split_paths = {s: dataset.paths(manifest[manifest["split"] == s]) for s in ("train", "val", "test")}
@@ -89,9 +89,9 @@ class Sets:
         self.images = {s: load(p) for s, p in self.split_paths.items()}
         self.images["adult (as shipped)"] = near
         self.images["adult (JPEG q75)"] = [reencode(image, 75) for image in near]
-        for name in sorted(shifts.SHIFTS):
+        for name in sorted(drift.SHIFTS):
             self.images[f"shift: {name}"] = [
-                shifts.apply(name, image, i) for i, image in enumerate(self.images["test"])
+                drift.apply_shift(name, image, i) for i, image in enumerate(self.images["test"])
             ]
         self.images["photographs (scikit-image)"] = natural_images()
 
@@ -298,7 +298,7 @@ def export_table(profile, test_images: list[np.ndarray]) -> dict[str, float]:
 
 
 def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
-    from xray.monitoring import drift, ood, shifts
+    from xray.monitoring import drift, ood
 
     def run(group: list) -> dict:
         predictions = profile.assess(group)
@@ -313,7 +313,7 @@ def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
 
     result = {"test split": run(features["test"]), "adult X-rays": run(features["adult (as shipped)"])}
     rng = np.random.default_rng(0)
-    names = sorted(shifts.SHIFTS)
+    names = sorted(drift.SHIFTS)
     clean, mixed = [], {name: [] for name in names}
     for draw in range(20):
         picks = rng.choice(len(features["test"]), 100, replace=False)
@@ -321,7 +321,8 @@ def batch_table(profile, features: dict, sets: Sets, permutations: int) -> dict:
         clean.append(run(batch))
         for name in names:
             shifted = [
-                ood.features_of_array(shifts.apply(name, sets.images["test"][i], 1000 * draw + i)) for i in picks[:10]
+                ood.features_of_array(drift.apply_shift(name, sets.images["test"][i], 1000 * draw + i))
+                for i in picks[:10]
             ]
             mixed[name].append(run(shifted + batch[10:]))
     result["20 clean batches of 100"] = {

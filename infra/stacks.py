@@ -100,3 +100,18 @@ def use_stack(name: str | None, local_tracking_uri: str, explicit_uri: bool = Fa
             uri,
         )
     return name, uri
+
+
+def prediction_log_root() -> str:
+    """The active stack's prediction log, <artifact store>/prediction_log (what `make serve` logs to)."""
+    from zenml.client import Client
+
+    return Client().active_stack.artifact_store.path.rstrip("/") + "/prediction_log"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["prediction-log"]:
+        sys.exit("usage: python -m infra.stacks prediction-log")
+    print(prediction_log_root())

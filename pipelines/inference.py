@@ -24,6 +24,7 @@ def inference_pipeline(
     s3_max_attempts: int = 5,
     write_back: bool = False,
     site: str | None = None,
+    prediction_log: str = "off",
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
     _, to_explain = predict_batch(
@@ -38,6 +39,7 @@ def inference_pipeline(
         explain=explain,
         write_back=write_back,
         site=site,
+        log_to=prediction_log,
     )
     if explain:
         explain_predictions(

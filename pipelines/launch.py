@@ -23,11 +23,12 @@ from zenml.client import Client
 from zenml.config.schedule import Schedule
 
 from infra.stacks import use_stack
-from pipelines import evaluation, inference, monitoring, training, tuning
+from pipelines import evaluation, feedback, inference, monitoring, training, tuning
 from xray.config import PipelineConfig, RegistryConfig
 from xray.data.sites import identify_source, site_name
 from xray.errors import ConfigError, ScheduleError
 from xray.model import tuning as search
+from xray.monitoring.feedback import read_labels
 from xray.registry import promotion, store, tracking
 from xray.schedule import CronError, schedule_name, validate_aws_cron
 from xray.storage import s3, sources
@@ -319,6 +320,7 @@ def run_inference(
         s3_max_attempts=config.s3.max_attempts,
         write_back=write_back,
         site=site,
+        prediction_log=config.monitoring.prediction_log,
     )
 
 
@@ -335,6 +337,24 @@ def run_monitoring(config: PipelineConfig, images: str, model_version: str, outp
         limits=config.data.limits,
         seed=config.seed,
         s3_max_attempts=config.s3.max_attempts,
+    )
+
+
+def run_feedback(config: PipelineConfig, labels: str, period: str | None, site: str | None, output: Path) -> dict:
+    """A labels file joined to the prediction log; the file is validated here first, so a malformed one is one
+    line and no run."""
+    path = Path(labels).expanduser().resolve()
+    read_labels(path)
+    return launch(
+        feedback.feedback_pipeline,
+        in_experiment(config, config.monitoring.feedback_experiment_name),
+        lambda run, load: feedback.summarize(load, output, config.evaluate.min_sensitivity),
+        labels=str(path),
+        period=period or config.monitoring.feedback_period,
+        site=site,
+        monitoring=config.monitoring,
+        evaluate=config.evaluate,
+        seed=config.seed,
     )
 
 

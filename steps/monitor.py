@@ -10,7 +10,7 @@ from zenml import step
 from steps.tracking import log_config, log_images, mlflow_run
 from xray.config import MonitoringConfig, RegistryConfig
 from xray.monitoring import drift
-from xray.monitoring.report import figures, headline, render_html
+from xray.monitoring.report import figures, headline, post_alert, render_html
 from xray.registry import store
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def check_drift(
     plots = figures(profile, predictions, image_features, ood_examples)
     page = render_html(report, plots)
     logger.info("%s; %s", report["headline"], report["next_step"])
+    if report["drift_detected"] and post_alert(f"{report['headline']} (v{model_info['version']})"):
+        logger.info("drift alert posted to the webhook")
     with mlflow_run():
         log_config(monitoring=monitoring)
         mlflow.set_tags(

@@ -12,11 +12,14 @@ import mlflow
 import pandas as pd
 from PIL import Image
 from zenml import log_metadata, step
+from zenml.client import Client
+from zenml.io import fileio
 
 from steps.tracking import log_config, mlflow_run
 from xray.config import ArchiveLimits, InferenceConfig, RegistryConfig
 from xray.evaluation import plots
 from xray.monitoring import ood
+from xray.monitoring import prediction_log as prediction_log_module
 from xray.registry import store
 from xray.serving import batch, sr
 from xray.serving.explain import explanation_caption, explanation_name
@@ -32,6 +35,49 @@ def resolve_model_version(model_version: str, registry: RegistryConfig) -> Annot
     info = store.resolve_version(registry.model_name, model_version)
     logger.info("using %s (%s)", info["uri"], model_version)
     return info
+
+
+class ArtifactStoreFiles:
+    """The prediction log's parts through ZenML's fileio: the artifact store's own endpoint and credentials."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+
+    def write(self, relative: str, data: bytes) -> None:
+        path = f"{self.root}/{relative}"
+        fileio.makedirs(path.rsplit("/", 1)[0])
+        with fileio.open(path, "wb") as handle:
+            handle.write(data)
+
+    def list(self) -> list[str]:
+        if not fileio.exists(self.root):
+            return []
+        found = fileio.glob(f"{self.root}/date=*/*.parquet")
+        return sorted(str(path)[str(path).rindex("date=") :] for path in found)
+
+    def read(self, relative: str) -> bytes:
+        with fileio.open(f"{self.root}/{relative}", "rb") as handle:
+            return handle.read()
+
+
+def log_store(setting: str) -> tuple[str, object] | None:
+    """monitoring.prediction_log resolved to (root, store): artifact-store is <the active stack's artifact
+    store>/prediction_log, written through ZenML; a folder or an s3:// prefix is written directly; off is None."""
+    if setting == prediction_log_module.OFF:
+        return None
+    if setting == "artifact-store":
+        root = Client().active_stack.artifact_store.path.rstrip("/") + "/prediction_log"
+        return root, ArtifactStoreFiles(root)
+    return setting, prediction_log_module.open_store(setting)
+
+
+def prediction_log(setting: str, images: str) -> prediction_log_module.PredictionLog | None:
+    resolved = log_store(setting)
+    if resolved is None:
+        return None
+    root, store = resolved
+    logger.info("logging every prediction to %s", prediction_log_module.without_credentials(root))
+    return prediction_log_module.PredictionLog(root, "batch", images, store=store)
 
 
 def _load(model_info: dict, registry: RegistryConfig):
@@ -53,17 +99,20 @@ def predict_batch(
     explain: int = 0,
     write_back: bool = False,
     site: Optional[str] = None,
+    log_to: str = prediction_log_module.OFF,
 ) -> Tuple[Annotated[dict, "prediction_summary"], Annotated[list, "to_explain"]]:
     """Stream every image of ``images`` through the version and write one row per image to ``output``; with
-    ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain); with
-    ``write_back``, one DICOM SR per analysed image into the PACS the images came from (xray.serving.sr)."""
+        ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain); with
+        ``write_back``, one DICOM SR per analysed image into the PACS the images came from (xray.serving.sr); every row
+    also to the prediction log ``log_to`` (monitoring.prediction_log)."""
     predictor = _load(model_info, registry)
     point, threshold, _ = predictor.operating_point(site)  # an unknown site fails before any image is read
     predictor.site = site
     reports = (
         sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
     )
-    with batch.PredictionWriter(output, resume, s3_max_attempts) as writer:
+    log = prediction_log(log_to, images)
+    with batch.PredictionWriter(output, resume, s3_max_attempts, log=log) as writer:
         result = batch.predict_source(
             predictor,
             images,
@@ -80,6 +129,7 @@ def predict_batch(
         "site": site or "",
         "operating_point": point,
         "threshold": threshold,
+        "prediction_log_rows": log.written if log is not None else 0,
     }
     if reports is not None:
         summary |= reports.summary()

@@ -1,9 +1,5 @@
-"""One validated config model for every knob of the pipeline.
-
-The YAML keys in ``configs/*.yaml``, the step parameters, the MLflow params
-(flattened with dots, e.g. ``train.batch_size``) and the docs all use the
-names defined here.
-"""
+"""One validated config model for every knob of the pipeline. The YAML keys in ``configs/*.yaml``, the step
+parameters, the MLflow params (flattened with dots, e.g. ``train.batch_size``) and the docs all use these names."""
 
 from __future__ import annotations
 
@@ -240,6 +236,11 @@ class MonitoringConfig(_Section):
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the batch-level drift test.")
     permutations: int = Field(1000, ge=100, description="Resamples of the MMD permutation test on the embeddings.")
     experiment_name: str = "chest-xray-monitoring"
+    # Where every prediction is logged: <artifact store>/prediction_log, a folder, an s3:// prefix, or off.
+    prediction_log: str = Field("artifact-store", description="artifact-store, a folder, an s3:// prefix or off.")
+    feedback_period: Literal["day", "week", "month"] = "week"
+    feedback_min_per_class: int = Field(20, ge=1, description="A period with fewer labels of a class never alerts.")
+    feedback_experiment_name: str = "chest-xray-feedback"
 
 
 SCOPE_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge")
@@ -383,9 +384,7 @@ class RegistryConfig(_Section):
         description="Non-inferiority margin of the promotion gate: the lower bound of the paired "
         "bootstrap 95% CI of AUC(challenger) - AUC(champion) must be at least -margin, on test and on every gate site.",
     )
-    gate_subgroups: bool = Field(
-        False, description="Also gate on each DICOM subgroup of test (age band, sex, view...)."
-    )
+    gate_subgroups: bool = Field(False, description="Also gate on each DICOM subgroup of test (age band, sex...).")
     gate_subgroup_min_per_class: int = Field(20, ge=2, description="Images of each class a gated subgroup needs.")
     gate_sites: tuple[str, ...] = Field(
         (),

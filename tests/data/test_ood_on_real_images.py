@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import NEAR_OOD_ZIP, require
-from xray.monitoring import drift, ood, shifts
+from xray.monitoring import drift, ood
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +73,10 @@ def test_photographs_and_other_non_radiographs_are_flagged(detector):
     assert flagged(profile, pictures).mean() >= 0.99
 
 
-@pytest.mark.parametrize("shift", sorted(shifts.SHIFTS))
+@pytest.mark.parametrize("shift", sorted(drift.SHIFTS))
 def test_each_synthetic_shift_is_flagged_and_a_shifted_batch_drifts(detector, shift):
     profile, _, images = detector
-    shifted = [ood.features_of_array(shifts.apply(shift, image, i)) for i, image in enumerate(images)]
+    shifted = [ood.features_of_array(drift.apply_shift(shift, image, i)) for i, image in enumerate(images)]
     assert flagged(profile, shifted).mean() >= 0.8
     rng = np.random.default_rng(0)
     batch = [shifted[i] for i in rng.choice(len(shifted), 100, replace=False)]
@@ -86,14 +86,14 @@ def test_each_synthetic_shift_is_flagged_and_a_shifted_batch_drifts(detector, sh
 def test_ten_percent_shifted_is_drift_and_the_clean_batch_is_not(detector):
     profile, test, images = detector
     rng = np.random.default_rng(1)
-    names = sorted(shifts.SHIFTS)
+    names = sorted(drift.SHIFTS)
     clean_alarms, missed = 0, []
     for draw in range(20):
         picks = rng.choice(len(test), 100, replace=False)
         batch = [test[i] for i in picks]
         clean_alarms += drift_p(profile, batch) < 0.01
         name = names[draw % len(names)]
-        mixed = [ood.features_of_array(shifts.apply(name, images[i], draw)) for i in picks[:10]] + batch[10:]
+        mixed = [ood.features_of_array(drift.apply_shift(name, images[i], draw)) for i in picks[:10]] + batch[10:]
         if drift_p(profile, mixed) >= 0.01:
             missed.append((draw, name))
     assert clean_alarms <= 1, f"{clean_alarms} of 20 clean batches called drift"

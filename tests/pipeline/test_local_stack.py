@@ -7,6 +7,7 @@ Isolated stores: a temporary ZENML_CONFIG_PATH and a temporary SQLite MLflow. Th
 worker under `make test` (--dist loadfile), and later ones see the versions earlier ones registered.
 """
 
+import io
 import json
 import re
 import zipfile
@@ -539,9 +540,21 @@ def _assert_no_sentinel(home, *streams):
     for path in home.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
+            if path.suffix == ".parquet":  # compressed columns (the prediction log, ZenML's tables): their values
+                data += pd.read_parquet(path).to_csv(index=False).encode()
             searched += 1
             assert not [part for part in parts if part.encode() in data], f"a sentinel in {path}"
     assert searched > 10
+
+
+def _prediction_log(home) -> tuple:
+    """The local stack's prediction log (<artifact store>/prediction_log): its root and every row in it."""
+    from xray.monitoring.prediction_log import read_log
+
+    parts = sorted(home.rglob("prediction_log/date=*/*.parquet"))
+    assert parts, "batch inference logs every prediction in the artifact store"
+    root = parts[0].parents[1]
+    return root, read_log(str(root))
 
 
 def test_dicom_batches_mix_with_jpeg_are_scoped_and_leak_no_patient_data(local, tmp_path):
@@ -602,6 +615,10 @@ def test_dicom_batches_mix_with_jpeg_are_scoped_and_leak_no_patient_data(local, 
     assert summary["out_of_scope"] == 4 and summary["unreadable"] == 1
     monitoring = _monitor(env, "--images", str(folder), "--output", str(local.home / "hospital-report"))
     assert monitoring.returncode == 0, monitoring.stderr[-3000:]
+    _, log = _prediction_log(local.home)
+    logged = log[log["input"] == str(folder)]
+    assert len(logged) == len(table) == summary["prediction_log_rows"]
+    assert set(logged["sop_instance_uid"]) >= set(table["sop_instance_uid"]) and (logged["source"] == "batch").all()
     _assert_no_sentinel(local.home, inference.stdout, inference.stderr, monitoring.stdout, monitoring.stderr)
 
 
@@ -689,3 +706,133 @@ def test_inference_reads_a_pacs_and_writes_one_report_per_image_back(local, tmp_
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+SERVE_A_REQUEST = """
+import base64, pathlib, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/chest-xray-classifier@champion")
+images = [base64.b64encode(p.read_bytes()).decode() for p in sorted(pathlib.Path(sys.argv[1]).glob("*.jpeg"))]
+print(len(model.predict(pd.DataFrame({"image": images}))))
+"""
+
+
+def test_two_batches_and_serving_meet_their_labels_and_a_week_that_went_wrong_alerts(local, tmp_path):
+    """Two inference runs and a served request land in the prediction log; the first run's part is moved a week
+    back. A labels file whose findings run against the model that week and with it the week after: the feedback run
+    reports both weeks with intervals, exports the labelled batch images as sources, logs to MLflow, and with
+    --fail-on-degradation exits 4 with one line per alert, each naming the first week; unmatched and conflicting
+    labels are counted."""
+    from datetime import datetime, timedelta, timezone
+
+    from mlflow.tracking import MlflowClient
+
+    from xray.monitoring.feedback import period_of
+
+    env = local.env
+    folders = {name: tmp_path / name for name in ("week-a", "week-b", "serving")}
+    with zipfile.ZipFile(FULL_ZIP) as archive:
+        test = sorted(n for n in archive.namelist() if "/test/" in n and n.endswith(".jpeg"))
+        normal, pneumonia = [n for n in test if "/NORMAL/" in n], [n for n in test if "/PNEUMONIA/" in n]
+        chosen = {"week-a": normal[:60] + pneumonia[:60], "week-b": normal[60:90] + pneumonia[60:90]}
+        chosen["serving"] = normal[90:94] + pneumonia[90:94]
+        for name, entries in chosen.items():
+            folders[name].mkdir()
+            for entry in entries:  # re-encoded: bytes (and sha256) no other test has predicted
+                image = Image.open(io.BytesIO(archive.read(entry))).convert("RGB")
+                image.save(folders[name] / entry.rsplit("/", 1)[1], quality=92)
+    tables = {}
+    for name in ("week-a", "week-b"):
+        output = tmp_path / f"{name}.csv"
+        result = run_command(
+            [ROOT / "run.py", "--pipeline", "inference", "--images", folders[name], "--output", output], env, 900
+        )
+        assert summary_of(result)["prediction_log_rows"] == len(chosen[name])
+        tables[name] = pd.read_csv(output, keep_default_na=False)
+    root, _ = _prediction_log(local.home)
+    served = run_command(["-c", SERVE_A_REQUEST, folders["serving"]], env | {"XRAY_PREDICTION_LOG": str(root)}, 600)
+    assert served.returncode == 0 and served.stdout.strip() == "8", served.stderr[-3000:]
+
+    # The first run's part, a week back: what the log holds for a batch predicted last week.
+    now = datetime.now(timezone.utc)
+    for part in sorted(root.glob("date=*/*.parquet")):
+        rows = pd.read_parquet(part)
+        if (rows["input"] == str(folders["week-a"])).all():
+            rows["time"] = rows["time"] - pd.Timedelta(days=7)
+            moved = root / f"date={rows['time'].iloc[0]:%Y-%m-%d}" / part.name
+            moved.parent.mkdir(exist_ok=True)
+            rows.to_parquet(moved, index=False)
+            part.unlink()
+    _, log = _prediction_log(local.home)
+    assert (log["source"] == "serving").sum() >= 8 and (log["input"] == str(folders["week-a"])).sum() == 120
+    week_a, week_b = period_of(pd.Series([now - timedelta(days=7), now]), "week").tolist()
+
+    # Labels: last week the readers' findings run against the model's ranking (its AUC collapses); this week they
+    # follow it. (The smoke model calls every image PNEUMONIA at its threshold of a near-random val, so no pneumonia
+    # can be missed here: the sensitivity alert is measured in tests/unit/test_feedback.py.)
+    def read(table, agree: bool):
+        answered = table[table["status"] == "ok"].sort_values("probability", kind="stable")
+        upper = np.arange(len(answered)) >= len(answered) // 2
+        findings = np.where(upper == agree, "PNEUMONIA", "NORMAL")
+        return pd.DataFrame({"sha256": answered["sha256"], "label": findings})
+
+    served_rows = log[log["source"] == "serving"].drop_duplicates("sha256")
+    conflicting = served_rows.loc[served_rows["status"] == "ok", "sha256"].iloc[0]
+    labels = pd.concat(
+        [
+            read(tables["week-a"], agree=False),
+            read(tables["week-b"], agree=True),
+            read(served_rows, agree=True),
+            pd.DataFrame({"sha256": ["0" * 64, "1" * 64, conflicting], "label": ["NORMAL", "NORMAL", "?"]}),
+        ],
+        ignore_index=True,
+    )
+    first = labels.index[labels["sha256"] == conflicting][0]
+    labels.iloc[-1, 1] = "NORMAL" if labels.loc[first, "label"] == "PNEUMONIA" else "PNEUMONIA"
+    answered = {name: int((t["status"] == "ok").sum()) for name, t in tables.items()}
+    labels_path = tmp_path / "labels.csv"
+    labels.to_csv(labels_path, index=False)
+    config = yaml.safe_load(local.config.read_text())
+    config.setdefault("monitoring", {})["feedback_min_per_class"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    output = tmp_path / "feedback"
+    result = run_command(
+        [
+            ROOT / "run.py",
+            "--pipeline",
+            "feedback",
+            "--config",
+            tmp_path / "config.yaml",
+            "--labels",
+            labels_path,
+            "--output",
+            output,
+            "--fail-on-degradation",
+        ],
+        env,
+        900,
+    )
+    assert result.returncode == 4, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all(f"period {week_a}," in line for line in errors), errors
+    assert any(line.startswith(f"error: AUC degraded in period {week_a}, site (none), v") for line in errors), errors
+    assert summary["unmatched_labels"] == 2 and summary["conflicting_labels"] == 1
+    served_answered = int((served_rows["status"] == "ok").sum())
+    assert summary["labelled_predictions"] == answered["week-a"] + answered["week-b"] + served_answered - 1
+    performance = pd.read_csv(output / "performance.csv", keep_default_na=False)
+    assert performance["period"].tolist() == [week_a, week_b]
+    bad, good = performance.iloc[0], performance.iloc[1]
+    assert bad["auc"] < 0.2 and bad["auc_low"] <= bad["auc"] <= bad["auc_high"] < 0.5, bad.to_dict()
+    assert good["auc"] > 0.9 and good["positives"] >= 3 and good["negatives"] >= 3
+    assert bad["sensitivity_low"] <= bad["sensitivity"] <= bad["sensitivity_high"]
+    assert {"auc_low", "auc_high", "ece", "share_out_of_distribution"} <= set(performance.columns)
+    assert (output / "feedback_sensitivity.png").stat().st_size > 10_000
+    sources = yaml.safe_load((output / "sources.yaml").read_text())["data"]["sources"]
+    assert sorted(s["uri"] for s in sources) == sorted(str(folders[n]) for n in ("week-a", "week-b"))
+    assert summary["labelled_without_stored_image"] == served_answered - 1  # served: never stored
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("chest-xray-feedback")
+    runs = client.search_runs([experiment.experiment_id])
+    assert any(run.data.tags.get("degraded") == "true" for run in runs)

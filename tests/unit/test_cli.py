@@ -124,8 +124,10 @@ def test_make_monitor_without_images_says_that_images_is_required():
     [
         (
             ["--pipeline", "monitoring", "--images", "x", "--site", "b"],
-            "--site belongs to --pipeline evaluation or inference",
+            "--site belongs to --pipeline evaluation, inference or feedback",
         ),
+        (["--pipeline", "inference", "--images", "x", "--labels", "l.csv"], "--labels, --period and --fail-on"),
+        (["--pipeline", "feedback"], "--pipeline feedback needs --labels FILE.csv"),
         (
             ["--pipeline", "inference", "--images", "x", "--recalibrate-fraction", "0.3"],
             "--recalibrate-fraction belongs",
@@ -183,3 +185,33 @@ def test_approve_reject_and_rollback_reach_the_decision(launched, monkeypatch):
         ("reject", "3", "bob", "no"),
         ("rollback", "1", "ops", "alarms"),
     ]
+
+
+def test_a_malformed_labels_file_is_one_line_and_no_run(launched, monkeypatch, tmp_path):
+    run, _ = launched
+    from pipelines import launch
+
+    runs = []
+    monkeypatch.setattr(launch, "launch", lambda *args, **kwargs: runs.append(args) or {})
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sha256,label\nab,NORMAL\ncd,MAYBE\n")
+    output = tmp_path / "feedback"
+    args = ["--config", str(SMOKE), "--pipeline", "feedback", "--labels", str(labels), "--output", str(output)]
+    result = CliRunner().invoke(run.main, args)
+    assert result.exit_code == 1 and not runs and not output.exists()
+    assert result.output.strip().splitlines() == [
+        "error: labels labels.csv: unknown label 'MAYBE' on line 3 (1 such rows); labels are NORMAL or PNEUMONIA"
+    ]
+
+
+def test_fail_on_degradation_prints_each_alert_and_exits_4_after_the_summary(launched, monkeypatch, tmp_path):
+    run, _ = launched
+    from pipelines import launch
+
+    alert = "sensitivity degraded in period 2026-W49, site north, v3: 0.400 (95% CI 0.25-0.58, 30 PNEUMONIA) ..."
+    monkeypatch.setattr(launch, "run_feedback", lambda *args: {"alerts": [alert], "labels": 120})
+    args = ["--config", str(SMOKE), "--pipeline", "feedback", "--labels", "x.csv"]
+    result = CliRunner().invoke(run.main, [*args, "--fail-on-degradation"])
+    assert result.exit_code == run.DEGRADATION_EXIT_CODE == 4
+    assert f"error: {alert}" in result.output and '"labels": 120' in result.output
+    assert CliRunner().invoke(run.main, args).exit_code == 0, "without the flag an alert is reported, not fatal"

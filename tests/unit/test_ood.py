@@ -8,7 +8,7 @@ from PIL import Image
 from scipy.stats import norm
 
 from conftest import radiograph_like
-from xray.monitoring import ood, shifts
+from xray.monitoring import drift, ood
 
 
 def test_features_of_a_grey_and_a_colour_image():
@@ -68,9 +68,9 @@ def test_fresh_in_distribution_images_are_mostly_ok(profile, family):
     assert (assessment.loc[assessment["status"] == ood.OK, "reason"] == "").all()
 
 
-@pytest.mark.parametrize("shift", sorted(shifts.SHIFTS))
+@pytest.mark.parametrize("shift", sorted(drift.SHIFTS))
 def test_each_synthetic_shift_is_flagged(profile, family, shift):
-    shifted = [ood.features_of_array(shifts.apply(shift, image, i)) for i, image in enumerate(family[220:240])]
+    shifted = [ood.features_of_array(drift.apply_shift(shift, image, i)) for i, image in enumerate(family[220:240])]
     assessment = profile.assess(shifted)
     assert (assessment["status"] == ood.OUT_OF_DISTRIBUTION).mean() >= 0.8, assessment
     assert assessment["ood_score"].min() > 0
@@ -89,8 +89,8 @@ def test_rules_name_their_reason(profile, family):
 
 
 def test_content_and_acquisition_reasons(profile, family):
-    rotated = shifts.apply("rotate90", family[221], 0)
-    noisy = shifts.apply("gaussian_noise", family[222], 0)
+    rotated = drift.apply_shift("rotate90", family[221], 0)
+    noisy = drift.apply_shift("gaussian_noise", family[222], 0)
     rows = profile.assess([ood.features_of_array(rotated), ood.features_of_array(noisy)])
     assert rows["reason"][0].startswith("image content unlike the training images")
     assert rows["reason"][1].startswith("acquisition unlike the training images")
@@ -131,11 +131,11 @@ def test_feature_table_carries_what_monitoring_needs(profile, family):
 
 def test_shifts_are_deterministic_and_keep_the_format(family):
     image = family[0][:, :80]  # not square: a quarter turn swaps the sides
-    for name in shifts.SHIFTS:
-        first, again = shifts.apply(name, image, 3), shifts.apply(name, image, 3)
+    for name in drift.SHIFTS:
+        first, again = drift.apply_shift(name, image, 3), drift.apply_shift(name, image, 3)
         np.testing.assert_array_equal(first, again)
         assert first.dtype == np.uint8 and first.shape[2] == 3 and not np.array_equal(first, image)
-    assert shifts.apply("rotate90", image, 0).shape == (80, 96, 3)
-    np.testing.assert_array_equal(shifts.apply("invert", shifts.apply("invert", image, 0), 0), image)
+    assert drift.apply_shift("rotate90", image, 0).shape == (80, 96, 3)
+    np.testing.assert_array_equal(drift.apply_shift("invert", drift.apply_shift("invert", image, 0), 0), image)
     with pytest.raises(KeyError, match="unknown shift"):
-        shifts.apply("blur", image, 0)
+        drift.apply_shift("blur", image, 0)

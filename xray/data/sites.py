@@ -136,6 +136,15 @@ def _read_labels(source: SourceConfig, workdir: Path, s3: S3Config, identity: di
     local = local_path(source.labels)
     if local is None:
         local = fetch(source.labels, workdir / "labels", s3, identity=identity).path
+    return read_labels_file(local, where, LABEL_KEYS)
+
+
+def read_labels_file(
+    local: Path, where: str, keys: tuple[str, ...], optional: tuple[str, ...] = (), conflicts: bool = False
+) -> pd.DataFrame:
+    """A labels CSV (a `label` column and exactly one of ``keys``; ``optional`` columns kept when present) as a
+    table with ``attrs["key"]``; anything malformed is one DatasetSourceError starting with ``where``. Keys with both
+    labels are an error, or with ``conflicts`` dropped and listed in ``attrs["conflicting"]``."""
     if not local.is_file():
         raise DatasetSourceError(f"{where}: file not found")
     if local.stat().st_size > MAX_LABELS_BYTES:
@@ -149,14 +158,14 @@ def _read_labels(source: SourceConfig, workdir: Path, s3: S3Config, identity: di
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DatasetSourceError(f"{where}: not a readable CSV ({str(error).splitlines()[0][:200]})") from None
     table.columns = [str(column).strip().lower() for column in table.columns]
-    keys = [column for column in LABEL_KEYS if column in table.columns]
-    if "label" not in table.columns or len(keys) != 1:
+    found = [column for column in keys if column in table.columns]
+    if "label" not in table.columns or len(found) != 1:
         raise DatasetSourceError(
-            f"{where}: needs a `label` column and one of `file` or `sop_instance_uid` (found columns "
+            f"{where}: needs a `label` column and one of {' or '.join(f'`{k}`' for k in keys)} (found columns "
             f"{list(table.columns)})"
         )
-    key = keys[0]
-    table = table[[key, "label"]].apply(lambda column: column.str.strip())
+    key = found[0]
+    table = table[[key, "label", *[c for c in optional if c in table.columns]]].apply(lambda c: c.str.strip())
     table["label"] = table["label"].str.upper()
     unknown = table[~table["label"].isin(CLASS_NAMES)]
     if len(unknown):
@@ -168,16 +177,17 @@ def _read_labels(source: SourceConfig, workdir: Path, s3: S3Config, identity: di
     if (table[key] == "").any():
         row = int(table.index[table[key] == ""][0]) + 2
         raise DatasetSourceError(f"{where}: empty `{key}` on line {row}")
-    conflicting = table.groupby(key)["label"].nunique()
-    conflicting = conflicting[conflicting > 1]
-    if len(conflicting):
+    labels_per_key = table.groupby(key)["label"].nunique()
+    conflicting = labels_per_key[labels_per_key > 1]
+    if len(conflicting) and not conflicts:
         raise DatasetSourceError(
             f"{where}: {len(conflicting)} `{key}` value(s) with both labels, e.g. line "
             f"{int(table.index[table[key] == conflicting.index[0]][0]) + 2}"
         )
-    table = table.drop_duplicates(key)
+    table = table[~table[key].isin(conflicting.index)].drop_duplicates(key, keep="last")
     table.attrs["key"] = key
-    return table
+    table.attrs["conflicting"] = sorted(conflicting.index)
+    return table.reset_index(drop=True)
 
 
 def _by_file_name(files: list[tuple[str, str, str]], table: pd.DataFrame, site: str) -> dict[str, str]:

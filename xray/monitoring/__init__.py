@@ -1,2 +1,3 @@
-"""Monitoring: is the input still like the training data? Per-image out-of-distribution checks, batch drift tests,
-the report, synthetic shifts. May use core, storage, data, model and evaluation."""
+"""Monitoring: is the input still like the training data, and is the model still right? Per-image
+out-of-distribution and scope checks, batch drift tests and synthetic shifts, the report, the prediction log, and
+performance from labels that come back (feedback). May use core, storage, data, model and evaluation."""

@@ -5,6 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
+import logging
+import os
+import urllib.request
+from urllib.parse import urlsplit
 
 import matplotlib
 
@@ -17,6 +22,8 @@ from PIL import Image  # noqa: E402
 from xray.evaluation.plots import image_grid, to_image  # noqa: E402
 from xray.monitoring import ood  # noqa: E402
 from xray.monitoring.drift import reason_kind  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def _histograms(axis, batch: np.ndarray, reference: np.ndarray, bins: int = 40, labels=("batch", "reference (val)")):
@@ -261,3 +268,44 @@ such images.</p>
 <table><tr><th>statistic</th><th>batch median</th><th>reference median</th><th>KS</th><th>p adjusted</th></tr>{tests}
 </table>{pictures}</body></html>
 """
+
+
+# -- feedback (xray.monitoring.feedback) and alerts ---------------------------------------------------------------
+
+WEBHOOK_ENV = "XRAY_ALERT_WEBHOOK"
+
+
+def feedback_figure(table: pd.DataFrame, metric: str, floor: float | None = None) -> Image.Image:
+    """One metric over the periods, a line and a 95% band per site and version; ``floor``: the alert line."""
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for (site, version), rows in table.groupby(["site", "model_version"], sort=True):
+        rows = rows.sort_values("period")
+        x = np.arange(len(rows))
+        axis.plot(x, rows[metric], marker="o", label=f"{site or '(no site)'} v{version}")
+        axis.fill_between(x, rows[f"{metric}_low"], rows[f"{metric}_high"], alpha=0.2)
+        axis.set_xticks(x, rows["period"], rotation=30, ha="right")
+    if floor is not None:
+        axis.axhline(floor, color="red", linestyle="--", linewidth=1, label=f"alert below {floor:g}")
+    axis.set_ylabel(metric)
+    axis.set_title(f"{metric} per period (labelled predictions, 95% CI)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return to_image(figure)
+
+
+def post_alert(line: str, url: str | None = None, timeout_s: float = 10.0) -> bool:
+    """POST ``{"text": line}`` (what Slack, Teams and most chat webhooks take) to ``url`` or $XRAY_ALERT_WEBHOOK.
+    False when none is set; a webhook that fails is one logged error naming its host, never its path or token."""
+    url = url or os.environ.get(WEBHOOK_ENV)
+    if not url:
+        return False
+    request = urllib.request.Request(
+        url, data=json.dumps({"text": line}).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+        return True
+    except OSError as error:
+        logger.error("alert not posted to the webhook at %s: %s", urlsplit(url).hostname, type(error).__name__)
+        return False

@@ -71,6 +71,16 @@ def current_champion(client, model_name: str, alias: str) -> tuple[str | None, f
     return str(champion.version), (float(auc) if auc is not None else None)
 
 
+def versions_test_auc(client, model_name: str, versions) -> dict[str, float]:
+    """The recorded test AUC of each version that has one (the ``test_auc`` tag set at registration)."""
+    found = {}
+    for number in sorted({str(v) for v in versions}):
+        auc = client.get_model_version(model_name, number).tags.get("test_auc")
+        if auc is not None:
+            found[number] = float(auc)
+    return found
+
+
 class _KerasFlavor:
     """mlflow.keras, plus this project's serving flavor and model card in the same model directory.
 

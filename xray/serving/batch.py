@@ -75,11 +75,11 @@ class PredictionWriter:
     rerun with resume finds what was done. Parquet gets one row group per write.
     """
 
-    def __init__(self, output: str, resume: bool = False, max_attempts: int = 5):
+    def __init__(self, output: str, resume: bool = False, max_attempts: int = 5, log=None):
         suffix = PurePosixPath(output).suffix.lower()
         if suffix not in OUTPUT_FORMATS:
             raise DatasetSourceError(f"predictions output must end in .csv or .parquet, got {output}")
-        self.output, self.format, self.rows = output, OUTPUT_FORMATS[suffix], 0
+        self.output, self.format, self.rows, self.log = output, OUTPUT_FORMATS[suffix], 0, None
         self._client = s3.make_client(max_attempts) if output.startswith("s3://") else None
         self._spool = tempfile.mkdtemp(prefix="xray-predictions-") if self._client else None
         self.local = Path(self._spool, f"predictions{suffix}") if self._client else Path(output).expanduser()
@@ -95,6 +95,8 @@ class PredictionWriter:
         elif previous is not None and len(previous):
             self.write(previous[PREDICTION_COLUMNS])
         self.rows = 0
+        # xray.monitoring.prediction_log.PredictionLog: every new row (not those resumed from the output) is logged.
+        self.log = log
 
     def _previous(self) -> pd.DataFrame | None:
         if self._client is not None:
@@ -125,8 +127,12 @@ class PredictionWriter:
                 self._parquet = pq.ParquetWriter(str(self.local) + ".partial", _parquet_schema())
             self._parquet.write_table(batch)
         self.rows += len(table)
+        if self.log is not None:
+            self.log.append(table)
 
     def close(self) -> None:
+        """The output first; then the log's last part (a log that cannot be written fails the run, after the
+        output is safe)."""
         if self.format == "csv":
             self._csv.close()
         elif self._parquet is not None:
@@ -142,6 +148,8 @@ class PredictionWriter:
                 logger.error("predictions not uploaded to %s: they are kept in %s", self.output, self.local)
                 raise
             shutil.rmtree(self._spool, ignore_errors=True)
+        if self.log is not None:
+            self.log.close()
 
     def __enter__(self) -> "PredictionWriter":
         return self

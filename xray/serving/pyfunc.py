@@ -18,18 +18,23 @@ string per image (``{"inputs": {...}}``, nested lists, numbers), an empty list, 
 read, more than ``MAX_IMAGES_PER_REQUEST`` images, or more than ``MAX_REQUEST_MB`` of image data (set with
 ``XRAY_SERVING_MAX_REQUEST_MB``). The scoring server reads the whole body before the model sees it; a hard cap on
 bytes on the wire belongs in the proxy in front (nginx ``client_max_body_size``, an ALB or API Gateway limit).
+
+With ``XRAY_PREDICTION_LOG`` set (a folder or an s3:// prefix; ``make serve`` sets the stack's), every answer is also
+appended to the prediction log (xray.monitoring.prediction_log) by a background thread, with each image's sha256.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 
 import numpy as np
 import pandas as pd
 
 from xray.errors import ConfigError
+from xray.monitoring import prediction_log
 from xray.monitoring.ood import UNREADABLE
 from xray.serving import bundle
 from xray.serving.predictor import ChestXrayPredictor
@@ -105,7 +110,8 @@ def predict_request(predictor: ChestXrayPredictor, model_input, site: str | None
         predictor.operating_point(site or None)
     except ConfigError as error:
         raise InvalidImage(str(error)) from None
-    table = predictor.predict_bytes([decode_payload(item, index) for index, item in enumerate(items)], site or None)
+    payloads = [decode_payload(item, index) for index, item in enumerate(items)]
+    table = predictor.predict_bytes(payloads, site or None)
     if (table["status"] == UNREADABLE).all():
         raise InvalidImage(
             "; ".join(f"image {i} cannot be decoded as an image: {reason}" for i, reason in enumerate(table["reason"]))
@@ -113,21 +119,31 @@ def predict_request(predictor: ChestXrayPredictor, model_input, site: str | None
     return table
 
 
-class _PyfuncModel:
-    """What mlflow.pyfunc wraps; turns bad input into a 400, not a 500."""
+def with_hashes(table: pd.DataFrame, model_input) -> pd.DataFrame:
+    """The request's rows with each image's sha256, for the prediction log (what a label file joins on)."""
+    payloads = [decode_payload(item, index) for index, item in enumerate(_payload_items(model_input))]
+    return table.assign(sha256=[hashlib.sha256(data).hexdigest() for data in payloads], path="")
 
-    def __init__(self, predictor: ChestXrayPredictor):
+
+class _PyfuncModel:
+    """What mlflow.pyfunc wraps; turns bad input into a 400, not a 500; logs every answer (XRAY_PREDICTION_LOG)."""
+
+    def __init__(self, predictor: ChestXrayPredictor, log: prediction_log.BackgroundLog | None = None):
         self.predictor = predictor
+        self.log = log
 
     def predict(self, model_input, params=None):
         from mlflow.exceptions import MlflowException  # lazy: the module also loads where MLflow is not imported
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # lazy: MLflow's import takes seconds
 
         try:
-            return predict_request(self.predictor, model_input, (params or {}).get("site"))
+            table = predict_request(self.predictor, model_input, (params or {}).get("site"))
         except InvalidImage as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        if self.log is not None:
+            self.log.append(with_hashes(table, model_input))
+        return table
 
 
 def _load_pyfunc(data_path: str) -> _PyfuncModel:
-    return _PyfuncModel(bundle.read(data_path))
+    return _PyfuncModel(bundle.read(data_path), prediction_log.from_environment())

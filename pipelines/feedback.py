@@ -1,0 +1,63 @@
+"""Wiring only: a labels file + the prediction log -> performance per period, site and version, and alerts."""
+
+import json
+from pathlib import Path
+
+import yaml
+from zenml import pipeline
+from zenml.enums import ExecutionMode
+
+from steps.feedback import assess_feedback, figures
+from steps.tracking import mark_run_failed
+from xray.config import EvaluateConfig, MonitoringConfig, RegistryConfig
+from xray.monitoring import feedback
+
+
+@pipeline(name="chest_xray_feedback", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
+def feedback_pipeline(
+    labels: str,
+    period: str,
+    site: str | None,
+    registry: RegistryConfig,
+    monitoring: MonitoringConfig,
+    evaluate: EvaluateConfig,
+    seed: int = 42,
+) -> None:
+    assess_feedback(
+        labels=labels, period=period, site=site, monitoring=monitoring, evaluate=evaluate, registry=registry, seed=seed
+    )
+
+
+def summarize(load, output: Path, min_sensitivity: float) -> dict:
+    """The summary line; performance.csv, report.json, one plot per metric and the labelled images as training
+    sources (sources/<n>.csv + sources.yaml, for data.sources) are written to ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    table = load("assess_feedback", "performance")
+    rows = load("assess_feedback", "labelled_predictions")
+    summary = load("assess_feedback", "feedback_summary")
+    table.to_csv(output / "performance.csv", index=False)
+    (output / "report.json").write_text(json.dumps(summary | {"performance": table.to_dict("records")}, default=float))
+    for name, image in figures(table, min_sensitivity, summary.get("auc_floor")).items():
+        image.save(output / f"{name}.png")
+    exported, without_image = feedback.export_sources(_joined(rows, summary)) if len(rows) else ({}, 0)
+    sources = []
+    if exported:
+        (output / "sources").mkdir(exist_ok=True)
+    for number, (uri, labels) in enumerate(exported.items(), 1):
+        path = output / "sources" / f"{number}.csv"
+        labels.to_csv(path, index=False)
+        site = summary["site"] or "feedback"
+        sources.append({"site": f"{site}-{number}", "uri": uri, "labels": str(path.resolve())})
+    if sources:
+        (output / "sources.yaml").write_text(yaml.safe_dump({"data": {"sources": sources}}, sort_keys=False))
+    return {k: v for k, v in summary.items() if k != "test_auc"} | {
+        "output": str(output),
+        "exported_sources": len(sources),
+        "labelled_without_stored_image": without_image,
+    }
+
+
+def _joined(rows, summary: dict) -> feedback.Joined:
+    return feedback.Joined(
+        rows, summary["labels"], summary["unmatched_labels"], summary["conflicting_labels"], summary["key"]
+    )
