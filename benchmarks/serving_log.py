@@ -6,7 +6,8 @@ Serves the same registered version twice with ``mlflow models serve --env-manage
 with ``XRAY_PREDICTION_LOG=off``, once logging to a temporary folder. Rounds of ``--requests`` single-image requests
 from ``--clients`` keep-alive clients alternate between the two servers (which goes first alternates too), so both see
 the same machine load; the throughput ratio (logging / not) is the median of the rounds' ratios. The logged rows are
-read back at the end: every request of the logging server must be in its log.
+read back at the end: every request of the logging server must be in its log. Both servers run this checkout's
+``xray`` (copied into the downloaded version's ``code/``), so only the log differs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -30,6 +32,16 @@ from inference_at_scale import free_port, load_test, serve  # noqa: E402
 from xray.config import MODEL_NAME  # noqa: E402
 
 
+def descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        for task in Path(f"/proc/{pending.pop()}/task").glob("*/children"):
+            children = [int(c) for c in task.read_text().split()]
+            found += children
+            pending += children
+    return found
+
+
 @click.command()
 @click.option("--model-version", default="champion", show_default=True)
 @click.option("--model-name", default=MODEL_NAME, show_default=True)
@@ -40,7 +52,14 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
     import bench
     import mlflow
 
-    from xray.monitoring.prediction_log import ENVIRONMENT, read_log
+    from xray.monitoring.prediction_log import (
+        ENVIRONMENT,
+        SPOOL_ENVIRONMENT,
+        BackgroundLog,
+        PredictionLog,
+        process_running,
+        read_log,
+    )
     from xray.registry import store, tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
@@ -48,6 +67,10 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
     work = Path(tempfile.mkdtemp(prefix="xray-serving-log-bench-"))
     try:
         folder = mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=str(work / "model"))
+        # This checkout's serving code in both servers (a version carries the code it was registered with).
+        shutil.rmtree(Path(folder) / "code" / "xray")
+        shutil.copytree(ROOT / "xray", Path(folder) / "code" / "xray", ignore=shutil.ignore_patterns("__pycache__"))
+        spool = work / "spool"
         with zipfile.ZipFile(ROOT.parent / "shared" / "data" / "chest_xray_224.zip") as handle:
             names = sorted(n for n in handle.namelist() if "/test/" in n and n.endswith(".jpeg"))[:50]
             bodies = [json.dumps({"inputs": [base64.b64encode(handle.read(n)).decode()]}).encode() for n in names]
@@ -57,7 +80,7 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
         servers, ports = {}, {name: free_port() for name in settings}
         try:
             for name, setting in settings.items():
-                env = os.environ | {"PATH": path, ENVIRONMENT: setting}
+                env = os.environ | {"PATH": path, ENVIRONMENT: setting, SPOOL_ENVIRONMENT: str(spool)}
                 servers[name] = serve(folder, env, ports[name], workers=1)
             for name in settings:
                 load_test(ports[name], bodies, clients, 20)  # warm-up
@@ -70,9 +93,16 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
                         raise click.ClickException(f"{name}: {result['first_errors']}")
                     results[name].append(result["requests_per_s"])
         finally:
+            workers = [pid for server in servers.values() for pid in descendants(server.pid)]
             for server in servers.values():
                 server.terminate()
-                server.wait(timeout=60)  # the logging server flushes what it holds at exit
+                server.wait(timeout=60)
+            deadline = time.monotonic() + 60  # `mlflow models serve` runs uvicorn as its child: await it too
+            while any(process_running(pid) for pid in workers) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        # uvicorn ends its worker by re-raising SIGTERM: what the worker had not flushed is in its spool, written by
+        # the next log on the same root (here this one, as a restarted server would).
+        BackgroundLog(PredictionLog(str(logs), "serving"), spool=spool).close()
         logged = len(read_log(str(logs)))
         expected = 20 + rounds * count
         ratios = np.array(results["logging"]) / np.array(results["off"])

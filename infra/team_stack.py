@@ -11,7 +11,7 @@ it, so the next `up` finds every run, model and artifact again. Ports come from 
 
 Parts (docs/OPERATIONS.md "Team stack"):
   s3rver (npm, objects as files under state/s3)                         http://127.0.0.1:S3_PORT
-  PostgreSQL (initdb into state/postgres; SQLite with a notice if absent)  127.0.0.1:PG_PORT
+  PostgreSQL (initdb into state/postgres, password auth; SQLite with a notice if absent)  127.0.0.1:PG_PORT
   mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://BUCKET/mlflow
   ZenML server (uvicorn, SQLite under state/zenml, dashboard at /)        http://127.0.0.1:ZENML_PORT
 """
@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -212,7 +213,31 @@ class TeamStack:
         self._wait_healthy("s3", self.s3_url + f"/{self.bucket}", pid)
         return "started"
 
-    # -- PostgreSQL for MLflow's backend store --
+    # -- credentials: from the environment, else generated once into state/credentials.json (mode 0600) --
+    @property
+    def credentials_file(self) -> Path:
+        return self.state / "credentials.json"
+
+    def credentials(self) -> dict[str, str]:
+        """Every service password the stack uses; never logged, never in info() or a status line."""
+        stored = json.loads(self.credentials_file.read_text()) if self.credentials_file.is_file() else {}
+        wanted = {"postgres_password": os.environ.get("XRAY_TEAM_PG_PASSWORD")}
+        missing = {k for k, v in wanted.items() if not v and k not in stored}
+        if missing:
+            stored |= {k: secrets.token_urlsafe(24) for k in missing}
+            self.state.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(stored, handle)
+            os.chmod(self.credentials_file, 0o600)
+            logger.info("generated the team stack's passwords into %s (readable by you only)", self.credentials_file)
+        return stored | {k: v for k, v in wanted.items() if v}
+
+    def pg_env(self) -> dict[str, str]:
+        """What PostgreSQL's clients (psql, MLflow's psycopg2) read the password from: never a command line or URI."""
+        return {"PGPASSWORD": self.credentials()["postgres_password"]}
+
+    # -- PostgreSQL for MLflow's backend store: password (SCRAM) authentication, loopback only --
     def backend_store_uri(self) -> str:
         if postgres_bin() is None:
             return f"sqlite:///{self.state / 'mlflow' / 'mlflow.db'}"
@@ -236,20 +261,30 @@ class TeamStack:
         if not (data / "PG_VERSION").is_file():
             data.mkdir(parents=True, exist_ok=True)
             as_user.chown(data)
-            run(
-                [
-                    *as_user.prefix,
-                    str(bin_dir / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    "mlflow",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                ],
-                "initdb",
-            )
+            password_file = self.state / "run" / "pg-password"
+            password_file.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(self.credentials()["postgres_password"] + "\n")
+            as_user.chown(password_file)
+            try:
+                run(
+                    [
+                        *as_user.prefix,
+                        str(bin_dir / "initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        "mlflow",
+                        "--auth=scram-sha-256",
+                        f"--pwfile={password_file}",
+                        "-E",
+                        "UTF8",
+                    ],
+                    "initdb",
+                )
+            finally:
+                password_file.unlink(missing_ok=True)
         sockets.mkdir(parents=True, exist_ok=True)
         as_user.chown(sockets)
         probe = subprocess.run(
@@ -275,6 +310,7 @@ class TeamStack:
                 "pg_ctl start",
             )
             status = "started"
+        self._require_passwords(bin_dir, data, as_user)
         exists = subprocess.run(
             [
                 str(bin_dir / "psql"),
@@ -291,6 +327,7 @@ class TeamStack:
             ],
             capture_output=True,
             text=True,
+            env=os.environ | self.pg_env(),
         )
         if exists.returncode != 0:
             raise TeamStackError(f"PostgreSQL on port {self.pg_port} does not answer: {exists.stderr.strip()}")
@@ -298,8 +335,34 @@ class TeamStack:
             run(
                 [str(bin_dir / "createdb"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow", "mlflow"],
                 "createdb",
+                self.pg_env(),
             )
         return status
+
+    def _require_passwords(self, bin_dir: Path, data: Path, as_user: PostgresUser) -> None:
+        """A cluster made by an earlier version of this stack trusts every local connection: give `mlflow` its
+        password (over the cluster's own socket, the statement on stdin) and switch pg_hba.conf to SCRAM."""
+        hba = data / "pg_hba.conf"
+        rules = [line for line in hba.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not any(line.split()[-1] == "trust" for line in rules):
+            return
+        password = self.credentials()["postgres_password"].replace("'", "''")
+        result = subprocess.run(
+            [*as_user.prefix, str(bin_dir / "psql"), "-h", str(self.state / "run" / "pg"), "-p", str(self.pg_port)]
+            + ["-U", "mlflow", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"],
+            input=f"ALTER USER mlflow PASSWORD '{password}';\n",
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise TeamStackError(f"setting the PostgreSQL password failed: {result.stderr.strip()[-500:]}")
+        text = "\n".join(
+            line.rsplit("trust", 1)[0] + "scram-sha-256" if line.rstrip().endswith("trust") else line
+            for line in hba.read_text().splitlines()
+        )
+        hba.write_text(text + "\n")
+        run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "reload"], "pg_ctl reload")
+        logger.info("PostgreSQL now asks for a password (it trusted local connections before)")
 
     def stop_postgres(self) -> bool:
         bin_dir = postgres_bin()
@@ -333,7 +396,7 @@ class TeamStack:
                 "--workers",
                 "2",
             ],
-            self.s3_env(),
+            self.s3_env() | (self.pg_env() if postgres_bin() is not None else {}),
         )
         self._wait_healthy("mlflow", self.mlflow_url + "/health", pid)
         return "started"
@@ -608,8 +671,8 @@ def s3rver_binary() -> Path:
     return binary
 
 
-def run(command: list[str], what: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
+def run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | (env or {}))
     if result.returncode != 0:
         raise TeamStackError(f"{what} failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-2000:]}")
 

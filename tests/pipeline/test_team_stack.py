@@ -98,6 +98,30 @@ def test_a_second_up_is_a_no_op(team):
     assert again["backend_store"].startswith("postgresql://") and again["notices"] == []
 
 
+def test_postgresql_asks_for_the_generated_password_which_no_log_or_status_holds(team):
+    """initdb with SCRAM and a generated password (state/credentials.json, mode 0600): a connection without it or
+    with a wrong one is refused; MLflow's server has it from its environment, never from a URI or a command line."""
+    import stat
+
+    from infra.team_stack import postgres_bin
+
+    credentials = team.state / "credentials.json"
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    password = json.loads(credentials.read_text())["postgres_password"]
+    psql = [str(postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", str(team.ports["pg"]), "-U", "mlflow", "-w"]
+    psql += ["-d", "mlflow", "-tAc", "SELECT 1"]
+    environment = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+    anonymous = subprocess.run(psql, capture_output=True, text=True, env=environment)
+    assert anonymous.returncode != 0 and "password" in anonymous.stderr, anonymous.stderr
+    wrong = subprocess.run(psql, capture_output=True, text=True, env=environment | {"PGPASSWORD": "not-it"})
+    assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr, wrong.stderr
+    right = subprocess.run(psql, capture_output=True, text=True, env=environment | {"PGPASSWORD": password})
+    assert right.returncode == 0 and right.stdout.strip() == "1", right.stderr
+    assert password not in json.dumps(team.stack("status")) and password not in json.dumps(team.info)
+    for path in [*team.state.glob("logs/*"), team.state / "team_stack.json"]:
+        assert password not in path.read_text(errors="replace"), path
+
+
 def test_a_run_on_the_team_stack_lives_in_its_servers_and_bucket(team, trained):
     *_, summary = trained
     # The default source: a local archive ($CHEST_XRAY_ZIP) staged behind the embedded S3 endpoint, read through S3.

@@ -1,6 +1,7 @@
 """The prediction log: parts per date, read back by range, written in the background, never losing rows."""
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -92,7 +93,8 @@ def test_a_failed_write_keeps_its_rows_for_the_next_flush():
 
 def test_the_background_log_writes_off_the_request_path_and_survives_a_storage_outage(tmp_path, caplog):
     store = FailingStore()
-    background = BackgroundLog(PredictionLog("memory", "serving", store=store, flush_rows=2), flush_s=0.05)
+    log = PredictionLog("memory", "serving", store=store, flush_rows=2)
+    background = BackgroundLog(log, flush_s=0.05, spool=tmp_path)
     background.append(rows(3))
     # The first flush fails (logged, rows kept); a later one writes them.
     deadline = datetime.now() + timedelta(seconds=10)
@@ -110,11 +112,36 @@ def test_serving_logs_where_the_environment_says(monkeypatch, tmp_path):
     assert prediction_log.from_environment() is None
     monkeypatch.setenv(prediction_log.ENVIRONMENT, "off")
     assert prediction_log.from_environment() is None
-    monkeypatch.setenv(prediction_log.ENVIRONMENT, str(tmp_path))
+    monkeypatch.setenv(prediction_log.ENVIRONMENT, str(tmp_path / "log"))
+    monkeypatch.setenv(prediction_log.SPOOL_ENVIRONMENT, str(tmp_path / "spool"))
     background = prediction_log.from_environment()
     background.append(rows(2))
     background.close()
-    assert len(read_log(str(tmp_path))) == 2
+    assert len(read_log(str(tmp_path / "log"))) == 2
+    assert not list((tmp_path / "spool").rglob("*.jsonl")), "a closed log leaves no spool"
+
+
+def test_rows_of_a_worker_killed_before_its_flush_are_written_by_the_next_one(tmp_path):
+    """uvicorn ends a worker by re-raising SIGTERM (no exit handler runs): its spool survives it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time, pandas as pd; sys.path.insert(0, sys.argv[3]);"
+        "from test_prediction_log import rows;"
+        "from xray.monitoring.prediction_log import BackgroundLog, PredictionLog;"
+        "log = BackgroundLog(PredictionLog(sys.argv[1], 'serving'), flush_s=3600, spool=sys.argv[2]);"
+        "log.append(rows(3)); time.sleep(0.5); import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    here = str(Path(__file__).parent)
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "log"), str(tmp_path / "spool"), here])
+    assert killed.returncode == -9 and read_log(str(tmp_path / "log")).empty
+    assert len(list((tmp_path / "spool").rglob("*.jsonl"))) == 1
+    # The next worker on the same log (a restart, or another worker) writes them before anything else.
+    BackgroundLog(PredictionLog(str(tmp_path / "log"), "serving"), spool=tmp_path / "spool").close()
+    back = read_log(str(tmp_path / "log"))
+    assert back["sha256"].tolist() == rows(3)["sha256"].tolist() and (back["source"] == "serving").all()
+    assert not list((tmp_path / "spool").rglob("*.jsonl"))
 
 
 def test_an_unsupported_log_location_is_one_clear_error():

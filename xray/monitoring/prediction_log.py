@@ -15,13 +15,14 @@ says so in one log line: a log that cannot be written never fails a prediction.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import io
+import json
 import logging
 import os
-import queue
 import secrets
+import tempfile
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 OFF = "off"
 ENVIRONMENT = "XRAY_PREDICTION_LOG"
+SPOOL_ENVIRONMENT = "XRAY_PREDICTION_LOG_SPOOL"  # where serving spools rows (default: the temp folder)
 SOURCES = ("batch", "serving")
 SCHEMA = pa.schema(
     [
@@ -127,7 +129,10 @@ def open_store(root: str, max_attempts: int = 5):
 def log_rows(table: pd.DataFrame, source: str, input_uri: str = "", now: datetime | None = None) -> pd.DataFrame:
     """Prediction rows (xray.serving.predictor.OUTPUT_COLUMNS, path, sha256) as log rows: only the log's columns."""
     rows = pd.DataFrame(index=table.index)
-    rows["time"] = pd.Timestamp(now or datetime.now(timezone.utc))
+    if "time" in table.columns and now is None:  # rows stamped when they were answered (a spool)
+        rows["time"] = pd.to_datetime(table["time"], utc=True, format="ISO8601")
+    else:
+        rows["time"] = pd.Timestamp(now or datetime.now(timezone.utc))
     rows["source"] = source
     rows["input"] = without_credentials(input_uri)
     for column in COLUMNS[3:]:
@@ -183,62 +188,124 @@ class PredictionLog:
 
 
 class BackgroundLog:
-    """A :class:`PredictionLog` written by a daemon thread: ``append`` only stamps the rows and queues them."""
+    """A :class:`PredictionLog` that never makes a request wait on storage.
 
-    def __init__(self, log: PredictionLog, flush_s: float = 10.0):
+    ``append`` (in the request's thread) writes the answer's rows to a local spool file, one JSON line per row; a
+    daemon thread turns the spool into a part every ``flush_rows`` rows or ``flush_s`` seconds, and at exit. A server
+    that ends its worker with a signal (uvicorn re-raises SIGTERM after its graceful shutdown, so no exit handler
+    runs) loses nothing: the next BackgroundLog on the same log (any worker, any restart) first writes the spools
+    that ended processes left. A part that cannot be written stays spooled for the next flush, said in one line.
+    """
+
+    def __init__(self, log: PredictionLog, flush_s: float = 10.0, spool: str | Path | None = None):
         self.log, self.flush_s = log, flush_s
-        self.queue: queue.Queue = queue.Queue()
-        self.lock = threading.Lock()
+        folder = Path(spool or os.environ.get(SPOOL_ENVIRONMENT) or Path(tempfile.gettempdir()) / "xray-prediction-log")
+        self.spool_dir = folder / hashlib.sha256(log.root.encode()).hexdigest()[:12]
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = f"{log.source}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.spool = self.spool_dir / f"{self.prefix}.jsonl"
+        self.spooled, self.rotations = 0, 0
+        self.lock, self.write_lock, self.wake = threading.Lock(), threading.Lock(), threading.Event()
+        self.recover()
         self.thread = threading.Thread(target=self._run, name="xray-prediction-log", daemon=True)
         self.thread.start()
         atexit.register(self.close)
 
-    def append(self, table: pd.DataFrame) -> None:
-        if not table.empty:
-            self.queue.put((table, datetime.now(timezone.utc)))
+    def append(self, table: pd.DataFrame, **columns) -> None:
+        """The rows of one answer (and ``columns``: one value per row each, e.g. ``sha256``), spooled now."""
+        if table.empty:
+            return
+        stamp = datetime.now(timezone.utc).isoformat()
+        records = table[[c for c in COLUMNS[3:] if c in table.columns]].to_dict("records")
+        for name, values in columns.items():
+            for record, value in zip(records, values):
+                record[name] = value
+        text = "".join(json.dumps({"time": stamp, **record}, default=str) + "\n" for record in records)
+        with self.lock:
+            try:
+                with open(self.spool, "a") as handle:
+                    handle.write(text)
+            except OSError:  # the spool's disk: said, and serving goes on
+                logger.exception("prediction log: %d rows could not be spooled", len(records))
+                return
+            self.spooled += len(records)
+            self.log.rows += len(records)
+        if self.spooled >= self.log.flush_rows:
+            self.wake.set()
 
-    def _take(self, item) -> None:
-        table, now = item
-        self.log.pending.append(log_rows(table, self.log.source, self.log.input_uri, now))
-        self.log.rows += len(table)
+    def _write_spool(self, path: Path) -> int:
+        """One part from a spool file, which is removed once the part is written."""
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if records:
+            self.log.pending = [log_rows(pd.DataFrame.from_records(records), self.log.source, self.log.input_uri)]
+            try:
+                self.log.flush()
+            finally:
+                self.log.pending = []
+        path.unlink(missing_ok=True)
+        return len(records)
+
+    def recover(self) -> None:
+        """The spools of processes that ended before they flushed, written to the log now."""
+        for path in sorted(self.spool_dir.glob("*.jsonl")):
+            try:
+                pid = int(path.name.split("-")[1])
+            except (ValueError, IndexError):
+                continue
+            if process_running(pid):
+                continue  # its own thread writes it
+            rows = self._write_spool(path)
+            if rows:
+                logger.info("prediction log: %d rows left by an ended process (pid %d) written", rows, pid)
 
     def _flush(self) -> None:
-        try:
-            self.log.flush()
-        except Exception as error:  # storage down: keep the rows, serve on, say so
-            logger.error(
-                "prediction log %s: %d rows not written yet (%s); retrying at the next flush",
-                without_credentials(self.log.root),
-                sum(len(frame) for frame in self.log.pending),
-                type(error).__name__,
-            )
+        """The spool, moved aside under the lock (requests go on into a new one) and written outside it."""
+        with self.write_lock:
+            with self.lock:
+                if self.spooled:
+                    self.rotations += 1
+                    self.spool.replace(self.spool_dir / f"{self.prefix}.{self.rotations}.jsonl")
+                    self.spooled = 0
+            for path in sorted(self.spool_dir.glob(f"{self.prefix}.*.jsonl")):
+                try:
+                    self._write_spool(path)
+                except Exception as error:  # storage down: the rows stay spooled, serve on, say so
+                    logger.error(
+                        "prediction log %s: rows not written yet (%s); retrying at the next flush",
+                        without_credentials(self.log.root),
+                        type(error).__name__,
+                    )
+                    return
 
     def _run(self) -> None:
-        last = time.monotonic()
         while True:
-            try:
-                item = self.queue.get(timeout=max(0.05, self.flush_s - (time.monotonic() - last)))
-            except queue.Empty:
-                item = None
-            with self.lock:
-                if item is not None:
-                    self._take(item)
-                pending = sum(len(frame) for frame in self.log.pending)
-                if pending and (pending >= self.log.flush_rows or time.monotonic() - last >= self.flush_s):
-                    self._flush()
-                    last = time.monotonic()
-                elif not pending:
-                    last = time.monotonic()
+            self.wake.wait(timeout=self.flush_s)
+            self.wake.clear()
+            self._flush()
 
     def close(self) -> None:
-        """Everything queued so far, written now (at exit too)."""
-        with self.lock:
-            while True:
-                try:
-                    self._take(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._flush()
+        """Everything spooled so far, written now (at exit too); the spool's folders go when nothing is left."""
+        self._flush()
+        atexit.unregister(self.close)
+        for folder in (self.spool_dir, self.spool_dir.parent):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: another worker's spool, or rows not written yet
+                break
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (ended, not reaped yet, as an orphaned server worker in a container) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def from_environment(flush_rows: int = 1000, flush_s: float = 10.0) -> BackgroundLog | None:

@@ -99,9 +99,11 @@ def check_request_size(items: list) -> None:
         )
 
 
-def predict_request(predictor: ChestXrayPredictor, model_input, site: str | None = None) -> pd.DataFrame:
+def predict_request(
+    predictor: ChestXrayPredictor, model_input, site: str | None = None, hashes: list | None = None
+) -> pd.DataFrame:
     """One row per image of a request; InvalidImage when the request is malformed, names a site the version has no
-    operating point for, or no image in it can be read."""
+    operating point for, or no image in it can be read. ``hashes``: filled with each image's sha256."""
     items = _payload_items(model_input)
     check_request_size(items)
     if site is not None and not isinstance(site, str):
@@ -112,17 +114,13 @@ def predict_request(predictor: ChestXrayPredictor, model_input, site: str | None
         raise InvalidImage(str(error)) from None
     payloads = [decode_payload(item, index) for index, item in enumerate(items)]
     table = predictor.predict_bytes(payloads, site or None)
+    if hashes is not None:
+        hashes.extend(hashlib.sha256(data).hexdigest() for data in payloads)
     if (table["status"] == UNREADABLE).all():
         raise InvalidImage(
             "; ".join(f"image {i} cannot be decoded as an image: {reason}" for i, reason in enumerate(table["reason"]))
         )
     return table
-
-
-def with_hashes(table: pd.DataFrame, model_input) -> pd.DataFrame:
-    """The request's rows with each image's sha256, for the prediction log (what a label file joins on)."""
-    payloads = [decode_payload(item, index) for index, item in enumerate(_payload_items(model_input))]
-    return table.assign(sha256=[hashlib.sha256(data).hexdigest() for data in payloads], path="")
 
 
 class _PyfuncModel:
@@ -136,12 +134,13 @@ class _PyfuncModel:
         from mlflow.exceptions import MlflowException  # lazy: the module also loads where MLflow is not imported
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # lazy: MLflow's import takes seconds
 
+        hashes: list[str] = []
         try:
-            table = predict_request(self.predictor, model_input, (params or {}).get("site"))
+            table = predict_request(self.predictor, model_input, (params or {}).get("site"), hashes)
         except InvalidImage as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
         if self.log is not None:
-            self.log.append(with_hashes(table, model_input))
+            self.log.append(table, sha256=hashes, path=[""] * len(hashes))
         return table
 
 
