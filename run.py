@@ -5,7 +5,7 @@ python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cach
 python run.py --pipeline tuning --config configs/tuning_smoke.yaml [--dataset-uri URI] [--no-cache]
 python run.py --pipeline inference --images PATH|s3://prefix|dicomweb://HOST:PORT/dicom-web [--model-version champion|N]
               [--output preds.csv|preds.parquet|s3://bucket/preds.parquet] [--resume] [--explain N] [--write-back]
-              [--site NAME]
+              [--site NAME] [--shards N]
 python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
               [--output outputs/monitoring] [--fail-on-drift]
 python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
@@ -198,6 +198,15 @@ def quiet_expected_failures() -> None:
     "feedback: only that site's predictions.",
 )
 @click.option(
+    "--shards",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="inference: N predict steps, each on its share of the images (a hash of each name), each writing its own "
+    "part beside --output (preds.part-I-of-N.csv, kept for --resume), merged into --output at the end; on the "
+    "SageMaker orchestrator each is its own job.",
+)
+@click.option(
     "--labels",
     default=None,
     help="feedback (required): a CSV with `label` (NORMAL or PNEUMONIA), `sha256` or `sop_instance_uid`, and "
@@ -351,6 +360,7 @@ def main(
     labels: str | None = None,
     period: str | None = None,
     fail_on_degradation: bool = False,
+    shards: int = 1,
 ) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     if verbose and quiet:
@@ -399,6 +409,8 @@ def main(
         fail("--write-back belongs to --pipeline inference with --images dicomweb://HOST:PORT/ROOT (a PACS)", 2)
     if pipeline_name not in ("evaluation", "inference", "feedback") and site:
         fail("--site belongs to --pipeline evaluation, inference or feedback", 2)
+    if shards > 1 and (pipeline_name != "inference" or explain):
+        fail("--shards belongs to --pipeline inference, without --explain (Grad-CAM picks from one stream)", 2)
     if pipeline_name == "feedback" and not labels:
         fail("--pipeline feedback needs --labels FILE.csv (label, and sha256 or sop_instance_uid)", 2)
     if pipeline_name != "feedback" and (labels or period or fail_on_degradation):
@@ -420,7 +432,9 @@ def main(
         config = launch.on_stack(config, stack_name)
         if pipeline_name == "inference":
             output = output or "outputs/predictions.csv"
-            summary = launch.run_inference(config, images, model_version, output, explain, resume, write_back, site)
+            summary = launch.run_inference(
+                config, images, model_version, output, explain, resume, write_back, site, shards
+            )
         elif pipeline_name == "monitoring":
             summary = launch.run_monitoring(config, images, model_version, Path(output or "outputs/monitoring"))
         elif pipeline_name == "tuning":

@@ -6,9 +6,10 @@ from pathlib import Path
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
-from steps.predict import explain_predictions, predict_batch, resolve_model_version
+from steps.predict import explain_predictions, merge_predictions, predict_batch, resolve_model_version
 from steps.tracking import mark_run_failed
 from xray.config import ArchiveLimits, InferenceConfig, RegistryConfig
+from xray.serving import batch
 
 
 @pipeline(name="chest_xray_inference", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
@@ -25,8 +26,30 @@ def inference_pipeline(
     write_back: bool = False,
     site: str | None = None,
     prediction_log: str = "off",
+    shards: int = 1,
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
+    if shards > 1:  # N predict steps, each its own job on a remote orchestrator, then one merge
+        ids = [f"predict_batch_{shard}" for shard in range(shards)]
+        for shard, name in enumerate(ids):
+            predict_batch(
+                model_info,
+                images=images,
+                output=output,
+                resume=resume,
+                inference=inference,
+                registry=registry,
+                limits=limits,
+                s3_max_attempts=s3_max_attempts,
+                write_back=write_back,
+                site=site,
+                log_to=prediction_log,
+                shard=shard,
+                shards=shards,
+                id=name,
+            )
+        merge_predictions(output=output, shards=shards, s3_max_attempts=s3_max_attempts, after=ids)
+        return
     _, to_explain = predict_batch(
         model_info,
         images=images,
@@ -52,9 +75,15 @@ def inference_pipeline(
         )
 
 
-def summarize(load, folder: Path, explain: int) -> dict:
+def summarize(load, folder: Path, explain: int, shards: int = 1) -> dict:
     """The summary line; the Grad-CAM overlays are written to ``folder``."""
-    summary = load("predict_batch", "prediction_summary")
+    if shards > 1:
+        merged = load("merge_predictions", "merged_predictions")
+        parts = [load(f"predict_batch_{shard}", "prediction_summary") for shard in range(shards)]
+        summary = batch.combine_summaries(parts) | {"output": merged["output"], "rows_written": merged["rows_written"]}
+        summary |= {"shards": shards, "parts": merged["parts"]}
+    else:
+        summary = load("predict_batch", "prediction_summary")
     overlays = load("explain_predictions", "gradcam") if explain else {}
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in overlays.items():

@@ -301,15 +301,17 @@ def run_inference(
     resume: bool,
     write_back: bool = False,
     site: str | None = None,
+    shards: int = 1,
 ) -> dict:
-    """Predictions streamed into ``output`` (.csv or .parquet, a path or s3://); Grad-CAM overlays beside it."""
+    """Predictions streamed into ``output`` (.csv or .parquet, a path or s3://); Grad-CAM overlays beside it;
+    ``shards`` predict steps, each on its share of the listing, merged into ``output``."""
     if not output.startswith("s3://"):
         output = str(Path(output).expanduser().resolve())
     folder = Path(output).parent if not output.startswith("s3://") else Path("outputs")
     return launch(
         inference.inference_pipeline,
         in_experiment(config, config.inference.experiment_name),
-        lambda run, load: inference.summarize(load, folder, explain),
+        lambda run, load: inference.summarize(load, folder, explain, shards),
         images=images,
         output=output,
         model_version=model_version,
@@ -321,6 +323,7 @@ def run_inference(
         write_back=write_back,
         site=site,
         prediction_log=config.monitoring.prediction_log,
+        shards=shards,
     )
 
 

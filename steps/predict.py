@@ -100,11 +100,14 @@ def predict_batch(
     write_back: bool = False,
     site: Optional[str] = None,
     log_to: str = prediction_log_module.OFF,
+    shard: int = 0,
+    shards: int = 1,
 ) -> Tuple[Annotated[dict, "prediction_summary"], Annotated[list, "to_explain"]]:
     """Stream every image of ``images`` through the version and write one row per image to ``output``; with
-        ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain); with
-        ``write_back``, one DICOM SR per analysed image into the PACS the images came from (xray.serving.sr); every row
-    also to the prediction log ``log_to`` (monitoring.prediction_log)."""
+            ``explain``, also the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain); with
+            ``write_back``, one DICOM SR per analysed image into the PACS the images came from (xray.serving.sr); every row
+        also to the prediction log ``log_to`` (monitoring.prediction_log). With ``shards`` > 1, only share ``shard`` of
+    the listing (xray.serving.batch.shard_of), into its own part beside ``output``."""
     predictor = _load(model_info, registry)
     point, threshold, _ = predictor.operating_point(site)  # an unknown site fails before any image is read
     predictor.site = site
@@ -112,6 +115,7 @@ def predict_batch(
         sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
     )
     log = prediction_log(log_to, images)
+    output = batch.shard_output(output, shard, shards)
     with batch.PredictionWriter(output, resume, s3_max_attempts, log=log) as writer:
         result = batch.predict_source(
             predictor,
@@ -122,6 +126,7 @@ def predict_batch(
             max_attempts=s3_max_attempts,
             explain=explain,
             on_batch=reports.write if reports else None,
+            shard=(shard, shards),
         )
     summary = result.summary() | {
         "output": output,
@@ -134,27 +139,40 @@ def predict_batch(
     if reports is not None:
         summary |= reports.summary()
     logger.info("predicted %s: %s", images, summary)
+    # Shards share the pipeline's MLflow run: each logs under its own prefix.
+    prefix = f"shard_{shard}." if shards > 1 else ""
     with mlflow_run():
         log_config(inference=inference)
         mlflow.log_params(
             {
-                "model_uri": model_info["uri"],
-                "model_version": model_info["version"],
-                "images": images,
-                "output": output,
-                "resume": resume,
-                "write_back": write_back,
-                "site": site or "",
-                "operating_point": point,
-                "threshold": model_info["threshold"],
-                "image_size": model_info["image_size"],
+                f"{prefix}{key}": value
+                for key, value in {
+                    "model_uri": model_info["uri"],
+                    "model_version": model_info["version"],
+                    "images": images,
+                    "output": output,
+                    "resume": resume,
+                    "write_back": write_back,
+                    "site": site or "",
+                    "operating_point": point,
+                    "threshold": model_info["threshold"],
+                    "image_size": model_info["image_size"],
+                }.items()
             }
         )
-        mlflow.log_metrics(
-            {key: value for key, value in summary.items() if isinstance(value, (int, float)) and value is not None}
-            | {f"predicted_{label.lower()}": count for label, count in result.predicted.items()}
-        )
+        metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
+        metrics |= {f"predicted_{label.lower()}": count for label, count in result.predicted.items()}
+        mlflow.log_metrics({f"{prefix}{key}": value for key, value in metrics.items()})
     return summary, result.to_explain
+
+
+@step(enable_cache=False)
+def merge_predictions(output: str, shards: int, s3_max_attempts: int = 5) -> Annotated[dict, "merged_predictions"]:
+    """The shards' parts as one output (the parts stay: a rerun with --resume reads them)."""
+    parts = [batch.shard_output(output, shard, shards) for shard in range(shards)]
+    rows = batch.merge_outputs(parts, output, s3_max_attempts)
+    logger.info("merged %d shards into %s: %d rows", shards, output, rows)
+    return {"output": output, "rows_written": rows, "parts": parts}
 
 
 @step(enable_cache=False, experiment_tracker=True)

@@ -192,6 +192,8 @@ class TrainConfig(_Section):
     augmentation: Augmentation = Augmentation()
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: on when a GPU is present.")
     jit_compile: Literal["auto", "on", "off"] = Field("auto", description="XLA. auto: on when a GPU is present.")
+    # auto: mirrored with several GPUs. batch_size is per replica; learning rates scale with replicas (USER_GUIDE).
+    distribution: Literal["auto", "none", "mirrored"] = Field("auto", description="TensorFlow distribution strategy.")
     backup_dir: str | None = Field(None, description="BackupAndRestore root; a run of the same config resumes from it.")
 
 

@@ -836,3 +836,34 @@ def test_two_batches_and_serving_meet_their_labels_and_a_week_that_went_wrong_al
     experiment = client.get_experiment_by_name("chest-xray-feedback")
     runs = client.search_runs([experiment.experiment_id])
     assert any(run.data.tags.get("degraded") == "true" for run in runs)
+
+
+def test_sharded_inference_fans_out_steps_and_writes_the_rows_of_one_run(local, tmp_path):
+    """--shards 3: three predict steps in the run, each its own part beside the output, merged into it; every image
+    once, scored as the champion scores it; a rerun with --resume predicts nothing again."""
+    env = local.env
+    output = tmp_path / "out" / "preds.parquet"
+    command = [
+        ROOT / "run.py",
+        "--pipeline",
+        "inference",
+        "--images",
+        local.images,
+        "--output",
+        output,
+        "--shards",
+        "3",
+    ]
+    summary = summary_of(run_command(command, env, 900))
+    table = pd.read_parquet(output)
+    assert summary["shards"] == 3 and summary["rows_written"] == len(table) == 20 == summary["images"]
+    assert sorted(table["path"]) == sorted(str(p) for p in local.images.glob("*.jpeg"))
+    parts = [output.with_name(f"preds.part-{i}-of-3.parquet") for i in range(3)]
+    assert summary["parts"] == [str(p) for p in parts] and sum(len(pd.read_parquet(p)) for p in parts) == 20
+    np.testing.assert_allclose(table["probability"], champion_probabilities(env, table["path"]), atol=1e-5)
+    script = "import sys; from zenml.client import Client; print(sorted(Client().get_pipeline_run(sys.argv[1]).steps))"
+    steps = run_command(["-c", script, summary["pipeline_run_id"]], env, 120)
+    expected = "['merge_predictions', 'predict_batch_0', 'predict_batch_1', 'predict_batch_2', 'resolve_model_version']"
+    assert steps.stdout.strip() == expected, steps.stderr[-2000:]
+    again = summary_of(run_command([*command, "--resume"], env, 900))
+    assert again["skipped_already_predicted"] == 20 and again["rows_written"] == 20

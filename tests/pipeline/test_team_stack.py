@@ -319,6 +319,18 @@ def test_batch_inference_on_a_folder(team, trained):
     pngs = sorted((home / "out").glob("gradcam_*.png"))
     assert len(pngs) == 2 and all(p.stat().st_size > 1000 for p in pngs)
     (images / "corrupt.jpeg").unlink()
+    # Every row is in the prediction log, in the stack's bucket (through ZenML's S3 artifact store), and the
+    # feedback pipeline reads it back from there.
+    assert summary["prediction_log_rows"] == 21
+    assert [key for key in bucket_keys(team) if key.startswith("zenml/prediction_log/date=")]
+    answered = table[table["status"] == "ok"]
+    labels = pd.DataFrame({"sha256": [*answered["sha256"], "f" * 64], "label": [*answered["label"], "NORMAL"]})
+    labels.to_csv(home / "labels.csv", index=False)
+    feedback = team.run("--pipeline", "feedback", "--labels", str(home / "labels.csv"), "--output", str(home / "fb"))
+    assert feedback["labelled_predictions"] == len(answered) and feedback["unmatched_labels"] == 1
+    assert feedback["logged_predictions"] >= 21 and feedback["alerts"] == []
+    performance = pd.read_csv(home / "fb" / "performance.csv")
+    assert performance["answered"].sum() == len(answered) and (performance["sensitivity"].fillna(1) == 1).all()
 
 
 def _post(port, body):

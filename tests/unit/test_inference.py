@@ -241,3 +241,40 @@ def test_nothing_in_a_folder_is_skipped_silently(predictor, tmp_path):
         "system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)": 1,
     }
     assert sum(summary["predicted"].values()) + summary["out_of_distribution"] + summary["out_of_scope"] == 11
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_shards_split_a_source_by_name_and_their_merged_rows_equal_one_run(predictor, tmp_path, suffix):
+    from xray.serving.batch import combine_summaries as combined
+    from xray.serving.batch import merge_outputs, shard_of, shard_output
+
+    folder = images_folder(tmp_path / "in", 13)
+    settings = InferenceConfig(batch_size=4, fetch_workers=2, window=8)
+    single = str(tmp_path / f"one{suffix}")
+    with PredictionWriter(single) as writer:
+        predict_source(predictor, str(folder), settings, writer)
+    output = str(tmp_path / f"sharded{suffix}")
+    parts, summaries = [], []
+    for shard in range(3):
+        parts.append(shard_output(output, shard, 3))
+        with PredictionWriter(parts[-1]) as writer:
+            result = predict_source(predictor, str(folder), settings, writer, shard=(shard, 3))
+        summaries.append(result.summary() | {"rows_written": writer.rows})
+    assert parts[1] == str(tmp_path / f"sharded.part-1-of-3{suffix}") and shard_output(output, 0, 1) == output
+    assert merge_outputs(parts, output) == 13 == combined(summaries)["images"] == combined(summaries)["rows_written"]
+    read = (lambda p: pd.read_csv(p, keep_default_na=False)) if suffix == ".csv" else pd.read_parquet
+    one, merged = read(single), read(output)
+    by_name = lambda t: t.sort_values("path").reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(by_name(merged), by_name(one), check_dtype=False)
+    # Every file in exactly one shard, the same one whatever the listing's order.
+    owners = {path: shard_of(path, 3) for path in one["path"]}
+    assert {shard: sum(1 for s in owners.values() if s == shard) for shard in range(3)} == {
+        shard: len(read(part)) for shard, part in enumerate(parts)
+    }
+    assert [shard_of(path, 3) for path in sorted(owners, reverse=True)] == [
+        owners[p] for p in sorted(owners, reverse=True)
+    ]
+    # Resume per shard: a rerun of one shard predicts nothing again.
+    with PredictionWriter(parts[0], resume=True) as writer:
+        again = predict_source(predictor, str(folder), settings, writer, shard=(0, 3))
+    assert again.skipped == again.images == len(read(parts[0])) and writer.rows == 0

@@ -45,10 +45,16 @@ def device_policy(config: TrainConfig) -> DevicePolicy:
     return DevicePolicy(gpus, resolve(config.mixed_precision), resolve(config.jit_compile))
 
 
-def distribution_strategy(policy: DevicePolicy):
+def distribution_strategy(setting: str = "auto"):
+    """train.distribution: ``none`` the default strategy; ``mirrored`` a MirroredStrategy over the visible GPUs, or
+    over every logical CPU device where there is no GPU (how it is tested here); ``auto`` mirrored when several GPUs
+    are visible. Replicas: ``strategy.num_replicas_in_sync``."""
     import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
-    return tf.distribute.MirroredStrategy() if policy.gpus > 1 else tf.distribute.get_strategy()
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if setting == "none" or (setting == "auto" and len(gpus) < 2):
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(gpus or [device.name for device in tf.config.list_logical_devices("CPU")])
 
 
 @contextmanager

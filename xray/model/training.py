@@ -214,8 +214,15 @@ def fit(
     import keras  # lazy: Keras imports TensorFlow, seconds
 
     policy = device_policy(train_config)
-    log(f"training on {policy.describe()}")
-    with resolved_weights(model_config.weights) as weights, distribution_strategy(policy).scope():
+    strategy = distribution_strategy(train_config.distribution)
+    replicas = strategy.num_replicas_in_sync
+    # batch_size is per replica. The global batch grows with the replicas, and so do the learning rates: the linear
+    # scaling rule (Goyal et al. 2017), which the warm-up of the cosine schedule softens.
+    batch = spec.batch_size * replicas
+    if replicas > 1:
+        train_ds, val_ds = train_ds.rebatch(batch), val_ds.rebatch(batch)
+    log(f"training on {policy.describe()}, {replicas} replica(s) ({type(strategy).__name__}), global batch {batch}")
+    with resolved_weights(model_config.weights) as weights, strategy.scope():
         model, backbone = build_model(model_config, weights, policy.mixed_precision)
     pretrained = weights is not None
     phases = []
@@ -246,14 +253,15 @@ def fit(
         if until <= start_epoch:
             continue
         set_backbone_trainable(backbone, trainable_top)
-        steps = math.ceil(train_images / spec.batch_size) * (until - start_epoch)
-        compile_model(
-            model,
-            learning_rate_schedule(train_config, learning_rate, steps, train_images / spec.batch_size),
-            train_config.label_smoothing,
-            policy.jit_compile,
-            train_config.weight_decay,
-        )
+        steps = math.ceil(train_images / batch) * (until - start_epoch)
+        with strategy.scope():
+            compile_model(
+                model,
+                learning_rate_schedule(train_config, learning_rate * replicas, steps, train_images / batch),
+                train_config.label_smoothing,
+                policy.jit_compile,
+                train_config.weight_decay,
+            )
         # Stopping only: the best epoch's weights are kept by RunState across phases and restarts.
         early_stopping = keras.callbacks.EarlyStopping(
             monitor=MONITOR,
@@ -266,12 +274,12 @@ def fit(
             early_stopping,
             *(extra_callbacks or []),
             state.callback(),
-            progress_callback(spec.batch_size),  # last: its "epoch N/M:" line means every callback saw epoch N end
+            progress_callback(batch),  # last: its "epoch N/M:" line means every callback saw epoch N end
         ]
         if checkpoint_dir is not None:
             callbacks.insert(0, keras.callbacks.BackupAndRestore(str(checkpoint_dir / name), delete_checkpoint=True))
         log(
-            f"phase {name}: epochs {start_epoch + 1}-{until}, learning_rate={learning_rate:g}, "
+            f"phase {name}: epochs {start_epoch + 1}-{until}, learning_rate={learning_rate * replicas:g}, "
             f"trainable backbone layers={'all' if trainable_top is None else trainable_top}"
         )
         # BackupAndRestore tells fit where to resume through the model's `_initial_epoch`, and nothing resets it:

@@ -131,8 +131,7 @@ class PredictionWriter:
             self.log.append(table)
 
     def close(self) -> None:
-        """The output first; then the log's last part (a log that cannot be written fails the run, after the
-        output is safe)."""
+        """The output first, then the log's last part (a log that cannot be written fails the run, output safe)."""
         if self.format == "csv":
             self._csv.close()
         elif self._parquet is not None:
@@ -229,6 +228,55 @@ class _Item:
 _DEFAULTS = InferenceConfig()
 
 
+def merge_outputs(parts: list[str], output: str, max_attempts: int = 5) -> int:
+    """The shards' outputs (CSV or Parquet, local or s3://) as one file at ``output``, in shard order; the parts are
+    kept (a rerun with resume reads them). Returns the rows written."""
+    with PredictionWriter(output, resume=False, max_attempts=max_attempts) as writer:
+        for part in parts:
+            writer.write(read_output(part, max_attempts))
+        return writer.rows
+
+
+def read_output(output: str, max_attempts: int = 5) -> pd.DataFrame:
+    """A predictions file (CSV or Parquet, local or s3://) as written by :class:`PredictionWriter`."""
+    with tempfile.TemporaryDirectory(prefix="xray-part-") as folder:
+        local = Path(output).expanduser()
+        if output.startswith("s3://"):
+            location = s3.parse_s3_uri(output)
+            local = Path(folder, PurePosixPath(location.key).name)
+            s3.make_client(max_attempts).download_file(location.bucket, location.key, str(local))
+        if OUTPUT_FORMATS[local.suffix.lower()] == "csv":
+            return pd.read_csv(local, keep_default_na=False, dtype=str)[PREDICTION_COLUMNS].replace("", None)
+        return pd.read_parquet(local)[PREDICTION_COLUMNS]
+
+
+def combine_summaries(summaries: list[dict]) -> dict:
+    """The shards' summaries as one: counts added, the rest from the first shard, each shard's rate kept."""
+    total = dict(summaries[0])
+    for key, value in summaries[0].items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            total[key] = sum(s[key] for s in summaries)
+        elif isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
+            names = sorted({name for s in summaries for name in s[key]})
+            total[key] = {n: sum(s[key].get(n, 0) for s in summaries) for n in names}
+    total["images_per_second"] = [s["images_per_second"] for s in summaries]
+    return total
+
+
+def shard_of(name: str, shards: int) -> int:
+    """Which of ``shards`` a listed file belongs to: a hash of its name in the listing, so every run (and every
+    resume) splits a source the same way, whatever order the listing comes in."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % shards
+
+
+def shard_output(output: str, shard: int, shards: int) -> str:
+    """Where shard ``shard`` of ``shards`` writes its rows: beside ``output`` (``preds.part-1-of-4.csv``)."""
+    if shards == 1:
+        return output
+    path = PurePosixPath(output)
+    return str(path.with_name(f"{path.stem}.part-{shard}-of-{shards}{path.suffix}"))
+
+
 def predict_source(
     predictor,
     source: str,
@@ -241,14 +289,19 @@ def predict_source(
     examples: int = 0,
     explain: int = 0,
     on_batch: Callable[[pd.DataFrame], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> StreamResult:
     """Every file of ``source`` (folder, zip, s3:// prefix or dicomweb://) through :func:`predict_stream` with
     ``settings``; the listing's junk files (and a PACS's non-image instances) are counted with the files that were
-    not read."""
+    not read. ``shard`` (i, n): only the files :func:`shard_of` puts in share i of n."""
     junk = Counter()
+    refs = list_images(source, limits, max_attempts=max_attempts, skipped=junk)
+    index, shards = shard
+    if shards > 1:
+        refs = (ref for ref in refs if shard_of(ref.name, shards) == index)
     result = predict_stream(
         predictor,
-        list_images(source, limits, max_attempts=max_attempts, skipped=junk),
+        refs,
         writer,
         batch_size=settings.batch_size,
         workers=settings.fetch_workers,
