@@ -252,3 +252,24 @@ def test_sagemaker_docs_say_how_to_delete_the_eventbridge_schedule():
     docs = (ROOT / "docs" / "sagemaker.md").read_text()
     assert "aws scheduler delete-schedule --name" in docs
     assert "ZenML removes the EventBridge schedule" not in docs
+
+
+def test_the_multi_gpu_config_is_the_single_gpu_one_with_four_gpus_mirrored():
+    """configs/training_sagemaker_multi_gpu.yaml validates like training_sagemaker.yaml and differs from it only in
+    the train step's instance and the strategy."""
+    import yaml
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+    from zenml.integrations.aws.flavors.sagemaker_step_operator_flavor import SagemakerStepOperatorSettings
+
+    multi_path = ROOT / "configs" / "training_sagemaker_multi_gpu.yaml"
+    multi = load_config(multi_path)
+    zenml_config = PipelineRunConfiguration.model_validate(multi.zenml)
+    step = SagemakerStepOperatorSettings.model_validate(
+        zenml_config.steps["train_model"].settings["step_operator.sagemaker"].model_dump()
+    )
+    assert step.estimator_args["instance_type"] == "ml.g5.12xlarge" and multi.train.distribution == "mirrored"
+    one, four = yaml.safe_load(CONFIG.read_text()), yaml.safe_load(multi_path.read_text())
+    arguments = four["zenml"]["steps"]["train_model"]["settings"]["step_operator.sagemaker"]["estimator_args"]
+    arguments["instance_type"] = "ml.g5.xlarge"
+    del four["train"]["distribution"]
+    assert four == one
