@@ -47,11 +47,38 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p))
 
 
+def runtimes_for(model, core, precisions: list[str]) -> dict:
+    """name -> a function from a batch of pixels to probabilities: compiled Keras, and OpenVINO at each precision
+    (the model exported as a SavedModel and converted)."""
+    import openvino as ov
+    import tensorflow as tf
+
+    keras_call = tf.function(lambda batch: model(batch, training=False), jit_compile=False)
+    with tempfile.TemporaryDirectory() as folder:
+        model.export(folder, format="tf_saved_model", verbose=False)
+        converted = ov.convert_model(folder)
+    runtimes = {"keras fp32": lambda b: keras_call(tf.constant(b)).numpy().ravel()}
+    for precision in precisions:
+        compiled = core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        runtimes[f"openvino {precision}"] = lambda b, c=compiled: np.asarray(c(b)[0]).ravel()
+    return runtimes
+
+
+def rates_of(runtimes: dict, batches: list[np.ndarray], rounds: int) -> dict[str, float]:
+    """Median images/s of each runtime over ``rounds`` passes, the runtimes alternating within each round."""
+    rates = {name: [] for name in runtimes}
+    for _ in range(rounds):
+        for name, run in runtimes.items():
+            started = time.perf_counter()
+            for b in batches:
+                run(b)
+            rates[name].append(sum(len(b) for b in batches) / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
 def speed_only(size: int, rounds: int, core, precisions: list[str]) -> dict:
     """The same rates for the production recipe's shape: ResNet50V2 at ``size`` px with random weights (speed does
     not depend on them; no probability is compared)."""
-    import openvino as ov
-    import tensorflow as tf
 
     from xray.config import ModelConfig
     from xray.model.network import build_model
@@ -59,27 +86,13 @@ def speed_only(size: int, rounds: int, core, precisions: list[str]) -> dict:
     model, _ = build_model(ModelConfig(image_size=size), None)
     x = np.random.default_rng(0).uniform(0, 255, (256, size, size, 3)).astype(np.float32)
     batches = [x[i : i + 32] for i in range(0, len(x), 32)]
-    keras_call = tf.function(lambda batch: model(batch, training=False), jit_compile=False)
-    with tempfile.TemporaryDirectory() as folder:
-        model.export(folder, format="tf_saved_model", verbose=False)
-        converted = ov.convert_model(folder)
-    runtimes = {"keras fp32": lambda b: keras_call(tf.constant(b)).numpy()}
-    for precision in precisions:
-        compiled = core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision})
-        runtimes[f"openvino {precision}"] = lambda b, c=compiled: c(b)[0]
-    rates = {name: [] for name in runtimes}
-    for name, run in runtimes.items():
+    runtimes = runtimes_for(model, core, precisions)
+    for run in runtimes.values():
         run(batches[0])
-    for _ in range(rounds):
-        for name, run in runtimes.items():
-            started = time.perf_counter()
-            for b in batches:
-                run(b)
-            rates[name].append(len(x) / (time.perf_counter() - started))
-    keras_rate = statistics.median(rates["keras fp32"])
+    rates = rates_of(runtimes, batches, rounds)
     return {
-        name: {"images_per_s": round(statistics.median(v), 1), "speedup": round(statistics.median(v) / keras_rate, 3)}
-        for name, v in rates.items()
+        name: {"images_per_s": round(rate, 1), "speedup": round(rate / rates["keras fp32"], 3)}
+        for name, rate in rates.items()
     } | {"image_size": size}
 
 
@@ -93,7 +106,6 @@ def main(model_version: str, rounds: int, speed_size: int) -> None:
     import bench
     import mlflow
     import openvino as ov
-    import tensorflow as tf
 
     from xray.registry import store, tracking
 
@@ -103,34 +115,20 @@ def main(model_version: str, rounds: int, speed_size: int) -> None:
     x, y = _test_images(predictor.image_size)
     batches = [x[i : i + 32] for i in range(0, len(x), 32)]
 
-    keras_call = tf.function(lambda batch: model(batch, training=False), jit_compile=False)
-    with tempfile.TemporaryDirectory() as folder:
-        model.export(folder, format="tf_saved_model", verbose=False)
-        converted = ov.convert_model(folder)
     core = ov.Core()
-    runtimes = {"keras fp32": lambda b: keras_call(tf.constant(b)).numpy().ravel()}
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     precisions = ["f32"] + (["bf16"] if "BF16" in capabilities else [])
-    for precision in precisions:
-        compiled = core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision})
-        runtimes[f"openvino {precision}"] = lambda b, c=compiled: np.asarray(c(b)[0]).ravel()
-
-    probabilities, rates = {}, {name: [] for name in runtimes}
-    for name, run in runtimes.items():  # warm-up, and each runtime's probabilities on the whole test split
-        probabilities[name] = np.concatenate([run(b) for b in batches])
-    for _ in range(rounds):
-        for name, run in runtimes.items():
-            started = time.perf_counter()
-            for b in batches:
-                run(b)
-            rates[name].append(len(x) / (time.perf_counter() - started))
+    runtimes = runtimes_for(model, core, precisions)
+    # Warm-up, and each runtime's probabilities on the whole test split.
+    probabilities = {name: np.concatenate([run(b) for b in batches]) for name, run in runtimes.items()}
+    rates = rates_of(runtimes, batches, rounds)
     reference = probabilities["keras fp32"]
     rows = {}
     for name in runtimes:
         p = probabilities[name]
         rows[name] = {
-            "images_per_s": round(statistics.median(rates[name]), 1),
-            "speedup": round(statistics.median(rates[name]) / statistics.median(rates["keras fp32"]), 3),
+            "images_per_s": round(rates[name], 1),
+            "speedup": round(rates[name] / rates["keras fp32"], 3),
             "max_abs_probability_difference": float(np.abs(p - reference).max()),
             "auc": round(_auc(y, p), 5),
             "labels_unchanged": float(((p >= threshold) == (reference >= threshold)).mean()),

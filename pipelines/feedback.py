@@ -7,10 +7,11 @@ import yaml
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
-from steps.feedback import assess_feedback, figures
+from steps.feedback import assess_feedback
 from steps.tracking import mark_run_failed
 from xray.config import EvaluateConfig, MonitoringConfig, RegistryConfig
 from xray.monitoring import feedback
+from xray.monitoring.report import feedback_figures
 
 
 @pipeline(name="chest_xray_feedback", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
@@ -37,9 +38,9 @@ def summarize(load, output: Path, min_sensitivity: float) -> dict:
     summary = load("assess_feedback", "feedback_summary")
     table.to_csv(output / "performance.csv", index=False)
     (output / "report.json").write_text(json.dumps(summary | {"performance": table.to_dict("records")}, default=float))
-    for name, image in figures(table, min_sensitivity, summary.get("auc_floor")).items():
+    for name, image in feedback_figures(table, min_sensitivity, summary.get("auc_floor")).items():
         image.save(output / f"{name}.png")
-    exported, without_image = feedback.export_sources(_joined(rows, summary)) if len(rows) else ({}, 0)
+    exported, without_image = feedback.export_sources(rows, summary["key"]) if len(rows) else ({}, 0)
     sources = []
     if exported:
         (output / "sources").mkdir(exist_ok=True)
@@ -55,9 +56,3 @@ def summarize(load, output: Path, min_sensitivity: float) -> dict:
         "exported_sources": len(sources),
         "labelled_without_stored_image": without_image,
     }
-
-
-def _joined(rows, summary: dict) -> feedback.Joined:
-    return feedback.Joined(
-        rows, summary["labels"], summary["unmatched_labels"], summary["conflicting_labels"], summary["key"]
-    )

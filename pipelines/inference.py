@@ -29,42 +29,29 @@ def inference_pipeline(
     shards: int = 1,
 ) -> None:
     model_info = resolve_model_version(model_version=model_version, registry=registry)
-    if shards > 1:  # N predict steps, each its own job on a remote orchestrator, then one merge
-        ids = [f"predict_batch_{shard}" for shard in range(shards)]
-        for shard, name in enumerate(ids):
-            predict_batch(
-                model_info,
-                images=images,
-                output=output,
-                resume=resume,
-                inference=inference,
-                registry=registry,
-                limits=limits,
-                s3_max_attempts=s3_max_attempts,
-                write_back=write_back,
-                site=site,
-                log_to=prediction_log,
-                shard=shard,
-                shards=shards,
-                id=name,
-            )
+    # With shards, N predict steps (each its own job on a remote orchestrator), then one merge.
+    ids = [f"predict_batch_{shard}" for shard in range(shards)] if shards > 1 else ["predict_batch"]
+    for shard, name in enumerate(ids):
+        _, to_explain = predict_batch(
+            model_info,
+            images=images,
+            output=output,
+            resume=resume,
+            inference=inference,
+            registry=registry,
+            limits=limits,
+            s3_max_attempts=s3_max_attempts,
+            explain=explain,
+            write_back=write_back,
+            site=site,
+            log_to=prediction_log,
+            shard=shard,
+            shards=shards,
+            id=name,
+        )
+    if shards > 1:
         merge_predictions(output=output, shards=shards, s3_max_attempts=s3_max_attempts, after=ids)
-        return
-    _, to_explain = predict_batch(
-        model_info,
-        images=images,
-        output=output,
-        resume=resume,
-        inference=inference,
-        registry=registry,
-        limits=limits,
-        s3_max_attempts=s3_max_attempts,
-        explain=explain,
-        write_back=write_back,
-        site=site,
-        log_to=prediction_log,
-    )
-    if explain:
+    elif explain:
         explain_predictions(
             model_info,
             to_explain,

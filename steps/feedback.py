@@ -15,18 +15,10 @@ from steps.tracking import log_config, log_images, mlflow_run
 from xray.config import EvaluateConfig, MonitoringConfig, RegistryConfig
 from xray.errors import ConfigError
 from xray.monitoring import feedback, prediction_log
-from xray.monitoring.report import feedback_figure, post_alert
+from xray.monitoring.report import feedback_figures, post_alert
 from xray.registry import store
 
 logger = logging.getLogger(__name__)
-
-
-def figures(table: pd.DataFrame, min_sensitivity: float, auc_floor: float | None = None) -> dict:
-    """Each metric over time with its band, and the alert lines: what the MLflow run and the output folder show."""
-    if table.empty:
-        return {}
-    floors = {"sensitivity": min_sensitivity, "auc": auc_floor}
-    return {f"feedback_{m}": feedback_figure(table, m, floors.get(m)) for m in feedback.METRICS}
 
 
 @step(enable_cache=False, experiment_tracker=True)
@@ -76,7 +68,7 @@ def assess_feedback(
     for line in alerts:
         logger.warning(line)
         post_alert(line)
-    plots = figures(result, evaluate.min_sensitivity, summary["auc_floor"])
+    plots = feedback_figures(result, evaluate.min_sensitivity, summary["auc_floor"])
     with mlflow_run():
         log_config(monitoring=monitoring)
         mlflow.log_params({"labels": Path(labels).name, "period": period, "site": site or "", "key": joined.key})

@@ -144,7 +144,8 @@ def test_labelled_batch_images_export_as_sources_and_serving_ones_are_counted():
     dicom = logged(2, MONDAY, start=10).assign(input="dicomweb://pacs/dicom-web", sop_instance_uid=["1.2.3", "1.2.4"])
     serving = logged(3, MONDAY, start=20, source="serving")
     log = pd.concat([batch, dicom, serving], ignore_index=True)
-    sources, without_image = feedback.export_sources(feedback.join(labels_for(log, [1, 0] * 4 + [1]), log))
+    joined = feedback.join(labels_for(log, [1, 0] * 4 + [1]), log)
+    sources, without_image = feedback.export_sources(joined.rows, joined.key)
     assert without_image == 3
     assert list(sources["/data/batch"].columns) == ["file", "label"] and len(sources["/data/batch"]) == 4
     assert sources["dicomweb://pacs/dicom-web"]["sop_instance_uid"].tolist() == ["1.2.3", "1.2.4"]

@@ -189,12 +189,12 @@ def degradations(
     return lines
 
 
-def export_sources(joined: Joined) -> tuple[dict[str, pd.DataFrame], int]:
-    """The labelled images of batch runs as training sources (data.sources): per input URI a labels table keyed by
+def export_sources(rows: pd.DataFrame, key: str) -> tuple[dict[str, pd.DataFrame], int]:
+    """The labelled images of batch runs (``rows``: :attr:`Joined.rows`) as training sources (data.sources): per input URI a labels table keyed by
     ``sop_instance_uid`` when every row has one, else by file name; and how many labelled predictions have no
     stored image (serving requests), which cannot be exported."""
-    rows = joined.rows.drop_duplicates([joined.key, "input"])
-    stored = rows[(rows["source"] == "batch") & (rows["input"] != "")]
+    labelled = rows.drop_duplicates([key, "input"])
+    stored = labelled[(labelled["source"] == "batch") & (labelled["input"] != "")]
     sources = {}
     for uri, group in stored.groupby("input", sort=True):
         if (group["sop_instance_uid"] != "").all():
@@ -202,5 +202,5 @@ def export_sources(joined: Joined) -> tuple[dict[str, pd.DataFrame], int]:
         else:
             table = pd.DataFrame({"file": group["path"], "truth_label": group["truth_label"]})
         sources[uri] = table.rename(columns={"truth_label": "label"}).drop_duplicates().reset_index(drop=True)
-    without_image = int(joined.rows[(joined.rows["source"] != "batch") | (joined.rows["input"] == "")].shape[0])
+    without_image = int(((rows["source"] != "batch") | (rows["input"] == "")).sum())
     return sources, without_image

@@ -137,10 +137,9 @@ def log_rows(table: pd.DataFrame, source: str, input_uri: str = "", now: datetim
     rows["input"] = without_credentials(input_uri)
     for column in COLUMNS[3:]:
         rows[column] = table[column] if column in table.columns else None
-    for column in ("path", "model_version", "site", "operating_point", "sha256", "label", "status", "reason"):
-        rows[column] = rows[column].fillna("").astype(str)
-    for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
-        rows[column] = rows[column].fillna("").astype(str)
+    for field in SCHEMA:
+        if pa.types.is_string(field.type) and field.name not in ("source", "input"):
+            rows[field.name] = rows[field.name].fillna("").astype(str)
     return rows.reset_index(drop=True)
 
 

@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 from xray.evaluation.plots import image_grid, to_image  # noqa: E402
 from xray.monitoring import ood  # noqa: E402
 from xray.monitoring.drift import reason_kind  # noqa: E402
+from xray.monitoring.feedback import METRICS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +292,14 @@ def feedback_figure(table: pd.DataFrame, metric: str, floor: float | None = None
     axis.legend(fontsize=8)
     figure.tight_layout()
     return to_image(figure)
+
+
+def feedback_figures(table: pd.DataFrame, min_sensitivity: float, auc_floor: float | None = None) -> dict:
+    """Each metric over time with its band and its alert line (sensitivity, AUC): the MLflow run's and the output's."""
+    if table.empty:
+        return {}
+    floors = {"sensitivity": min_sensitivity, "auc": auc_floor}
+    return {f"feedback_{m}": feedback_figure(table, m, floors.get(m)) for m in METRICS}
 
 
 def post_alert(line: str, url: str | None = None, timeout_s: float = 10.0) -> bool:
