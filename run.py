@@ -187,7 +187,12 @@ def quiet_expected_failures() -> None:
     "(kagglehub). evaluation (required): a labelled site, a zip, folder or s3:// zip with NORMAL/ and "
     "PNEUMONIA/ folders at any depth.",
 )
-@click.option("--reviewer", default=None, help="approve, reject, rollback: who decides (recorded with the version).")
+@click.option(
+    "--reviewer",
+    default=None,
+    help="approve, reject, rollback: who decides (recorded with the version); on a tracking server with accounts, "
+    "the signed-in MLFLOW_TRACKING_USERNAME is recorded instead.",
+)
 @click.option("--reason", default=None, help="approve, reject, rollback: why (recorded with the version).")
 @click.option("--to", "to_version", default=None, help="rollback: the version that becomes champion again.")
 @click.option(
@@ -384,8 +389,8 @@ def main(
             fail("rollback needs --to N (the version that becomes champion again)", 2)
         if action != "rollback" and (to_version or model_version == "champion" or not model_version.isdigit()):
             fail(f"{action} needs --model-version N (a version number) and no --to", 2)
-        if not reviewer or not reason:
-            fail(f"{action} needs --reviewer NAME and --reason TEXT", 2)
+        if not reason:
+            fail(f"{action} needs --reason TEXT (and --reviewer NAME where MLflow has no accounts)", 2)
         try:
             from pipelines import launch
 

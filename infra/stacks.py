@@ -10,6 +10,7 @@ the user's back.
 from __future__ import annotations
 
 import logging
+import os
 
 from xray.errors import ConfigError
 
@@ -92,6 +93,11 @@ def use_stack(name: str | None, local_tracking_uri: str, explicit_uri: bool = Fa
     if client.active_stack_model.name != name:
         client.activate_stack(name)
     uri = tracker.get_tracking_uri()
+    # The tracker's account (from its ZenML secret) for this process's own MLflow calls too, unless the user signed
+    # in with another (MLFLOW_TRACKING_USERNAME: a reviewer approving).
+    username, password = tracker.config.tracking_username, tracker.config.tracking_password
+    if username and password and not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = username, password
     if name != LOCAL_STACK and local_tracking_uri != uri and explicit_uri:
         logger.warning(
             "MLFLOW_TRACKING_URI / registry.tracking_uri (%s) is ignored: stack '%s' tracks to %s",

@@ -12,8 +12,13 @@ it, so the next `up` finds every run, model and artifact again. Ports come from 
 Parts (docs/OPERATIONS.md "Team stack"):
   s3rver (npm, objects as files under state/s3)                         http://127.0.0.1:S3_PORT
   PostgreSQL (initdb into state/postgres, password auth; SQLite with a notice if absent)  127.0.0.1:PG_PORT
-  mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://BUCKET/mlflow
-  ZenML server (uvicorn, SQLite under state/zenml, dashboard at /)        http://127.0.0.1:ZENML_PORT
+  mlflow server --app-name xray-basic-auth (infra/mlflow_auth.py), runs and users in PostgreSQL, artifacts in S3
+  ZenML server (uvicorn, OAuth2 password login, SQLite under state/zenml, dashboard at /)  http://127.0.0.1:ZENML_PORT
+
+Accounts (passwords from XRAY_TEAM_* variables, else generated once into state/credentials.json, mode 0600):
+  ZenML `default` (the client logs in with it); MLflow `admin` (sets up the others), `trainer` (EDIT: runs,
+  versions, the candidate alias; the stack's tracker uses it) and `reviewer` (MANAGE on every registered model:
+  approve, reject, roll back); PostgreSQL `mlflow`. S3 (s3rver) checks no keys: it listens on loopback only.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +44,24 @@ from xray.environment import REPO_ROOT
 ROOT = REPO_ROOT
 S3RVER_VERSION = "3.7.1"
 S3RVER_HOME = ROOT / ".cache" / f"s3rver-{S3RVER_VERSION}"
-# s3rver's built-in credentials; the endpoint only listens on 127.0.0.1.
+# s3rver's built-in credentials: it verifies none, so the endpoint only listens on 127.0.0.1 (docs/OPERATIONS.md).
 S3_KEY = S3_SECRET = "S3RVER"
+ZENML_USER = "default"
+# Each password: its environment variable, else generated once into state/credentials.json.
+PASSWORDS = {
+    "postgres_password": "XRAY_TEAM_PG_PASSWORD",
+    "zenml_password": "XRAY_TEAM_ZENML_PASSWORD",
+    "mlflow_admin_password": "XRAY_TEAM_MLFLOW_ADMIN_PASSWORD",
+    "mlflow_trainer_password": "XRAY_TEAM_MLFLOW_TRAINER_PASSWORD",
+    "mlflow_reviewer_password": "XRAY_TEAM_MLFLOW_REVIEWER_PASSWORD",
+    "mlflow_secret_key": "XRAY_TEAM_MLFLOW_SECRET_KEY",
+    "zenml_jwt_secret_key": "XRAY_TEAM_ZENML_JWT_SECRET_KEY",  # signs ZenML's sessions: they outlive a restart
+}
+# What each MLflow account may do, beyond the basic-auth default (READ): (resource type, pattern, permission).
+MLFLOW_GRANTS = {
+    "trainer": [("experiment", "*", "EDIT"), ("registered_model", "*", "EDIT")],
+    "reviewer": [("experiment", "*", "EDIT"), ("registered_model", "*", "MANAGE")],
+}
 REGION = "us-east-1"
 STACK = "team"
 logger = logging.getLogger("team_stack")
@@ -221,7 +243,7 @@ class TeamStack:
     def credentials(self) -> dict[str, str]:
         """Every service password the stack uses; never logged, never in info() or a status line."""
         stored = json.loads(self.credentials_file.read_text()) if self.credentials_file.is_file() else {}
-        wanted = {"postgres_password": os.environ.get("XRAY_TEAM_PG_PASSWORD")}
+        wanted = {key: os.environ.get(variable) for key, variable in PASSWORDS.items()}
         missing = {k for k, v in wanted.items() if not v and k not in stored}
         if missing:
             stored |= {k: secrets.token_urlsafe(24) for k in missing}
@@ -233,15 +255,23 @@ class TeamStack:
             logger.info("generated the team stack's passwords into %s (readable by you only)", self.credentials_file)
         return stored | {k: v for k, v in wanted.items() if v}
 
+    def mlflow_account(self, user: str) -> dict[str, str]:
+        """MLflow's client reads its credentials from these variables (the stack's tracker sets the trainer's)."""
+        return {
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": self.credentials()[f"mlflow_{user}_password"],
+        }
+
     def pg_env(self) -> dict[str, str]:
         """What PostgreSQL's clients (psql, MLflow's psycopg2) read the password from: never a command line or URI."""
         return {"PGPASSWORD": self.credentials()["postgres_password"]}
 
     # -- PostgreSQL for MLflow's backend store: password (SCRAM) authentication, loopback only --
-    def backend_store_uri(self) -> str:
+    def backend_store_uri(self, database: str = "mlflow") -> str:
+        """MLflow's runs and registry (``mlflow``) or its basic-auth users and grants (``mlflow_auth``)."""
         if postgres_bin() is None:
-            return f"sqlite:///{self.state / 'mlflow' / 'mlflow.db'}"
-        return f"postgresql://mlflow@{self.host}:{self.pg_port}/mlflow"
+            return f"sqlite:///{self.state / 'mlflow' / (database + '.db')}"
+        return f"postgresql://mlflow@{self.host}:{self.pg_port}/{database}"
 
     def start_postgres(self) -> str:
         bin_dir = postgres_bin()
@@ -312,28 +342,17 @@ class TeamStack:
             status = "started"
         self._require_passwords(bin_dir, data, as_user)
         exists = subprocess.run(
-            [
-                str(bin_dir / "psql"),
-                "-h",
-                self.host,
-                "-p",
-                str(self.pg_port),
-                "-U",
-                "mlflow",
-                "-d",
-                "postgres",
-                "-tAc",
-                "SELECT 1 FROM pg_database WHERE datname='mlflow'",
-            ],
+            [str(bin_dir / "psql"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow", "-d", "postgres"]
+            + ["-tAc", "SELECT datname FROM pg_database"],
             capture_output=True,
             text=True,
             env=os.environ | self.pg_env(),
         )
         if exists.returncode != 0:
             raise TeamStackError(f"PostgreSQL on port {self.pg_port} does not answer: {exists.stderr.strip()}")
-        if exists.stdout.strip() != "1":
+        for database in {"mlflow", "mlflow_auth"} - set(exists.stdout.split()):
             run(
-                [str(bin_dir / "createdb"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow", "mlflow"],
+                [str(bin_dir / "createdb"), "-h", self.host, "-p", str(self.pg_port), "-U", "mlflow", database],
                 "createdb",
                 self.pg_env(),
             )
@@ -373,17 +392,36 @@ class TeamStack:
         run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], "pg_ctl stop")
         return True
 
-    # -- MLflow tracking server: runs and registry in PostgreSQL, artifacts proxied to S3 --
+    # -- MLflow tracking server: runs, registry and users in PostgreSQL, artifacts proxied to S3, basic-auth --
     def start_mlflow(self) -> str:
         if self._running("mlflow", self.mlflow_url + "/health"):
             return "running"
         self._port_free("mlflow", self.mlflow_port)
         mlflow = Path(sys.executable).parent / "mlflow"
+        # basic-auth's settings; no password in the file (the admin's comes from the environment).
+        auth_config = self.state / "mlflow" / "basic_auth.ini"
+        auth_config.parent.mkdir(parents=True, exist_ok=True)
+        auth_config.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = {self.backend_store_uri('mlflow_auth')}\nadmin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # A password check (PBKDF2) costs a worker about a third of a second on two cores, per request: cached
+            # for a minute per worker, so a changed password may still work on another worker for up to 60 s.
+            "auth_cache_ttl_seconds = 60\n"
+        )
+        credentials = self.credentials()
+        auth_env = {
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": credentials["mlflow_admin_password"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials["mlflow_secret_key"],
+        }
         pid = self._spawn(
             "mlflow",
             [
                 str(mlflow),
                 "server",
+                "--app-name",
+                "xray-basic-auth",
                 "--backend-store-uri",
                 self.backend_store_uri(),
                 "--artifacts-destination",
@@ -396,10 +434,35 @@ class TeamStack:
                 "--workers",
                 "2",
             ],
-            self.s3_env() | (self.pg_env() if postgres_bin() is not None else {}),
+            self.s3_env() | auth_env | (self.pg_env() if postgres_bin() is not None else {}),
         )
         self._wait_healthy("mlflow", self.mlflow_url + "/health", pid)
         return "started"
+
+    def ensure_mlflow_accounts(self) -> None:
+        """As MLflow's admin: the trainer and the reviewer exist, with the current passwords and MLFLOW_GRANTS."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.server.auth.client import AuthServiceClient
+
+        with scoped_environment(self.mlflow_account("admin")):
+            admin = AuthServiceClient(self.mlflow_url)
+            for user, grants in MLFLOW_GRANTS.items():
+                password = self.credentials()[f"mlflow_{user}_password"]
+                try:
+                    admin.get_user(user)
+                    admin.update_user_password(user, password)
+                except MlflowException as error:
+                    if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise TeamStackError(f"MLflow refused its admin account: {str(error)[:300]}") from None
+                    admin.create_user(user, password)
+                for resource_type, pattern, permission in grants:
+                    try:
+                        admin.grant_user_permission(user, resource_type, pattern, permission)
+                    except MlflowException as error:  # granted by an earlier `up`: set it again as MLFLOW_GRANTS says
+                        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                            raise
+                        admin.revoke_user_permission(user, resource_type, pattern)
+                        admin.grant_user_permission(user, resource_type, pattern, permission)
 
     # -- ZenML server: its own config folder and SQLite database under state/zenml --
     def start_zenml(self, wait: bool = True) -> str:
@@ -413,7 +476,10 @@ class TeamStack:
             "ZENML_SERVER": "true",
             "ZENML_CONFIG_PATH": str(home / "config"),
             "ZENML_STORE_URL": f"sqlite:///{home / 'zenml.db'}",
-            "ZENML_SERVER_AUTH_SCHEME": "NO_AUTH",
+            "ZENML_SERVER_AUTH_SCHEME": "OAUTH2_PASSWORD_BEARER",
+            "ZENML_DEFAULT_USER_NAME": ZENML_USER,
+            "ZENML_DEFAULT_USER_PASSWORD": self.credentials()["zenml_password"],
+            "ZENML_SERVER_JWT_SECRET_KEY": self.credentials()["zenml_jwt_secret_key"],
             "ZENML_SERVER_DEPLOYMENT_TYPE": "local",
             "ZENML_SERVER_AUTO_ACTIVATE": "True",
             "ZENML_SERVER_ALLOW_LOCAL_FILE_ACCESS": "true",
@@ -441,13 +507,38 @@ class TeamStack:
 
     # -- the zenml client and the stack --
     def connect_client(self) -> None:
-        """What `zenml login` does for a local server: the global config's store becomes the server."""
+        """What `zenml login --username --password` does: the global config's store becomes the server, and the
+        password goes into ZenML's credentials store (the user's config folder), from which the client logs in."""
         from zenml.config.global_config import GlobalConfiguration
+        from zenml.login.credentials_store import get_credentials_store
         from zenml.zen_stores.rest_zen_store import RestZenStoreConfiguration
 
+        self.zenml_token()  # the password is right (set on an older server first)
+        password = self.credentials()["zenml_password"]
+        credentials = get_credentials_store()
+        credentials.set_password(self.zenml_url, ZENML_USER, password)
+        os.chmod(credentials._credentials_file, 0o600)  # ZenML writes it 0644; it holds the password now
         config = GlobalConfiguration()
         if config.store_configuration.url != self.zenml_url:
             config.set_store(RestZenStoreConfiguration(url=self.zenml_url))
+
+    def zenml_token(self) -> str:
+        """A bearer token for the ZenML server's REST API. A server started by an older stack (NO_AUTH) has the user
+        `default` with an empty password: it gets the generated one first."""
+        password = self.credentials()["zenml_password"]
+        token = zenml_login(self.zenml_url, ZENML_USER, password)
+        if token is not None:
+            return token
+        old = zenml_login(self.zenml_url, ZENML_USER, "")
+        if old is None:
+            raise TeamStackError(
+                f"the ZenML server refuses user '{ZENML_USER}' with the password in {self.credentials_file} "
+                "(or XRAY_TEAM_ZENML_PASSWORD)"
+            )
+        body = {"password": password, "old_password": ""}
+        zenml_request(self.zenml_url, "/api/v1/current-user", old, body, "PUT")
+        logger.info("the ZenML server now asks for a password (it had none before)")
+        return zenml_login(self.zenml_url, ZENML_USER, password)
 
     def register_stack(self) -> str:
         from zenml.client import Client
@@ -455,16 +546,18 @@ class TeamStack:
 
         client = Client()
         self.skip_onboarding()
+        tracker_secret = f"{STACK}-mlflow"
+        # The tracker logs in to MLflow as the trainer: it registers versions and never moves `champion`.
+        values = {"username": "trainer", "password": self.credentials()["mlflow_trainer_password"]}
+        if client.list_secrets(name=tracker_secret).items:
+            client.update_secret(tracker_secret, add_or_update_values=values)
+        else:
+            client.create_secret(tracker_secret, values=values)
         if any(s.name == STACK for s in client.list_stacks(name=STACK)):
             return "registered"
         secret = f"{STACK}-s3"
         if not client.list_secrets(name=secret).items:
             client.create_secret(secret, values={"key": S3_KEY, "secret": S3_SECRET})
-        tracker_secret = f"{STACK}-mlflow"
-        if not client.list_secrets(name=tracker_secret).items:
-            # The local tracking server has no authentication; ZenML's tracker asks for credentials with any
-            # http(s) URI, and MLflow ignores these. A real server's token goes into this secret instead.
-            client.create_secret(tracker_secret, values={"username": "xray", "password": "no-auth"})
         client.create_stack_component(
             f"{STACK}-s3",
             "s3",
@@ -501,19 +594,12 @@ class TeamStack:
     def skip_onboarding(self) -> None:
         """The dashboard's first-run form (account details, survey) is shown while the user's email_opted_in is
         unset and the survey unfinished; answer both for the server's user. Only PUT /current-user may set
-        email_opted_in (the users endpoint drops it); the server has no authentication (NO_AUTH, 127.0.0.1 only)."""
+        email_opted_in (the users endpoint drops it)."""
         body = {
             "email_opted_in": False,
             "user_metadata": {"finished_onboarding_survey": True, "awareness_channels": ["team-stack"]},
         }
-        request = urllib.request.Request(
-            f"{self.zenml_url}/api/v1/current-user",
-            data=json.dumps(body).encode(),
-            method="PUT",
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            user = json.loads(response.read())
+        user = zenml_request(self.zenml_url, "/api/v1/current-user", self.zenml_token(), body, "PUT")
         if user["body"]["email_opted_in"] is not False:
             raise TeamStackError("the ZenML server did not record the dashboard's onboarding answers")
 
@@ -533,6 +619,7 @@ class TeamStack:
         # first and is awaited last, while S3, PostgreSQL and MLflow start in turn.
         zenml = self.start_zenml(wait=False)
         services = {"s3": self.start_s3(), "postgres": self.start_postgres(), "mlflow": self.start_mlflow()}
+        self.ensure_mlflow_accounts()
         if zenml == "started":
             self._wait_healthy("zenml", self.zenml_url + "/health", self._pid("zenml"))
         services["zenml"] = zenml
@@ -683,6 +770,48 @@ def healthy(url: str, timeout_s: float = 2) -> bool:
             return response.status < 400
     except Exception:  # noqa: BLE001 - anything but an answer means "not up yet"
         return False
+
+
+def zenml_login(url: str, username: str, password: str) -> str | None:
+    """An access token from the ZenML server's OAuth2 password login, None when it refuses the password."""
+    import urllib.error
+    import urllib.parse
+
+    form = urllib.parse.urlencode({"username": username, "password": password}).encode()
+    request = urllib.request.Request(f"{url}/api/v1/login", data=form, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["access_token"]
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return None
+        raise TeamStackError(f"the ZenML server's login answered {error.code}") from None
+
+
+def zenml_request(url: str, path: str, token: str, body: dict | None = None, method: str = "GET") -> dict:
+    request = urllib.request.Request(
+        url + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@contextmanager
+def scoped_environment(values: dict[str, str]):
+    """``values`` in os.environ for the block (MLflow's clients read their credentials there), then as before."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def tail(path: Path, lines: int = 20) -> str:

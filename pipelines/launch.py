@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 from uuid import UUID
 
+import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 from zenml import Model
@@ -42,6 +43,7 @@ def on_stack(config: PipelineConfig, stack_name: str | None) -> PipelineConfig:
     registry reads (and the summary) name the store the tracker logs to."""
     explicit = bool(os.environ.get("MLFLOW_TRACKING_URI") or config.registry.tracking_uri)
     name, uri = use_stack(stack_name, tracking.tracking_uri(config.registry.tracking_uri), explicit)
+    mlflow.set_tracking_uri(uri)  # this process's own fluent MLflow calls (a card's download) go there too
     logger.info("ZenML stack: %s; MLflow: %s", name, uri)
     return config.model_copy(update={"registry": config.registry.model_copy(update={"tracking_uri": uri})})
 
@@ -176,6 +178,14 @@ def train_like(
     stack = Client().active_stack
     schedule = schedule_for(cron, stack.orchestrator, stack.name) if cron else None
     ensure_experiment(config.registry)
+    registry = config.registry
+    account = None if registry.require_approval else tracking.may_promote(registry.tracking_uri, registry.model_name)
+    if account is not None and not account[1]:
+        raise ConfigError(
+            f"the MLflow account '{account[0]}' may not move {config.registry.champion_alias} of "
+            f"{config.registry.model_name} (it needs MANAGE there), so the gate could not promote this run: set "
+            "registry.require_approval: true (a reviewer approves), or train with a reviewer's account"
+        )
     trials = len(parameters.get("trials", ()))
     with ExitStack() as services, tempfile.TemporaryDirectory() as workdir:
         uri = stage_dataset(config, dataset_uri, services)
@@ -381,12 +391,32 @@ def run_evaluation(
     )
 
 
-def decide(config: PipelineConfig, action: str, version: str, reviewer: str, reason: str) -> dict:
+def decide(config: PipelineConfig, action: str, version: str, reviewer: str | None, reason: str) -> dict:
     """``run.py approve|reject|rollback``: a person's decision on a version (xray.registry.promotion), and the ZenML
-    Model version of its training run follows (production, archived)."""
+    Model version of its training run follows (production, archived). On a tracking server with accounts the record
+    names the signed-in account (MLFLOW_TRACKING_USERNAME), never a typed name."""
+    from mlflow.exceptions import MlflowException
+
+    user = tracking.authenticated_user(config.registry.tracking_uri)
+    if user is not None and reviewer and reviewer != user:
+        raise ConfigError(
+            f"--reviewer {reviewer} is not the MLflow account signed in ({user}): the record names the signed-in "
+            "account; drop --reviewer"
+        )
+    reviewer = user or reviewer
+    if not reviewer:
+        raise ConfigError(
+            f"{action} needs --reviewer NAME: the MLflow server at {config.registry.tracking_uri} has no accounts"
+        )
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
     decisions = {"approve": promotion.approve, "reject": promotion.reject, "rollback": promotion.rollback}
-    result = decisions[action](client, config.registry, version, reviewer, reason)
+    try:
+        result = decisions[action](client, config.registry, version, reviewer, reason)
+    except MlflowException as error:
+        refused = tracking.refusal(error)
+        if refused is None:
+            raise
+        raise ConfigError(f"MLflow refused the {action} by account '{reviewer}': {refused}") from None
     zenml_id = client.get_model_version(config.registry.model_name, version).tags.get("zenml.model_version_id")
     stage = "archived" if action == "reject" else "production"
     if zenml_id:

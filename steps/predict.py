@@ -110,6 +110,7 @@ def predict_batch(
     the listing (xray.serving.batch.shard_of), into its own part beside ``output``."""
     predictor = _load(model_info, registry)
     point, threshold, _ = predictor.operating_point(site)  # an unknown site fails before any image is read
+    predictor.use_runtime(inference.runtime)
     predictor.site = site
     reports = (
         sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
@@ -135,6 +136,7 @@ def predict_batch(
         "operating_point": point,
         "threshold": threshold,
         "prediction_log_rows": log.written if log is not None else 0,
+        "runtime": predictor.runtime,
     }
     if reports is not None:
         summary |= reports.summary()
@@ -157,6 +159,7 @@ def predict_batch(
                     "operating_point": point,
                     "threshold": model_info["threshold"],
                     "image_size": model_info["image_size"],
+                    "runtime": predictor.runtime,
                 }.items()
             }
         )
@@ -190,6 +193,7 @@ def score_batch(
 ]:
     """Monitoring: the batch's predictions, out-of-distribution features and its most unusual images."""
     predictor = _load(model_info, registry)
+    predictor.use_runtime(inference.runtime)
     result = batch.predict_source(
         predictor, images, inference, limits=limits, max_attempts=s3_max_attempts, keep=True, examples=8
     )

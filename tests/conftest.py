@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,6 +150,10 @@ def isolated_env(home: Path, **extra: str) -> dict[str, str]:
         "ZENML_REPOSITORY_PATH": str(home),
         "ZENML_ANALYTICS_OPT_IN": "false",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        # End-to-end tests compare served and batch probabilities with Keras's own to 1e-5: they run on Keras. The
+        # OpenVINO runtime (bf16 where the CPU has it) is tested in tests/unit/test_runtimes.py and in one run of
+        # tests/pipeline/test_local_stack.py that sets this variable to auto.
+        "XRAY_INFERENCE_RUNTIME": "keras",
         **extra,
     }
 
@@ -289,6 +294,8 @@ class Team:
     info: dict = field(default_factory=dict)
     last_stderr: str = ""  # of the last command
     training_stderr: str = ""  # of the smoke training run (``trained``)
+    zenml_token: str = ""
+    decisions: dict = field(default_factory=dict)  # the trained version's approval attempts (``trained``)
 
     def stack(self, command: str, timeout: int = 300) -> dict:
         """An ``infra.team_stack`` command. Not through run_command: the servers it starts keep the TMPDIR they get."""
@@ -297,8 +304,41 @@ class Team:
         result = subprocess.run(args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
         return self._json_line(result)
 
-    def run(self, *args: str, timeout: int = 900) -> dict:
-        return self._json_line(run_command([ROOT / "run.py", "--stack", "team", *args], self.env, timeout))
+    def run(self, *args: str, timeout: int = 900, account: str | None = None) -> dict:
+        """``run.py --stack team ARGS``, as the stack's trainer or as another MLflow ``account`` (the reviewer)."""
+        return self._json_line(self.command(*args, timeout=timeout, account=account))
+
+    def command(self, *args: str, timeout: int = 900, account: str | None = None) -> subprocess.CompletedProcess:
+        env = self.env | (self.mlflow_account(account) if account else {})
+        return run_command([ROOT / "run.py", "--stack", "team", *args], env, timeout)
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        return json.loads((self.state / "credentials.json").read_text())
+
+    def mlflow_account(self, user: str) -> dict[str, str]:
+        return {
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": self.credentials[f"mlflow_{user}_password"],
+        }
+
+    def auth_headers(self, url: str, account: str = "trainer") -> dict[str, str]:
+        """What a signed-in client sends: ZenML's bearer token, or MLflow's basic auth for ``account``."""
+        import base64
+
+        from infra.team_stack import ZENML_USER, zenml_login
+
+        if url.startswith(self.info["zenml_url"]):
+            if not self.zenml_token:
+                self.zenml_token = zenml_login(self.info["zenml_url"], ZENML_USER, self.credentials["zenml_password"])
+            return {"Authorization": f"Bearer {self.zenml_token}"}
+        password = self.credentials[f"mlflow_{account}_password"]
+        return {"Authorization": "Basic " + base64.b64encode(f"{account}:{password}".encode()).decode()}
+
+    def get(self, url: str) -> dict:
+        request = urllib.request.Request(url, headers=self.auth_headers(url))
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
 
     def _json_line(self, result: subprocess.CompletedProcess) -> dict:
         """The last stdout line of a successful command, parsed."""
@@ -321,11 +361,16 @@ def team():
     env = isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)), TMPDIR=str(state / "tmp"))
     team = Team(state / "stack", home, ports, env)
     team.info = team.stack("up")
-    # The client's MLflow calls (tests, `mlflow models serve`) go where the stack's tracker logs.
+    # The client's MLflow calls (tests, `mlflow models serve`) go where the stack's tracker logs, as its account.
     team.env["MLFLOW_TRACKING_URI"] = team.info["mlflow_tracking_uri"]
+    team.env |= team.mlflow_account("trainer")
+    before = {key: os.environ.get(key) for key in team.mlflow_account("trainer")}
+    os.environ.update(team.mlflow_account("trainer"))  # the tests' own MLflow clients, in this process
     try:
         yield team
     finally:
+        for key, value in before.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
         team.stack("down")
         shutil.rmtree(state, ignore_errors=True)
 
@@ -342,11 +387,19 @@ def twenty_test_images(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(team):
-    """One smoke training run on the team stack; (home, env, twenty test images, summary)."""
+    """One smoke training run on the team stack, which leaves a pending candidate (its trainer account cannot move
+    `champion`); the trainer's approval, refused, and the reviewer's, which makes it champion (team.decisions).
+    Returns (home, env, twenty test images, the training summary)."""
     home = team.home
-    deterministic_smoke_config(home / "smoke.yaml")
+    deterministic_smoke_config(home / "smoke.yaml", registry={"require_approval": True})
     summary = team.run("--config", str(home / "smoke.yaml"))
     team.training_stderr = team.last_stderr
+    approve = ["approve", "--config", str(home / "smoke.yaml"), "--model-version", summary["model_version"]]
+    team.decisions["trainer"] = team.command(*approve, "--reason", "the trainer's own model")
+    team.decisions["typed name"] = team.command(
+        *approve, "--reviewer", "Dr. Somebody Else", "--reason", "x", account="reviewer"
+    )
+    team.decisions["reviewer"] = team.run(*approve, "--reason", "smoke model, checked by hand", account="reviewer")
     return home, team.env, twenty_test_images(home / "twenty"), summary
 
 

@@ -15,11 +15,7 @@ class _Section(BaseModel):
 
 
 class S3Config(_Section):
-    embedded: bool = Field(
-        True,
-        description="Start a local moto S3 endpoint and stage the archive there, "
-        "so a local run takes the same S3 code path as production.",
-    )
+    embedded: bool = Field(True, description="Stage the archive behind a local moto S3 endpoint (production's path).")
     bucket: str = "chest-xray"
     key: str = "chest_xray.zip"
     max_attempts: int = Field(5, ge=1, le=20, description="botocore standard-mode retry attempts.")
@@ -88,11 +84,7 @@ class DataConfig(_Section):
     min_val_per_class: int = Field(50, ge=1, description="Carve val from train when val has fewer per class.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
-    max_train_per_class: int | None = Field(
-        None,
-        ge=1,
-        description="Cap train images per class (smoke runs). The manifest is still built from the whole archive.",
-    )
+    max_train_per_class: int | None = Field(None, ge=1, description="Cap train images per class (smoke runs).")
     max_eval_per_class: int | None = Field(None, ge=1, description="Cap val and test images per class (smoke runs).")
     limits: ArchiveLimits = ArchiveLimits()
 
@@ -303,6 +295,10 @@ class InferenceConfig(_Section):
         ge=1,
         le=4096,
         description="Images in flight between fetching and the model: with batch_size, what bounds memory.",
+    )
+    runtime: Literal["auto", "keras", "openvino"] = Field(
+        "auto",
+        description="What runs the model: auto is OpenVINO bf16 where the CPU has BF16, else Keras (predictor.py).",
     )
     experiment_name: str = "chest-xray-inference"
 

@@ -867,3 +867,24 @@ def test_sharded_inference_fans_out_steps_and_writes_the_rows_of_one_run(local, 
     assert steps.stdout.strip() == expected, steps.stderr[-2000:]
     again = summary_of(run_command([*command, "--resume"], env, 900))
     assert again["skipped_already_predicted"] == 20 and again["rows_written"] == 20
+
+
+def test_batch_inference_runs_on_the_runtime_this_cpu_gets(local, tmp_path):
+    """inference.runtime auto (the default; the other tests pin keras): OpenVINO in bf16 where the CPU has BF16, else
+    Keras. The summary and the MLflow run say which ran, and the probabilities stay those of the champion (to 0.05 in
+    bf16, above the 0.044 measured on the 128-px version's test split; to 1e-5 on Keras)."""
+    from xray.serving.predictor import choose_runtime
+
+    env = local.env | {"XRAY_INFERENCE_RUNTIME": "auto"}
+    output = tmp_path / "preds.csv"
+    command = [ROOT / "run.py", "--pipeline", "inference", "--images", local.images, "--output", output]
+    summary = summary_of(run_command(command, env, 900))
+    runtime, precision = choose_runtime("auto")
+    assert summary["runtime"] == f"{runtime} {precision}"
+    table = pd.read_csv(output)
+    tolerance = 0.05 if precision == "bf16" else 1e-5  # bf16: at most 0.044 on the 128-px version (BENCHMARKS)
+    np.testing.assert_allclose(table["probability"], champion_probabilities(env, table["path"]), atol=tolerance)
+    client = mlflow_client(env)
+    experiment = client.get_experiment_by_name("chest-xray-inference").experiment_id
+    latest = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.data.params["runtime"] == summary["runtime"]

@@ -38,11 +38,6 @@ MODEL = "chest-xray-classifier"
 SCREENSHOTS = ROOT / "outputs" / "team_stack"
 
 
-def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
 def bucket_keys(team) -> list[str]:
     import boto3
 
@@ -77,12 +72,12 @@ def running(pid: int, wait_s: float = 15) -> bool:
 
 
 def zenml_steps(team, run_id: str) -> list[dict]:
-    page = get(f"{team.info['zenml_url']}/api/v1/steps?pipeline_run_id={run_id}&hydrate=true&size=100")
+    page = team.get(f"{team.info['zenml_url']}/api/v1/steps?pipeline_run_id={run_id}&hydrate=true&size=100")
     return page["items"]
 
 
 def mlflow_api(team, path: str) -> dict:
-    return get(f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow/{path}")
+    return team.get(f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow/{path}")
 
 
 def test_a_second_up_is_a_no_op(team):
@@ -122,6 +117,87 @@ def test_postgresql_asks_for_the_generated_password_which_no_log_or_status_holds
         assert password not in path.read_text(errors="replace"), path
 
 
+def test_every_service_but_s3_refuses_anonymous_and_wrong_credentials(team, trained):
+    """ZenML (OAuth2 password login) and MLflow (basic-auth) answer 401 without credentials or with wrong ones, and
+    work with the generated ones; no password is in a log, the status, the stack's files or its bucket's logs. s3rver
+    verifies no keys: it listens on loopback only (docs/OPERATIONS.md)."""
+    import base64
+
+    from infra.team_stack import ZENML_USER, zenml_login
+
+    def status(url: str, headers: dict | None = None) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    zenml, mlflow = team.info["zenml_url"], team.info["mlflow_tracking_uri"]
+    runs, experiments = f"{zenml}/api/v1/runs?size=1", f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert status(runs) == 401 and status(runs, {"Authorization": "Bearer not-a-token"}) == 401
+    assert zenml_login(zenml, ZENML_USER, "not-it") is None and status(runs, team.auth_headers(runs)) == 200
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"trainer:not-it").decode()}
+    assert status(experiments) == 401 and status(experiments, wrong) == 401
+    assert status(experiments, team.auth_headers(experiments)) == 200
+    assert status(f"{mlflow}/health") == 200 and status(f"{zenml}/health") == 200  # health checks stay open
+    assert team.info["s3_endpoint"].startswith("http://127.0.0.1:")
+    passwords = set(team.credentials.values())
+    texts = [json.dumps(team.stack("status")), json.dumps(team.info), team.training_stderr]
+    texts += [path.read_text(errors="replace") for path in team.state.rglob("*.log")]
+    texts += [(team.state / "team_stack.json").read_text(), (team.state / "mlflow" / "basic_auth.ini").read_text()]
+    leaks = [text[:80] for text in texts for password in passwords if password in text]
+    assert not leaks, leaks
+
+
+def test_the_trainer_cannot_move_champion_and_the_reviewer_approves_as_themself(team, trained):
+    """registry.require_approval on the team stack: the trainer's run leaves a candidate; the trainer's approve is one
+    clear line (exit 2), so is a typed --reviewer that is not the signed-in account; the reviewer's approval makes it
+    champion and the record, the card and the ZenML Model stage name the account that signed in."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    home, env, _, summary = trained
+    version = summary["model_version"]
+    refused = team.decisions["trainer"]
+    assert refused.returncode == 2 and refused.stdout == ""
+    lines = [line for line in refused.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0] == refused.stderr.strip().splitlines()[-1], refused.stderr[-2000:]
+    assert "MLflow refused the approve by account 'trainer'" in lines[0] and "needs MANAGE" in lines[0], lines
+    typed = team.decisions["typed name"]
+    last = typed.stderr.strip().splitlines()[-1]
+    assert (
+        typed.returncode == 2 and "--reviewer Dr. Somebody Else is not the MLflow account signed in (reviewer)" in last
+    )
+    approved = team.decisions["reviewer"]
+    assert approved["action"] == "approved" and approved["by"] == "reviewer" and approved["previous_champion"] is None
+    assert approved["zenml_stage"] == "production"
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    tags = client.get_model_version(MODEL, version).tags
+    assert tags["approval"] == "approved"
+    history = [json.loads(v) for k, v in tags.items() if k.startswith("history.")]
+    assert [(h["action"], h["by"]) for h in history] == [("approved", "reviewer")]
+    assert "smoke model, checked by hand" in history[0]["why"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    card = open(
+        mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version}/model_card.md", dst_path=str(home / "c"))
+    ).read()
+    assert "approved by reviewer: smoke model, checked by hand" in card
+
+    # The rule is the server's, not the client's: the trainer's own REST call to move champion is refused (403).
+    alias = f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow/registered-models/alias"
+    request = urllib.request.Request(
+        alias,
+        data=json.dumps({"name": MODEL, "alias": "champion", "version": version}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"} | team.auth_headers(alias, "trainer"),
+    )
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(request, timeout=30)
+    assert denied.value.code == 403 and b"needs MANAGE" in denied.value.read()
+    permission = mlflow_api(team, f"registered-models/get?name={MODEL}")["registered_model"]["name"]
+    assert permission == MODEL  # the trainer still reads it
+
+
 def test_a_run_on_the_team_stack_lives_in_its_servers_and_bucket(team, trained):
     *_, summary = trained
     # The default source: a local archive ($CHEST_XRAY_ZIP) staged behind the embedded S3 endpoint, read through S3.
@@ -133,7 +209,7 @@ def test_a_run_on_the_team_stack_lives_in_its_servers_and_bucket(team, trained):
 
     # ZenML's REST API: the run, on the stack `team`, with every step completed.
     zenml = team.info["zenml_url"]
-    run = get(f"{zenml}/api/v1/runs/{summary['pipeline_run_id']}?hydrate=true")
+    run = team.get(f"{zenml}/api/v1/runs/{summary['pipeline_run_id']}?hydrate=true")
     assert run["body"]["status"] == "completed" and run["resources"]["stack"]["name"] == "team"
     steps = zenml_steps(team, summary["pipeline_run_id"])
     assert {s["name"]: s["body"]["status"] for s in steps} == summary["steps"]
@@ -165,14 +241,16 @@ def test_a_run_on_the_team_stack_lives_in_its_servers_and_bucket(team, trained):
     assert metrics["test_auc"] == pytest.approx(summary["metrics"]["test_auc"])
     version = mlflow_api(team, f"model-versions/get?name={MODEL}&version={summary['model_version']}")["model_version"]
     assert version["run_id"] == summary["mlflow_run_id"] and version["status"] == "READY"
+    # The trainer's run left a pending candidate; the reviewer's approval (``trained``) made it champion.
     champion = mlflow_api(team, f"registered-models/alias?name={MODEL}&alias=champion")["model_version"]
-    assert summary["promoted"] and champion["version"] == summary["model_version"]
+    assert summary["pending_approval"] and not summary["promoted"]
+    assert champion["version"] == summary["model_version"] == team.decisions["reviewer"]["model_version"]
     assert any(key.startswith("mlflow/") and key.endswith("/MLmodel") for key in keys)
     assert not (ROOT / "mlartifacts").exists() or not any((ROOT / "mlartifacts").rglob("MLmodel"))
 
     # The ZenML Model version of the run follows the alias: stage production.
-    models = get(f"{zenml}/api/v1/models?name={MODEL}")["items"]
-    versions = get(f"{zenml}/api/v1/model_versions?model={models[0]['id']}&size=100")["items"]
+    models = team.get(f"{zenml}/api/v1/models?name={MODEL}")["items"]
+    versions = team.get(f"{zenml}/api/v1/model_versions?model={models[0]['id']}&size=100")["items"]
     production = [v for v in versions if v["body"]["stage"] == "production"]
     assert [v["id"] for v in production] == [run["resources"]["model_version"]["id"]]
 
@@ -193,7 +271,10 @@ def test_the_dashboards_show_the_run_metrics_and_model_in_a_browser(team, traine
         )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1400"):
+    # Reduced motion and no GPU process: the ZenML login page's animated background otherwise keeps a software-
+    # rendering GPU process at 100% of a core, and the page does not answer typed keys within chromedriver's 120 s.
+    arguments = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1400")
+    for argument in (*arguments, "--force-prefers-reduced-motion", "--disable-gpu"):
         options.add_argument(argument)
     browser = webdriver.Chrome(options=options, service=Service(driver))
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -209,7 +290,17 @@ def test_the_dashboards_show_the_run_metrics_and_model_in_a_browser(team, traine
         return browser.find_element(By.TAG_NAME, "body").text
 
     try:
-        run_name = get(f"{team.info['zenml_url']}/api/v1/runs/{summary['pipeline_run_id']}")["name"]
+        run_name = team.get(f"{team.info['zenml_url']}/api/v1/runs/{summary['pipeline_run_id']}")["name"]
+        # Signed in through the dashboard's own login form, as a person would.
+        browser.get(team.info["zenml_url"])
+        fields = WebDriverWait(browser, 90).until(lambda b: b.find_elements(By.CSS_SELECTOR, "form input") or None)
+        username = next(f for f in fields if f.get_attribute("type") != "password")
+        username.send_keys("default")
+        next(f for f in fields if f.get_attribute("type") == "password").send_keys(team.credentials["zenml_password"])
+        browser.find_element(By.CSS_SELECTOR, "form button[type=submit], form button").click()
+        WebDriverWait(browser, 90).until(
+            lambda b: "Log in to your account" not in b.find_element(By.TAG_NAME, "body").text
+        )
         text = page_showing(
             f"{team.info['zenml_url']}/projects/default/runs/{summary['pipeline_run_id']}",
             run_name,
@@ -221,6 +312,11 @@ def test_the_dashboards_show_the_run_metrics_and_model_in_a_browser(team, traine
         assert "Add your account details" not in text  # the onboarding form was answered by `team_stack up`
         mlflow_run = mlflow_api(team, f"runs/get?run_id={summary['mlflow_run_id']}")["run"]
         experiment = mlflow_run["info"]["experiment_id"]
+        # MLflow's UI behind basic-auth: the browser sends the reviewer's credentials with every request.
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd(
+            "Network.setExtraHTTPHeaders", {"headers": team.auth_headers(team.info["mlflow_tracking_uri"], "reviewer")}
+        )
         page_showing(
             f"{team.info['mlflow_tracking_uri']}/#/experiments/{experiment}/runs/{summary['mlflow_run_id']}",
             mlflow_run["info"]["run_name"],
@@ -264,7 +360,7 @@ def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
     request = urllib.request.Request(
         f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow/runs/search",
         method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json"} | team.auth_headers(team.info["mlflow_tracking_uri"]),
         data=json.dumps(
             {
                 "experiment_ids": [
@@ -282,7 +378,7 @@ def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
     tags = {t["key"]: t["value"] for t in latest["data"]["tags"]}
     assert latest["info"]["status"] == "FAILED" and tags["failed_step"] == "unzip_and_validate"
     assert "no folder with both train/ and test/" in tags["error"]
-    runs = get(f"{team.info['zenml_url']}/api/v1/runs?sort_by=desc:created&size=1")["items"]
+    runs = team.get(f"{team.info['zenml_url']}/api/v1/runs?sort_by=desc:created&size=1")["items"]
     assert runs[0]["name"] == latest["info"]["run_name"] and runs[0]["body"]["status"] == "failed"
 
 
@@ -583,7 +679,9 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
         "stack": "registered",
     }
     assert set(bucket_keys(team)) >= keys_before
-    assert get(f"{team.info['zenml_url']}/api/v1/runs/{summary['pipeline_run_id']}")["body"]["status"] == "completed"
+    assert (
+        team.get(f"{team.info['zenml_url']}/api/v1/runs/{summary['pipeline_run_id']}")["body"]["status"] == "completed"
+    )
     # An artifact loaded through the ZenML client from S3, and a model file read through MLflow's artifact proxy.
     # A script file, not `python -c`: without a .zen folder (a fresh clone) ZenML takes its source root from the
     # main module's file.
@@ -599,9 +697,9 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert json.loads(loaded.stdout.strip().splitlines()[-1]) == pytest.approx(summary["metrics"]["test_auc"])
     mlmodel = next(key for key in keys_before if key.startswith("mlflow/") and key.endswith("/MLmodel"))
-    with urllib.request.urlopen(
-        f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow-artifacts/artifacts/{mlmodel.split('/', 1)[1]}", timeout=30
-    ) as response:
+    artifact = f"{team.info['mlflow_tracking_uri']}/api/2.0/mlflow-artifacts/artifacts/{mlmodel.split('/', 1)[1]}"
+    request = urllib.request.Request(artifact, headers=team.auth_headers(artifact))
+    with urllib.request.urlopen(request, timeout=30) as response:
         assert b"python_function" in response.read()
     version = mlflow_api(team, f"model-versions/get?name={MODEL}&version={summary['model_version']}")["model_version"]
     assert version["run_id"] == summary["mlflow_run_id"]

@@ -15,8 +15,8 @@ from xray.environment import REPO_ROOT
 PACKAGE = ROOT / "xray"
 STAGES = ("storage", "data", "model", "evaluation", "monitoring", "serving", "registry")
 # What may stay a function-level import, and why: each takes seconds to import, is optional, or (pydicom) is paid
-# only where a DICOM file arrives.
-LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom"}
+# only where a DICOM file arrives, or (openvino) only where that runtime runs.
+LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom", "openvino"}
 
 
 def modules():

@@ -156,7 +156,7 @@ def test_if_changed_reaches_the_training_launch(launched, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["approve", "--model-version", "2", "--reason", "ok"], "approve needs --reviewer NAME and --reason TEXT"),
+        (["approve", "--model-version", "2", "--reviewer", "a"], "approve needs --reason TEXT"),
         (["approve", "--reviewer", "a", "--reason", "ok"], "approve needs --model-version N (a version number)"),
         (["rollback", "--reviewer", "a", "--reason", "ok"], "rollback needs --to N"),
     ],

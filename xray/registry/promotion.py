@@ -22,7 +22,7 @@ from xray.data.manifest import subgroups_in
 from xray.data.sites import load_site, site_name
 from xray.errors import ConfigError
 from xray.model.network import predict_paths
-from xray.registry import card, gate, store
+from xray.registry import card, gate, store, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,18 @@ def promote(
         )
         store.set_version_tags(client, model_name, version_id, {APPROVAL_TAG: "pending"})
     if decision.promoted:
-        holder = store.move_alias_if(client, model_name, alias, version_id, decision.previous_champion)
+        from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+
+        try:
+            holder = store.move_alias_if(client, model_name, alias, version_id, decision.previous_champion)
+        except MlflowException as error:
+            refused = tracking.refusal(error)
+            if refused is None:
+                raise
+            raise ConfigError(
+                f"v{version_id} passed the gate, but MLflow refused to make it {alias}: {refused}. On this tracking "
+                "server a reviewer promotes: set registry.require_approval: true and approve with a reviewer's account"
+            ) from None
         if holder != decision.previous_champion:
             compared = f"v{decision.previous_champion}" if decision.previous_champion else "no champion"
             decision = replace(

@@ -200,6 +200,9 @@ def move_alias_if(client, model_name: str, alias: str, version: str, expected: s
         return holder
 
 
+LOCK_SUFFIX = ".promotion-lock"
+
+
 @contextmanager
 def promotion_lock(client, model_name: str, timeout_s: float = 300.0, stale_s: float = 1800.0, poll_s: float = 0.2):
     """A mutex over the promotions of one model, in the registry itself so that it holds across machines and any
@@ -208,7 +211,7 @@ def promotion_lock(client, model_name: str, timeout_s: float = 300.0, stale_s: f
     (its holder died) is broken with a warning."""
     from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
 
-    name = f"{model_name}.promotion-lock"
+    name = model_name + LOCK_SUFFIX
     deadline = time.monotonic() + timeout_s
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
     while True:

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from xray.environment import REPO_ROOT
+from xray.errors import ConfigError
 
 DEFAULT_STORE = REPO_ROOT / ".mlflow"
 
@@ -21,6 +22,55 @@ def tracking_uri(configured: str | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def authenticated_user(uri: str) -> str | None:
+    """The MLflow account this process is signed in as (MLFLOW_TRACKING_USERNAME, checked by the server), or None
+    when there is no account: no username set, a local store, or a server without MLflow's basic-auth app."""
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not username or urlparse(uri).scheme not in ("http", "https"):
+        return None
+    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+    from mlflow.server.auth.client import AuthServiceClient  # lazy: as above
+
+    try:
+        return AuthServiceClient(uri).get_user(username).username
+    except MlflowException as error:
+        if error.error_code == "UNAUTHENTICATED":
+            raise ConfigError(
+                f"the MLflow server at {uri} refuses the account MLFLOW_TRACKING_USERNAME={username} "
+                "(wrong MLFLOW_TRACKING_PASSWORD?)"
+            ) from None
+        if error.error_code in ("ENDPOINT_NOT_FOUND", "RESOURCE_DOES_NOT_EXIST") or "404" in str(error):
+            return None  # a server without accounts: the username means nothing to it
+        raise
+
+
+def may_promote(uri: str, model_name: str) -> tuple[str, bool] | None:
+    """(the signed-in account, whether it holds MANAGE on the registered model: admin, or a grant on the model's
+    name or on every model), or None on a server without accounts. The server's own listing of the account's
+    grants; the server still decides every request."""
+    user = authenticated_user(uri)
+    if user is None:
+        return None
+    from mlflow.server.auth.client import AuthServiceClient  # lazy: MLflow's import takes seconds
+
+    listing = AuthServiceClient(uri)._request("/api/3.0/mlflow/users/current/permissions", "GET")
+    manages = listing.get("is_admin", False) or any(
+        grant.get("resource_type") == "registered_model"
+        and grant.get("resource_pattern") in ("*", model_name)
+        and grant.get("permission") == "MANAGE"
+        for grant in listing.get("permissions", [])
+    )
+    return user, bool(manages)
+
+
+def refusal(error) -> str | None:
+    """The server's own sentence when MLflow refused a request for want of permission (HTTP 403), else None."""
+    if getattr(error, "error_code", None) != "PERMISSION_DENIED":
+        return None
+    text = str(error)
+    return text.split("Response body: ", 1)[-1].strip().strip("'") if "Response body: " in text else text
 
 
 def artifact_location(uri: str) -> str | None:

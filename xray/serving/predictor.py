@@ -7,6 +7,9 @@ The preprocessing is the same :func:`xray.data.images.decode_and_resize` used in
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +47,55 @@ are a DICOM image's; all three are empty for JPEG and PNG. ``site`` and ``operat
 (the version's own, fitted on val of every training site) or ``site:<name>``."""
 
 VERSION_OPERATING_POINT = "version"
+RUNTIMES = ("auto", "keras", "openvino")
+logger = logging.getLogger(__name__)
+
+
+def choose_runtime(setting: str) -> tuple[str, str]:
+    """(runtime, precision) the model runs on for ``setting`` (XRAY_INFERENCE_RUNTIME overrides it), on this machine.
+
+    ``openvino``: bf16 where the CPU has BF16 (AMX, AVX-512 BF16), else f32. ``auto``: OpenVINO in bf16 where the CPU
+    has BF16 and no GPU is visible, else Keras: bf16 is the one runtime that met the bars (>= 1.3x the compiled Keras
+    rate, AUC within 0.002, >= 99.5% of labels unchanged); OpenVINO fp32 measured 1.28x at 128 px (docs/BENCHMARKS.md,
+    "CPU runtimes")."""
+    setting = os.environ.get("XRAY_INFERENCE_RUNTIME") or setting
+    if setting not in RUNTIMES:
+        raise ConfigError(f"inference runtime {setting!r} is not one of {', '.join(RUNTIMES)}")
+    if setting == "keras":
+        return "keras", "f32"
+    import openvino as ov  # lazy: OpenVINO's import takes a second, and only a non-Keras runtime needs it
+
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if setting == "openvino":
+        return "openvino", "bf16" if bf16 else "f32"
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    return ("openvino", "bf16") if bf16 and not tf.config.list_physical_devices("GPU") else ("keras", "f32")
+
+
+def openvino_forwards(model, image_size: int, precision: str):
+    """(pixels -> probabilities, encoded images -> probabilities) on OpenVINO: the Keras model exported as a
+    SavedModel and converted; the encoded variant decodes and resizes with TensorFlow, as training did."""
+    import openvino as ov  # lazy: as above
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    with tempfile.TemporaryDirectory(prefix="xray-openvino-") as folder:
+        model.export(folder, format="tf_saved_model", verbose=False)
+        compiled = ov.Core().compile_model(ov.convert_model(folder), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+
+    def forward(batch) -> np.ndarray:
+        request = compiled.create_infer_request()  # one per call: serving's threads never share one
+        request.infer([np.asarray(batch, dtype=np.float32)])
+        return request.get_output_tensor(0).data.copy()
+
+    def decode(data):
+        return tf.cast(decode_and_resize(data, image_size), tf.float32)
+
+    pixels = tf.function(
+        lambda encoded: tf.map_fn(decode, encoded, fn_output_signature=tf.float32),
+        input_signature=[tf.TensorSpec([None], tf.string)],
+    )
+    return forward, lambda encoded: forward(pixels(encoded).numpy())
 
 
 def label_for(probability: float, threshold: float, status: str) -> str:
@@ -89,6 +141,8 @@ class ChestXrayPredictor:
         """{site: {"calibration": {temperature, bias, ...}, "threshold": t, ...}}: sites' own operating points."""
         self.site: str | None = None
         """The site whose operating point :meth:`table` uses when none is given (batch inference's ``--site``)."""
+        self.runtime = "keras f32"
+        """What the model runs on (:meth:`use_runtime`); Grad-CAM and evaluation always use the Keras model."""
         # Traced once for every batch size: a call pays for the arithmetic, not model.predict's per-call setup (data
         # adapter, callbacks, a step function per shape). The encoded variant also decodes and resizes inside the
         # graph, on TensorFlow's threads, with the preprocessing training used.
@@ -104,6 +158,15 @@ class ChestXrayPredictor:
             lambda encoded: model(tf.map_fn(decode, encoded, fn_output_signature=tf.float32), training=False),
             input_signature=[tf.TensorSpec([None], tf.string)],
         )
+
+    def use_runtime(self, setting: str = "auto") -> str:
+        """Run :meth:`probabilities` and :meth:`table` on ``setting``'s runtime (:func:`choose_runtime`); its name."""
+        runtime, precision = choose_runtime(setting)
+        if runtime == "openvino":
+            self._forward, self._forward_encoded = openvino_forwards(self.model, self.image_size, precision)
+        self.runtime = f"{runtime} {precision}"
+        logger.info("inference runtime: %s (setting %s)", self.runtime, setting)
+        return self.runtime
 
     def pixels(self, data: bytes) -> np.ndarray:
         """The model's input for one image, through the preprocessing training used."""

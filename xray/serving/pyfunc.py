@@ -145,4 +145,6 @@ class _PyfuncModel:
 
 
 def _load_pyfunc(data_path: str) -> _PyfuncModel:
-    return _PyfuncModel(bundle.read(data_path), prediction_log.from_environment())
+    predictor = bundle.read(data_path)
+    predictor.use_runtime("auto")  # XRAY_INFERENCE_RUNTIME overrides it (xray.serving.predictor.choose_runtime)
+    return _PyfuncModel(predictor, prediction_log.from_environment())
