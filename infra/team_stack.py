@@ -849,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("team stack: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # ZenML, once imported, logs the root logger's records a second time
     stack = from_args(args)
     try:
         result = getattr(stack, args.command)()

@@ -18,6 +18,7 @@ from uuid import UUID
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from zenml import Model
 from zenml.client import Client
@@ -182,8 +183,8 @@ def train_like(
     account = None if registry.require_approval else tracking.may_promote(registry.tracking_uri, registry.model_name)
     if account is not None and not account[1]:
         raise ConfigError(
-            f"the MLflow account '{account[0]}' may not move {config.registry.champion_alias} of "
-            f"{config.registry.model_name} (it needs MANAGE there), so the gate could not promote this run: set "
+            f"the MLflow account '{account[0]}' may not move {registry.champion_alias} of {registry.model_name} (it "
+            "needs MANAGE there), so the gate could not promote this run: set "
             "registry.require_approval: true (a reviewer approves), or train with a reviewer's account"
         )
     trials = len(parameters.get("trials", ()))
@@ -395,8 +396,6 @@ def decide(config: PipelineConfig, action: str, version: str, reviewer: str | No
     """``run.py approve|reject|rollback``: a person's decision on a version (xray.registry.promotion), and the ZenML
     Model version of its training run follows (production, archived). On a tracking server with accounts the record
     names the signed-in account (MLFLOW_TRACKING_USERNAME), never a typed name."""
-    from mlflow.exceptions import MlflowException
-
     user = tracking.authenticated_user(config.registry.tracking_uri)
     if user is not None and reviewer and reviewer != user:
         raise ConfigError(

@@ -30,6 +30,10 @@ NEAR_OOD_ZIP = SHARED_DATA / "near_ood_adult_cxr_224.zip"
 from xray.environment import apply_defaults  # noqa: E402 - before TensorFlow or ZenML is imported
 
 apply_defaults()
+# The tests compare served, batch and Keras probabilities to 1e-5, so the model runs on Keras here and in every
+# command they start (isolated_env); the OpenVINO runtime has its own tests (tests/unit/test_runtimes.py, and one run
+# in tests/pipeline/test_local_stack.py that sets auto).
+os.environ["XRAY_INFERENCE_RUNTIME"] = "keras"
 # ZenML resolves step and cache-policy sources against a source root: the .zen folder's, else the main module's folder.
 # A pytest-xdist worker's main module has no file and a fresh clone has no .zen, so the tests that import steps in
 # process name the repository root (subprocesses get isolated_env(), without ZENML_* variables).
@@ -150,10 +154,7 @@ def isolated_env(home: Path, **extra: str) -> dict[str, str]:
         "ZENML_REPOSITORY_PATH": str(home),
         "ZENML_ANALYTICS_OPT_IN": "false",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-        # End-to-end tests compare served and batch probabilities with Keras's own to 1e-5: they run on Keras. The
-        # OpenVINO runtime (bf16 where the CPU has it) is tested in tests/unit/test_runtimes.py and in one run of
-        # tests/pipeline/test_local_stack.py that sets this variable to auto.
-        "XRAY_INFERENCE_RUNTIME": "keras",
+        "XRAY_INFERENCE_RUNTIME": "keras",  # as in this process (above)
         **extra,
     }
 

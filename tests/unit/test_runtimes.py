@@ -118,3 +118,15 @@ def test_openvino_bf16_stays_close_where_the_cpu_has_it(small_model):
     forward, _ = openvino_forwards(small_model, SIZE, "bf16")
     expected = ChestXrayPredictor(small_model, 0.5, SIZE).probabilities(pixels)
     np.testing.assert_allclose(forward(pixels).ravel(), expected, atol=0.02)
+
+
+def test_serving_runs_on_the_runtime_its_environment_names(small_model, monkeypatch):
+    """The pyfunc loader (what `mlflow models serve` calls) applies XRAY_INFERENCE_RUNTIME, else auto."""
+    from xray.serving import bundle, pyfunc
+
+    monkeypatch.setattr(bundle, "read", lambda path: ChestXrayPredictor(small_model, 0.5, SIZE))
+    monkeypatch.setattr(pyfunc.prediction_log, "from_environment", lambda: None)
+    monkeypatch.setenv("XRAY_INFERENCE_RUNTIME", "openvino")
+    assert pyfunc._load_pyfunc("data").predictor.runtime.startswith("openvino ")
+    monkeypatch.setenv("XRAY_INFERENCE_RUNTIME", "keras")
+    assert pyfunc._load_pyfunc("data").predictor.runtime == "keras f32"
