@@ -82,6 +82,8 @@ class TeamStack:
     bucket: str = "xray-team"
     timeout_s: float = 120.0
     notices: list[str] = field(default_factory=list)
+    _credentials: dict[str, str] = field(default_factory=dict, repr=False)  # read (or made) once per process
+    _zenml_token: str = field(default="", repr=False)
 
     # -- addresses --
     @property
@@ -242,6 +244,8 @@ class TeamStack:
 
     def credentials(self) -> dict[str, str]:
         """Every service password the stack uses; never logged, never in info() or a status line."""
+        if self._credentials:
+            return self._credentials
         stored = json.loads(self.credentials_file.read_text()) if self.credentials_file.is_file() else {}
         wanted = {key: os.environ.get(variable) for key, variable in PASSWORDS.items()}
         missing = {k for k, v in wanted.items() if not v and k not in stored}
@@ -253,7 +257,8 @@ class TeamStack:
                 json.dump(stored, handle)
             os.chmod(self.credentials_file, 0o600)
             logger.info("generated the team stack's passwords into %s (readable by you only)", self.credentials_file)
-        return stored | {k: v for k, v in wanted.items() if v}
+        self._credentials = stored | {k: v for k, v in wanted.items() if v}
+        return self._credentials
 
     def mlflow_account(self, user: str) -> dict[str, str]:
         """MLflow's client reads its credentials from these variables (the stack's tracker sets the trainer's)."""
@@ -525,9 +530,12 @@ class TeamStack:
     def zenml_token(self) -> str:
         """A bearer token for the ZenML server's REST API. A server started by an older stack (NO_AUTH) has the user
         `default` with an empty password: it gets the generated one first."""
+        if self._zenml_token:
+            return self._zenml_token
         password = self.credentials()["zenml_password"]
         token = zenml_login(self.zenml_url, ZENML_USER, password)
         if token is not None:
+            self._zenml_token = token
             return token
         old = zenml_login(self.zenml_url, ZENML_USER, "")
         if old is None:
@@ -538,7 +546,8 @@ class TeamStack:
         body = {"password": password, "old_password": ""}
         zenml_request(self.zenml_url, "/api/v1/current-user", old, body, "PUT")
         logger.info("the ZenML server now asks for a password (it had none before)")
-        return zenml_login(self.zenml_url, ZENML_USER, password)
+        self._zenml_token = zenml_login(self.zenml_url, ZENML_USER, password)
+        return self._zenml_token
 
     def register_stack(self) -> str:
         from zenml.client import Client

@@ -18,7 +18,6 @@ from uuid import UUID
 
 import mlflow
 import yaml
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from zenml import Model
 from zenml.client import Client
@@ -409,13 +408,8 @@ def decide(config: PipelineConfig, action: str, version: str, reviewer: str | No
         )
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
     decisions = {"approve": promotion.approve, "reject": promotion.reject, "rollback": promotion.rollback}
-    try:
+    with tracking.refusals_as_errors(f"MLflow refused the {action} by account '{reviewer}'"):
         result = decisions[action](client, config.registry, version, reviewer, reason)
-    except MlflowException as error:
-        refused = tracking.refusal(error)
-        if refused is None:
-            raise
-        raise ConfigError(f"MLflow refused the {action} by account '{reviewer}': {refused}") from None
     zenml_id = client.get_model_version(config.registry.model_name, version).tags.get("zenml.model_version_id")
     stage = "archived" if action == "reject" else "production"
     if zenml_id:

@@ -80,8 +80,11 @@ def prediction_log(setting: str, images: str) -> prediction_log_module.Predictio
     return prediction_log_module.PredictionLog(root, "batch", images, store=store)
 
 
-def _load(model_info: dict, registry: RegistryConfig):
+def _load(model_info: dict, registry: RegistryConfig, runtime: str | None = None):
+    """The version's predictor, on ``runtime`` (inference.runtime) where given; Grad-CAM keeps the Keras model."""
     predictor, _ = store.load_predictor(registry.model_name, model_info["version"])
+    if runtime is not None:
+        predictor.use_runtime(runtime)
     log_metadata(metadata={"model_uri": model_info["uri"], "model_version": model_info["version"]})
     return predictor
 
@@ -108,9 +111,8 @@ def predict_batch(
             ``write_back``, one DICOM SR per analysed image into the PACS the images came from (xray.serving.sr); every row
         also to the prediction log ``log_to`` (monitoring.prediction_log). With ``shards`` > 1, only share ``shard`` of
     the listing (xray.serving.batch.shard_of), into its own part beside ``output``."""
-    predictor = _load(model_info, registry)
+    predictor = _load(model_info, registry, inference.runtime)
     point, threshold, _ = predictor.operating_point(site)  # an unknown site fails before any image is read
-    predictor.use_runtime(inference.runtime)
     predictor.site = site
     reports = (
         sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
@@ -192,8 +194,7 @@ def score_batch(
     Annotated[dict, "ood_examples"],
 ]:
     """Monitoring: the batch's predictions, out-of-distribution features and its most unusual images."""
-    predictor = _load(model_info, registry)
-    predictor.use_runtime(inference.runtime)
+    predictor = _load(model_info, registry, inference.runtime)
     result = batch.predict_source(
         predictor, images, inference, limits=limits, max_attempts=s3_max_attempts, keep=True, examples=8
     )

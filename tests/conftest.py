@@ -315,13 +315,14 @@ class Team:
 
     @property
     def credentials(self) -> dict[str, str]:
-        return json.loads((self.state / "credentials.json").read_text())
+        from infra.team_stack import TeamStack
+
+        return TeamStack(state=self.state).credentials()
 
     def mlflow_account(self, user: str) -> dict[str, str]:
-        return {
-            "MLFLOW_TRACKING_USERNAME": user,
-            "MLFLOW_TRACKING_PASSWORD": self.credentials[f"mlflow_{user}_password"],
-        }
+        from infra.team_stack import TeamStack
+
+        return TeamStack(state=self.state).mlflow_account(user)
 
     def auth_headers(self, url: str, account: str = "trainer") -> dict[str, str]:
         """What a signed-in client sends: ZenML's bearer token, or MLflow's basic auth for ``account``."""

@@ -142,18 +142,12 @@ def promote(
         )
         store.set_version_tags(client, model_name, version_id, {APPROVAL_TAG: "pending"})
     if decision.promoted:
-        from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
-
-        try:
+        with tracking.refusals_as_errors(
+            f"v{version_id} passed the gate, but MLflow refused to make it {alias}",
+            ". On this tracking server a reviewer promotes: set registry.require_approval: true and approve with a "
+            "reviewer's account",
+        ):
             holder = store.move_alias_if(client, model_name, alias, version_id, decision.previous_champion)
-        except MlflowException as error:
-            refused = tracking.refusal(error)
-            if refused is None:
-                raise
-            raise ConfigError(
-                f"v{version_id} passed the gate, but MLflow refused to make it {alias}: {refused}. On this tracking "
-                "server a reviewer promotes: set registry.require_approval: true and approve with a reviewer's account"
-            ) from None
         if holder != decision.previous_champion:
             compared = f"v{decision.previous_champion}" if decision.previous_champion else "no champion"
             decision = replace(

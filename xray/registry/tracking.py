@@ -7,6 +7,7 @@ pipeline run); this module only names the local default store the local stack's 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -53,9 +54,11 @@ def may_promote(uri: str, model_name: str) -> tuple[str, bool] | None:
     user = authenticated_user(uri)
     if user is None:
         return None
-    from mlflow.server.auth.client import AuthServiceClient  # lazy: MLflow's import takes seconds
+    from mlflow.utils.credentials import get_default_host_creds  # lazy: MLflow's import takes seconds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response  # lazy: as above
 
-    listing = AuthServiceClient(uri)._request("/api/3.0/mlflow/users/current/permissions", "GET")
+    endpoint = "/api/3.0/mlflow/users/current/permissions"  # basic-auth's own route (mlflow.server.auth.routes)
+    listing = verify_rest_response(http_request(get_default_host_creds(uri), endpoint, "GET"), endpoint).json()
     manages = listing.get("is_admin", False) or any(
         grant.get("resource_type") == "registered_model"
         and grant.get("resource_pattern") in ("*", model_name)
@@ -71,6 +74,21 @@ def refusal(error) -> str | None:
         return None
     text = str(error)
     return text.split("Response body: ", 1)[-1].strip().strip("'") if "Response body: " in text else text
+
+
+@contextmanager
+def refusals_as_errors(what: str, advice: str = ""):
+    """A request the server refuses for want of permission, inside the block, becomes one ConfigError line:
+    ``what``, the server's sentence, then ``advice``; any other MLflow error propagates as it is."""
+    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+
+    try:
+        yield
+    except MlflowException as error:
+        refused = refusal(error)
+        if refused is None:
+            raise
+        raise ConfigError(f"{what}: {refused}{advice}") from None
 
 
 def artifact_location(uri: str) -> str | None:

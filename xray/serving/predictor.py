@@ -88,14 +88,20 @@ def openvino_forwards(model, image_size: int, precision: str):
         request.infer([np.asarray(batch, dtype=np.float32)])
         return request.get_output_tensor(0).data.copy()
 
-    def decode(data):
-        return tf.cast(decode_and_resize(data, image_size), tf.float32)
-
     pixels = tf.function(
-        lambda encoded: tf.map_fn(decode, encoded, fn_output_signature=tf.float32),
-        input_signature=[tf.TensorSpec([None], tf.string)],
+        lambda encoded: decode_batch(encoded, image_size), input_signature=[tf.TensorSpec([None], tf.string)]
     )
     return forward, lambda encoded: forward(pixels(encoded).numpy())
+
+
+def decode_batch(encoded, image_size: int):
+    """Encoded images (a string tensor) -> the model's float32 input, with the preprocessing training used; traced
+    inside each runtime's compiled call."""
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    return tf.map_fn(
+        lambda data: tf.cast(decode_and_resize(data, image_size), tf.float32), encoded, fn_output_signature=tf.float32
+    )
 
 
 def label_for(probability: float, threshold: float, status: str) -> str:
@@ -151,11 +157,8 @@ class ChestXrayPredictor:
             input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
         )
 
-        def decode(data):
-            return tf.cast(decode_and_resize(data, image_size), tf.float32)
-
         self._forward_encoded = tf.function(
-            lambda encoded: model(tf.map_fn(decode, encoded, fn_output_signature=tf.float32), training=False),
+            lambda encoded: model(decode_batch(encoded, image_size), training=False),
             input_signature=[tf.TensorSpec([None], tf.string)],
         )
 
