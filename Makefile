@@ -124,13 +124,13 @@ monitor-images:
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000
 
-# Every answer goes to the prediction log: the active stack's (<artifact store>/prediction_log) unless
-# XRAY_PREDICTION_LOG says otherwise (a folder, an s3:// prefix, or off).
+# The champion's files are checked against the digest recorded at registration before anything is served
+# (infra/serve.py). Every answer goes to the prediction log: the active stack's (<artifact store>/prediction_log)
+# unless XRAY_PREDICTION_LOG says otherwise (a folder, an s3:// prefix, or off).
 serve: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db} \
 	  XRAY_PREDICTION_LOG=$${XRAY_PREDICTION_LOG:-$$($(PY) -m infra.stacks prediction-log)} \
-	  $(VENV)/bin/mlflow models serve -m models:/chest-xray-classifier@champion --env-manager local -h 127.0.0.1 -p 5001 \
-	    -w $$(nproc)
+	  $(PY) -m infra.serve --model-version champion --host 127.0.0.1 --port 5001 --workers $$(nproc)
 
 clean:
 	rm -rf .mlflow .cache outputs .pytest_cache

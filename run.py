@@ -13,6 +13,7 @@ python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-v
 python run.py --pipeline feedback --labels FILE.csv [--site NAME] [--period day|week|month]
               [--output outputs/feedback] [--fail-on-degradation]
 python run.py approve|reject --model-version N --reviewer NAME --reason TEXT     (registry.require_approval)
+python run.py approve --model-version N --operating-point SITE --reason TEXT     (a site's proposed operating point)
 python run.py rollback --to N --reviewer NAME --reason TEXT
 """
 
@@ -196,6 +197,13 @@ def quiet_expected_failures() -> None:
 @click.option("--reason", default=None, help="approve, reject, rollback: why (recorded with the version).")
 @click.option("--to", "to_version", default=None, help="rollback: the version that becomes champion again.")
 @click.option(
+    "--operating-point",
+    "operating_point_site",
+    default=None,
+    help="approve: apply the operating point that --pipeline evaluation --recalibrate-fraction proposed for this "
+    "site (where the run's account may not change a sealed version), instead of approving the version.",
+)
+@click.option(
     "--site",
     default=None,
     help="evaluation: the site's name in tags and the model card (default: the archive's or folder's name). "
@@ -366,6 +374,7 @@ def main(
     period: str | None = None,
     fail_on_degradation: bool = False,
     shards: int = 1,
+    operating_point_site: str | None = None,
 ) -> None:
     """Train, evaluate and register the chest X-ray pneumonia classifier with ZenML and MLflow."""
     if verbose and quiet:
@@ -391,11 +400,13 @@ def main(
             fail(f"{action} needs --model-version N (a version number) and no --to", 2)
         if not reason:
             fail(f"{action} needs --reason TEXT (and --reviewer NAME where MLflow has no accounts)", 2)
+        if operating_point_site and action != "approve":
+            fail("--operating-point belongs to approve", 2)
         try:
             from pipelines import launch
 
             config = launch.on_stack(config, stack_name)
-            summary = launch.decide(config, action, to_version or model_version, reviewer, reason)
+            summary = launch.decide(config, action, to_version or model_version, reviewer, reason, operating_point_site)
         except ConfigError as error:
             fail(str(error).splitlines()[0], 2)
         emit(json.dumps(summary, sort_keys=True))

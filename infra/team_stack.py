@@ -24,6 +24,7 @@ Accounts (passwords from XRAY_TEAM_* variables, else generated once into state/c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -157,6 +159,7 @@ class TeamStack:
                 env=os.environ | (env or {}),
                 start_new_session=True,
                 cwd=self.state,
+                umask=0o077,  # what a service writes (ZenML's database, its secrets) is its owner's only
             )
         self._pid_file(name).write_text(f"{process.pid}\n")
         return process.pid
@@ -278,6 +281,76 @@ class TeamStack:
             return f"sqlite:///{self.state / 'mlflow' / (database + '.db')}"
         return f"postgresql://mlflow@{self.host}:{self.pg_port}/{database}"
 
+    @property
+    def pg_home(self) -> Path:
+        """Where PostgreSQL keeps its cluster: the state folder, except as root, where PostgreSQL runs as `postgres`,
+        which must not reach into the state folder (0700, it holds the passwords): then a folder of its own under
+        `postgres`'s home, named after the state folder."""
+        if os.geteuid() != 0:
+            return self.state
+        import pwd
+
+        try:
+            home = Path(pwd.getpwnam("postgres").pw_dir or "/var/lib/postgresql")
+        except KeyError:
+            return self.state
+        return home / "xray-team" / hashlib.sha256(str(self.state.resolve()).encode()).hexdigest()[:16]
+
+    @property
+    def pg_data(self) -> Path:
+        return self.state / "postgres" if self.pg_home == self.state else self.pg_home / "data"
+
+    @property
+    def pg_sockets(self) -> Path:
+        return self.state / "run" / "pg" if self.pg_home == self.state else self.pg_home / "sockets"
+
+    def _move_postgres_out_of_state(self, bin_dir: Path, as_user: PostgresUser) -> None:
+        """A cluster an earlier version made inside the state folder as root moves to :attr:`pg_data` (stopped
+        first), so that the state folder can be 0700."""
+        old = self.state / "postgres"
+        if old == self.pg_data or not (old / "PG_VERSION").is_file() or (self.pg_data / "PG_VERSION").is_file():
+            if self.pg_home != self.state:
+                self._make_pg_home(as_user)
+            return
+        if (old / "postmaster.pid").is_file():
+            run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(old), "-m", "fast", "-w", "stop"], "pg_ctl stop")
+        self._make_pg_home(as_user)
+        shutil.move(str(old), str(self.pg_data))
+        logger.info("moved PostgreSQL's cluster from %s to %s (the state folder is now 0700)", old, self.pg_data)
+
+    def _make_pg_home(self, as_user: PostgresUser) -> None:
+        for folder in (self.pg_home.parent, self.pg_home):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(exist_ok=True, mode=0o700)
+            folder.chmod(0o700)
+            as_user.chown(folder)
+
+    SECRET_PATHS = ("credentials.json", "zenml", "mlflow", "logs", "run")
+    """Under the state folder: what holds a secret (the passwords, ZenML's database with the tracker's secret,
+    MLflow's SQLite users when PostgreSQL is absent) or may (logs)."""
+
+    def secure_state(self, report: bool = True) -> list[str]:
+        """The state folder 0700, and every file of :attr:`SECRET_PATHS` 0600 (their folders 0700); a wider mode is
+        narrowed and reported in one line. Returns what was narrowed."""
+        narrowed = []
+
+        def narrow(path: Path, mode: int) -> None:
+            current = stat.S_IMODE(path.lstat().st_mode)
+            if current & ~mode and not path.is_symlink() and path.owner() == self.state.owner():
+                path.chmod(current & mode)
+                narrowed.append(f"{path.relative_to(self.state.parent)} {current:04o} -> {current & mode:04o}")
+
+        self.state.mkdir(parents=True, exist_ok=True)
+        narrow(self.state, 0o700)
+        for name in self.SECRET_PATHS:
+            top = self.state / name
+            for path in [top, *top.rglob("*")] if top.is_dir() else [top] if top.exists() else []:
+                if path != self.pg_sockets and self.pg_sockets not in path.parents:
+                    narrow(path, 0o700 if path.is_dir() else 0o600)
+        if narrowed and report:
+            logger.warning("secured the team stack's state folder: %s", "; ".join(narrowed))
+        return narrowed
+
     def start_postgres(self) -> str:
         bin_dir = postgres_bin()
         if bin_dir is None:
@@ -289,14 +362,14 @@ class TeamStack:
             logger.warning(notice)
             (self.state / "mlflow").mkdir(parents=True, exist_ok=True)
             return "absent (SQLite)"
-        data = self.state / "postgres"
-        sockets = self.state / "run" / "pg"
+        data, sockets = self.pg_data, self.pg_sockets
         as_user = as_postgres_user(data, sockets)
+        self._move_postgres_out_of_state(bin_dir, as_user)
         status = "running"
         if not (data / "PG_VERSION").is_file():
             data.mkdir(parents=True, exist_ok=True)
             as_user.chown(data)
-            password_file = self.state / "run" / "pg-password"
+            password_file = sockets.parent / "pg-password"  # where `postgres` can read it
             password_file.parent.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w") as handle:
@@ -372,7 +445,7 @@ class TeamStack:
             return
         password = self.credentials()["postgres_password"].replace("'", "''")
         result = subprocess.run(
-            [*as_user.prefix, str(bin_dir / "psql"), "-h", str(self.state / "run" / "pg"), "-p", str(self.pg_port)]
+            [*as_user.prefix, str(bin_dir / "psql"), "-h", str(self.pg_sockets), "-p", str(self.pg_port)]
             + ["-U", "mlflow", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"],
             input=f"ALTER USER mlflow PASSWORD '{password}';\n",
             capture_output=True,
@@ -390,10 +463,10 @@ class TeamStack:
 
     def stop_postgres(self) -> bool:
         bin_dir = postgres_bin()
-        data = self.state / "postgres"
+        data = self.pg_data
         if bin_dir is None or not (data / "postmaster.pid").is_file():
             return False
-        as_user = as_postgres_user(data, self.state / "run" / "pg")
+        as_user = as_postgres_user(data, self.pg_sockets)
         run([*as_user.prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], "pg_ctl stop")
         return True
 
@@ -623,7 +696,8 @@ class TeamStack:
 
     # -- the commands --
     def up(self) -> dict:
-        self.state.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        narrowed = self.secure_state(report=False)
         # The ZenML server is the slowest to come up (its database migrations) and needs none of the others: it starts
         # first and is awaited last, while S3, PostgreSQL and MLflow start in turn.
         zenml = self.start_zenml(wait=False)
@@ -634,7 +708,10 @@ class TeamStack:
         services["zenml"] = zenml
         self.connect_client()
         services["stack"] = self.register_stack()
-        info = self.info() | {"services": services, "notices": self.notices}
+        narrowed += self.secure_state(report=False)  # what the services made before their umask applied (an old one)
+        if narrowed:
+            logger.warning("secured the team stack's state folder: %s", "; ".join(narrowed))
+        info = self.info() | {"services": services, "notices": self.notices, "secured": narrowed}
         (self.state / "team_stack.json").write_text(json.dumps(info, indent=1) + "\n")
         return info
 
@@ -664,7 +741,7 @@ class TeamStack:
                 "s3": healthy(self.s3_url + f"/{self.bucket}"),
                 "mlflow": healthy(self.mlflow_url + "/health"),
                 "zenml": healthy(self.zenml_url + "/health"),
-                "postgres": (self.state / "postgres" / "postmaster.pid").is_file(),
+                "postgres": (self.pg_data / "postmaster.pid").is_file(),
             }
         }
 

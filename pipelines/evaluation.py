@@ -51,6 +51,8 @@ def summarize(load, site: str) -> dict:
         "metrics": {k: v for k, v in metrics.items() if k not in ("images", "threshold")},
         "mlflow_run_id": result["mlflow_run_id"],
     }
+    if "model_card" in result:  # not updated: the run's account may not change the sealed version
+        summary["model_card"] = result["model_card"]
     if "recalibrated" in result:
         recalibrated = result["recalibrated"]
         summary["recalibrated"] = {

@@ -391,7 +391,9 @@ def run_evaluation(
     )
 
 
-def decide(config: PipelineConfig, action: str, version: str, reviewer: str | None, reason: str) -> dict:
+def decide(
+    config: PipelineConfig, action: str, version: str, reviewer: str | None, reason: str, site: str | None = None
+) -> dict:
     """``run.py approve|reject|rollback``: a person's decision on a version (xray.registry.promotion), and the ZenML
     Model version of its training run follows (production, archived). On a tracking server with accounts the record
     names the signed-in account (MLFLOW_TRACKING_USERNAME), never a typed name."""
@@ -407,6 +409,10 @@ def decide(config: PipelineConfig, action: str, version: str, reviewer: str | No
             f"{action} needs --reviewer NAME: the MLflow server at {config.registry.tracking_uri} has no accounts"
         )
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    if site is not None:  # approve --operating-point SITE: a site's proposed operating point, not the version
+        with tracking.refusals_as_errors(f"MLflow refused the operating point by account '{reviewer}'"):
+            result = promotion.apply_operating_point(client, config.registry, version, site, reviewer, reason)
+        return result | {"model_name": config.registry.model_name}
     decisions = {"approve": promotion.approve, "reject": promotion.reject, "rollback": promotion.rollback}
     with tracking.refusals_as_errors(f"MLflow refused the {action} by account '{reviewer}'"):
         result = decisions[action](client, config.registry, version, reviewer, reason)

@@ -5,8 +5,10 @@ import logging
 from typing import Annotated, Optional, Tuple
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from requests import HTTPError
 from zenml import step
 
 from materializers import ValidatedDatasetMaterializer
@@ -17,9 +19,25 @@ from xray.data import sites
 from xray.data.dataset import ValidatedDataset
 from xray.evaluation import plots
 from xray.evaluation.recipes import evaluate_site
-from xray.registry import store
+from xray.registry import store, tracking
 
 logger = logging.getLogger(__name__)
+MANAGE_NEEDED = "changing a sealed version needs MANAGE on the model, which this run's MLflow account lacks"
+
+
+def _store_or_propose(client, model_name: str, version: str, site: str, point: dict) -> str:
+    """Store the site's operating point with the version (it answers differently from then on), or, where the run's
+    account may not change a sealed version, leave it proposed in the site's tag for a reviewer to apply."""
+    try:
+        store.save_operating_point(client, model_name, version, site, point)
+    except (MlflowException, HTTPError) as error:
+        if tracking.refusal(error) is None:
+            raise
+        return (
+            f"proposed, not stored ({MANAGE_NEEDED}); a reviewer applies it: python run.py approve --model-version "
+            f"{version} --operating-point {site} --reason TEXT"
+        )
+    return f"stored: --site {site} now uses it in batch inference and serving"
 
 
 @step(enable_cache=False, output_materializers={"site_images": ValidatedDatasetMaterializer}, experiment_tracker=True)
@@ -86,25 +104,31 @@ def evaluate_on_site(
             json.dumps(summary | {"site_report": site_report}, indent=1, default=str), "evaluation/site_report.json"
         )
         log_images({"site_reliability": figure}, "evaluation")
-    store.record_site_result(
-        client, registry.model_name, model_info["version"], site, metrics, run.info.run_id, result.get("recalibrated")
-    )
     recalibrated = result.get("recalibrated")
+    if recalibrated is not None and recalibrated["meets_policy"]:
+        recalibrated["operating_point"] = {
+            "calibration": recalibrated["calibration"],
+            "threshold": recalibrated["metrics"]["threshold"],
+            "threshold_policy": recalibrated["threshold_policy"],
+            "fitted_on": f"{recalibrated['calibration_images']} images of the site (--recalibrate-fraction "
+            f"{recalibrated['fraction']:g}, run {run.info.run_id})",
+        }
+    version = model_info["version"]
+    store.record_site_result(client, registry.model_name, version, site, metrics, run.info.run_id, recalibrated)
     if recalibrated is not None:
-        if recalibrated["meets_policy"]:
-            point = {
-                "calibration": recalibrated["calibration"],
-                "threshold": recalibrated["metrics"]["threshold"],
-                "threshold_policy": recalibrated["threshold_policy"],
-                "fitted_on": f"{recalibrated['calibration_images']} images of the site (--recalibrate-fraction "
-                f"{recalibrated['fraction']:g}, run {run.info.run_id})",
-            }
-            store.save_operating_point(client, registry.model_name, model_info["version"], site, point)
-            summary["operating_point"] = f"stored: --site {site} now uses it in batch inference and serving"
-        else:
-            summary["operating_point"] = "not stored: " + recalibrated["policy"]
+        summary["operating_point"] = (
+            _store_or_propose(client, registry.model_name, version, site, recalibrated["operating_point"])
+            if recalibrated["meets_policy"]
+            else "not stored: " + recalibrated["policy"]
+        )
         logger.info("site %s operating point %s", site, summary["operating_point"])
-    store.update_model_card(client, registry.model_name, model_info["version"])
+    try:
+        store.update_model_card(client, registry.model_name, version)
+    except (MlflowException, HTTPError) as error:
+        if tracking.refusal(error) is None:
+            raise
+        summary["model_card"] = f"not updated ({MANAGE_NEEDED}): the site's row is in the tag site.{site}"
+        logger.warning("v%s's model card %s", version, summary["model_card"])
     logger.info(
         "v%s on site %s: AUC %.3f (%.3f-%.3f), sensitivity %.3f, specificity %.3f at threshold %.4f",
         model_info["version"],

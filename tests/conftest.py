@@ -294,6 +294,7 @@ class Team:
     env: dict[str, str]
     info: dict = field(default_factory=dict)
     last_stderr: str = ""  # of the last command
+    last_stack_stderr: str = ""  # of the last infra.team_stack command
     training_stderr: str = ""  # of the smoke training run (``trained``)
     zenml_token: str = ""
     decisions: dict = field(default_factory=dict)  # the trained version's approval attempts (``trained``)
@@ -303,6 +304,7 @@ class Team:
         ports = [f"--{name}-port={port}" for name, port in self.ports.items()]
         args = [sys.executable, "-m", "infra.team_stack", command, "--state", str(self.state), *ports]
         result = subprocess.run(args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        self.last_stack_stderr = result.stderr
         return self._json_line(result)
 
     def run(self, *args: str, timeout: int = 900, account: str | None = None) -> dict:
@@ -351,10 +353,9 @@ class Team:
 
 @pytest.fixture(scope="session")
 def team():
-    # Not under pytest's tmp folder (mode 0700): as root, PostgreSQL runs as `postgres` and must reach its data.
+    # Not under pytest's tmp folder: the servers outlive a test's own folder.
     (ROOT / ".cache").mkdir(exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix="team-test-", dir=ROOT / ".cache"))
-    state.chmod(0o755)
     home = state / "client"
     home.mkdir()
     ports = {"zenml": free_port(), "mlflow": free_port(), "s3": free_port(), "pg": free_port()}
@@ -374,6 +375,11 @@ def team():
         for key, value in before.items():
             os.environ.pop(key) if value is None else os.environ.update({key: value})
         team.stack("down")
+        from infra.team_stack import TeamStack
+
+        postgres = TeamStack(state=team.state).pg_home  # outside the state folder when PostgreSQL runs as `postgres`
+        if postgres != team.state:
+            shutil.rmtree(postgres, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
 
 

@@ -93,6 +93,29 @@ def test_a_second_up_is_a_no_op(team):
     assert again["backend_store"].startswith("postgresql://") and again["notices"] == []
 
 
+def test_the_state_folder_is_its_owners_and_a_wider_mode_is_narrowed_by_up(team):
+    """Secrets at rest: the state folder 0700, every file that holds a secret 0600 (ZenML's database holds the
+    tracker's password); `up` narrows a wider mode and says so in one line."""
+    import stat
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    database = team.state / "zenml" / "zenml.db"
+    assert mode(team.state) == 0o700 and mode(team.state / "credentials.json") == 0o600 and mode(database) == 0o600
+    files = [p for name in ("zenml", "mlflow", "logs") for p in (team.state / name).rglob("*") if p.is_file()]
+    assert files and {oct(mode(p)) for p in files} == {oct(0o600)}
+    team.state.chmod(0o755)
+    database.chmod(0o644)
+    again = team.stack("up")
+    assert mode(team.state) == 0o700 and mode(database) == 0o600
+    assert f"{team.state.name} 0755 -> 0700" in " ".join(again["secured"]) and "zenml.db 0644 -> 0600" in " ".join(
+        again["secured"]
+    )
+    (line,) = [line for line in team.last_stack_stderr.splitlines() if "secured the team stack's state folder" in line]
+    assert "zenml.db 0644 -> 0600" in line
+
+
 def test_postgresql_asks_for_the_generated_password_which_no_log_or_status_holds(team):
     """initdb with SCRAM and a generated password (state/credentials.json, mode 0600): a connection without it or
     with a wrong one is refused; MLflow's server has it from its environment, never from a URI or a command line."""
@@ -382,6 +405,100 @@ def test_a_failed_run_is_failed_in_both_servers(team, trained, tmp_path):
     assert runs[0]["name"] == latest["info"]["run_name"] and runs[0]["body"]["status"] == "failed"
 
 
+def test_the_trainer_cannot_rewrite_the_record_or_the_files_and_a_changed_file_is_refused(team, trained):
+    """The security review's requests, as the trainer over HTTP: each a 4xx, and nothing changes (the whole matrix of
+    carriers: tests/unit/test_mlflow_auth_server.py). Then one byte of the champion's weights changed in the bucket,
+    which checks no keys: batch inference and serving refuse the version in one line; restored, it serves again."""
+    import hashlib
+
+    import boto3
+
+    home, env, images, summary = trained
+    version = summary["model_version"]
+    mlflow_url = team.info["mlflow_tracking_uri"]
+
+    def call(method: str, path: str, body=None, query: str = "", raw: bytes | None = None) -> int:
+        url = f"{mlflow_url}{path}{query}"
+        data = json.dumps(body).encode() if body is not None else raw
+        headers = team.auth_headers(url, "trainer") | ({"Content-Type": "application/json"} if body is not None else {})
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def record() -> tuple:
+        found = mlflow_api(team, f"model-versions/get?name={MODEL}&version={version}")["model_version"]
+        tags = {t["key"]: t["value"] for t in found.get("tags", [])}
+        return sorted(found.get("aliases", [])), tags, found.get("description"), found["name"]
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=team.info["s3_endpoint"],
+        aws_access_key_id="S3RVER",
+        aws_secret_access_key="S3RVER",
+        region_name="us-east-1",
+    )
+    bucket = team.info["artifact_store"].split("/")[2]
+    (weights,) = [key for key in bucket_keys(team) if key.startswith("mlflow/") and key.endswith("/data/model.keras")]
+    original = s3.get_object(Bucket=bucket, Key=weights)["Body"].read()
+    before = record()
+    proxied = weights.removeprefix("mlflow/")
+    api = "/api/2.0/mlflow"
+    attempts = {
+        "champion moved by a query string": call(
+            "POST",
+            f"{api}/registered-models/alias",
+            {"name": MODEL, "alias": "champion", "version": version},
+            "?alias=candidate",
+        ),
+        "approval set by a query string": call(
+            "POST",
+            f"{api}/model-versions/set-tag",
+            {"name": MODEL, "version": version, "key": "approval", "value": "rejected"},
+            "?value=pending",
+        ),
+        "weights overwritten through the proxy": call(
+            "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{proxied}", raw=b"FORGED by trainer"
+        ),
+        "renamed": call("POST", f"{api}/registered-models/rename", {"name": MODEL, "new_name": "renamed"}),
+        "history forged": call(
+            "POST",
+            f"{api}/model-versions/set-tag",
+            {"name": MODEL, "version": version, "key": "history.20261206", "value": "FORGED by trainer"},
+        ),
+        "decision rewritten": call(
+            "POST",
+            f"{api}/model-versions/set-tag",
+            {"name": MODEL, "version": version, "key": "promotion_decision", "value": "rejected"},
+        ),
+        "card rewritten": call(
+            "PATCH", f"{api}/model-versions/update", {"name": MODEL, "version": version, "description": "FORGED"}
+        ),
+    }
+    assert all(400 <= status < 500 for status in attempts.values()), attempts
+    assert record() == before and s3.get_object(Bucket=bucket, Key=weights)["Body"].read() == original
+
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 1
+    s3.put_object(Bucket=bucket, Key=weights, Body=bytes(changed))
+    try:
+        refused = team.command("--pipeline", "inference", "--images", str(images), "--output", str(home / "x.csv"))
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert len(errors) == 1 and errors[0].startswith(
+            f"error: model version {version} refused: data/model.keras differs from the file registered"
+        ), errors
+        serving = run_command(["-m", "infra.serve", "--port", "1", "--folder", str(home / "serving")], team.env, 300)
+        assert serving.returncode == 2 and serving.stderr.strip().splitlines()[-1] == errors[0]
+    finally:
+        s3.put_object(Bucket=bucket, Key=weights, Body=original)
+    assert (
+        hashlib.sha256(s3.get_object(Bucket=bucket, Key=weights)["Body"].read()).digest()
+        == hashlib.sha256(original).digest()
+    )
+
+
 def test_batch_inference_on_a_folder(team, trained):
     home, env, images, _ = trained
     (images / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff not really a jpeg")
@@ -452,22 +569,9 @@ def test_rest_serving_matches_batch_inference(trained):
     port = free_port()
     # The scoring server is started as `uvicorn ...` from PATH: put this interpreter's bin first.
     env = env | {"PATH": f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}"}
+    # What `make serve` runs: the champion's files checked against its digest, then `mlflow models serve`.
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            "models:/chest-xray-classifier@champion",
-            "--env-manager",
-            "local",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-        ],
+        [sys.executable, "-m", "infra.serve", "--port", str(port), "--workers", "1", "--folder", str(home / "serving")],
         cwd=home,
         env=env,
         stdout=subprocess.PIPE,
@@ -632,17 +736,55 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
 
     linked = client.get_logged_model(logged_model_id(version)).metrics or []
     assert any(m.key == "site_auc" and m.run_id == summary["mlflow_run_id"] for m in linked)
+    # The trainer's run may not change the sealed version: its card and operating points stay as the reviewer left
+    # them, the results wait in the site's tag, and a re-fitted point is proposed for the reviewer.
+    assert summary["model_card"].startswith("not updated (changing a sealed version needs MANAGE")
+    assert "| hospital-b |" not in version.description
+    recalibrated_tag = site["recalibrated"]
+    if recalibrated_tag["meets_policy"]:
+        assert summary["recalibrated"]["operating_point"].startswith("proposed, not stored")
+        assert recalibrated_tag["operating_point"]["threshold"] == pytest.approx(summary["recalibrated"]["threshold"])
+        applied = team.run(
+            "approve",
+            "--config",
+            str(home / "smoke.yaml"),
+            "--model-version",
+            "1",
+            "--operating-point",
+            "hospital-b",
+            "--reason",
+            "re-fitted on half of hospital b",
+            account="reviewer",
+        )
+        assert applied["action"] == "operating point for site hospital-b applied" and applied["by"] == "reviewer"
+    else:
+        assert summary["recalibrated"]["operating_point"].startswith("not stored: ")
+        refused = team.command(
+            "approve",
+            "--config",
+            str(home / "smoke.yaml"),
+            "--model-version",
+            "1",
+            "--operating-point",
+            "hospital-b",
+            "--reason",
+            "x",
+            account="reviewer",
+        )
+        assert refused.returncode == 2 and "no proposed operating point for site hospital-b" in refused.stderr
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     card = open(
         mlflow.artifacts.download_artifacts(
             "models:/chest-xray-classifier/1/model_card.md", dst_path=str(tmp_path / "card")
         )
     ).read()
-    assert card.count("## Results by site") == 1
-    row = f"| hospital-b | as registered | 47 | {summary['threshold']:.4f} | {summary['metrics']['auc']:.3f} ("
-    assert row in card and "| hospital-b | recalibrated on 50% |" in card
-    # The same card is the version's description in the registry, and the training run links to it.
-    assert "## Results by site" in version.description and row in version.description
+    if recalibrated_tag["meets_policy"]:  # the reviewer's decision brought the card's site results up to date
+        assert card.count("## Results by site") == 1
+        row = f"| hospital-b | as registered | 47 | {summary['threshold']:.4f} | {summary['metrics']['auc']:.3f} ("
+        assert row in card and "| hospital-b | recalibrated on 50% |" in card
+        assert "operating point for site hospital-b applied by reviewer" in card
+        version = client.get_model_version("chest-xray-classifier", "1")
+        assert "## Results by site" in version.description and row in version.description
     training_run = client.get_run(trained[3]["mlflow_run_id"])
     assert training_run.data.tags["model_card"] == "models:/chest-xray-classifier/1/model_card.md"
     assert "model_card.md" not in {a.path for a in client.list_artifacts(trained[3]["mlflow_run_id"])}
@@ -652,7 +794,9 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     *_, summary = trained
     keys_before = set(bucket_keys(team))
     pids = {path.stem: int(path.read_text()) for path in (team.state / "run").glob("*.pid")}
-    postmaster = team.state / "postgres" / "postmaster.pid"
+    from infra.team_stack import TeamStack
+
+    postmaster = TeamStack(state=team.state).pg_data / "postmaster.pid"
     pids["postgres"] = int(postmaster.read_text().split()[0])
     assert set(pids) == {"s3", "mlflow", "zenml", "postgres"}
 

@@ -11,38 +11,96 @@ from xray.config import RegistryConfig
 from xray.errors import ConfigError
 from xray.registry import gate, promotion, store, tracking
 
-ALIAS = "/api/2.0/mlflow/registered-models/alias"
-SET_TAG = "/api/2.0/mlflow/model-versions/set-tag"
 DENIED = (
     "API request to endpoint /api/2.0/mlflow/registered-models/alias failed with error code 403 != 200. Response "
     "body: 'Permission denied: moving the alias 'champion' of registered model 'm' needs MANAGE on it'"
 )
 
 
+PENDING = mlflow_auth.Version(tags={"approval": "pending", "test_auc": "0.9"})
+SEALED = mlflow_auth.Version(
+    tags={"model_sha256": "ab" * 32, "promotion_decision": "promoted", "history.1": "{}"},
+    aliases=["champion"],
+    description="# card",
+)
+
+
 @pytest.mark.parametrize(
-    "method, path, params, needs",
+    "operation, message, version, needs",
     [
-        ("POST", ALIAS, {"name": "m", "alias": "champion", "version": "2"}, "moving the alias 'champion'"),
-        ("DELETE", ALIAS, {"name": "m", "alias": "champion"}, "moving the alias 'champion'"),
-        ("POST", "/ajax-api/2.0/mlflow/registered-models/alias", {"alias": "champion"}, "moving the alias"),
-        ("POST", ALIAS, {"name": "m", "alias": "candidate", "version": "2"}, None),  # the trainer's to set
-        ("POST", SET_TAG, {"name": "m", "key": "approval", "value": "approved"}, "setting approval='approved'"),
-        ("POST", SET_TAG, {"name": "m", "key": "approval", "value": "rejected"}, "setting approval='rejected'"),
-        ("POST", SET_TAG, {"name": "m", "key": "approval", "value": "pending"}, None),  # the gate's, in training
-        ("POST", SET_TAG, {"name": "m", "key": "test_auc", "value": "0.9"}, None),
-        ("DELETE", "/api/2.0/mlflow/model-versions/delete-tag", {"key": "approval"}, "removing the tag approval"),
-        ("GET", ALIAS, {"name": "m", "alias": "champion"}, None),  # reading the champion is anyone's
+        ("SetRegisteredModelAlias", {"name": "m", "alias": "champion", "version": "2"}, PENDING, "moving the alias"),
+        ("DeleteRegisteredModelAlias", {"name": "m", "alias": "champion"}, None, "removing the alias 'champion'"),
+        ("SetRegisteredModelAlias", {"alias": "candidate", "version": "2"}, PENDING, None),  # the gate's, in training
+        ("SetRegisteredModelAlias", {"alias": "candidate", "version": "1"}, SEALED, "not pending approval"),
+        ("DeleteRegisteredModelAlias", {"alias": "candidate"}, None, "removing the alias 'candidate'"),
+        ("SetRegisteredModelAlias", {"alias": "staging", "version": "1"}, SEALED, None),  # anyone's own aliases
+        ("SetModelVersionTag", {"key": "approval", "value": "approved"}, PENDING, "changing the tag approval"),
+        ("SetModelVersionTag", {"key": "approval", "value": "approved"}, None, "setting approval='approved'"),
+        ("SetModelVersionTag", {"key": "approval", "value": "pending"}, mlflow_auth.Version(), None),
+        ("SetModelVersionTag", {"key": "history.20261206", "value": "{}"}, PENDING, "writing history.20261206"),
+        ("SetModelVersionTag", {"key": "promotion_decision", "value": "promoted"}, SEALED, None),  # the same value
+        ("SetModelVersionTag", {"key": "promotion_decision", "value": "x"}, SEALED, "changing the tag promotion_"),
+        ("SetModelVersionTag", {"key": "model_sha256", "value": "cd"}, SEALED, "changing the tag model_sha256"),
+        ("SetModelVersionTag", {"key": "model_sha256", "value": "cd"}, PENDING, None),  # registration seals once
+        ("SetModelVersionTag", {"key": "test_auc", "value": "0.99"}, PENDING, "changing the tag test_auc"),
+        ("SetModelVersionTag", {"key": "site.hospital-b", "value": "{}"}, SEALED, None),  # measurements, newest wins
+        ("DeleteModelVersionTag", {"key": "approval"}, PENDING, "removing the tag approval"),
+        ("DeleteModelVersionTag", {"key": "site.hospital-b"}, SEALED, None),
+        ("UpdateModelVersion", {"description": "FORGED"}, SEALED, "rewriting the version's description"),
+        ("UpdateModelVersion", {"description": "# card"}, mlflow_auth.Version(), None),  # the first card
+        ("RenameRegisteredModel", {"name": "m", "new_name": "n"}, None, "renaming"),
+        ("DeleteRegisteredModel", {"name": "m"}, None, "deleting the registered model"),
+        ("DeleteModelVersion", {"name": "m", "version": "1"}, SEALED, "deleting a version"),
+        ("TransitionModelVersionStage", {"name": "m", "version": "1", "stage": "Production"}, SEALED, "stage"),
+        ("DeleteRegisteredModel", {"name": "m.promotion-lock"}, None, "deleting"),  # its creator manages it
+        ("GetModelVersionByAlias", {"name": "m", "alias": "champion"}, None, None),  # reading is anyone's
     ],
 )
-def test_only_champion_moves_and_decisions_need_manage(method, path, params, needs):
-    action = mlflow_auth.needs_manage(method, path, params)
-    assert (action is None) if needs is None else (needs in action)
+def test_a_versions_record_is_the_reviewers(operation, message, version, needs):
+    action = mlflow_auth.needs_manage(operation, message, version)
+    assert (action is None) if needs is None else (needs in action), action
+
+
+def test_a_rename_needs_manage_on_both_names():
+    assert mlflow_auth.models_named("RenameRegisteredModel", {"name": "x.promotion-lock", "new_name": "m"}) == [
+        "x.promotion-lock",
+        "m",
+    ]
+    assert mlflow_auth.models_named("DeleteRegisteredModel", {"name": "m"}) == ["m"]
 
 
 def test_the_protected_aliases_follow_the_environment(monkeypatch):
     monkeypatch.setenv("XRAY_MLFLOW_PROTECTED_ALIASES", "production, champion")
-    assert mlflow_auth.needs_manage("POST", ALIAS, {"alias": "production"}) == "moving the alias 'production'"
+    assert (
+        mlflow_auth.needs_manage("SetRegisteredModelAlias", {"alias": "production"}) == "moving the alias 'production'"
+    )
     assert mlflow_auth.LOCK_SUFFIX == store.LOCK_SUFFIX  # a promotion lock stays its creator's to delete
+    assert mlflow_auth.DIGEST_TAG == store.DIGEST_TAG and mlflow_auth.APPROVAL_TAG == promotion.APPROVAL_TAG
+
+
+@pytest.mark.parametrize(
+    "path, recursive, touched",
+    [
+        ("1/models/m-abc/artifacts/data/model.keras", False, True),
+        ("7/models/m-abc/artifacts/data/model.keras", False, True),  # the id decides, not the experiment
+        ("1/models/m-other/artifacts/data/model.keras", False, False),
+        ("1/models/m-abc/artifacts", True, True),
+        ("1/models", True, True),  # a delete of a folder above the version's
+        ("1", True, True),
+        ("1/models", False, False),
+        ("1/0123456789abcdef0123456789abcdef/artifacts/plot.png", False, False),  # a run's own files
+        ("1/0123456789abcdef0123456789abcdef/artifacts/model/MLmodel", False, True),  # a run-logged version (MLflow 2)
+        ("1/0123456789abcdef0123456789abcdef", True, True),
+    ],
+)
+def test_the_files_of_a_sealed_version_are_found_under_any_path_that_reaches_them(path, recursive, touched):
+    folders = {
+        mlflow_auth.folder_of("models:/m-abc", None): "m",
+        mlflow_auth.folder_of("mlflow-artifacts:/1/0123456789abcdef0123456789abcdef/artifacts/model", None): "old",
+    }
+    owner = mlflow_auth.artifact_refusal(mlflow_auth.path_segments(path), recursive, folders)
+    assert (owner is not None) == touched
+    assert mlflow_auth.folder_of("", "m-abc") == ("models", "m-abc")
 
 
 def test_a_refusal_is_the_servers_sentence_and_anything_else_is_not_one():

@@ -177,14 +177,21 @@ def test_approve_reject_and_rollback_reach_the_decision(launched, monkeypatch):
         ["approve", "--model-version", "2", "--reviewer", "alice", "--reason", "checked"],
         ["reject", "--model-version", "3", "--reviewer", "bob", "--reason", "no"],
         ["rollback", "--to", "1", "--reviewer", "ops", "--reason", "alarms"],
+        ["approve", "--model-version", "2", "--operating-point", "site-b", "--reason", "re-fitted"],
     ):
         result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
         assert result.exit_code == 0, result.output
     assert seen == [
-        ("approve", "2", "alice", "checked"),
-        ("reject", "3", "bob", "no"),
-        ("rollback", "1", "ops", "alarms"),
+        ("approve", "2", "alice", "checked", None),
+        ("reject", "3", "bob", "no", None),
+        ("rollback", "1", "ops", "alarms", None),
+        ("approve", "2", None, "re-fitted", "site-b"),
     ]
+    refused = CliRunner().invoke(
+        run.main,
+        ["--config", str(SMOKE), "reject", "--model-version", "2", "--reason", "x", "--operating-point", "site-b"],
+    )
+    assert refused.exit_code == 2 and "--operating-point belongs to approve" in refused.output
 
 
 def test_a_malformed_labels_file_is_one_line_and_no_run(launched, monkeypatch, tmp_path):

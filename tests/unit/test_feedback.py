@@ -1,6 +1,7 @@
 """Labels back: parsing, the join to the log, per-period metrics with intervals, alerts, export, the webhook."""
 
 import json
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -177,3 +178,45 @@ def test_an_alert_is_posted_to_a_webhook_and_a_failing_one_names_only_its_host(m
     assert "127.0.0.1" in caplog.text and "secret-token" not in caplog.text
     monkeypatch.delenv("XRAY_ALERT_WEBHOOK")
     assert post_alert("nobody listens") is False
+
+
+def test_the_webhook_posts_only_over_http_follows_no_redirect_and_times_out(monkeypatch, caplog, tmp_path):
+    """A redirect (to another host, or anywhere) is refused, not followed; file:// and other schemes are refused
+    before any request; a webhook that never answers ends after the timeout."""
+    hits = {"moved": 0, "target": 0}
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/moved":
+                hits["moved"] += 1
+                self.send_response(307)
+                self.send_header("Location", f"http://localhost:{self.server.server_port}/target")
+            else:
+                hits["target"] += 1
+                self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts, never answers
+    try:
+        assert not post_alert("x", url=f"http://127.0.0.1:{server.server_port}/moved")
+        assert hits == {"moved": 1, "target": 0} and "redirect to localhost refused" in caplog.text
+        secret = tmp_path / "secret.txt"
+        secret.write_text("s3cr3t")
+        for url in (f"file://{secret}", "ftp://127.0.0.1/x", "gopher://127.0.0.1/x", "127.0.0.1:80/x"):
+            assert not post_alert("x", url=url)
+        assert "must be an http:// or https:// URL" in caplog.text
+        caplog.clear()
+        assert not post_alert("x", url=f"http://127.0.0.1:{silent.getsockname()[1]}/hook", timeout_s=1)
+        assert "TimeoutError" in caplog.text  # ended by its own timeout
+    finally:
+        server.shutdown()
+        server.server_close()
+        silent.close()

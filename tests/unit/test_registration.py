@@ -3,6 +3,7 @@ the first version is promoted, a challenger is gated on paired scores against th
 rejects is registered but never takes the alias."""
 
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -249,3 +250,133 @@ def test_with_required_approval_a_person_moves_the_champion_and_the_card_says_wh
         promotion.rollback(store, waiting, "3", "alice", "no")
     with pytest.raises(ConfigError, match="no version 9"):
         promotion.approve(store, waiting, "9", "alice", "no")
+
+
+def artifact_folder(client, version: str):
+    """Where the local store keeps the version's files (its logged model's artifact folder)."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from xray.registry.store import logged_model_id
+
+    location = client.get_logged_model(logged_model_id(client.get_model_version(MODEL, version))).artifact_location
+    return Path(urlparse(location).path if location.startswith("file:") else location)
+
+
+def test_a_version_whose_files_changed_after_registration_is_refused_by_every_load(store, candidate, caplog):
+    """Registration records the SHA-256 of every file (files.sha256, its digest in the tag model_sha256 and the card);
+    loading checks them: one changed byte, one added or removed file, a rewritten file list is one line naming the
+    version and the file. The card is not a file of the model (decisions append to it)."""
+    from xray.registry import store as registry_store
+    from xray.serving.bundle import ModelIntegrityError, manifest
+
+    register(store, candidate)
+    version = store.get_model_version(MODEL, "1")
+    digest = version.tags["model_sha256"]
+    folder = artifact_folder(store, "1")
+    listed = (folder / "files.sha256").read_text()
+    names = [line.split("  ", 1)[1] for line in listed.splitlines()]
+    assert {"MLmodel", "data/model.keras", "data/serving.json", "code/xray/serving/pyfunc.py"} <= set(names)
+    assert "model_card.md" not in names and listed == manifest(folder)
+    assert f"`{digest}`" in (folder / "model_card.md").read_text() and f"`{digest}`" in version.description
+    registry_store.add_history(store, MODEL, "1", {"action": "noted", "by": "a", "why": "b", "at": "2026-12-06T10"})
+    registry_store.load_predictor(MODEL, "champion")  # the card changed, the model did not
+
+    weights = folder / "data" / "model.keras"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:1000] + bytes([original[1000] ^ 1]) + original[1001:])
+    with pytest.raises(ModelIntegrityError) as refused:
+        registry_store.load_predictor(MODEL, "champion")
+    assert str(refused.value).startswith("model version 1 refused: data/model.keras differs from the file registered")
+    assert "\n" not in str(refused.value)
+    weights.write_bytes(original)
+    profile_file = next((folder / "data" / "reference_profile").iterdir())
+    saved = profile_file.read_bytes()
+    profile_file.write_bytes(saved + b"\0")
+    with pytest.raises(ModelIntegrityError, match=f"data/reference_profile/{profile_file.name} differs"):
+        registry_store.load_reference_profile(MODEL, "1")
+    profile_file.write_bytes(saved)
+    (folder / "code" / "xray" / "sitecustomize.py").write_text("print('injected')\n")
+    with pytest.raises(ModelIntegrityError, match="code/xray/sitecustomize.py is not one of its files"):
+        registry_store.load_predictor(MODEL, "1")
+    (folder / "code" / "xray" / "sitecustomize.py").unlink()
+    (folder / "files.sha256").write_text(listed.replace(names[0], names[0] + "x"))
+    with pytest.raises(ModelIntegrityError, match="does not match the digest recorded"):
+        registry_store.resolve_version(MODEL, "1")
+    (folder / "files.sha256").write_text(listed)
+    registry_store.load_predictor(MODEL, "1")
+
+    # A site's operating point stored later changes what the version answers: the version is sealed again.
+    point = {"calibration": {"method": "none"}, "threshold": 0.3, "threshold_policy": "fixed", "fitted_on": "x"}
+    registry_store.save_operating_point(store, MODEL, "1", "hospital-b", point)
+    resealed = store.get_model_version(MODEL, "1").tags["model_sha256"]
+    predictor, _ = registry_store.load_predictor(MODEL, "1")
+    assert resealed != digest and "hospital-b" in predictor.operating_points
+    assert f"`{resealed}`" in (folder / "model_card.md").read_text()
+
+    # A version registered before digests loads, with one warning per process.
+    store.delete_model_version_tag(MODEL, "1", "model_sha256")
+    caplog.clear()
+    registry_store.load_predictor(MODEL, "1")
+    registry_store.load_predictor(MODEL, "1")
+    assert [r.getMessage() for r in caplog.records].count(
+        "model version 1 has no recorded digest (registered before digests): its files are not verified; register "
+        "and approve a new version to have them checked"
+    ) == 1
+
+
+def test_serving_downloads_the_version_checks_it_and_refuses_a_changed_one(store, candidate, tmp_path, capsys):
+    from infra import serve
+
+    register(store, candidate)
+    local, info = serve.checked_folder(MODEL, "champion", tmp_path / "serving")
+    assert info["version"] == "1" and (tmp_path / "serving" / f"{MODEL}-v1").stat().st_mode & 0o777 == 0o700
+    assert os.path.isfile(os.path.join(local, "data", "model.keras"))
+    (artifact_folder(store, "1") / "data" / "serving.json").write_text('{"threshold": 0.0}')
+    code = serve.main(["--model-name", MODEL, "--folder", str(tmp_path / "serving"), "--port", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: model version 1 refused: data/serving.json differs from the file registered")
+    assert not (tmp_path / "serving" / f"{MODEL}-v1").exists()
+    # A version registered again and approved by a reviewer is served (its own files, its own digest).
+    waiting = RegistryConfig(model_name=MODEL, require_approval=True)
+    store.delete_registered_model_alias(MODEL, "champion")  # v1 cannot be scored by the gate any more
+    register(store, candidate, registry=waiting)
+    promotion.approve(store, waiting, "2", "reviewer", "registered again after v1's files changed")
+    local, info = serve.checked_folder(MODEL, "champion", tmp_path / "serving")
+    assert (
+        info["version"] == "2"
+        and json.loads(open(os.path.join(local, "data", "serving.json")).read())["version"] == "2"
+    )
+
+
+def test_a_reviewer_applies_a_sites_proposed_operating_point_and_the_version_is_sealed_again(store, candidate):
+    """Where the evaluation's account may not change a sealed version (the trainer on the team stack), the re-fitted
+    point waits in the site's tag; the reviewer's approval stores it, seals the version again and records it."""
+    from xray.errors import ConfigError
+    from xray.registry import store as registry_store
+
+    register(store, candidate)
+    registry = RegistryConfig(model_name=MODEL)
+    with pytest.raises(ConfigError, match="v1 has no proposed operating point for site hospital-b"):
+        promotion.apply_operating_point(store, registry, "1", "hospital-b", "alice", "checked")
+    point = {
+        "calibration": {"method": "none"},
+        "threshold": 0.25,
+        "threshold_policy": "fixed",
+        "fitted_on": "20 images",
+    }
+    measured = {"auc": 0.9, "auc_ci_low": 0.8, "auc_ci_high": 0.95, "threshold": 0.25, "images": 40}
+    recalibrated = {"metrics": measured, "fraction": 0.5, "meets_policy": True, "operating_point": point}
+    registry_store.record_site_result(store, MODEL, "1", "hospital-b", measured, "run-1", recalibrated)
+    before = store.get_model_version(MODEL, "1").tags["model_sha256"]
+    applied = promotion.apply_operating_point(store, registry, "1", "hospital-b", "alice", "checked on 40 cases")
+    assert applied["operating_point"] == point and applied["by"] == "alice"
+    predictor, _ = registry_store.load_predictor(MODEL, "1")  # verified against the new digest
+    assert predictor.operating_points["hospital-b"]["threshold"] == 0.25
+    tags = store.get_model_version(MODEL, "1").tags
+    assert tags["model_sha256"] != before
+    card = mlflow.artifacts.load_text(f"models:/{MODEL}/1/model_card.md")
+    assert "operating point for site hospital-b applied by alice: checked on 40 cases (threshold 0.2500" in card

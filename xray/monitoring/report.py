@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -302,19 +303,37 @@ def feedback_figures(table: pd.DataFrame, min_sensitivity: float, auc_floor: flo
     return {f"feedback_{m}": feedback_figure(table, m, floors.get(m)) for m in METRICS}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, request, fp, code, msg, headers, new_url):
+        raise urllib.error.HTTPError(
+            request.full_url, code, f"redirect to {urlsplit(new_url).hostname} refused", headers, fp
+        )
+
+
 def post_alert(line: str, url: str | None = None, timeout_s: float = 10.0) -> bool:
-    """POST ``{"text": line}`` (what Slack, Teams and most chat webhooks take) to ``url`` or $XRAY_ALERT_WEBHOOK.
-    False when none is set; a webhook that fails is one logged error naming its host, never its path or token."""
+    """POST ``{"text": line}`` (what Slack, Teams and most chat webhooks take) to ``url`` or $XRAY_ALERT_WEBHOOK: an
+    http(s) URL only, no redirect followed, ``timeout_s`` at most. False when none is set; a webhook that fails is one
+    logged error naming its host, never its path or token."""
     url = url or os.environ.get(WEBHOOK_ENV)
     if not url:
+        return False
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        logger.error("alert not posted: %s must be an http:// or https:// URL (scheme %r)", WEBHOOK_ENV, parts.scheme)
         return False
     request = urllib.request.Request(
         url, data=json.dumps({"text": line}).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout_s) as response:
             response.read()
         return True
     except OSError as error:
-        logger.error("alert not posted to the webhook at %s: %s", urlsplit(url).hostname, type(error).__name__)
+        reason = getattr(error, "msg", "") if isinstance(error, urllib.error.HTTPError) else ""
+        logger.error(
+            "alert not posted to the webhook at %s: %s%s",
+            parts.hostname,
+            type(error).__name__,
+            f" ({reason})" * bool(reason),
+        )
         return False

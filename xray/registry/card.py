@@ -12,6 +12,7 @@ from xray.monitoring.scope import describe
 SITE_TAG = "site."
 SITE_SECTION = "## Results by site"
 HISTORY_SECTION = "## History"
+INTEGRITY_SECTION = "## Files"
 
 
 def with_history(card: str, line: str) -> str:
@@ -22,6 +23,22 @@ def with_history(card: str, line: str) -> str:
         head = head.rstrip("\n") + f"\n\n{HISTORY_SECTION}\nWho moved this version, when and why.\n"
     head = head.rstrip("\n") + f"\n- {line}\n"
     return head + (f"\n{separator}{tail}" if separator else "")
+
+
+def with_integrity(card: str, digest: str) -> str:
+    """The card with its "Files" section saying the version's digest (replaced when there is one already), before
+    the History and site sections."""
+    section = (
+        f"{INTEGRITY_SECTION}\nSHA-256 of the version's file list (`files.sha256` beside the model, tag "
+        f"`model_sha256`): `{digest}`. Batch inference, serving and monitoring refuse the version when a file "
+        "differs from it.\n"
+    )
+    card = re.sub(rf"(?ms)^{INTEGRITY_SECTION}\n.*?(?=^## |\Z)", "", card).rstrip("\n") + "\n"
+    for later in (HISTORY_SECTION, SITE_SECTION):
+        head, separator, tail = card.partition(f"\n{later}\n")
+        if separator:
+            return f"{head.rstrip()}\n\n{section}\n{later}\n{tail}"
+    return f"{card.rstrip()}\n\n{section}"
 
 
 def _ci(report: dict, key: str) -> str:
@@ -301,6 +318,8 @@ def site_tag(site: str, metrics: dict, run_id: str, recalibrated: dict | None = 
             "fraction": recalibrated["fraction"],
             "meets_policy": recalibrated.get("meets_policy"),
         }
+        if recalibrated.get("operating_point"):  # what a reviewer applies where the run's account may not
+            value["recalibrated"]["operating_point"] = recalibrated["operating_point"]
     return f"{SITE_TAG}{site}", json.dumps(value, separators=(",", ":"))
 
 
@@ -335,6 +354,7 @@ def description(card: str, link: str, limit: int = 5000) -> str:
         "## Test metrics",
         "## Results by site",
         "## Promotion gate",
+        INTEGRITY_SECTION,
     )
     footer = f"\n\nThe whole card: `{link}` (this description holds its main sections)."
     kept, size = [], len(footer)

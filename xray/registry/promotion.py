@@ -22,7 +22,7 @@ from xray.data.manifest import subgroups_in
 from xray.data.sites import load_site, site_name
 from xray.errors import ConfigError
 from xray.model.network import predict_paths
-from xray.registry import card, gate, store, tracking
+from xray.registry import card, flavor, gate, store, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ def promote(
     keys = ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_ece", "threshold")
     store.set_version_tags(client, model_name, version_id, {key: str(metrics[key]) for key in keys if key in metrics})
     if decision.promoted and candidate_alias:
-        # registry.require_approval: the champion stays; the version waits as the candidate for a person's approval.
+        # registry.require_approval: the champion stays; the version waits as the candidate for a person's approval
+        # (pending first: on a server with accounts only a pending version may become the candidate).
+        store.set_version_tags(client, model_name, version_id, {APPROVAL_TAG: "pending"})
         client.set_registered_model_alias(model_name, candidate_alias, version_id)
         decision = replace(
             decision,
@@ -140,7 +142,6 @@ def promote(
             reason=f"passed the gate; pending approval (python run.py approve --model-version {version_id} "
             f"--reviewer NAME --reason TEXT). Gate: {decision.reason}",
         )
-        store.set_version_tags(client, model_name, version_id, {APPROVAL_TAG: "pending"})
     if decision.promoted:
         with tracking.refusals_as_errors(
             f"v{version_id} passed the gate, but MLflow refused to make it {alias}",
@@ -255,33 +256,11 @@ def register_candidate(
     champion, _ = store.current_champion(client, registry.model_name, registry.champion_alias)
     # The gate sites' images live in this folder until the champion has scored them.
     with tempfile.TemporaryDirectory(prefix="xray-gate-sites-") as workdir:
-        paths, labels, challenger = (
-            image_sets(
-                model,
-                dataset,
-                spec,
-                test_probabilities,
-                registry.gate_sites,
-                data,
-                s3,
-                workdir,
-                registry.gate_subgroup_min_per_class if registry.gate_subgroups else 0,
-            )
-            if champion is not None
-            else ({}, {}, {})
-        )
-        decision = gate_against_champion(
-            registry.model_name,
-            champion,
-            paths,
-            labels,
-            challenger,
-            flat["test_sensitivity"],
-            evaluate.min_sensitivity,
-            registry.margin,
-            evaluate.bootstrap_samples,
-            seed,
-        )
+        subgroups = registry.gate_subgroup_min_per_class if registry.gate_subgroups else 0
+        sets = (model, dataset, spec, test_probabilities, registry.gate_sites, data, s3, workdir, subgroups)
+        paths, labels, challenger = image_sets(*sets) if champion is not None else ({}, {}, {})
+        rule = (flat["test_sensitivity"], evaluate.min_sensitivity, registry.margin, evaluate.bootstrap_samples, seed)
+        decision = gate_against_champion(registry.model_name, champion, paths, labels, challenger, *rule)
     model_card = card.render(
         registry.model_name,
         metrics,
@@ -299,15 +278,20 @@ def register_candidate(
         gate.markdown(decision, evaluate.min_sensitivity),
         scope,
     )
-    uri, version = store.log_and_register(model, registry.model_name, metadata, model_card, reference_profile)
-    store.stamp_version(client, registry.model_name, version)
-    # One card, in one place: the version's logged model. The run links to it; the registry shows it.
-    store.publish_card(client, registry.model_name, version, model_card)
+    uri, version = flavor.log_and_register(model, registry.model_name, metadata, model_card, reference_profile)
+    flavor.stamp_version(client, registry.model_name, version)
+    # The folder is complete: its digest goes into the card and a tag (every load checks it). One card, in one
+    # place: the version's logged model. The run links to it; the registry shows it.
+    store.seal(client, registry.model_name, version, model_card)
     store.set_version_tags(
         client,
         registry.model_name,
         version,
-        {key: json.dumps(value) if isinstance(value, dict) else str(value) for key, value in metadata.items()},
+        {
+            key: json.dumps(value) if isinstance(value, dict) else str(value)
+            for key, value in metadata.items()
+            if key != "threshold"  # promote() records it with the test metrics: a version's tags are written once
+        },
     )
     decision = promote(
         client,
@@ -436,3 +420,28 @@ def rollback(client, registry, to: str, reviewer: str, reason: str) -> dict:
     if champion is not None:
         store.add_history(client, registry.model_name, champion, action | {"action": f"replaced as champion by v{to}"})
     return {"action": "rolled back", "model_version": to, "previous_champion": champion, **action}
+
+
+def apply_operating_point(client, registry, version: str, site: str, reviewer: str, reason: str) -> dict:
+    """A site's operating point that its evaluation proposed (``site.<site>`` tag, re-fitted and meeting the policy)
+    becomes the version's for that site: stored, the version sealed again, the card and its history say who and why."""
+    action = _action(f"operating point for site {site} applied", reviewer, reason)
+    tags = _version(client, registry, version).tags
+    recalibrated = json.loads(tags.get(f"{card.SITE_TAG}{site}", "{}")).get("recalibrated") or {}
+    point = recalibrated.get("operating_point")
+    if not point or not recalibrated.get("meets_policy"):
+        raise ConfigError(
+            f"v{version} has no proposed operating point for site {site} (run --pipeline evaluation --model-version "
+            f"{version} --site {site} --recalibrate-fraction F; it proposes one when the re-fitted point meets the "
+            "threshold policy)"
+        )
+    store.save_operating_point(client, registry.model_name, version, site, point)
+    action["why"] = f"{action['why']} (threshold {float(point['threshold']):.4f}, {point['fitted_on']})"
+    store.add_history(client, registry.model_name, version, action)
+    return {
+        "action": "operating point applied",
+        "model_version": version,
+        "site": site,
+        "operating_point": point,
+        **action,
+    }

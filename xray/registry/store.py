@@ -1,11 +1,9 @@
-"""The model registry's I/O in MLflow: log and register a version, read and move aliases under the promotion lock,
-load a version as a predictor, tag versions, update their model card. Knows nothing of how promotion decides
+"""The model registry's I/O in MLflow: read and move aliases under the promotion lock, seal a version's files and
+load it as a predictor only as sealed, tag versions, update their model card (writing a version: flavor.py). Knows nothing of how promotion decides
 (:mod:`xray.registry.gate`); the workflow that combines the two is :mod:`xray.registry.promotion`."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import os
@@ -13,51 +11,14 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from PIL import Image
-
-from xray.config import ScopeConfig
 from xray.errors import ConfigError
 from xray.monitoring.ood import ReferenceProfile
-from xray.registry.card import SITE_SECTION, description, site_table, site_tag, with_history
+from xray.registry.card import SITE_SECTION, description, site_table, site_tag, with_history, with_integrity
 from xray.serving import bundle
-from xray.serving.predictor import OUTPUT_COLUMNS
 
 logger = logging.getLogger(__name__)
-
-# TensorFlow installs under several distribution names: tensorflow-cpu here, tensorflow on the GPU image.
-TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel")
-# scikit-learn and scipy: the reference profile scores every request (xray.ood).
-RUNTIME_DISTRIBUTIONS = ("keras", "mlflow", "pillow", "numpy", "scikit-learn", "scipy")
-
-
-def pip_requirements(installed=version) -> list[str]:
-    """Pinned from what is installed, TensorFlow under whichever name it was installed; MLflow's inference would
-    load TF in a subprocess. ``installed``: distribution name -> version, raising PackageNotFoundError."""
-
-    def pin(name: str) -> str | None:
-        try:
-            return f"{name}=={installed(name)}"
-        except PackageNotFoundError:
-            return None
-
-    tensorflow = next(filter(None, map(pin, TENSORFLOW_DISTRIBUTIONS)), None)
-    if tensorflow is None:
-        raise RuntimeError(
-            f"no TensorFlow distribution installed (looked for {', '.join(TENSORFLOW_DISTRIBUTIONS)}): "
-            "the registered model would have no TensorFlow requirement"
-        )
-    pins = [tensorflow]
-    for name in RUNTIME_DISTRIBUTIONS:
-        pinned = pin(name)
-        if pinned is None:
-            raise RuntimeError(f"{name} is not installed, but the registered model needs it at inference")
-        pins.append(pinned)
-    return pins
 
 
 def current_champion(client, model_name: str, alias: str) -> tuple[str | None, float | None]:
@@ -79,107 +40,6 @@ def versions_test_auc(client, model_name: str, versions) -> dict[str, float]:
         if auc is not None:
             found[number] = float(auc)
     return found
-
-
-class _KerasFlavor:
-    """mlflow.keras, plus this project's serving flavor and model card in the same model directory.
-
-    - mlflow 3.17's keras ``save_model`` writes ``input_example.json`` into a
-      directory it only creates afterwards, and accepts only tensor signatures;
-      the signature and input example here describe the serving interface
-      (base64 image strings), so they are added after the Keras flavor is saved.
-    - The ``python_function`` flavor is pointed at :mod:`xray.serving.pyfunc` (the
-      package is shipped in the model's ``code/``; :mod:`xray.serving.bundle`), so
-      ``mlflow models serve`` takes image bytes and applies the recorded
-      preprocessing and threshold, while ``mlflow.keras.load_model`` still returns
-      the Keras model.
-    """
-
-    __name__ = "mlflow.keras"
-
-    @staticmethod
-    def save_model(
-        path, mlflow_model, serving: dict, model_card: str, signature, input_example, reference_profile, **kwargs
-    ):
-        import mlflow.keras  # lazy: MLflow's import costs seconds, and only registration needs it here
-        from mlflow.models.utils import _save_example  # lazy: as above; what MLflow's own flavors call
-
-        os.makedirs(path, exist_ok=True)
-        mlflow.keras.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
-        mlflow_model.signature = signature
-        _save_example(mlflow_model, input_example, path)
-        mlflow_model.flavors["python_function"].update(bundle.write(path, serving, reference_profile))
-        mlflow_model.save(os.path.join(path, "MLmodel"))
-        Path(path, "model_card.md").write_text(model_card)
-
-
-def serving_signature():
-    from mlflow.models import ModelSignature  # lazy: MLflow's import takes seconds
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # lazy: MLflow's import takes seconds
-
-    kinds = {"probability": "double", "threshold": "double", "ood_score": "double"}
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "image")]),
-        outputs=Schema([ColSpec(kinds.get(name, "string"), name) for name in OUTPUT_COLUMNS]),
-        # A request's site (its own operating point); empty: the version's.
-        params=ParamSchema([ParamSpec("site", "string", "")]),
-    )
-
-
-def example_request() -> pd.DataFrame:
-    """A real (synthetic, gray) JPEG, base64-encoded, as the serving input example."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).convert("RGB").save(buffer, format="JPEG")
-    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})
-
-
-def log_and_register(model, model_name: str, metadata: dict, model_card: str, reference_profile) -> tuple[str, str]:
-    """Log the model (Keras + serving flavors, card, reference profile) to the active run and register it.
-
-    Returns (uri, version).
-    """
-    import mlflow  # lazy: MLflow's import takes seconds
-
-    serving = {
-        "threshold": metadata["threshold"],
-        "image_size": metadata["image_size"],
-        "preprocessing": metadata["preprocessing"],
-        "scope": metadata.get("scope") or ScopeConfig().model_dump(mode="json"),
-        "operating_points": metadata.get("operating_points") or {},
-    }
-    info = mlflow.models.Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=_KerasFlavor,
-        model=model,
-        signature=serving_signature(),
-        input_example=example_request(),
-        metadata=metadata,
-        pip_requirements=pip_requirements(),
-        serving=serving,
-        model_card=model_card,
-        reference_profile=reference_profile,
-    )
-    # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
-    registered = mlflow.register_model(info.model_uri, model_name)
-    return info.model_uri, str(registered.version)
-
-
-def stamp_version(client, model_name: str, version: str) -> None:
-    """Write the registered version's number into its ``data/serving.json``, so that every answer of a server that
-    loads the folder names the version (the number exists only once the logged model is registered)."""
-    import mlflow  # lazy: MLflow's import takes seconds
-
-    model_id = logged_model_id(client.get_model_version(model_name, version))
-    with tempfile.TemporaryDirectory(prefix="xray-serving-") as folder:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{model_uri(model_name, str(version))}/{bundle.DATA_DIR}/{bundle.CONFIG_FILE}",
-                dst_path=folder,
-            )
-        )
-        local.write_text(json.dumps(json.loads(local.read_text()) | {"version": str(version), "model": model_name}))
-        client.log_model_artifact(model_id, str(local), artifact_path=bundle.DATA_DIR)
 
 
 def set_version_tags(client, model_name: str, version: str, tags: dict) -> None:
@@ -264,7 +124,8 @@ def model_uri(model_name: str, version_or_alias: str) -> str:
 
 
 def resolve_version(model_name: str, version_or_alias: str) -> dict:
-    """The version behind a number or an alias, pinned: uri ``models:/<name>/<number>``, threshold, image size."""
+    """The version behind a number or an alias, pinned: uri ``models:/<name>/<number>``, threshold, image size, and
+    the digest of its files recorded at registration (None for versions registered before digests)."""
     import mlflow  # lazy: MLflow's import takes seconds
     from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
 
@@ -278,19 +139,76 @@ def resolve_version(model_name: str, version_or_alias: str) -> dict:
         )
     except MlflowException:
         raise ConfigError(f"no model version {uri} in the registry at {mlflow.get_tracking_uri()}") from None
-    pinned = model_uri(model_name, str(version.version))
+    info = {
+        "uri": model_uri(model_name, str(version.version)),
+        "requested": version_or_alias,
+        "version": str(version.version),
+        "digest": version.tags.get(DIGEST_TAG),
+    }
     # Not mlflow.models.get_model_info: from a remote artifact store it downloads MLmodel into a folder it never
     # removes, one per call.
     with tempfile.TemporaryDirectory(prefix="xray-mlmodel-") as folder:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{pinned}/MLmodel", dst_path=folder)
+        local = download_verified(info, "MLmodel", folder)
         metadata = mlflow.models.Model.load(local).metadata or {}
-    return {
-        "uri": pinned,
-        "requested": version_or_alias,
-        "version": str(version.version),
-        "threshold": float(metadata["threshold"]),
-        "image_size": int(metadata["image_size"]),
-    }
+    return info | {"threshold": float(metadata["threshold"]), "image_size": int(metadata["image_size"])}
+
+
+DIGEST_TAG = "model_sha256"
+_UNVERIFIED_WARNED: set[str] = set()
+
+
+def download_verified(info: dict, relative: str, folder: str) -> str:
+    """Download the version's folder (``relative`` empty), a subfolder or a file of it into ``folder`` and check it
+    against the digest recorded at registration (:func:`xray.serving.bundle.verify`); returns the local path."""
+    import mlflow  # lazy: MLflow's import takes seconds
+    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{info['uri']}/{relative}" if relative else info["uri"], dst_path=os.path.join(folder, "files")
+    )
+    if info.get("digest") is None:
+        if info["uri"] not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(info["uri"])
+            logger.warning(
+                "model version %s has no recorded digest (registered before digests): its files are not verified; "
+                "register and approve a new version to have them checked",
+                info["version"],
+            )
+        return local
+    try:
+        listing = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{info['uri']}/{bundle.MANIFEST_FILE}", dst_path=os.path.join(folder, "manifest")
+            )
+        ).read_text()
+    except MlflowException:
+        listing = ""  # no file list: verify() refuses, naming it
+    prefix = relative + ("/" if relative and os.path.isdir(local) else "")
+    bundle.verify(local, listing, info["digest"], info["version"], prefix)
+    return local
+
+
+def seal(client, model_name: str, version: str, card: str | None = None) -> str:
+    """Record the digest of the version's files: ``files.sha256`` beside them, the tag ``model_sha256`` and the
+    card's "Files" section (``card``, else the version's own). Registration seals once its folder is complete; a
+    reviewer who changes a file (a site's operating point) seals again. Returns the digest."""
+    import mlflow  # lazy: MLflow's import takes seconds
+
+    model_id = logged_model_id(client.get_model_version(model_name, version))
+    with tempfile.TemporaryDirectory(prefix="xray-seal-") as folder:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(model_name, version), dst_path=folder))
+        listing = bundle.manifest(local)
+        value = bundle.digest(listing)
+        text = with_integrity(card if card is not None else (local / bundle.CARD_FILE).read_text(), value)
+        written = Path(folder) / "written"
+        written.mkdir()
+        (written / bundle.MANIFEST_FILE).write_text(listing)
+        (written / bundle.CARD_FILE).write_text(text)
+        # The files first: on a tracking server with accounts the tag seals the folder (infra/mlflow_auth.py).
+        client.log_model_artifacts(model_id, str(written))
+    set_version_tags(client, model_name, version, {DIGEST_TAG: value})
+    publish_card(client, model_name, version, text)
+    return value
 
 
 def load_predictor(model_name: str, version_or_alias: str):
@@ -299,12 +217,10 @@ def load_predictor(model_name: str, version_or_alias: str):
     The Keras model, threshold, image size and reference profile come from the one folder that
     serving loads too, so batch inference, monitoring and serving cannot disagree.
     """
-    import mlflow  # lazy: MLflow's import takes seconds
-
     info = resolve_version(model_name, version_or_alias)
     # The folder is read whole into memory (Keras model, profile arrays): nothing refers to it afterwards.
     with tempfile.TemporaryDirectory(prefix="xray-model-") as folder:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=folder)
+        local = download_verified(info, "", folder)
         predictor = bundle.read(os.path.join(local, bundle.DATA_DIR))
     predictor.version = info["version"]
     return predictor, info | {"has_reference_profile": predictor.profile is not None}
@@ -312,15 +228,12 @@ def load_predictor(model_name: str, version_or_alias: str):
 
 def load_reference_profile(model_name: str, version_or_alias: str):
     """(ReferenceProfile, info): only the profile folder of the version, not its model."""
-    import mlflow  # lazy: MLflow's import takes seconds
     from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
 
     info = resolve_version(model_name, version_or_alias)
     with tempfile.TemporaryDirectory(prefix="xray-profile-") as folder:
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{info['uri']}/{bundle.DATA_DIR}/{bundle.PROFILE_DIR}", dst_path=folder
-            )
+            local = download_verified(info, f"{bundle.DATA_DIR}/{bundle.PROFILE_DIR}", folder)
         except MlflowException as error:
             if "No such artifact" not in str(error):
                 raise
@@ -387,23 +300,17 @@ def save_operating_point(client, model_name: str, version: str, site: str, point
         local.write_text(json.dumps(points, indent=1))
         client.log_model_artifact(model_id, str(local))
     set_version_tags(client, model_name, version, {f"operating_point.{site}": json.dumps(point)})
+    if client.get_model_version(model_name, version).tags.get(DIGEST_TAG):
+        seal(client, model_name, version)  # the version answers differently now: its files have a new digest
 
 
 def add_history(client, model_name: str, version: str, action: dict) -> None:
     """One action on a version (who, when, why): a version tag ``history.<UTC time>`` (JSON) and a line of the
-    History section of its model card."""
-    import mlflow  # lazy: MLflow's import takes seconds
-
+    History section of its model card, whose site results are brought up to date with it."""
     key = "".join(c for c in action["at"] if c.isdigit())
     set_version_tags(client, model_name, version, {f"history.{key}": json.dumps(action)})
     line = f"{action['at']} {action['action']} by {action['by']}: {action['why']}"
-    model_id = logged_model_id(client.get_model_version(model_name, version))
-    with tempfile.TemporaryDirectory(prefix="xray-card-") as folder:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=card_uri(model_name, version), dst_path=folder))
-        card = with_history(local.read_text(), line)
-        local.write_text(card)
-        client.log_model_artifact(model_id, str(local))
-    publish_card(client, model_name, version, card)
+    update_model_card(client, model_name, version, lambda card: with_history(card, line))
 
 
 def alias_holder(client, model_name: str, alias: str) -> str | None:
@@ -412,16 +319,16 @@ def alias_holder(client, model_name: str, alias: str) -> str | None:
     return holder
 
 
-def update_model_card(client, model_name: str, version: str) -> str:
+def update_model_card(client, model_name: str, version: str, edit=lambda card: card) -> str:
     """Rewrite the "Results by site" section of the version's model_card.md (in its logged model's artifacts) from
-    its tags; returns the new card."""
+    its tags, after ``edit`` (a History line); the description follows. Returns the new card."""
     import mlflow  # lazy: MLflow's import takes seconds
 
     model_version = client.get_model_version(model_name, version)
     model_id = logged_model_id(model_version)
     with tempfile.TemporaryDirectory(prefix="xray-card-") as folder:
         local = mlflow.artifacts.download_artifacts(artifact_uri=card_uri(model_name, version), dst_path=folder)
-        card = Path(local).read_text()
+        card = edit(Path(local).read_text())
         head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
         card = f"{head}\n\n{site_table(model_version.tags)}\n"
         Path(local).write_text(card)

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from requests import HTTPError
+
 from xray.environment import REPO_ROOT
 from xray.errors import ConfigError
 
@@ -69,7 +71,11 @@ def may_promote(uri: str, model_name: str) -> tuple[str, bool] | None:
 
 
 def refusal(error) -> str | None:
-    """The server's own sentence when MLflow refused a request for want of permission (HTTP 403), else None."""
+    """The server's own sentence when MLflow refused a request for want of permission (HTTP 403: an MLflow error, or
+    the artifact proxy's HTTP error), else None."""
+    response = getattr(error, "response", None)
+    if getattr(response, "status_code", None) == 403:
+        return (response.text or "Permission denied").strip()
     if getattr(error, "error_code", None) != "PERMISSION_DENIED":
         return None
     text = str(error)
@@ -84,7 +90,7 @@ def refusals_as_errors(what: str, advice: str = ""):
 
     try:
         yield
-    except MlflowException as error:
+    except (MlflowException, HTTPError) as error:
         refused = refusal(error)
         if refused is None:
             raise

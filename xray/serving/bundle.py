@@ -7,12 +7,16 @@
                                  ``--pipeline evaluation --recalibrate-fraction`` (xray.registry.store)
     data/reference_profile/      the out-of-distribution reference (xray.monitoring.ood.ReferenceProfile)
     code/xray/                   this package, so the pyfunc flavor loads without the project installed
+    files.sha256                 the SHA-256 of every other file but the card, as ``sha256sum`` writes them (written
+                                 at registration; its own SHA-256 is the version's tag ``model_sha256``)
 
-Batch inference, monitoring, the gate and REST serving all read this one folder, so they cannot disagree.
+Batch inference, monitoring, the gate and REST serving all read this one folder, so they cannot disagree; each
+checks it against the version's digest first (:func:`verify`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import xray
 from xray.config import ScopeConfig
+from xray.errors import XrayError
 from xray.monitoring.ood import ReferenceProfile
 from xray.monitoring.scope import describe
 from xray.serving.predictor import ChestXrayPredictor
@@ -30,6 +35,10 @@ OPERATING_POINTS_FILE = "operating_points.json"
 KERAS_FILE = "model.keras"
 PROFILE_DIR = "reference_profile"
 DATA_DIR, CODE_DIR = "data", "code"
+MANIFEST_FILE, CARD_FILE = "files.sha256", "model_card.md"
+NOT_DIGESTED = (MANIFEST_FILE, CARD_FILE, "registered_model_meta")
+"""The file list itself; the card: decisions append to it, and its authoritative copy is the registry's description,
+which only a reviewer may change; and what MLflow adds to a downloaded copy (the name and number it was fetched as)."""
 LOADER_MODULE = "xray.serving.pyfunc"
 """The pyfunc flavor's loader. Versions registered before the stages name ``xray.serving``, which re-exports it."""
 
@@ -80,3 +89,64 @@ def read(data_path: str | Path) -> ChestXrayPredictor:
     return ChestXrayPredictor(
         model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile, scope, points
     )
+
+
+class ModelIntegrityError(XrayError):
+    """A version's files differ from the digest recorded when it was registered."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: str | Path) -> str:
+    """``sha256sum`` lines (``<hex>  <path>``) of every file of a version folder but :data:`NOT_DIGESTED`, sorted by
+    path: ``sha256sum -c files.sha256`` checks a downloaded copy by hand."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in NOT_DIGESTED)
+    return "".join(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
+
+
+def digest(manifest_text: str) -> str:
+    """The version's one digest: the SHA-256 of its file list."""
+    return hashlib.sha256(manifest_text.encode()).hexdigest()
+
+
+def verify(folder: str | Path, manifest_text: str, expected: str, version: str, prefix: str = "") -> None:
+    """Check ``folder`` (the version's folder, its subfolder ``prefix`` ending in ``/``, or its one file ``prefix``)
+    against the file list whose digest the registry recorded; raise :class:`ModelIntegrityError` naming the version and the first file that differs."""
+
+    def refuse(why: str) -> None:
+        raise ModelIntegrityError(
+            f"model version {version} refused: {why}; its files changed after registration (recorded digest "
+            f"{expected[:12]}). Register and approve a new version"
+        )
+
+    if digest(manifest_text) != expected:
+        refuse(f"its file list {MANIFEST_FILE} does not match the digest recorded in the registry")
+    listed = {}
+    for line in manifest_text.splitlines():
+        hex_digest, _, relative = line.partition("  ")
+        if relative.startswith(prefix):
+            listed[relative[len(prefix) :]] = hex_digest
+    folder = Path(folder)
+    found = (
+        {"": folder}
+        if folder.is_file()
+        else {
+            p.relative_to(folder).as_posix(): p
+            for p in folder.rglob("*")
+            if p.is_file() and (prefix + p.relative_to(folder).as_posix()) not in NOT_DIGESTED
+        }
+    )
+    for relative in sorted(set(listed) | set(found)):
+        if relative not in found:
+            refuse(f"{prefix}{relative} is missing")
+        if relative not in listed:
+            refuse(f"{prefix}{relative} is not one of its files")
+        if file_sha256(found[relative]) != listed[relative]:
+            refuse(f"{prefix}{relative} differs from the file registered")
