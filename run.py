@@ -13,7 +13,7 @@ python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-v
 python run.py --pipeline feedback --labels FILE.csv [--site NAME] [--period day|week|month]
               [--output outputs/feedback] [--fail-on-degradation]
 python run.py approve|reject --model-version N --reviewer NAME --reason TEXT     (registry.require_approval)
-python run.py approve --model-version N --operating-point SITE --reason TEXT     (a site's proposed operating point)
+python run.py approve --model-version N --operating-point SITE:ID --reason TEXT  (a site's proposed operating point)
 python run.py rollback --to N --reviewer NAME --reason TEXT
 """
 
@@ -200,8 +200,9 @@ def quiet_expected_failures() -> None:
     "--operating-point",
     "operating_point_site",
     default=None,
-    help="approve: apply the operating point that --pipeline evaluation --recalibrate-fraction proposed for this "
-    "site (where the run's account may not change a sealed version), instead of approving the version.",
+    help="approve SITE:ID: apply the operating point that --pipeline evaluation --recalibrate-fraction proposed for "
+    "the site, with the ID its summary printed (where the run's account may not change a sealed version), instead "
+    "of approving the version.",
 )
 @click.option(
     "--site",

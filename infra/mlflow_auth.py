@@ -7,20 +7,24 @@ registered model (docs/OPERATIONS.md, "Accounts", has the table):
 
 - ``champion`` (XRAY_MLFLOW_PROTECTED_ALIASES) is set and removed with MANAGE only; ``candidate`` may be set by EDIT
   only to a version whose ``approval`` is ``pending`` (what the training pipeline does), and removed with MANAGE;
-- a version's tags are append-only: EDIT may add a tag the version does not have (registration records its
-  numbers, the gate's decision, ``approval=pending`` and the file digest ``model_sha256`` once), never change or
-  delete one; ``history.*`` (the reviewer's record) needs MANAGE even to add, and ``approval`` may be added only as
-  ``pending``. ``site.*`` (a site evaluation's measurements, newest wins) is free;
+- a version's tags are append-only: EDIT may add a tag the version does not have, never change or delete one;
+  ``history.*`` (the reviewer's record) needs MANAGE even to add; the decision tags (``approval``, ``promotion_*``,
+  ``gate.*``, ``model_sha256``, ``card_sha256``, ``operating_point.*``) may be added by EDIT only before the
+  version is sealed, ``approval`` only as ``pending`` and ``promotion_decision`` only as ``pending_approval`` or
+  ``rejected`` (a promotion is a reviewer's). The same holds for the tags a version is created with. ``site.*`` (a
+  site evaluation's measurements, newest wins) is free;
 - a version's description (its model card) may be set by EDIT only while empty (at registration);
-- renaming or deleting a registered model, deleting a version or moving its stage need MANAGE;
-- writing or deleting the artifacts of a registered version (its logged model's or run's folder, through the proxy,
-  a multipart or presigned upload, or deleting the logged model) needs MANAGE once the version is sealed (it has
-  its digest, an alias or a decision tag): registration completes the folder before it seals it.
+- renaming (MANAGE on both names) or deleting a registered model, deleting a version or moving its stage need MANAGE;
+- writing or deleting the files of a sealed version (its logged model's or run's folder: through the artifact proxy,
+  a multipart or presigned upload, the UI's upload route, or deleting the logged model) needs MANAGE on every
+  registered model with a version there. A version is sealed once it has its digest (``model_sha256``), an alias or a
+  ``history.*`` record: registration completes the folder and its record before it seals it.
 
 One reading of every request: the rule sees the message MLflow's handler will act on (``_get_request_message``: the
 JSON body, or the query string of a GET), and a request that carries parameters in both the query string and the
-body, or a form, is refused (400). Requests are matched by the route Flask or FastAPI chose, so the ``/ajax-api/``
-twins and any static prefix are the same endpoints.
+body, or a form, is refused (400); so is an artifact path with ``.`` or empty segments. Requests are matched by the
+route Flask or FastAPI chose, so the ``/ajax-api/`` twins and any static prefix are the same endpoints. Uploads that
+FastAPI serves itself are checked after MLflow's own permission middleware, as the account it authenticated.
 
 ``mlflow server --app-name xray-basic-auth`` finds it through the ``mlflow.app`` entry point in pyproject.toml. The
 basic-auth app's own settings (admin, default permission, its database) come from MLFLOW_AUTH_CONFIG_PATH.
@@ -28,6 +32,7 @@ basic-auth app's own settings (admin, default permission, its database) come fro
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,10 +43,13 @@ CANDIDATE_ALIAS = "candidate"
 HISTORY_PREFIX = "history."
 FREE_TAG_PREFIXES = ("site.",)
 """Measurements a later run replaces (a site evaluation): anyone who may edit the model may rewrite them."""
-SEALING_TAGS = (DIGEST_TAG, APPROVAL_TAG, "promotion_decision")
+DECISION_TAGS = (APPROVAL_TAG, DIGEST_TAG, "card_sha256", "promotion_decision", "promotion_reason")
+DECISION_PREFIXES = ("gate.", "operating_point.")
+EDIT_MAY_DECIDE = {APPROVAL_TAG: ("pending",), "promotion_decision": ("pending_approval", "rejected")}
 # xray.registry.store.promotion_lock's mutex is a registered model its holder creates and deletes (MANAGE): it stays
 # its creator's to manage, and has no versions.
 LOCK_SUFFIX = ".promotion-lock"
+logger = logging.getLogger(__name__)
 
 
 def protected_aliases() -> set[str]:
@@ -58,8 +66,8 @@ class Version:
 
     @property
     def sealed(self) -> bool:
-        """Its files are final: it has its digest, an alias, or a decision (versions registered before digests)."""
-        return bool(self.aliases) or any(key in self.tags for key in SEALING_TAGS)
+        """Its files and record are final: it has its digest, an alias, or a reviewer's record."""
+        return DIGEST_TAG in self.tags or bool(self.aliases) or any(k.startswith(HISTORY_PREFIX) for k in self.tags)
 
 
 def needs_manage(operation: str, message: dict, version: Version | None = None) -> str | None:
@@ -78,7 +86,12 @@ def needs_manage(operation: str, message: dict, version: Version | None = None) 
         if alias in protected_aliases() | {CANDIDATE_ALIAS}:
             return f"removing the alias '{alias}'"
     elif operation == "SetModelVersionTag":
-        return _tag_change(str(key), value, version or Version())
+        return tag_change(str(key), value, version or Version())
+    elif operation == "CreateModelVersion":
+        return next(
+            filter(None, (tag_change(t.get("key", ""), t.get("value"), Version()) for t in message.get("tags", []))),
+            None,
+        )
     elif operation == "DeleteModelVersionTag":
         if not str(key).startswith(FREE_TAG_PREFIXES):
             return f"removing the tag {key} (the version's record)"
@@ -98,29 +111,42 @@ MANAGED = {
 }
 
 
-def _tag_change(key: str, value, version: Version) -> str | None:
+def tag_change(key: str, value, version: Version) -> str | None:
+    """What setting tag ``key`` to ``value`` on ``version`` does that needs MANAGE, or None."""
     if key.startswith(FREE_TAG_PREFIXES):
         return None
     if key.startswith(HISTORY_PREFIX):
         return f"writing {key} (the reviewer's record)"
-    if key == APPROVAL_TAG and APPROVAL_TAG not in version.tags and value != "pending":
-        return f"setting {APPROVAL_TAG}={value!r} (an approval or a rejection)"
-    if key in version.tags and version.tags[key] != value:
-        return f"changing the tag {key} (the version's record: tags are added once, changed by a reviewer)"
+    if key in version.tags:
+        return (
+            None
+            if version.tags[key] == value
+            else f"changing the tag {key} (tags are added once; a reviewer changes them)"
+        )
+    if key in DECISION_TAGS or key.startswith(DECISION_PREFIXES):
+        if version.sealed:
+            return f"adding the decision tag {key} to a sealed version"
+        if key in EDIT_MAY_DECIDE and value not in EDIT_MAY_DECIDE[key]:
+            return f"setting {key}={value!r} (a reviewer's decision)"
     return None
 
 
 # -- the artifacts of registered versions -------------------------------------------------------------------------
 
 
-def folder_of(source: str | None, model_id: str | None) -> tuple[str, ...] | None:
+def folder_of(source: str | None, model_id: str | None, run_artifacts=lambda run_id: None) -> tuple[str, ...] | None:
     """The artifact-proxy path segments that hold a version's files: ``("models", <id>)`` for an MLflow 3 logged model
-    (under any experiment), else the segments of an ``mlflow-artifacts:/`` source."""
+    (under any experiment), else the segments of its ``mlflow-artifacts:`` source, or of a ``runs:/`` source's run
+    (``run_artifacts``: run id -> its ``mlflow-artifacts:`` URI)."""
     source = source or ""
     if not model_id and source.startswith("models:/m-"):
         model_id = source.removeprefix("models:/").split("/")[0]
     if model_id:
         return ("models", model_id)
+    if source.startswith("runs:/"):
+        run_id, _, path = source.removeprefix("runs:/").partition("/")
+        base = run_artifacts(run_id)
+        source = f"{base.rstrip('/')}/{path}" if base else ""
     if source.startswith("mlflow-artifacts:"):
         return tuple(s for s in re.sub(r"^mlflow-artifacts:(//[^/]*)?", "", source).split("/") if s)
     return None
@@ -137,36 +163,49 @@ def touches(path: tuple[str, ...], folder: tuple[str, ...], recursive: bool) -> 
     return recursive and folder[: len(path)] == path
 
 
-def artifact_refusal(path: tuple[str, ...], recursive: bool, sealed_folders: dict) -> str | None:
-    """The registered model whose sealed version ``path`` would change, or None. ``sealed_folders``: folder -> name."""
-    for folder, name in sealed_folders.items():
-        if touches(path, folder, recursive):
-            return name
-    return None
+def artifact_owners(path: tuple[str, ...], recursive: bool, sealed: dict) -> set[str]:
+    """The registered models with a sealed version whose files ``path`` would change. ``sealed``: folder -> names."""
+    return {name for folder, names in sealed.items() if touches(path, folder, recursive) for name in names}
 
 
-def sealed_folders(registry_store) -> dict[tuple[str, ...], str]:
-    """Every sealed version's folder, with its registered model's name."""
-    folders, token = {}, None
+def _paged(search):
+    token = None
     while True:
-        page = registry_store.search_model_versions(max_results=1000, page_token=token)
-        for mv in page:
-            state = Version(dict(mv.tags or {}), list(mv.aliases or []), mv.description or "")
-            folder = folder_of(mv.source, getattr(mv, "model_id", None))
-            if folder and state.sealed and not mv.name.endswith(LOCK_SUFFIX):
-                folders[folder] = mv.name
+        page = search(max_results=1000, page_token=token)
+        yield from page
         token = page.token
         if not token:
-            return folders
+            return
+
+
+def sealed_folders(registry_store, run_artifacts=lambda run_id: None) -> dict[tuple[str, ...], set[str]]:
+    """Every sealed version's folder, with the names of the registered models that have a version there. (A version
+    found by a search carries no aliases: they come from the registered models.)"""
+    aliased: dict[tuple[str, str], list[str]] = {}
+    for model in _paged(registry_store.search_registered_models):
+        for alias, number in (model.aliases or {}).items():
+            aliased.setdefault((model.name, str(number)), []).append(alias)
+    folders: dict[tuple[str, ...], set[str]] = {}
+    for mv in _paged(registry_store.search_model_versions):
+        state = Version(dict(mv.tags or {}), aliased.get((mv.name, str(mv.version)), []), mv.description or "")
+        folder = folder_of(mv.source, getattr(mv, "model_id", None), run_artifacts)
+        if folder and state.sealed and not mv.name.endswith(LOCK_SUFFIX):
+            folders.setdefault(folder, set()).add(mv.name)
+    return folders
 
 
 def path_segments(path: str) -> tuple[str, ...]:
-    """The canonical segments the handler writes to (MLflow's own validation: decoded, no ``..``); raises on a path
-    MLflow would refuse."""
+    """The canonical segments the handler writes to (MLflow's own validation: decoded, no ``..``); a path MLflow would
+    refuse, or with a ``.`` or an empty segment (two spellings of one object key), raises :class:`Refused`."""
     from mlflow.utils.uri import validate_path_is_safe
 
-    canonical = validate_path_is_safe(path)
-    segments = tuple(s for s in canonical.split("/") if s)
+    try:
+        canonical = validate_path_is_safe(path)
+    except Exception:  # noqa: BLE001 - MLflow's own refusal, answered here before its handler
+        raise Refused(400, "Invalid artifact path") from None
+    segments = tuple(canonical.strip("/").split("/"))
+    if any(s in ("", ".") for s in segments):
+        raise Refused(400, "an artifact path with '.' or empty segments: write it in one canonical spelling")
     if len(segments) > 2 and segments[0] == "workspaces":
         segments = segments[2:]
     return segments
@@ -180,6 +219,7 @@ REGISTRY_OPERATIONS = (
     "SetModelVersionTag",
     "DeleteModelVersionTag",
     "UpdateModelVersion",
+    "CreateModelVersion",
     *MANAGED,
 )
 ARTIFACT_OPERATIONS = {
@@ -190,15 +230,15 @@ ARTIFACT_OPERATIONS = {
     "CompleteMultipartUpload": False,
     "AbortMultipartUpload": False,
 }
-LOGGED_MODEL_OPERATIONS = ("DeleteLoggedModel", "FinalizeLoggedModel", "CreatePresignedUploadUrl")
-CREATE_MODEL = "CreateRegisteredModel"
+LOGGED_MODEL_OPERATIONS = ("DeleteLoggedModel", "FinalizeLoggedModel")
+UPLOAD_URL, CREATE_MODEL, UI_UPLOAD = "CreatePresignedUploadUrl", "CreateRegisteredModel", "serve_upload_artifact"
 
 
 def guarded_routes() -> dict[tuple[str, str], type]:
     """(Flask rule, method) -> MLflow request class, for every route of the operations above (ajax twins included)."""
     from mlflow.server.handlers import get_endpoints
 
-    names = {*REGISTRY_OPERATIONS, *ARTIFACT_OPERATIONS, *LOGGED_MODEL_OPERATIONS, CREATE_MODEL}
+    names = {*REGISTRY_OPERATIONS, *ARTIFACT_OPERATIONS, *LOGGED_MODEL_OPERATIONS, UPLOAD_URL, CREATE_MODEL}
     return {
         (path, method): request_class
         for path, request_class, methods in get_endpoints(lambda request_class: request_class)
@@ -253,25 +293,36 @@ def models_named(operation: str, message: dict) -> list[str]:
     return names + [message.get("new_name", "")] if operation == "RenameRegisteredModel" else names
 
 
-def sealed_owner_of_logged_model(model_id: str) -> str | None:
+def run_artifacts(run_id: str) -> str | None:
+    """A run's artifact URI (``mlflow-artifacts:/<experiment>/<run>/artifacts``), None when there is no such run."""
+    from mlflow.server.handlers import _get_tracking_store
+
+    try:
+        return _get_tracking_store().get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - no run: nothing of a version lives there
+        return None
+
+
+def sealed_now() -> dict:
     from mlflow.server.handlers import _get_model_registry_store
 
-    return sealed_folders(_get_model_registry_store()).get(("models", model_id))
+    return sealed_folders(_get_model_registry_store(), run_artifacts)
 
 
-def artifact_owner(request, operation: str) -> str | None:
-    """The registered model whose sealed version this artifact request would change, or None."""
-    from mlflow.server.handlers import _get_model_registry_store
+def owners_of_logged_model(model_id: str) -> set[str]:
+    return sealed_now().get(("models", model_id), set())
 
+
+def artifact_request_owners(request, operation: str) -> set[str]:
+    """The registered models whose sealed version this artifact request would change."""
     if operation in ARTIFACT_OPERATIONS:
-        path = (request.view_args or {}).get("artifact_path") or ""
-        try:
-            segments = path_segments(path)
-        except Exception:  # noqa: BLE001 - MLflow's handler refuses the same path
-            return None
-        return artifact_refusal(segments, ARTIFACT_OPERATIONS[operation], sealed_folders(_get_model_registry_store()))
-    model_id = (request.view_args or {}).get("model_id")
-    return sealed_owner_of_logged_model(model_id) if model_id else None
+        segments = path_segments((request.view_args or {}).get("artifact_path") or "")
+        return artifact_owners(segments, ARTIFACT_OPERATIONS[operation], sealed_now())
+    if operation == UI_UPLOAD:
+        base = folder_of(run_artifacts(request.args.get("run_uuid", "")), None)
+        target = (*base, *path_segments(request.args.get("path", ""))) if base else None
+        return artifact_owners(target, False, sealed_now()) if target else set()
+    return owners_of_logged_model((request.view_args or {}).get("model_id") or "")
 
 
 def refusal_text(action: str, name: str, username: str) -> str:
@@ -281,6 +332,18 @@ def refusal_text(action: str, name: str, username: str) -> str:
     )
 
 
+def manages(auth, username: str, name: str) -> bool:
+    """Whether ``username`` is an admin or has MANAGE on the registered model ``name`` (MLflow's own grants)."""
+    from mlflow.server.handlers import _get_model_registry_store
+
+    if auth.store.get_user(username).is_admin:
+        return True
+    found = auth._role_permission_for(
+        username, "registered_model", name, name, _get_model_registry_store().get_registered_model, "registered model"
+    )
+    return auth._get_role_permission_or_default(found).can_manage
+
+
 def create_app():
     from flask import request
     from mlflow.server import app as flask_app
@@ -288,32 +351,32 @@ def create_app():
 
     routes = guarded_routes()
 
-    def may_manage(name: str) -> bool:
-        return auth.sender_is_admin() or auth._get_registered_model_permission(name).can_manage
+    def operation_of() -> str | None:
+        if request.endpoint == UI_UPLOAD:
+            return UI_UPLOAD
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        request_class = routes.get((rule, request.method))
+        return request_class.__name__ if request_class is not None else None
 
     def decide() -> tuple[int, str] | None:
         """(status, text) of a refusal for the current Flask request, or None."""
-        rule = request.url_rule.rule if request.url_rule is not None else None
-        request_class = routes.get((rule, request.method))
-        if request_class is None or request_class.__name__ == CREATE_MODEL:
+        operation = operation_of()
+        if operation is None or operation == CREATE_MODEL:
             return None
-        operation = request_class.__name__
-        if operation in ARTIFACT_OPERATIONS or operation in LOGGED_MODEL_OPERATIONS[:2]:
-            owner = artifact_owner(request, operation)
-            action = "writing the files of a sealed version"
+        if operation in ARTIFACT_OPERATIONS or operation in LOGGED_MODEL_OPERATIONS or operation == UI_UPLOAD:
+            owners, action = artifact_request_owners(request, operation), "writing the files of a sealed version"
         else:
+            request_class = next(c for (rule, m), c in routes.items() if c.__name__ == operation)
             message = read_message(request, request_class)
-            if operation == "CreatePresignedUploadUrl":
-                owner = sealed_owner_of_logged_model(message.get("model_id", "")) if message.get("model_id") else None
-                action = "uploading into a sealed version"
+            if operation == UPLOAD_URL:
+                owners, action = owners_of_logged_model(message.get("model_id", "")), "uploading into a sealed version"
             else:
                 version = current_version(message.get("name", ""), message.get("version"))
                 action = needs_manage(operation, message, version)
-                owners = models_named(operation, message) if action else []
-                owner = next((name for name in owners if not may_manage(name)), None)
-        if owner is None or may_manage(owner):
-            return None
-        return 403, refusal_text(action, owner, auth.authenticate_request().username)
+                owners = set(models_named(operation, message)) if action else set()
+        username = auth.authenticate_request().username
+        refused = next((name for name in sorted(owners) if not manages(auth, username, name)), None)
+        return None if refused is None else (403, refusal_text(action, refused, username))
 
     def guard():
         """Runs after basic-auth's before-request handler, which has authenticated the request (or answered 401)."""
@@ -325,57 +388,61 @@ def create_app():
 
     def demote_creator(response):
         """Runs after basic-auth's own after-request handler (Flask runs them in reverse order of registration),
-        which has just made the creator the model's manager."""
-        rule = request.url_rule.rule if request.url_rule is not None else None
-        request_class = routes.get((rule, request.method))
-        if request_class is not None and request_class.__name__ == CREATE_MODEL and response.status_code == 200:
-            username = auth.authenticate_request().username
-            if not auth.store.get_user(username).is_admin:
-                name = (request.get_json(silent=True) or {}).get("name")
-                if name and not name.endswith(LOCK_SUFFIX):
-                    auth.store.grant_user_permission(username, "registered_model", name, "EDIT")
+        which has just made the creator the model's manager: the name comes from MLflow's own answer, whatever the
+        request's spelling, and a failure here never leaves the grant in place."""
+        if operation_of() != CREATE_MODEL or response.status_code != 200:
+            return response
+        username = auth.authenticate_request().username
+        if auth.store.get_user(username).is_admin:
+            return response
+        try:
+            name = (response.get_json(silent=True) or {}).get("registered_model", {}).get("name", "")
+        except AttributeError:
+            name = ""
+        if name and not name.endswith(LOCK_SUFFIX):
+            auth.store.grant_user_permission(username, "registered_model", name, "EDIT")
+        elif not name:
+            logger.error("a registered model created by %s could not be identified; its grant stays MANAGE", username)
         return response
 
     flask_app.after_request(demote_creator)
     served = auth.create_app(flask_app)
     flask_app.before_request(guard)
     if served is not flask_app:  # uvicorn: FastAPI serves artifact uploads itself, before Flask sees them
-        add_upload_guard(served, flask_app, auth)
+        add_upload_guard(served, auth)
     return served
 
 
 UPLOAD_PATH = re.compile(r"^(?:.*?)/(?:api|ajax-api)/2\.0/mlflow-artifacts/artifacts/(?P<path>.+)$")
 
 
-def add_upload_guard(app, flask_app, auth) -> None:
-    """FastAPI serves ``PUT .../mlflow-artifacts/artifacts/<path>`` natively: the same rule, as an HTTP middleware
-    that runs before MLflow's own (which answers 401 to a request without credentials)."""
-    from mlflow.server.handlers import _get_model_registry_store
+def add_upload_guard(app, auth) -> None:
+    """FastAPI serves ``PUT .../mlflow-artifacts/artifacts/<path>`` natively: the same rule, as the innermost HTTP
+    middleware, after MLflow's own permission middleware has authenticated the request (``request.state.username``);
+    a request it did not authenticate, or with more than one Authorization header, is refused."""
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
     from starlette.responses import PlainTextResponse
 
-    def refusal(path: str, artifact_path: str, headers: dict) -> str | None:
-        """The refusal of an upload as the credentials in ``headers``, or None (MLflow's own checks follow)."""
-        with flask_app.test_request_context(path, method="PUT", headers=headers):
-            user = auth.authenticate_request() if headers else None
-            if getattr(user, "username", None) is None:
-                return None  # MLflow's middleware answers 401
-            try:
-                segments = path_segments(artifact_path)
-            except Exception:  # noqa: BLE001 - MLflow's handler refuses the same path
-                return None
-            owner = artifact_refusal(segments, False, sealed_folders(_get_model_registry_store()))
-            if owner is None or auth.store.get_user(user.username).is_admin:
-                return None
-            if auth._get_registered_model_permission(owner).can_manage:
-                return None
-            return refusal_text("writing the files of a sealed version", owner, user.username)
+    def refusal(artifact_path: str, username: str) -> tuple[int, str] | None:
+        try:
+            owners = artifact_owners(path_segments(artifact_path), False, sealed_now())
+        except Refused as error:
+            return error.status, error.message
+        refused = next((name for name in sorted(owners) if not manages(auth, username, name)), None)
+        return (
+            None if refused is None else (403, refusal_text("writing the files of a sealed version", refused, username))
+        )
 
-    @app.middleware("http")
     async def guard_uploads(request, call_next):
         match = UPLOAD_PATH.match(request.scope.get("path", ""))
         if request.method != "PUT" or match is None:
             return await call_next(request)
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-        text = await run_in_threadpool(refusal, request.scope["path"], match.group("path"), headers)
-        return PlainTextResponse(text, status_code=403) if text else await call_next(request)
+        username = getattr(request.state, "username", None)
+        if username is None or len(request.headers.getlist("authorization")) > 1:
+            return PlainTextResponse("Permission denied: one authenticated request per upload", status_code=403)
+        refused = await run_in_threadpool(refusal, match.group("path"), username)
+        return PlainTextResponse(refused[1], status_code=refused[0]) if refused else await call_next(request)
+
+    app.user_middleware.append(Middleware(BaseHTTPMiddleware, dispatch=guard_uploads))  # the innermost

@@ -7,7 +7,6 @@ embedded S3 endpoint, ZenML's run options and schedules, and the finished run re
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import tempfile
@@ -26,14 +25,13 @@ from zenml.config.schedule import Schedule
 from infra.stacks import use_stack
 from pipelines import evaluation, feedback, inference, monitoring, training, tuning
 from xray.config import PipelineConfig, RegistryConfig
-from xray.data.sites import identify_source, site_name
+from xray.data.sites import site_name
 from xray.errors import ConfigError, ScheduleError
 from xray.model import tuning as search
 from xray.monitoring.feedback import read_labels
-from xray.registry import promotion, store, tracking
+from xray.registry import decisions, tracking
 from xray.schedule import CronError, schedule_name, validate_aws_cron
 from xray.storage import s3, sources
-from xray.storage.fetch import locate
 
 logger = logging.getLogger(__name__)
 
@@ -223,48 +221,11 @@ def in_experiment(config: PipelineConfig, name: str) -> RegistryConfig:
 # -- one entry point per pipeline (run.py --pipeline NAME) ---------------------------------------------------------
 
 
-def unchanged_since(config: PipelineConfig, dataset_uri: str | None) -> dict | None:
-    """``--if-changed``: the skip summary when every source's content digest equals the champion's training data,
-    None when something changed (or there is no champion, or it predates recorded training data)."""
-    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
-    champion, _ = store.current_champion(client, config.registry.model_name, config.registry.champion_alias)
-    if champion is None:
-        logger.info("--if-changed: no champion yet; training")
-        return None
-    tags = client.get_model_version(config.registry.model_name, champion).tags
-    recorded = json.loads(tags.get("training_data", "{}"))
-    base = config.data.base_site
-    archive = sources.resolve(dataset_uri or config.dataset_uri)
-    identity = locate(archive.uri, config.s3)
-    digests = {base: identity.get("sha256") or ""}
-    if not digests[base] and identity.get("etag") and identity["etag"] == recorded.get("etags", {}).get(base):
-        digests[base] = recorded["sites"].get(base, "")  # the same S3 object (ETag) the champion was trained on
-    digests |= {source.site: identify_source(source, config.s3)["digest"] for source in config.data.extra_sources}
-    digest = promotion.data_digest(digests)
-    trained_on = tags.get("training_data_digest")
-    if trained_on != digest:
-        changed = sorted(site for site in digests if recorded.get("sites", {}).get(site) != digests[site])
-        logger.info(
-            "--if-changed: the sources differ from champion v%s's training data (%s); training",
-            champion,
-            "not recorded for that version" if trained_on is None else "changed: " + ", ".join(changed or ["sites"]),
-        )
-        return None
-    return {
-        "skipped": f"no new data since version {champion}",
-        "model_name": config.registry.model_name,
-        "model_version": champion,
-        "training_data_digest": digest,
-        "sites": sorted(digests),
-        "mlflow_tracking_uri": config.registry.tracking_uri,
-    }
-
-
 def run_training(
     config: PipelineConfig, dataset_uri: str | None, no_cache: bool, cron: str | None, if_changed: bool = False
 ) -> dict:
     if if_changed:
-        skipped = unchanged_since(config, dataset_uri)
+        skipped = training.unchanged_since(config, dataset_uri)
         if skipped is not None:
             logger.info("--if-changed: %s", skipped["skipped"])
             return skipped
@@ -411,11 +372,11 @@ def decide(
     client = MlflowClient(tracking_uri=config.registry.tracking_uri)
     if site is not None:  # approve --operating-point SITE: a site's proposed operating point, not the version
         with tracking.refusals_as_errors(f"MLflow refused the operating point by account '{reviewer}'"):
-            result = promotion.apply_operating_point(client, config.registry, version, site, reviewer, reason)
+            result = decisions.apply_operating_point(client, config.registry, version, site, reviewer, reason)
         return result | {"model_name": config.registry.model_name}
-    decisions = {"approve": promotion.approve, "reject": promotion.reject, "rollback": promotion.rollback}
+    decide_by = {"approve": decisions.approve, "reject": decisions.reject, "rollback": decisions.rollback}
     with tracking.refusals_as_errors(f"MLflow refused the {action} by account '{reviewer}'"):
-        result = decisions[action](client, config.registry, version, reviewer, reason)
+        result = decide_by[action](client, config.registry, version, reviewer, reason)
     zenml_id = client.get_model_version(config.registry.model_name, version).tags.get("zenml.model_version_id")
     stage = "archived" if action == "reject" else "production"
     if zenml_id:

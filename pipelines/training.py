@@ -1,22 +1,34 @@
-"""Wiring only: the eight training steps and the artifacts between them."""
+"""The training pipeline: its steps and the artifacts between them, its summary, and ``--if-changed``."""
 
+import json
+import logging
+
+from mlflow.tracking import MlflowClient
 from zenml import Model, pipeline
 from zenml.enums import ExecutionMode
 
 from steps import (
     build_datasets,
+    decide_promotion,
     evaluate_model,
     ingest_from_s3,
+    load_gate_sets,
     locate_archive,
     locate_sources,
     profile_reference,
-    register_model,
+    register_and_promote,
+    score_candidates,
     train_model,
     unzip_and_validate,
 )
 from steps.tracking import mark_run_failed
 from xray.config import MODEL_NAME, PipelineConfig
+from xray.data.sites import changed_sources, identify_sources
+from xray.registry import promotion, store
+from xray.storage import sources
+from xray.storage.fetch import locate
 
+logger = logging.getLogger(__name__)
 MODEL = Model(
     name=MODEL_NAME,
     description="Pediatric chest X-ray NORMAL vs PNEUMONIA (ResNet50V2 by default; model.backbone).",
@@ -30,47 +42,23 @@ MODEL = Model(
 def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
     sources = locate_sources(data=config.data, s3=config.s3)
-    raw_archive, archive_info = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
-    dataset, _, data_report, _, _ = unzip_and_validate(
+    raw_archive = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
+    dataset, data_report, _ = unzip_and_validate(
         raw_archive, data=config.data, seed=config.seed, s3=config.s3, source_identities=sources
     )
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=config.model, train=config.train)
-    evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, config.model)
+    evaluate_and_register(model, dataset, spec, data_report, history, config)
 
 
-def evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, model_config) -> None:
-    """Evaluation, the reference profile and registration behind the gate: shared by training and tuning."""
-    calibrated, metrics, threshold, _, _, _, _, val_probabilities, test_probabilities = evaluate_model(
-        model, dataset, spec, evaluate=config.evaluate, seed=config.seed
-    )
-    profile = profile_reference(
-        dataset,
-        spec,
-        threshold,
-        val_probabilities,
-        monitoring=config.monitoring,
-        seed=config.seed,
-    )
-    register_model(
-        calibrated,
-        metrics,
-        threshold,
-        test_probabilities,
-        dataset,
-        spec,
-        archive_info,
-        data_report,
-        history,
-        profile,
-        model_config=model_config,
-        registry=config.registry,
-        evaluate=config.evaluate,
-        data=config.data,
-        s3=config.s3,
-        seed=config.seed,
-        scope=config.scope,
-    )
+def evaluate_and_register(model, dataset, spec, data_report, history, config: PipelineConfig) -> None:
+    """Evaluation, the reference profile, the gate and registration: shared by training and tuning."""
+    calibrated, evaluation, _ = evaluate_model(model, dataset, spec, evaluate=config.evaluate, seed=config.seed)
+    profile = profile_reference(dataset, spec, evaluation, monitoring=config.monitoring, seed=config.seed)
+    gate_sets, gate_site_images = load_gate_sets(dataset, spec, config=config)
+    scores = score_candidates(calibrated, dataset, spec, gate_sets, gate_site_images, evaluation, config=config)
+    decision = decide_promotion(scores, evaluation, config=config)
+    register_and_promote(calibrated, evaluation, decision, spec, data_report, history, profile, config=config)
 
 
 SUMMARY_METRICS = (
@@ -89,22 +77,22 @@ SUMMARY_METRICS = (
 
 def summarize(run, load, config: PipelineConfig) -> dict:
     """The summary line of a training run (a search's too), from its artifacts (pipelines.launch.run_outputs)."""
-    registration = load("register_model", "registration")
-    report = load("unzip_and_validate", "data_report")
-    evaluation = load("evaluate_model", "metrics")
+    registration = load("register_and_promote", "registration")
+    report = load("unzip_and_validate", "data_report").to_dict()
+    evaluation = load("evaluate_model", "evaluation").report
     flat = evaluation["flat"]
     return {
         "pipeline_run_id": str(run.id),
-        "mlflow_run_id": registration["mlflow_run_id"],
+        "mlflow_run_id": registration.mlflow_run_id,
         "mlflow_tracking_uri": config.registry.tracking_uri,
-        "model_name": registration["model_name"],
-        "model_version": registration["model_version"],
-        "promoted": registration["promoted"],
-        "pending_approval": registration.get("pending_approval", False),
-        "promotion_reason": registration["reason"],
-        "threshold": registration["threshold"],
+        "model_name": registration.model_name,
+        "model_version": registration.model_version,
+        "promoted": registration.promoted,
+        "pending_approval": registration.pending_approval,
+        "promotion_reason": registration.reason,
+        "threshold": registration.threshold,
         "seed": config.seed,
-        "dataset_sha256": load("ingest_from_s3", "archive_info")["sha256"],
+        "dataset_sha256": report["sites"][config.data.base_site]["digest"],
         "steps": {name: str(step.status.value) for name, step in run.steps.items()},
         "splits": report["counts"]
         | {"duplicates_removed": len(report["duplicates_removed"]), "quarantined": len(report["quarantined"])},
@@ -132,3 +120,33 @@ def site_summary(report: dict, evaluation: dict) -> dict:
                 "metrics": measured.get("test_at_operating_point") or {},
             }
     return sites
+
+
+def unchanged_since(config: PipelineConfig, dataset_uri: str | None) -> dict | None:
+    """``--if-changed``: the skip summary when every source's content equals the champion's training data
+    (xray.data.sites.changed_sources, on the identities the ingest steps locate too), None when something changed (or
+    there is no champion, or it predates recorded training data)."""
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    champion, _ = store.current_champion(client, config.registry.model_name, config.registry.champion_alias)
+    if champion is None:
+        logger.info("--if-changed: no champion yet; training")
+        return None
+    recorded = json.loads(
+        client.get_model_version(config.registry.model_name, champion).tags.get("training_data", "{}")
+    )
+    archive = locate(sources.resolve(dataset_uri or config.dataset_uri).uri, config.s3)
+    digests, changed = changed_sources(
+        archive, identify_sources(config.data, config.s3), config.data.base_site, recorded
+    )
+    if changed:
+        why = "not recorded for that version" if not recorded.get("sites") else "changed: " + ", ".join(changed)
+        logger.info("--if-changed: the sources differ from champion v%s's training data (%s); training", champion, why)
+        return None
+    return {
+        "skipped": f"no new data since version {champion}",
+        "model_name": config.registry.model_name,
+        "model_version": champion,
+        "training_data_digest": promotion.data_digest(digests),
+        "sites": sorted(digests),
+        "mlflow_tracking_uri": config.registry.tracking_uri,
+    }

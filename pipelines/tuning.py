@@ -16,8 +16,8 @@ from xray.config import PipelineConfig
 def tuning_pipeline(config: PipelineConfig, dataset_uri: str, trials: list[dict]) -> None:
     identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
     sources = locate_sources(data=config.data, s3=config.s3)
-    raw_archive, archive_info = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
-    dataset, _, data_report, _, _ = unzip_and_validate(
+    raw_archive = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
+    dataset, data_report, _ = unzip_and_validate(
         raw_archive, data=config.data, seed=config.seed, s3=config.s3, source_identities=sources
     )
     # One step per trial: on a stack with a step operator (configs/tuning_sagemaker.yaml) they run side by side.
@@ -28,7 +28,7 @@ def tuning_pipeline(config: PipelineConfig, dataset_uri: str, trials: list[dict]
     model_config, train_config, _ = select_trial(results, config=config)
     spec = build_datasets(dataset, data=config.data, model=model_config, train=train_config, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=model_config, train=train_config)
-    evaluate_and_register(model, dataset, spec, archive_info, data_report, history, config, model_config)
+    evaluate_and_register(model, dataset, spec, data_report, history, config)
 
 
 def summarize(run, load, config: PipelineConfig) -> dict:
@@ -36,11 +36,11 @@ def summarize(run, load, config: PipelineConfig) -> dict:
     search = load("select_trial", "search")
     return training.summarize(run, load, config) | {
         "tuning": {
-            "winner": search["winner"]["trial"],
-            "winner_val_auc": search["winner"]["val_auc"],
+            "winner": search.winner["trial"],
+            "winner_val_auc": search.winner["val_auc"],
             "trials": [
                 {key: trial[key] for key in ("trial", "status", "val_auc", "overrides", "error", "mlflow_run_id")}
-                for trial in search["trials"]
+                for trial in search.trials
             ],
         }
     }

@@ -5,7 +5,7 @@ from steps.evaluate import evaluate_model
 from steps.ingest import ingest_from_s3, locate_archive, locate_sources
 from steps.prepare import unzip_and_validate
 from steps.profile import profile_reference
-from steps.register import register_model
+from steps.register import decide_promotion, load_gate_sets, register_and_promote, score_candidates
 from steps.train import train_model
 
 __all__ = [
@@ -17,5 +17,8 @@ __all__ = [
     "train_model",
     "evaluate_model",
     "profile_reference",
-    "register_model",
+    "load_gate_sets",
+    "score_candidates",
+    "decide_promotion",
+    "register_and_promote",
 ]

@@ -4,36 +4,37 @@ from pathlib import Path
 from typing import Annotated, Optional, Tuple
 
 import mlflow
-import pandas as pd
-from PIL import Image
 from zenml import log_metadata, step
 
-from materializers import ValidatedDatasetMaterializer
+from materializers import FiguresMaterializer, ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.scratch import output_folder
 from steps.tracking import log_config, log_images, log_sources, mlflow_run
 from xray.config import DataConfig, S3Config
 from xray.data.dataset import ValidatedDataset, add_sources, prepare_dataset
-from xray.data.sites import load_source
+from xray.data.manifest import DataReport
+from xray.data.sites import SourceIdentities, load_source
 from xray.evaluation import plots
 from xray.storage.fetch import RawArchive
 
 logger = logging.getLogger(__name__)
 
 
-@step(output_materializers={"dataset": ValidatedDatasetMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
+@step(
+    output_materializers={"dataset": ValidatedDatasetMaterializer, "data_figures": FiguresMaterializer},
+    cache_policy=DOMAIN_CODE,
+    experiment_tracker=True,
+)
 def unzip_and_validate(
     raw_archive: RawArchive,
     data: DataConfig,
     seed: int,
     s3: S3Config = S3Config(),
-    source_identities: Optional[dict] = None,
+    source_identities: Optional[SourceIdentities] = None,
 ) -> Tuple[
     Annotated[ValidatedDataset, "dataset"],
-    Annotated[pd.DataFrame, "manifest"],
-    Annotated[dict, "data_report"],
-    Annotated[Image.Image, "class_distribution"],
-    Annotated[Image.Image, "sample_grid"],
+    Annotated[DataReport, "data_report"],
+    Annotated[plots.Figures, "data_figures"],
 ]:
     """Safe extraction, full decode, de-duplication and a patient-grouped val split; then the other sources
     (data.sources), each split by its own folders or by patient, duplicates across sources kept once."""
@@ -44,7 +45,7 @@ def unzip_and_validate(
         "digest": raw_archive.sha256,
         "etag": raw_archive.etag or "",
     }
-    identities = source_identities or {}
+    identities = source_identities.sources if source_identities else {}
     with tempfile.TemporaryDirectory(prefix="xray-sources-") as scratch:
         loaded = [
             load_source(source, identities[source.site], root, data, s3, Path(scratch) / source.site)
@@ -83,4 +84,4 @@ def unzip_and_validate(
         mlflow.log_dict(report.to_dict(), "data/data_report.json")
         log_sources(report.sites)
         log_images(figures, "data")
-    return dataset, dataset.manifest, report.to_dict(), figures["class_distribution"], figures["sample_grid"]
+    return dataset, report, plots.Figures(figures)

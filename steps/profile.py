@@ -2,7 +2,6 @@ import logging
 from typing import Annotated
 
 import mlflow
-import numpy as np
 from zenml import step
 
 from materializers import ReferenceProfileMaterializer
@@ -11,6 +10,7 @@ from steps.tracking import log_config, mlflow_run
 from xray.config import MonitoringConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
+from xray.evaluation.recipes import Evaluation
 from xray.monitoring import ood
 
 logger = logging.getLogger(__name__)
@@ -24,8 +24,7 @@ logger = logging.getLogger(__name__)
 def profile_reference(
     dataset: ValidatedDataset,
     spec: inputs.DatasetSpec,
-    threshold: float,
-    val_probabilities: np.ndarray,
+    evaluation: Evaluation,
     monitoring: MonitoringConfig,
     seed: int,
 ) -> Annotated[ood.ReferenceProfile, "reference_profile"]:
@@ -36,8 +35,8 @@ def profile_reference(
     profile = ood.fit_profile(
         train,
         val,
-        val_probabilities,
-        threshold,
+        evaluation.p_val,
+        evaluation.threshold,
         monitoring.ood_alpha,
         monitoring.content_components,
         monitoring.neighbours,

@@ -1,90 +1,122 @@
+"""The way to champion as four steps the dashboard shows: the gate's image sets, both models scored on them, the
+gate's decision (pure), then registration and promotion (xray.registry.promotion)."""
+
 import logging
-from typing import Annotated
+from typing import Annotated, Tuple
 
 import keras
-import numpy as np
 from mlflow.tracking import MlflowClient
 from zenml import get_step_context, log_metadata, step
 
+from materializers import ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
+from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
-from xray.config import DataConfig, EvaluateConfig, ModelConfig, RegistryConfig, S3Config, ScopeConfig
+from xray.config import PipelineConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
+from xray.data.manifest import DataReport
+from xray.evaluation.recipes import Evaluation
+from xray.model.training import History
 from xray.monitoring.ood import ReferenceProfile
-from xray.registry import promotion
+from xray.registry import gate, promotion
 
 logger = logging.getLogger(__name__)
 
 
+@step(
+    output_materializers={"gate_site_images": ValidatedDatasetMaterializer},
+    cache_policy=DOMAIN_CODE,
+    experiment_tracker=True,
+)
+def load_gate_sets(
+    dataset: ValidatedDataset, spec: inputs.DatasetSpec, config: PipelineConfig
+) -> Tuple[Annotated[promotion.GateSets, "gate_sets"], Annotated[ValidatedDataset, "gate_site_images"]]:
+    """What the challenger is compared with the champion on: shares of the test split and the labelled gate sites."""
+    sets, site_images = promotion.load_gate_sets(
+        MlflowClient(), dataset, spec, config, output_folder("gate_site_images")
+    )
+    return sets, site_images  # a tuple written out: ZenML reads the return statement to count the outputs
+
+
 @step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
-def register_model(
+def score_candidates(
     model: keras.Model,
-    metrics: dict,
-    threshold: float,
-    test_probabilities: np.ndarray,
     dataset: ValidatedDataset,
     spec: inputs.DatasetSpec,
-    archive_info: dict,
-    data_report: dict,
-    history: dict,
+    gate_sets: promotion.GateSets,
+    gate_site_images: ValidatedDataset,
+    evaluation: Evaluation,
+    config: PipelineConfig,
+) -> Annotated[gate.Scores, "gate_scores"]:
+    """The challenger's and the champion's probabilities on every gate set (the champion's own verified folder)."""
+    return promotion.score_candidates(model, dataset, spec, gate_sets, gate_site_images, evaluation, config)
+
+
+@step(cache_policy=DOMAIN_CODE)
+def decide_promotion(
+    gate_scores: gate.Scores, evaluation: Evaluation, config: PipelineConfig
+) -> Annotated[gate.PromotionDecision, "gate_decision"]:
+    """The gate's rule on the paired scores (xray.registry.gate): sensitivity floor, then non-inferiority."""
+    evaluate, registry = config.evaluate, config.registry
+    rule = (evaluate.min_sensitivity, registry.margin, evaluate.bootstrap_samples, config.seed)
+    decision = gate.decide_on(gate_scores, evaluation.flat["test_sensitivity"], *rule)
+    logger.info("gate: %s (%s)", "passed" if decision.promoted else "not passed", decision.reason)
+    return decision
+
+
+@step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
+def register_and_promote(
+    model: keras.Model,
+    evaluation: Evaluation,
+    gate_decision: gate.PromotionDecision,
+    spec: inputs.DatasetSpec,
+    data_report: DataReport,
+    history: History,
     reference_profile: ReferenceProfile,
-    model_config: ModelConfig,
-    registry: RegistryConfig,
-    evaluate: EvaluateConfig,
-    data: DataConfig,
-    s3: S3Config,
-    seed: int,
-    scope: ScopeConfig = ScopeConfig(),
-) -> Annotated[dict, "registration"]:
-    """Register a new MLflow model version with its card; promote it to champion only through the gate
-    (xray.registry.promotion.register_candidate)."""
+    config: PipelineConfig,
+) -> Annotated[promotion.Registration, "registration"]:
+    """Register a new MLflow model version with its card and seal its files; it becomes champion only through the
+    gate's decision (or, with registry.require_approval, a candidate for a reviewer)."""
+    report = data_report.to_dict()
+    training = history.model | {
+        "epochs_run": history.throughput["epochs_run"],
+        "image_size": spec.image_size,
+        "preprocessing": spec.preprocessing,
+        "class_weights": spec.class_weights,
+        "counts": spec.counts,
+        "dataset_sha256": report["sites"][config.data.base_site]["digest"],
+    }
     with mlflow_run():
-        log_config(registry=registry)
-        registration = promotion.register_candidate(
-            MlflowClient(),  # the stack's tracking server: its experiment tracker set the URI
-            model,
-            metrics=metrics,
-            threshold=threshold,
-            test_probabilities=test_probabilities,
-            dataset=dataset,
-            spec=spec,
-            dataset_sha256=archive_info["sha256"],
-            data_report=data_report,
-            training={
-                "backbone": model_config.backbone,
-                "weights": model_config.weights,
-                "epochs_run": history["throughput"]["epochs_run"],
-            },
-            reference_profile=reference_profile,
-            registry=registry,
-            evaluate=evaluate,
-            data=data,
-            s3=s3,
-            seed=seed,
-            scope=scope,
+        log_config(registry=config.registry)
+        client = MlflowClient()  # the stack's tracking server: its experiment tracker set the URI
+        registration = promotion.register_and_promote(
+            client, model, evaluation, gate_decision, training, report, reference_profile, config
         )
+    follow_in_zenml(client, registration, evaluation.flat, config)
+    return registration
+
+
+def follow_in_zenml(client, registration: promotion.Registration, flat: dict, config: PipelineConfig) -> None:
+    """One source of truth, the MLflow alias (read by batch inference, serving and the gate): the ZenML Model version of
+    this run follows it (staging while a reviewer decides, production once champion), and records the version."""
     zenml_model = get_step_context().model
-    MlflowClient().set_model_version_tag(
-        registry.model_name, registration["model_version"], "zenml.model_version_id", str(zenml_model.id)
+    client.set_model_version_tag(
+        config.registry.model_name, registration.model_version, "zenml.model_version_id", str(zenml_model.id)
     )
-    if registration.get("pending_approval"):
+    if registration.pending_approval:
         zenml_model.set_stage("staging", force=True)
         logger.info("ZenML Model version of this run: stage staging (pending approval in MLflow)")
-    if registration["promoted"]:
-        # One source of truth: the MLflow alias (read by batch inference, serving and the gate). The ZenML Model
-        # version of this run follows it, so the dashboard's "production" is the same version.
+    if registration.promoted:
         zenml_model.set_stage("production", force=True)
         logger.info("ZenML Model version of this run: stage production (follows the MLflow alias)")
-    flat = metrics["flat"]
     log_metadata(
         metadata={
-            "mlflow_model_version": registration["model_version"],
-            "mlflow_model_uri": registration["model_uri"],
-            "promoted": registration["promoted"],
+            "mlflow_model_version": registration.model_version,
+            "mlflow_model_uri": registration.model_uri,
+            "promoted": registration.promoted,
             "test_auc": flat["test_auc"],
             "test_sensitivity": flat["test_sensitivity"],
         },
         infer_model=True,
     )
-    return registration

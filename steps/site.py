@@ -19,7 +19,7 @@ from xray.data import sites
 from xray.data.dataset import ValidatedDataset
 from xray.evaluation import plots
 from xray.evaluation.recipes import evaluate_site
-from xray.registry import store, tracking
+from xray.registry import card, store, tracking
 
 logger = logging.getLogger(__name__)
 MANAGE_NEEDED = "changing a sealed version needs MANAGE on the model, which this run's MLflow account lacks"
@@ -34,8 +34,8 @@ def _store_or_propose(client, model_name: str, version: str, site: str, point: d
         if tracking.refusal(error) is None:
             raise
         return (
-            f"proposed, not stored ({MANAGE_NEEDED}); a reviewer applies it: python run.py approve --model-version "
-            f"{version} --operating-point {site} --reason TEXT"
+            f"proposed, not stored ({MANAGE_NEEDED}); a reviewer applies it: python3 run.py approve --model-version "
+            f"{version} --operating-point {site}:{card.proposal_id(point)} --reason TEXT"
         )
     return f"stored: --site {site} now uses it in batch inference and serving"
 

@@ -26,29 +26,30 @@ def train_model(
     spec: inputs.DatasetSpec,
     model: ModelConfig,
     train: TrainConfig,
-) -> Tuple[Annotated[keras.Model, "model"], Annotated[dict, "history"], Annotated[Image.Image, "training_curves"]]:
+) -> Tuple[
+    Annotated[keras.Model, "model"], Annotated[training.History, "history"], Annotated[Image.Image, "training_curves"]
+]:
     """Fit the classifier with tf.data pipelines built here, on whatever machine runs this step."""
-    train_ds, val_ds = inputs.fit_datasets(dataset, spec)
     checkpoint_dir = None
     if train.backup_dir:
         key = training.checkpoint_key(model, train, spec, fingerprint(dataset.manifest))
         checkpoint_dir = Path(train.backup_dir).expanduser() / key
     with mlflow_run():
         log_config(model=model, train=train)
-        classifier, history, throughput = training.fit(
+        classifier, epochs, throughput = training.fit(
             model,
             train,
             spec,
-            train_ds,
-            val_ds,
+            inputs.fit_datasets(dataset, spec),
             extra_callbacks=[tracking.epoch_logger()],
             checkpoint_dir=checkpoint_dir,
         )
-        curves = plots.training_curves(history)
+        curves = plots.training_curves(epochs)
         mlflow.log_metrics({f"train_{k}": v for k, v in throughput.items()})
         log_images({"training_curves": curves})
     logger.info(
         f"trained {throughput['epochs_run']} epochs in {throughput['train_seconds']:.0f}s "
         f"({throughput['images_per_second']:.1f} img/s)"
     )
-    return classifier, history | {"throughput": throughput}, curves
+    about = {"backbone": model.backbone, "weights": str(model.weights)}
+    return classifier, training.History(epochs, throughput, about), curves

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import asdict
 from typing import Annotated, List, Tuple
 
 import keras
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 @step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def train_trial(
     dataset: ValidatedDataset, config: PipelineConfig, overrides: dict, trial: int
-) -> Annotated[dict, "trial_result"]:
+) -> Annotated[tuning.Trial, "trial_result"]:
     """Train one trial for tuning.epochs and score it on val; its own MLflow run, a child of the search's run."""
     chosen = tuning.trial_config(config, overrides, trial=True)
     spec = inputs.spec_from_config(dataset.manifest, chosen.data, chosen.model, chosen.train, chosen.seed)
@@ -41,8 +42,7 @@ def train_trial(
                     chosen.model,
                     chosen.train,
                     spec,
-                    train_ds,
-                    val_ds,
+                    (train_ds, val_ds),
                     extra_callbacks=[tracking.epoch_logger(), keras.callbacks.TerminateOnNaN()],
                     keep_model=False,
                 )
@@ -53,15 +53,17 @@ def train_trial(
         finally:
             mlflow.end_run("FINISHED" if result["status"] == tuning.OK else "FAILED")
     logger.info("trial %d: %s", trial, result)
-    return {"trial": trial, "overrides": overrides, "mlflow_run_id": child.info.run_id, **result}
+    return tuning.Trial(trial, overrides, child.info.run_id, **result)
 
 
 @step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def select_trial(
-    results: List[dict], config: PipelineConfig
-) -> Tuple[Annotated[ModelConfig, "model_config"], Annotated[TrainConfig, "train_config"], Annotated[dict, "search"]]:
+    results: List[tuning.Trial], config: PipelineConfig
+) -> Tuple[
+    Annotated[ModelConfig, "model_config"], Annotated[TrainConfig, "train_config"], Annotated[tuning.Search, "search"]
+]:
     """The trial with the best val AUC (never test), as the config the winner is trained with for train.epochs."""
-    results = sorted(results, key=lambda r: r["trial"])
+    results = sorted((asdict(r) for r in results), key=lambda r: r["trial"])
     winner = tuning.select(results)
     chosen = tuning.trial_config(config, winner["overrides"])
     table = pd.DataFrame(
@@ -79,4 +81,4 @@ def select_trial(
         mlflow.log_text(json.dumps(config.tuning.model_dump(mode="json")["space"], indent=1), "tuning/space.json")
         mlflow.log_text(table.to_csv(index=False), "tuning/trials.csv")
         mlflow.log_text(tuning.winner_yaml(config, winner), "tuning/winner.yaml")
-    return chosen.model, chosen.train, {"trials": results, "winner": winner}
+    return chosen.model, chosen.train, tuning.Search(results, winner)

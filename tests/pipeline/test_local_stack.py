@@ -253,7 +253,7 @@ def test_a_challenger_is_gated_on_paired_scores_against_the_champion(first_run, 
     summary = summary_of(run_cli(env))
     # Only registration settings changed: the trained model and its evaluation come from the cache, and the
     # challenger (the same weights, registered again) is compared with the champion on paired scores.
-    assert summary["steps"]["train_model"] == "cached" and summary["steps"]["register_model"] == "completed"
+    assert summary["steps"]["train_model"] == "cached" and summary["steps"]["register_and_promote"] == "completed"
     version = client.get_model_version("chest-xray-classifier", summary["model_version"])
     tags = version.tags
     assert tags["gate.champion_version"] == str(champion) and tags["gate.margin"] == "0.01"
@@ -363,13 +363,14 @@ def test_two_sources_train_together_with_lineage_and_an_unchanged_retraining_is_
     assert (
         str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == summary["model_version"]
     )
+    # Skipped before any step ran: no pipeline run, no new version (the time is printed, never asserted).
+    assert "pipeline_run_id" not in skipped
     print(f"two-source smoke training {trained_s:.1f} s; --if-changed with no new data {skipped_s:.1f} s")
-    assert skipped_s < trained_s / 3
 
     # One new image at site b: the check says so and trains (called in this process, to spare a third training).
     for key in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(key, env[key])
-    from pipelines.launch import unchanged_since
+    from pipelines.training import unchanged_since
     from xray.config_file import load_config
 
     config = load_config(env["XRAY_TEST_CONFIG"])

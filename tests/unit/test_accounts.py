@@ -42,6 +42,7 @@ SEALED = mlflow_auth.Version(
         ("SetModelVersionTag", {"key": "promotion_decision", "value": "x"}, SEALED, "changing the tag promotion_"),
         ("SetModelVersionTag", {"key": "model_sha256", "value": "cd"}, SEALED, "changing the tag model_sha256"),
         ("SetModelVersionTag", {"key": "model_sha256", "value": "cd"}, PENDING, None),  # registration seals once
+        ("SetModelVersionTag", {"key": "promotion_decision", "value": "promoted"}, PENDING, "a reviewer's decision"),
         ("SetModelVersionTag", {"key": "test_auc", "value": "0.99"}, PENDING, "changing the tag test_auc"),
         ("SetModelVersionTag", {"key": "site.hospital-b", "value": "{}"}, SEALED, None),  # measurements, newest wins
         ("DeleteModelVersionTag", {"key": "approval"}, PENDING, "removing the tag approval"),
@@ -75,7 +76,7 @@ def test_the_protected_aliases_follow_the_environment(monkeypatch):
         mlflow_auth.needs_manage("SetRegisteredModelAlias", {"alias": "production"}) == "moving the alias 'production'"
     )
     assert mlflow_auth.LOCK_SUFFIX == store.LOCK_SUFFIX  # a promotion lock stays its creator's to delete
-    assert mlflow_auth.DIGEST_TAG == store.DIGEST_TAG and mlflow_auth.APPROVAL_TAG == promotion.APPROVAL_TAG
+    assert mlflow_auth.DIGEST_TAG == store.DIGEST_TAG and mlflow_auth.APPROVAL_TAG == store.APPROVAL_TAG
 
 
 @pytest.mark.parametrize(
@@ -94,13 +95,34 @@ def test_the_protected_aliases_follow_the_environment(monkeypatch):
     ],
 )
 def test_the_files_of_a_sealed_version_are_found_under_any_path_that_reaches_them(path, recursive, touched):
+    run = "0123456789abcdef0123456789abcdef"
     folders = {
-        mlflow_auth.folder_of("models:/m-abc", None): "m",
-        mlflow_auth.folder_of("mlflow-artifacts:/1/0123456789abcdef0123456789abcdef/artifacts/model", None): "old",
+        mlflow_auth.folder_of("models:/m-abc", None): {"m"},
+        mlflow_auth.folder_of(f"runs:/{run}/model", None, lambda r: f"mlflow-artifacts:/1/{r}/artifacts"): {"old"},
     }
-    owner = mlflow_auth.artifact_refusal(mlflow_auth.path_segments(path), recursive, folders)
-    assert (owner is not None) == touched
+    owners = mlflow_auth.artifact_owners(mlflow_auth.path_segments(path), recursive, folders)
+    assert bool(owners) == touched
     assert mlflow_auth.folder_of("", "m-abc") == ("models", "m-abc")
+
+
+@pytest.mark.parametrize("path", ["1/./models/m-abc/artifacts/x", "1//models/m-abc", "1/models/../models/m-abc", "/"])
+def test_an_artifact_path_in_another_spelling_is_refused(path):
+    with pytest.raises(mlflow_auth.Refused):
+        mlflow_auth.path_segments(path)
+
+
+def test_decision_tags_are_added_before_the_seal_and_a_promotion_is_never_an_edit():
+    fresh = mlflow_auth.Version()
+    assert mlflow_auth.tag_change("promotion_decision", "pending_approval", fresh) is None
+    assert "reviewer's decision" in mlflow_auth.tag_change("promotion_decision", "promoted", fresh)
+    champion_without_digest = mlflow_auth.Version(tags={"approval": "approved"}, aliases=["champion"])
+    assert "sealed" in mlflow_auth.tag_change("model_sha256", "ab", champion_without_digest)  # none forged onto it
+    assert "sealed" in mlflow_auth.tag_change("gate.test.images", "9", mlflow_auth.Version(aliases=["champion"]))
+    assert mlflow_auth.tag_change("zenml.model_version_id", "x", SEALED) is None  # not a decision: added once
+    created = {"tags": [{"key": "approval", "value": "approved"}]}
+    assert "approval='approved'" in mlflow_auth.needs_manage("CreateModelVersion", created)
+    forged = {"tags": [{"key": "history.1", "value": "{}"}]}
+    assert "history.1" in mlflow_auth.needs_manage("CreateModelVersion", forged)
 
 
 def test_a_refusal_is_the_servers_sentence_and_anything_else_is_not_one():
@@ -151,7 +173,7 @@ def decided(monkeypatch):
 
     calls, signed_in = [], {"user": None}
     monkeypatch.setattr(launch.tracking, "authenticated_user", lambda uri: signed_in["user"])
-    monkeypatch.setattr(launch.promotion, "approve", lambda client, registry, v, who, why: calls.append(who) or {})
+    monkeypatch.setattr(launch.decisions, "approve", lambda client, registry, v, who, why: calls.append(who) or {})
 
     class Version:
         tags = {}
@@ -183,7 +205,7 @@ def test_a_decision_the_server_refuses_is_one_line_naming_the_account(decided, m
     def refuse(client, registry, version, who, why):
         raise MlflowException(DENIED, error_code=PERMISSION_DENIED)
 
-    monkeypatch.setattr(launch.promotion, "approve", refuse)
+    monkeypatch.setattr(launch.decisions, "approve", refuse)
     with pytest.raises(ConfigError) as raised:
         decide(None)
     assert str(raised.value).startswith("MLflow refused the approve by account 'trainer': Permission denied: moving")

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import png, radiograph_like
-from xray.registry import flavor, store
+from xray.registry import store
 from xray.serving import bundle
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def registered(tmp_path_factory, predictor):
     try:
         with mlflow.start_run(experiment_id=experiment):
             metadata = {"threshold": predictor.threshold, "image_size": predictor.image_size, "preprocessing": "test"}
-            _, version = flavor.log_and_register(predictor.model, MODEL, metadata, "# card", predictor.profile)
+            _, version = store.log_and_register(predictor.model, MODEL, metadata, "# card", predictor.profile)
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version}", dst_path=str(home / "v")))
     finally:
         mlflow.set_tracking_uri(None)
@@ -134,7 +134,7 @@ def test_a_sites_operating_point_is_served_from_training_and_from_a_later_recali
                 "preprocessing": "test",
                 "operating_points": {"b": at_training},
             }
-            _, version = flavor.log_and_register(predictor.model, "points-test", metadata, "# card", predictor.profile)
+            _, version = store.log_and_register(predictor.model, "points-test", metadata, "# card", predictor.profile)
         store.save_operating_point(client, "points-test", version, "c", later)
         served = mlflow.pyfunc.load_model(f"models:/points-test/{version}")
         rows = {site: served.predict(request(), params={"site": site}).iloc[0] for site in ("b", "c", "")}

@@ -177,7 +177,7 @@ def test_approve_reject_and_rollback_reach_the_decision(launched, monkeypatch):
         ["approve", "--model-version", "2", "--reviewer", "alice", "--reason", "checked"],
         ["reject", "--model-version", "3", "--reviewer", "bob", "--reason", "no"],
         ["rollback", "--to", "1", "--reviewer", "ops", "--reason", "alarms"],
-        ["approve", "--model-version", "2", "--operating-point", "site-b", "--reason", "re-fitted"],
+        ["approve", "--model-version", "2", "--operating-point", "site-b:0123456789ab", "--reason", "re-fitted"],
     ):
         result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
         assert result.exit_code == 0, result.output
@@ -185,7 +185,7 @@ def test_approve_reject_and_rollback_reach_the_decision(launched, monkeypatch):
         ("approve", "2", "alice", "checked", None),
         ("reject", "3", "bob", "no", None),
         ("rollback", "1", "ops", "alarms", None),
-        ("approve", "2", None, "re-fitted", "site-b"),
+        ("approve", "2", None, "re-fitted", "site-b:0123456789ab"),
     ]
     refused = CliRunner().invoke(
         run.main,

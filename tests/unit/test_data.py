@@ -138,7 +138,7 @@ def test_mixup_batches_carry_the_class_weights_and_train(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "build_model", one_layer_model)  # the batches and fit are under test
     _, history, _ = training.fit(
-        ModelConfig(image_size=32, dense_units=4), TrainConfig(epochs=1), spec, train, val, log=lambda line: None
+        ModelConfig(image_size=32, dense_units=4), TrainConfig(epochs=1), spec, (train, val), log=lambda line: None
     )
     assert np.isfinite(history["loss"]).all() and "val_auc" in history
 

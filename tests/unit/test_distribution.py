@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent("""
     train_config = TrainConfig(epochs=2, batch_size=batch, learning_rate=rate, early_stopping_patience=10,
                                mixed_precision="off", jit_compile="off", distribution=distribution)
     checkpoints = folder / "backup" / training.checkpoint_key(model_config, train_config, spec, "data")
-    model, history, _ = training.fit(model_config, train_config, spec, ds, ds, extra_callbacks=[Report()],
+    model, history, _ = training.fit(model_config, train_config, spec, (ds, ds), extra_callbacks=[Report()],
                                      checkpoint_dir=checkpoints)
     print(f"FINAL {history['loss'][-1]:.6f}", flush=True)
 """)

@@ -140,10 +140,10 @@ def registered(server, tmp_path_factory):
         version = trainer.create_model_version(MODEL, f"models:/{logged.model_id}", model_id=logged.model_id)
         assert str(version.version) == number
         trainer.log_model_artifacts(logged.model_id, str(files))  # completing the folder before it is sealed
-        trainer.set_model_version_tag(MODEL, number, "model_sha256", hashlib.sha256(number.encode()).hexdigest())
-        trainer.update_model_version(MODEL, number, description=f"# card of v{number}")
         trainer.set_model_version_tag(MODEL, number, "promotion_decision", "pending_approval")
         trainer.set_model_version_tag(MODEL, number, "approval", "pending")
+        trainer.update_model_version(MODEL, number, description=f"# card of v{number}")
+        trainer.set_model_version_tag(MODEL, number, "model_sha256", hashlib.sha256(number.encode()).hexdigest())
     trainer.set_registered_model_alias(MODEL, "candidate", "2")
     server.client("reviewer").set_registered_model_alias(MODEL, "champion", "1")
     return {"experiment": experiment, "model_ids": model_ids}
@@ -262,6 +262,56 @@ def test_the_trainer_cannot_overwrite_the_files_of_a_sealed_version(server, regi
         raw=b"ok",
     )
     assert status == 200
+
+
+def test_the_reviews_bypasses_stay_closed(server, registered):
+    """The security probe of this rule (each once a way in): an upload whose credentials MLflow and the rule would read
+    differently, a '.' in the path, a double-encoded create that kept its creator MANAGE, decision tags carried by a
+    new version, a digest added to a sealed version, the UI's upload route into a run that holds a version."""
+    import http.client
+
+    before = server.state()
+    experiment, model_id = registered["experiment"], registered["model_ids"][-1]
+    target = f"/api/2.0/mlflow-artifacts/artifacts/{experiment}/models/{model_id}/artifacts/data/model.keras"
+    trainer = "Basic " + base64.b64encode(f"trainer:{PASSWORDS['trainer']}".encode()).decode()
+    host, port = server.url.removeprefix("http://").split(":")
+    for headers in ([trainer, "Basic eDp5"], [trainer.replace(" ", "\t")]):
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.putrequest("PUT", target)
+        for value in headers:
+            connection.putheader("Authorization", value)
+        connection.putheader("Content-Length", "6")
+        connection.endheaders(b"FORGED")
+        status = connection.getresponse().status
+        connection.close()
+        assert 400 <= status < 500, (headers, status)
+    dotted = target.replace(f"/{experiment}/models/", f"/{experiment}/./models/")
+    assert server.call("trainer", "PUT", dotted, raw=b"FORGED")[0] == 400
+    assert server.state() == before
+
+    status, _ = server.call(
+        "trainer",
+        "POST",
+        API + "/registered-models/create",
+        raw=json.dumps(json.dumps({"name": "fresh-model"})).encode(),
+    )
+    moved = {"name": "fresh-model", "alias": "champion", "version": "1"}
+    if status == 200:  # created: its creator holds EDIT on it, never MANAGE
+        assert server.call("trainer", "POST", API + "/registered-models/alias", body=moved)[0] == 403
+    forged = {"name": MODEL, "source": f"models:/{model_id}", "model_id": model_id}
+    for tag in ({"key": "approval", "value": "approved"}, {"key": "history.1", "value": '{"by": "reviewer"}'}):
+        status, text = server.call("trainer", "POST", API + "/model-versions/create", body=forged | {"tags": [tag]})
+        assert status == 403, (tag, text[:200])
+    champion_without_digest = {"name": MODEL, "version": "1", "key": "card_sha256", "value": "0" * 64}
+    assert server.call("trainer", "POST", API + "/model-versions/set-tag", body=champion_without_digest)[0] == 403
+
+    run = server.client("trainer").create_run(experiment)
+    legacy = server.client("admin").create_model_version(
+        MODEL, f"mlflow-artifacts:/{experiment}/{run.info.run_id}/artifacts/model", run_id=run.info.run_id
+    )
+    server.client("reviewer").set_registered_model_alias(MODEL, "legacy", legacy.version)  # an alias seals it
+    query = {"run_uuid": run.info.run_id, "path": "model/data/model.keras"}
+    assert server.call("trainer", "POST", "/ajax-api/2.0/mlflow/upload-artifact", query=query, raw=b"FORGED")[0] == 403
 
 
 def test_the_reviewer_does_each_of_them(server, registered):

@@ -1,9 +1,11 @@
-"""xray.registry.promotion.register_candidate, the training pipeline's registration flow, on a tiny model and a SQLite MLflow:
+"""xray.registry.promotion, the training pipeline's four registration steps, on a tiny model and a SQLite MLflow:
 the first version is promoted, a challenger is gated on paired scores against the champion, a version the gate
 rejects is registered but never takes the alias."""
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -11,11 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import dataset_entries, jpeg_bytes, write_zip
-from xray.config import Augmentation, DataConfig, EvaluateConfig, RegistryConfig, S3Config
+from xray.config import Augmentation, DataConfig, EvaluateConfig, PipelineConfig, RegistryConfig
 from xray.data import inputs
 from xray.data.dataset import prepare_dataset
-from xray.evaluation.recipes import calibrate_and_evaluate
-from xray.registry import promotion
+from xray.evaluation.recipes import Evaluation, calibrate_and_evaluate
+from xray.registry import card, decisions, gate, promotion
 from xray.registry.store import load_predictor, load_reference_profile, update_model_card
 
 MODEL = "registration-test"
@@ -70,50 +72,50 @@ def store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def arguments(candidate, **changes) -> dict:
-    """register_candidate's keyword arguments for ``candidate``, some of them changed."""
+def register(client, candidate, scope=None, **changes) -> promotion.Registration:
+    """The training pipeline's four registration steps, in their order, on ``candidate`` (some parts changed)."""
     c = candidate | changes
-    return {
-        "metrics": c["metrics"],
-        "threshold": c["threshold"],
-        "test_probabilities": c["test_probabilities"],
-        "dataset": c["dataset"],
-        "spec": c["spec"],
-        "dataset_sha256": "ab" * 32,
-        "data_report": c["data_report"],
-        "training": {"backbone": "tiny", "weights": "none", "epochs_run": 1},
-        "reference_profile": c["profile"],
-        "registry": c.get("registry", RegistryConfig(model_name=MODEL)),
-        "evaluate": c["evaluate"],
-        "data": DataConfig(),
-        "s3": S3Config(),
-        "seed": 0,
-    }
-
-
-def register(client, candidate, scope=None, **changes):
+    config = PipelineConfig(
+        registry=c.get("registry", RegistryConfig(model_name=MODEL)), evaluate=c["evaluate"], seed=0
+    ).model_copy(update={"scope": scope} if scope else {})
+    evaluation = Evaluation(c["metrics"], c["threshold"], [], [float(p) for p in c["test_probabilities"]])
+    spec = c["spec"]
+    training = {"backbone": "tiny", "weights": "none", "epochs_run": 1, "image_size": spec.image_size}
+    training |= {"preprocessing": spec.preprocessing, "class_weights": spec.class_weights, "counts": spec.counts}
+    with tempfile.TemporaryDirectory() as workdir:
+        sets, site_images = promotion.load_gate_sets(client, c["dataset"], spec, config, Path(workdir))
+        scores = promotion.score_candidates(c["model"], c["dataset"], spec, sets, site_images, evaluation, config)
+    rule = (config.evaluate.min_sensitivity, config.registry.margin, config.evaluate.bootstrap_samples, config.seed)
+    decision = gate.decide_on(scores, evaluation.flat["test_sensitivity"], *rule)
     with mlflow.start_run():
-        return promotion.register_candidate(
-            client, candidate["model"], **arguments(candidate, **changes), **({"scope": scope} if scope else {})
+        return promotion.register_and_promote(
+            client,
+            c["model"],
+            evaluation,
+            decision,
+            training | {"dataset_sha256": "ab" * 32},
+            c["data_report"],
+            c["profile"],
+            config,
         )
 
 
 def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tags(store, candidate):
     result = register(store, candidate)
-    assert result["promoted"] and result["model_version"] == "1" and result["previous_champion"] is None
-    assert "no champion" in result["reason"] and result["gate"] == {}
+    assert result.promoted and result.model_version == "1" and result.previous_champion is None
+    assert "no champion" in result.reason and result.gate == {}
     assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
     tags = store.get_model_version(MODEL, "1").tags
     assert tags["threshold"] == str(candidate["threshold"]) and tags["dataset_sha256"] == "ab" * 32
     assert tags["image_size"] == "32" and tags["promotion_decision"] == "promoted"
     assert tags["ood_threshold"] == str(candidate["profile"].threshold)
-    run = store.get_run(result["mlflow_run_id"])
+    run = store.get_run(result.mlflow_run_id)
     assert run.data.tags["model_version"] == "1" and run.data.tags["promotion_decision"] == "promoted"
     card = mlflow.artifacts.load_text(run.data.tags["model_card"])  # the run links to the version's one card
     assert run.data.tags["model_card"] == f"models:/{MODEL}/1/model_card.md"
     assert "Backbone: tiny" in card and "## Promotion gate" in card
     assert f"{candidate['metrics']['flat']['test_auc']:.4f}" in card
-    assert "model_card.md" not in {a.path for a in store.list_artifacts(result["mlflow_run_id"])}  # no second copy
+    assert "model_card.md" not in {a.path for a in store.list_artifacts(result.mlflow_run_id)}  # no second copy
     described = store.get_model_version(MODEL, "1").description
     assert "## Test metrics" in described and len(described) <= 5000
     # The validated scope is stored with the version (what serving checks DICOM headers against) and in its card.
@@ -129,7 +131,7 @@ def test_a_configured_scope_is_the_one_the_version_serves_with(store, candidate)
 
     adults = ScopeConfig(age_years=(18, 120), required=("PatientAge",))
     result = register(store, candidate, scope=adults)
-    predictor, _ = registry_store.load_predictor(MODEL, result["model_version"])
+    predictor, _ = registry_store.load_predictor(MODEL, result.model_version)
     assert predictor.scope == adults
 
 
@@ -149,28 +151,30 @@ def test_a_served_version_names_itself_in_every_answer(store, candidate):
 def test_a_challenger_is_scored_against_the_champion_on_the_same_images(store, candidate):
     register(store, candidate)
     result = register(store, candidate)  # the same model again: a paired difference of exactly zero
-    assert result["previous_champion"] == "1" and result["model_version"] == "2"
-    test = result["gate"]["test"]
+    assert result.previous_champion == "1" and result.model_version == "2"
+    test = result.gate["test"]
     assert test["images"] == len(candidate["test_probabilities"]) and test["auc_difference"] == pytest.approx(0)
-    assert result["promoted"] and "non-inferior to champion v1" in result["reason"]
+    assert result.promoted and "non-inferior to champion v1" in result.reason
     assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert store.get_model_version(MODEL, "2").tags["gate.champion_version"] == "1"
-    assert store.get_run(result["mlflow_run_id"]).data.metrics["gate_test_auc_difference"] == pytest.approx(0)
+    assert store.get_run(result.mlflow_run_id).data.metrics["gate_test_auc_difference"] == pytest.approx(0)
 
 
 def test_a_rejected_version_is_registered_but_the_champion_stays(store, candidate):
     register(store, candidate)
     metrics = candidate["metrics"] | {"flat": candidate["metrics"]["flat"] | {"test_sensitivity": 0.5}}
     result = register(store, candidate, metrics=metrics)
-    assert not result["promoted"] and "min_sensitivity" in result["reason"]
-    assert result["model_version"] == "2" and str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert not result.promoted and "min_sensitivity" in result.reason
+    assert result.model_version == "2" and str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
     tags = store.get_model_version(MODEL, "2").tags
     assert tags["promotion_decision"] == "rejected" and "min_sensitivity" in tags["promotion_reason"]
 
 
 def test_registration_needs_an_active_run(store, candidate):
+    decision = gate.decide_on(gate.Scores(None), 1.0, 0.95, 0.01, 100, 0)
+    evaluation = Evaluation(candidate["metrics"], candidate["threshold"], [], [])
     with pytest.raises(RuntimeError, match="active MLflow run"):
-        promotion.register_candidate(store, candidate["model"], **arguments(candidate))
+        promotion.register_and_promote(store, candidate["model"], evaluation, decision, {}, {}, None, PipelineConfig())
     assert not store.search_registered_models(f"name = '{MODEL}'")
 
 
@@ -186,7 +190,7 @@ def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, can
     site = write_zip(tmp_path / "site.zip", entries)
     register(store, candidate)
     result = register(store, candidate, registry=RegistryConfig(model_name=MODEL, gate_sites=[str(site)]))
-    assert result["gate"]["site:site"]["images"] == 6
+    assert result.gate["site:site"]["images"] == 6
     predictor, info = load_predictor(MODEL, "champion")
     profile, _ = load_reference_profile(MODEL, "champion")
     update_model_card(store, MODEL, info["version"])
@@ -205,18 +209,18 @@ def test_with_required_approval_a_person_moves_the_champion_and_the_card_says_wh
     register(store, candidate)  # v1: the champion, promoted by the gate (no approval asked)
     waiting = RegistryConfig(model_name=MODEL, require_approval=True)
     result = register(store, candidate, registry=waiting)
-    assert result["model_version"] == "2" and not result["promoted"] and result["pending_approval"]
-    assert "pending approval" in result["reason"] and "non-inferior to champion v1" in result["reason"]
+    assert result.model_version == "2" and not result.promoted and result.pending_approval
+    assert "pending approval" in result.reason and "non-inferior to champion v1" in result.reason
     assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
     assert str(store.get_model_version_by_alias(MODEL, "candidate").version) == "2"
     tags = store.get_model_version(MODEL, "2").tags
     assert tags["approval"] == "pending" and tags["promotion_decision"] == "pending_approval"
 
     with pytest.raises(ConfigError, match="needs --reviewer and --reason"):
-        promotion.approve(store, waiting, "2", "alice", " ")
+        decisions.approve(store, waiting, "2", "alice", " ")
     with pytest.raises(ConfigError, match="v1 is not pending approval"):
-        promotion.approve(store, waiting, "1", "alice", "looks fine")
-    approved = promotion.approve(store, waiting, "2", "Dr. Alice Reviewer", "site b's sensitivity checked on 40 cases")
+        decisions.approve(store, waiting, "1", "alice", "looks fine")
+    approved = decisions.approve(store, waiting, "2", "Dr. Alice Reviewer", "site b's sensitivity checked on 40 cases")
     assert approved["previous_champion"] == "1"
     assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert store.search_model_versions(f"name='{MODEL}'")  # the candidate alias is gone with the approval
@@ -229,11 +233,11 @@ def test_with_required_approval_a_person_moves_the_champion_and_the_card_says_wh
     assert "## History" in card and "approved by Dr. Alice Reviewer: site b's sensitivity checked on 40 cases" in card
     assert update_model_card(store, MODEL, "2").count("approved by Dr. Alice Reviewer") == 1  # survives site updates
     with pytest.raises(ConfigError, match="v2 is not pending approval"):
-        promotion.approve(store, waiting, "2", "bob", "again")
+        decisions.approve(store, waiting, "2", "bob", "again")
 
     # A candidate gated against v2, while the champion moves back to v1: its approval is refused (gate precondition).
     register(store, candidate, registry=waiting)  # v3, gated against v2
-    rolled = promotion.rollback(store, waiting, "1", "ops on call", "v2 alarms at site b")
+    rolled = decisions.rollback(store, waiting, "1", "ops on call", "v2 alarms at site b")
     assert (
         rolled["previous_champion"] == "2" and str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
     )
@@ -242,14 +246,14 @@ def test_with_required_approval_a_person_moves_the_champion_and_the_card_says_wh
     )
     assert "replaced as champion by v1 by ops on call" in mlflow.artifacts.load_text(f"models:/{MODEL}/2/model_card.md")
     with pytest.raises(ConfigError, match="v3 was gated against v2, but the champion is now v1"):
-        promotion.approve(store, waiting, "3", "alice", "ok")
+        decisions.approve(store, waiting, "3", "alice", "ok")
     assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
-    rejected = promotion.reject(store, waiting, "3", "alice", "gated against a champion we rolled back")
+    rejected = decisions.reject(store, waiting, "3", "alice", "gated against a champion we rolled back")
     assert rejected["action"] == "rejected" and store.get_model_version(MODEL, "3").tags["approval"] == "rejected"
     with pytest.raises(ConfigError, match="v3 was never champion"):
-        promotion.rollback(store, waiting, "3", "alice", "no")
+        decisions.rollback(store, waiting, "3", "alice", "no")
     with pytest.raises(ConfigError, match="no version 9"):
-        promotion.approve(store, waiting, "9", "alice", "no")
+        decisions.approve(store, waiting, "9", "alice", "no")
 
 
 def artifact_folder(client, version: str):
@@ -344,7 +348,7 @@ def test_serving_downloads_the_version_checks_it_and_refuses_a_changed_one(store
     waiting = RegistryConfig(model_name=MODEL, require_approval=True)
     store.delete_registered_model_alias(MODEL, "champion")  # v1 cannot be scored by the gate any more
     register(store, candidate, registry=waiting)
-    promotion.approve(store, waiting, "2", "reviewer", "registered again after v1's files changed")
+    decisions.approve(store, waiting, "2", "reviewer", "registered again after v1's files changed")
     local, info = serve.checked_folder(MODEL, "champion", tmp_path / "serving")
     assert (
         info["version"] == "2"
@@ -361,7 +365,7 @@ def test_a_reviewer_applies_a_sites_proposed_operating_point_and_the_version_is_
     register(store, candidate)
     registry = RegistryConfig(model_name=MODEL)
     with pytest.raises(ConfigError, match="v1 has no proposed operating point for site hospital-b"):
-        promotion.apply_operating_point(store, registry, "1", "hospital-b", "alice", "checked")
+        decisions.apply_operating_point(store, registry, "1", "hospital-b:0", "alice", "checked")
     point = {
         "calibration": {"method": "none"},
         "threshold": 0.25,
@@ -372,11 +376,85 @@ def test_a_reviewer_applies_a_sites_proposed_operating_point_and_the_version_is_
     recalibrated = {"metrics": measured, "fraction": 0.5, "meets_policy": True, "operating_point": point}
     registry_store.record_site_result(store, MODEL, "1", "hospital-b", measured, "run-1", recalibrated)
     before = store.get_model_version(MODEL, "1").tags["model_sha256"]
-    applied = promotion.apply_operating_point(store, registry, "1", "hospital-b", "alice", "checked on 40 cases")
+    with pytest.raises(ConfigError, match=f"is {card.proposal_id(point)}, not 0123456789ab: apply the proposal"):
+        decisions.apply_operating_point(store, registry, "1", "hospital-b:0123456789ab", "alice", "checked")
+    proposal = f"hospital-b:{card.proposal_id(point)}"
+    applied = decisions.apply_operating_point(store, registry, "1", proposal, "alice", "checked on 40 cases")
     assert applied["operating_point"] == point and applied["by"] == "alice"
     predictor, _ = registry_store.load_predictor(MODEL, "1")  # verified against the new digest
     assert predictor.operating_points["hospital-b"]["threshold"] == 0.25
     tags = store.get_model_version(MODEL, "1").tags
     assert tags["model_sha256"] != before
-    card = mlflow.artifacts.load_text(f"models:/{MODEL}/1/model_card.md")
-    assert "operating point for site hospital-b applied by alice: checked on 40 cases (threshold 0.2500" in card
+    text = mlflow.artifacts.load_text(f"models:/{MODEL}/1/model_card.md")
+    assert "operating point for site hospital-b applied by alice: checked on 40 cases (threshold 0.2500" in text
+
+
+def test_the_gate_says_when_the_champion_cannot_be_scored(store, candidate, monkeypatch):
+    """A champion that cannot be loaded or scored (deleted, its files changed) is in the scores and the decision, and
+    the gate rejects: never skipped. Without a champion there is nothing to score: sensitivity alone decides."""
+    from xray.registry import store as registry_store
+
+    def unreadable(*args):
+        raise OSError("No such file: models:/chest-xray-classifier/3/data/model.keras")
+
+    monkeypatch.setattr(registry_store, "load_predictor", unreadable)
+    config = PipelineConfig(registry=RegistryConfig(model_name=MODEL), evaluate=candidate["evaluate"])
+    evaluation = Evaluation(candidate["metrics"], candidate["threshold"], [], list(candidate["test_probabilities"]))
+    positions = list(range(len(candidate["test_probabilities"])))
+    sets = promotion.GateSets("3", {"test": positions})
+    scores = promotion.score_candidates(
+        candidate["model"], candidate["dataset"], candidate["spec"], sets, None, evaluation, config
+    )
+    assert scores.champion_error.startswith("OSError: No such file") and scores.champion_probabilities == {}
+    decision = gate.decide_on(scores, 0.97, 0.95, 0.01, 100, 0)
+    assert not decision.promoted and "champion v3 could not be scored" in decision.reason
+    assert gate.decide_on(gate.Scores(None), 0.97, 0.95, 0.01, 100, 0).promoted
+
+
+def test_nothing_is_signed_off_or_sealed_over_files_or_a_card_changed_behind_the_registrys_back(store, candidate):
+    """A reviewer's approval signs off the exact files registered: a version without the digest its card recorded is
+    refused; sealing again (a site's operating point) starts from the files as sealed, so a changed weight file is
+    refused, never digested; a card changed in the artifact store is refused, never published."""
+    from xray.errors import ConfigError
+    from xray.registry import store as registry_store
+    from xray.serving.bundle import ModelIntegrityError
+
+    register(store, candidate)
+    waiting = RegistryConfig(model_name=MODEL, require_approval=True)
+    register(store, candidate, registry=waiting)  # v2, pending
+    store.set_model_version_tag(MODEL, "2", "model_sha256", "0" * 64)  # no server rule here: as S3 or a hole would
+    with pytest.raises(ConfigError, match="v2 has no digest recorded at registration"):
+        decisions.approve(store, waiting, "2", "alice", "looks fine")
+    assert str(store.get_model_version_by_alias(MODEL, "champion").version) == "1"
+
+    folder = artifact_folder(store, "1")
+    weights = folder / "data" / "model.keras"
+    original = weights.read_bytes()
+    weights.write_bytes(original + b"\0")
+    point = {"calibration": {"method": "none"}, "threshold": 0.3, "threshold_policy": "fixed", "fitted_on": "x"}
+    with pytest.raises(ModelIntegrityError, match="data/model.keras"):
+        registry_store.save_operating_point(store, MODEL, "1", "b", point)
+    weights.write_bytes(original)
+    (artifact_folder(store, "2") / "model_card.md").write_text("# a card nobody wrote\n")
+    with pytest.raises(ModelIntegrityError, match="model version 2 refused: its model card differs"):
+        decisions.reject(store, waiting, "2", "alice", "no")
+    version = store.get_model_version(MODEL, "2")  # refused before anything moved
+    assert "a card nobody wrote" not in version.description and version.tags["approval"] == "pending"
+
+
+def test_a_file_list_holds_one_file_per_line_and_each_once(tmp_path):
+    from xray.serving import bundle
+
+    (tmp_path / "a").write_bytes(b"A")
+    listing = bundle.manifest(tmp_path)
+    (tmp_path / "zz\u2028sneaky").write_bytes(b"A")
+    with pytest.raises(bundle.ModelIntegrityError, match="a name no file list can hold"):
+        bundle.manifest(tmp_path)
+    (tmp_path / "zz\u2028sneaky").unlink()
+    doubled = listing + listing
+    with pytest.raises(bundle.ModelIntegrityError, match="lists a twice"):
+        bundle.verify(tmp_path, doubled, bundle.digest(doubled), "1")
+    hidden = listing.rstrip("\n") + "\u2028" + listing
+    with pytest.raises(bundle.ModelIntegrityError, match="a line that is not one file's"):
+        bundle.verify(tmp_path, hidden, bundle.digest(hidden), "1")
+    bundle.verify(tmp_path, listing, bundle.digest(listing), "1")

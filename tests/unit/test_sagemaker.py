@@ -232,14 +232,14 @@ RUNTIME = {
     ],
 )
 def test_registered_requirements_name_tensorflow_however_it_was_installed(tensorflow, pin):
-    from xray.registry.flavor import pip_requirements
+    from xray.serving.bundle import pip_requirements
 
     pins = pip_requirements(_installed(RUNTIME | tensorflow))
     assert pins[0] == pin and "mlflow==3.17.2" in pins and len(pins) == 1 + len(RUNTIME)
 
 
 def test_registered_requirements_refuse_a_missing_tensorflow_or_runtime_package():
-    from xray.registry.flavor import pip_requirements
+    from xray.serving.bundle import pip_requirements
 
     with pytest.raises(RuntimeError, match="no TensorFlow distribution"):
         pip_requirements(_installed(RUNTIME))

@@ -2,7 +2,6 @@
 
 import zipfile
 
-import numpy as np
 import pytest
 
 from conftest import jpeg_bytes, write_zip
@@ -10,7 +9,6 @@ from xray.config import ArchiveLimits, DataConfig, S3Config
 from xray.data.inputs import labels_of
 from xray.data.sites import load_site, site_name
 from xray.errors import ArchiveError, DataQualityError, DatasetSourceError
-from xray.registry import promotion
 
 
 def _entries(prefix: str = "export/2026/", per_class: int = 4, start: int = 0) -> dict[str, bytes]:
@@ -107,21 +105,6 @@ def test_the_site_table_of_the_model_card_comes_from_the_version_tags():
         "| b | as registered | 55 | 0.2000 | 0.930 (0.880-0.940) | 0.900 (0.850-0.910) | 0.500 (0.450-0.510) |" in table
     )
     assert "| b | recalibrated on 30% | 38 | 0.6000 |" in table
-
-
-def test_the_gate_says_when_the_champion_cannot_be_scored(monkeypatch):
-    def unreadable(*args):
-        raise OSError("No such file: models:/chest-xray-classifier/3/data/model.keras")
-
-    monkeypatch.setattr(promotion, "score_champion", unreadable)
-    y = np.array([0, 1] * 10)
-    decision = promotion.gate_against_champion(
-        "m", "3", {"test": ["a"] * 20}, {"test": y}, {"test": y * 0.8 + 0.1}, 0.97, 0.95, 0.01, 100, 0
-    )
-    assert not decision.promoted and decision.champion_error.startswith("OSError: No such file")
-    assert "champion v3 could not be scored" in decision.reason
-    # No champion: nothing to score, promoted on sensitivity alone.
-    assert promotion.gate_against_champion("m", None, {}, {}, {}, 0.97, 0.95, 0.01, 100, 0).promoted
 
 
 def test_one_json_tag_per_site_gives_the_same_table_as_the_per_metric_tags_did():

@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
     train_config = TrainConfig(epochs=4, frozen_epochs=2, fine_tune_layers=6, early_stopping_patience=10,
                                mixed_precision="on", jit_compile="off")
     checkpoints = folder / "backup" / training.checkpoint_key(model_config, train_config, spec, "data")
-    model, history, _ = training.fit(model_config, train_config, spec, ds, ds, extra_callbacks=[Script()],
+    model, history, _ = training.fit(model_config, train_config, spec, (ds, ds), extra_callbacks=[Script()],
                                      checkpoint_dir=checkpoints)
     print(f"FINAL {digest(model.get_weights())}", flush=True)
 """)

@@ -111,8 +111,7 @@ def test_a_real_diverging_trial_fails_and_stops_early(monkeypatch):
             ModelConfig(image_size=32, dense_units=4),
             TrainConfig(epochs=3),
             spec,
-            ds,
-            ds,
+            (ds, ds),
             extra_callbacks=[keras.callbacks.TerminateOnNaN()],
             log=lambda line: None,
         )

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -128,6 +129,32 @@ def identify_source(source: SourceConfig, s3: S3Config) -> dict:
         "images": images,
         "labels_identity": labels,
     }
+
+
+@dataclass
+class SourceIdentities:
+    """What each training source of ``data.sources`` is now (:func:`identify_source`, by site): a ZenML artifact, the
+    prepare step is cached on it."""
+
+    sources: dict[str, dict] = field(default_factory=dict)
+
+
+def identify_sources(data: DataConfig, s3: S3Config) -> SourceIdentities:
+    return SourceIdentities({source.site: identify_source(source, s3) for source in data.extra_sources})
+
+
+def changed_sources(archive: dict, sources: SourceIdentities, base_site: str, recorded: dict) -> tuple[dict, list]:
+    """ "Has any training source changed since a version was trained?": ({site: content digest now}, the sites whose
+    digest differs from ``recorded``, the version's ``training_data``). ``archive``: the dataset archive's identity
+    (:func:`xray.storage.fetch.locate`); an S3 object known by its ETag alone keeps the digest recorded for that
+    ETag (the same object the version was trained on)."""
+    digests = {base_site: archive.get("sha256") or ""}
+    etag = archive.get("etag")
+    if not digests[base_site] and etag and etag == recorded.get("etags", {}).get(base_site):
+        digests[base_site] = recorded.get("sites", {}).get(base_site, "")
+    digests |= {site: identity["digest"] for site, identity in sources.sources.items()}
+    trained_on = recorded.get("sites", {})
+    return digests, sorted(site for site in set(digests) | set(trained_on) if trained_on.get(site) != digests.get(site))
 
 
 def _read_labels(source: SourceConfig, workdir: Path, s3: S3Config, identity: dict | None = None) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 
 import matplotlib
 
@@ -15,6 +16,16 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from xray import CLASS_NAMES  # noqa: E402
 from xray.evaluation.calibration import expected_calibration_error, reliability  # noqa: E402
 from xray.model.gradcam import confident_examples, heatmaps, overlays_for, pixels_of  # noqa: E402
+
+
+@dataclass
+class Figures:
+    """A step's pictures by name (PNG in the artifact store: materializers/figures.py; the dashboard shows them)."""
+
+    images: dict[str, Image.Image] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Image.Image:
+        return self.images[name]
 
 
 def to_image(figure) -> Image.Image:

@@ -299,6 +299,41 @@ def site_flat(sites: dict) -> dict:
     return flat
 
 
+def jsonable(value):
+    """The same values as plain Python (numpy scalars and arrays too), so a record stores as JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@dataclass
+class Evaluation:
+    """What the training pipeline's evaluation hands on to the gate and the registration (a ZenML artifact): the
+    report (``flat`` metrics, val and test reports, calibration, sites, subgroups), the val-chosen threshold and the
+    calibrated val and test probabilities."""
+
+    report: dict
+    threshold: float
+    val_probabilities: list[float]
+    test_probabilities: list[float]
+
+    @property
+    def flat(self) -> dict:
+        return self.report["flat"]
+
+    @property
+    def p_val(self) -> np.ndarray:
+        return np.asarray(self.val_probabilities)
+
+    @property
+    def p_test(self) -> np.ndarray:
+        return np.asarray(self.test_probabilities)
+
+
 @dataclass
 class ModelEvaluation:
     """What the training pipeline's evaluation produces: the calibrated model, the report (``flat`` metrics, val and
@@ -310,6 +345,9 @@ class ModelEvaluation:
     p_val: np.ndarray
     p_test: np.ndarray
     figures: dict = field(default_factory=dict)
+
+    def record(self) -> Evaluation:
+        return Evaluation(jsonable(self.report), float(self.threshold), jsonable(self.p_val), jsonable(self.p_test))
 
 
 def evaluate_model(model, dataset, spec, evaluate: EvaluateConfig, seed: int) -> ModelEvaluation:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -195,24 +196,35 @@ def checkpoint_key(model_config: ModelConfig, train_config: TrainConfig, spec: D
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+@dataclass
+class History:
+    """A training run's record (a ZenML artifact): per-epoch metrics by name (``loss``, ``auc``, ``val_auc``...) and
+    throughput (``train_seconds``, ``epochs_run``, ``images_per_second``)."""
+
+    epochs: dict[str, list[float]]
+    throughput: dict[str, float]
+    model: dict[str, str]
+    """What was trained: ``backbone`` and ``weights`` (the model card's)."""
+
+
 def fit(
     model_config: ModelConfig,
     train_config: TrainConfig,
     spec: DatasetSpec,
-    train_ds,
-    val_ds,
+    datasets: tuple,
     extra_callbacks: list | None = None,
     checkpoint_dir: Path | None = None,
     log: Callable[[str], None] = logger.info,
     keep_model: bool = True,
 ):
-    """Train and return (model, history dict of per-epoch lists, throughput info).
+    """Train on ``datasets`` (train, val) and return (model, history dict of per-epoch lists, throughput info).
 
     ``keep_model=False`` (a search's trial, scored by its history): the model is returned as trained, without the
     optimizer-free copy that a stored model needs.
     """
     import keras  # lazy: Keras imports TensorFlow, seconds
 
+    train_ds, val_ds = datasets
     policy = device_policy(train_config)
     strategy = distribution_strategy(train_config.distribution)
     replicas = strategy.num_replicas_in_sync

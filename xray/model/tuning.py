@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -79,6 +80,29 @@ def run_trial(train: Callable[[], tuple[Any, dict, dict]]) -> dict:
         "epochs_run": len(losses),
         "train_seconds": float(throughput.get("train_seconds", 0.0)),
     }
+
+
+@dataclass
+class Trial:
+    """One trial of a search (a ZenML artifact): its values, its MLflow run, and how it ended (:func:`run_trial`)."""
+
+    trial: int
+    overrides: dict[str, Any]
+    mlflow_run_id: str
+    status: str
+    error: str = ""
+    val_auc: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    train_seconds: float | None = None
+
+
+@dataclass
+class Search:
+    """The search's record (a ZenML artifact): every trial, and the winner."""
+
+    trials: list[dict[str, Any]]
+    winner: dict[str, Any]
 
 
 def select(results: list[dict]) -> dict:

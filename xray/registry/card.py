@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -305,6 +306,11 @@ name, ID, birth date, address, the accession number, institution, physicians, op
 """
 
 
+def proposal_id(point: dict) -> str:
+    """The short SHA-256 of a proposed operating point: a reviewer applies exactly the proposal they looked at."""
+    return hashlib.sha256(json.dumps(point, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
 def site_tag(site: str, metrics: dict, run_id: str, recalibrated: dict | None = None) -> tuple[str, str]:
     """One version tag per site, ``site.<name>``: the run, the metrics at the version's operating point and, with a
     recalibration, its fraction, metrics and whether it meets the policy, as compact JSON (6 significant digits)."""
@@ -331,9 +337,12 @@ def site_results(tags: dict[str, str]) -> dict[str, dict[str, str]]:
         if not key.startswith(SITE_TAG):
             continue
         if value.startswith("{"):
-            parsed = json.loads(value)
-            flat = {k: str(v) for k, v in parsed["as_registered"].items()} | {"run_id": parsed["run_id"]}
-            flat |= {f"recalibrated.{k}": str(v) for k, v in (parsed.get("recalibrated") or {}).items()}
+            try:
+                parsed = json.loads(value)
+                flat = {k: str(v) for k, v in parsed["as_registered"].items()} | {"run_id": parsed["run_id"]}
+                flat |= {f"recalibrated.{k}": str(v) for k, v in (parsed.get("recalibrated") or {}).items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                flat = {"unreadable": "yes"}  # a tag anyone who edits the model may write: shown as unreadable
             results.setdefault(key[len(SITE_TAG) :], {}).update(flat)
         else:
             site, _, metric = key[len(SITE_TAG) :].partition(".")
@@ -394,14 +403,29 @@ def site_table(tags: dict[str, str]) -> str:
 
     for site in sorted(results):
         values = results[site]
-        recalibrated = {k.removeprefix("recalibrated."): v for k, v in values.items() if k.startswith("recalibrated.")}
-        points = [("as registered", values)]
-        if recalibrated:
-            points.append((f"recalibrated on {float(recalibrated['fraction']):.0%}", recalibrated))
-        for label, point in points:
-            lines.append(
-                f"| {site} | {label} | {point.get('images', '')} | {float(point['threshold']):.4f} | "
-                + " | ".join(cell(point, m) for m in ("auc", "sensitivity", "specificity", "accuracy", "ece"))
-                + " |"
-            )
+        try:
+            lines += _site_rows(_cell_text(site), values, cell)
+        except (ValueError, KeyError, TypeError):
+            lines.append(f"| {_cell_text(site)} | (its record is unreadable: not shown) |" + " |" * 7)
     return "\n".join(lines)
+
+
+def _cell_text(text: str) -> str:
+    """A value as one table cell: no line break, no column separator, at most 80 characters."""
+    return " ".join(str(text).split()).replace("|", "/")[:80]
+
+
+def _site_rows(site: str, values: dict, cell) -> list[str]:
+    """The table's rows of one site: as registered and, when re-fitted, recalibrated."""
+    if "unreadable" in values:
+        raise ValueError(site)
+    recalibrated = {k.removeprefix("recalibrated."): v for k, v in values.items() if k.startswith("recalibrated.")}
+    points = [("as registered", values)]
+    if recalibrated:
+        points.append((f"recalibrated on {float(recalibrated['fraction']):.0%}", recalibrated))
+    return [
+        f"| {site} | {label} | {_cell_text(point.get('images', ''))} | {float(point['threshold']):.4f} | "
+        + " | ".join(cell(point, m) for m in ("auc", "sensitivity", "specificity", "accuracy", "ece"))
+        + " |"
+        for label, point in points
+    ]

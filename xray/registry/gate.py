@@ -29,6 +29,38 @@ class PromotionDecision:
     """Passed the gate with registry.require_approval: a candidate until a person approves it."""
 
 
+@dataclass
+class Scores:
+    """Both models' probabilities on each image set the gate compares on (``test``, ``test:<site>``,
+    ``subgroup:...``, ``site:<name>``), with the labels; ``champion_error`` when the champion could not be scored."""
+
+    champion: str | None
+    labels: dict[str, list[int]] = field(default_factory=dict)
+    challenger: dict[str, list[float]] = field(default_factory=dict)
+    champion_probabilities: dict[str, list[float]] = field(default_factory=dict)
+    champion_error: str | None = None
+
+    @classmethod
+    def of(cls, champion: str | None, labels: dict, challenger: dict) -> Scores:
+        as_list = lambda values: np.asarray(values).tolist()  # noqa: E731 - JSON-able lists, not arrays
+        return cls(champion, {k: as_list(v) for k, v in labels.items()}, {k: as_list(v) for k, v in challenger.items()})
+
+
+def decide_on(scores: Scores, test_sensitivity: float, min_sensitivity: float, margin: float, samples: int, seed: int):
+    """:func:`decide` on the paired comparisons of ``scores`` (none when the champion was not scored)."""
+    comparisons = {
+        name: compare(
+            np.asarray(scores.labels[name]),
+            np.asarray(scores.challenger[name]),
+            np.asarray(probabilities),
+            samples,
+            seed,
+        )
+        for name, probabilities in scores.champion_probabilities.items()
+    }
+    return decide(test_sensitivity, min_sensitivity, scores.champion, comparisons, margin, scores.champion_error)
+
+
 def compare(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, samples: int, seed: int) -> dict:
     return paired_auc_difference(y, p_challenger, p_champion, samples, seed) | {"images": int(len(y))}
 

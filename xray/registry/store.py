@@ -1,5 +1,5 @@
 """The model registry's I/O in MLflow: read and move aliases under the promotion lock, seal a version's files and
-load it as a predictor only as sealed, tag versions, update their model card (writing a version: flavor.py). Knows nothing of how promotion decides
+log and register a version (its folder: xray.serving.bundle), load it as a predictor only as sealed, tag versions, update their model card. Knows nothing of how promotion decides
 (:mod:`xray.registry.gate`); the workflow that combines the two is :mod:`xray.registry.promotion`."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from xray.config import ScopeConfig
 from xray.errors import ConfigError
 from xray.monitoring.ood import ReferenceProfile
 from xray.registry.card import SITE_SECTION, description, site_table, site_tag, with_history, with_integrity
@@ -154,10 +155,12 @@ def resolve_version(model_name: str, version_or_alias: str) -> dict:
 
 
 DIGEST_TAG = "model_sha256"
+APPROVAL_TAG = "approval"
+"""pending (passed the gate, waits for a reviewer), approved or rejected: xray.registry.decisions."""
 _UNVERIFIED_WARNED: set[str] = set()
 
 
-def download_verified(info: dict, relative: str, folder: str) -> str:
+def download_verified(info: dict, relative: str, folder: str, quiet: bool = False) -> str:
     """Download the version's folder (``relative`` empty), a subfolder or a file of it into ``folder`` and check it
     against the digest recorded at registration (:func:`xray.serving.bundle.verify`); returns the local path."""
     import mlflow  # lazy: MLflow's import takes seconds
@@ -167,7 +170,7 @@ def download_verified(info: dict, relative: str, folder: str) -> str:
         artifact_uri=f"{info['uri']}/{relative}" if relative else info["uri"], dst_path=os.path.join(folder, "files")
     )
     if info.get("digest") is None:
-        if info["uri"] not in _UNVERIFIED_WARNED:
+        if info["uri"] not in _UNVERIFIED_WARNED and not quiet:
             _UNVERIFIED_WARNED.add(info["uri"])
             logger.warning(
                 "model version %s has no recorded digest (registered before digests): its files are not verified; "
@@ -188,27 +191,63 @@ def download_verified(info: dict, relative: str, folder: str) -> str:
     return local
 
 
-def seal(client, model_name: str, version: str, card: str | None = None) -> str:
-    """Record the digest of the version's files: ``files.sha256`` beside them, the tag ``model_sha256`` and the
-    card's "Files" section (``card``, else the version's own). Registration seals once its folder is complete; a
-    reviewer who changes a file (a site's operating point) seals again. Returns the digest."""
-    import mlflow  # lazy: MLflow's import takes seconds
-
-    model_id = logged_model_id(client.get_model_version(model_name, version))
+def seal(client, model_name: str, version: str, card: str | None = None, changed: dict | None = None) -> str:
+    """Record the digest of the version's files: ``files.sha256`` beside them, the tags ``model_sha256`` and
+    ``card_sha256``, and the card's "Files" section (``card``, else the version's own). Registration seals once its
+    folder is complete; a reviewer who changes files (``changed``: relative path -> bytes, a site's operating points)
+    seals again, from the files as they were sealed (checked first: a file changed behind the registry's back is
+    never sealed over). The list is checked against the folder before it is recorded. Returns the digest."""
+    model_version = client.get_model_version(model_name, version)
+    model_id = logged_model_id(model_version)
+    info = {
+        "uri": model_uri(model_name, version),
+        "version": str(version),
+        "digest": model_version.tags.get(DIGEST_TAG),
+    }
     with tempfile.TemporaryDirectory(prefix="xray-seal-") as folder:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(model_name, version), dst_path=folder))
+        local = Path(download_verified(info, "", folder, quiet=True))
+        written = Path(folder) / "written"
+        for relative, data in (changed or {}).items():
+            for target in (local / relative, written / relative):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
         listing = bundle.manifest(local)
         value = bundle.digest(listing)
-        text = with_integrity(card if card is not None else (local / bundle.CARD_FILE).read_text(), value)
-        written = Path(folder) / "written"
-        written.mkdir()
+        bundle.verify(local, listing, value, str(version))
+        text = with_integrity(card if card is not None else verified_card(client, model_name, version, local), value)
+        written.mkdir(exist_ok=True)
         (written / bundle.MANIFEST_FILE).write_text(listing)
         (written / bundle.CARD_FILE).write_text(text)
         # The files first: on a tracking server with accounts the tag seals the folder (infra/mlflow_auth.py).
         client.log_model_artifacts(model_id, str(written))
-    set_version_tags(client, model_name, version, {DIGEST_TAG: value})
+    # The card's hash before the digest: on a server with accounts the digest seals the version's record.
+    set_version_tags(client, model_name, version, {CARD_TAG: bundle.digest(text), DIGEST_TAG: value})
     publish_card(client, model_name, version, text)
     return value
+
+
+CARD_TAG = "card_sha256"
+
+
+def verified_card(client, model_name: str, version: str, folder: Path | None = None) -> str:
+    """The version's stored card, checked against the SHA-256 its last writer recorded (``card_sha256``): decisions
+    append to the card, so it is not one of the digested files, but a card changed behind the registry's back is
+    refused, never published."""
+    import mlflow  # lazy: MLflow's import takes seconds
+
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="xray-card-") as scratch:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=card_uri(model_name, version), dst_path=scratch)
+            text = Path(path).read_text()
+    else:
+        text = (Path(folder) / bundle.CARD_FILE).read_text()
+    expected = client.get_model_version(model_name, version).tags.get(CARD_TAG)
+    if expected is not None and bundle.digest(text) != expected:
+        raise bundle.ModelIntegrityError(
+            f"model version {version} refused: its model card differs from the one last recorded ({CARD_TAG} "
+            f"{expected[:12]}); it changed behind the registry's back"
+        )
+    return text
 
 
 def load_predictor(model_name: str, version_or_alias: str):
@@ -279,29 +318,16 @@ def logged_model_id(model_version) -> str:
 def save_operating_point(client, model_name: str, version: str, site: str, point: dict) -> None:
     """Store a site's re-fitted operating point with the version: ``operating_points.json`` in its logged model,
     beside ``data/`` (read by :func:`xray.serving.bundle.read`, so batch inference and serving use it), and the
-    version tag ``operating_point.<site>``."""
-    import mlflow  # lazy: MLflow's import takes seconds
-    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
-
-    model_id = logged_model_id(client.get_model_version(model_name, version))
+    version tag ``operating_point.<site>``; the version is sealed again (its files changed)."""
+    info = resolve_version(model_name, version)
     with tempfile.TemporaryDirectory(prefix="xray-points-") as folder:
-        try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{model_uri(model_name, version)}/{bundle.OPERATING_POINTS_FILE}", dst_path=folder
-                )
-            )
-            points = json.loads(local.read_text())
-        except MlflowException as error:
-            if "No such artifact" not in str(error) and "not found" not in str(error).lower():
-                raise
-            local, points = Path(folder) / bundle.OPERATING_POINTS_FILE, {}
-        points[site] = point
-        local.write_text(json.dumps(points, indent=1))
-        client.log_model_artifact(model_id, str(local))
+        local = Path(download_verified(info, "", folder))
+        existing = local / bundle.OPERATING_POINTS_FILE
+        points = json.loads(existing.read_text()) if existing.is_file() else {}
+    points[site] = point
+    changed = {bundle.OPERATING_POINTS_FILE: json.dumps(points, indent=1).encode()}
     set_version_tags(client, model_name, version, {f"operating_point.{site}": json.dumps(point)})
-    if client.get_model_version(model_name, version).tags.get(DIGEST_TAG):
-        seal(client, model_name, version)  # the version answers differently now: its files have a new digest
+    seal(client, model_name, version, changed=changed)
 
 
 def add_history(client, model_name: str, version: str, action: dict) -> None:
@@ -321,17 +347,67 @@ def alias_holder(client, model_name: str, alias: str) -> str | None:
 
 def update_model_card(client, model_name: str, version: str, edit=lambda card: card) -> str:
     """Rewrite the "Results by site" section of the version's model_card.md (in its logged model's artifacts) from
-    its tags, after ``edit`` (a History line); the description follows. Returns the new card."""
-    import mlflow  # lazy: MLflow's import takes seconds
-
+    its tags, after ``edit`` (a History line), from the card as last recorded (:func:`verified_card`); the
+    description and ``card_sha256`` follow. Returns the new card."""
     model_version = client.get_model_version(model_name, version)
     model_id = logged_model_id(model_version)
+    card = edit(verified_card(client, model_name, version))
+    head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
+    card = f"{head}\n\n{site_table(model_version.tags)}\n"
     with tempfile.TemporaryDirectory(prefix="xray-card-") as folder:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=card_uri(model_name, version), dst_path=folder)
-        card = edit(Path(local).read_text())
-        head = card.split(f"\n{SITE_SECTION}\n")[0].rstrip("\n")
-        card = f"{head}\n\n{site_table(model_version.tags)}\n"
-        Path(local).write_text(card)
-        client.log_model_artifact(model_id, local)
+        local = Path(folder) / bundle.CARD_FILE
+        local.write_text(card)
+        client.log_model_artifact(model_id, str(local))
+    if CARD_TAG in model_version.tags:
+        set_version_tags(client, model_name, version, {CARD_TAG: bundle.digest(card)})
     publish_card(client, model_name, version, card)
     return card
+
+
+def log_and_register(model, model_name: str, metadata: dict, model_card: str, reference_profile) -> tuple[str, str]:
+    """Log the model (Keras + serving flavors, card, reference profile) to the active run and register it.
+
+    Returns (uri, version).
+    """
+    import mlflow  # lazy: MLflow's import takes seconds
+
+    serving = {
+        "threshold": metadata["threshold"],
+        "image_size": metadata["image_size"],
+        "preprocessing": metadata["preprocessing"],
+        "scope": metadata.get("scope") or ScopeConfig().model_dump(mode="json"),
+        "operating_points": metadata.get("operating_points") or {},
+    }
+    info = mlflow.models.Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=bundle.KerasFlavor,
+        model=model,
+        signature=bundle.serving_signature(),
+        input_example=bundle.example_request(),
+        metadata=metadata,
+        pip_requirements=bundle.pip_requirements(),
+        serving=serving,
+        model_card=model_card,
+        reference_profile=reference_profile,
+    )
+    # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
+    registered = mlflow.register_model(info.model_uri, model_name)
+    return info.model_uri, str(registered.version)
+
+
+def stamp_version(client, model_name: str, version: str) -> None:
+    """Write the registered version's number into its ``data/serving.json``, so that every answer of a server that
+    loads the folder names the version (the number exists only once the logged model is registered)."""
+    import mlflow  # lazy: MLflow's import takes seconds
+
+    model_id = logged_model_id(client.get_model_version(model_name, version))
+    with tempfile.TemporaryDirectory(prefix="xray-serving-") as folder:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{model_uri(model_name, str(version))}/{bundle.DATA_DIR}/{bundle.CONFIG_FILE}",
+                dst_path=folder,
+            )
+        )
+        local.write_text(json.dumps(json.loads(local.read_text()) | {"version": str(version), "model": model_name}))
+        client.log_model_artifact(model_id, str(local), artifact_path=bundle.DATA_DIR)

@@ -11,24 +11,32 @@
                                  at registration; its own SHA-256 is the version's tag ``model_sha256``)
 
 Batch inference, monitoring, the gate and REST serving all read this one folder, so they cannot disagree; each
-checks it against the version's digest first (:func:`verify`).
+checks it against the version's digest first (:func:`verify`). :class:`KerasFlavor` is how MLflow writes it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import unicodedata
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
 
 import xray
 from xray.config import ScopeConfig
 from xray.errors import XrayError
 from xray.monitoring.ood import ReferenceProfile
 from xray.monitoring.scope import describe
-from xray.serving.predictor import ChestXrayPredictor
+from xray.serving.predictor import OUTPUT_COLUMNS, ChestXrayPredictor
 
 CONFIG_FILE = "serving.json"
 OPERATING_POINTS_FILE = "operating_points.json"
@@ -103,12 +111,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _listable(relative: str) -> bool:
+    """Whether the list can hold a file name on one line: no line break, no control or separator character."""
+    return relative == relative.strip() and not any(
+        unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in relative
+    )
+
+
 def manifest(folder: str | Path) -> str:
     """``sha256sum`` lines (``<hex>  <path>``) of every file of a version folder but :data:`NOT_DIGESTED`, sorted by
-    path: ``sha256sum -c files.sha256`` checks a downloaded copy by hand."""
+    path: ``sha256sum -c files.sha256`` checks a downloaded copy by hand. A symbolic link is refused."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in NOT_DIGESTED)
-    return "".join(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
+    found = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    if any(p.is_symlink() for p in found):
+        raise ModelIntegrityError(
+            f"a file of the version is a symbolic link: {next(p for p in found if p.is_symlink())}"
+        )
+    names = [(p, p.relative_to(folder).as_posix()) for p in found]
+    for _, name in names:
+        if not _listable(name):
+            raise ModelIntegrityError(f"a file of the version has a name no file list can hold: {name!r}")
+    return "".join(f"{file_sha256(p)}  {name}\n" for p, name in names if name not in NOT_DIGESTED)
 
 
 def digest(manifest_text: str) -> str:
@@ -129,9 +152,13 @@ def verify(folder: str | Path, manifest_text: str, expected: str, version: str, 
     if digest(manifest_text) != expected:
         refuse(f"its file list {MANIFEST_FILE} does not match the digest recorded in the registry")
     listed = {}
-    for line in manifest_text.splitlines():
+    for line in manifest_text.split("\n")[:-1] if manifest_text.endswith("\n") else [manifest_text]:
         hex_digest, _, relative = line.partition("  ")
+        if len(hex_digest) != 64 or not relative or not _listable(relative) or relative in NOT_DIGESTED:
+            refuse(f"its file list {MANIFEST_FILE} has a line that is not one file's")
         if relative.startswith(prefix):
+            if relative[len(prefix) :] in listed:
+                refuse(f"its file list {MANIFEST_FILE} lists {relative} twice")
             listed[relative[len(prefix) :]] = hex_digest
     folder = Path(folder)
     found = (
@@ -140,7 +167,7 @@ def verify(folder: str | Path, manifest_text: str, expected: str, version: str, 
         else {
             p.relative_to(folder).as_posix(): p
             for p in folder.rglob("*")
-            if p.is_file() and (prefix + p.relative_to(folder).as_posix()) not in NOT_DIGESTED
+            if (p.is_file() or p.is_symlink()) and (prefix + p.relative_to(folder).as_posix()) not in NOT_DIGESTED
         }
     )
     for relative in sorted(set(listed) | set(found)):
@@ -148,5 +175,90 @@ def verify(folder: str | Path, manifest_text: str, expected: str, version: str, 
             refuse(f"{prefix}{relative} is missing")
         if relative not in listed:
             refuse(f"{prefix}{relative} is not one of its files")
-        if file_sha256(found[relative]) != listed[relative]:
+        if found[relative].is_symlink() or file_sha256(found[relative]) != listed[relative]:
             refuse(f"{prefix}{relative} differs from the file registered")
+
+
+# -- how MLflow writes the folder: the Keras flavor plus the serving flavor, its signature and requirements --
+
+# TensorFlow installs under several distribution names: tensorflow-cpu here, tensorflow on the GPU image.
+TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel")
+# scikit-learn and scipy: the reference profile scores every request (xray.ood).
+RUNTIME_DISTRIBUTIONS = ("keras", "mlflow", "pillow", "numpy", "scikit-learn", "scipy")
+
+
+def pip_requirements(installed=version) -> list[str]:
+    """Pinned from what is installed, TensorFlow under whichever name it was installed; MLflow's inference would
+    load TF in a subprocess. ``installed``: distribution name -> version, raising PackageNotFoundError."""
+
+    def pin(name: str) -> str | None:
+        try:
+            return f"{name}=={installed(name)}"
+        except PackageNotFoundError:
+            return None
+
+    tensorflow = next(filter(None, map(pin, TENSORFLOW_DISTRIBUTIONS)), None)
+    if tensorflow is None:
+        raise RuntimeError(
+            f"no TensorFlow distribution installed (looked for {', '.join(TENSORFLOW_DISTRIBUTIONS)}): "
+            "the registered model would have no TensorFlow requirement"
+        )
+    pins = [tensorflow]
+    for name in RUNTIME_DISTRIBUTIONS:
+        pinned = pin(name)
+        if pinned is None:
+            raise RuntimeError(f"{name} is not installed, but the registered model needs it at inference")
+        pins.append(pinned)
+    return pins
+
+
+class KerasFlavor:
+    """mlflow.keras, plus this project's serving flavor and model card in the same model directory.
+
+    - mlflow 3.17's keras ``save_model`` writes ``input_example.json`` into a
+      directory it only creates afterwards, and accepts only tensor signatures;
+      the signature and input example here describe the serving interface
+      (base64 image strings), so they are added after the Keras flavor is saved.
+    - The ``python_function`` flavor is pointed at :mod:`xray.serving.pyfunc` (the
+      package is shipped in the model's ``code/``; :mod:`xray.serving.bundle`), so
+      ``mlflow models serve`` takes image bytes and applies the recorded
+      preprocessing and threshold, while ``mlflow.keras.load_model`` still returns
+      the Keras model.
+    """
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(
+        path, mlflow_model, serving: dict, model_card: str, signature, input_example, reference_profile, **kwargs
+    ):
+        import mlflow.keras  # lazy: MLflow's import costs seconds, and only registration needs it here
+        from mlflow.models.utils import _save_example  # lazy: as above; what MLflow's own flavors call
+
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.signature = signature
+        _save_example(mlflow_model, input_example, path)
+        mlflow_model.flavors["python_function"].update(write(path, serving, reference_profile))
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+        Path(path, "model_card.md").write_text(model_card)
+
+
+def serving_signature():
+    from mlflow.models import ModelSignature  # lazy: MLflow's import takes seconds
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # lazy: MLflow's import takes seconds
+
+    kinds = {"probability": "double", "threshold": "double", "ood_score": "double"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec(kinds.get(name, "string"), name) for name in OUTPUT_COLUMNS]),
+        # A request's site (its own operating point); empty: the version's.
+        params=ParamSchema([ParamSpec("site", "string", "")]),
+    )
+
+
+def example_request() -> pd.DataFrame:
+    """A real (synthetic, gray) JPEG, base64-encoded, as the serving input example."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).convert("RGB").save(buffer, format="JPEG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})

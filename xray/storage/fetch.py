@@ -28,6 +28,20 @@ class RawArchive:
         return {"source_uri": self.source_uri, "size": self.size, "sha256": self.sha256, "etag": self.etag or ""}
 
 
+@dataclass
+class ArchiveIdentity:
+    """What identifies the archive's content now (:func:`locate`): an S3 object's ETag and size, or a local file's
+    SHA-256 and size. A ZenML artifact: the download step is cached on it."""
+
+    source_uri: str
+    size: int
+    sha256: str | None = None
+    etag: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
 def _progress(uri: str):
     state = {"next": 0.0}
 

@@ -1,0 +1,146 @@
+"""A person's decisions on a registered version (registry.require_approval): approve a candidate, reject it, roll the
+champion back, apply a site's proposed operating point. Each is recorded with who, when and why (the version's
+``history.*`` tag and its card's History); on a tracking server with accounts only a reviewer's account may make
+them (infra/mlflow_auth.py)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import datetime, timezone
+
+from xray.errors import ConfigError
+from xray.registry import card, store
+
+APPROVAL_TAG = store.APPROVAL_TAG
+
+
+def _action(action: str, by: str, why: str) -> dict:
+    if not by.strip() or not why.strip():
+        raise ConfigError(f"{action} needs --reviewer and --reason (who decides, and why, go on the record)")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # a tag key takes no colons: history.<digits>
+    return {"action": action, "by": by.strip()[:200], "why": why.strip()[:2000], "at": stamp}
+
+
+def _version(client, registry, version: str):
+    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+
+    try:
+        return client.get_model_version(registry.model_name, version)
+    except MlflowException:
+        raise ConfigError(f"no version {version} of {registry.model_name} in the registry") from None
+
+
+def _signed_off(client, registry, version: str, tags: dict, description: str) -> None:
+    """What a reviewer signs off is the exact files registered: the version has its digest, the same one its card
+    (the description, which only a reviewer may rewrite) recorded at registration, and its files match it."""
+    digest = tags.get(store.DIGEST_TAG)
+    if not digest or f"`{digest}`" not in (description or ""):
+        raise ConfigError(
+            f"v{version} has no digest recorded at registration (registered before digests, or its record was "
+            "altered): its files cannot be signed off; register it again"
+        )
+    info = store.resolve_version(registry.model_name, version)
+    with tempfile.TemporaryDirectory(prefix="xray-signoff-") as folder:
+        store.download_verified(info, "", folder)
+    store.verified_card(client, registry.model_name, version)  # its History gets the decision: checked before
+
+
+def approve(client, registry, version: str, reviewer: str, reason: str) -> dict:
+    """A pending candidate becomes champion, under the promotion lock, if the champion is still the one its gate
+    compared it with (the gate's precondition); otherwise nothing moves and the error says why."""
+    action = _action("approved", reviewer, reason)
+    with store.promotion_lock(client, registry.model_name):
+        found = _version(client, registry, version)
+        tags = found.tags
+        if tags.get(APPROVAL_TAG) != "pending":
+            raise ConfigError(
+                f"v{version} is not pending approval (approval: {tags.get(APPROVAL_TAG, 'none')}, gate: "
+                f"{tags.get('promotion_decision', 'none')}); only a version that passed the gate can be approved"
+            )
+        _signed_off(client, registry, version, tags, found.description)
+        champion = store.alias_holder(client, registry.model_name, registry.champion_alias)
+        gated_against = tags.get("gate.champion_version", "none")
+        if (champion or "none") != gated_against:
+            raise ConfigError(
+                f"v{version} was gated against {'no champion' if gated_against == 'none' else 'v' + gated_against}, "
+                f"but the champion is now {'none' if champion is None else 'v' + champion}: not approved without a "
+                "paired comparison with it (train again)"
+            )
+        client.set_registered_model_alias(registry.model_name, registry.champion_alias, version)
+        if store.alias_holder(client, registry.model_name, registry.candidate_alias) == version:
+            client.delete_registered_model_alias(registry.model_name, registry.candidate_alias)
+        store.set_version_tags(client, registry.model_name, version, {APPROVAL_TAG: "approved"})
+    action["why"] = f"{action['why']} (champion was {'none' if champion is None else 'v' + champion})"
+    store.add_history(client, registry.model_name, version, action)
+    return {"action": "approved", "model_version": version, "previous_champion": champion, **action}
+
+
+def reject(client, registry, version: str, reviewer: str, reason: str) -> dict:
+    """A pending candidate is turned down: it keeps its registration and tags, never the champion alias."""
+    action = _action("rejected", reviewer, reason)
+    with store.promotion_lock(client, registry.model_name):
+        tags = _version(client, registry, version).tags
+        if tags.get(APPROVAL_TAG) != "pending":
+            raise ConfigError(f"v{version} is not pending approval (approval: {tags.get(APPROVAL_TAG, 'none')})")
+        store.verified_card(client, registry.model_name, version)  # its History gets the decision: checked before
+        if store.alias_holder(client, registry.model_name, registry.candidate_alias) == version:
+            client.delete_registered_model_alias(registry.model_name, registry.candidate_alias)
+        store.set_version_tags(client, registry.model_name, version, {APPROVAL_TAG: "rejected"})
+    store.add_history(client, registry.model_name, version, action)
+    return {"action": "rejected", "model_version": version, **action}
+
+
+def rollback(client, registry, to: str, reviewer: str, reason: str) -> dict:
+    """The champion alias back to an earlier version that was champion once (promoted by the gate or approved)."""
+    action = _action(f"rollback to v{to}", reviewer, reason)
+    with store.promotion_lock(client, registry.model_name):
+        found = _version(client, registry, to)
+        tags = found.tags
+        # Evidence only a reviewer can write on a server with accounts: an approval or a rollback in the version's
+        # history, or the gate's "promoted" (an EDIT account may record only pending_approval or rejected).
+        records = [json.loads(v) for k, v in tags.items() if k.startswith("history.")]
+        champion_once = any(r.get("action", "").startswith(("approved", "rollback to")) for r in records)
+        if not champion_once and tags.get("promotion_decision") != "promoted":
+            raise ConfigError(
+                f"v{to} was never champion (gate: {tags.get('promotion_decision', 'none')}): not rolled back"
+            )
+        _signed_off(client, registry, to, tags, found.description)
+        champion = store.alias_holder(client, registry.model_name, registry.champion_alias)
+        if champion == to:
+            raise ConfigError(f"v{to} is already the champion")
+        client.set_registered_model_alias(registry.model_name, registry.champion_alias, to)
+    action["why"] = f"{action['why']} (champion was {'none' if champion is None else 'v' + champion})"
+    store.add_history(client, registry.model_name, to, action)
+    if champion is not None:
+        store.add_history(client, registry.model_name, champion, action | {"action": f"replaced as champion by v{to}"})
+    return {"action": "rolled back", "model_version": to, "previous_champion": champion, **action}
+
+
+def apply_operating_point(client, registry, version: str, proposal: str, reviewer: str, reason: str) -> dict:
+    """A site's operating point that its evaluation proposed becomes the version's for that site: stored, the version
+    sealed again, the card and its history say who and why. ``proposal``: ``SITE:ID``, the ID the evaluation printed
+    (:func:`xray.registry.card.proposal_id`), so what is applied is exactly what the reviewer looked at."""
+    site, _, wanted = proposal.partition(":")
+    action = _action(f"operating point for site {site} applied", reviewer, reason)
+    tags = _version(client, registry, version).tags
+    try:
+        recalibrated = json.loads(tags.get(f"{card.SITE_TAG}{site}", "{}")).get("recalibrated") or {}
+    except (ValueError, AttributeError):
+        recalibrated = {}
+    point = recalibrated.get("operating_point")
+    if not point or not recalibrated.get("meets_policy"):
+        raise ConfigError(
+            f"v{version} has no proposed operating point for site {site} (run --pipeline evaluation --model-version "
+            f"{version} --site {site} --recalibrate-fraction F; it proposes one when the re-fitted point meets the "
+            "threshold policy)"
+        )
+    if card.proposal_id(point) != wanted:
+        raise ConfigError(
+            f"v{version}'s proposed operating point for site {site} is {card.proposal_id(point)}, not {wanted or '(none)'}"
+            f": apply the proposal you reviewed as --operating-point {site}:<id> (the evaluation's summary names it)"
+        )
+    store.save_operating_point(client, registry.model_name, version, site, point)
+    action["why"] = f"{action['why']} (threshold {float(point['threshold']):.4f}, {point['fitted_on']})"
+    store.add_history(client, registry.model_name, version, action)
+    return {"model_version": version, "site": site, "operating_point": point, **action}
