@@ -317,20 +317,20 @@ class Team:
 
     @property
     def credentials(self) -> dict[str, str]:
-        from infra.team_stack import TeamStack
+        from infra.team.credentials import Credentials
 
-        return TeamStack(state=self.state).credentials()
+        return Credentials(self.state).read()
 
     def mlflow_account(self, user: str) -> dict[str, str]:
-        from infra.team_stack import TeamStack
+        from infra.team.credentials import Credentials
 
-        return TeamStack(state=self.state).mlflow_account(user)
+        return Credentials(self.state).mlflow_account(user)
 
     def auth_headers(self, url: str, account: str = "trainer") -> dict[str, str]:
         """What a signed-in client sends: ZenML's bearer token, or MLflow's basic auth for ``account``."""
         import base64
 
-        from infra.team_stack import ZENML_USER, zenml_login
+        from infra.team.zenml import ZENML_USER, zenml_login
 
         if url.startswith(self.info["zenml_url"]):
             if not self.zenml_token:
@@ -377,7 +377,8 @@ def team():
         team.stack("down")
         from infra.team_stack import TeamStack
 
-        postgres = TeamStack(state=team.state).pg_home  # outside the state folder when PostgreSQL runs as `postgres`
+        # outside the state folder when PostgreSQL runs as `postgres`
+        postgres = TeamStack(state=team.state).postgres.home
         if postgres != team.state:
             shutil.rmtree(postgres, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)

@@ -121,7 +121,7 @@ def test_postgresql_asks_for_the_generated_password_which_no_log_or_status_holds
     with a wrong one is refused; MLflow's server has it from its environment, never from a URI or a command line."""
     import stat
 
-    from infra.team_stack import postgres_bin
+    from infra.team.postgres import postgres_bin
 
     credentials = team.state / "credentials.json"
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
@@ -146,7 +146,7 @@ def test_every_service_but_s3_refuses_anonymous_and_wrong_credentials(team, trai
     verifies no keys: it listens on loopback only (docs/OPERATIONS.md)."""
     import base64
 
-    from infra.team_stack import ZENML_USER, zenml_login
+    from infra.team.zenml import ZENML_USER, zenml_login
 
     def status(url: str, headers: dict | None = None) -> int:
         try:
@@ -796,7 +796,7 @@ def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     pids = {path.stem: int(path.read_text()) for path in (team.state / "run").glob("*.pid")}
     from infra.team_stack import TeamStack
 
-    postmaster = TeamStack(state=team.state).pg_data / "postmaster.pid"
+    postmaster = TeamStack(state=team.state).postgres.data / "postmaster.pid"
     pids["postgres"] = int(postmaster.read_text().split()[0])
     assert set(pids) == {"s3", "mlflow", "zenml", "postgres"}
 

@@ -102,7 +102,7 @@ def server(tmp_path_factory):
     try:
         from mlflow.server.auth.client import AuthServiceClient
 
-        from infra.team_stack import MLFLOW_GRANTS
+        from infra.team.mlflow import MLFLOW_GRANTS
 
         Server(url, artifacts).client("admin")
         admin = AuthServiceClient(url)

@@ -1,5 +1,6 @@
 """Which ZenML stack a run uses (infra.stacks), on a real ZenML client store in a temporary folder, and the team
-stack's pure parts (infra.team_stack). The team stack's services are exercised in tests/pipeline/test_team_stack.py."""
+stack's pure parts (infra.team_stack and its services under infra/team/). The team stack's services are exercised in
+tests/pipeline/test_team_stack.py."""
 
 import json
 import subprocess
@@ -91,7 +92,8 @@ def test_team_stack_defaults_and_addresses(tmp_path):
 def test_the_s3rver_listing_fix_applies_once_and_refuses_unknown_code(tmp_path):
     import pytest
 
-    from infra.team_stack import S3RVER_PATCH, TeamStackError, patch_s3rver
+    from infra.team.processes import TeamStackError
+    from infra.team.s3 import S3RVER_PATCH, patch_s3rver
 
     source = tmp_path / S3RVER_PATCH[0]
     source.parent.mkdir(parents=True)
@@ -107,14 +109,17 @@ def test_the_s3rver_listing_fix_applies_once_and_refuses_unknown_code(tmp_path):
 
 
 def test_without_postgresql_mlflow_falls_back_to_sqlite_with_a_notice(tmp_path, monkeypatch):
-    from infra import team_stack
+    from infra.team import postgres
+    from infra.team_stack import TeamStack
 
-    monkeypatch.setattr(team_stack, "postgres_bin", lambda: None)
-    stack = team_stack.TeamStack(state=tmp_path)
-    assert stack.start_postgres() == "absent (SQLite)"
-    assert stack.backend_store_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setattr(postgres, "postgres_bin", lambda: None)
+    stack = TeamStack(state=tmp_path)
+    assert stack.postgres.start() == "absent (SQLite)"
+    assert stack.postgres.backend_store_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert stack.info()["backend_store"] == stack.postgres.backend_store_uri()
     assert len(stack.notices) == 1 and "SQLite" in stack.notices[0] and (tmp_path / "mlflow").is_dir()
-    assert stack.stop_postgres() is False
+    assert stack.postgres.server_env() == {}  # no PGPASSWORD for a SQLite store
+    assert stack.postgres.stop() is False
 
 
 SLOW_SERVER = """
@@ -146,24 +151,25 @@ def test_a_slow_service_of_ours_is_awaited_not_started_twice_and_a_strangers_por
     """A busy machine kept MLflow's /health waiting past the 2-s probe: `up` started a second server, whose pid then
     replaced the first's in the pid file, and `down` left the real one running."""
     from conftest import free_port
-    from infra.team_stack import TeamStack, TeamStackError
+    from infra.team.processes import TeamStackError
+    from infra.team_stack import TeamStack
 
     port = free_port()
     stack = TeamStack(state=tmp_path, mlflow_port=port, timeout_s=30)
-    ours = stack._spawn("mlflow", [sys.executable, "-c", SLOW_SERVER, str(port), "3"])
+    ours = stack.processes.spawn("mlflow", [sys.executable, "-c", SLOW_SERVER, str(port), "3"])
     try:
         listening(port)
-        assert stack.start_mlflow() == "running"  # each answer takes 3 s, longer than one probe's 2-s timeout
-        assert stack._pid("mlflow") == ours
+        assert stack.mlflow.start() == "running"  # each answer takes 3 s, longer than one probe's 2-s timeout
+        assert stack.processes.pid("mlflow") == ours
     finally:
-        assert stack._stop("mlflow") and stack._pid("mlflow") is None
+        assert stack.processes.stop("mlflow") and stack.processes.pid("mlflow") is None
 
     stranger = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port), "0"])
     try:
         listening(port)
         with pytest.raises(TeamStackError, match=f"mlflow: port {port} .* did not start"):
-            stack.start_mlflow()
-        assert stack._pid("mlflow") is None and stranger.poll() is None
+            stack.mlflow.start()
+        assert stack.processes.pid("mlflow") is None and stranger.poll() is None
     finally:
         stranger.kill()
         stranger.wait()

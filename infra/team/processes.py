@@ -1,0 +1,137 @@
+"""The team stack's processes: one pid file and one log per service under the state folder, started in a session of
+their own with umask 077, awaited until their health URL answers, stopped with their whole process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("team_stack")
+
+
+class TeamStackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Processes:
+    """The services this stack started, by name: ``state/run/NAME.pid`` and ``state/logs/NAME.log``."""
+
+    state: Path
+    host: str = "127.0.0.1"
+    timeout_s: float = 120.0
+
+    def url(self, port: int) -> str:
+        return f"http://{self.host}:{port}"
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / "run" / f"{name}.pid"
+
+    def log(self, name: str) -> Path:
+        return self.state / "logs" / f"{name}.log"
+
+    def pid(self, name: str) -> int | None:
+        """The pid of our running ``name``, None when it has no pid file or its process is gone."""
+        path = self.pid_file(name)
+        if not path.is_file():
+            return None
+        pid = int(path.read_text().split()[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        try:  # a zombie (exited, its parent has not reaped it yet) is not running
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+        except (OSError, IndexError):
+            pass
+        return pid
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
+        self.log(name).parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file(name).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log(name), "ab") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=os.environ | (env or {}),
+                start_new_session=True,
+                cwd=self.state,
+                umask=0o077,  # what a service writes (ZenML's database, its secrets) is its owner's only
+            )
+        self.pid_file(name).write_text(f"{process.pid}\n")
+        return process.pid
+
+    def wait_healthy(self, name: str, url: str, pid: int | None = None) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if healthy(url, timeout_s=10):  # a loaded machine answers late, not never
+                return
+            if pid is not None and self.pid(name) is None:
+                raise TeamStackError(
+                    f"{name} exited while starting; last lines of {self.log(name)}:\n" + tail(self.log(name))
+                )
+            time.sleep(0.5)
+        raise TeamStackError(
+            f"{name} not healthy at {url} after {self.timeout_s:.0f} s; see {self.log(name)}:\n" + tail(self.log(name))
+        )
+
+    def running(self, name: str, url: str) -> bool:
+        """Whether our ``name`` runs: a live process from our pid file is awaited until it answers, never started twice
+        (a busy machine can keep a health check waiting longer than its timeout)."""
+        pid = self.pid(name)
+        if pid is None:
+            return False
+        self.wait_healthy(name, url, pid)
+        return True
+
+    def port_free(self, name: str, port: int) -> None:
+        with socket.socket() as probe:
+            if probe.connect_ex((self.host, port)) == 0:
+                raise TeamStackError(
+                    f"{name}: port {port} on {self.host} is taken by a process this stack did not start; "
+                    f"stop it or choose another port (--{name}-port)"
+                )
+
+    def stop(self, name: str) -> bool:
+        pid = self.pid(name)
+        if pid is None:
+            self.pid_file(name).unlink(missing_ok=True)
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.pid(name) is not None:
+            time.sleep(0.2)
+        if self.pid(name) is not None:
+            logger.warning("%s (pid %d) did not stop on SIGTERM; killing it", name, pid)
+            os.killpg(pid, signal.SIGKILL)
+        self.pid_file(name).unlink(missing_ok=True)
+        return True
+
+
+def run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    """A command that must succeed (initdb, pg_ctl, npm): its error output in the error when it does not."""
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | (env or {}))
+    if result.returncode != 0:
+        raise TeamStackError(f"{what} failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-2000:]}")
+
+
+def healthy(url: str, timeout_s: float = 2) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status < 400
+    except Exception:  # noqa: BLE001 - anything but an answer means "not up yet"
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
