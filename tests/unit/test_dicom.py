@@ -249,6 +249,32 @@ def test_patient_hashes_are_keyed(monkeypatch):
     assert dicom.patient_hash("12345") != a
 
 
+def test_without_a_site_key_the_fetch_threads_share_one_process_key_said_once(monkeypatch, caplog):
+    """Eight fetch threads decode DICOM at once: they get one key (else one patient's images get several hashes in one
+    run) and the missing XRAY_PATIENT_KEY is said once, not once per thread."""
+    import threading
+    import time
+
+    monkeypatch.delenv(dicom.PATIENT_KEY_ENV, raising=False)
+    monkeypatch.setattr(dicom, "_process_key", None)
+    real = dicom.secrets.token_bytes
+    monkeypatch.setattr(dicom.secrets, "token_bytes", lambda n: time.sleep(0.05) or real(n))  # a key slow to make
+    start, keys = threading.Barrier(8), []
+    caplog.set_level(logging.INFO, logger=dicom.__name__)
+
+    def fetch():
+        start.wait()
+        keys.append(dicom.patient_key())
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(keys) == 8 and len(set(keys)) == 1
+    assert caplog.text.count(f"{dicom.PATIENT_KEY_ENV} is not set") == 1
+
+
 def test_redact_removes_every_identifying_value_and_name_part(grey):
     dataset = pydicom.dcmread(io.BytesIO(radiograph(grey, sentinels=True)))
     text = " ".join(SENTINELS.values()) + " ZZSENTINELGIVEN alone"

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import secrets
+import threading
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
@@ -137,18 +138,23 @@ def is_dicom(data: bytes) -> bool:
 
 
 _process_key: bytes | None = None
+_process_key_lock = threading.Lock()
 
 
 def patient_key() -> bytes:
     """The site secret that keys patient hashes: ``XRAY_PATIENT_KEY``, else a random key for this process only (the
-    grouping then holds within one run, and the hashes cannot be matched to PatientIDs by anyone)."""
+    grouping then holds within one run, and the hashes cannot be matched to PatientIDs by anyone). The fetch threads
+    of a batch ask at once: one key is made, and said once."""
     global _process_key
     configured = os.environ.get(PATIENT_KEY_ENV)
     if configured:
         return configured.encode()
-    if _process_key is None:
-        _process_key = secrets.token_bytes(32)
-        logger.info("%s is not set: patients are grouped by a key that lasts for this process only", PATIENT_KEY_ENV)
+    with _process_key_lock:
+        if _process_key is None:
+            _process_key = secrets.token_bytes(32)
+            logger.info(
+                "%s is not set: patients are grouped by a key that lasts for this process only", PATIENT_KEY_ENV
+            )
     return _process_key
 
 
