@@ -115,7 +115,9 @@ def predict_batch(
     point, threshold, _ = predictor.operating_point(site)  # an unknown site fails before any image is read
     predictor.site = site
     reports = (
-        sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
+        sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts, inference.pacs)
+        if write_back
+        else None
     )
     log = prediction_log(log_to, images)
     output = batch.shard_output(output, shard, shards)

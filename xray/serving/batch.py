@@ -295,7 +295,8 @@ def predict_source(
     ``settings``; the listing's junk files (and a PACS's non-image instances) are counted with the files that were
     not read. ``shard`` (i, n): only the files :func:`shard_of` puts in share i of n."""
     junk = Counter()
-    refs = list_images(source, limits, max_attempts=max_attempts, skipped=junk)
+    predictor.use_limits(settings.decode)
+    refs = list_images(source, limits, max_attempts=max_attempts, skipped=junk, pacs=settings.pacs)
     index, shards = shard
     if shards > 1:
         refs = (ref for ref in refs if shard_of(ref.name, shards) == index)
