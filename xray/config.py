@@ -224,7 +224,11 @@ class MonitoringConfig(_Section):
     # Where every prediction is logged: <artifact store>/prediction_log, a folder, an s3:// prefix, or off.
     prediction_log: str = Field("artifact-store", description="artifact-store, a folder, an s3:// prefix or off.")
     feedback_period: Literal["day", "week", "month"] = "week"
-    feedback_min_per_class: int = Field(20, ge=1, description="A period with fewer labels of a class never alerts.")
+    feedback_min_per_class: int = Field(
+        20,
+        ge=1,
+        description="Labelled answers of each class an alert's metric is computed on (sensitivity: PNEUMONIA).",
+    )
     feedback_experiment_name: str = "chest-xray-feedback"
 
 
