@@ -59,10 +59,15 @@ team-stack: setup
 
 # A local PACS: Orthanc with DICOMweb on http://127.0.0.1:$XRAY_PACS_PORT/dicom-web (8042), basic authentication with
 # XRAY_PACS_USER / XRAY_PACS_PASSWORD (local defaults xray / xray-local-pacs), storage in .pacs/ (kept by pacs-down).
-pacs: setup system-packages
+# It needs only a venv's Python: one that exists (a shared one included) is used as it is, never reinstalled from
+# here; without one, make setup makes it.
+$(PY):
+	@$(MAKE) --no-print-directory setup
+
+pacs: system-packages | $(PY)
 	$(PY) -m infra.pacs up
 
-pacs-down: setup
+pacs-down: | $(PY)
 	$(PY) -m infra.pacs down
 
 team-stack-down: setup
@@ -121,15 +126,18 @@ monitor: monitor-images stack
 monitor-images:
 	@test -n "$(IMAGES)" || { echo "error: make monitor needs IMAGES=, the batch to check: a folder, a zip or an s3:// prefix (make monitor IMAGES=path/to/xrays [OUTPUT=outputs/monitoring])" >&2; exit 2; }
 
+# Ports: make ui UI_PORT=5100, make serve SERVE_PORT=5101 (both listen on 127.0.0.1).
+UI_PORT ?= 5000
+SERVE_PORT ?= 5001
 ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # Every answer goes to the prediction log: the active stack's (<artifact store>/prediction_log) unless
 # XRAY_PREDICTION_LOG says otherwise (a folder, an s3:// prefix, or off).
 serve: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db} \
 	  XRAY_PREDICTION_LOG=$${XRAY_PREDICTION_LOG:-$$($(PY) -m infra.stacks prediction-log)} \
-	  $(VENV)/bin/mlflow models serve -m models:/chest-xray-classifier@champion --env-manager local -h 127.0.0.1 -p 5001 \
+	  $(VENV)/bin/mlflow models serve -m models:/chest-xray-classifier@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) \
 	    -w $$(nproc)
 
 clean:
