@@ -332,8 +332,8 @@ def test_a_failure_that_is_not_the_requests_is_a_500_that_names_no_detail(scorin
 def test_a_request_of_near_cap_images_stays_within_its_memory_bound(predictor):
     """64 JPEG-LS radiographs of 5000 x 5000 (25 M pixels, max_image_pixels, each; 2 KB each on the wire): the
     request decodes until max_request_pixels (8 of them) and answers the others as rows that say so. The process's
-    peak RSS (VmHWM, reset before the request) grows by less than 1.5 GB, the bound of issue #40 (docs/OPERATIONS.md,
-    "Limits", has the measured numbers; 8 images of 10000 x 9999 took a serving worker 2.6 GB before the limits)."""
+    peak RSS (VmHWM, reset before the request) grows by less than 1.5 GB, the bound of issue #40 (docs/BENCHMARKS.md,
+    "Hostile inputs", has the measured numbers; 8 images of 10000 x 9999 took a serving worker 2.6 GB before)."""
     import gc
 
     from dicom_factory import radiograph

@@ -267,10 +267,10 @@ class Client:
         """Where a read's redirect leads, when it stays on the configured origin (scheme, host and port): the
         credentials and the patients' images go nowhere else."""
         target = urljoin(response.url, response.headers.get("Location", ""))
-        if _origin(target) != _origin(self.endpoint.base) or method != "GET":
+        if (origin := _origin(target)) != _origin(self.endpoint.base) or method != "GET":
+            where = "{}://{}:{}".format(*origin) if origin and origin[1] else "an invalid address"
             raise DatasetSourceError(
-                f"the PACS redirected {shown} to {urlparse(target).hostname or 'an invalid address'}: not followed "
-                f"(only redirects within {self.endpoint.base} are)"
+                f"the PACS redirected {shown} to {where}: not followed (only redirects within {self.endpoint.base} are)"
             )
         return target
 
