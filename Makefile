@@ -59,10 +59,15 @@ team-stack: setup
 
 # A local PACS: Orthanc with DICOMweb on http://127.0.0.1:$XRAY_PACS_PORT/dicom-web (8042), basic authentication with
 # XRAY_PACS_USER / XRAY_PACS_PASSWORD (local defaults xray / xray-local-pacs), storage in .pacs/ (kept by pacs-down).
-pacs: setup system-packages
+# It needs only a venv's Python: one that exists (a shared one included) is used as it is, never reinstalled from
+# here; without one, make setup makes it.
+$(PY):
+	@$(MAKE) --no-print-directory setup
+
+pacs: system-packages | $(PY)
 	$(PY) -m infra.pacs up
 
-pacs-down: setup
+pacs-down: | $(PY)
 	$(PY) -m infra.pacs down
 
 team-stack-down: setup
@@ -121,8 +126,11 @@ monitor: monitor-images stack
 monitor-images:
 	@test -n "$(IMAGES)" || { echo "error: make monitor needs IMAGES=, the batch to check: a folder, a zip or an s3:// prefix (make monitor IMAGES=path/to/xrays [OUTPUT=outputs/monitoring])" >&2; exit 2; }
 
+# Ports: make ui UI_PORT=5100, make serve SERVE_PORT=5101 (both listen on 127.0.0.1).
+UI_PORT ?= 5000
+SERVE_PORT ?= 5001
 ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # The champion's files are checked against the digest recorded at registration before anything is served
 # (infra/serve.py). Every answer goes to the prediction log: the active stack's (<artifact store>/prediction_log)
@@ -130,7 +138,7 @@ ui: setup
 serve: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.mlflow/mlflow.db} \
 	  XRAY_PREDICTION_LOG=$${XRAY_PREDICTION_LOG:-$$($(PY) -m infra.stacks prediction-log)} \
-	  $(PY) -m infra.serve --model-version champion --host 127.0.0.1 --port 5001 --workers $$(nproc)
+	  $(PY) -m infra.serve --model-version champion --host 127.0.0.1 --port $(SERVE_PORT) --workers $$(nproc)
 
 clean:
 	rm -rf .mlflow .cache outputs .pytest_cache

@@ -1,25 +1,24 @@
 """Command line: parse flags, load and validate the config, launch the pipeline (pipelines/launch.py), print.
 
-python run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
+python3 run.py --pipeline training [--config PATH] [--dataset-uri URI] [--no-cache] [--summary PATH]
               [--schedule CRON] [--list-schedules] [--if-changed]
-python run.py --pipeline tuning --config configs/tuning_smoke.yaml [--dataset-uri URI] [--no-cache]
-python run.py --pipeline inference --images PATH|s3://prefix|dicomweb://HOST:PORT/dicom-web [--model-version champion|N]
+python3 run.py --pipeline tuning --config configs/tuning_smoke.yaml [--dataset-uri URI] [--no-cache]
+python3 run.py --pipeline inference --images PATH|s3://prefix|dicomweb://HOST:PORT/dicom-web [--model-version champion|N]
               [--output preds.csv|preds.parquet|s3://bucket/preds.parquet] [--resume] [--explain N] [--write-back]
               [--site NAME] [--shards N]
-python run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
+python3 run.py --pipeline monitoring --images DIR|ZIP|s3://prefix [--model-version champion|N]
               [--output outputs/monitoring] [--fail-on-drift]
-python run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
+python3 run.py --pipeline evaluation --dataset-uri ZIP|DIR|s3://...zip [--model-version champion|N]
               [--site NAME] [--recalibrate-fraction F]
-python run.py --pipeline feedback --labels FILE.csv [--site NAME] [--period day|week|month]
+python3 run.py --pipeline feedback --labels FILE.csv [--site NAME] [--period day|week|month]
               [--output outputs/feedback] [--fail-on-degradation]
-python run.py approve|reject --model-version N --reviewer NAME --reason TEXT     (registry.require_approval)
-python run.py approve --model-version N --operating-point SITE:ID --reason TEXT  (a site's proposed operating point)
-python run.py rollback --to N --reviewer NAME --reason TEXT
+python3 run.py approve|reject --model-version N --reviewer NAME --reason TEXT     (registry.require_approval)
+python3 run.py approve --model-version N --operating-point SITE:ID --reason TEXT  (a site's proposed operating point)
+python3 run.py rollback --to N --reviewer NAME --reason TEXT
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -29,26 +28,11 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
 
-
-def use_project_environment() -> None:
-    """``python run.py`` from any Python: an interpreter without the project's packages re-runs the same command in the
-    project's ``.venv`` (make setup creates it), or says how to create it."""
-    if all(importlib.util.find_spec(name) for name in ("click", "tensorflow", "zenml")):
-        return
-    python = VENV / "bin" / "python"
-    if python.is_file() and Path(sys.prefix).resolve() != VENV.resolve():
-        os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
-    sys.stderr.write(
-        f"error: {sys.executable} lacks the project's packages (tensorflow, zenml) and there is no {python}: "
-        "run `make setup` first (or `make train`, which installs it too)\n"
-    )
-    sys.exit(2)
-
+from xray.environment import use_project_environment  # noqa: E402 - the standard library only, before the rest
 
 if __name__ == "__main__":
-    use_project_environment()
+    use_project_environment(__file__, ("click", "tensorflow", "zenml"))
 
 import click  # noqa: E402
 
@@ -487,7 +471,7 @@ def main(
 
 
 def cli() -> None:
-    """``python run.py`` and the ``xray`` console script (pyproject.toml). Machine output on stdout, human output on
+    """``python3 run.py`` and the ``xray`` console script (pyproject.toml). Machine output on stdout, human output on
     stderr: the result stream keeps the real stdout, and everything else that writes to file descriptor 1 (ZenML's
     console log, Keras, TensorFlow's C++ runtime, print) goes to stderr."""
     global RESULT_STREAM

@@ -1,6 +1,6 @@
 """Side-by-side benchmarks, both sides measured in the same process on the same extracted dataset.
 
-    python benchmarks/bench.py [--only KEY ...] [--archive PATH]
+    .venv/bin/python benchmarks/bench.py [--only KEY ...] [--archive PATH]
 
 Each benchmark prints its numbers and records them in benchmarks/results.json
 under its key, with the machine's CPU count and the library versions. Ratios
@@ -346,7 +346,7 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=None, help="default: the same search as run.py")
     args = parser.parse_args()
     archive = Path(args.archive or sources.resolve(None).uri)
-    command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
+    command = ".venv/bin/python benchmarks/bench.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="xray-bench-") as temp:
         workdir = Path(temp)
         dataset = None

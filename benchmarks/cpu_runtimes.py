@@ -1,7 +1,7 @@
 """CPU inference runtimes, side by side on the champion (issue #33 item 3): compiled Keras (fp32) against OpenVINO
 (fp32, and bf16 where the CPU has AMX/AVX-512 BF16), on the 624 test images, through the predictor's own paths.
 
-    python benchmarks/cpu_runtimes.py [--model-version champion] [--rounds 3]    # also: make bench (the champion)
+    .venv/bin/python benchmarks/cpu_runtimes.py [--model-version champion] [--rounds 3]    # also: make bench (the champion)
 
 Every runtime scores the same decoded test images (the project's decode and resize) in batches of 32; the rates are
 the median of ``--rounds`` alternating passes. A runtime would ship only at >= 1.3x the Keras rate with, on these
@@ -149,7 +149,7 @@ def main(model_version: str, rounds: int, speed_size: int) -> None:
 
     result = measure(model_version, rounds, speed_size)
     print(json.dumps(result, indent=1))
-    bench.record("cpu_runtime_speedup", result, "python benchmarks/cpu_runtimes.py " + " ".join(sys.argv[1:]))
+    bench.record("cpu_runtime_speedup", result, ".venv/bin/python benchmarks/cpu_runtimes.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

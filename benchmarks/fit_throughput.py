@@ -1,6 +1,6 @@
 """Training images/s of the classifier by input size, on in-memory tensors: what a recipe's epochs cost here.
 
-    python benchmarks/fit_throughput.py [--backbones resnet50v2 ...] [--sizes 96 128 160 224] [--steps 12]
+    .venv/bin/python benchmarks/fit_throughput.py [--backbones resnet50v2 ...] [--sizes 96 128 160 224] [--steps 12]
 
 The quality budget (issue #5) is wall time on a 2-vCPU machine, and those VMs are not all alike: this prints the
 measured rate per size and records it in benchmarks/results.json under ``fit_throughput_by_size``, with the CPU
@@ -53,7 +53,7 @@ def main() -> None:
             "steps_per_epoch": args.steps,
             "benchmark_seconds": time.perf_counter() - start,
         },
-        "python benchmarks/fit_throughput.py " + " ".join(sys.argv[1:]),
+        ".venv/bin/python benchmarks/fit_throughput.py " + " ".join(sys.argv[1:]),
     )
 
 

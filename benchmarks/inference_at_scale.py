@@ -2,7 +2,7 @@
 against the bare model on the same machine at the same moment.
 
 Called by bench.py (``--only stream_inference_model_fraction stream_inference_memory_ratio
-serving_throughput_fraction``); ``python benchmarks/inference_at_scale.py stream-child N FOLDER WORKDIR`` is the
+serving_throughput_fraction``); ``.venv/bin/python benchmarks/inference_at_scale.py stream-child N FOLDER WORKDIR`` is the
 child process of the memory benchmark (peak RSS is per process, so each size gets its own).
 """
 

@@ -1,6 +1,6 @@
-"""Issue #14's acceptance through the real command: `python run.py --pipeline monitoring` on each batch.
+"""Issue #14's acceptance through the real command: `python3 run.py --pipeline monitoring` on each batch.
 
-    python benchmarks/monitoring_runs.py [--model-version champion] [--output benchmarks/ood/monitoring_runs.json]
+    .venv/bin/python benchmarks/monitoring_runs.py [--model-version champion] [--output benchmarks/ood/monitoring_runs.json]
 
 Builds the batches from ../shared and scikit-image, runs the monitoring pipeline once per batch against the
 registered version (the champion of the store `make train` writes to, by default), and records each run's JSON
@@ -159,7 +159,8 @@ def main(model_version: str, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
         json.dumps(
-            {"command": "python benchmarks/monitoring_runs.py " + " ".join(sys.argv[1:]), "runs": runs}, indent=1
+            {"command": ".venv/bin/python benchmarks/monitoring_runs.py " + " ".join(sys.argv[1:]), "runs": runs},
+            indent=1,
         )
         + "\n"
     )

@@ -1,6 +1,6 @@
 """Out-of-distribution detectors side by side, and the batch-level drift test, on real images (issue #14).
 
-    python benchmarks/ood_detectors.py [--model-version champion] [--output benchmarks/ood/results.json]
+    .venv/bin/python benchmarks/ood_detectors.py [--model-version champion] [--output benchmarks/ood/results.json]
 
 Everything is measured against one registered model version (default: the champion of the MLflow store that
 `make train` writes to):
@@ -426,7 +426,7 @@ def main(model_version: str, model_name: str, output: Path, permutations: int) -
     by_path |= {"adult": features["adult (as shipped)"], "adult_q75": features["adult (JPEG q75)"]}
     results = {
         "model_uri": info["uri"],
-        "command": "python benchmarks/ood_detectors.py " + " ".join(sys.argv[1:]),
+        "command": ".venv/bin/python benchmarks/ood_detectors.py " + " ".join(sys.argv[1:]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

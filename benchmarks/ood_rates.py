@@ -1,7 +1,7 @@
 """Per-image out-of-distribution rates of a registered version's reference profile: the internal test split and the
 adult X-rays, scored the way batch inference and serving score them (ReferenceProfile.assess).
 
-    python benchmarks/ood_rates.py [--model-version champion] [--output benchmarks/ood/ood_rates.json]
+    .venv/bin/python benchmarks/ood_rates.py [--model-version champion] [--output benchmarks/ood/ood_rates.json]
 
 A quick re-check of issue #14's first two acceptance numbers after the default recipe changes (test <= 3%,
 adults >= 80%); `make bench-ood` measures everything.

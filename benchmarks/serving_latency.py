@@ -1,6 +1,6 @@
 """REST latency with and without the per-image out-of-distribution check, side by side (issue #14).
 
-    python benchmarks/serving_latency.py [--model-version champion] [--requests 300] [--baseline-ref 4434d31]
+    .venv/bin/python benchmarks/serving_latency.py [--model-version champion] [--requests 300] [--baseline-ref 4434d31]
 
 Serves the same registered model folder twice with ``mlflow models serve --env-manager local``: once as registered
 (this code: decode check, out-of-distribution features and scoring against the reference profile, then the model),
@@ -136,7 +136,7 @@ def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> 
             "baseline_ref": baseline_ref,
             "model": info["uri"],
         },
-        "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
+        ".venv/bin/python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
     )
 
 

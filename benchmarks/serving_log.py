@@ -1,6 +1,6 @@
 """REST throughput with and without the prediction log, side by side (issue #32: within 5%).
 
-    python benchmarks/serving_log.py [--model-version champion] [--rounds 6] [--requests 200] [--clients 4]
+    .venv/bin/python benchmarks/serving_log.py [--model-version champion] [--rounds 6] [--requests 200] [--clients 4]
 
 Serves the same registered version twice with ``mlflow models serve --env-manager local`` (one worker each): once
 with ``XRAY_PREDICTION_LOG=off``, once logging to a temporary folder. Rounds of ``--requests`` single-image requests
@@ -123,7 +123,7 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
             "serving_throughput_with_prediction_log",
             {"value": summary["ratio_median"], "unit": "requests/s logging / not, median of rounds"}
             | {k: v for k, v in summary.items() if k != "ratio_median"},
-            "python benchmarks/serving_log.py " + " ".join(sys.argv[1:]),
+            ".venv/bin/python benchmarks/serving_log.py " + " ".join(sys.argv[1:]),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,6 @@
 """A simulated second site, with and without it in training (issue #31; docs/BENCHMARKS.md "Retraining with a site").
 
-    python benchmarks/site_retraining.py [--workdir DIR] [--config configs/training_local.yaml] [--share 0.25]
+    .venv/bin/python benchmarks/site_retraining.py [--workdir DIR] [--config configs/training_local.yaml] [--share 0.25]
 
 **Simulated, not a hospital.** A patient-disjoint share of the Kaggle *train* split (never test: patients by a keyed
 hash of their file-name id) is held out of the base source and given another acquisition: 12-bit CR DICOMs with a
@@ -212,7 +212,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench import record
 
-    record("site_retraining", result, "python benchmarks/site_retraining.py " + " ".join(sys.argv[1:]))
+    record("site_retraining", result, ".venv/bin/python benchmarks/site_retraining.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

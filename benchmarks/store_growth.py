@@ -1,6 +1,6 @@
 """How much each run adds to each store, measured on the local stack with stores of its own (issue #18).
 
-    python benchmarks/store_growth.py [--config configs/training_smoke.yaml] [--images N]
+    .venv/bin/python benchmarks/store_growth.py [--config configs/training_smoke.yaml] [--images N]
 
 Runs, in one fresh home: a training run, the same training run again (same archive object), a batch inference run
 over N test images, and a second inference run over the same images; after each it measures the ZenML artifact store,

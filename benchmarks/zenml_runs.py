@@ -1,6 +1,6 @@
 """Timed ZenML runs for cached_rerun_speedup; run by bench.py in a child process with isolated stores.
 
-python benchmarks/zenml_runs.py ARCHIVE OUT.json
+.venv/bin/python benchmarks/zenml_runs.py ARCHIVE OUT.json
 """
 
 import json

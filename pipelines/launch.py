@@ -196,7 +196,7 @@ def train_like(
                 "cron_expression": schedule.cron_expression,
                 "stack": stack.name,
                 "dataset_uri": uri,
-                "list_with": "python run.py --list-schedules",
+                "list_with": "python3 run.py --list-schedules",
             }
         with run_outputs(run) as (run, load):
             return summarize(run, load)

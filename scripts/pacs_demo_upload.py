@@ -1,6 +1,6 @@
 """Store a few CR/DX studies made from the shared test images in the local PACS (make pacs), over STOW-RS.
 
-    python scripts/pacs_demo_upload.py [--images 8] [--pacs dicomweb://127.0.0.1:8042/dicom-web]
+    python3 scripts/pacs_demo_upload.py [--images 8] [--pacs dicomweb://127.0.0.1:8042/dicom-web]
 
 Three studies of synthetic patients: children's frontal radiographs, one adult's (out of scope by PatientAge) and one
 lateral view (out of scope by ViewPosition), in several transfer syntaxes. Credentials: XRAY_PACS_USER /
@@ -18,7 +18,11 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the DICOM builder the tests use
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and the DICOM builder the tests use
+
+from xray.environment import use_project_environment  # noqa: E402 - the standard library only
+
+use_project_environment(__file__, ("pydicom", "numpy", "requests"))
 
 import pydicom  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Screenshot the MLflow compare view of a search: its trials' parallel-coordinates chart (docs/BENCHMARKS.md).
 
     make ui &                          # or any MLflow server that holds the search
-    python scripts/screenshot_search.py --parent-run <search run id> --output docs/tuning_cpu_parallel_coordinates.png
+    python3 scripts/screenshot_search.py --parent-run <search run id> --output docs/tuning_cpu_parallel_coordinates.png
 
 The trials are the child runs of the search's run (tag mlflow.parentRunId); the chart shows the tuned parameters
 (the tag ``tuned`` of each trial) and the metric val_auc. Needs Playwright (``pip install playwright``, not a

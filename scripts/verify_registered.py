@@ -6,18 +6,24 @@ dataset archive, and the threshold is the one recorded on the version. Exits 1
 when the re-measured test AUC differs from the logged one by more than
 ``--tolerance``. Writes the full report (both operating points, 95% CIs) as JSON.
 
-    python scripts/verify_registered.py --summary outputs/summary_quality.json
-    python scripts/verify_registered.py --version champion --archive ../shared/data/chest_xray_224.zip
+    python3 scripts/verify_registered.py --summary outputs/summary_quality.json
+    python3 scripts/verify_registered.py --version champion --archive ../shared/data/chest_xray_224.zip
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 import zipfile
 from pathlib import Path
 
-import click
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from xray.environment import use_project_environment  # noqa: E402 - the standard library only
+
+use_project_environment(__file__, ("click", "numpy", "mlflow", "tensorflow"))
+
+import click  # noqa: E402
 import numpy as np
 
 from xray.config import MODEL_NAME

@@ -22,7 +22,7 @@ from xray.monitoring import ood
 from xray.monitoring import prediction_log as prediction_log_module
 from xray.registry import store
 from xray.serving import batch, sr
-from xray.serving.explain import explanation_caption, explanation_name
+from xray.serving.explain import explanation_caption, explanation_name, read_chosen
 from xray.storage import listing
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,9 @@ def predict_batch(
     point, threshold, _ = predictor.operating_point(site)  # an unknown site fails before any image is read
     predictor.site = site
     reports = (
-        sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts) if write_back else None
+        sr.ReportWriter(images, registry.model_name, model_info["version"], s3_max_attempts, inference.pacs)
+        if write_back
+        else None
     )
     log = prediction_log(log_to, images)
     output = batch.shard_output(output, shard, shards)
@@ -138,6 +140,7 @@ def predict_batch(
         "operating_point": point,
         "threshold": threshold,
         "prediction_log_rows": log.written if log is not None else 0,
+        "prediction_log_caught_up": writer.caught_up,
         "runtime": predictor.runtime,
     }
     if reports is not None:
@@ -217,7 +220,7 @@ def explain_predictions(
     if not to_explain:
         return {}
     names = {row["path"] for row in to_explain}
-    found = batch.read_chosen(listing.list_images(images, limits, max_attempts=s3_max_attempts), names)
+    found = read_chosen(listing.list_images(images, limits, max_attempts=s3_max_attempts), names)
     predictor = _load(model_info, registry)
     rows = [row for row in to_explain if row["path"] in found]
     encoded = [predictor.prepare(found[row["path"]]).encoded for row in rows]

@@ -8,7 +8,9 @@ in any transfer syntax of ``SYNTAXES``. ``SENTINELS`` fills every identifying ta
 from __future__ import annotations
 
 import io
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,39 @@ def _gdcm_transcode(data: bytes, transfer) -> bytes:
         out = target.read_bytes()
     assert pydicom.dcmread(io.BytesIO(out)).file_meta.TransferSyntaxUID == transfer
     return out
+
+
+def nested(image: bytes | np.ndarray, depth: int, *, defined: bool = False, syntax: str = "explicit") -> bytes:
+    """A radiograph (``sentinels`` in its header) whose RequestAttributesSequence holds ``depth`` sequences, each in
+    the one before (undefined lengths, or ``defined``), written byte by byte: pydicom itself cannot write such a file
+    (it recurses). ``syntax``: explicit, implicit or deflated."""
+    implicit = syntax == "implicit"
+
+    def element(group: int, number: int, value: bytes, length: int | None = None) -> bytes:
+        length = len(value) if length is None else length
+        if implicit:
+            return struct.pack("<HHI", group, number, length) + value
+        return struct.pack("<HH2sHI", group, number, b"SQ", 0, length) + value
+
+    undefined = 0xFFFFFFFF
+    code = struct.pack("<HHI", 0x0008, 0x0100, 2) if implicit else struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2)
+    inner = code + b"X "
+    for level in range(depth):
+        tag = (0x0040, 0x0275) if level == depth - 1 else (0x0040, 0xA043)
+        if defined:
+            inner = element(*tag, struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner)
+        else:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, undefined) + inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+            inner = element(*tag, item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), undefined)
+    base = radiograph(image, bits=8, syntax="implicit" if implicit else "explicit", sentinels=True)
+    at = base.rindex(struct.pack("<HH", 0x7FE0, 0x0010))
+    data = base[:at] + inner + base[at:]
+    if syntax != "deflated":
+        return data
+    start = 144 + struct.unpack_from("<I", data, 140)[0]  # past the file meta group: its length is its first element
+    meta = pydicom.dcmread(io.BytesIO(base), stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(buffer, meta)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return b"\0" * 128 + b"DICM" + buffer.getvalue() + compressor.compress(data[start:]) + compressor.flush()

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-GiB = 1024**3
+from xray.limits import ArchiveLimits, DecodeLimits, PacsLimits
 
 
 class _Section(BaseModel):
@@ -21,15 +21,6 @@ class S3Config(_Section):
     max_attempts: int = Field(5, ge=1, le=20, description="botocore standard-mode retry attempts.")
     connect_timeout_s: float = Field(10, gt=0)
     read_timeout_s: float = Field(60, gt=0)
-
-
-class ArchiveLimits(_Section):
-    """Zip-bomb guards, enforced while streaming each entry."""
-
-    max_entries: int = Field(200_000, ge=1)
-    max_total_bytes: int = Field(8 * GiB, ge=1)
-    max_entry_bytes: int = Field(256 * 1024**2, ge=1)
-    max_compression_ratio: float = Field(100.0, ge=1)
 
 
 class SourceConfig(_Section):
@@ -233,7 +224,11 @@ class MonitoringConfig(_Section):
     # Where every prediction is logged: <artifact store>/prediction_log, a folder, an s3:// prefix, or off.
     prediction_log: str = Field("artifact-store", description="artifact-store, a folder, an s3:// prefix or off.")
     feedback_period: Literal["day", "week", "month"] = "week"
-    feedback_min_per_class: int = Field(20, ge=1, description="A period with fewer labels of a class never alerts.")
+    feedback_min_per_class: int = Field(
+        20,
+        ge=1,
+        description="Labelled answers of each class an alert's metric is computed on (sensitivity: PNEUMONIA).",
+    )
     feedback_experiment_name: str = "chest-xray-feedback"
 
 
@@ -284,7 +279,7 @@ class ScopeConfig(_Section):
 
 
 class InferenceConfig(_Section):
-    """Batch inference and monitoring: one stream from the source to the predictions file (xray/inference.py)."""
+    """Batch inference and monitoring: one stream from the source to the predictions file (xray/serving/batch.py)."""
 
     batch_size: int = Field(32, ge=1, le=1024, description="Images per compiled model call.")
     fetch_workers: int = Field(
@@ -300,6 +295,8 @@ class InferenceConfig(_Section):
         "auto",
         description="What runs the model: auto is OpenVINO bf16 where the CPU has BF16, else Keras (predictor.py).",
     )
+    decode: DecodeLimits = DecodeLimits()
+    pacs: PacsLimits = PacsLimits()
     experiment_name: str = "chest-xray-inference"
 
 

@@ -5,10 +5,13 @@
     ZENML_ANALYTICS_OPT_IN=false  no usage analytics from an air-gapped hospital network
     MLFLOW_DISABLE_TELEMETRY=true the same for MLflow's usage telemetry (on by default since MLflow 3)
 
-Values already in the environment win.
+Values already in the environment win. :func:`use_project_environment` is how ``python3 run.py`` and the scripts find
+the project's ``.venv`` from any Python (this module imports nothing beyond the standard library, for that).
 """
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +29,19 @@ DEFAULTS = {
 def apply_defaults() -> None:
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def use_project_environment(script: str, needs: tuple[str, ...]) -> None:
+    """``python3 <script>`` from any Python: an interpreter without the modules ``needs`` re-runs the same command in
+    the project's ``.venv`` (make setup creates it), or says in one line how to create it. Called before the script
+    imports what it needs."""
+    if all(importlib.util.find_spec(name) for name in needs):
+        return
+    python = REPO_ROOT / ".venv" / "bin" / "python"
+    if python.is_file() and Path(sys.prefix).resolve() != python.parent.parent.resolve():
+        os.execv(str(python), [str(python), str(Path(script).resolve()), *sys.argv[1:]])
+    sys.stderr.write(
+        f"error: {sys.executable} lacks the project's packages ({', '.join(needs)}) and there is no {python}: run "
+        "`make setup` first (or `make train`, which installs it too)\n"
+    )
+    sys.exit(2)

@@ -89,9 +89,18 @@ def test_the_tensorflow_banner_is_dropped_and_other_import_output_kept(capfd, mo
 
 
 @pytest.mark.slow
-def test_the_documented_command_runs_from_a_python_without_the_projects_packages(tmp_path):
-    """`python run.py ...` as the README prints it, from an interpreter outside the project's .venv (the Python the
-    venv was made from, which has no TensorFlow or ZenML): the command re-runs itself in the .venv."""
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (["run.py", "--list-schedules"], "zenml pipeline schedule delete"),
+        (["scripts/pacs_demo_upload.py", "--help"], "usage: pacs_demo_upload.py"),
+        (["scripts/verify_registered.py", "--help"], "Usage: verify_registered.py"),
+    ],
+)
+def test_the_documented_commands_run_from_a_python_without_the_projects_packages(tmp_path, command, expected):
+    """`python3 run.py ...` and `python3 scripts/...` as the README prints them, from an interpreter outside the
+    project's .venv (the Python the venv was made from, which has none of its packages): each re-runs itself in the
+    .venv."""
     import subprocess
     import sys
 
@@ -101,7 +110,7 @@ def test_the_documented_command_runs_from_a_python_without_the_projects_packages
     probe = subprocess.run([str(base), "-c", "import zenml"], capture_output=True, timeout=60)
     assert probe.returncode != 0, f"{base} has zenml: pick an interpreter without the project's packages"
     result = subprocess.run(
-        [str(base), str(ROOT / "run.py"), "--list-schedules"],
+        [str(base), str(ROOT / command[0]), *command[1:]],
         cwd=tmp_path,
         env=isolated_env(tmp_path),
         capture_output=True,
@@ -109,7 +118,45 @@ def test_the_documented_command_runs_from_a_python_without_the_projects_packages
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "zenml pipeline schedule delete" in result.stdout
+    assert expected in result.stdout
+
+
+def test_the_readme_and_docs_print_no_command_that_a_fresh_shell_lacks():
+    """A fresh Debian login shell has python3 and no python: every command line of the README and docs/ that starts
+    a Python starts python3 (run.py and scripts/ find the .venv) or the .venv's own."""
+    import re
+
+    bare = re.compile(r"(?:^|[\s`(;|&])python(?=\s)")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if bare.search(line)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_make_pacs_uses_an_existing_venv_as_it_is_and_the_servers_ports_are_variables(tmp_path):
+    """A clone that shares another's venv: make pacs must not reinstall the project into it (the shared venv would
+    then run this clone's code). make ui and make serve take UI_PORT and SERVE_PORT."""
+    import subprocess
+    import sys
+
+    shared = tmp_path / "venv"
+    (shared / "bin").mkdir(parents=True)
+    (shared / "bin" / "python").symlink_to(sys.executable)
+
+    def dry(*args: str) -> str:
+        result = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    for target in ("pacs", "pacs-down"):
+        plan = dry(target, f"VENV={shared}")
+        assert "pip install" not in plan and f"{shared}/bin/python -m infra.pacs" in plan, plan
+    assert "pip install" in dry("pacs-down", f"VENV={tmp_path / 'none'}"), "without a venv, make setup makes one"
+    assert "--port 5123" in dry("ui", "UI_PORT=5123") and "--host 127.0.0.1" in dry("ui")
+    assert "-h 127.0.0.1 -p 5124" in dry("serve", "SERVE_PORT=5124")
 
 
 def test_make_monitor_without_images_says_that_images_is_required():

@@ -53,3 +53,16 @@ def test_load_config_errors(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"train": {"epochs": 2}}))
     assert load_config(good, overrides={"dataset_uri": "s3://b/k.zip"}).dataset_uri == "s3://b/k.zip"
+
+
+def test_the_limits_documented_are_the_limits_in_force():
+    """The default config and the user guide's "Limits" table name every limit, at the code's defaults."""
+    from conftest import ROOT
+    from xray.limits import DecodeLimits, PacsLimits
+
+    config = load_config(ROOT / "configs" / "training_local.yaml")
+    assert config.inference.decode == DecodeLimits() and config.inference.pacs == PacsLimits()
+    guide = (ROOT / "docs" / "USER_GUIDE.md").read_text()
+    for section, limits in (("decode", DecodeLimits), ("pacs", PacsLimits)):
+        for key in limits.model_fields:
+            assert f"| `inference.{section}.{key}` |" in guide, key

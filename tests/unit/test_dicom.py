@@ -13,11 +13,12 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import png, radiograph_like
-from dicom_factory import SENTINELS, SYNTAXES, grey_levels, radiograph, with_sentinels
+from dicom_factory import SENTINELS, SYNTAXES, grey_levels, nested, radiograph, with_sentinels
 from xray.config import DataConfig, InferenceConfig, ScopeConfig
 from xray.data import dicom
 from xray.data.dataset import prepare_dataset
 from xray.data.images import decode_image
+from xray.limits import DecodeLimits
 from xray.monitoring import ood, scope
 from xray.monitoring.scope import OUT_OF_SCOPE
 from xray.serving import pyfunc
@@ -155,6 +156,54 @@ def test_what_is_not_one_radiograph_frame_is_unreadable_with_the_reason(grey, ma
     assert not check.ok and image is None and check.reason.startswith(reason), check.reason
 
 
+@pytest.mark.parametrize("syntax", ["explicit", "implicit", "deflated"])
+@pytest.mark.parametrize("defined", [False, True], ids=["undefined-lengths", "defined-lengths"])
+def test_sequences_nested_past_the_limit_are_unreadable_before_pydicom_reads_them(grey, syntax, defined):
+    """pydicom reads a sequence by recursion: 200 nested sequences (a few KB) raised RecursionError out of the
+    decoder, and a thousand defined-length ones held it for minutes. The nesting is measured first, without
+    recursion, in every encoding; the limit is max_nesting (16), configurable."""
+    limit = DecodeLimits().max_nesting
+    assert decode_image(nested(grey, limit, defined=defined, syntax=syntax))[0].ok
+    for depth in (limit + 1, 400):
+        check, image = decode_image(nested(grey, depth, defined=defined, syntax=syntax))
+        assert not check.ok and image is None
+        assert check.reason == f"DICOM nested too deeply: sequences within sequences past {limit} levels"
+    deeper = DecodeLimits(max_nesting=limit + 8)
+    assert decode_image(nested(grey, limit + 8, defined=defined, syntax=syntax), limits=deeper)[0].ok
+
+
+def test_the_nesting_of_real_files_is_measured_as_pydicom_reads_it():
+    """pydicom's own test files, every encoding they hold: the depth measured before reading is at least the depth
+    pydicom finds (it may count a private sequence pydicom leaves unread), and none is refused."""
+    import warnings
+    from pathlib import Path
+
+    from xray.data import images
+
+    def depth(dataset, level=0):
+        inner = [depth(item, level + 1) for e in dataset if e.VR == "SQ" for item in e.value]
+        return max(inner, default=level)
+
+    compared = 0
+    for path in sorted(Path(pydicom.data.__file__).parent.joinpath("test_files").rglob("*")):  # no downloads
+        data = path.read_bytes() if path.is_file() else b""
+        if not dicom.is_dicom(data):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                found = depth(pydicom.dcmread(io.BytesIO(data)))
+            except Exception:  # noqa: BLE001 - files pydicom's tests keep broken on purpose
+                continue
+        syntax, start = images._dicom_meta(data)
+        if syntax == images.DEFLATED:
+            data, start = zlib.decompress(data[start:], -zlib.MAX_WBITS), 0
+        measured = images._nesting(data, start, ">" if syntax == images.BIG_ENDIAN else "<")
+        assert measured >= found, path.name
+        compared += 1
+    assert compared > 50
+
+
 def zip_bytes() -> bytes:
     import zipfile
 
@@ -249,6 +298,32 @@ def test_patient_hashes_are_keyed(monkeypatch):
     assert dicom.patient_hash("12345") != a
 
 
+def test_without_a_site_key_the_fetch_threads_share_one_process_key_said_once(monkeypatch, caplog):
+    """Eight fetch threads decode DICOM at once: they get one key (else one patient's images get several hashes in one
+    run) and the missing XRAY_PATIENT_KEY is said once, not once per thread."""
+    import threading
+    import time
+
+    monkeypatch.delenv(dicom.PATIENT_KEY_ENV, raising=False)
+    monkeypatch.setattr(dicom, "_process_key", None)
+    real = dicom.secrets.token_bytes
+    monkeypatch.setattr(dicom.secrets, "token_bytes", lambda n: time.sleep(0.05) or real(n))  # a key slow to make
+    start, keys = threading.Barrier(8), []
+    caplog.set_level(logging.INFO, logger=dicom.__name__)
+
+    def fetch():
+        start.wait()
+        keys.append(dicom.patient_key())
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(keys) == 8 and len(set(keys)) == 1
+    assert caplog.text.count(f"{dicom.PATIENT_KEY_ENV} is not set") == 1
+
+
 def test_redact_removes_every_identifying_value_and_name_part(grey):
     dataset = pydicom.dcmread(io.BytesIO(radiograph(grey, sentinels=True)))
     text = " ".join(SENTINELS.values()) + " ZZSENTINELGIVEN alone"
@@ -274,6 +349,7 @@ def test_no_identifying_value_reaches_rows_logs_or_messages(predictor, grey, tmp
         "broken-window.dcm": broken_window,
         "sr.dcm": with_sentinels(get_testdata_file("test-SR.dcm")),
         "ct.dcm": with_sentinels(get_testdata_file("CT_small.dcm")),
+        "nested.dcm": nested(grey, 400),
     }
     folder = tmp_path / "in"
     folder.mkdir()
@@ -285,7 +361,7 @@ def test_no_identifying_value_reaches_rows_logs_or_messages(predictor, grey, tmp
             result = predict_source(predictor, str(folder), InferenceConfig(), writer)
         outputs.append((tmp_path / f"out{suffix}").read_bytes())
     table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
-    assert len(table) == 6 and result.summary()["images"] == 6
+    assert len(table) == 7 and result.summary()["images"] == 7
     answers = pyfunc.predict_request(predictor, {"inputs": [base64.b64encode(d).decode() for d in files.values()]})
     with pytest.raises(pyfunc.InvalidImage) as refused:
         pyfunc.predict_request(predictor, {"inputs": [base64.b64encode(files["truncated.dcm"]).decode()]})

@@ -140,6 +140,31 @@ def test_a_drop_in_one_week_alerts_naming_metric_period_and_site_and_a_small_per
     assert len(feedback.degradations(table, 0.95, {}, 0.01, 20)) == 1
 
 
+def test_a_week_of_missed_pneumonia_alerts_on_sensitivity_though_it_has_few_negatives():
+    """The issue's week: 41 labelled PNEUMONIA of which the model called 21 (sensitivity 0.51, 95% CI 0.36-0.66) and
+    4 NORMAL. Sensitivity is computed on the PNEUMONIA answers alone, so it alerts; AUC needs 20 of each and does
+    not; a week of 19 PNEUMONIA does not alert either."""
+    probabilities = [0.9] * 21 + [0.1] * 20 + [0.95, 0.95, 0.5, 0.05]  # AUC 0.38
+    log = logged(45, MONDAY, probability=probabilities)
+    table = feedback.performance(feedback.join(labels_for(log, [1] * 41 + [0] * 4), log), samples=200)
+    week = table.iloc[0]
+    assert (week["positives"], week["negatives"]) == (41, 4)
+    assert (round(week["sensitivity"], 2), round(week["sensitivity_low"], 2), round(week["sensitivity_high"], 2)) == (
+        0.51,
+        0.36,
+        0.66,
+    )
+    assert week["auc"] < 0.5  # and yet too few negatives for an AUC alert
+    alerts = feedback.degradations(table, min_sensitivity=0.95, test_auc={"3": 0.97}, margin=0.01, min_per_class=20)
+    assert alerts == [
+        "sensitivity degraded in period 2026-W48, site (none), v3: 0.512 (95% CI 0.365-0.657, 41 PNEUMONIA) is "
+        "below evaluate.min_sensitivity 0.95"
+    ]
+    few = logged(23, MONDAY, probability=[0.1] * 19 + [0.8] * 4)
+    small = feedback.performance(feedback.join(labels_for(few, [1] * 19 + [0] * 4), few), samples=200)
+    assert feedback.degradations(small, 0.95, {"3": 0.97}, 0.01, 20) == []
+
+
 def test_labelled_batch_images_export_as_sources_and_serving_ones_are_counted():
     batch = logged(4, MONDAY)
     dicom = logged(2, MONDAY, start=10).assign(input="dicomweb://pacs/dicom-web", sop_instance_uid=["1.2.3", "1.2.4"])

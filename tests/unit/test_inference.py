@@ -11,6 +11,7 @@ from conftest import jpeg_bytes, png, radiograph_like, write_zip
 from dicom_factory import radiograph
 from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError
+from xray.monitoring.prediction_log import PredictionLog, open_store, read_log
 from xray.serving.batch import PREDICTION_COLUMNS, PredictionWriter, predict_source, predict_stream
 from xray.storage import listing, s3
 
@@ -152,12 +153,19 @@ def test_an_s3_prefix_streams_to_an_s3_output_and_resumes_there(predictor, tmp_p
         expected = [f"s3://batch/site/day1/{i}.png" for i in range(7)] + ["s3://batch/site/day1/readme.txt"]
         expected += ["s3://batch/site/day2/1.2.826.0.1.3680043.9"]
         assert [ref.name for ref in refs] == expected  # every file is listed: its content says what it is
-        with PredictionWriter("s3://batch/out/predictions.parquet") as writer:
+        log = tmp_path / "log"
+        with PredictionWriter("s3://batch/out/predictions.parquet", log=PredictionLog(str(log), "batch")) as writer:
             first = predict_stream(predictor, refs, writer)
-        assert first.not_read == {"not a recognised image format": 1}
-        with PredictionWriter("s3://batch/out/predictions.parquet", resume=True) as writer:
+        assert first.unreadable_reasons == {"not a recognised image format": 1} and not first.not_read
+        # The run that wrote the output is named beside it, in the bucket: a resume finds its log rows there.
+        assert client.get_object(Bucket="batch", Key="out/predictions.parquet.log-run")["Body"].read()
+        with pytest.raises(FileNotFoundError):
+            open_store("s3://batch/out").read("no-such.log-run")
+        resumed_log = PredictionLog(str(log), "batch")
+        with PredictionWriter("s3://batch/out/predictions.parquet", resume=True, log=resumed_log) as writer:
             again = predict_stream(predictor, listing.list_images("s3://batch/site/"), writer)
-        assert again.skipped == 9 and writer.rows == 0
+        assert again.skipped == 9 and writer.rows == 0 and writer.caught_up == 0
+        assert len(read_log(str(log))) == 9 and read_log(str(log))["path"].is_unique
         client.download_file("batch", "out/predictions.parquet", str(tmp_path / "p.parquet"))
         table = pd.read_parquet(tmp_path / "p.parquet")
         assert len(table) == 9 and table["sop_instance_uid"].iloc[-1].startswith("1.2.")
@@ -234,13 +242,12 @@ def test_nothing_in_a_folder_is_skipped_silently(predictor, tmp_path):
     ).all()
     jpeg = float(table.loc[names == "e16.png", "probability"].iloc[0])
     assert np.allclose(dicom_rows["probability"].astype(float), jpeg, atol=0.02)
+    # Every file is counted once: a row (predicted, out of distribution or scope, or unreadable by reason) or skipped.
     assert summary["images"] == 13 and summary["unreadable"] == 2
-    assert summary["skipped"] == {
-        "DICOM without pixel data": 1,
-        "not a recognised image format": 1,
-        "system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)": 1,
-    }
+    assert summary["unreadable_reasons"] == {"DICOM without pixel data": 1, "not a recognised image format": 1}
+    assert summary["skipped"] == {"system file (.DS_Store, Thumbs.db, ._*, __MACOSX/)": 1}
     assert sum(summary["predicted"].values()) + summary["out_of_distribution"] + summary["out_of_scope"] == 11
+    assert summary["images"] + sum(summary["skipped"].values()) == len(files)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])

@@ -147,3 +147,84 @@ def test_rows_of_a_worker_killed_before_its_flush_are_written_by_the_next_one(tm
 def test_an_unsupported_log_location_is_one_clear_error():
     with pytest.raises(DatasetSourceError, match="a folder or an s3:// prefix"):
         prediction_log.open_store("https://user:pw@example.com/log")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A batch's rows: logged as each batch is written, and once after a crash and --resume
+
+
+def logged_paths(root) -> pd.Series:
+    """How many times each image is in the log."""
+    return read_log(str(root)).groupby("path").size()
+
+
+def crashed(output: str, root, batches: list[pd.DataFrame], logged: int, resume: bool = False) -> None:
+    """A batch run killed (kill -9) after writing ``batches`` to ``output``, of which the first ``logged`` reached the
+    log: the last ones were written to the output, and the process died before their part was (the writer is never
+    closed, as in a killed process)."""
+    from xray.serving.batch import PredictionWriter
+
+    writer = PredictionWriter(output, resume=resume, log=PredictionLog(str(root), "batch", "/in"))
+    for number, table in enumerate(batches):
+        if number == logged:
+            writer.log = None  # the process dies between the output's write and the log's
+        writer.write(table)
+    if writer.format == "csv":
+        writer._csv.close()  # what the kernel keeps of a killed process's flushed writes
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_each_written_batch_is_in_the_log_before_the_next_is_predicted(tmp_path, suffix):
+    from xray.serving.batch import PredictionWriter
+
+    writer = PredictionWriter(str(tmp_path / f"out{suffix}"), log=PredictionLog(str(tmp_path / "log"), "batch", "/in"))
+    writer.write(rows(4))
+    assert logged_paths(tmp_path / "log").sum() == 4, "in the log as soon as it is written, not at the end"
+    writer.write(rows(4, start=4))
+    assert logged_paths(tmp_path / "log").sum() == 8
+    writer.close()
+    assert (logged_paths(tmp_path / "log") == 1).all() and len(logged_paths(tmp_path / "log")) == 8
+
+
+def test_after_a_kill_resume_logs_what_was_predicted_but_not_logged_once(tmp_path):
+    from xray.serving.batch import PredictionWriter
+
+    output, root = str(tmp_path / "out.csv"), tmp_path / "log"
+    crashed(output, root, [rows(4), rows(4, start=4), rows(4, start=8)], logged=2)
+    assert logged_paths(root).sum() == 8, "the third batch is in the output, not in the log"
+    with PredictionWriter(output, resume=True, log=PredictionLog(str(root), "batch", "/in")) as writer:
+        assert writer.caught_up == 4 and writer.done == set(rows(12)["sha256"])
+        writer.write(rows(4, start=12))  # what the resumed run predicts
+    counts = logged_paths(root)
+    assert len(counts) == 16 and (counts == 1).all(), counts[counts != 1]
+    # A second resume finds everything logged.
+    with PredictionWriter(output, resume=True, log=PredictionLog(str(root), "batch", "/in")) as writer:
+        assert writer.caught_up == 0
+
+
+def test_an_output_lost_with_its_process_is_predicted_again_and_not_logged_twice(tmp_path):
+    """A Parquet output is finished when its writer closes: killed, it is lost, and --resume predicts everything
+    again. The rows its run logged are not logged again; the others are."""
+    from xray.serving.batch import PredictionWriter
+
+    output, root = str(tmp_path / "out.parquet"), tmp_path / "log"
+    crashed(output, root, [rows(4), rows(4, start=4)], logged=2)
+    assert not (tmp_path / "out.parquet").exists() and logged_paths(root).sum() == 8
+    with PredictionWriter(output, resume=True, log=PredictionLog(str(root), "batch", "/in")) as writer:
+        assert writer.done == set()
+        for start in (0, 4, 8):
+            writer.write(rows(4, start=start))
+    counts = logged_paths(root)
+    assert len(counts) == 12 and (counts == 1).all(), counts[counts != 1]
+
+
+def test_a_new_run_to_the_same_output_logs_its_predictions_again(tmp_path):
+    """Without --resume a run's predictions are new ones (another day, another version): logged, whatever an
+    earlier run to that output logged."""
+    from xray.serving.batch import PredictionWriter
+
+    output, root = str(tmp_path / "out.csv"), tmp_path / "log"
+    for _ in range(2):
+        with PredictionWriter(output, log=PredictionLog(str(root), "batch", "/in")) as writer:
+            writer.write(rows(4))
+    assert (logged_paths(root) == 2).all()

@@ -23,23 +23,22 @@ import math
 import os
 import re
 import secrets
+import threading
 import warnings
-import zlib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import date
 
 import numpy as np
 
+from xray.limits import DecodeLimits, OverLimit
+
 logger = logging.getLogger(__name__)
 
+DEFAULT_LIMITS = DecodeLimits()
 PREAMBLE = 128
 MAGIC = b"DICM"
-MAX_PIXELS = 100_000_000
-"""The most pixels (rows x columns x samples) a file may declare: a 43 x 43 cm detector at 100 um is 18.5 M."""
-MAX_INFLATED_BYTES = 1024**3
-"""The most bytes a Deflated Explicit VR file may inflate to."""
 PATIENT_KEY_ENV = "XRAY_PATIENT_KEY"
-DEFLATED = "1.2.840.10008.1.2.1.99"
 GREY = {"MONOCHROME1", "MONOCHROME2"}
 COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 
@@ -137,18 +136,23 @@ def is_dicom(data: bytes) -> bool:
 
 
 _process_key: bytes | None = None
+_process_key_lock = threading.Lock()
 
 
 def patient_key() -> bytes:
     """The site secret that keys patient hashes: ``XRAY_PATIENT_KEY``, else a random key for this process only (the
-    grouping then holds within one run, and the hashes cannot be matched to PatientIDs by anyone)."""
+    grouping then holds within one run, and the hashes cannot be matched to PatientIDs by anyone). The fetch threads
+    of a batch ask at once: one key is made, and said once."""
     global _process_key
     configured = os.environ.get(PATIENT_KEY_ENV)
     if configured:
         return configured.encode()
-    if _process_key is None:
-        _process_key = secrets.token_bytes(32)
-        logger.info("%s is not set: patients are grouped by a key that lasts for this process only", PATIENT_KEY_ENV)
+    with _process_key_lock:
+        if _process_key is None:
+            _process_key = secrets.token_bytes(32)
+            logger.info(
+                "%s is not set: patients are grouped by a key that lasts for this process only", PATIENT_KEY_ENV
+            )
     return _process_key
 
 
@@ -190,13 +194,14 @@ def _is_multi(value) -> bool:
     return isinstance(value, MultiValue)
 
 
-def read(data: bytes) -> tuple[DicomHeader, np.ndarray]:
+def read(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, admit=nullcontext) -> tuple[DicomHeader, np.ndarray]:
     """The header's kept facts and the pixels as uint8 (rows x columns, or rows x columns x 3 for colour).
 
-    Raises DicomError (with the header when it could be read) for anything that is not one readable image frame.
+    Raises DicomError (with the header when it could be read) for anything that is not one readable image frame or
+    is over ``limits``. ``admit(pixels)``: a context the pixels are decoded in (:class:`xray.limits.PixelBudget`).
+    Callers check the file's structure first (:func:`xray.data.images.check_dicom_structure`: nesting, inflation).
     """
     import pydicom  # lazy: pydicom's import is only paid where DICOM arrives
-    from pydicom.errors import InvalidDicomError
 
     # pydicom logs (and warns) about invalid values by quoting them: its log would carry patient data. Its messages
     # stay below every handler (its import sets the level, so this follows the import); what went wrong reaches the
@@ -205,18 +210,17 @@ def read(data: bytes) -> tuple[DicomHeader, np.ndarray]:
     with warnings.catch_warnings():
         # pydicom's warnings about invalid values quote the values; the reason below names the problem instead.
         warnings.simplefilter("ignore")
-        _check_deflated(data)
         try:
             dataset = pydicom.dcmread(io.BytesIO(data))
-        except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        except Exception as error:  # noqa: BLE001 - pydicom's errors, a recursion, a value it cannot convert
             raise DicomError(f"cannot decode DICOM: malformed header ({type(error).__name__})") from None
         try:
             header = _header(dataset)
         except Exception as error:  # noqa: BLE001 - any malformed value of the kept tags
             raise DicomError(f"cannot decode DICOM: malformed header ({type(error).__name__})") from None
         try:
-            return header, _pixels(dataset, header)
-        except DicomError as error:
+            return header, _pixels(dataset, header, limits, admit)
+        except (DicomError, OverLimit) as error:
             raise DicomError(str(error), header) from None
         except MemoryError:
             raise DicomError("cannot decode DICOM pixel data: it does not fit in memory", header) from None
@@ -225,40 +229,6 @@ def read(data: bytes) -> tuple[DicomHeader, np.ndarray]:
             raise DicomError(
                 f"cannot decode DICOM pixel data: {header.transfer_syntax}: {message}"[:300], header
             ) from None
-
-
-def _check_deflated(data: bytes) -> None:
-    """A Deflated Explicit VR file inflates in one piece inside pydicom: its size is measured first, in bounded
-    steps, so that a small file cannot claim gigabytes."""
-    import pydicom  # lazy: see read
-
-    # Fast path: the meta group's length (its first element, as PS3.10 requires) bounds where its transfer syntax
-    # can be; a file that is not deflated says so there.
-    start = PREAMBLE + 4
-    if data[start : start + 6] == b"\x02\x00\x00\x00UL" and len(data) >= start + 12:
-        length = int.from_bytes(data[start + 8 : start + 12], "little")
-        if DEFLATED.encode() not in data[start : start + 12 + length]:
-            return
-    stream = io.BytesIO(data)
-    stream.seek(start)
-    try:
-        meta = pydicom.filereader.read_dataset(
-            stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, vr, length: tag.group != 2
-        )
-        syntax = str(meta.get("TransferSyntaxUID", ""))
-    except Exception:  # noqa: BLE001 - a broken meta group is dcmread's to report
-        return
-    if syntax != DEFLATED:
-        return
-    inflater, rest, total = zlib.decompressobj(-zlib.MAX_WBITS), data[stream.tell() :], 0
-    try:
-        while rest and total <= MAX_INFLATED_BYTES:
-            total += len(inflater.decompress(rest, 16 * 2**20))
-            rest = inflater.unconsumed_tail
-    except zlib.error:
-        raise DicomError("cannot decode DICOM: the deflated dataset is corrupt") from None
-    if total > MAX_INFLATED_BYTES:
-        raise DicomError(f"cannot decode DICOM: the deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
 
 
 def _text(dataset, keyword: str) -> str:
@@ -347,7 +317,7 @@ def _age_from_dates(study: str, birth: str) -> float | None:
     return days / 365.25 if days >= 0 else None
 
 
-def _pixels(dataset, header: DicomHeader) -> np.ndarray:
+def _pixels(dataset, header: DicomHeader, limits: DecodeLimits, admit) -> np.ndarray:
     if "PixelData" not in dataset:
         if "Rows" in dataset or "Image Storage" in header.sop_class:
             raise DicomError("cannot decode DICOM: an image without pixel data (truncated?)")
@@ -366,10 +336,16 @@ def _pixels(dataset, header: DicomHeader) -> np.ndarray:
     samples = int(dataset.get("SamplesPerPixel") or 1)
     if rows <= 0 or columns <= 0:
         raise DicomError(f"DICOM without pixels: declares {rows} x {columns}")
-    if rows * columns * samples > MAX_PIXELS:
+    if rows * columns * samples > limits.max_image_pixels:
         raise DicomError(
-            f"DICOM too large: declares {rows} x {columns} x {samples} pixels, over the limit of {MAX_PIXELS}"
+            f"DICOM too large: declares {rows} x {columns} x {samples} pixels, over max_image_pixels "
+            f"{limits.max_image_pixels}"
         )
+    with admit(rows * columns * samples):
+        return _display_pipeline(dataset, photometric)
+
+
+def _display_pipeline(dataset, photometric: str) -> np.ndarray:
     stored = dataset.pixel_array
     if photometric in COLOUR:
         # pydicom converts YBR to RGB; the model takes RGB values in 0-255.

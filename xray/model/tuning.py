@@ -119,6 +119,6 @@ def winner_yaml(config: PipelineConfig, winner: dict) -> str:
     chosen = trial_config(config, winner["overrides"])
     header = (
         f"# Winner of the search: trial {winner['trial']}, val AUC {winner['val_auc']:.4f} after "
-        f"{winner['epochs_run']} epoch(s). Train it with: python run.py --pipeline training --config <this file>\n"
+        f"{winner['epochs_run']} epoch(s). Train it with: python3 run.py --pipeline training --config <this file>\n"
     )
     return header + yaml.safe_dump(chosen.model_dump(mode="json", exclude={"tuning"}), sort_keys=False)

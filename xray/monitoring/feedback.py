@@ -10,12 +10,15 @@ probability is at least the row's own threshold (the operating point it was answ
 Wilson score intervals; AUC and ECE (on the same rows) get percentile bootstrap intervals. The shares out of
 distribution, out of scope and unreadable are over every labelled prediction of the period.
 
-A period degrades (:func:`degradations`) when it has at least ``min_per_class`` labelled answers of each class and
+A period degrades (:func:`degradations`) when
 
-- its sensitivity's upper bound is below ``min_sensitivity``, or
-- its AUC's upper bound is below the version's test AUC minus the promotion gate's margin.
+- its sensitivity's upper bound is below ``min_sensitivity``, with at least ``min_per_class`` labelled PNEUMONIA
+  answers (sensitivity is computed on them alone: a week of many pneumonias and few normals still alerts), or
+- its AUC's upper bound is below the version's test AUC minus the promotion gate's margin, with at least
+  ``min_per_class`` labelled answers of each class (AUC needs both).
 
 Both use the upper bound, so a small or noisy period never alerts: only one whose whole interval sits below the line.
+Specificity is reported with its interval, and has no alert line of its own.
 """
 
 from __future__ import annotations
@@ -168,20 +171,20 @@ def performance(joined: Joined, samples: int = 1000, seed: int = 0) -> pd.DataFr
 def degradations(
     table: pd.DataFrame, min_sensitivity: float, test_auc: dict[str, float], margin: float, min_per_class: int
 ) -> list[str]:
-    """One line per degraded period, site and version (module docstring); ``test_auc``: by version."""
+    """One line per degraded metric of a period, site and version (module docstring); ``test_auc``: by version;
+    ``min_per_class``: labelled answers of each class a metric is computed on, at least."""
     lines = []
     for row in table.itertuples(index=False):
-        if min(row.positives, row.negatives) < min_per_class:
-            continue
         where = f"period {row.period}, site {row.site or '(none)'}, v{row.model_version}"
-        if row.sensitivity_high < min_sensitivity:
+        if row.positives >= min_per_class and row.sensitivity_high < min_sensitivity:
             lines.append(
                 f"sensitivity degraded in {where}: {row.sensitivity:.3f} (95% CI {row.sensitivity_low:.3f}-"
                 f"{row.sensitivity_high:.3f}, {row.positives} PNEUMONIA) is below evaluate.min_sensitivity "
                 f"{min_sensitivity:g}"
             )
         floor = test_auc.get(str(row.model_version))
-        if floor is not None and not np.isnan(row.auc_high) and row.auc_high < floor - margin:
+        both = min(row.positives, row.negatives) >= min_per_class
+        if both and floor is not None and not np.isnan(row.auc_high) and row.auc_high < floor - margin:
             lines.append(
                 f"AUC degraded in {where}: {row.auc:.3f} (95% CI {row.auc_low:.3f}-{row.auc_high:.3f}) is below the "
                 f"version's test AUC {floor:.3f} minus the gate's margin {margin:g}"

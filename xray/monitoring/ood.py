@@ -69,8 +69,9 @@ class ImageFeatures:
         return self.width / self.height
 
 
-def features_of(image: Image.Image) -> ImageFeatures:
-    """Features of a decoded PIL image (any mode, any size); about 1 ms for a 224 px JPEG."""
+def features_of(image: Image.Image, size: tuple[int, int] | None = None) -> ImageFeatures:
+    """Features of a decoded PIL image (any mode, any size); about 1 ms for a 224 px JPEG. ``size``: the original's
+    width and height when ``image`` is its reduced copy (:data:`xray.data.images.REDUCED_SIDE`)."""
     channels = len(image.getbands())
     # Colour on a small copy: a grey image has equal channels everywhere, a photograph does not.
     small_rgb = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BOX), dtype=np.float32)
@@ -92,7 +93,7 @@ def features_of(image: Image.Image) -> ImageFeatures:
     small = np.asarray(grey.resize((PIXEL_SIZE, PIXEL_SIZE), Image.Resampling.BOX), dtype=np.float32)
     # A flat image has no structure to standardise: its pixels stay all zero, far from any radiograph.
     pixels = (small - small.mean()) / max(float(small.std()), 1.0)
-    return ImageFeatures(image.width, image.height, channels, colour, stats, pixels.reshape(-1))
+    return ImageFeatures(*(size or image.size), channels, colour, stats, pixels.reshape(-1))
 
 
 def features_of_bytes(data: bytes) -> ImageFeatures:
@@ -101,7 +102,7 @@ def features_of_bytes(data: bytes) -> ImageFeatures:
     check, image = decode_image(data)
     if not check.ok:
         raise ValueError(f"cannot compute features: {check.reason}")
-    return features_of(image)
+    return features_of(image, (check.width, check.height))
 
 
 def features_of_array(pixels: np.ndarray) -> ImageFeatures:

@@ -1,7 +1,8 @@
 """The prediction log: every answer of batch inference and of serving, kept for when the labels come back.
 
-One Parquet dataset, partitioned by UTC date: ``<root>/date=YYYY-MM-DD/<source>-<HHMMSS>-<random>.parquet``, one part
-per flush, never rewritten (so writers never contend: each batch run and each serving worker writes its own parts).
+One Parquet dataset, partitioned by UTC date: ``<root>/date=YYYY-MM-DD/<source>-<run>-<HHMMSS>-<random>.parquet``, one
+part per flush, never rewritten (so writers never contend: each batch run and each serving worker writes its own parts;
+``run`` names the writer, and a batch run's is kept beside its output so that ``--resume`` finds its parts).
 ``root`` is a folder or an ``s3://`` prefix; the pipelines put it in the artifact store (``monitoring.prediction_log``),
 serving takes it from ``XRAY_PREDICTION_LOG``. Rows carry what a prediction was (time, version, site, operating
 point, threshold, probability, label, status, reason) and how to find its image again (sha256, DICOM UIDs, the path
@@ -114,7 +115,10 @@ class S3Store:
         return sorted(k[len(self.location.key) :] for k in keys if k.endswith(".parquet"))
 
     def read(self, relative: str) -> bytes:
-        return self.client.get_object(Bucket=self.location.bucket, Key=self._key(relative))["Body"].read()
+        try:
+            return self.client.get_object(Bucket=self.location.bucket, Key=self._key(relative))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(relative) from None
 
 
 def open_store(root: str, max_attempts: int = 5):
@@ -140,6 +144,8 @@ def log_rows(table: pd.DataFrame, source: str, input_uri: str = "", now: datetim
     for field in SCHEMA:
         if pa.types.is_string(field.type) and field.name not in ("source", "input"):
             rows[field.name] = rows[field.name].fillna("").astype(str)
+        elif pa.types.is_floating(field.type):  # a CSV output's rows come back as text
+            rows[field.name] = pd.to_numeric(rows[field.name], errors="coerce")
     return rows.reset_index(drop=True)
 
 
@@ -162,8 +168,14 @@ class PredictionLog:
         self.pending: list[pd.DataFrame] = []
         self.rows = 0
         self.written = 0
+        self.run = secrets.token_hex(4)
+        """Names this writer's parts; a resumed batch takes its output's back (:meth:`follow`)."""
+        self.logged: set[str] = set()
+        """Keys (:func:`row_keys`) of rows a resumed run's earlier runs logged: not logged again."""
 
     def append(self, table: pd.DataFrame) -> None:
+        if self.logged and not table.empty:
+            table = table[~row_keys(table).isin(self.logged).to_numpy()]
         if table.empty:
             return
         self.pending.append(log_rows(table, self.source, self.input_uri))
@@ -178,12 +190,46 @@ class PredictionLog:
         rows = pd.concat(self.pending, ignore_index=True)
         for date, part in rows.groupby(rows["time"].dt.strftime("%Y-%m-%d"), sort=True):
             stamp = part["time"].iloc[0].strftime("%H%M%S")
-            self.store.write(f"date={date}/{self.source}-{stamp}-{secrets.token_hex(4)}.parquet", _part(part))
+            self.store.write(
+                f"date={date}/{self.source}-{self.run}-{stamp}-{secrets.token_hex(4)}.parquet", _part(part)
+            )
         self.pending = []
         self.written += len(rows)
 
     def close(self) -> None:
         self.flush()
+
+    def follow(self, beside, name: str, resume: bool, previous: pd.DataFrame | None) -> int:
+        """Tie this log to a batch's output: ``name`` in ``beside`` (a store at the output's folder) holds the run that
+        writes the output. A new output takes this log's run. A resumed one takes its run back: the rows its earlier
+        runs logged are read from their parts and not logged again (an output lost with its process is predicted
+        again), and the rows of ``previous`` (the output so far) that never reached the log are logged now, once.
+        Returns how many were logged now."""
+        if not resume:
+            beside.write(name, self.run.encode())
+            return 0
+        try:
+            self.run = beside.read(name).decode().strip()
+        except FileNotFoundError:  # a new output, or one written before runs were named (logged when it closed)
+            beside.write(name, self.run.encode())
+            return 0
+        mine = [p for p in self.store.list() if p.rsplit("/", 1)[-1].startswith(f"{self.source}-{self.run}-")]
+        parts = [pq.read_table(io.BytesIO(self.store.read(p)), schema=SCHEMA).to_pandas() for p in mine]
+        self.logged = set(row_keys(pd.concat(parts))) if parts else set()
+        before = self.rows
+        if previous is not None and len(previous):
+            self.append(previous)
+            self.flush()
+        if self.rows > before:
+            logger.info(
+                "resume: %d predictions of the output were not in the prediction log: logged now", self.rows - before
+            )
+        return self.rows - before
+
+
+def row_keys(table: pd.DataFrame) -> pd.Series:
+    """What identifies a batch row in its output and in the log: the image's sha256 and its path in the input."""
+    return table["sha256"].fillna("").astype(str) + "\0" + table["path"].fillna("").astype(str)
 
 
 class BackgroundLog:

@@ -194,7 +194,7 @@ def headline(report: dict) -> tuple[str, str, str]:
             "More images than on val are out of distribution: do not use this batch's probabilities unreviewed. Look at "
             "the most unusual images and their reasons below, check the acquisition (scanner, export settings, "
             "inversion, cropping), then evaluate the version on labelled images of this source "
-            "(python run.py --pipeline evaluation) before trusting it there.",
+            "(python3 run.py --pipeline evaluation) before trusting it there.",
         )
     if shifts:
         return (
@@ -203,7 +203,7 @@ def headline(report: dict) -> tuple[str, str, str]:
             "#8a5300",
             "Each image's own status still holds (the out-of-distribution share is as on val). A significant "
             "reported test says the batch differs from val in a way the verdict does not count: if it persists over "
-            "batches, measure the version on labelled images of this source (python run.py --pipeline evaluation).",
+            "batches, measure the version on labelled images of this source (python3 run.py --pipeline evaluation).",
         )
     return (
         "no drift detected: " + report["decision"] + "; no reported test significant either",

@@ -276,7 +276,7 @@ and score but gets no label** (`label` is empty for every status but `ok`): the 
   images), acquisition statistics (exposure, contrast, noise, sharpness, grey-level histogram), colour, size and
   aspect ratio. `ood_score` above 1 is out of distribution; {profile.val_ood_fraction:.1%} of val images score
   above 1 (nominal {profile.alpha:.0%}).
-- A batch is checked as a whole with `python run.py --pipeline monitoring --images ...` (docs/MONITORING.md).
+- A batch is checked as a whole with `python3 run.py --pipeline monitoring --images ...` (docs/MONITORING.md).
 
 ## Validated scope (checked from the DICOM header)
 Before the pixels of a DICOM image are trusted, its header is checked against this version's scope (the `scope:`
@@ -299,7 +299,7 @@ name, ID, birth date, address, the accession number, institution, physicians, op
 - Labels come from the dataset's curation (expert graders), not from a clinical reference standard per case.
 - Pneumonia subtypes (bacterial, viral) are merged into one class.
 - Calibration holds for images like val (train's prevalence, about 3 PNEUMONIA to 1 NORMAL). At another prevalence or
-  site the probabilities shift: measure and re-fit them there (`python run.py --pipeline evaluation ... 
+  site the probabilities shift: measure and re-fit them there (`python3 run.py --pipeline evaluation ... 
   --recalibrate-fraction 0.3`) before reading them as risks.
 {gate_section}
 {site_table({})}
@@ -381,7 +381,7 @@ def site_table(tags: dict[str, str]) -> str:
     lines = [
         SITE_SECTION,
         "",
-        "Measured with `python run.py --pipeline evaluation --model-version N --dataset-uri ... "
+        "Measured with `python3 run.py --pipeline evaluation --model-version N --dataset-uri ... "
         '--site NAME`; 95% bootstrap CIs. "as registered": at this version\'s threshold and calibration; '
         '"recalibrated": threshold and calibration re-fitted on a patient-grouped share of the site, measured '
         "on the rest.",

@@ -7,7 +7,9 @@ resizes and predicts each batch in one compiled call; rows are written as they c
 depends on the window and the batch size, not on the number of images.
 
 Unreadable images never abort a batch: they get a row with a status that says why. With ``resume``, images whose
-content hash is already in the output are not predicted again.
+content hash is already in the output are not predicted again. Every batch of rows reaches the prediction log as it is
+written (a killed run loses at most the batch in hand), and a resumed run logs what was predicted but not logged, once
+(:meth:`xray.monitoring.prediction_log.PredictionLog.follow`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from xray import CLASS_NAMES
 from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError, SourceUnavailable
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION
+from xray.monitoring.prediction_log import open_store
 from xray.monitoring.scope import OUT_OF_SCOPE
 from xray.serving.explain import candidates_to_explain, choose_to_explain
-from xray.serving.predictor import OUTPUT_COLUMNS, UID_COLUMNS, PreparedImage
+from xray.serving.predictor import OUTPUT_COLUMNS, PreparedImage
 from xray.storage import s3
 from xray.storage.listing import ImageRef, list_images
 
@@ -84,8 +87,8 @@ class PredictionWriter:
         self._spool = tempfile.mkdtemp(prefix="xray-predictions-") if self._client else None
         self.local = Path(self._spool, f"predictions{suffix}") if self._client else Path(output).expanduser()
         self.local.parent.mkdir(parents=True, exist_ok=True)
-        previous = self._previous() if resume else None
-        self.done = set(previous["sha256"].dropna()) if previous is not None else set()
+        previous = self._previous(full=log is not None) if resume else None
+        self.done = set(previous["sha256"].dropna()) - {""} if previous is not None else set()
         self._parquet = None
         if self.format == "csv":
             keep = previous is not None and self.local.is_file()
@@ -95,10 +98,14 @@ class PredictionWriter:
         elif previous is not None and len(previous):
             self.write(previous[PREDICTION_COLUMNS])
         self.rows = 0
-        # xray.monitoring.prediction_log.PredictionLog: every new row (not those resumed from the output) is logged.
-        self.log = log
+        # xray.monitoring.prediction_log.PredictionLog: every new row is logged, each batch as it is written; the run
+        # that writes this output is named beside it, so that a resume logs what an earlier run did not (``follow``).
+        self.log, self.caught_up = log, 0
+        if log is not None:
+            beside = open_store(output.rsplit("/", 1)[0] if self._client else str(self.local.parent), max_attempts)
+            self.caught_up = log.follow(beside, f"{PurePosixPath(output).name}.log-run", resume, previous)
 
-    def _previous(self) -> pd.DataFrame | None:
+    def _previous(self, full: bool = False) -> pd.DataFrame | None:
         if self._client is not None:
             from botocore.exceptions import ClientError  # lazy: only S3 access needs botocore
 
@@ -109,8 +116,9 @@ class PredictionWriter:
                 return None
         if not self.local.is_file():
             return None
-        columns = ["sha256"] if self.format == "csv" else None
-        table = pd.read_csv(self.local, usecols=columns) if self.format == "csv" else pd.read_parquet(self.local)
+        columns = ["sha256"] if self.format == "csv" and not full else None
+        read_csv = lambda: pd.read_csv(self.local, usecols=columns, dtype=str, keep_default_na=False)  # noqa: E731
+        table = read_csv() if self.format == "csv" else pd.read_parquet(self.local)
         logger.info("resume: %d images already in %s", len(table), self.output)
         return table
 
@@ -129,6 +137,7 @@ class PredictionWriter:
         self.rows += len(table)
         if self.log is not None:
             self.log.append(table)
+            self.log.flush()
 
     def close(self) -> None:
         """The output first, then the log's last part (a log that cannot be written fails the run, output safe)."""
@@ -157,21 +166,9 @@ class PredictionWriter:
         self.close()
 
 
-_PARQUET_TYPES = {
-    "path": "string",
-    "sha256": "string",
-    "probability": "float64",
-    "label": "string",
-    "threshold": "float64",
-    "ood_score": "float64",
-    "status": "string",
-    "reason": "string",
-    "scope_unchecked": "string",
-    **dict.fromkeys(UID_COLUMNS, "string"),
-    "site": "string",
-    "operating_point": "string",
-    "model_version": "string",
-}
+_PARQUET_TYPES = dict.fromkeys(PREDICTION_COLUMNS, "string") | dict.fromkeys(
+    ("probability", "threshold", "ood_score"), "float64"
+)
 
 
 def _parquet_schema():
@@ -191,8 +188,10 @@ class StreamResult:
     skipped: int = 0
     """Images already in the output (resume)."""
     not_read: Counter = field(default_factory=Counter)
-    """Files that were listed or seen but not predicted, by reason: junk files, non-images, broken images."""
+    """Files seen but given no row, by reason: operating-system junk, a PACS's non-image instances."""
     unreadable: int = 0
+    unreadable_reasons: Counter = field(default_factory=Counter)
+    """Rows with status unreadable, by the kind of reason (:func:`reason_kind`): each file is counted once."""
     out_of_distribution: int = 0
     out_of_scope: int = 0
     predicted: dict = field(default_factory=dict)
@@ -210,6 +209,7 @@ class StreamResult:
             "skipped_already_predicted": self.skipped,
             "skipped": dict(sorted(self.not_read.items())),
             "unreadable": self.unreadable,
+            "unreadable_reasons": dict(sorted(self.unreadable_reasons.items())),
             "out_of_distribution": self.out_of_distribution,
             "out_of_scope": self.out_of_scope,
             "predicted": dict(sorted(self.predicted.items())),
@@ -295,7 +295,8 @@ def predict_source(
     ``settings``; the listing's junk files (and a PACS's non-image instances) are counted with the files that were
     not read. ``shard`` (i, n): only the files :func:`shard_of` puts in share i of n."""
     junk = Counter()
-    refs = list_images(source, limits, max_attempts=max_attempts, skipped=junk)
+    predictor.use_limits(settings.decode)
+    refs = list_images(source, limits, max_attempts=max_attempts, skipped=junk, pacs=settings.pacs)
     index, shards = shard
     if shards > 1:
         refs = (ref for ref in refs if shard_of(ref.name, shards) == index)
@@ -377,7 +378,7 @@ def predict_stream(
         if on_batch is not None:
             on_batch(table)
         result.unreadable += int((~mask).sum())
-        result.not_read.update(reason_kind(item.prepared.reason) for item in batch if not item.prepared.readable)
+        result.unreadable_reasons.update(reason_kind(i.prepared.reason) for i in batch if not i.prepared.readable)
         result.out_of_distribution += int((table["status"] == OUT_OF_DISTRIBUTION).sum())
         result.out_of_scope += int((table["status"] == OUT_OF_SCOPE).sum())
         for label in CLASS_NAMES:
@@ -411,9 +412,9 @@ def predict_stream(
             logger.info("%d images (%d already predicted), %.1f images/s", result.images, result.skipped, rate)
     flush()
     result.seconds = time.perf_counter() - started
-    if result.not_read:
+    if result.unreadable:
         logger.warning(
-            "%d of %d files not read: %s", sum(result.not_read.values()), result.images, dict(result.not_read)
+            "%d of %d images unreadable: %s", result.unreadable, result.images, dict(result.unreadable_reasons)
         )
     if keep:
         result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS)
@@ -437,14 +438,3 @@ def _thumbnail(data: bytes, size: int = 256):
         picture = image.convert("RGB")
         picture.thumbnail((size, size))
         return picture
-
-
-def read_chosen(refs: Iterable[ImageRef], names: set[str]) -> dict[str, bytes]:
-    """The bytes of the listed files named in ``names``; every other file is listed, not read."""
-    found = {}
-    for ref in refs:
-        if ref.name in names:
-            found[ref.name] = ref.read()
-            if len(found) == len(names):
-                break
-    return found

@@ -6,6 +6,7 @@ calls nearest the threshold, chosen from candidates kept in bounded memory while
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 
 from xray import CLASS_NAMES
 from xray.monitoring.ood import OK, UNREADABLE
+from xray.storage.listing import ImageRef
 
 MOST_CONFIDENT, NEAREST = "most confident PNEUMONIA", "nearest the threshold"
 
@@ -75,3 +77,14 @@ def explanation_caption(row: dict) -> str:
         f"P(PNEUMONIA) {float(row['probability']):.3f}, threshold {float(row['threshold']):.3f}: {verdict}\n"
         f"{row['why']}"
     )
+
+
+def read_chosen(refs: Iterable[ImageRef], names: set[str]) -> dict[str, bytes]:
+    """The bytes of the listed files named in ``names``; every other file is listed, not read."""
+    found = {}
+    for ref in refs:
+        if ref.name in names:
+            found[ref.name] = ref.read()
+            if len(found) == len(names):
+                break
+    return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from xray.data.dicom import DicomHeader
 from xray.data.images import decode_and_resize, decode_image
 from xray.errors import ConfigError
 from xray.evaluation.calibration import Calibration, logit
+from xray.limits import DecodeLimits, OverLimit, PixelBudget
 from xray.monitoring import ood, scope
 from xray.monitoring.scope import OUT_OF_SCOPE, ScopeResult
 
@@ -149,6 +151,7 @@ class ChestXrayPredictor:
         """The site whose operating point :meth:`table` uses when none is given (batch inference's ``--site``)."""
         self.runtime = "keras f32"
         """What the model runs on (:meth:`use_runtime`); Grad-CAM and evaluation always use the Keras model."""
+        self.use_limits(DecodeLimits())
         # Traced once for every batch size: a call pays for the arithmetic, not model.predict's per-call setup (data
         # adapter, callbacks, a step function per shape). The encoded variant also decodes and resizes inside the
         # graph, on TensorFlow's threads, with the preprocessing training used.
@@ -171,24 +174,49 @@ class ChestXrayPredictor:
         logger.info("inference runtime: %s (setting %s)", self.runtime, setting)
         return self.runtime
 
+    def use_limits(self, limits: DecodeLimits) -> None:
+        """Decode under ``limits`` (inference.decode; serving's XRAY_SERVING_* variables), with one budget of pixels
+        decoded at once for every thread of this predictor."""
+        self.limits, self.budget = limits, PixelBudget(limits.max_decoding_pixels)
+
     def pixels(self, data: bytes) -> np.ndarray:
         """The model's input for one image, through the preprocessing training used."""
         import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
         return decode_and_resize(tf.constant(data), self.image_size).numpy().astype(np.float32)
 
-    def prepare(self, data: bytes) -> PreparedImage:
+    def prepare(self, data: bytes, allowance: PixelBudget | None = None) -> PreparedImage:
         """Decode once for the check, the scope (a DICOM header) and the out-of-distribution features; the model
-        decodes its own copy."""
-        check, image = decode_image(data)
-        if not check.ok:
-            return PreparedImage(reason=check.reason, header=check.header)
-        return PreparedImage(
-            features=ood.features_of(image),
-            encoded=check.converted or data,
-            header=check.header,
-            scope=scope.check(check.header, self.scope),
-        )
+        decodes its own copy. Whatever goes wrong with this one image is its reason (named by kind: a decoder's own
+        message could quote the file), never the caller's exception. ``allowance``: a request's pixels
+        (``max_request_pixels``)."""
+        try:
+            check, image = decode_image(data, limits=self.limits, admit=lambda pixels: self._admit(pixels, allowance))
+            if not check.ok:
+                return PreparedImage(reason=check.reason, header=check.header)
+            return PreparedImage(
+                features=ood.features_of(image, (check.width, check.height)),
+                encoded=check.converted or data,
+                header=check.header,
+                scope=scope.check(check.header, self.scope),
+            )
+        except RecursionError:
+            return PreparedImage(reason="cannot decode: nested too deeply (RecursionError)")
+        except MemoryError:
+            return PreparedImage(reason="cannot decode: it does not fit in memory")
+        except Exception as error:  # noqa: BLE001 - one file's failure is that file's row
+            logger.warning("an image could not be decoded: %s", type(error).__name__)
+            return PreparedImage(reason=f"cannot decode: {type(error).__name__}")
+
+    @contextmanager
+    def _admit(self, pixels: int, allowance: PixelBudget | None):
+        if allowance is not None and not allowance.take(pixels):
+            raise OverLimit(
+                f"over max_request_pixels: this request's images declare more than {allowance.total} pixels "
+                "together; send this one in another request"
+            )
+        with self.budget.hold(pixels):
+            yield
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) for a batch of preprocessed images (N, size, size, 3)."""
@@ -275,6 +303,7 @@ class ChestXrayPredictor:
     def predict_bytes(self, images: list[bytes], site: str | None = None) -> pd.DataFrame:
         """One row per image, in order; an image that cannot be decoded gets status unreadable and no probability."""
         self.operating_point(site)  # an unknown site fails before any image is decoded
-        table = self.table([self.prepare(data) for data in images], site)
+        allowance = PixelBudget(self.limits.max_request_pixels)
+        table = self.table([self.prepare(data, allowance) for data in images], site)
         # JSON has no NaN: an unreadable image has no probability and no score, null in the answer.
         return table.astype(object).where(table.notna(), None)

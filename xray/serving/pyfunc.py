@@ -16,8 +16,13 @@ answered; ``site`` and ``operating_point`` say whose calibration and threshold t
 Requests are refused with a 400 and a message, never a 500: a body that is not JSON, a payload that is not one base64
 string per image (``{"inputs": {...}}``, nested lists, numbers), an empty list, a request in which no image can be
 read, more than ``MAX_IMAGES_PER_REQUEST`` images, or more than ``MAX_REQUEST_MB`` of image data (set with
-``XRAY_SERVING_MAX_REQUEST_MB``). The scoring server reads the whole body before the model sees it; a hard cap on
-bytes on the wire belongs in the proxy in front (nginx ``client_max_body_size``, an ALB or API Gateway limit).
+``XRAY_SERVING_MAX_REQUEST_MB``). One image that cannot be read, or is over a decode limit
+(:class:`xray.limits.DecodeLimits`, from ``XRAY_SERVING_MAX_IMAGE_PIXELS``, ``..._MAX_NESTING``,
+``..._MAX_DECODING_PIXELS``, ``..._MAX_REQUEST_PIXELS``), is its own ``unreadable`` row; the others are answered.
+An error's body is its reason alone: never the request (MLflow's own error path quotes the whole payload, so
+:func:`guard_scoring_server` answers first) and never a stack trace. The scoring server reads the whole body before
+the model sees it; a hard cap on bytes on the wire belongs in the proxy in front (nginx ``client_max_body_size``, an
+ALB or API Gateway limit).
 
 With ``XRAY_PREDICTION_LOG`` set (a folder or an s3:// prefix; ``make serve`` sets the stack's), every answer is also
 appended to the prediction log (xray.monitoring.prediction_log) by a background thread, with each image's sha256.
@@ -28,17 +33,22 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
+import logging
 import os
+import sys
 
 import numpy as np
 import pandas as pd
 
 from xray.errors import ConfigError
+from xray.limits import DecodeLimits
 from xray.monitoring import prediction_log
 from xray.monitoring.ood import UNREADABLE
 from xray.serving import bundle
 from xray.serving.predictor import ChestXrayPredictor
 
+logger = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 64
 MAX_REQUEST_MB = float(os.environ.get("XRAY_SERVING_MAX_REQUEST_MB", "16"))
 SHAPE_HELP = 'send {"inputs": ["<base64 image>", ...]}: one base64 string per image'
@@ -53,7 +63,7 @@ def _payload_items(model_input) -> list:
         if "image" in model_input.columns:
             return list(model_input["image"])
         if model_input.shape[1] != 1:
-            raise InvalidImage(f"expected one image column, got columns {list(model_input.columns)[:5]}; {SHAPE_HELP}")
+            raise InvalidImage(f"expected one image column, got columns {_names(model_input.columns)}; {SHAPE_HELP}")
         return list(model_input.iloc[:, 0])
     if isinstance(model_input, dict):
         for key in ("image", "inputs"):
@@ -62,7 +72,7 @@ def _payload_items(model_input) -> list:
         if len(model_input) == 1:
             return _payload_items(next(iter(model_input.values())))
         raise InvalidImage(
-            f"expected a list of images, got an object with keys {sorted(model_input)[:5]}; {SHAPE_HELP}"
+            f"expected a list of images, got an object with keys {_names(sorted(model_input))}; {SHAPE_HELP}"
         )
     if isinstance(model_input, (str, bytes)):
         return [model_input]
@@ -70,6 +80,11 @@ def _payload_items(model_input) -> list:
     if array.ndim != 1:
         raise InvalidImage(f"expected a flat list of images, got an array of shape {array.shape}; {SHAPE_HELP}")
     return list(array)
+
+
+def _names(names) -> list[str]:
+    """A request's own keys as an error may quote them: five at most, 40 characters each."""
+    return [str(name)[:40] for name in list(names)[:5]]
 
 
 def decode_payload(item, index: int = 0) -> bytes:
@@ -131,20 +146,73 @@ class _PyfuncModel:
         self.log = log
 
     def predict(self, model_input, params=None):
-        from mlflow.exceptions import MlflowException  # lazy: the module also loads where MLflow is not imported
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # lazy: MLflow's import takes seconds
-
         hashes: list[str] = []
         try:
             table = predict_request(self.predictor, model_input, (params or {}).get("site"), hashes)
         except InvalidImage as error:
-            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+            raise refusal(str(error)) from None
         if self.log is not None:
             self.log.append(table, sha256=hashes, path=[""] * len(hashes))
         return table
 
 
+def refusal(reason: str):
+    """A 400 whose body is ``reason`` (an MlflowException that :func:`guard_scoring_server` recognises)."""
+    from mlflow.exceptions import MlflowException  # lazy: the module also loads where MLflow is not imported
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # lazy: MLflow's import takes seconds
+
+    error = MlflowException(reason, error_code=INVALID_PARAMETER_VALUE)
+    error.xray_reason = reason
+    return error
+
+
+def answer_of(error: Exception) -> tuple[int, str, str]:
+    """(HTTP status, error code, message) for an error of the scoring server's ``invocations``: ours as it is,
+    MLflow's own by its kind (MLflow's text quotes the request), and anything unexpected (MLflow wraps it with a stack
+    trace) as a 500 that names its type alone."""
+    reason = getattr(error, "xray_reason", None)
+    if reason is not None:
+        return 400, "INVALID_PARAMETER_VALUE", reason
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, json.JSONDecodeError):
+        return 400, "BAD_REQUEST", f"the request body is not JSON ({cause.msg} at character {cause.pos}); {SHAPE_HELP}"
+    status = getattr(error, "get_http_status_code", lambda: 500)()
+    if status < 500 and "stack_trace" not in getattr(error, "json_kwargs", {}):
+        kind = "not UTF-8" if isinstance(cause, UnicodeDecodeError) else "not a request the model takes"
+        return status, getattr(error, "error_code", "BAD_REQUEST"), f"the request body is {kind}; {SHAPE_HELP}"
+    kind = type(cause or error).__name__
+    logger.error("serving failed to answer a request: %s", kind)
+    return 500, "INTERNAL_ERROR", f"the server failed to answer this request ({kind})"
+
+
+def guard_scoring_server() -> None:
+    """Answer every error of MLflow's scoring server before its own error path, with :func:`answer_of`.
+
+    MLflow 3's ``invocations`` re-raises a model's MlflowException as ``Failed to predict data '<the whole
+    request>'``, quotes a body it cannot parse as JSON, and puts a stack trace into the body of any other error: the
+    image bytes (a patient's) or a trace would reach the client and every gateway log on the way. ``invocations`` is
+    looked up at each request (mlflow.pyfunc.scoring_server.init), so wrapping it where the model loads, in the
+    server's own process, puts this answer in front."""
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    if server is None or getattr(server.invocations, "guarded", False):
+        return
+    original = server.invocations
+
+    def invocations(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - every error answers with its reason alone
+            status, code, message = answer_of(error)
+            body = json.dumps({"error_code": code, "message": message})
+            return server.InvocationsResponse(response=body, status=status, mimetype="application/json")
+
+    invocations.guarded = True
+    server.invocations = invocations
+
+
 def _load_pyfunc(data_path: str) -> _PyfuncModel:
     predictor = bundle.read(data_path)
     predictor.use_runtime("auto")  # XRAY_INFERENCE_RUNTIME overrides it (xray.serving.predictor.choose_runtime)
+    predictor.use_limits(DecodeLimits.from_environment())
+    guard_scoring_server()
     return _PyfuncModel(predictor, prediction_log.from_environment())

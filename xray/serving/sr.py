@@ -23,7 +23,9 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
+from xray.limits import PacsLimits
 from xray.monitoring.ood import UNREADABLE
+from xray.serving.predictor import UID_COLUMNS
 from xray.storage import dicomweb
 
 logger = logging.getLogger(__name__)
@@ -163,8 +165,10 @@ class ReportWriter:
     model: str
     version: str
     max_attempts: int = 5
+    limits: PacsLimits | None = None
     written: int = 0
     already: int = 0
+    invalid_uid: int = 0
     _client: dicomweb.Client | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -173,12 +177,16 @@ class ReportWriter:
                 f"--write-back stores reports in the PACS the images came from: it needs a dicomweb:// source, "
                 f"got {self.source}"
             )
-        self._client = dicomweb.Client(dicomweb.parse(self.source), self.max_attempts)
+        self._client = dicomweb.Client(dicomweb.parse(self.source), self.max_attempts, limits=self.limits)
 
     def write(self, table: pd.DataFrame) -> None:
         """One report for each analysed row (every status but unreadable) that has none from this version yet."""
 
         rows = table[(table["status"] != UNREADABLE) & (table["sop_instance_uid"].astype(str) != "")]
+        # A header's UIDs go into the PACS's URLs: only those that are UIDs (PS3.5 9.1); the others are counted.
+        valid = rows[UID_COLUMNS].map(dicomweb.is_uid).all(axis=1)
+        self.invalid_uid += int((~valid).sum())
+        rows = rows[valid]
         by_study: dict[str, list[bytes]] = {}
         for row in rows.to_dict("records"):
             study, series, instance = row["study_instance_uid"], row["series_instance_uid"], row["sop_instance_uid"]
@@ -199,4 +207,8 @@ class ReportWriter:
             )
 
     def summary(self) -> dict:
-        return {"reports_written": self.written, "reports_already_in_pacs": self.already}
+        return {
+            "reports_written": self.written,
+            "reports_already_in_pacs": self.already,
+            "reports_not_written_invalid_uid": self.invalid_uid,
+        }

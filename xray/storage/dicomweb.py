@@ -9,24 +9,35 @@ Credentials come from ``XRAY_PACS_USER`` and ``XRAY_PACS_PASSWORD`` (HTTP basic 
 no message, log line or summary carries them. Requests are retried (connection errors, 502/503/504) with backoff and
 time out; a PACS that stays unreachable raises :class:`xray.errors.SourceUnavailable`, which stops a batch (what was
 written is kept, and ``--resume`` finishes it) rather than marking every later image unreadable.
+
+Nothing a PACS sends is trusted (``inference.pacs``, :class:`xray.limits.PacsLimits`): answers are streamed under byte
+caps and end within a deadline (retries included; a watchdog shuts the socket of a PACS that drips), queries stop at
+``max_pages`` and sources at ``max_studies``, a UID enters a URL only when it is one (PS3.5 9.1), a redirect is
+followed only within the configured origin, and an answer that is not DICOM JSON is one error naming the URL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlparse
+from urllib.parse import parse_qsl, urlencode, urljoin, urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
 from xray.errors import DatasetSourceError, SourceUnavailable
+from xray.limits import PacsLimits
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +46,23 @@ USER_ENV, PASSWORD_ENV = "XRAY_PACS_USER", "XRAY_PACS_PASSWORD"
 DEFAULT_USER, DEFAULT_PASSWORD = "xray", "xray-local-pacs"
 """The local PACS's documented defaults (make pacs); a real PACS is given its own in the environment."""
 PAGE = 100
+MAX_REDIRECTS = 5
+PART_HEADERS = 64 * 1024
+"""Room for a multipart answer's boundaries and part headers above ``max_instance_bytes``."""
 DICOM_JSON = "application/dicom+json"
 INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 # SOP classes that hold no image to read (PS3.4 B.5): structured reports, presentation states, key objects,
 # encapsulated documents, raw data, waveforms. Skipped by the listing, not counted as unreadable.
 NOT_IMAGES = re.compile(r"^1\.2\.840\.10008\.5\.1\.4\.1\.1\.(88|11|104|66|9)\.")
 NOT_AN_IMAGE = "not an image (structured report, presentation state, document or waveform)"
+INVALID_UID = "listed with a UID that is not one (PS3.5 9.1), not read"
 _TAG = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "sop_class": "00080016"}
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_uid(value) -> bool:
+    """A DICOM UID (PS3.5 9.1): numeric components without leading zeros, separated by dots, 64 characters at most."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,15 @@ class Endpoint:
         return f"{self.uri.split('?')[0]}/studies/{study}/series/{series}/instances/{instance}"
 
 
+def _origin(url: str) -> tuple | None:
+    """(scheme, host, port) of a URL; None when its port is not a number."""
+    parsed = urlparse(url)
+    try:
+        return parsed.scheme, parsed.hostname or "", parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    except ValueError:
+        return None
+
+
 def is_dicomweb(source: str) -> bool:
     return urlparse(source).scheme in SCHEMES
 
@@ -81,12 +111,92 @@ def parse(source: str) -> Endpoint:
     return Endpoint(f"{SCHEMES[parsed.scheme]}://{parsed.netloc}{root}", tuple(parse_qsl(parsed.query)))
 
 
-class Client:
-    """One DICOMweb service with retries, timeouts and basic authentication; safe to share between threads for
-    reading (one requests Session per thread)."""
+_current = threading.local()  # the deadline of the request this thread is making
 
-    def __init__(self, endpoint: Endpoint, max_attempts: int = 5, timeout_s: tuple[float, float] = (5, 60)):
+
+class _Deadline:
+    """The end of one request (retries included): at ``seconds``, the socket carrying it is shut down (a blocked read
+    returns at once) and any further attempt refuses to start."""
+
+    def __init__(self, seconds: float):
+        self.expired, self.sock, self._lock = False, None, threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+
+    def attach(self, sock) -> None:
+        with self._lock:
+            if self.expired:
+                raise TimeoutError("the request's deadline has passed")
+            self.sock = sock or self.sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired, sock = True, self.sock
+        with contextlib.suppress(OSError, AttributeError):  # already closed, or never connected
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline, self._timer.daemon = self, True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+
+
+class _Watched:
+    """A connection that hands its socket (not itself: http.client passes the socket on to the response) to the
+    deadline of the request it carries, this thread's."""
+
+    def connect(self):
+        super().connect()
+        self._watched()
+
+    def request(self, *args, **kwargs):
+        self._watched()
+        return super().request(*args, **kwargs)
+
+    def _watched(self) -> None:
+        if (deadline := getattr(_current, "deadline", None)) is not None:
+            deadline.attach(self.sock)
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter, its pools making :class:`_Watched` connections."""
+
+    POOLS = {
+        "http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": type("C", (_Watched, HTTPConnection), {})}),
+        "https": type("Pool", (HTTPSConnectionPool,), {"ConnectionCls": type("C", (_Watched, HTTPSConnection), {})}),
+    }
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self.POOLS
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A PACS's answer, read whole under its byte cap; ``url``: the URL asked, without its query."""
+
+    status_code: int
+    headers: dict
+    content: bytes
+    url: str
+
+
+class Client:
+    """One DICOMweb service with retries, timeouts, limits and basic authentication; safe to share between threads
+    for reading (one requests Session per thread)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        max_attempts: int = 5,
+        timeout_s: tuple[float, float] = (5, 60),
+        limits: PacsLimits | None = None,
+    ):
         self.endpoint, self.max_attempts, self.timeout_s = endpoint, max_attempts, timeout_s
+        self.limits = limits or PacsLimits()
         self._auth = (os.environ.get(USER_ENV, DEFAULT_USER), os.environ.get(PASSWORD_ENV, DEFAULT_PASSWORD))
         self._local = threading.local()
 
@@ -103,81 +213,160 @@ class Client:
                 status_forcelist=(502, 503, 504),
                 allowed_methods=None,
                 raise_on_status=False,
+                respect_retry_after_header=False,  # a Retry-After of an hour would sleep past any deadline
             )
-            session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
-            session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
+            session.mount("http://", _Adapter(max_retries=retry, pool_maxsize=16))
+            session.mount("https://", _Adapter(max_retries=retry, pool_maxsize=16))
             self._local.session = session
         return self._local.session
 
-    def request(self, method: str, path: str, **kwargs):
-        """One request under the retry policy; an HTTP error is one line naming the URL (never the credentials)."""
-        url = f"{self.endpoint.base}{path}"
-        shown = url.split("?")[0]
-        try:
-            response = self._session().request(method, url, timeout=self.timeout_s, **kwargs)
-        except requests.RequestException as error:
-            kind = type(error).__name__
-            raise SourceUnavailable(
-                f"the PACS at {self.endpoint.base} cannot be reached ({kind}, after {self.max_attempts} attempts)"
-            ) from None
-        if response.status_code in (401, 403):
+    def request(self, method: str, path: str, cap: int | None = None, **kwargs) -> Answer:
+        """One request under the retry policy and the limits: its body read under ``cap`` bytes (default
+        ``max_response_bytes``) within ``deadline_s``, redirects followed only within the configured origin. Every
+        failure is one line naming the URL (never its query, never the credentials)."""
+        url, cap = f"{self.endpoint.base}{path}", cap or self.limits.max_response_bytes
+        with _Deadline(self.limits.deadline_s) as deadline:
+            for _ in range(MAX_REDIRECTS + 1):
+                shown = url.split("?")[0]
+                try:
+                    response = self._session().request(
+                        method, url, timeout=self.timeout_s, allow_redirects=False, stream=True, **kwargs
+                    )
+                    with response:
+                        if response.is_redirect:
+                            url = self._redirect(method, response, shown)
+                            continue
+                        self._check_status(response.status_code, shown)
+                        content = _read(response, cap, shown)
+                except requests.RequestException as error:
+                    if deadline.expired:
+                        break
+                    raise SourceUnavailable(
+                        f"the PACS at {self.endpoint.base} cannot be reached ({type(error).__name__}, after "
+                        f"{self.max_attempts} attempts)"
+                    ) from None
+                if deadline.expired:
+                    break
+                return Answer(response.status_code, response.headers, content, shown)
+            else:
+                raise DatasetSourceError(f"the PACS redirected {shown} more than {MAX_REDIRECTS} times")
+        raise DatasetSourceError(
+            f"the PACS did not finish answering {shown} within {self.limits.deadline_s:g} s (inference.pacs.deadline_s)"
+        )
+
+    def _check_status(self, status: int, shown: str) -> None:
+        if status in (401, 403):
             raise DatasetSourceError(
-                f"the PACS at {self.endpoint.base} refused the credentials (HTTP {response.status_code}): check "
-                f"{USER_ENV} and {PASSWORD_ENV}"
+                f"the PACS at {self.endpoint.base} refused the credentials (HTTP {status}): check {USER_ENV} and "
+                f"{PASSWORD_ENV}"
             )
-        if response.status_code >= 500:
-            raise SourceUnavailable(f"the PACS at {self.endpoint.base} answered HTTP {response.status_code} to {shown}")
-        return response
+        if status >= 500:
+            raise SourceUnavailable(f"the PACS at {self.endpoint.base} answered HTTP {status} to {shown}")
+
+    def _redirect(self, method: str, response, shown: str) -> str:
+        """Where a read's redirect leads, when it stays on the configured origin (scheme, host and port): the
+        credentials and the patients' images go nowhere else."""
+        target = urljoin(response.url, response.headers.get("Location", ""))
+        if (origin := _origin(target)) != _origin(self.endpoint.base) or method != "GET":
+            where = "{}://{}:{}".format(*origin) if origin and origin[1] else "an invalid address"
+            raise DatasetSourceError(
+                f"the PACS redirected {shown} to {where}: not followed (only redirects within {self.endpoint.base} are)"
+            )
+        return target
+
+    def json(self, answer: Answer, kind: type = list):
+        """A DICOM JSON answer: a list of objects (or one object, ``kind`` dict), or one error line naming the URL."""
+        try:
+            found = json.loads(answer.content) if answer.content.strip() else kind()
+        except (ValueError, RecursionError):
+            raise DatasetSourceError(f"the PACS answered {answer.url} with malformed JSON") from None
+        if not isinstance(found, kind) or (kind is list and not all(isinstance(item, dict) for item in found)):
+            what = "a list holding something else" if isinstance(found, list) else type(found).__name__
+            raise DatasetSourceError(f"the PACS answered {answer.url} with {what}, not the DICOM JSON asked for")
+        return found
 
     def search(self, path: str, filters: dict | tuple = ()) -> Iterator[dict]:
-        """Every result of a QIDO-RS query, page by page."""
+        """Every result of a QIDO-RS query, page by page, ``max_pages`` pages at most."""
         offset = 0
-        while True:
+        for _ in range(self.limits.max_pages):
             query = [*dict(filters).items(), ("limit", str(PAGE)), ("offset", str(offset))]
-            response = self.request("GET", f"{path}?{urlencode(query)}", headers={"Accept": DICOM_JSON})
-            if response.status_code == 204:
+            answer = self.request("GET", f"{path}?{urlencode(query)}", headers={"Accept": DICOM_JSON})
+            if answer.status_code == 204:
                 return
-            if response.status_code != 200:
-                raise DatasetSourceError(f"QIDO-RS {self.endpoint.base}{path} answered HTTP {response.status_code}")
-            page = response.json()
+            if answer.status_code != 200:
+                raise DatasetSourceError(f"QIDO-RS {answer.url} answered HTTP {answer.status_code}")
+            page = self.json(answer)
             yield from page
             if len(page) < PAGE:
                 return
             offset += len(page)
+        raise DatasetSourceError(
+            f"QIDO-RS {self.endpoint.base}{path} filled {self.limits.max_pages} pages of {PAGE} results and may hold "
+            "more (inference.pacs.max_pages): narrow the query with filters, or raise the limit"
+        )
 
     def instances(self, skipped: Counter) -> Iterator[tuple[str, str, str]]:
-        """(study, series, instance) UIDs of every image instance of the matching studies, in study order."""
+        """(study, series, instance) UIDs of every image instance of the matching studies, in study order; the
+        studies are listed first, ``max_studies`` at most."""
+        studies: dict[str, None] = {}
         for study in self.search("/studies", self.endpoint.filters):
-            study_uid = _value(study, "study")
+            uid = _value(study, "study")
+            if not is_uid(uid):
+                skipped[INVALID_UID] += 1
+                continue
+            studies[uid] = None
+            if len(studies) > self.limits.max_studies:
+                raise DatasetSourceError(
+                    f"more than {self.limits.max_studies} studies match {self.endpoint.uri.split('?')[0]} "
+                    "(inference.pacs.max_studies): narrow the query with filters (StudyDate=...), or raise the limit"
+                )
+        for study_uid in studies:
             for item in self.search(f"/studies/{study_uid}/instances", {"includefield": "00080016"}):
                 if NOT_IMAGES.match(_value(item, "sop_class")):
                     skipped[NOT_AN_IMAGE] += 1
-                    continue
-                yield study_uid, _value(item, "series"), _value(item, "instance")
+                elif is_uid(series := _value(item, "series")) and is_uid(instance := _value(item, "instance")):
+                    yield study_uid, series, instance
+                else:
+                    skipped[INVALID_UID] += 1
+
+    def _path(self, study: str, series: str | None = None, instance: str | None = None) -> str:
+        uids = [uid for uid in (study, series, instance) if uid is not None]
+        if not all(is_uid(uid) for uid in uids):
+            raise DatasetSourceError("a UID that is not one (PS3.5 9.1) does not go into a PACS URL")
+        names = ("studies", "series", "instances")
+        return "".join(f"/{name}/{uid}" for name, uid in zip(names, uids))
 
     def retrieve(self, study: str, series: str, instance: str) -> bytes:
         """One instance's Part 10 bytes over WADO-RS, in the transfer syntax it is stored in."""
-        path = f"/studies/{study}/series/{series}/instances/{instance}"
-        response = self.request("GET", path, headers={"Accept": INSTANCE_ACCEPT})
-        if response.status_code == 404:
+        answer = self.request(
+            "GET",
+            self._path(study, series, instance),
+            cap=self.limits.max_instance_bytes + PART_HEADERS,
+            headers={"Accept": INSTANCE_ACCEPT},
+        )
+        if answer.status_code == 404:
             raise DatasetSourceError(f"instance {instance} is no longer in the PACS")
-        if response.status_code != 200:
-            raise DatasetSourceError(f"WADO-RS answered HTTP {response.status_code} for instance {instance}")
-        parts = multipart_parts(response.content, response.headers.get("Content-Type", ""))
+        if answer.status_code != 200:
+            raise DatasetSourceError(f"WADO-RS answered HTTP {answer.status_code} for instance {instance}")
+        parts = multipart_parts(answer.content, answer.headers.get("Content-Type", ""))
         if len(parts) != 1:
             raise DatasetSourceError(f"WADO-RS sent {len(parts)} parts for instance {instance}, expected 1")
+        if len(parts[0]) > self.limits.max_instance_bytes:
+            raise DatasetSourceError(f"instance {instance} is over inference.pacs.max_instance_bytes")
         return parts[0]
 
     def metadata(self, study: str, series: str, instance: str) -> dict:
         """One instance's header as DICOM JSON (WADO-RS metadata)."""
-        path = f"/studies/{study}/series/{series}/instances/{instance}/metadata"
-        response = self.request("GET", path, headers={"Accept": DICOM_JSON})
-        if response.status_code != 200:
-            raise DatasetSourceError(f"WADO-RS metadata answered HTTP {response.status_code} for {instance}")
-        return response.json()[0]
+        answer = self.request("GET", self._path(study, series, instance) + "/metadata", headers={"Accept": DICOM_JSON})
+        if answer.status_code != 200:
+            raise DatasetSourceError(f"WADO-RS metadata answered HTTP {answer.status_code} for {instance}")
+        items = self.json(answer)
+        if not items:
+            raise DatasetSourceError(f"the PACS answered {answer.url} with no metadata")
+        return items[0]
 
     def exists(self, study: str, series: str, instance: str) -> bool:
-        path = f"/studies/{study}/series/{series}/instances/{instance}/metadata"
+        path = self._path(study, series, instance) + "/metadata"
         return self.request("GET", path, headers={"Accept": DICOM_JSON}).status_code == 200
 
     def store(self, datasets: list[bytes], study: str | None = None) -> None:
@@ -190,33 +379,48 @@ class Client:
             )
             + f"--{boundary}--\r\n".encode()
         )
-        path = f"/studies/{study}" if study else "/studies"
-        response = self.request(
+        answer = self.request(
             "POST",
-            path,
+            self._path(study) if study else "/studies",
             data=body,
             headers={
                 "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                 "Accept": DICOM_JSON,
             },
         )
-        if response.status_code not in (200, 202):
-            raise DatasetSourceError(f"STOW-RS refused {len(datasets)} instance(s): HTTP {response.status_code}")
-        failed = response.json().get("00081198", {}).get("Value", []) if response.content else []
-        if failed:
+        if answer.status_code not in (200, 202):
+            raise DatasetSourceError(f"STOW-RS refused {len(datasets)} instance(s): HTTP {answer.status_code}")
+        result = self.json(answer, dict) if answer.content.strip() else {}
+        if failed := (result.get("00081198") or {}).get("Value") or []:
             raise DatasetSourceError(f"STOW-RS refused {len(failed)} of {len(datasets)} instance(s)")
 
 
+def _read(response, cap: int, shown: str) -> bytes:
+    """The body, streamed, refused past ``cap`` bytes (as sent, and as decoded)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise DatasetSourceError(f"the PACS answered {shown} with {declared} bytes, over the limit of {cap}")
+    chunks, size = [], 0
+    for chunk in response.iter_content(1024 * 1024):
+        size += len(chunk)
+        if size > cap:
+            raise DatasetSourceError(f"the PACS answered {shown} with more than {cap} bytes, over the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _value(item: dict, name: str) -> str:
-    values = item.get(_TAG[name], {}).get("Value", [])
-    return str(values[0]) if values else ""
+    """A DICOM JSON attribute's first value as text; empty when it is absent or not text."""
+    attribute = item.get(_TAG[name]) if isinstance(item, dict) else None
+    values = attribute.get("Value") if isinstance(attribute, dict) else None
+    return values[0] if isinstance(values, list) and values and isinstance(values[0], str) else ""
 
 
 def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
     """The bodies of a multipart/related message (RFC 2046), without their part headers."""
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
-        raise DatasetSourceError(f"expected a multipart answer, got {content_type or 'no content type'}")
+        raise DatasetSourceError(f"expected a multipart answer, got {content_type[:80] or 'no content type'}")
     delimiter = b"--" + match.group(1).encode()
     parts = []
     for chunk in body.split(delimiter)[1:]:
@@ -229,10 +433,12 @@ def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
     return parts
 
 
-def refs(source: str, max_attempts: int, skipped: Counter, make_ref: Callable) -> Iterator:
+def refs(
+    source: str, max_attempts: int, skipped: Counter, make_ref: Callable, limits: PacsLimits | None = None
+) -> Iterator:
     """The listing's :class:`xray.storage.listing.ImageRef` of every image instance of a ``dicomweb://`` source."""
     endpoint = parse(source)
-    client = Client(endpoint, max_attempts)
+    client = Client(endpoint, max_attempts, limits=limits)
     for study, series, instance in client.instances(skipped):
 
         def read(study=study, series=series, instance=instance) -> bytes:

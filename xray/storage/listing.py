@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from xray.config import ArchiveLimits
 from xray.errors import ArchiveError, DatasetSourceError
+from xray.limits import ArchiveLimits, PacsLimits
 from xray.storage import dicomweb, s3
 from xray.storage.archive import Extraction, checked_entries, folder_labels, inflate_chunks, is_junk
 
@@ -110,17 +110,21 @@ def _zip_refs(path: Path, limits: ArchiveLimits, skipped: Counter) -> Iterator[I
 
 
 def list_images(
-    source: str, limits: ArchiveLimits | None = None, max_attempts: int = 5, skipped: Counter | None = None
+    source: str,
+    limits: ArchiveLimits | None = None,
+    max_attempts: int = 5,
+    skipped: Counter | None = None,
+    pacs: PacsLimits | None = None,
 ) -> Iterator[ImageRef]:
-    """Every file under a folder, in a zip, or under an s3:// prefix, in name order, lazily; junk files are counted
-    in ``skipped`` (by reason) instead.
+    """Every file under a folder, in a zip, or under an s3:// prefix (or each image of a PACS, under ``pacs``), in
+    name order, lazily; junk files are counted in ``skipped`` (by reason) instead.
 
     Raises DatasetSourceError when the source holds no file (after listing it).
     """
     limits = limits or ArchiveLimits()
     skipped = Counter() if skipped is None else skipped
     count = 0
-    for ref in _refs(source, limits, max_attempts, skipped):
+    for ref in _refs(source, limits, max_attempts, skipped, pacs):
         count += 1
         yield ref
     if not count:
@@ -128,12 +132,14 @@ def list_images(
         raise DatasetSourceError(f"no files found at {source}{junk}")
 
 
-def _refs(source: str, limits: ArchiveLimits, max_attempts: int, skipped: Counter) -> Iterator[ImageRef]:
+def _refs(
+    source: str, limits: ArchiveLimits, max_attempts: int, skipped: Counter, pacs: PacsLimits | None
+) -> Iterator[ImageRef]:
     if source.startswith("s3://"):
         yield from _s3_refs(source, max_attempts, skipped)
         return
     if dicomweb.is_dicomweb(source):
-        yield from dicomweb.refs(source, max_attempts, skipped, ImageRef)
+        yield from dicomweb.refs(source, max_attempts, skipped, ImageRef, pacs)
         return
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
