@@ -156,7 +156,7 @@ def test_make_pacs_uses_an_existing_venv_as_it_is_and_the_servers_ports_are_vari
         assert "pip install" not in plan and f"{shared}/bin/python -m infra.pacs" in plan, plan
     assert "pip install" in dry("pacs-down", f"VENV={tmp_path / 'none'}"), "without a venv, make setup makes one"
     assert "--port 5123" in dry("ui", "UI_PORT=5123") and "--host 127.0.0.1" in dry("ui")
-    assert "-h 127.0.0.1 -p 5124" in dry("serve", "SERVE_PORT=5124")
+    assert "--host 127.0.0.1 --port 5124" in dry("serve", "SERVE_PORT=5124")
 
 
 def test_make_monitor_without_images_says_that_images_is_required():
