@@ -131,7 +131,7 @@ def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 
         rows[name]["meets_the_bars"] = bool(name != "keras fp32" and close and rows[name]["speedup"] >= 1.3)
     runtime, precision = choose_runtime("auto")
     chosen = "keras fp32" if runtime == "keras" else f"openvino {precision}"
-    summary = {"runtimes": rows, "auto_runs": chosen, "model": info["uri"], "image_size": predictor.image_size}
+    summary = {"runtimes": rows, "auto_runs": chosen, "model": info.uri, "image_size": predictor.image_size}
     if speed_size:
         summary["speed_only"] = speed_only(speed_size, rounds, precisions)
     summary |= {"threshold": threshold, "images": len(x), "cpu_capabilities": capabilities, "openvino": ov.__version__}

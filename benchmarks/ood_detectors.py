@@ -407,8 +407,8 @@ def main(model_version: str, model_name: str, output: Path, permutations: int) -
     mlflow.set_tracking_uri(tracking.tracking_uri())
     predictor, info = store.load_predictor(model_name, model_version)
     if predictor.profile is None:
-        raise click.ClickException(f"{info['uri']} has no reference profile")
-    print(f"{info['uri']}: profile threshold {predictor.profile.threshold:.3f}", file=sys.stderr, flush=True)
+        raise click.ClickException(f"{info.uri} has no reference profile")
+    print(f"{info.uri}: profile threshold {predictor.profile.threshold:.3f}", file=sys.stderr, flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="xray-ood-bench-"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     dataset, _ = prepare_dataset(SHARED / "chest_xray_224.zip", workdir, DataConfig(), seed=42)
@@ -425,7 +425,7 @@ def main(model_version: str, model_name: str, output: Path, permutations: int) -
     by_path = {p: f for s in ("train", "val", "test") for p, f in zip(sets.split_paths[s], features[s])}
     by_path |= {"adult": features["adult (as shipped)"], "adult_q75": features["adult (JPEG q75)"]}
     results = {
-        "model_uri": info["uri"],
+        "model_uri": info.uri,
         "command": ".venv/bin/python benchmarks/ood_detectors.py " + " ".join(sys.argv[1:]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),

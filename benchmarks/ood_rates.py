@@ -56,7 +56,7 @@ def main(model_version: str, model_name: str, output: Path) -> None:
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     profile, info = store.load_reference_profile(model_name, model_version)
-    result = {"model_uri": info["uri"], "tracking_uri": mlflow.get_tracking_uri()}
+    result = {"model_uri": info.uri, "tracking_uri": mlflow.get_tracking_uri()}
     for name, (archive, part) in SETS.items():
         folder = Path(tempfile.mkdtemp(prefix=f"xray-{name}-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)

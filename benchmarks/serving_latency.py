@@ -75,7 +75,7 @@ def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> 
     info = store.resolve_version(model_name, model_version)
     work = Path(tempfile.mkdtemp(prefix="xray-serving-bench-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
-    current = Path(mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=str(work / "current")))
+    current = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.uri, dst_path=str(work / "current")))
     baseline = work / "baseline"
     shutil.copytree(current, baseline)
     shutil.rmtree(baseline / "code" / "xray")
@@ -119,7 +119,7 @@ def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> 
     print(
         json.dumps(
             summary
-            | {"p50_ratio": ratio, "requests_per_server": count, "model": info["uri"], "baseline_ref": baseline_ref},
+            | {"p50_ratio": ratio, "requests_per_server": count, "model": info.uri, "baseline_ref": baseline_ref},
             indent=1,
         )
     )
@@ -134,7 +134,7 @@ def main(model_version: str, model_name: str, count: int, baseline_ref: str) -> 
             "current_p95_ms": summary["current"]["p95_ms"],
             "requests_per_server": count,
             "baseline_ref": baseline_ref,
-            "model": info["uri"],
+            "model": info.uri,
         },
         ".venv/bin/python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]),
     )

@@ -66,7 +66,7 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
     info = store.resolve_version(model_name, model_version)
     work = Path(tempfile.mkdtemp(prefix="xray-serving-log-bench-"))
     try:
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=str(work / "model"))
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=info.uri, dst_path=str(work / "model"))
         # This checkout's serving code in both servers (a version carries the code it was registered with).
         shutil.rmtree(Path(folder) / "code" / "xray")
         shutil.copytree(ROOT / "xray", Path(folder) / "code" / "xray", ignore=shutil.ignore_patterns("__pycache__"))
@@ -114,7 +114,7 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
             "rows_logged": logged,
             "requests_to_the_logging_server": expected,
             "clients": clients,
-            "model": info["uri"],
+            "model": info.uri,
         }
         print(json.dumps(summary, indent=1))
         if logged != expected:

@@ -19,14 +19,15 @@ from zenml.client import Client  # noqa: E402
 from pipelines.training import training_pipeline  # noqa: E402
 from steps import build_datasets, ingest_from_s3, locate_archive, unzip_and_validate  # noqa: E402
 from xray.config_file import load_config  # noqa: E402
+from xray.requests import TrainingRequest  # noqa: E402
 from xray.storage import s3  # noqa: E402
 
 
 @pipeline(name="xray_data_steps_benchmark")
 def data_steps(config, dataset_uri: str) -> None:
     identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3)
-    raw_archive, _ = ingest_from_s3(identity, s3=config.s3)
-    dataset, _, _, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
+    raw_archive = ingest_from_s3(identity, s3=config.s3)
+    dataset, _, _ = unzip_and_validate(raw_archive, data=config.data, seed=config.seed)
     build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
 
 
@@ -54,7 +55,9 @@ def main(archive: Path, out: Path) -> None:
         first, first_steps = timed(lambda: data_steps(config=config, dataset_uri=location.uri))
         cached, cached_steps = timed(lambda: data_steps(config=config, dataset_uri=location.uri))
         smoke_wall, smoke_steps = timed(
-            lambda: training_pipeline.with_options(enable_cache=False)(config=smoke, dataset_uri=location.uri)
+            lambda: training_pipeline.with_options(enable_cache=False)(
+                request=TrainingRequest(config=smoke, dataset_uri=location.uri)
+            )
         )
     inside = sum(step["seconds"] for step in smoke_steps.values())
     out.write_text(

@@ -31,7 +31,7 @@ def checked_folder(model_name: str, version_or_alias: str, root: Path) -> tuple[
     from xray.registry import store
 
     info = store.resolve_version(model_name, version_or_alias)
-    folder = root / f"{model_name}-v{info['version']}"
+    folder = root / f"{model_name}-v{info.version}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, mode=0o700)
     try:
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "serving %s v%s from %s (files checked against digest %s)",
         args.model_name,
-        info["version"],
+        info.version,
         local,
-        (info.get("digest") or "none recorded")[:12],
+        (info.digest or "none recorded")[:12],
     )
     # The scoring server starts `uvicorn` from PATH: this interpreter's first.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -1,51 +1,40 @@
-"""Wiring only: a registered version + a labelled site -> metrics with CIs, in MLflow and the version's card."""
-
-from typing import Optional
+"""Site evaluation: a registered version + a labelled site -> metrics with CIs, in MLflow, the version's tags and
+card; its launch and its summary."""
 
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
-from steps.predict import resolve_model_version
+from pipelines import launch
 from steps.site import evaluate_on_site, load_labelled_site
 from steps.tracking import mark_run_failed
-from xray.config import DataConfig, EvaluateConfig, RegistryConfig, S3Config
+from steps.version import resolve_model_version
+from xray.data.sites import site_name
+from xray.requests import EvaluationRequest
 
 
 @pipeline(name="chest_xray_evaluation", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
-def evaluation_pipeline(
-    dataset_uri: str,
-    site: str,
-    model_version: str,
-    recalibrate_fraction: Optional[float],
-    data: DataConfig,
-    s3: S3Config,
-    evaluate: EvaluateConfig,
-    registry: RegistryConfig,
-    seed: int = 42,
-) -> None:
-    model_info = resolve_model_version(model_version=model_version, registry=registry)
-    site_images, site_report = load_labelled_site(dataset_uri=dataset_uri, data=data, s3=s3)
-    evaluate_on_site(
-        model_info,
-        site_images,
-        site_report,
-        site=site,
-        recalibrate_fraction=recalibrate_fraction,
-        evaluate=evaluate,
-        registry=registry,
-        seed=seed,
-    )
+def evaluation_pipeline(request: EvaluationRequest) -> None:
+    model_info = resolve_model_version(model_version=request.model_version, registry=request.config.registry)
+    site_images, site_report = load_labelled_site(request=request)
+    evaluate_on_site(model_info, site_images, site_report, request=request)
+
+
+def run_evaluation(request: EvaluationRequest) -> dict:
+    """``evaluate``: one registered version on one labelled site."""
+    name = site_name(request.dataset_uri, request.site)
+    experiment = request.config.evaluate.site_experiment_name
+    return launch.launch(evaluation_pipeline, request, experiment, lambda run, load: summarize(load, name))
 
 
 def summarize(load, site: str) -> dict:
     """The summary line: the site's metrics at the version's operating point (and re-fitted, with a fraction)."""
-    result = load("evaluate_on_site", "site_evaluation")
+    result = load("evaluate_on_site", "site_evaluation").summary
     info = load("resolve_model_version", "model_info")
     metrics = result["metrics"]
     summary = {
         "site": site,
-        "model_version": info["version"],
-        "model_uri": info["uri"],
+        "model_version": info.version,
+        "model_uri": info.uri,
         "images": metrics["images"],
         "threshold": metrics["threshold"],
         "metrics": {k: v for k, v in metrics.items() if k not in ("images", "threshold")},

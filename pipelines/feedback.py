@@ -1,4 +1,5 @@
-"""Wiring only: a labels file + the prediction log -> performance per period, site and version, and alerts."""
+"""Feedback: a labels file + the prediction log -> performance per period, site and version, and alerts; its launch
+and its summary."""
 
 import json
 from pathlib import Path
@@ -7,25 +8,28 @@ import yaml
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
+from pipelines import launch
 from steps.feedback import assess_feedback
 from steps.tracking import mark_run_failed
-from xray.config import EvaluateConfig, MonitoringConfig, RegistryConfig
 from xray.monitoring import feedback
+from xray.monitoring.feedback import read_labels
 from xray.monitoring.report import feedback_figures
+from xray.requests import FeedbackRequest
 
 
 @pipeline(name="chest_xray_feedback", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
-def feedback_pipeline(
-    labels: str,
-    period: str,
-    site: str | None,
-    registry: RegistryConfig,
-    monitoring: MonitoringConfig,
-    evaluate: EvaluateConfig,
-    seed: int = 42,
-) -> None:
-    assess_feedback(
-        labels=labels, period=period, site=site, monitoring=monitoring, evaluate=evaluate, registry=registry, seed=seed
+def feedback_pipeline(request: FeedbackRequest) -> None:
+    assess_feedback(request=request)
+
+
+def run_feedback(request: FeedbackRequest) -> dict:
+    """``feedback``: a labels file joined to the prediction log; the file is validated here first, so a malformed one
+    is one line and no run."""
+    read_labels(request.labels)
+    experiment = request.config.monitoring.feedback_experiment_name
+    min_sensitivity = request.config.evaluate.min_sensitivity
+    return launch.launch(
+        feedback_pipeline, request, experiment, lambda run, load: summarize(load, request.output, min_sensitivity)
     )
 
 
@@ -35,7 +39,7 @@ def summarize(load, output: Path, min_sensitivity: float) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     table = load("assess_feedback", "performance")
     rows = load("assess_feedback", "labelled_predictions")
-    summary = load("assess_feedback", "feedback_summary")
+    summary = load("assess_feedback", "feedback_summary").summary
     table.to_csv(output / "performance.csv", index=False)
     (output / "report.json").write_text(json.dumps(summary | {"performance": table.to_dict("records")}, default=float))
     for name, image in feedback_figures(table, min_sensitivity, summary.get("auc_floor")).items():

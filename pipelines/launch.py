@@ -1,7 +1,7 @@
-"""Launching a pipeline run: the stack and its MLflow tracker, the run's experiment, the dataset staged behind the
-embedded S3 endpoint, ZenML's run options and schedules, and the finished run read back for its summary.
-
-``run.py`` is the command line over this module; each pipeline's own summary lives beside it in ``pipelines/``.
+"""Launching a pipeline run, and nothing else: the stack and its MLflow tracker, the run's experiment, the dataset
+staged behind the embedded S3 endpoint, ZenML's run options and schedules, and the finished run read back for its
+summary. Each pipeline's own launch (``run_<job>``) and summary live beside it in ``pipelines/``; the command line
+(cli/) calls those. pyproject.toml's import contract keeps this module free of the jobs' domain.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable
-from uuid import UUID
 
 import mlflow
 import yaml
@@ -23,13 +22,9 @@ from zenml.client import Client
 from zenml.config.schedule import Schedule
 
 from infra.stacks import use_stack
-from pipelines import evaluation, feedback, inference, monitoring, training, tuning
 from xray.config import PipelineConfig, RegistryConfig
-from xray.data.sites import site_name
 from xray.errors import ConfigError, ScheduleError
-from xray.model import tuning as search
-from xray.monitoring.feedback import read_labels
-from xray.registry import decisions, tracking
+from xray.registry import tracking
 from xray.schedule import CronError, schedule_name, validate_aws_cron
 from xray.storage import s3, sources
 
@@ -141,13 +136,13 @@ def with_trial_steps(zenml_config: dict, trials: int) -> dict:
     return result
 
 
-def launch_options(config: PipelineConfig, no_cache: bool, schedule, workdir: Path, trials: int = 0) -> dict:
+def launch_options(request, schedule, workdir: Path, model: Model, trials: int = 0) -> dict:
     """ZenML's ``with_options`` of a training or search run: caching, the tracker's experiment, the ZenML Model (named
     as the registered model), the config's ``zenml:`` run configuration (SageMaker checkpoints and trial steps
     expanded) and the schedule."""
-    model = training.MODEL
+    config = request.config
     options = {
-        "enable_cache": not no_cache,
+        "enable_cache": not request.no_cache,
         "settings": tracker_settings(config.registry),
         "model": Model(name=config.registry.model_name, description=model.description, tags=model.tags),
     }
@@ -163,20 +158,9 @@ def launch_options(config: PipelineConfig, no_cache: bool, schedule, workdir: Pa
     return options
 
 
-def train_like(
-    pipeline,
-    config: PipelineConfig,
-    dataset_uri: str | None,
-    no_cache: bool,
-    cron: str | None,
-    summarize: Callable,
-    **parameters,
-) -> dict:
-    """A run that trains (training, a search): the dataset staged, the run launched (or scheduled), its summary."""
-    stack = Client().active_stack
-    schedule = schedule_for(cron, stack.orchestrator, stack.name) if cron else None
-    ensure_experiment(config.registry)
-    registry = config.registry
+def check_promotion_rights(registry: RegistryConfig) -> None:
+    """A run whose MLflow account may not move champion needs registry.require_approval (a reviewer approves): said
+    before any training, not after."""
     account = None if registry.require_approval else tracking.may_promote(registry.tracking_uri, registry.model_name)
     if account is not None and not account[1]:
         raise ConfigError(
@@ -184,209 +168,44 @@ def train_like(
             "needs MANAGE there), so the gate could not promote this run: set "
             "registry.require_approval: true (a reviewer approves), or train with a reviewer's account"
         )
+
+
+def train_like(pipeline, request, model: Model, summarize: Callable, **parameters) -> dict:
+    """A run that trains (training, a search): the dataset staged, the run launched (or scheduled) with the request
+    (its ``dataset_uri`` the staged one), its summary."""
+    config, cron = request.config, getattr(request, "schedule", None)
+    stack = Client().active_stack
+    schedule = schedule_for(cron, stack.orchestrator, stack.name) if cron else None
+    ensure_experiment(config.registry)
+    check_promotion_rights(config.registry)
     trials = len(parameters.get("trials", ()))
     with ExitStack() as services, tempfile.TemporaryDirectory() as workdir:
-        uri = stage_dataset(config, dataset_uri, services)
-        run = pipeline.with_options(**launch_options(config, no_cache, schedule, Path(workdir), trials))(
-            config=config, dataset_uri=uri, **parameters
-        )
+        staged = request.model_copy(update={"dataset_uri": stage_dataset(config, request.dataset_uri, services)})
+        options = launch_options(staged, schedule, Path(workdir), model, trials)
+        run = pipeline.with_options(**options)(request=staged, **parameters)
         if schedule is not None:
             return {
                 "schedule": schedule.name,
                 "cron_expression": schedule.cron_expression,
                 "stack": stack.name,
-                "dataset_uri": uri,
-                "list_with": "python3 run.py --list-schedules",
+                "dataset_uri": staged.dataset_uri,
+                "list_with": "python3 run.py schedules",
             }
         with run_outputs(run) as (run, load):
             return summarize(run, load)
 
 
-def launch(pipeline, registry: RegistryConfig, summarize: Callable, **parameters) -> dict:
-    """A run against a registered version (inference, monitoring, evaluation): never cached (an alias can move),
-    logged to ``registry.experiment_name``; ``summarize(run, load)`` reads it back; the summary gains the run's ids."""
+def launch(pipeline, request, experiment: str, summarize: Callable) -> dict:
+    """A run against a registered version (inference, monitoring, evaluation, feedback): never cached (an alias can
+    move), logged to the MLflow ``experiment``; ``summarize(run, load)`` reads it back; the summary gains the run's
+    ids."""
+    registry = request.config.registry.model_copy(update={"experiment_name": experiment})
+    request = request.on(request.config.model_copy(update={"registry": registry}))
     ensure_experiment(registry)
-    run = pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(
-        registry=registry, **parameters
-    )
+    run = pipeline.with_options(enable_cache=False, settings=tracker_settings(registry))(request=request)
     with run_outputs(run) as (run, load):
         summary = summarize(run, load)
     return summary | {"pipeline_run_id": str(run.id), "mlflow_tracking_uri": registry.tracking_uri}
-
-
-def in_experiment(config: PipelineConfig, name: str) -> RegistryConfig:
-    return config.registry.model_copy(update={"experiment_name": name})
-
-
-# -- one entry point per pipeline (run.py --pipeline NAME) ---------------------------------------------------------
-
-
-def run_training(
-    config: PipelineConfig, dataset_uri: str | None, no_cache: bool, cron: str | None, if_changed: bool = False
-) -> dict:
-    if if_changed:
-        skipped = training.unchanged_since(config, dataset_uri)
-        if skipped is not None:
-            logger.info("--if-changed: %s", skipped["skipped"])
-            return skipped
-    return train_like(
-        training.training_pipeline,
-        config,
-        dataset_uri,
-        no_cache,
-        cron,
-        lambda run, load: training.summarize(run, load, config),
-    )
-
-
-def run_tuning(config: PipelineConfig, dataset_uri: str | None, no_cache: bool) -> dict:
-    """The search: trials drawn here (a pipeline parameter), trained as steps, the winner trained and registered."""
-    if config.tuning is None:
-        raise ConfigError("--pipeline tuning needs a `tuning:` section in the config (see configs/tuning_smoke.yaml)")
-    config = config.model_copy(update={"registry": in_experiment(config, config.tuning.experiment_name)})
-    trials = search.sample(config.tuning, config.seed)
-    logger.info(
-        "search: %d trials (%s, seed %d) of %s",
-        len(trials),
-        config.tuning.sampler,
-        config.seed,
-        sorted(config.tuning.space),
-    )
-    return train_like(
-        tuning.tuning_pipeline,
-        config,
-        dataset_uri,
-        no_cache,
-        None,
-        lambda run, load: tuning.summarize(run, load, config),
-        trials=trials,
-    )
-
-
-def run_inference(
-    config: PipelineConfig,
-    images: str,
-    model_version: str,
-    output: str,
-    explain: int,
-    resume: bool,
-    write_back: bool = False,
-    site: str | None = None,
-    shards: int = 1,
-) -> dict:
-    """Predictions streamed into ``output`` (.csv or .parquet, a path or s3://); Grad-CAM overlays beside it;
-    ``shards`` predict steps, each on its share of the listing, merged into ``output``."""
-    if not output.startswith("s3://"):
-        output = str(Path(output).expanduser().resolve())
-    folder = Path(output).parent if not output.startswith("s3://") else Path("outputs")
-    return launch(
-        inference.inference_pipeline,
-        in_experiment(config, config.inference.experiment_name),
-        lambda run, load: inference.summarize(load, folder, explain, shards),
-        images=images,
-        output=output,
-        model_version=model_version,
-        inference=config.inference,
-        limits=config.data.limits,
-        resume=resume,
-        explain=explain,
-        s3_max_attempts=config.s3.max_attempts,
-        write_back=write_back,
-        site=site,
-        prediction_log=config.monitoring.prediction_log,
-        shards=shards,
-    )
-
-
-def run_monitoring(config: PipelineConfig, images: str, model_version: str, output: Path) -> dict:
-    """The batch against the version's reference profile; report, plots and predictions also written to ``output``."""
-    return launch(
-        monitoring.monitoring_pipeline,
-        in_experiment(config, config.monitoring.experiment_name),
-        lambda run, load: monitoring.summarize(load, output),
-        images=images,
-        model_version=model_version,
-        monitoring=config.monitoring,
-        inference=config.inference,
-        limits=config.data.limits,
-        seed=config.seed,
-        s3_max_attempts=config.s3.max_attempts,
-    )
-
-
-def run_feedback(config: PipelineConfig, labels: str, period: str | None, site: str | None, output: Path) -> dict:
-    """A labels file joined to the prediction log; the file is validated here first, so a malformed one is one
-    line and no run."""
-    path = Path(labels).expanduser().resolve()
-    read_labels(path)
-    return launch(
-        feedback.feedback_pipeline,
-        in_experiment(config, config.monitoring.feedback_experiment_name),
-        lambda run, load: feedback.summarize(load, output, config.evaluate.min_sensitivity),
-        labels=str(path),
-        period=period or config.monitoring.feedback_period,
-        site=site,
-        monitoring=config.monitoring,
-        evaluate=config.evaluate,
-        seed=config.seed,
-    )
-
-
-def run_evaluation(
-    config: PipelineConfig, dataset_uri: str, model_version: str, site: str | None, recalibrate_fraction: float | None
-) -> dict:
-    """One registered version on one labelled site."""
-    name = site_name(dataset_uri, site)
-    return launch(
-        evaluation.evaluation_pipeline,
-        in_experiment(config, config.evaluate.site_experiment_name),
-        lambda run, load: evaluation.summarize(load, name),
-        dataset_uri=dataset_uri,
-        site=name,
-        model_version=model_version,
-        recalibrate_fraction=recalibrate_fraction,
-        data=config.data,
-        s3=config.s3,
-        evaluate=config.evaluate,
-        seed=config.seed,
-    )
-
-
-def decide(
-    config: PipelineConfig, action: str, version: str, reviewer: str | None, reason: str, site: str | None = None
-) -> dict:
-    """``run.py approve|reject|rollback``: a person's decision on a version (xray.registry.promotion), and the ZenML
-    Model version of its training run follows (production, archived). On a tracking server with accounts the record
-    names the signed-in account (MLFLOW_TRACKING_USERNAME), never a typed name."""
-    user = tracking.authenticated_user(config.registry.tracking_uri)
-    if user is not None and reviewer and reviewer != user:
-        raise ConfigError(
-            f"--reviewer {reviewer} is not the MLflow account signed in ({user}): the record names the signed-in "
-            "account; drop --reviewer"
-        )
-    reviewer = user or reviewer
-    if not reviewer:
-        raise ConfigError(
-            f"{action} needs --reviewer NAME: the MLflow server at {config.registry.tracking_uri} has no accounts"
-        )
-    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
-    if site is not None:  # approve --operating-point SITE: a site's proposed operating point, not the version
-        with tracking.refusals_as_errors(f"MLflow refused the operating point by account '{reviewer}'"):
-            result = decisions.apply_operating_point(client, config.registry, version, site, reviewer, reason)
-        return result | {"model_name": config.registry.model_name}
-    decide_by = {"approve": decisions.approve, "reject": decisions.reject, "rollback": decisions.rollback}
-    with tracking.refusals_as_errors(f"MLflow refused the {action} by account '{reviewer}'"):
-        result = decide_by[action](client, config.registry, version, reviewer, reason)
-    zenml_id = client.get_model_version(config.registry.model_name, version).tags.get("zenml.model_version_id")
-    stage = "archived" if action == "reject" else "production"
-    if zenml_id:
-        Client().update_model_version(config.registry.model_name, UUID(zenml_id), stage=stage, force=True)
-        result["zenml_stage"] = stage
-    else:
-        logger.warning(
-            "v%s has no ZenML Model version recorded (registered before approvals): its stage stays", version
-        )
-    return result | {"model_name": config.registry.model_name, "mlflow_tracking_uri": config.registry.tracking_uri}
 
 
 def schedules() -> list[str]:

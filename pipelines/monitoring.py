@@ -1,50 +1,41 @@
-"""Wiring only: registered version + a batch of images -> per-image out-of-distribution checks and a drift report."""
+"""Monitoring: a registered version + a batch of images -> per-image out-of-distribution checks and a drift report;
+its launch and its summary."""
 
 import json
-from pathlib import Path
 
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
-from steps.monitor import check_drift
-from steps.predict import resolve_model_version, score_batch
+from pipelines import launch
+from steps.monitor import check_drift, score_batch
 from steps.tracking import mark_run_failed
-from xray.config import ArchiveLimits, InferenceConfig, MonitoringConfig, RegistryConfig
+from steps.version import resolve_model_version
+from xray.requests import MonitoringRequest
 
 
 @pipeline(name="chest_xray_monitoring", execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
-def monitoring_pipeline(
-    images: str,
-    model_version: str,
-    registry: RegistryConfig,
-    monitoring: MonitoringConfig,
-    inference: InferenceConfig,
-    limits: ArchiveLimits,
-    seed: int = 42,
-    s3_max_attempts: int = 5,
-) -> None:
-    model_info = resolve_model_version(model_version=model_version, registry=registry)
-    predictions, features, examples = score_batch(
-        model_info,
-        images=images,
-        inference=inference,
-        registry=registry,
-        limits=limits,
-        s3_max_attempts=s3_max_attempts,
-    )
-    check_drift(
-        predictions, features, examples, model_info, source=images, monitoring=monitoring, registry=registry, seed=seed
-    )
+def monitoring_pipeline(request: MonitoringRequest) -> None:
+    model_info = resolve_model_version(model_version=request.model_version, registry=request.config.registry)
+    predictions, features, examples = score_batch(model_info, request=request)
+    check_drift(predictions, features, examples, model_info, request=request)
 
 
-def summarize(load, output: Path) -> dict:
-    """The summary line; report.html, report.json, the plots and predictions.csv are written to ``output``."""
+def run_monitoring(request: MonitoringRequest) -> dict:
+    """``monitor``: the batch against the version's reference profile; report, plots and predictions in the output."""
+    experiment = request.config.monitoring.experiment_name
+    return launch.launch(monitoring_pipeline, request, experiment, lambda run, load: summarize(load, request))
+
+
+def summarize(load, request: MonitoringRequest) -> dict:
+    """The summary line; report.html, report.json, the plots and predictions.csv are written to the output."""
+    output = request.output
     output.mkdir(parents=True, exist_ok=True)
-    report = load("check_drift", "drift_report")
+    result = load("check_drift", "monitoring_report")
+    report = result.report
     load("score_batch", "predictions").to_csv(output / "predictions.csv", index=False)
     (output / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    (output / "report.html").write_text(load("check_drift", "report_html"))
-    for name, image in load("check_drift", "monitoring_plots").items():
+    (output / "report.html").write_text(result.html)
+    for name, image in load("check_drift", "monitoring_plots").images.items():
         image.save(output / f"{name}.png")
     return {
         "drift_detected": report["drift_detected"],

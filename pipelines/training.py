@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 from zenml import Model, pipeline
 from zenml.enums import ExecutionMode
 
+from pipelines import launch
 from steps import (
     build_datasets,
     decide_promotion,
@@ -25,6 +26,7 @@ from steps.tracking import mark_run_failed
 from xray.config import MODEL_NAME, PipelineConfig
 from xray.data.sites import changed_sources, identify_sources
 from xray.registry import promotion, store
+from xray.requests import TrainingRequest
 from xray.storage import sources
 from xray.storage.fetch import locate
 
@@ -39,8 +41,9 @@ MODEL = Model(
 
 # FAIL_FAST re-raises the failing step's own exception, so run.py can report it in one line.
 @pipeline(name="chest_xray_training", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
-def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
-    identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
+def training_pipeline(request: TrainingRequest) -> None:
+    config = request.config  # the steps take its sections: a change in one reruns only the steps that use it
+    identity = locate_archive(dataset_uri=request.dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
     sources = locate_sources(data=config.data, s3=config.s3)
     raw_archive = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
     dataset, data_report, _ = unzip_and_validate(
@@ -49,6 +52,16 @@ def training_pipeline(config: PipelineConfig, dataset_uri: str) -> None:
     spec = build_datasets(dataset, data=config.data, model=config.model, train=config.train, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=config.model, train=config.train)
     evaluate_and_register(model, dataset, spec, data_report, history, config)
+
+
+def run_training(request: TrainingRequest) -> dict:
+    """``train``: the run (or its schedule), or, with ``if_changed``, nothing when no source changed."""
+    if request.if_changed:
+        skipped = unchanged_since(request.config, request.dataset_uri)
+        if skipped is not None:
+            logger.info("--if-changed: %s", skipped["skipped"])
+            return skipped
+    return launch.train_like(training_pipeline, request, MODEL, lambda run, load: summarize(run, load, request.config))
 
 
 def evaluate_and_register(model, dataset, spec, data_report, history, config: PipelineConfig) -> None:

@@ -1,20 +1,27 @@
-"""Wiring only: the data steps once, one training step per trial, selection on val, then the winner trained,
-evaluated and registered through the same steps and gate as a training run."""
+"""The search: the data steps once, one training step per trial, selection on val, then the winner trained,
+evaluated and registered through the same steps and gate as a training run; its launch and its summary."""
+
+import logging
 
 from zenml import pipeline
 from zenml.enums import ExecutionMode
 
-from pipelines import training
+from pipelines import launch, training
 from pipelines.training import MODEL, evaluate_and_register
 from steps import build_datasets, ingest_from_s3, locate_archive, locate_sources, train_model, unzip_and_validate
 from steps.tracking import mark_run_failed
 from steps.tuning import select_trial, train_trial
 from xray.config import PipelineConfig
+from xray.model import tuning as search
+from xray.requests import TuningRequest
+
+logger = logging.getLogger(__name__)
 
 
 @pipeline(name="chest_xray_tuning", model=MODEL, execution_mode=ExecutionMode.FAIL_FAST, on_failure=mark_run_failed)
-def tuning_pipeline(config: PipelineConfig, dataset_uri: str, trials: list[dict]) -> None:
-    identity = locate_archive(dataset_uri=dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
+def tuning_pipeline(request: TuningRequest, trials: list[dict]) -> None:
+    config = request.config
+    identity = locate_archive(dataset_uri=request.dataset_uri, s3=config.s3, expected_sha256=config.expected_sha256)
     sources = locate_sources(data=config.data, s3=config.s3)
     raw_archive = ingest_from_s3(identity, s3=config.s3, expected_sha256=config.expected_sha256)
     dataset, data_report, _ = unzip_and_validate(
@@ -29,6 +36,26 @@ def tuning_pipeline(config: PipelineConfig, dataset_uri: str, trials: list[dict]
     spec = build_datasets(dataset, data=config.data, model=model_config, train=train_config, seed=config.seed)
     model, history, _ = train_model(dataset, spec, model=model_config, train=train_config)
     evaluate_and_register(model, dataset, spec, data_report, history, config)
+
+
+def run_tuning(request: TuningRequest) -> dict:
+    """``tune``: trials drawn here (a pipeline parameter), trained as steps, the winner trained and registered."""
+    config = request.config
+    request = request.on(
+        config.model_copy(
+            update={"registry": config.registry.model_copy(update={"experiment_name": config.tuning.experiment_name})}
+        )
+    )
+    trials = search.sample(config.tuning, config.seed)
+    logger.info(
+        "search: %d trials (%s, seed %d) of %s",
+        len(trials),
+        config.tuning.sampler,
+        config.seed,
+        sorted(config.tuning.space),
+    )
+    summarize_search = lambda run, load: summarize(run, load, request.config)  # noqa: E731
+    return launch.train_like(tuning_pipeline, request, MODEL, summarize_search, trials=trials)
 
 
 def summarize(run, load, config: PipelineConfig) -> dict:

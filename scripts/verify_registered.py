@@ -80,30 +80,30 @@ def main(summary_path, version, model_name, archive, tolerance, output):
     mlflow.set_tracking_uri(tracking.tracking_uri())
     predictor, info = load_predictor(model_name, str(version))
     client = mlflow.tracking.MlflowClient()
-    run_id = client.get_model_version(model_name, info["version"]).run_id
+    run_id = client.get_model_version(model_name, info.version).run_id
     logged = client.get_run(run_id).data
     archive = archive or Path(sources.resolve(None).uri)
     if logged.params.get("dataset.sha256") not in (None, sha256_file(archive)):
         raise click.ClickException(f"{archive} is not the archive this version was trained on")
 
-    labels, images = test_split(archive, info["image_size"])
-    print(f"reloaded {info['uri']} (version {info['version']}, run {run_id}); {len(labels)} test images from {archive}")
+    labels, images = test_split(archive, info.image_size)
+    print(f"reloaded {info.uri} (version {info.version}, run {run_id}); {len(labels)} test images from {archive}")
     probabilities = predictor.model.predict(images, batch_size=64, verbose=0).reshape(-1)
-    report = metrics.evaluate(labels, probabilities, info["threshold"], bootstrap_samples=2000, seed=0)
+    report = metrics.evaluate(labels, probabilities, info.threshold, bootstrap_samples=2000, seed=0)
     difference = abs(report["auc"] - logged.metrics["test_auc"])
     report.update(
-        model_uri=info["uri"],
-        version=info["version"],
+        model_uri=info.uri,
+        version=info.version,
         run_id=run_id,
         logged_test_auc=logged.metrics["test_auc"],
         auc_difference=difference,
         tolerance=tolerance,
     )
-    output = output or Path("outputs") / f"verify_v{info['version']}.json"
+    output = output or Path("outputs") / f"verify_v{info.version}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=float) + "\n")
     for name, point, ci in (
-        ("chosen threshold %.4f" % info["threshold"], report["at_threshold"], report["ci95"]),
+        ("chosen threshold %.4f" % info.threshold, report["at_threshold"], report["ci95"]),
         ("threshold 0.5", report["at_0_5"], report["ci95_at_0_5"]),
     ):
         print(

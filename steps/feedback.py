@@ -3,39 +3,37 @@
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Optional, Tuple
+from typing import Annotated, Tuple
 
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from zenml import log_metadata, step
 
-from steps.predict import log_store
+from steps.logstore import log_store
+from steps.records import FeedbackSummary
 from steps.tracking import log_config, log_images, mlflow_run
-from xray.config import EvaluateConfig, MonitoringConfig, RegistryConfig
 from xray.errors import ConfigError
 from xray.monitoring import feedback, prediction_log
 from xray.monitoring.report import feedback_figures, post_alert
 from xray.registry import store
+from xray.requests import FeedbackRequest
 
 logger = logging.getLogger(__name__)
 
 
 @step(enable_cache=False, experiment_tracker=True)
 def assess_feedback(
-    labels: str,
-    period: str,
-    site: Optional[str],
-    monitoring: MonitoringConfig,
-    evaluate: EvaluateConfig,
-    registry: RegistryConfig,
-    seed: int = 42,
+    request: FeedbackRequest,
 ) -> Tuple[
     Annotated[pd.DataFrame, "performance"],
     Annotated[pd.DataFrame, "labelled_predictions"],
-    Annotated[dict, "feedback_summary"],
+    Annotated[FeedbackSummary, "feedback_summary"],
 ]:
     """Read the labels and the whole log, join, measure, and post any degradation to the webhook."""
+    config = request.config
+    monitoring, evaluate, registry, seed = config.monitoring, config.evaluate, config.registry, config.seed
+    labels, period, site = request.labels, request.period or monitoring.feedback_period, request.site
     resolved = log_store(monitoring.prediction_log)
     if resolved is None:
         raise ConfigError("monitoring.prediction_log is off: there are no logged predictions to join labels to")
@@ -79,4 +77,4 @@ def assess_feedback(
         log_images(plots, "feedback")
     log_metadata(metadata={k: v for k, v in summary.items() if isinstance(v, (int, str))})
     logger.info("feedback: %s", {k: v for k, v in summary.items() if k != "alerts"})
-    return result, joined.rows, summary
+    return result, joined.rows, FeedbackSummary(summary)

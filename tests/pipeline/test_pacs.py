@@ -23,7 +23,7 @@ from dicom_factory import radiograph
 from infra.pacs import Pacs, orthanc_binary
 from xray.config import InferenceConfig
 from xray.errors import DatasetSourceError, SourceUnavailable
-from xray.serving import sr
+from xray.serving import batch, sr
 from xray.serving.batch import PredictionWriter, predict_source
 from xray.storage import dicomweb
 
@@ -125,7 +125,11 @@ def test_write_back_leaves_one_report_per_analysed_image_and_a_rerun_adds_none(p
     writer_sr = sr.ReportWriter(pacs.dicomweb, "chest-xray-classifier", predictor.version)
     with PredictionWriter(str(tmp_path / "preds.csv")) as writer:
         result = predict_source(
-            predictor, pacs.dicomweb, InferenceConfig(batch_size=4), writer, on_batch=writer_sr.write
+            predictor,
+            pacs.dicomweb,
+            InferenceConfig(batch_size=4),
+            writer,
+            wanted=batch.Wanted(on_batch=writer_sr.write),
         )
     table = pd.read_csv(tmp_path / "preds.csv", keep_default_na=False)
     # The SR is listed and skipped (not an image, not a failure); the CT is read and out of scope.
@@ -151,7 +155,9 @@ def test_write_back_leaves_one_report_per_analysed_image_and_a_rerun_adds_none(p
         assert report.PatientID == made[source][1]  # filed under the image's patient
     # Again: every report is found in the PACS, none written twice; the reports themselves are skipped as SRs.
     again = sr.ReportWriter(pacs.dicomweb, "chest-xray-classifier", predictor.version)
-    result = predict_source(predictor, pacs.dicomweb, InferenceConfig(batch_size=4), None, on_batch=again.write)
+    result = predict_source(
+        predictor, pacs.dicomweb, InferenceConfig(batch_size=4), None, wanted=batch.Wanted(on_batch=again.write)
+    )
     assert again.written == 0 and again.already == len(table) and len(reports_in(pacs)) == len(reports)
     assert result.not_read[dicomweb.NOT_AN_IMAGE] == 1 + len(reports)
     assert PASSWORD not in caplog.text

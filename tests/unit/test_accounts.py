@@ -168,8 +168,11 @@ def test_a_gate_promotion_the_server_refuses_is_one_line_that_says_what_to_do(mo
 
 @pytest.fixture
 def decided(monkeypatch):
-    """launch.decide with the decision itself recorded instead of made; ``signed_in`` is the server's account."""
-    from pipelines import launch
+    """pipelines.decisions.decide with the decision itself recorded instead of made; ``signed_in`` is the server's
+    account."""
+    from pipelines import decisions as launch
+    from xray.config import PipelineConfig
+    from xray.requests import DecisionRequest
 
     calls, signed_in = [], {"user": None}
     monkeypatch.setattr(launch.tracking, "authenticated_user", lambda uri: signed_in["user"])
@@ -179,8 +182,13 @@ def decided(monkeypatch):
         tags = {}
 
     monkeypatch.setattr(launch.MlflowClient, "get_model_version", lambda self, name, version: Version())
-    config = launch.PipelineConfig(registry=RegistryConfig(tracking_uri="http://127.0.0.1:1"))
-    return lambda reviewer: launch.decide(config, "approve", "2", reviewer, "checked"), calls, signed_in
+    config = PipelineConfig(registry=RegistryConfig(tracking_uri="http://127.0.0.1:1"))
+
+    def decide(reviewer):
+        request = DecisionRequest(config=config, action="approve", model_version="2", reviewer=reviewer, reason="ok")
+        return launch.decide(request)
+
+    return decide, calls, signed_in
 
 
 def test_the_record_names_the_signed_in_account_not_a_typed_name(decided):
@@ -197,7 +205,7 @@ def test_the_record_names_the_signed_in_account_not_a_typed_name(decided):
 
 
 def test_a_decision_the_server_refuses_is_one_line_naming_the_account(decided, monkeypatch):
-    from pipelines import launch
+    from pipelines import decisions as launch
 
     decide, _, signed_in = decided
     signed_in["user"] = "trainer"

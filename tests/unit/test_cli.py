@@ -1,4 +1,4 @@
-"""run.py's argument handling, with the pipeline launch replaced by a recorder."""
+"""The command line (cli/): one command per job, the earlier --pipeline forms, one request per job, each launch replaced by a recorder."""
 
 from pathlib import Path
 
@@ -12,63 +12,142 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "training_smoke.yaml"
 
 
+JOBS = {
+    "train": "pipelines.training:run_training",
+    "tune": "pipelines.tuning:run_tuning",
+    "infer": "pipelines.inference:run_inference",
+    "monitor": "pipelines.monitoring:run_monitoring",
+    "evaluate": "pipelines.evaluation:run_evaluation",
+    "feedback": "pipelines.feedback:run_feedback",
+    "decide": "pipelines.decisions:decide",
+}
+
+
 @pytest.fixture
 def launched(monkeypatch):
-    import run
+    """Every job's launch replaced by a recorder of the request it was handed (no ZenML store is touched)."""
+    import importlib
+
+    from cli import output
+    from cli.app import main
     from pipelines import launch
 
-    calls = []
-    monkeypatch.setattr(launch, "run_training", lambda config, *args: calls.append(config) or {"seed": config.seed})
-    monkeypatch.setattr(launch, "on_stack", lambda config, name: config)  # no ZenML store is touched here
-    monkeypatch.setattr(run, "import_tensorflow_quietly", lambda: None)
-    return run, calls
+    requests = []
+    for job, target in JOBS.items():
+        module, name = target.split(":")
+        monkeypatch.setattr(
+            importlib.import_module(module),
+            name,
+            lambda request, job=job: requests.append((job, request)) or {"job": job},
+        )
+    monkeypatch.setattr(launch, "on_stack", lambda config, name: config)
+    monkeypatch.setattr(output, "import_tensorflow_quietly", lambda: None)
+    return main, requests
+
+
+def invoke(main, *args):
+    return CliRunner().invoke(
+        main,
+        [*args, "--config", str(SMOKE)] if args and not args[0].startswith("-") else [*args, "--config", str(SMOKE)],
+    )
+
+
+def test_the_help_lists_one_command_per_job_and_each_its_own_options(launched):
+    main, _ = launched
+    listed = CliRunner().invoke(main, ["--help"]).output
+    for command in ("train", "tune", "infer", "monitor", "evaluate", "feedback", "approve", "reject", "rollback"):
+        assert f"  {command} " in listed, command
+    own = CliRunner().invoke(main, ["infer", "--help"]).output
+    assert "--images" in own and "--shards" in own and "--if-changed" not in own
+    assert CliRunner().invoke(main, ["--pipeline", "inference", "--help"]).output == own
+
+
+@pytest.mark.parametrize(
+    "args, job, fields",
+    [
+        ([], "train", {"if_changed": False, "schedule": None}),
+        (["--pipeline", "training", "--if-changed"], "train", {"if_changed": True}),
+        (
+            ["train", "--no-cache", "--dataset-uri", "s3://b/k.zip"],
+            "train",
+            {"no_cache": True, "dataset_uri": "s3://b/k.zip"},
+        ),
+        (["--pipeline=inference", "--images", "x", "--shards", "3"], "infer", {"shards": 3, "images": "x"}),
+        (
+            ["infer", "--images", "dicomweb://p:8042/dicom-web", "--write-back", "--site", "b"],
+            "infer",
+            {"write_back": True, "site": "b"},
+        ),
+        (["--pipeline", "monitoring", "--images", "x", "--fail-on-drift"], "monitor", {"fail_on_drift": True}),
+        (
+            ["evaluate", "--dataset-uri", "s.zip", "--recalibrate-fraction", "0.3"],
+            "evaluate",
+            {"recalibrate_fraction": 0.3},
+        ),
+        (["--pipeline", "feedback", "--labels", "l.csv", "--period", "month"], "feedback", {"period": "month"}),
+        (
+            ["approve", "--model-version", "2", "--reviewer", "alice", "--reason", "ok"],
+            "decide",
+            {"action": "approve", "reviewer": "alice"},
+        ),
+        (["rollback", "--to", "1", "--reason", "alarms"], "decide", {"action": "rollback", "model_version": "1"}),
+        (
+            ["approve", "--model-version", "2", "--operating-point", "b:0123456789ab", "--reason", "x"],
+            "decide",
+            {"operating_point": "b:0123456789ab"},
+        ),
+    ],
+)
+def test_each_command_hands_its_job_one_request(launched, args, job, fields):
+    """The forms of earlier releases (--pipeline X) reach the same job as the commands."""
+    main, requests = launched
+    result = CliRunner().invoke(main, [*args, "--config", str(SMOKE)])
+    assert result.exit_code == 0, result.output
+    ((launched_job, request),) = requests
+    assert launched_job == job and {k: getattr(request, k) for k in fields} == fields
+    assert request.config.model_dump() == load_config(SMOKE).model_dump()
 
 
 def test_seed_flag_overrides_the_config_seed(launched):
-    run, calls = launched
-    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), "--seed", "7"])
-    assert result.exit_code == 0, result.output
-    assert calls[0].seed == 7
-    assert calls[0].model_dump(exclude={"seed"}) == load_config(SMOKE).model_dump(exclude={"seed"})
-
-
-def test_without_the_flag_the_yaml_seed_stands(launched):
-    run, calls = launched
-    result = CliRunner().invoke(run.main, ["--config", str(SMOKE)])
-    assert result.exit_code == 0, result.output
-    assert calls[0].seed == yaml.safe_load(SMOKE.read_text()).get("seed", 42) != 7
+    main, requests = launched
+    assert CliRunner().invoke(main, ["train", "--config", str(SMOKE), "--seed", "7"]).exit_code == 0
+    config = requests[0][1].config
+    assert config.seed == 7 and config.model_dump(exclude={"seed"}) == load_config(SMOKE).model_dump(exclude={"seed"})
+    assert yaml.safe_load(SMOKE.read_text()).get("seed", 42) != 7
 
 
 def test_seed_must_be_an_integer(launched):
-    run, calls = launched
-    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), "--seed", "seven"])
-    assert result.exit_code == 2 and "is not a valid integer" in result.output and not calls
+    main, requests = launched
+    result = CliRunner().invoke(main, ["--config", str(SMOKE), "--seed", "seven"])
+    assert result.exit_code == 2 and "is not a valid integer" in result.output and not requests
 
 
 def test_verbosity_flags_set_the_project_and_third_party_levels(launched, monkeypatch):
     import logging
 
-    run, calls = launched
+    from cli import output
+
+    main, _ = launched
     monkeypatch.setenv("ZENML_LOGGING_VERBOSITY", "INFO")
-    assert CliRunner().invoke(run.main, ["--config", str(SMOKE)]).exit_code == 0
+    assert CliRunner().invoke(main, ["--config", str(SMOKE)]).exit_code == 0
     assert logging.getLogger("xray").level == logging.INFO and logging.getLogger("botocore").level == logging.WARNING
-    assert CliRunner().invoke(run.main, ["--config", str(SMOKE), "-q"]).exit_code == 0
-    assert logging.getLogger("xray").level == logging.WARNING and not run.VERBOSE
-    assert CliRunner().invoke(run.main, ["--config", str(SMOKE), "-v"]).exit_code == 0
+    assert CliRunner().invoke(main, ["--config", str(SMOKE), "-q"]).exit_code == 0
+    assert logging.getLogger("xray").level == logging.WARNING and not output.State.verbose
+    assert CliRunner().invoke(main, ["--config", str(SMOKE), "-v"]).exit_code == 0
     assert logging.getLogger("xray").level == logging.DEBUG and logging.getLogger("werkzeug").level == logging.INFO
-    assert run.VERBOSE and __import__("os").environ["ZENML_LOGGING_VERBOSITY"] == "DEBUG"
-    assert CliRunner().invoke(run.main, ["--config", str(SMOKE), "--log-level", "error"]).exit_code == 0
+    assert output.State.verbose and __import__("os").environ["ZENML_LOGGING_VERBOSITY"] == "DEBUG"
+    assert CliRunner().invoke(main, ["--config", str(SMOKE), "--log-level", "error"]).exit_code == 0
     assert logging.getLogger("xray").level == logging.ERROR and logging.getLogger("mlflow").level == logging.ERROR
-    both = CliRunner().invoke(run.main, ["--config", str(SMOKE), "-v", "-q"])
+    both = CliRunner().invoke(main, ["--config", str(SMOKE), "-v", "-q"])
     assert both.exit_code == 2 and "contradict" in both.output
-    run.configure_logging("info")  # leave the process as the other tests expect it
+    output.configure_logging("info")  # leave the process as the other tests expect it
 
 
 def test_the_tensorflow_banner_is_dropped_and_other_import_output_kept(capfd, monkeypatch):
     import builtins
     import os
 
-    import run
+    from cli import output
 
     real_import = builtins.__import__
 
@@ -83,7 +162,7 @@ def test_the_tensorflow_banner_is_dropped_and_other_import_output_kept(capfd, mo
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", noisy_import)
-    run.import_tensorflow_quietly()
+    output.import_tensorflow_quietly()
     err = capfd.readouterr().err
     assert "a real warning from the import" in err and "oneDNN" not in err and "absl" not in err
 
@@ -93,6 +172,8 @@ def test_the_tensorflow_banner_is_dropped_and_other_import_output_kept(capfd, mo
     "command, expected",
     [
         (["run.py", "--list-schedules"], "zenml pipeline schedule delete"),
+        (["run.py", "schedules"], "zenml pipeline schedule delete"),
+        (["run.py", "--help"], "infer"),
         (["scripts/pacs_demo_upload.py", "--help"], "usage: pacs_demo_upload.py"),
         (["scripts/verify_registered.py", "--help"], "Usage: verify_registered.py"),
     ],
@@ -171,101 +252,69 @@ def test_make_monitor_without_images_says_that_images_is_required():
     [
         (
             ["--pipeline", "monitoring", "--images", "x", "--site", "b"],
-            "--site belongs to --pipeline evaluation, inference or feedback",
+            "--site belongs to evaluate and feedback and infer, not monitor",
         ),
-        (["--pipeline", "inference", "--images", "x", "--labels", "l.csv"], "--labels, --period and --fail-on"),
-        (["--pipeline", "feedback"], "--pipeline feedback needs --labels FILE.csv"),
+        (["--pipeline", "inference", "--images", "x", "--labels", "l.csv"], "--labels belongs to feedback, not infer"),
+        (["--pipeline", "feedback"], "Missing option '--labels'"),
         (
             ["--pipeline", "inference", "--images", "x", "--recalibrate-fraction", "0.3"],
-            "--recalibrate-fraction belongs",
+            "--recalibrate-fraction belongs to evaluate",
         ),
-        (["--pipeline", "inference", "--images", "x", "--if-changed"], "--if-changed belongs to --pipeline training"),
+        (["--pipeline", "inference", "--images", "x", "--if-changed"], "--if-changed belongs to train, not infer"),
         (["--if-changed", "--schedule", "0 3 * * 1"], "--if-changed checks once, before a launch"),
+        (["infer", "--images", "x", "--write-back"], "--write-back needs --images dicomweb://"),
+        (["infer", "--images", "x", "--shards", "2", "--explain", "3"], "--shards needs no --explain"),
+        (["tune"], "tune needs a `tuning:` section in the config"),
+        (["approve", "--model-version", "2", "--reviewer", "a"], "Missing option '--reason'"),
+        (["approve", "--reviewer", "a", "--reason", "ok"], "Missing option '--model-version'"),
+        (["approve", "--model-version", "champion", "--reason", "ok"], "a decision names a version number"),
+        (["rollback", "--reviewer", "a", "--reason", "ok"], "Missing option '--to'"),
+        (
+            ["reject", "--model-version", "2", "--reason", "x", "--operating-point", "b:ab"],
+            "--operating-point belongs to approve, not reject",
+        ),
+        (
+            ["approve", "--model-version", "2", "--reason", "x", "--operating-point", "b"],
+            "--operating-point takes SITE:ID",
+        ),
+        (["--pipeline", "scoring"], "--pipeline 'scoring' is not one of"),
     ],
 )
-def test_flags_of_another_pipeline_are_refused_in_one_line(launched, args, message):
-    run, calls = launched
-    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
-    assert result.exit_code == 2 and message in result.output and not calls
+def test_an_option_of_another_job_or_a_contradiction_is_one_line_and_no_run(launched, args, message):
+    main, requests = launched
+    result = CliRunner().invoke(main, [*args, "--config", str(SMOKE)])
+    assert result.exit_code == 2 and message in result.output and not requests, result.output
 
 
-def test_if_changed_reaches_the_training_launch(launched, monkeypatch):
-    run, _ = launched
-    from pipelines import launch
-
-    seen = []
-    monkeypatch.setattr(launch, "run_training", lambda config, *args: seen.append(args) or {"skipped": "x"})
-    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), "--if-changed"])
-    assert result.exit_code == 0, result.output
-    assert seen == [(None, False, None, True)]
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["approve", "--model-version", "2", "--reviewer", "a"], "approve needs --reason TEXT"),
-        (["approve", "--reviewer", "a", "--reason", "ok"], "approve needs --model-version N (a version number)"),
-        (["rollback", "--reviewer", "a", "--reason", "ok"], "rollback needs --to N"),
-    ],
-)
-def test_a_decision_without_who_why_or_which_version_is_refused(launched, args, message):
-    run, calls = launched
-    result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
-    assert result.exit_code == 2 and message in result.output and not calls
-
-
-def test_approve_reject_and_rollback_reach_the_decision(launched, monkeypatch):
-    run, _ = launched
-    from pipelines import launch
-
-    seen = []
-    monkeypatch.setattr(launch, "decide", lambda config, *args: seen.append(args) or {"action": args[0]})
-    for args in (
-        ["approve", "--model-version", "2", "--reviewer", "alice", "--reason", "checked"],
-        ["reject", "--model-version", "3", "--reviewer", "bob", "--reason", "no"],
-        ["rollback", "--to", "1", "--reviewer", "ops", "--reason", "alarms"],
-        ["approve", "--model-version", "2", "--operating-point", "site-b:0123456789ab", "--reason", "re-fitted"],
-    ):
-        result = CliRunner().invoke(run.main, ["--config", str(SMOKE), *args])
-        assert result.exit_code == 0, result.output
-    assert seen == [
-        ("approve", "2", "alice", "checked", None),
-        ("reject", "3", "bob", "no", None),
-        ("rollback", "1", "ops", "alarms", None),
-        ("approve", "2", None, "re-fitted", "site-b:0123456789ab"),
-    ]
-    refused = CliRunner().invoke(
-        run.main,
-        ["--config", str(SMOKE), "reject", "--model-version", "2", "--reason", "x", "--operating-point", "site-b"],
-    )
-    assert refused.exit_code == 2 and "--operating-point belongs to approve" in refused.output
-
-
-def test_a_malformed_labels_file_is_one_line_and_no_run(launched, monkeypatch, tmp_path):
-    run, _ = launched
+def test_a_malformed_labels_file_is_one_line_and_no_run(monkeypatch, tmp_path):
+    from cli import output
+    from cli.app import main
     from pipelines import launch
 
     runs = []
     monkeypatch.setattr(launch, "launch", lambda *args, **kwargs: runs.append(args) or {})
+    monkeypatch.setattr(launch, "on_stack", lambda config, name: config)
+    monkeypatch.setattr(output, "import_tensorflow_quietly", lambda: None)
     labels = tmp_path / "labels.csv"
     labels.write_text("sha256,label\nab,NORMAL\ncd,MAYBE\n")
-    output = tmp_path / "feedback"
-    args = ["--config", str(SMOKE), "--pipeline", "feedback", "--labels", str(labels), "--output", str(output)]
-    result = CliRunner().invoke(run.main, args)
-    assert result.exit_code == 1 and not runs and not output.exists()
+    output_folder = tmp_path / "feedback"
+    args = ["--config", str(SMOKE), "--pipeline", "feedback", "--labels", str(labels), "--output", str(output_folder)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and not runs and not output_folder.exists()
     assert result.output.strip().splitlines() == [
         "error: labels labels.csv: unknown label 'MAYBE' on line 3 (1 such rows); labels are NORMAL or PNEUMONIA"
     ]
 
 
-def test_fail_on_degradation_prints_each_alert_and_exits_4_after_the_summary(launched, monkeypatch, tmp_path):
-    run, _ = launched
-    from pipelines import launch
+def test_fail_on_degradation_prints_each_alert_and_exits_4_after_the_summary(launched, monkeypatch):
+    from cli.common import DEGRADATION_EXIT_CODE
+    from pipelines import feedback
 
+    main, _ = launched
     alert = "sensitivity degraded in period 2026-W49, site north, v3: 0.400 (95% CI 0.25-0.58, 30 PNEUMONIA) ..."
-    monkeypatch.setattr(launch, "run_feedback", lambda *args: {"alerts": [alert], "labels": 120})
+    monkeypatch.setattr(feedback, "run_feedback", lambda request: {"alerts": [alert], "labels": 120})
     args = ["--config", str(SMOKE), "--pipeline", "feedback", "--labels", "x.csv"]
-    result = CliRunner().invoke(run.main, [*args, "--fail-on-degradation"])
-    assert result.exit_code == run.DEGRADATION_EXIT_CODE == 4
+    result = CliRunner().invoke(main, [*args, "--fail-on-degradation"])
+    assert result.exit_code == DEGRADATION_EXIT_CODE == 4
     assert f"error: {alert}" in result.output and '"labels": 120' in result.output
-    assert CliRunner().invoke(run.main, args).exit_code == 0, "without the flag an alert is reported, not fatal"
+    assert CliRunner().invoke(main, args).exit_code == 0, "without the flag an alert is reported, not fatal"

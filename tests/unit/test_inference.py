@@ -12,7 +12,7 @@ from dicom_factory import radiograph
 from xray.config import ArchiveLimits, InferenceConfig
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.monitoring.prediction_log import PredictionLog, open_store, read_log
-from xray.serving.batch import PREDICTION_COLUMNS, PredictionWriter, predict_source, predict_stream
+from xray.serving.batch import PREDICTION_COLUMNS, PredictionWriter, Wanted, predict_source, predict_stream
 from xray.storage import listing, s3
 
 
@@ -185,7 +185,7 @@ def test_monitoring_keeps_the_table_features_and_the_most_unusual_images(predict
     folder = images_folder(tmp_path / "in", 12, unreadable=())
     inverted = 255 - radiograph_like(np.random.default_rng(9), 40)
     (folder / "999.png").write_bytes(png(inverted))
-    result = predict_source(predictor, str(folder), InferenceConfig(), keep=True, examples=3)
+    result = predict_source(predictor, str(folder), InferenceConfig(), wanted=Wanted(keep=True, examples=3))
     assert len(result.table) == 13 and len(result.features) == 13
     scores = [score for score, _, _ in result.examples]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)

@@ -193,7 +193,7 @@ def test_registration_gate_sites_and_loading_leave_no_scratch_folders(store, can
     assert result.gate["site:site"]["images"] == 6
     predictor, info = load_predictor(MODEL, "champion")
     profile, _ = load_reference_profile(MODEL, "champion")
-    update_model_card(store, MODEL, info["version"])
+    update_model_card(store, MODEL, info.version)
     # TensorFlow's autograph writes the sources it generates there too, and removes them when the interpreter exits.
     left = sorted(p.name for p in scratch_tempdir.iterdir() if not p.name.startswith("__autograph_generated_file"))
     assert left == []
@@ -334,7 +334,7 @@ def test_serving_downloads_the_version_checks_it_and_refuses_a_changed_one(store
 
     register(store, candidate)
     local, info = serve.checked_folder(MODEL, "champion", tmp_path / "serving")
-    assert info["version"] == "1" and (tmp_path / "serving" / f"{MODEL}-v1").stat().st_mode & 0o777 == 0o700
+    assert info.version == "1" and (tmp_path / "serving" / f"{MODEL}-v1").stat().st_mode & 0o777 == 0o700
     assert os.path.isfile(os.path.join(local, "data", "model.keras"))
     (artifact_folder(store, "1") / "data" / "serving.json").write_text('{"threshold": 0.0}')
     code = serve.main(["--model-name", MODEL, "--folder", str(tmp_path / "serving"), "--port", "1"])
@@ -351,8 +351,7 @@ def test_serving_downloads_the_version_checks_it_and_refuses_a_changed_one(store
     decisions.approve(store, waiting, "2", "reviewer", "registered again after v1's files changed")
     local, info = serve.checked_folder(MODEL, "champion", tmp_path / "serving")
     assert (
-        info["version"] == "2"
-        and json.loads(open(os.path.join(local, "data", "serving.json")).read())["version"] == "2"
+        info.version == "2" and json.loads(open(os.path.join(local, "data", "serving.json")).read())["version"] == "2"
     )
 
 

@@ -48,12 +48,14 @@ def _orchestrator(schedulable: bool, flavor: str):
 
 
 def test_schedule_reaches_with_options_when_the_orchestrator_can_schedule(tmp_path):
-    from pipelines import launch
+    from pipelines import launch, training
     from xray.config import PipelineConfig
+    from xray.requests import TrainingRequest
 
     schedule = launch.schedule_for("cron(0 3 ? * MON *)", _orchestrator(True, "sagemaker"), "xray-sagemaker")
     assert schedule.cron_expression == "0 3 ? * MON *"
-    options = launch.launch_options(PipelineConfig(zenml={"settings": {}}), False, schedule, tmp_path)
+    request = TrainingRequest(config=PipelineConfig(zenml={"settings": {}}), schedule="cron(0 3 ? * MON *)")
+    options = launch.launch_options(request, schedule, tmp_path, training.MODEL)
     assert options["schedule"] is schedule
     assert options["config_path"].endswith("zenml_run_config.yaml")
 

@@ -37,6 +37,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
+from xray.config import MonitoringConfig
 from xray.data.images import decode_image
 
 WORKING_SIZE = 224
@@ -339,13 +340,17 @@ def fit_profile(
     val: list[ImageFeatures],
     val_probabilities: np.ndarray,
     class_threshold: float,
-    alpha: float = 0.01,
-    components: int = 16,
-    neighbours: int = 20,
-    aspect_ratio_tolerance: float = 1.5,
+    settings: MonitoringConfig | None = None,
     seed: int = 0,
+    alpha: float | None = None,
 ) -> ReferenceProfile:
-    """Fit both detectors on train; standardise, correlate and threshold their scores on val only."""
+    """Fit both detectors on train; standardise, correlate and threshold their scores on val only. ``settings``: the
+    monitoring section (ood_alpha, content_components, neighbours, aspect_ratio_tolerance); ``alpha`` overrides its
+    ood_alpha."""
+    settings = settings or MonitoringConfig()
+    alpha = settings.ood_alpha if alpha is None else alpha
+    components, neighbours = settings.content_components, settings.neighbours
+    aspect_ratio_tolerance = settings.aspect_ratio_tolerance
     if len(train) < 3 or len(val) < 3:
         raise ValueError(
             f"a reference profile needs at least 3 train and 3 val images (got {len(train)} and {len(val)})"

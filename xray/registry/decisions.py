@@ -9,8 +9,10 @@ import json
 import tempfile
 from datetime import datetime, timezone
 
+from requests import HTTPError
+
 from xray.errors import ConfigError
-from xray.registry import card, store
+from xray.registry import card, store, tracking
 
 APPROVAL_TAG = store.APPROVAL_TAG
 
@@ -144,3 +146,51 @@ def apply_operating_point(client, registry, version: str, proposal: str, reviewe
     action["why"] = f"{action['why']} (threshold {float(point['threshold']):.4f}, {point['fitted_on']})"
     store.add_history(client, registry.model_name, version, action)
     return {"model_version": version, "site": site, "operating_point": point, **action}
+
+
+MANAGE_NEEDED = "changing a sealed version needs MANAGE on the model, which this run's MLflow account lacks"
+
+
+def record_site_evaluation(client, model_name: str, version: str, site: str, result: dict, run_id: str) -> dict:
+    """What a site evaluation leaves on the version: its measurements (the tag ``site.<site>``, anyone's to write),
+    a re-fitted operating point that meets the policy (stored, or, where the run's account may not change a sealed
+    version, proposed with its ID for a reviewer: ``approve --operating-point SITE:ID``), and the card's site table.
+    Returns what became of the operating point and the card (the summary's ``operating_point``, ``model_card``)."""
+    recalibrated, done = result.get("recalibrated"), {}
+    if recalibrated is not None and recalibrated["meets_policy"]:
+        recalibrated["operating_point"] = {
+            "calibration": recalibrated["calibration"],
+            "threshold": recalibrated["metrics"]["threshold"],
+            "threshold_policy": recalibrated["threshold_policy"],
+            "fitted_on": f"{recalibrated['calibration_images']} images of the site (--recalibrate-fraction "
+            f"{recalibrated['fraction']:g}, run {run_id})",
+        }
+    store.record_site_result(client, model_name, version, site, result["metrics"], run_id, recalibrated)
+    if recalibrated is not None and recalibrated["meets_policy"]:
+        point = recalibrated["operating_point"]
+        proposal = f"--operating-point {site}:{card.proposal_id(point)}"
+        stored = _unless_refused(lambda: store.save_operating_point(client, model_name, version, site, point))
+        done["operating_point"] = (
+            f"stored: --site {site} now uses it in batch inference and serving"
+            if stored
+            else f"proposed, not stored ({MANAGE_NEEDED}); a reviewer applies it: python3 run.py approve "
+            f"--model-version {version} {proposal} --reason TEXT"
+        )
+    elif recalibrated is not None:
+        done["operating_point"] = "not stored: " + recalibrated["policy"]
+    if not _unless_refused(lambda: store.update_model_card(client, model_name, version)):
+        done["model_card"] = f"not updated ({MANAGE_NEEDED}): the site's row is in the tag site.{site}"
+    return done
+
+
+def _unless_refused(write) -> bool:
+    """Run ``write``; False where the tracking server refused it for want of permission (anything else raises)."""
+    from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
+
+    try:
+        write()
+    except (MlflowException, HTTPError) as error:
+        if tracking.refusal(error) is None:
+            raise
+        return False
+    return True

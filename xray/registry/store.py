@@ -11,6 +11,7 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from xray.config import ScopeConfig
@@ -124,7 +125,21 @@ def model_uri(model_name: str, version_or_alias: str) -> str:
     )
 
 
-def resolve_version(model_name: str, version_or_alias: str) -> dict:
+@dataclass
+class ModelInfo:
+    """A registered version pinned (a ZenML artifact: every step of a run uses the same one): ``uri``
+    ``models:/<name>/<number>``, what was asked for (a number or an alias), its number, the digest of its files
+    recorded at registration (None for versions registered before digests), its threshold and image size."""
+
+    uri: str
+    requested: str
+    version: str
+    digest: str | None
+    threshold: float
+    image_size: int
+
+
+def resolve_version(model_name: str, version_or_alias: str) -> ModelInfo:
     """The version behind a number or an alias, pinned: uri ``models:/<name>/<number>``, threshold, image size, and
     the digest of its files recorded at registration (None for versions registered before digests)."""
     import mlflow  # lazy: MLflow's import takes seconds
@@ -140,18 +155,20 @@ def resolve_version(model_name: str, version_or_alias: str) -> dict:
         )
     except MlflowException:
         raise ConfigError(f"no model version {uri} in the registry at {mlflow.get_tracking_uri()}") from None
-    info = {
-        "uri": model_uri(model_name, str(version.version)),
-        "requested": version_or_alias,
-        "version": str(version.version),
-        "digest": version.tags.get(DIGEST_TAG),
-    }
+    info = ModelInfo(
+        model_uri(model_name, str(version.version)),
+        version_or_alias,
+        str(version.version),
+        version.tags.get(DIGEST_TAG),
+        0.0,
+        0,
+    )
     # Not mlflow.models.get_model_info: from a remote artifact store it downloads MLmodel into a folder it never
     # removes, one per call.
     with tempfile.TemporaryDirectory(prefix="xray-mlmodel-") as folder:
         local = download_verified(info, "MLmodel", folder)
         metadata = mlflow.models.Model.load(local).metadata or {}
-    return info | {"threshold": float(metadata["threshold"]), "image_size": int(metadata["image_size"])}
+    return replace(info, threshold=float(metadata["threshold"]), image_size=int(metadata["image_size"]))
 
 
 DIGEST_TAG = "model_sha256"
@@ -160,34 +177,34 @@ APPROVAL_TAG = "approval"
 _UNVERIFIED_WARNED: set[str] = set()
 
 
-def download_verified(info: dict, relative: str, folder: str, quiet: bool = False) -> str:
+def download_verified(info: ModelInfo, relative: str, folder: str, quiet: bool = False) -> str:
     """Download the version's folder (``relative`` empty), a subfolder or a file of it into ``folder`` and check it
     against the digest recorded at registration (:func:`xray.serving.bundle.verify`); returns the local path."""
     import mlflow  # lazy: MLflow's import takes seconds
     from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
 
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{info['uri']}/{relative}" if relative else info["uri"], dst_path=os.path.join(folder, "files")
+        artifact_uri=f"{info.uri}/{relative}" if relative else info.uri, dst_path=os.path.join(folder, "files")
     )
-    if info.get("digest") is None:
-        if info["uri"] not in _UNVERIFIED_WARNED and not quiet:
-            _UNVERIFIED_WARNED.add(info["uri"])
+    if info.digest is None:
+        if info.uri not in _UNVERIFIED_WARNED and not quiet:
+            _UNVERIFIED_WARNED.add(info.uri)
             logger.warning(
                 "model version %s has no recorded digest (registered before digests): its files are not verified; "
                 "register and approve a new version to have them checked",
-                info["version"],
+                info.version,
             )
         return local
     try:
         listing = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{info['uri']}/{bundle.MANIFEST_FILE}", dst_path=os.path.join(folder, "manifest")
+                artifact_uri=f"{info.uri}/{bundle.MANIFEST_FILE}", dst_path=os.path.join(folder, "manifest")
             )
         ).read_text()
     except MlflowException:
         listing = ""  # no file list: verify() refuses, naming it
     prefix = relative + ("/" if relative and os.path.isdir(local) else "")
-    bundle.verify(local, listing, info["digest"], info["version"], prefix)
+    bundle.verify(local, listing, info.digest, info.version, prefix)
     return local
 
 
@@ -199,11 +216,8 @@ def seal(client, model_name: str, version: str, card: str | None = None, changed
     never sealed over). The list is checked against the folder before it is recorded. Returns the digest."""
     model_version = client.get_model_version(model_name, version)
     model_id = logged_model_id(model_version)
-    info = {
-        "uri": model_uri(model_name, version),
-        "version": str(version),
-        "digest": model_version.tags.get(DIGEST_TAG),
-    }
+    digest = model_version.tags.get(DIGEST_TAG)
+    info = ModelInfo(model_uri(model_name, version), str(version), str(version), digest, 0.0, 0)
     with tempfile.TemporaryDirectory(prefix="xray-seal-") as folder:
         local = Path(download_verified(info, "", folder, quiet=True))
         written = Path(folder) / "written"
@@ -261,8 +275,8 @@ def load_predictor(model_name: str, version_or_alias: str):
     with tempfile.TemporaryDirectory(prefix="xray-model-") as folder:
         local = download_verified(info, "", folder)
         predictor = bundle.read(os.path.join(local, bundle.DATA_DIR))
-    predictor.version = info["version"]
-    return predictor, info | {"has_reference_profile": predictor.profile is not None}
+    predictor.version = info.version
+    return predictor, info
 
 
 def load_reference_profile(model_name: str, version_or_alias: str):
@@ -277,7 +291,7 @@ def load_reference_profile(model_name: str, version_or_alias: str):
             if "No such artifact" not in str(error):
                 raise
             raise ConfigError(
-                f"{info['uri']} has no reference profile (registered before profiles existed): "
+                f"{info.uri} has no reference profile (registered before profiles existed): "
                 "train and register a new version to monitor against it"
             ) from None
         return ReferenceProfile.load(local), info

@@ -277,6 +277,18 @@ def shard_output(output: str, shard: int, shards: int) -> str:
     return str(path.with_name(f"{path.stem}.part-{shard}-of-{shards}{path.suffix}"))
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """What a stream keeps beside the rows it writes: the table and the out-of-distribution features (``keep``), the
+    thumbnails of the ``examples`` most unusual images, ``explain`` rows for Grad-CAM, and ``on_batch``, called with
+    each batch's rows once they are written (the PACS write-back)."""
+
+    keep: bool = False
+    examples: int = 0
+    explain: int = 0
+    on_batch: Callable[[pd.DataFrame], None] | None = None
+
+
 def predict_source(
     predictor,
     source: str,
@@ -285,10 +297,7 @@ def predict_source(
     *,
     limits: ArchiveLimits | None = None,
     max_attempts: int = 5,
-    keep: bool = False,
-    examples: int = 0,
-    explain: int = 0,
-    on_batch: Callable[[pd.DataFrame], None] | None = None,
+    wanted: Wanted = Wanted(),
     shard: tuple[int, int] = (0, 1),
 ) -> StreamResult:
     """Every file of ``source`` (folder, zip, s3:// prefix or dicomweb://) through :func:`predict_stream` with
@@ -307,10 +316,7 @@ def predict_source(
         batch_size=settings.batch_size,
         workers=settings.fetch_workers,
         window=settings.window,
-        keep=keep,
-        examples=examples,
-        explain=explain,
-        on_batch=on_batch,
+        wanted=wanted,
     )
     result.not_read.update(junk)
     if junk:
@@ -326,20 +332,17 @@ def predict_stream(
     batch_size: int = _DEFAULTS.batch_size,
     workers: int = _DEFAULTS.fetch_workers,
     window: int = _DEFAULTS.window,
-    keep: bool = False,
-    examples: int = 0,
-    explain: int = 0,
+    wanted: Wanted = Wanted(),
     progress_every: int = 1000,
-    on_batch: Callable[[pd.DataFrame], None] | None = None,
 ) -> StreamResult:
     """Predict every image of ``refs`` in order and write each batch's rows as soon as it is predicted.
 
-    ``writer.done`` (content hashes) are skipped. ``keep`` also returns the table and the out-of-distribution
-    features (monitoring needs them for its drift test; they grow with the batch, about 4 KB per image).
-    ``examples``: keep thumbnails of that many images with the highest ood_score. ``explain``: choose that many rows
-    for Grad-CAM (:func:`choose_to_explain`), from candidates kept in bounded memory as the batches pass.
-    ``on_batch``: called with each batch's rows once they are written (the PACS write-back, :mod:`xray.serving.sr`).
+    ``writer.done`` (content hashes) are skipped. ``wanted`` (:class:`Wanted`): ``keep`` also returns the table and
+    the out-of-distribution features (monitoring's drift test; about 4 KB per image); ``examples`` thumbnails of the
+    images with the highest ood_score; ``explain`` rows for Grad-CAM (:func:`choose_to_explain`), from candidates kept
+    in bounded memory as the batches pass; ``on_batch`` after each batch is written (:mod:`xray.serving.sr`).
     """
+    keep, examples, explain, on_batch = wanted.keep, wanted.examples, wanted.explain, wanted.on_batch
     done = writer.done if writer is not None else set()
     result, started = StreamResult(), time.perf_counter()
     tables, worst = [], []

@@ -1,0 +1,83 @@
+"""``python3 run.py``: one command per job. ``python3 run.py --help`` lists them; ``python3 run.py <job> --help`` its
+options. The forms of earlier releases keep working: ``--pipeline X`` (training, tuning, inference, monitoring,
+evaluation, feedback) is the command of that job with the same options, no command at all is ``train``, and
+``--list-schedules`` is ``schedules``."""
+
+from __future__ import annotations
+
+import click
+
+from cli.decide import approve, reject, rollback
+from cli.evaluate import evaluate, feedback
+from cli.infer import infer, monitor
+from cli.train import schedules, train, tune
+
+PIPELINES = {
+    "training": "train",
+    "tuning": "tune",
+    "inference": "infer",
+    "monitoring": "monitor",
+    "evaluation": "evaluate",
+    "feedback": "feedback",
+}
+HELP = ("-h", "--help")
+
+
+def legacy(args: list[str], commands) -> list[str]:
+    """The arguments of an earlier release's command line as this one's: ``--pipeline X`` becomes the command of job
+    X, ``--list-schedules`` the ``schedules`` command, and nothing that names a command the ``train`` command."""
+    args = list(args)
+    if "--list-schedules" in args:
+        return ["schedules"]
+    for index, arg in enumerate(args):
+        if arg == "--pipeline" or arg.startswith("--pipeline="):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[index + 1] if index + 1 < len(args) else "")
+            del args[index : index + (1 if "=" in arg else 2)]
+            if value not in PIPELINES:
+                raise click.UsageError(f"--pipeline {value!r} is not one of {', '.join(PIPELINES)}")
+            return [PIPELINES[value], *args]
+    if any(arg in commands for arg in args if not arg.startswith("-")):
+        return args  # a command with the options before it: the command sorts it out
+    if not args or not any(arg in HELP for arg in args):
+        return ["train", *args]
+    return args
+
+
+def belongs_to(option: str, commands: dict) -> list[str]:
+    """The commands that take ``option``."""
+    return sorted(name for name, command in commands.items() if any(option in p.opts for p in command.params))
+
+
+class Jobs(click.Group):
+    """The commands, in the order a user meets them; earlier releases' forms mapped (:func:`legacy`); an option
+    given to the wrong command says which command takes it."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(self.commands)
+
+    def parse_args(self, ctx, args):
+        if args and args[0] in self.commands:
+            return super().parse_args(ctx, args)
+        return super().parse_args(ctx, legacy(args, self.commands))
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.NoSuchOption as error:
+            owners = belongs_to(error.option_name, self.commands)
+            if owners:
+                error.message = f"{error.option_name} belongs to {' and '.join(owners)}, not {ctx.invoked_subcommand}"
+                error.possibilities = None
+            raise
+
+
+@click.group(cls=Jobs, context_settings={"help_option_names": list(HELP)})
+def main():
+    """Train, evaluate, register, serve and monitor the chest X-ray pneumonia classifier (ZenML, MLflow).
+
+    Each command prints one JSON summary line on stdout; `python3 run.py COMMAND --help` lists its options.
+    """
+
+
+for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, schedules):
+    main.add_command(command)
