@@ -77,16 +77,16 @@ team-stack-status: setup
 	$(PY) -m infra.team_stack status
 
 train: stack
-	$(PY) run.py --pipeline training $(STACK_FLAG) --summary outputs/summary.json
+	$(PY) run.py train $(STACK_FLAG) --summary outputs/summary.json
 
 smoke: stack
-	$(PY) run.py --pipeline training $(STACK_FLAG) --config configs/training_smoke.yaml --summary outputs/summary_smoke.json
+	$(PY) run.py train $(STACK_FLAG) --config configs/training_smoke.yaml --summary outputs/summary_smoke.json
 
 # Model-quality recipe (issue #5): the real pipeline, then an independent reload of the registered version.
 # `make quality SEED=7` replicates the recipe with another seed (val carve, shuffling) and keeps its own summary.
 QUALITY_SUMMARY := outputs/summary_quality$(if $(SEED),_seed$(SEED)).json
 quality: stack
-	$(PY) run.py --pipeline training $(STACK_FLAG) --config configs/training_quality_cpu.yaml $(if $(SEED),--seed $(SEED)) --summary $(QUALITY_SUMMARY)
+	$(PY) run.py train $(STACK_FLAG) --config configs/training_quality_cpu.yaml $(if $(SEED),--seed $(SEED)) --summary $(QUALITY_SUMMARY)
 	$(PY) scripts/verify_registered.py --summary $(QUALITY_SUMMARY)
 
 # pytest-xdist workers. --dist loadfile keeps each test file on one worker, so the team stack and the local run
@@ -120,7 +120,7 @@ bench-ood: setup
 # A batch against the champion's reference profile: make monitor IMAGES=path/or/s3://prefix/ [OUTPUT=folder]
 MONITOR_OUTPUT := $(or $(OUTPUT),outputs/monitoring)
 monitor: monitor-images stack
-	$(PY) run.py --pipeline monitoring $(STACK_FLAG) --images $(IMAGES) --output $(MONITOR_OUTPUT) \
+	$(PY) run.py monitor $(STACK_FLAG) --images $(IMAGES) --output $(MONITOR_OUTPUT) \
 	  --summary $(MONITOR_OUTPUT)/summary.json
 
 monitor-images:

@@ -36,11 +36,17 @@ def legacy(args: list[str], commands) -> list[str]:
             if value not in PIPELINES:
                 raise click.UsageError(f"--pipeline {value!r} is not one of {', '.join(PIPELINES)}")
             return [PIPELINES[value], *args]
-    if any(arg in commands for arg in args if not arg.startswith("-")):
-        return args  # a command with the options before it: the command sorts it out
+    for index, arg in enumerate(args):  # a command after some of its options (`--config X approve ...`)
+        if arg in commands and not (index and takes_value(args[index - 1], commands)):
+            return [arg, *args[:index], *args[index + 1 :]]
     if not args or not any(arg in HELP for arg in args):
         return ["train", *args]
     return args
+
+
+def takes_value(arg: str, commands) -> bool:
+    """Whether ``arg`` is an option that takes the next argument as its value (in any command)."""
+    return any(arg in p.opts and not getattr(p, "is_flag", False) for c in commands.values() for p in c.params)
 
 
 def belongs_to(option: str, commands: dict) -> list[str]:

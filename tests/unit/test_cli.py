@@ -91,6 +91,8 @@ def test_the_help_lists_one_command_per_job_and_each_its_own_options(launched):
             {"action": "approve", "reviewer": "alice"},
         ),
         (["rollback", "--to", "1", "--reason", "alarms"], "decide", {"action": "rollback", "model_version": "1"}),
+        (["--stack", "local", "rollback", "--to", "1", "--reason", "x"], "decide", {"action": "rollback"}),
+        (["--log-level", "info", "approve", "--model-version", "2", "--reason", "x"], "decide", {"action": "approve"}),
         (
             ["approve", "--model-version", "2", "--operating-point", "b:0123456789ab", "--reason", "x"],
             "decide",
