@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from xray.config import PipelineConfig
+from xray.config.pipeline import PipelineConfig
 from xray.config_file import parse_config, with_values
 from xray.errors import ConfigError
 
