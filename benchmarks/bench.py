@@ -29,7 +29,9 @@ apply_defaults()
 
 import numpy as np  # noqa: E402
 
-from xray.config import Augmentation, DataConfig, ModelConfig  # noqa: E402
+from xray.config.data import DataConfig  # noqa: E402
+from xray.config.model import ModelConfig  # noqa: E402
+from xray.config.train import Augmentation  # noqa: E402
 from xray.data import inputs  # noqa: E402
 from xray.data.dataset import ValidatedDataset, prepare_dataset  # noqa: E402
 from xray.data.images import decode_and_resize  # noqa: E402

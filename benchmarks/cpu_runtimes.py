@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xray.config import MODEL_NAME  # noqa: E402
+from xray.config.registry import MODEL_NAME  # noqa: E402
 
 
 def _test_images(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ def speed_only(size: int, rounds: int, precisions: list[str]) -> dict:
     """The same rates for the production recipe's shape: ResNet50V2 at ``size`` px with random weights (speed does
     not depend on them; no probability is compared)."""
 
-    from xray.config import ModelConfig
+    from xray.config.model import ModelConfig
     from xray.model.network import build_model
 
     model, _ = build_model(ModelConfig(image_size=size), None)

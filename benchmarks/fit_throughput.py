@@ -16,7 +16,7 @@ import time
 
 from bench import BATCH, _fit_throughput, record
 
-from xray.config import ModelConfig
+from xray.config.model import ModelConfig
 from xray.model.network import BACKBONES, build_model, compile_model
 
 KEY = "fit_throughput_by_size"

@@ -28,8 +28,9 @@ IMAGE_SIZE, BATCH = 128, 32  # configs/training_local.yaml
 
 
 def stream_settings():
-    """What the inference pipeline streams with (xray.config.InferenceConfig's defaults), at the bench's batch."""
-    from xray.config import InferenceConfig
+    """What the inference pipeline streams with (xray.config.inference.InferenceConfig's defaults), at the bench's
+    batch."""
+    from xray.config.inference import InferenceConfig
 
     return InferenceConfig(batch_size=BATCH)
 
@@ -37,7 +38,7 @@ def stream_settings():
 def bench_predictor(profile_dir: Path | None = None, train_paths=(), val_paths=()):
     """ChestXrayPredictor on ResNet50V2 at 128 px (random weights: speed does not depend on them) with a reference
     profile fitted on real train/val images, or loaded from ``profile_dir``."""
-    from xray.config import ModelConfig
+    from xray.config.model import ModelConfig
     from xray.model.network import build_model
     from xray.monitoring import ood
     from xray.serving.predictor import ChestXrayPredictor

@@ -42,7 +42,7 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from xray.config import MODEL_NAME  # noqa: E402
+from xray.config.registry import MODEL_NAME  # noqa: E402
 from xray.environment import apply_defaults  # noqa: E402
 
 apply_defaults()
@@ -398,7 +398,7 @@ def markdown(results: dict) -> str:
 def main(model_version: str, model_name: str, output: Path, permutations: int) -> None:
     import mlflow
 
-    from xray.config import DataConfig
+    from xray.config.data import DataConfig
     from xray.data.dataset import prepare_dataset
     from xray.monitoring import ood
     from xray.registry import store, tracking

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
-from xray.config import MODEL_NAME  # noqa: E402
+from xray.config.registry import MODEL_NAME  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SETS = {

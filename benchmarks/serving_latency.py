@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from inference_at_scale import free_port  # noqa: E402
 from inference_at_scale import serve as start_server  # noqa: E402
 
-from xray.config import MODEL_NAME  # noqa: E402
+from xray.config.registry import MODEL_NAME  # noqa: E402
 
 
 def serve(folder: Path, port: int) -> subprocess.Popen:

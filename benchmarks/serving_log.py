@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from inference_at_scale import free_port, load_test, serve  # noqa: E402
 
-from xray.config import MODEL_NAME  # noqa: E402
+from xray.config.registry import MODEL_NAME  # noqa: E402
 
 
 def descendants(pid: int) -> list[int]:

@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from PIL import Image  # noqa: E402
 
 from dicom_factory import radiograph  # noqa: E402
-from xray.config import DataConfig  # noqa: E402
+from xray.config.data import DataConfig  # noqa: E402
 from xray.config_file import load_config  # noqa: E402
 from xray.data.manifest import patient_id  # noqa: E402
 from xray.data.sites import identify_source, load_source  # noqa: E402

@@ -30,7 +30,7 @@ def job_options(function: Callable) -> Callable:
             type=click.Path(dir_okay=False, path_type=Path),
             default=DEFAULT_CONFIG,
             show_default=True,
-            help="YAML run config, validated against xray.config.PipelineConfig.",
+            help="YAML run config, validated against xray.config.pipeline.PipelineConfig.",
         ),
         click.option(
             "--stack",

@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from xray.config import RegistryConfig
+from xray.config.registry import RegistryConfig
 from xray.environment import REPO_ROOT, apply_defaults
 from xray.errors import XrayError
 

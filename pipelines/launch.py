@@ -22,7 +22,8 @@ from zenml.client import Client
 from zenml.config.schedule import Schedule
 
 from infra.stacks import use_stack
-from xray.config import PipelineConfig, RegistryConfig
+from xray.config.pipeline import PipelineConfig
+from xray.config.registry import RegistryConfig
 from xray.errors import ConfigError, ScheduleError
 from xray.registry import tracking
 from xray.schedule import CronError, schedule_name, validate_aws_cron

@@ -23,7 +23,8 @@ from steps import (
     unzip_and_validate,
 )
 from steps.tracking import mark_run_failed
-from xray.config import MODEL_NAME, PipelineConfig
+from xray.config.pipeline import PipelineConfig
+from xray.config.registry import MODEL_NAME
 from xray.data.sites import changed_sources, identify_sources
 from xray.registry import promotion, store
 from xray.requests import TrainingRequest

@@ -11,7 +11,7 @@ from pipelines.training import MODEL, evaluate_and_register
 from steps import build_datasets, ingest_from_s3, locate_archive, locate_sources, train_model, unzip_and_validate
 from steps.tracking import mark_run_failed
 from steps.tuning import select_trial, train_trial
-from xray.config import PipelineConfig
+from xray.config.pipeline import PipelineConfig
 from xray.model import tuning as search
 from xray.requests import TuningRequest
 

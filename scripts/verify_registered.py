@@ -26,7 +26,7 @@ use_project_environment(__file__, ("click", "numpy", "mlflow", "tensorflow"))
 import click  # noqa: E402
 import numpy as np
 
-from xray.config import MODEL_NAME
+from xray.config.registry import MODEL_NAME
 
 TEST_ENTRY = re.compile(r"(?:^|/)test/(NORMAL|PNEUMONIA)/(?!\._)[^/]+\.(?:jpe?g|png)$", re.IGNORECASE)
 

@@ -6,7 +6,9 @@ from zenml import step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import mlflow_run
-from xray.config import DataConfig, ModelConfig, TrainConfig
+from xray.config.data import DataConfig
+from xray.config.model import ModelConfig
+from xray.config.train import TrainConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
 

@@ -7,7 +7,7 @@ from zenml import step
 from materializers import FiguresMaterializer, KerasModelMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
-from xray.config import EvaluateConfig
+from xray.config.evaluate import EvaluateConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
 from xray.evaluation import plots, recipes

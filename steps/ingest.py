@@ -7,7 +7,8 @@ from zenml import step
 from materializers import RawArchiveMaterializer
 from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
-from xray.config import DataConfig, S3Config
+from xray.config.data import DataConfig
+from xray.config.s3 import S3Config
 from xray.data.sites import SourceIdentities, identify_sources
 from xray.storage.fetch import ArchiveIdentity, RawArchive, fetch, locate
 

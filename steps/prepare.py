@@ -10,7 +10,8 @@ from materializers import FiguresMaterializer, ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.scratch import output_folder
 from steps.tracking import log_config, log_images, log_sources, mlflow_run
-from xray.config import DataConfig, S3Config
+from xray.config.data import DataConfig
+from xray.config.s3 import S3Config
 from xray.data.dataset import ValidatedDataset, add_sources, prepare_dataset
 from xray.data.manifest import DataReport
 from xray.data.sites import SourceIdentities, load_source

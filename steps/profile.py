@@ -7,7 +7,7 @@ from zenml import step
 from materializers import ReferenceProfileMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray.config import MonitoringConfig
+from xray.config.monitoring import MonitoringConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
 from xray.evaluation.recipes import Evaluation

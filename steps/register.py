@@ -12,7 +12,7 @@ from materializers import ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
-from xray.config import PipelineConfig
+from xray.config.pipeline import PipelineConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
 from xray.data.manifest import DataReport

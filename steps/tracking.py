@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import mlflow
 
-from xray.config import flatten
+from xray.config.base import flatten
 
 logger = logging.getLogger(__name__)
 

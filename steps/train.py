@@ -10,7 +10,8 @@ from zenml import step
 from materializers import KerasModelMaterializer
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, log_images, mlflow_run
-from xray.config import ModelConfig, TrainConfig
+from xray.config.model import ModelConfig
+from xray.config.train import TrainConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset, fingerprint
 from xray.evaluation import plots

@@ -12,7 +12,10 @@ from zenml import step
 
 from steps.caching import DOMAIN_CODE
 from steps.tracking import log_config, mlflow_run
-from xray.config import ModelConfig, PipelineConfig, TrainConfig, flatten
+from xray.config.base import flatten
+from xray.config.model import ModelConfig
+from xray.config.pipeline import PipelineConfig
+from xray.config.train import TrainConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
 from xray.model import training, tuning

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from zenml import log_metadata, step
 
-from xray.config import RegistryConfig
+from xray.config.registry import RegistryConfig
 from xray.registry import store
 
 logger = logging.getLogger(__name__)

@@ -187,7 +187,7 @@ def full_dataset(tmp_path_factory):
     import fcntl
     import pickle
 
-    from xray.config import DataConfig
+    from xray.config.data import DataConfig
     from xray.data.dataset import prepare_dataset
 
     shared = tmp_path_factory.getbasetemp()

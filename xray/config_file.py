@@ -1,5 +1,6 @@
-"""Reading a config: a YAML file or a mapping into the one :class:`xray.config.PipelineConfig`, dotted overrides
-(``with_values``) and the search space's checks. Every error is one :class:`xray.errors.ConfigError` line."""
+"""Reading a config: a YAML file or a mapping into the one :class:`xray.config.pipeline.PipelineConfig`, dotted
+overrides (``with_values``) and the search space's checks. Every error is one :class:`xray.errors.ConfigError`
+line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from xray.config import PipelineConfig, SearchChoice, SearchRange, describe_error
+from xray.config.base import describe_error
+from xray.config.pipeline import PipelineConfig
+from xray.config.tuning import SearchChoice, SearchRange
 from xray.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from xray.config import PipelineConfig
+from xray.config.pipeline import PipelineConfig
 
 DICOMWEB = ("dicomweb://", "dicomwebs://")
 

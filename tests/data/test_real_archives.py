@@ -7,7 +7,8 @@ import pytest
 
 from conftest import MINI_ZIP, require
 from xray import CLASS_NAMES
-from xray.config import Augmentation, DataConfig
+from xray.config.data import DataConfig
+from xray.config.train import Augmentation
 from xray.data import inputs
 from xray.data.dataset import prepare_dataset
 

@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 from conftest import MINI_ZIP, free_port
 from dicom_factory import radiograph
 from infra.pacs import Pacs, orthanc_binary
-from xray.config import InferenceConfig
+from xray.config.inference import InferenceConfig
 from xray.errors import DatasetSourceError, SourceUnavailable
 from xray.serving import batch, sr
 from xray.serving.batch import PredictionWriter, predict_source

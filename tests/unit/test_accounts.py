@@ -7,7 +7,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST
 
 from infra import mlflow_auth
-from xray.config import RegistryConfig
+from xray.config.registry import RegistryConfig
 from xray.errors import ConfigError
 from xray.registry import gate, promotion, store, tracking
 
@@ -171,7 +171,7 @@ def decided(monkeypatch):
     """pipelines.decisions.decide with the decision itself recorded instead of made; ``signed_in`` is the server's
     account."""
     from pipelines import decisions as launch
-    from xray.config import PipelineConfig
+    from xray.config.pipeline import PipelineConfig
     from xray.requests import DecisionRequest
 
     calls, signed_in = [], {"user": None}

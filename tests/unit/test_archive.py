@@ -4,7 +4,7 @@ import zipfile
 import pytest
 
 from conftest import dataset_entries, jpeg_bytes
-from xray.config import ArchiveLimits
+from xray.config.limits import ArchiveLimits
 from xray.errors import ArchiveError
 from xray.storage.archive import extract, find_split_root, is_junk
 

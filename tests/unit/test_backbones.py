@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xray.config import ModelConfig
+from xray.config.model import ModelConfig
 from xray.model import gradcam
 from xray.model.network import BACKBONES, build_model, set_backbone_trainable
 

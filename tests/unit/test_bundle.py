@@ -83,7 +83,8 @@ def load_in_a_clean_process(folder: Path, tmp_path: Path) -> dict:
 
 
 def test_a_registered_version_carries_the_whole_package(registered):
-    for relative in ("xray/__init__.py", "xray/serving/pyfunc.py", "xray/serving/bundle.py", "xray/data/images.py"):
+    carried = ("__init__.py", "serving/pyfunc.py", "serving/bundle.py", "data/images.py", "config/limits.py")
+    for relative in (f"xray/{name}" for name in carried):
         assert (registered / "code" / relative).is_file(), relative
     flavor = yaml.safe_load((registered / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == bundle.LOADER_MODULE == "xray.serving.pyfunc" and flavor["code"] == "code"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xray.config import EvaluateConfig
+from xray.config.evaluate import EvaluateConfig
 from xray.errors import DataQualityError
 from xray.evaluation.calibration import Calibration, expected_calibration_error, fit_calibration, sigmoid
 from xray.evaluation.recipes import calibrate_and_evaluate, grouped_split, recalibrated_site_metrics, site_metrics
@@ -75,7 +75,7 @@ def test_threshold_is_chosen_on_calibrated_val_and_test_reports_before_and_after
 def test_calibrated_keras_model_outputs_the_fitted_map_and_survives_save_and_load(tmp_path):
     import keras
 
-    from xray.config import ModelConfig
+    from xray.config.model import ModelConfig
     from xray.model.network import build_model, calibrated_model, logit_model
 
     model, _ = build_model(

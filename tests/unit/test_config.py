@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xray.config import PipelineConfig
+from xray.config.pipeline import PipelineConfig
 from xray.config_file import load_config, parse_config
 from xray.errors import ConfigError
 
@@ -58,7 +58,7 @@ def test_load_config_errors(tmp_path):
 def test_the_limits_documented_are_the_limits_in_force():
     """The default config and the user guide's "Limits" table name every limit, at the code's defaults."""
     from conftest import ROOT
-    from xray.limits import DecodeLimits, PacsLimits
+    from xray.config.limits import DecodeLimits, PacsLimits
 
     config = load_config(ROOT / "configs" / "training_local.yaml")
     assert config.inference.decode == DecodeLimits() and config.inference.pacs == PacsLimits()

@@ -28,7 +28,7 @@ def _batch(n=8, size=32):
 
 
 def test_augment_keeps_shape_and_range():
-    from xray.config import Augmentation
+    from xray.config.train import Augmentation
 
     images = _batch()
     out = inputs.augment(
@@ -40,7 +40,7 @@ def test_augment_keeps_shape_and_range():
 
 
 def test_flip_only_mirrors_or_keeps_each_image():
-    from xray.config import Augmentation
+    from xray.config.train import Augmentation
 
     images = _batch(16)
     out = inputs.augment(images, Augmentation(horizontal_flip=True, zoom=0.0), 1).numpy()
@@ -50,7 +50,7 @@ def test_flip_only_mirrors_or_keeps_each_image():
 
 
 def test_zoom_without_change_is_identity():
-    from xray.config import Augmentation
+    from xray.config.train import Augmentation
 
     images = _batch()
     assert not Augmentation(horizontal_flip=False, zoom=0.0).enabled
@@ -59,7 +59,7 @@ def test_zoom_without_change_is_identity():
 
 
 def test_translation_shifts_each_image_within_its_range():
-    from xray.config import Augmentation
+    from xray.config.train import Augmentation
 
     size, n = 41, 64
     images = np.zeros((n, size, size, 3), dtype="float32")
@@ -79,7 +79,7 @@ def test_translation_shifts_each_image_within_its_range():
 
 
 def test_stretch_changes_the_aspect_ratio_both_ways_within_its_range():
-    from xray.config import Augmentation
+    from xray.config.train import Augmentation
 
     size, n, side, stretch = 63, 64, 21, 0.3
     images = np.zeros((n, size, size, 3), dtype="float32")
@@ -112,7 +112,8 @@ def test_mixup_blends_images_labels_and_class_weights_alike():
 def test_mixup_batches_carry_the_class_weights_and_train(tmp_path, monkeypatch):
 
     from conftest import jpeg_bytes, one_layer_model
-    from xray.config import Augmentation, ModelConfig, TrainConfig
+    from xray.config.model import ModelConfig
+    from xray.config.train import Augmentation, TrainConfig
     from xray.model import training
 
     paths = []

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import dataset_entries, jpeg_bytes
-from xray.config import DataConfig
+from xray.config.data import DataConfig
 from xray.data.dataset import prepare_dataset
 from xray.errors import DataQualityError
 

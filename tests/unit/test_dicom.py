@@ -14,11 +14,13 @@ from pydicom.data import get_testdata_file
 
 from conftest import png, radiograph_like
 from dicom_factory import SENTINELS, SYNTAXES, grey_levels, nested, radiograph, with_sentinels
-from xray.config import DataConfig, InferenceConfig, ScopeConfig
+from xray.config.data import DataConfig
+from xray.config.inference import InferenceConfig
+from xray.config.limits import DecodeLimits
+from xray.config.scope import ScopeConfig
 from xray.data import dicom
 from xray.data.dataset import prepare_dataset
 from xray.data.images import decode_image
-from xray.limits import DecodeLimits
 from xray.monitoring import ood, scope
 from xray.monitoring.scope import OUT_OF_SCOPE
 from xray.serving import pyfunc

@@ -10,9 +10,9 @@ import pytest
 
 from dicom_factory import radiograph
 from fake_pacs import BOUNDARY, FakePacs, attribute, drip, json_answer
-from xray.config import InferenceConfig
+from xray.config.inference import InferenceConfig
+from xray.config.limits import PacsLimits
 from xray.errors import DatasetSourceError
-from xray.limits import PacsLimits
 from xray.serving.batch import PredictionWriter, predict_source
 from xray.storage import dicomweb
 

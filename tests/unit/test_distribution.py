@@ -26,7 +26,8 @@ SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from pathlib import Path
-    from xray.config import Augmentation, ModelConfig, TrainConfig
+    from xray.config.model import ModelConfig
+    from xray.config.train import Augmentation, TrainConfig
     from xray.data.inputs import DatasetSpec
     from xray.model import training
 

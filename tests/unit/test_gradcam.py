@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from xray.config import ModelConfig
+from xray.config.model import ModelConfig
 from xray.evaluation import plots
 from xray.model import gradcam
 from xray.model.network import build_model

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import jpeg_bytes, png, radiograph_like, write_zip
 from dicom_factory import radiograph
-from xray.config import ArchiveLimits, InferenceConfig
+from xray.config.inference import InferenceConfig
+from xray.config.limits import ArchiveLimits
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.monitoring.prediction_log import PredictionLog, open_store, read_log
 from xray.serving.batch import PREDICTION_COLUMNS, PredictionWriter, Wanted, predict_source, predict_stream

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import dataset_entries
-from xray.config import Augmentation, DataConfig, EvaluateConfig, ModelConfig
+from xray.config.data import DataConfig
+from xray.config.evaluate import EvaluateConfig
+from xray.config.model import ModelConfig
+from xray.config.train import Augmentation
 from xray.data import inputs
 from xray.data.dataset import prepare_dataset
 from xray.evaluation.recipes import evaluate_model

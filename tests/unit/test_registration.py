@@ -13,7 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import dataset_entries, jpeg_bytes, write_zip
-from xray.config import Augmentation, DataConfig, EvaluateConfig, PipelineConfig, RegistryConfig
+from xray.config.data import DataConfig
+from xray.config.evaluate import EvaluateConfig
+from xray.config.pipeline import PipelineConfig
+from xray.config.registry import RegistryConfig
+from xray.config.train import Augmentation
 from xray.data import inputs
 from xray.data.dataset import prepare_dataset
 from xray.evaluation.recipes import Evaluation, calibrate_and_evaluate
@@ -126,7 +130,7 @@ def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tag
 
 
 def test_a_configured_scope_is_the_one_the_version_serves_with(store, candidate):
-    from xray.config import ScopeConfig
+    from xray.config.scope import ScopeConfig
     from xray.registry import store as registry_store
 
     adults = ScopeConfig(age_years=(18, 120), required=("PatientAge",))

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from xray.config import S3Config
+from xray.config.s3 import S3Config
 from xray.errors import DatasetSourceError
 from xray.storage import s3
 from xray.storage.fetch import fetch

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from xray.config import S3Config
+from xray.config.s3 import S3Config
 from xray.errors import DatasetSourceError
 from xray.storage import s3
 from xray.storage.fetch import fetch

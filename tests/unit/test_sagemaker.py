@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT
 from steps import __all__ as training_steps
-from xray.config import PipelineConfig
+from xray.config.pipeline import PipelineConfig
 from xray.config_file import load_config
 
 CONFIG = ROOT / "configs" / "training_sagemaker.yaml"

@@ -49,7 +49,7 @@ def _orchestrator(schedulable: bool, flavor: str):
 
 def test_schedule_reaches_with_options_when_the_orchestrator_can_schedule(tmp_path):
     from pipelines import launch, training
-    from xray.config import PipelineConfig
+    from xray.config.pipeline import PipelineConfig
     from xray.requests import TrainingRequest
 
     schedule = launch.schedule_for("cron(0 3 ? * MON *)", _orchestrator(True, "sagemaker"), "xray-sagemaker")

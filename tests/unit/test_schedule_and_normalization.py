@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from xray.config import ModelConfig, TrainConfig
+from xray.config.model import ModelConfig
+from xray.config.train import TrainConfig
 from xray.model.training import learning_rate_schedule
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import png, radiograph_like
-from xray.limits import DecodeLimits
+from xray.config.limits import DecodeLimits
 from xray.monitoring import ood
 from xray.serving import bundle, pyfunc
 from xray.serving.predictor import OUTPUT_COLUMNS
@@ -207,7 +207,7 @@ def test_a_large_image_reaches_the_model_as_a_reduced_copy_that_scores_as_the_im
 def test_the_decoding_budget_makes_a_decode_wait_and_a_request_spend():
     import threading
 
-    from xray.limits import PixelBudget
+    from xray.config.limits import PixelBudget
 
     budget, order = PixelBudget(10), []
     first_in, first_out = threading.Event(), threading.Event()

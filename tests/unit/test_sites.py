@@ -5,7 +5,9 @@ import zipfile
 import pytest
 
 from conftest import jpeg_bytes, write_zip
-from xray.config import ArchiveLimits, DataConfig, S3Config
+from xray.config.data import DataConfig
+from xray.config.limits import ArchiveLimits
+from xray.config.s3 import S3Config
 from xray.data.inputs import labels_of
 from xray.data.sites import load_site, site_name
 from xray.errors import ArchiveError, DataQualityError, DatasetSourceError

@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
     import hashlib, sys, time
     import numpy as np, tensorflow as tf, keras
     from pathlib import Path
-    from xray.config import Augmentation, ModelConfig, TrainConfig
+    from xray.config.model import ModelConfig
+    from xray.config.train import Augmentation, TrainConfig
     from xray.data.inputs import DatasetSpec
     from xray.model import training
 

@@ -10,7 +10,9 @@ import pytest
 
 from conftest import jpeg_bytes, png
 from dicom_factory import radiograph
-from xray.config import EvaluateConfig, PipelineConfig, SourceConfig
+from xray.config.data import SourceConfig
+from xray.config.evaluate import EvaluateConfig
+from xray.config.pipeline import PipelineConfig
 from xray.config_file import parse_config
 from xray.data.dataset import ValidatedDataset, add_sources
 from xray.data.manifest import DataReport, age_band, split_counts, stable_splits

@@ -88,7 +88,8 @@ def test_a_real_diverging_trial_fails_and_stops_early(monkeypatch):
     import tensorflow as tf
 
     from conftest import one_layer_model
-    from xray.config import Augmentation, ModelConfig, TrainConfig
+    from xray.config.model import ModelConfig
+    from xray.config.train import Augmentation, TrainConfig
     from xray.data.inputs import DatasetSpec
     from xray.model import training
 

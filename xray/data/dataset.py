@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from xray.config import DataConfig
+from xray.config.data import DataConfig
 from xray.data.manifest import (
     SPLIT_PRIORITY,
     DataReport,

@@ -31,7 +31,7 @@ from datetime import date
 
 import numpy as np
 
-from xray.limits import DecodeLimits, OverLimit
+from xray.config.limits import DecodeLimits, OverLimit
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,8 @@ def read(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, admit=nullcontext) 
     """The header's kept facts and the pixels as uint8 (rows x columns, or rows x columns x 3 for colour).
 
     Raises DicomError (with the header when it could be read) for anything that is not one readable image frame or
-    is over ``limits``. ``admit(pixels)``: a context the pixels are decoded in (:class:`xray.limits.PixelBudget`).
+    is over ``limits``. ``admit(pixels)``: a context the pixels are decoded in
+    (:class:`xray.config.limits.PixelBudget`).
     Callers check the file's structure first (:func:`xray.data.images.check_dicom_structure`: nesting, inflation).
     """
     import pydicom  # lazy: pydicom's import is only paid where DICOM arrives

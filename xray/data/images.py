@@ -3,10 +3,10 @@
 DICOM files (by their ``DICM`` preamble, whatever their name) go through :mod:`xray.data.dicom`, which applies the
 standard's Modality and VOI LUTs and hands back 8-bit pixels; everything else through Pillow.
 
-What a decode may cost is bounded before it is paid (:class:`xray.limits.DecodeLimits`): the pixels an image declares
-(``max_image_pixels``), a DICOM file's nesting and inflation (:func:`check_dicom_structure`, before pydicom reads
-it), and the pixels decoded at once (``admit``, a :class:`xray.limits.PixelBudget`). An image longer than
-``REDUCED_SIDE`` on a side reaches the model as a reduced copy (JPEG decoded at a reduced scale).
+What a decode may cost is bounded before it is paid (:class:`xray.config.limits.DecodeLimits`): the pixels an image
+declares (``max_image_pixels``), a DICOM file's nesting and inflation (:func:`check_dicom_structure`, before pydicom
+reads it), and the pixels decoded at once (``admit``, a :class:`xray.config.limits.PixelBudget`). An image longer
+than ``REDUCED_SIDE`` on a side reaches the model as a reduced copy (JPEG decoded at a reduced scale).
 
 Training, evaluation, batch inference and serving all decode with :func:`decode_image` (the check and the decoded
 picture) and :func:`decode_and_resize` (the model's input), so the pixels the model sees cannot drift between them.
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from xray.config.limits import DecodeLimits, OverLimit
 from xray.data import dicom
-from xray.limits import DecodeLimits, OverLimit
 
 PREPROCESSING = (
     "decode_image(channels=3) -> resize to image_size (area when shrinking, bilinear when enlarging) "

@@ -12,7 +12,9 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from xray import CLASS_NAMES
-from xray.config import Augmentation, DataConfig, ModelConfig, TrainConfig
+from xray.config.data import DataConfig
+from xray.config.model import ModelConfig
+from xray.config.train import Augmentation, TrainConfig
 from xray.data.dataset import ValidatedDataset
 from xray.data.images import PREPROCESSING, decode_and_resize
 from xray.data.manifest import sample

@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from xray import CLASS_NAMES, SPLITS
-from xray.config import DataConfig, S3Config, SourceConfig
+from xray.config.data import DataConfig, SourceConfig
+from xray.config.s3 import S3Config
 from xray.data.dataset import ValidatedDataset
 from xray.data.dicom import PATIENT_KEY_ENV
 from xray.data.manifest import (

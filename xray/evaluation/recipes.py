@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from xray import CLASS_NAMES
-from xray.config import EvaluateConfig
+from xray.config.evaluate import EvaluateConfig
 from xray.data.inputs import labels_of, make_spec_for_inference, select
 from xray.data.manifest import subgroups_in
 from xray.errors import DataQualityError

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xray.config import ModelConfig, TrainConfig
+from xray.config.model import ModelConfig
+from xray.config.train import TrainConfig
 from xray.data.inputs import make_dataset
 from xray.errors import ConfigError
 from xray.storage import s3

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from xray.config import ModelConfig, TrainConfig
+from xray.config.model import ModelConfig
+from xray.config.train import TrainConfig
 from xray.data.inputs import DatasetSpec, fit_class_weight
 from xray.model.network import (
     build_model,

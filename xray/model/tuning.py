@@ -17,7 +17,8 @@ import numpy as np
 import yaml
 from scipy.stats import qmc
 
-from xray.config import PipelineConfig, SearchChoice, TuningConfig
+from xray.config.pipeline import PipelineConfig
+from xray.config.tuning import SearchChoice, TuningConfig
 from xray.config_file import with_values
 from xray.errors import ConfigError
 

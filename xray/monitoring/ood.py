@@ -37,7 +37,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from xray.config import MonitoringConfig
+from xray.config.monitoring import MonitoringConfig
 from xray.data.images import decode_image
 
 WORKING_SIZE = 224

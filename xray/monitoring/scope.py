@@ -3,9 +3,10 @@ trusted.
 
 The pixels cannot tell a 45-year-old's chest from a 4-year-old's reliably (the out-of-distribution check flags 67%
 of adult X-rays); the header says so exactly. Each check reads one tag of :class:`xray.data.dicom.DicomHeader`
-against the version's :class:`xray.config.ScopeConfig`: Modality, BodyPartExamined (when present), ViewPosition and
-the age. A tag that is absent is recorded in ``unchecked`` (and puts the image out of scope only when the scope
-requires it). Images without a header (JPEG, PNG) are not checked here; the pixel-level checks run on every image.
+against the version's :class:`xray.config.scope.ScopeConfig`: Modality, BodyPartExamined (when present),
+ViewPosition and the age. A tag that is absent is recorded in ``unchecked`` (and puts the image out of scope only
+when the scope requires it). Images without a header (JPEG, PNG) are not checked here; the pixel-level checks run on
+every image.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from xray.config import ScopeConfig
+from xray.config.scope import ScopeConfig
 from xray.data.dicom import DicomHeader
 
 OUT_OF_SCOPE = "out_of_scope"

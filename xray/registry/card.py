@@ -7,7 +7,7 @@ import json
 import re
 
 from xray import CLASS_NAMES
-from xray.config import ScopeConfig
+from xray.config.scope import ScopeConfig
 from xray.monitoring.scope import describe
 
 SITE_TAG = "site."

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from xray import CLASS_NAMES
-from xray.config import PipelineConfig, ScopeConfig
+from xray.config.pipeline import PipelineConfig
+from xray.config.scope import ScopeConfig
 from xray.data.dataset import ValidatedDataset
 from xray.data.inputs import labels_of, make_spec_for_inference, select
 from xray.data.manifest import COLUMNS, subgroups_in

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from xray.config import ScopeConfig
+from xray.config.scope import ScopeConfig
 from xray.errors import ConfigError
 from xray.monitoring.ood import ReferenceProfile
 from xray.registry.card import SITE_SECTION, description, site_table, site_tag, with_history, with_integrity

@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from xray import CLASS_NAMES
-from xray.config import ArchiveLimits, InferenceConfig
+from xray.config.inference import InferenceConfig
+from xray.config.limits import ArchiveLimits
 from xray.errors import ArchiveError, DatasetSourceError, SourceUnavailable
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION
 from xray.monitoring.prediction_log import open_store

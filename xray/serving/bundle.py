@@ -1,7 +1,8 @@
 """A registered version's folder: what :func:`write` puts beside the Keras model and :func:`read` loads back.
 
     data/model.keras             the calibrated Keras model (written by the keras flavor)
-    data/serving.json            threshold, image size, preprocessing, the validated scope (xray.config.ScopeConfig),
+    data/serving.json            threshold, image size, preprocessing, the validated scope
+                                 (xray.config.scope.ScopeConfig),
                                  the sites' own operating points fitted at training
     operating_points.json        (optional, beside data/) sites' operating points re-fitted later by
                                  ``--pipeline evaluation --recalibrate-fraction`` (xray.registry.store)
@@ -32,7 +33,7 @@ import pandas as pd
 from PIL import Image
 
 import xray
-from xray.config import ScopeConfig
+from xray.config.scope import ScopeConfig
 from xray.errors import XrayError
 from xray.monitoring.ood import ReferenceProfile
 from xray.monitoring.scope import describe

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 
 from xray import CLASS_NAMES
-from xray.config import ScopeConfig
+from xray.config.limits import DecodeLimits, OverLimit, PixelBudget
+from xray.config.scope import ScopeConfig
 from xray.data.dicom import DicomHeader
 from xray.data.images import decode_and_resize, decode_image
 from xray.errors import ConfigError
 from xray.evaluation.calibration import Calibration, logit
-from xray.limits import DecodeLimits, OverLimit, PixelBudget
 from xray.monitoring import ood, scope
 from xray.monitoring.scope import OUT_OF_SCOPE, ScopeResult
 

@@ -17,7 +17,7 @@ Requests are refused with a 400 and a message, never a 500: a body that is not J
 string per image (``{"inputs": {...}}``, nested lists, numbers), an empty list, a request in which no image can be
 read, more than ``MAX_IMAGES_PER_REQUEST`` images, or more than ``MAX_REQUEST_MB`` of image data (set with
 ``XRAY_SERVING_MAX_REQUEST_MB``). One image that cannot be read, or is over a decode limit
-(:class:`xray.limits.DecodeLimits`, from ``XRAY_SERVING_MAX_IMAGE_PIXELS``, ``..._MAX_NESTING``,
+(:class:`xray.config.limits.DecodeLimits`, from ``XRAY_SERVING_MAX_IMAGE_PIXELS``, ``..._MAX_NESTING``,
 ``..._MAX_DECODING_PIXELS``, ``..._MAX_REQUEST_PIXELS``), is its own ``unreadable`` row; the others are answered.
 An error's body is its reason alone: never the request (MLflow's own error path quotes the whole payload, so
 :func:`guard_scoring_server` answers first) and never a stack trace. The scoring server reads the whole body before
@@ -41,8 +41,8 @@ import sys
 import numpy as np
 import pandas as pd
 
+from xray.config.limits import DecodeLimits
 from xray.errors import ConfigError
-from xray.limits import DecodeLimits
 from xray.monitoring import prediction_log
 from xray.monitoring.ood import UNREADABLE
 from xray.serving import bundle

@@ -23,7 +23,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from xray.limits import PacsLimits
+from xray.config.limits import PacsLimits
 from xray.monitoring.ood import UNREADABLE
 from xray.serving.predictor import UID_COLUMNS
 from xray.storage import dicomweb

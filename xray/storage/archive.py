@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from xray import CLASS_NAMES, SPLITS
-from xray.config import ArchiveLimits
+from xray.config.limits import ArchiveLimits
 from xray.errors import ArchiveError
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", ".gitkeep"}

@@ -10,10 +10,11 @@ no message, log line or summary carries them. Requests are retried (connection e
 time out; a PACS that stays unreachable raises :class:`xray.errors.SourceUnavailable`, which stops a batch (what was
 written is kept, and ``--resume`` finishes it) rather than marking every later image unreadable.
 
-Nothing a PACS sends is trusted (``inference.pacs``, :class:`xray.limits.PacsLimits`): answers are streamed under byte
-caps and end within a deadline (retries included; a watchdog shuts the socket of a PACS that drips), queries stop at
-``max_pages`` and sources at ``max_studies``, a UID enters a URL only when it is one (PS3.5 9.1), a redirect is
-followed only within the configured origin, and an answer that is not DICOM JSON is one error naming the URL.
+Nothing a PACS sends is trusted (``inference.pacs``, :class:`xray.config.limits.PacsLimits`): answers are streamed
+under byte caps and end within a deadline (retries included; a watchdog shuts the socket of a PACS that drips),
+queries stop at ``max_pages`` and sources at ``max_studies``, a UID enters a URL only when it is one (PS3.5 9.1), a
+redirect is followed only within the configured origin, and an answer that is not DICOM JSON is one error naming the
+URL.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
+from xray.config.limits import PacsLimits
 from xray.errors import DatasetSourceError, SourceUnavailable
-from xray.limits import PacsLimits
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from xray.config import S3Config
+from xray.config.s3 import S3Config
 from xray.errors import DatasetSourceError
 from xray.storage import s3
 

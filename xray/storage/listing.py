@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from xray.config.limits import ArchiveLimits, PacsLimits
 from xray.errors import ArchiveError, DatasetSourceError
-from xray.limits import ArchiveLimits, PacsLimits
 from xray.storage import dicomweb, s3
 from xray.storage.archive import Extraction, checked_entries, folder_labels, inflate_chunks, is_junk
 

@@ -1,6 +1,6 @@
-"""What reading may cost: an archive (zip bombs), a decoded image, a request, a PACS's answers. Config sections of
-:mod:`xray.config` (``data.limits``, ``inference.decode``, ``inference.pacs``); serving reads the decode limits from
-``XRAY_SERVING_<KEY>`` variables (docs/USER_GUIDE.md, "Limits")."""
+"""What reading may cost: an archive (zip bombs), a decoded image, a request, a PACS's answers. Config sections
+``data.limits`` (:mod:`xray.config.data`), ``inference.decode`` and ``inference.pacs`` (:mod:`xray.config.inference`);
+serving reads the decode limits from ``XRAY_SERVING_<KEY>`` variables (docs/USER_GUIDE.md, "Limits")."""
 
 from __future__ import annotations
 
@@ -8,16 +8,14 @@ import os
 import threading
 from contextlib import contextmanager
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from xray.config.base import Section
 
 MiB, GiB = 1024**2, 1024**3
 
 
-class _Limits(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ArchiveLimits(_Limits):
+class ArchiveLimits(Section):
     """Zip-bomb guards, enforced while streaming each entry."""
 
     max_entries: int = Field(200_000, ge=1)
@@ -26,7 +24,7 @@ class ArchiveLimits(_Limits):
     max_compression_ratio: float = Field(100.0, ge=1)
 
 
-class DecodeLimits(_Limits):
+class DecodeLimits(Section):
     """What decoding may cost; a file over a limit is that file's ``unreadable`` row, with the limit named."""
 
     max_image_pixels: int = Field(
@@ -67,7 +65,7 @@ class DecodeLimits(_Limits):
         )
 
 
-class PacsLimits(_Limits):
+class PacsLimits(Section):
     """What a PACS's answers may cost (DICOMweb, :mod:`xray.storage.dicomweb`); over a limit is one error line."""
 
     max_instance_bytes: int = Field(
