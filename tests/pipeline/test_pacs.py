@@ -1,5 +1,6 @@
 """A real PACS (Orthanc with DICOMweb, started by the suite on loopback with its own storage): listing and reading
-over QIDO-RS and WADO-RS, reports written back over STOW-RS, authentication, and the PACS failing mid-batch.
+over QIDO-RS and WADO-RS, reports and heatmaps written back over STOW-RS and read back by validators no one here
+wrote (dciodvfy, dcmjs), authentication, and the PACS failing mid-batch.
 
 The batch here runs in-process on the tiny test predictor (conftest.predictor); the inference pipeline against the
 PACS, end to end, is in tests/pipeline/test_local_stack.py.
@@ -8,6 +9,7 @@ PACS, end to end, is in tests/pipeline/test_local_stack.py.
 from __future__ import annotations
 
 import io
+import logging
 import urllib.error
 import urllib.request
 import zipfile
@@ -19,7 +21,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import MINI_ZIP, free_port
-from dicom_factory import radiograph
+from dicom_factory import SENTINELS, radiograph
+from dicom_tools import dciodvfy_errors, dcmjs_reports
 from infra.pacs import Pacs, orthanc_binary
 from xray.config import InferenceConfig
 from xray.errors import DatasetSourceError, SourceUnavailable
@@ -29,6 +32,7 @@ from xray.storage import dicomweb
 
 pytestmark = pytest.mark.slow
 PASSWORD = "SENTINEL-PACS-PASSWORD-5f1c"
+MODEL = "chest-xray-classifier"
 
 
 def some_jpegs(count: int) -> list[bytes]:
@@ -58,8 +62,8 @@ def monkeypatch_module():
 
 
 def stow_mix(pacs: Pacs, count: int = 9) -> dict:
-    """Three studies of radiographs made from test JPEGs (one of them an adult's), a structured report and a CT;
-    returns {sop_instance_uid: (what it is, its PatientID)}."""
+    """Three studies of radiographs made from test JPEGs (one of them an adult's; a sentinel in every identifying
+    tag but PatientID), a structured report and a CT; returns {sop_instance_uid: (what it is, its PatientID)}."""
     client = dicomweb.Client(dicomweb.parse(pacs.dicomweb))
     made = {}
     studies = [pydicom.uid.generate_uid() for _ in range(3)]
@@ -70,6 +74,7 @@ def stow_mix(pacs: Pacs, count: int = 9) -> dict:
             bits=12,
             syntax=("explicit", "jpeg-ls", "rle")[index % 3],
             age=age,
+            sentinels=True,
             StudyInstanceUID=studies[index % 3],
             PatientID=f"P{index % 3}",
         )
@@ -87,18 +92,23 @@ def stow_mix(pacs: Pacs, count: int = 9) -> dict:
     return made
 
 
-def reports_in(pacs: Pacs) -> list:
-    """Every report this project wrote into the PACS, read back with pydicom."""
+def objects_in(pacs: Pacs) -> dict[str, list[tuple[pydicom.Dataset, bytes]]]:
+    """Every object this project wrote into the PACS by modality (SR, SEG, OT), read back: (dataset, file bytes)."""
     client = dicomweb.Client(dicomweb.parse(pacs.dicomweb))
-    found = []
+    found = {}
     for study in client.search("/studies"):
         study_uid = dicomweb._value(study, "study")
-        for item in client.search(f"/studies/{study_uid}/instances", {"Modality": "SR"}):
+        for item in client.search(f"/studies/{study_uid}/instances"):
             data = client.retrieve(study_uid, dicomweb._value(item, "series"), dicomweb._value(item, "instance"))
-            report = pydicom.dcmread(io.BytesIO(data))
-            if report.get("Manufacturer") == "xray-pipeline":  # not the structured report stowed as an input
-                found.append(report)
+            dataset = pydicom.dcmread(io.BytesIO(data))
+            if dataset.get("Manufacturer") == sr.MANUFACTURER:  # not the structured report stowed as an input
+                found.setdefault(dataset.Modality, []).append((dataset, data))
     return found
+
+
+def reports_in(pacs: Pacs) -> list:
+    """Every report this project wrote into the PACS, read back with pydicom."""
+    return [dataset for dataset, _ in objects_in(pacs).get("SR", [])]
 
 
 def test_unauthenticated_or_wrong_credentials_are_refused(pacs, monkeypatch):
@@ -120,9 +130,17 @@ def test_a_pacs_that_is_down_is_one_line():
         )
 
 
-def test_write_back_leaves_one_report_per_analysed_image_and_a_rerun_adds_none(pacs, predictor, tmp_path, caplog):
+def test_write_back_leaves_one_report_per_analysed_image_its_heatmaps_and_a_rerun_adds_none(
+    pacs, explainable_predictor, tmp_path, caplog
+):
+    """One report per analysed image and the Segmentation and Secondary Capture of each ok one, each in the image's
+    study and passing dciodvfy as the PACS hands it back; dcmjs reads each report's probability and finding. Again:
+    nothing stored (the captures, images themselves, are listed but never reported on). A new model version: a new
+    series under a new device UID beside the old one. No identifying value of the sources in any log or row."""
+    caplog.set_level(logging.DEBUG)
     made = stow_mix(pacs)
-    writer_sr = sr.ReportWriter(pacs.dicomweb, "chest-xray-classifier", predictor.version)
+    predictor = explainable_predictor
+    writer_sr = sr.ReportWriter(pacs.dicomweb, MODEL, predictor.version, heatmaps=True, predictor=predictor)
     with PredictionWriter(str(tmp_path / "preds.csv")) as writer:
         result = predict_source(
             predictor, pacs.dicomweb, InferenceConfig(batch_size=4), writer, on_batch=writer_sr.write
@@ -136,25 +154,77 @@ def test_write_back_leaves_one_report_per_analysed_image_and_a_rerun_adds_none(p
     by_uid = table.set_index("sop_instance_uid")
     assert by_uid.loc[[u for u, (k, _) in made.items() if k in ("adult", "ct")], "status"].eq("out_of_scope").all()
     assert table["path"].str.startswith(pacs.dicomweb + "/studies/").all()
-    reports = reports_in(pacs)
-    assert len(reports) == len(table) == writer_sr.written
-    for report in reports:
-        items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in report.ContentSequence}
-        source = items["Source image"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    ok = set(table.loc[table["status"] == "ok", "sop_instance_uid"])
+    assert 0 < len(ok) < len(table)
+    written = objects_in(pacs)
+    assert len(written["SR"]) == len(table) == writer_sr.written
+    assert len(written["SEG"]) == len(written["OT"]) == len(ok) == writer_sr.heatmaps_written
+    folder = tmp_path / "from-the-pacs"
+    folder.mkdir()
+    paths = {}
+    for modality, objects in written.items():
+        for dataset, data in objects:
+            paths[dataset.SOPInstanceUID] = folder / f"{modality}-{dataset.SOPInstanceUID}.dcm"
+            paths[dataset.SOPInstanceUID].write_bytes(data)
+    errors = {path.name: found for path in paths.values() if (found := dciodvfy_errors(path))}
+    assert not errors, errors
+    heatmaps = {
+        dataset.SOPInstanceUID: dataset.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+        if modality == "SEG"
+        else dataset.SourceImageSequence[0]
+        for modality in ("SEG", "OT")
+        for dataset, _ in written[modality]
+    }
+    assert {ref.ReferencedSOPInstanceUID for ref in heatmaps.values()} == ok
+    reports = [dataset for dataset, _ in written["SR"]]
+    for report, read in zip(reports, dcmjs_reports([paths[r.SOPInstanceUID] for r in reports])):
+        (group,) = read["groups"]
+        source = group["sourceSOPInstanceUID"]
         row = by_uid.loc[source]
-        assert float(items["Probability of pneumonia"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
-            float(row["probability"]), abs=1e-6
+        assert (
+            read["template"] == "1500"
+            and read["deviceObserverUID"]
+            == sr.identities(source, row["study_instance_uid"], MODEL, predictor.version).device
         )
-        assert items["Status"].TextValue == row["status"] and "Not a diagnosis" in items["Disclaimer"].TextValue
+        codes = {c["concept"]["value"]: c["value"]["meaning"] for c in group["codes"]}
+        if source in ok:
+            assert group["numbers"][0]["value"] == pytest.approx(float(row["probability"]), abs=1e-6)
+            assert codes["233604007"] == ("Present" if row["label"] == "PNEUMONIA" else "Absent")
+            referred = {image["sopInstanceUID"] for image in group["images"] if image["concept"]["value"] == "130401"}
+            assert len(referred) == 2 and all(heatmaps[uid].ReferencedSOPInstanceUID == source for uid in referred)
+        else:
+            assert group["numbers"] == [] and "233604007" not in codes
+            assert codes["XR-STATUS"] == sr.STATUSES[row["status"]].meaning
         assert report.StudyInstanceUID == row["study_instance_uid"] and report.Modality == "SR"
         assert report.SeriesInstanceUID != row["series_instance_uid"]  # a new series in the image's study
         assert report.PatientID == made[source][1]  # filed under the image's patient
-    # Again: every report is found in the PACS, none written twice; the reports themselves are skipped as SRs.
-    again = sr.ReportWriter(pacs.dicomweb, "chest-xray-classifier", predictor.version)
+    # Again: every object is found in the PACS, none written twice; the captures are listed, never reported on.
+    again = sr.ReportWriter(pacs.dicomweb, MODEL, predictor.version, heatmaps=True, predictor=predictor)
     result = predict_source(predictor, pacs.dicomweb, InferenceConfig(batch_size=4), None, on_batch=again.write)
-    assert again.written == 0 and again.already == len(table) and len(reports_in(pacs)) == len(reports)
-    assert result.not_read[dicomweb.NOT_AN_IMAGE] == 1 + len(reports)
+    assert again.summary() == {
+        "reports_written": 0,
+        "reports_already_in_pacs": len(table),
+        "heatmaps_written": 0,
+        "heatmaps_already_in_pacs": len(ok),
+        "own_captures_skipped": len(ok),
+    }
+    assert result.not_read[dicomweb.NOT_AN_IMAGE] == 1 + len(reports) + len(ok)  # the SRs and the segmentations
+    assert {modality: len(objects) for modality, objects in objects_in(pacs).items()} == {
+        modality: len(objects) for modality, objects in written.items()
+    }
+    # A new model version: its own report series and device, the old reports left in place.
+    newer = sr.ReportWriter(pacs.dicomweb, MODEL, "8")
+    predict_source(predictor, pacs.dicomweb, InferenceConfig(batch_size=4), None, on_batch=newer.write)
+    assert newer.written == len(table) and newer.own_captures == len(ok)
+    after = reports_in(pacs)
+    assert len(after) == 2 * len(table) and {r.SOPInstanceUID for r in reports} <= {r.SOPInstanceUID for r in after}
+    new_series = {r.SeriesInstanceUID for r in after} - {r.SeriesInstanceUID for r in reports}
+    assert len(new_series) == len({r.StudyInstanceUID for r in reports})
     assert PASSWORD not in caplog.text
+    texts = [caplog.text, table.to_csv(), str(writer_sr.summary())]
+    for value in SENTINELS.values():
+        for part in [value, *value.split("^")]:
+            assert not any(part in text for text in texts), f"{part} came out"
 
 
 def test_the_pacs_failing_mid_batch_stops_the_run_and_resume_finishes_it(pacs, predictor, tmp_path):
