@@ -8,8 +8,12 @@ PACS, end to end, is in tests/pipeline/test_local_stack.py.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
+import shutil
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -18,9 +22,10 @@ from collections import Counter
 import pandas as pd
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.data import get_testdata_file
 
-from conftest import MINI_ZIP, free_port
+from conftest import MINI_ZIP, ROOT, free_port
 from dicom_factory import SENTINELS, radiograph
 from dicom_tools import dciodvfy_errors, dcmjs_reports
 from infra.pacs import Pacs, orthanc_binary
@@ -33,6 +38,8 @@ from xray.storage import dicomweb
 pytestmark = pytest.mark.slow
 PASSWORD = "SENTINEL-PACS-PASSWORD-5f1c"
 MODEL = "chest-xray-classifier"
+SCREENSHOT = ROOT / "outputs" / "pacs" / "web_viewer.png"
+"""Where the browser test leaves what a person sees (docs/pacs_web_viewer.png is a copy of one)."""
 
 
 def some_jpegs(count: int) -> list[bytes]:
@@ -225,6 +232,75 @@ def test_write_back_leaves_one_report_per_analysed_image_its_heatmaps_and_a_reru
     for value in SENTINELS.values():
         for part in [value, *value.split("^")]:
             assert not any(part in text for text in texts), f"{part} came out"
+
+
+def test_the_web_viewer_shows_the_heatmap_capture_beside_its_source_image(pacs, explainable_predictor):
+    """A study written back with heatmaps, opened as a person would: Orthanc's Web Viewer (Debian's plugin) on the
+    source series and on the capture's series, side by side in headless Chromium; both pictures are drawn, the capture
+    under its series description, and the page is kept as a screenshot."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("the browser test needs Chromium and its driver: run make system-packages")
+    study = pydicom.uid.generate_uid()
+    jpeg = some_jpegs(3)[2]
+    client = dicomweb.Client(dicomweb.parse(pacs.dicomweb))
+    client.store([radiograph(jpeg, bits=12, StudyInstanceUID=study, PatientID="DEMO-1", SeriesDescription="Chest PA")])
+    source = f"{pacs.dicomweb}?StudyInstanceUID={study}"
+    writer = sr.ReportWriter(source, MODEL, "7", heatmaps=True, predictor=explainable_predictor)
+    predict_source(explainable_predictor, source, InferenceConfig(), on_batch=writer.write)
+    assert writer.written == writer.heatmaps_written == 1
+    authorization = "Basic " + base64.b64encode(f"{pacs.user}:{PASSWORD}".encode()).decode()
+
+    def orthanc(path: str, body: bytes | None = None):
+        request = urllib.request.Request(pacs.url + path, data=body, headers={"Authorization": authorization})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.load(answer)
+
+    (found,) = orthanc("/tools/lookup", study.encode())
+    series = {item["MainDicomTags"]["Modality"]: item["ID"] for item in orthanc(f"/studies/{found['ID']}/series")}
+    assert set(series) == {"DX", "SR", "SEG", "OT"}
+    deadline = time.monotonic() + 30
+    while not all(orthanc(f"/series/{series[m]}")["IsStable"] for m in ("DX", "OT")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the viewer waits for a stable series (StableAge, 2 s)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,950"):
+        options.add_argument(argument)
+    options.add_argument("--disable-gpu")
+    browser = webdriver.Chrome(options=options, service=Service(driver))
+    drawn = "const c = document.querySelector('#dicomImage canvas'); if (!c || !c.width) return 0; "
+    drawn += "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let lit = 0; "
+    drawn += (
+        "for (let i = 0; i < d.length; i += 4) lit += d[i] + d[i + 1] + d[i + 2] > 60; return lit / (d.length / 4);"
+    )
+    texts, pictures = [], []
+    try:
+        # The PACS asks for basic authentication: the browser sends it with every request.
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": authorization}})
+        for modality in ("DX", "OT"):
+            browser.get(f"{pacs.url}/web-viewer/app/viewer.html?series={series[modality]}")
+            try:
+                WebDriverWait(browser, 90).until(lambda b: b.execute_script(drawn) > 0.2)
+            finally:
+                pictures.append(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"))
+            texts.append(browser.execute_script("return document.getElementById('topright').innerText"))
+    finally:
+        browser.quit()
+        # The two viewer windows side by side, as a reader would arrange them.
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        side_by_side = Image.new(
+            "RGB", (sum(p.width for p in pictures) or 1, max((p.height for p in pictures), default=1))
+        )
+        for index, picture in enumerate(pictures):
+            side_by_side.paste(picture, (sum(p.width for p in pictures[:index]), 0))
+        side_by_side.save(SCREENSHOT)
+    assert "Chest PA" in texts[0] and f"AI heatmap image: {MODEL} v7" in texts[1]
+    assert SCREENSHOT.stat().st_size > 50_000
 
 
 def test_the_pacs_failing_mid_batch_stops_the_run_and_resume_finishes_it(pacs, predictor, tmp_path):
