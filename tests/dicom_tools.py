@@ -8,6 +8,7 @@ skips it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -43,21 +44,16 @@ def dsrdump(path: Path) -> subprocess.CompletedProcess:
 
 
 def dcmjs_home() -> Path:
-    """dcmjs from npm, installed once into .cache/."""
-    if not (DCMJS_HOME / "node_modules" / "dcmjs" / "package.json").is_file():
-        command = [
-            tool("npm"),
-            "install",
-            "--prefix",
-            str(DCMJS_HOME),
-            "--no-audit",
-            "--no-fund",
-            "--loglevel",
-            "error",
-        ]
-        result = subprocess.run([*command, f"dcmjs@{DCMJS_VERSION}"], capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            pytest.fail(f"npm install dcmjs@{DCMJS_VERSION} failed: {result.stderr[-2000:]}")
+    """dcmjs from npm, installed once into .cache/ (under a lock: two test workers may ask at once)."""
+    DCMJS_HOME.mkdir(parents=True, exist_ok=True)
+    with open(DCMJS_HOME / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (DCMJS_HOME / "node_modules" / "dcmjs" / "package.json").is_file():
+            command = [tool("npm"), "install", "--prefix", str(DCMJS_HOME), "--no-audit", "--no-fund"]
+            command += ["--loglevel", "error", f"dcmjs@{DCMJS_VERSION}"]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                pytest.fail(f"npm install dcmjs@{DCMJS_VERSION} failed: {result.stderr[-2000:]}")
     return DCMJS_HOME / "node_modules"
 
 
