@@ -38,6 +38,8 @@ VARIANTS = {
     "jpeg2000": {"syntax": "jpeg2000-lossless"},
     # Type 2 values the source lacks (and the Type 1 ones of a DX image that the factory never writes)
     "missing-type-2": {"StudyDate": None, "PatientSex": None, "StudyTime": None, "PatientName": None},
+    # the DX image's orientation and detector spacing: the image library's projection descriptors (TID 1603)
+    "projection": {"PatientOrientation": ["L", "F"], "ImagerPixelSpacing": ["0.139", "0.139"]},
     "sentinels": {"sentinels": True, "StudyTime": "101500", "PatientOrientation": ["L", "F"]},
 }
 OK_ROW = {"status": "ok", "probability": 0.8731234, "threshold": 0.41, "label": "PNEUMONIA", "reason": ""}
@@ -192,6 +194,14 @@ def test_patient_and_study_come_from_the_source_and_nothing_else_of_it(written):
     for kind, (dataset, _) in objects.items():
         for keyword in ("PatientName", "PatientSex", "StudyDate", "StudyTime", "PatientID", "StudyID"):
             assert keyword in dataset and dataset[keyword].value in ("", None), (kind, keyword)
+
+
+def test_the_image_library_describes_the_projection_where_the_header_does(written):
+    """TID 1603's orientation and detector spacing for a header that has them, nothing invented for one without."""
+    described = dsrdump(written["projection"][2]["report"][1]).stdout
+    assert '(,,"Patient Orientation Row")="L"' in described
+    assert '(,,"Patient Orientation Column")="F"' in described and '(,,"Horizontal Pixel Spacing")="0.139"' in described
+    assert "Patient Orientation Row" not in dsrdump(written["12-bit"][2]["report"][1]).stdout
 
 
 def test_the_heatmap_lies_on_the_source_grid_and_the_capture_says_what_it_is(written):
