@@ -313,7 +313,7 @@ def heatmap_capture(source: Dataset, row: dict, heatmap: np.ndarray, picture: np
         transfer_syntax_uid=RLELossless,
     )
     capture.PatientOrientation = orientation if len(orientation) == 2 else None
-    capture.Laterality = None  # Type 2C of a paired body part; a chest has none, and the validator asks for it
+    capture.BodyPartExamined = "CHEST"  # what the capture shows (the procedure reported); a chest has no laterality
     capture.BurnedInAnnotation = "YES"
     capture.DerivationDescription = "Grad-CAM of an AI model over the source image; not a diagnosis"
     reference = Dataset()
