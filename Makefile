@@ -26,7 +26,8 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
-# What make test needs beyond Python (the team stack's browser test and S3 endpoint): installed when missing.
+# What make test needs beyond Python (the team stack's browser test and S3 endpoint, the PACS, the DICOM validators):
+# installed when missing.
 system-packages:
 	@bash scripts/system_packages.sh
 
@@ -57,7 +58,7 @@ team-stack: setup
 	@test -d .zen || $(VENV)/bin/zenml init
 	$(PY) -m infra.team_stack up
 
-# A local PACS: Orthanc with DICOMweb on http://127.0.0.1:$XRAY_PACS_PORT/dicom-web (8042), basic authentication with
+# A local PACS: Orthanc with DICOMweb on http://127.0.0.1:$XRAY_PACS_PORT/dicom-web (8042) and its Web Viewer plugin, basic authentication with
 # XRAY_PACS_USER / XRAY_PACS_PASSWORD (local defaults xray / xray-local-pacs), storage in .pacs/ (kept by pacs-down).
 # It needs only a venv's Python: one that exists (a shared one included) is used as it is, never reinstalled from
 # here; without one, make setup makes it.

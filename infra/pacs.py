@@ -1,9 +1,12 @@
-"""A local PACS: Orthanc (Debian's ``orthanc`` and ``orthanc-dicomweb``) with DICOMweb, as this user's own process.
+"""A local PACS: Orthanc (Debian's ``orthanc``, ``orthanc-dicomweb`` and ``orthanc-webviewer``) with DICOMweb and a web
+viewer, as this user's own process.
 
     python -m infra.pacs up | down | status        (make pacs, make pacs-down)
 
-DICOMweb at ``http://127.0.0.1:$XRAY_PACS_PORT/dicom-web`` (default 8042), the web viewer (Orthanc Explorer) at
-``http://127.0.0.1:$XRAY_PACS_PORT/app/explorer.html``. Storage and index under ``.pacs/`` (kept by ``down``, so
+DICOMweb at ``http://127.0.0.1:$XRAY_PACS_PORT/dicom-web`` (default 8042), Orthanc Explorer at
+``http://127.0.0.1:$XRAY_PACS_PORT/app/explorer.html`` and the Web Viewer plugin's page of a series at
+``http://127.0.0.1:$XRAY_PACS_PORT/web-viewer/app/viewer.html?series=<Orthanc series id>`` (Explorer's series pages
+link to it). Storage and index under ``.pacs/`` (kept by ``down``, so
 studies survive a restart). HTTP basic authentication is always on, with ``XRAY_PACS_USER`` / ``XRAY_PACS_PASSWORD``
 (local defaults ``xray`` / ``xray-local-pacs``); the generated config holding them is readable by this user only and
 the password is printed nowhere. Remote access is refused (``RemoteAccessAllowed: false``: Orthanc 1.10 has no bind
@@ -30,6 +33,7 @@ from xray.environment import REPO_ROOT
 from xray.storage.dicomweb import DEFAULT_PASSWORD, DEFAULT_USER, PASSWORD_ENV, USER_ENV
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+WEB_VIEWER = Path("/usr/share/orthanc/plugins/libOrthancWebViewer.so")
 PORT_ENV = "XRAY_PACS_PORT"
 
 
@@ -39,10 +43,10 @@ class PacsError(RuntimeError):
 
 def orthanc_binary() -> str:
     found = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None)
-    if not found or not PLUGIN.is_file():
+    if not found or not PLUGIN.is_file() or not WEB_VIEWER.is_file():
         raise PacsError(
-            "Orthanc and its DICOMweb plugin are not installed: make pacs installs them "
-            "(apt-get install orthanc orthanc-dicomweb)"
+            "Orthanc and its DICOMweb and Web Viewer plugins are not installed: make pacs installs them "
+            "(apt-get install orthanc orthanc-dicomweb orthanc-webviewer)"
         )
     return found
 
@@ -85,7 +89,8 @@ class Pacs:
             "DicomServerEnabled": False,
             "HttpVerbose": False,
             "StableAge": 2,
-            "Plugins": [str(PLUGIN)],
+            "Plugins": [str(PLUGIN), str(WEB_VIEWER)],
+            "WebViewer": {"CachePath": str(self.state / "webviewer-cache")},
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Host": "127.0.0.1"},
         }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The system packages make test needs beside Python, installed from Debian's packages when missing, with the time
 # printed: Chromium and its driver (the team stack's browser test), Node.js and npm (its S3 endpoint, s3rver),
-# Orthanc and its DICOMweb plugin (the local PACS).
+# Orthanc with its DICOMweb and web viewer plugins (the local PACS), and the DICOM validators the write-back's tests
+# run on every object written: dciodvfy (dicom3tools) and dsrdump (dcmtk).
 # Needs root or sudo; without either it says which packages to install and fails.
 set -euo pipefail
 missing=()
@@ -12,6 +13,10 @@ command -v npm >/dev/null || missing+=(npm)
 # The local PACS (make pacs, the DICOMweb tests): Orthanc and its DICOMweb plugin.
 command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+[ -f /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || missing+=(orthanc-webviewer)
+# Validators no one here wrote (the write-back's tests): the IOD checker and the SR reader.
+command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+command -v dsrdump >/dev/null || missing+=(dcmtk)
 [ ${#missing[@]} -eq 0 ] && exit 0
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then

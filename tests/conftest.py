@@ -247,6 +247,23 @@ def predictor():
     return ChestXrayPredictor(model, 0.5, 32, "7", profile)
 
 
+@pytest.fixture(scope="session")
+def explainable_predictor(predictor):
+    """The test predictor's threshold and size on a model Grad-CAM can explain (a conv layer, "pool" and the
+    "probability" head of xray.model.network's classifiers), without a reference profile: every image in scope is ok
+    (the profile's synthetic chests find the suite's real radiographs out of distribution)."""
+    import keras
+
+    from xray.serving.predictor import ChestXrayPredictor
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    features = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(keras.layers.Rescaling(1 / 255.0)(inputs))
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="probability")(pooled))
+    return ChestXrayPredictor(model, predictor.threshold, 32, predictor.version)
+
+
 def radiograph_like(rng: np.random.Generator, size: int = 96) -> np.ndarray:
     """A grey 'chest': a bright body with two dark lungs, position and exposure jittered per image."""
     y, x = np.mgrid[0:size, 0:size] / size

@@ -670,7 +670,8 @@ def test_a_dicom_site_is_evaluated_like_its_jpegs(local, tmp_path):
 def test_inference_reads_a_pacs_and_writes_one_report_per_image_back(local, tmp_path_factory):
     """make pacs's Orthanc (its own port and storage): a mix of studies stowed, one `--pipeline inference --images
     dicomweb://... --write-back` leaves exactly one SR per analysed image, the same command with `--resume` adds none,
-    and the PACS password appears in no output stream, file or store."""
+    and neither the PACS password nor an identifying value of the images (stow_mix plants sentinels) appears in any
+    output stream, file or store (ZenML, MLflow, the predictions)."""
     from test_pacs import PASSWORD, reports_in, stow_mix
 
     from infra.pacs import Pacs
@@ -700,6 +701,7 @@ def test_inference_reads_a_pacs_and_writes_one_report_per_image_back(local, tmp_
         for path in local.home.rglob("*"):
             if path.is_file():
                 assert PASSWORD.encode() not in path.read_bytes(), f"the PACS password in {path}"
+        _assert_no_sentinel(local.home, first.stdout, first.stderr)
     finally:
         pacs.down()
         for key, value in saved.items():

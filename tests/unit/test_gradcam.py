@@ -27,6 +27,26 @@ def test_heatmap_matches_input_and_varies(model):
     assert all(m.std() > 0.01 for m in maps), "a heatmap is flat"
 
 
+def test_a_heatmap_explains_the_class_it_is_asked_for(model):
+    """Batch inference's row says which class was called (a site's operating point may differ from the version's):
+    the map explains that class, whatever the threshold."""
+    image = np.random.default_rng(2).uniform(0, 255, (1, 64, 64, 3)).astype("float32")
+    both = gradcam.heatmaps(model, np.concatenate([image, image]), 0.5, towards_pneumonia=[True, False])
+    assert np.allclose(both[0], gradcam.heatmaps(model, image, threshold=0.0)[0], atol=1e-5)  # always PNEUMONIA
+    assert np.allclose(both[1], gradcam.heatmaps(model, image, threshold=1.01)[0], atol=1e-5)  # always NORMAL
+    assert not np.allclose(both[0], both[1], atol=1e-3)
+
+
+def test_a_captioned_overlay_keeps_the_aspect_and_fits_its_caption():
+    picture = np.random.default_rng(3).uniform(0, 255, (3000, 2400)).astype(np.uint8)
+    lines = ["NOT A DIAGNOSIS", "a longer second line that must fit the width of the picture " * 2]
+    out = gradcam.captioned(picture, np.ones((32, 32)), lines, longest=1024, least_width=512)
+    assert out.dtype == np.uint8 and out.shape[1] == 819 and out.shape[0] > 1024 and out.shape[2] == 3
+    small = gradcam.captioned(picture[:60, :48], np.ones((32, 32)), lines, longest=1024, least_width=512)
+    assert small.shape[1] == 512 and small.shape[0] > 640
+    assert gradcam.stretched(np.eye(32), 300, 240).shape == (300, 240)
+
+
 def test_overlay_png_is_not_blank(model):
     image = np.random.default_rng(1).uniform(0, 255, (64, 64, 3)).astype("float32")
     heat = gradcam.heatmaps(model, image[None], threshold=0.5)[0]

@@ -4,37 +4,64 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from xray import CLASS_NAMES
 from xray.data.images import decode_and_resize
 from xray.model.network import logit_model
 
+_COMPILED: list = [None, None]
+"""The last model Grad-CAM ran on and its compiled Grad-CAM: traced once (3 s for ResNet50V2 at 128 px), then 4-6x
+faster per image than eager (docs/BENCHMARKS.md, "Write-back to a PACS"); one slot, so no other model is kept alive."""
 
-def heatmaps(model, images: np.ndarray, threshold: float) -> np.ndarray:
+
+def _compiled(model):
+    import keras  # lazy: Keras imports TensorFlow, seconds
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    if _COMPILED[0] is model:
+        return _COMPILED[1]
+    # The backbone's last feature map, whichever backbone: what the classifier head pools; and the head's logit,
+    # calibrated when the model is (sigmoid(logit) is then the probability the threshold applies to).
+    probe = keras.Model(model.inputs, [model.get_layer("pool").input, logit_model(model).output])
+    size = tuple(model.inputs[0].shape[1:])
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, *size], tf.float32),
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([None], tf.bool),
+            tf.TensorSpec([], tf.bool),
+        ]
+    )
+    def maps(batch, threshold, towards, given):
+        with tf.GradientTape() as tape:
+            features, logit = probe(batch, training=False)
+            logit = tf.cast(logit, tf.float32)[:, 0]
+            score = tf.where(tf.where(given, towards, tf.sigmoid(logit) >= threshold), logit, -logit)
+        gradients = tape.gradient(score, features)
+        features, gradients = tf.cast(features, tf.float32), tf.cast(gradients, tf.float32)
+        weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+        return tf.image.resize(cam, size[:2], method="bilinear")[..., 0]
+
+    _COMPILED[:] = [model, maps]
+    return maps
+
+
+def heatmaps(model, images: np.ndarray, threshold: float, towards_pneumonia=None) -> np.ndarray:
     """(N, H, W) maps in [0, 1] for the class each image is predicted as, at the model's input size.
+
+    ``towards_pneumonia`` (one bool per image): the class each map explains, when the call was made elsewhere (a
+    site's operating point, a row of batch inference); without it, the class the head predicts at ``threshold``.
 
     The score is the head's logit (pre-sigmoid), signed towards the predicted
     class: a confident prediction saturates the sigmoid, and the gradient of
     the probability itself would vanish and leave a blank map.
     """
-    import keras  # lazy: Keras imports TensorFlow, seconds
-    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
-
-    # The backbone's last feature map, whichever backbone: what the classifier head pools; and the head's logit,
-    # calibrated when the model is (sigmoid(logit) is then the probability the threshold applies to).
-    feature_map = model.get_layer("pool").input
-    probe = keras.Model(model.inputs, [feature_map, logit_model(model).output])
-    batch = tf.convert_to_tensor(images, tf.float32)
-    with tf.GradientTape() as tape:
-        features, logit = probe(batch, training=False)
-        logit = tf.cast(logit, tf.float32)[:, 0]
-        score = tf.where(tf.sigmoid(logit) >= threshold, logit, -logit)
-    gradients = tape.gradient(score, features)
-    features, gradients = tf.cast(features, tf.float32), tf.cast(gradients, tf.float32)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
-    cam = tf.image.resize(cam, batch.shape[1:3], method="bilinear")[..., 0].numpy()
+    given = towards_pneumonia is not None
+    towards = np.asarray(towards_pneumonia if given else np.zeros(len(images)), dtype=bool)
+    cam = _compiled(model)(np.asarray(images, np.float32), np.float32(threshold), towards, given).numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
     return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
 
@@ -48,6 +75,36 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, min_size
     if picture.width < min_size:
         picture = picture.resize((min_size, round(min_size * picture.height / picture.width)), Image.Resampling.BICUBIC)
     return picture
+
+
+def stretched(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """A heatmap at the model's input size onto ``rows`` x ``columns`` of the original image, bilinear, in [0, 1]:
+    the model saw the whole image squeezed into its square input, so stretching the map back puts each value over
+    the pixels it came from."""
+    picture = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
+    return np.clip(np.asarray(picture.resize((columns, rows), Image.Resampling.BILINEAR)), 0.0, 1.0)
+
+
+def captioned(picture: np.ndarray, heatmap: np.ndarray, lines: list[str], longest: int, least_width: int) -> np.ndarray:
+    """An original image's grey pixels (any size) with its heatmap over them (:func:`overlay`), scaled to ``longest``
+    pixels at most on its longest side and ``least_width`` at least across, and ``lines`` burned in on a black band
+    above (the first in red), in a font as large as the widest line allows: RGB, uint8."""
+    grey = Image.fromarray(np.asarray(picture, dtype=np.uint8)).convert("L")
+    scale = min(longest / max(grey.size), max(1.0, least_width / grey.width))
+    width, height = max(round(grey.width * scale), 1), max(round(grey.height * scale), 1)
+    rgb = np.repeat(np.asarray(grey.resize((width, height), Image.Resampling.BILINEAR), np.float32)[..., None], 3, -1)
+    blended = overlay(rgb, stretched(heatmap, height, width), min_size=0)
+    size = max(10, width // 36)
+    widest = max(ImageFont.load_default(size=size).getlength(line) for line in lines)
+    size = max(8, min(size, int(size * (width - size) / widest)))
+    font, step = ImageFont.load_default(size=size), round(size * 1.3)
+    band = step * len(lines) + size // 2
+    canvas = Image.new("RGB", (width, height + band), "black")
+    canvas.paste(blended, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(lines):
+        draw.text((size // 2, size // 4 + index * step), line, fill="yellow" if index else "red", font=font)
+    return np.asarray(canvas)
 
 
 def confident_examples(y: np.ndarray, p: np.ndarray, threshold: float) -> list[tuple[int, str]]:
