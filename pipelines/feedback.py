@@ -10,7 +10,7 @@ from zenml.enums import ExecutionMode
 from steps.feedback import assess_feedback
 from steps.tracking import mark_run_failed
 from xray.config import EvaluateConfig, MonitoringConfig, RegistryConfig
-from xray.monitoring import feedback
+from xray.monitoring.performance import feedback
 from xray.monitoring.report import feedback_figures
 
 

@@ -28,7 +28,7 @@ from xray.config import PipelineConfig, RegistryConfig
 from xray.data.sites import site_name
 from xray.errors import ConfigError, ScheduleError
 from xray.model import tuning as search
-from xray.monitoring.feedback import read_labels
+from xray.monitoring.performance.feedback import read_labels
 from xray.registry import decisions, tracking
 from xray.schedule import CronError, schedule_name, validate_aws_cron
 from xray.storage import s3, sources

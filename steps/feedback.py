@@ -14,7 +14,8 @@ from steps.predict import log_store
 from steps.tracking import log_config, log_images, mlflow_run
 from xray.config import EvaluateConfig, MonitoringConfig, RegistryConfig
 from xray.errors import ConfigError
-from xray.monitoring import feedback, prediction_log
+from xray.monitoring import prediction_log
+from xray.monitoring.performance import feedback
 from xray.monitoring.report import feedback_figures, post_alert
 from xray.registry import store
 

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from xray.evaluation.plots import image_grid, to_image  # noqa: E402
 from xray.monitoring import ood  # noqa: E402
 from xray.monitoring.drift import reason_kind  # noqa: E402
-from xray.monitoring.feedback import METRICS  # noqa: E402
+from xray.monitoring.performance.feedback import METRICS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
