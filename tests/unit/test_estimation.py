@@ -250,6 +250,7 @@ def test_side_by_side_alerts_only_on_a_reliable_drop_and_says_estimated():
     realised_table = feedback.performance(feedback.join(labels, log), samples=100)
     both = comparison.side_by_side(table, realised_table)
     assert both["period"].tolist() == ["2026-W48", "2026-W49"]
+    assert both["answered"].tolist() == [400, 360] and both["realised_answered"].tolist() == [400, 360]
     assert both["covered_sensitivity"].iloc[0] == 1.0 and both["verdict"].tolist() == [RELIABLE, UNRELIABLE]
     # the realised sensitivity of the weak week is low, its estimate too, but it is unreliable: no alert
     assert both["sensitivity"].iloc[1] < 0.9 and both["estimated_sensitivity_high"].iloc[1] < 0.95

@@ -24,11 +24,13 @@ from xray.monitoring.performance.feedback import GROUP
 
 def side_by_side(estimated: pd.DataFrame, realised: pd.DataFrame) -> pd.DataFrame:
     """Every estimated group (subgroup ``""`` only: feedback has no subgroups) with the realised metrics of the
-    same period, site and version beside it (NaN where no label came back), and ``covered_<metric>``: whether the
-    realised value lies in the estimate's band (NaN without a realised value)."""
+    same period, site and version beside it (NaN where no label came back; a column both tables have, such as
+    ``answered``, is ``realised_<name>`` on feedback's side), and ``covered_<metric>``: whether the realised value
+    lies in the estimate's band (NaN without a realised value)."""
     whole = estimated[estimated["subgroup"] == ""] if "subgroup" in estimated.columns else estimated
-    measured = [c for c in realised.columns if c not in GROUP]
-    table = whole.merge(realised[GROUP + measured], on=GROUP, how="left", validate="one_to_one")
+    # Counts and shares both have (answered, the shares) are the labelled predictions' on feedback's side.
+    overlap = {c: f"realised_{c}" for c in realised.columns if c in whole.columns and c not in GROUP}
+    table = whole.merge(realised.rename(columns=overlap), on=GROUP, how="left", validate="one_to_one")
     for name in COMPARED:
         if name not in table.columns:
             table[name] = np.nan
