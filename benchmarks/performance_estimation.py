@@ -36,6 +36,7 @@ import logging
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -99,12 +100,14 @@ def variant(data: bytes, how: str, seed: int) -> bytes:
     raise ValueError(how)
 
 
-def periods(test: pd.DataFrame, seed: int) -> list[dict]:
-    """Each period: ``kind``, ``label``, ``members`` ((test index or adult index, how) pairs)."""
+def periods(test: pd.DataFrame, seed: int, usable: np.ndarray | None = None) -> list[dict]:
+    """Each period: ``kind``, ``label``, ``members`` ((test index or adult index, how) pairs). With ``usable`` (a mask
+    of test images), only the prevalence and subgroup periods, drawn from those images."""
     rng = np.random.default_rng(seed)
-    normal = np.flatnonzero(test["kind"] == "normal")
-    pools = {k: np.flatnonzero(test["kind"] == k) for k in ("bacteria", "virus")}
-    pneumonia = np.flatnonzero(test["truth"] == 1)
+    usable = np.ones(len(test), dtype=bool) if usable is None else usable
+    normal = np.flatnonzero((test["kind"] == "normal") & usable)
+    pools = {k: np.flatnonzero((test["kind"] == k) & usable) for k in ("bacteria", "virus")}
+    pneumonia = np.flatnonzero((test["truth"] == 1) & usable)
 
     def draw(positives: int, pool=pneumonia, size=SIZE) -> list[int]:
         chosen = [*rng.choice(pool, positives, replace=False), *rng.choice(normal, size - positives, replace=False)]
@@ -120,6 +123,8 @@ def periods(test: pd.DataFrame, seed: int) -> list[dict]:
         made += [period("prevalence", f"{share:.0%} PNEUMONIA", draw(round(SIZE * share))) for _ in range(3)]
     for kind, pool in pools.items():
         made += [period("subgroup", f"only {kind} PNEUMONIA, 50%", draw(SIZE // 2, pool)) for _ in range(2)]
+    if not usable.all():
+        return made
     for shift in SHIFTS:
         indices = draw(90)
         made.append(period("image shift, all", f"{shift}, all 150", indices, shift))
@@ -136,8 +141,9 @@ def periods(test: pd.DataFrame, seed: int) -> list[dict]:
     return made
 
 
-def predict_all(predictor, test: pd.DataFrame, adult: list[bytes], made: list[dict], seed: int) -> dict:
-    """(member) -> (bytes' sha256, prediction row), every distinct image predicted once, 64 at a time."""
+def predict_all(predictor, test: pd.DataFrame, adult: list[bytes], made: list[dict], seed: int, site=None) -> dict:
+    """(member) -> prediction row with its bytes' sha256, every distinct image predicted once, 64 at a time, at
+    ``site``'s operating point (none: the version's)."""
     wanted = sorted({member for p in made for member in p["members"]}, key=str)
     encoded = []
     for index, how in wanted:
@@ -145,7 +151,7 @@ def predict_all(predictor, test: pd.DataFrame, adult: list[bytes], made: list[di
         encoded.append(variant(data, how, seed + (index if isinstance(index, int) else 0)))
     rows, started = [], time.perf_counter()
     for start in range(0, len(encoded), 64):
-        rows.append(predictor.predict_bytes(encoded[start : start + 64]))
+        rows.append(predictor.predict_bytes(encoded[start : start + 64], site))
     table = pd.concat(rows, ignore_index=True)
     logger.info("%d images predicted in %.0f s", len(table), time.perf_counter() - started)
     table["sha256"] = [hashlib.sha256(data).hexdigest() for data in encoded]
@@ -153,7 +159,7 @@ def predict_all(predictor, test: pd.DataFrame, adult: list[bytes], made: list[di
     return {member: table.iloc[n] for n, member in enumerate(wanted)}
 
 
-def measure(model_version: str = "champion", samples: int | None = None, seed: int = 0) -> dict:
+def measure(model_version: str = "champion", samples: int | None = None, seed: int = 0, site_fraction=0.3) -> dict:
     """The benchmark on a registered version (the local store's, MLFLOW_TRACKING_URI), as bench.record takes it."""
     import mlflow
 
@@ -170,21 +176,10 @@ def measure(model_version: str = "champion", samples: int | None = None, seed: i
     test, adult = test_split(), adults()
     made = periods(test, seed)
     predicted = predict_all(predictor, test, adult, made, seed)
-    results, plain = [], []
-    for week, period in enumerate(made):
-        table = pd.DataFrame([predicted[m] for m in period["members"]])
-        log = prediction_log.log_rows(table, "batch", "benchmark", now=FIRST_WEEK + timedelta(weeks=week))
-        truth = [test["truth"].iloc[i] for i, _ in period["members"] if isinstance(i, int)]
-        labelled = log["path"].str.match(r"^\d+:")
-        labels = pd.DataFrame({"sha256": log.loc[labelled, "sha256"], "label": np.where(truth, "PNEUMONIA", "NORMAL")})
-        labels.attrs["key"] = "sha256"
-        realised = feedback.performance(feedback.join(labels, log), settings.samples, seed)
-        both = comparison.side_by_side(estimation.estimate(log, references, "week", settings), realised)
-        results.append(both.assign(kind=period["kind"], label=period["label"]))
-        unadjusted = estimation.Settings(settings.samples, settings.alpha, settings.min_per_class, False, seed)
-        plain.append(comparison.side_by_side(estimation.estimate(log, references, "week", unadjusted), realised))
-    table = pd.concat(results, ignore_index=True)
-    return summarise(table, pd.concat(plain, ignore_index=True)) | {
+    table, plain = weeks(made, predicted, test, references, settings)
+    secondary = site_calibrated(predictor, test, settings, site_fraction) if site_fraction else None
+    return summarise(table, plain) | {
+        "site_calibrated": secondary,
         "model": info["uri"],
         "model_version": str(predictor.version),
         "threshold": predictor.threshold,
@@ -194,6 +189,51 @@ def measure(model_version: str = "champion", samples: int | None = None, seed: i
         "seed": seed,
         "images_predicted": len(predicted),
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def weeks(made: list[dict], predicted: dict, test: pd.DataFrame, references: dict, settings) -> tuple:
+    """Each period as one week of the log: estimated (and plain CBPE) beside realised; both tables, a row a period."""
+    results, plain = [], []
+    unadjusted = replace(settings, adjust_prevalence=False)
+    for week, period in enumerate(made):
+        table = pd.DataFrame([predicted[m] for m in period["members"]])
+        log = prediction_log.log_rows(table, "batch", "benchmark", now=FIRST_WEEK + timedelta(weeks=week))
+        truth = [test["truth"].iloc[i] for i, _ in period["members"] if isinstance(i, int)]
+        labelled = log["path"].str.match(r"^\d+:")
+        labels = pd.DataFrame({"sha256": log.loc[labelled, "sha256"], "label": np.where(truth, "PNEUMONIA", "NORMAL")})
+        labels.attrs["key"] = "sha256"
+        realised = feedback.performance(feedback.join(labels, log), settings.samples, settings.seed)
+        both = comparison.side_by_side(estimation.estimate(log, references, "week", settings), realised)
+        results.append(both.assign(kind=period["kind"], label=period["label"]))
+        plain.append(comparison.side_by_side(estimation.estimate(log, references, "week", unadjusted), realised))
+    return pd.concat(results, ignore_index=True), pd.concat(plain, ignore_index=True)
+
+
+def site_calibrated(predictor, test: pd.DataFrame, settings, fraction: float) -> dict:
+    """Secondary: the test split as a site with its own operating point, fitted as ``--recalibrate-fraction`` fits it
+    (``recipes.site_operating_point`` on a patient-grouped ``fraction`` of its images); the prevalence and subgroup
+    periods drawn from the other images only, answered at that point."""
+    from xray.data.manifest import patient_id
+    from xray.evaluation.recipes import grouped_split, site_operating_point
+
+    patients = [f"{kind}:{patient_id(Path(n).name) or n}" for kind, n in zip(test["kind"], test["name"])]
+    share = grouped_split(patients, fraction, settings.seed, test["truth"].to_numpy())
+    fitted = predict_all(predictor, test, [], [{"members": [(int(i), "original") for i in np.flatnonzero(share)]}], 0)
+    p_fit = np.array([fitted[(int(i), "original")]["probability"] for i in np.flatnonzero(share)])
+    point = site_operating_point(test["truth"].to_numpy()[share], p_fit, EvaluateConfig())
+    predictor.operating_points["kaggle-test"] = point
+    references = {str(predictor.version): estimation.Reference.of(predictor.profile, predictor.operating_points)}
+    made = periods(test, settings.seed + 1, usable=~share)
+    predicted = predict_all(predictor, test, [], made, settings.seed, site="kaggle-test")
+    table, plain = weeks(made, predicted, test, references, settings)
+    summary = summarise(table, plain)
+    return {
+        key: summary[key] for key in ("value", "periods", "reliable_periods", "reliable", "by_kind", "per_period")
+    } | {
+        "plain_cbpe_on_the_reliable_periods": summary["plain_cbpe_on_the_reliable_periods"],
+        "calibration_images": int(share.sum()),
+        "operating_point": point,
     }
 
 
@@ -259,12 +299,21 @@ def summarise(table: pd.DataFrame, plain: pd.DataFrame) -> dict:
 @click.option("--model-version", default="champion", show_default=True)
 @click.option("--samples", type=int, default=None, help="Draws of the bands (default evaluate.bootstrap_samples).")
 @click.option("--seed", default=0, show_default=True, help="Which test images each period draws.")
-def main(model_version: str, samples: int | None, seed: int) -> None:
+@click.option(
+    "--site-fraction",
+    default=0.3,
+    show_default=True,
+    help="Secondary: test patients for a site's own calibration (0: none).",
+)
+def main(model_version: str, samples: int | None, seed: int, site_fraction: float) -> None:
     import bench
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = measure(model_version, samples, seed)
-    print(json.dumps({k: v for k, v in result.items() if k != "per_period"}, indent=1))
+    result = measure(model_version, samples, seed, site_fraction)
+    shown = {k: v for k, v in result.items() if k != "per_period"}
+    if shown.get("site_calibrated"):
+        shown["site_calibrated"] = {k: v for k, v in shown["site_calibrated"].items() if k != "per_period"}
+    print(json.dumps(shown, indent=1, default=str))
     command = "python benchmarks/performance_estimation.py " + " ".join(sys.argv[1:])
     bench.record("performance_estimation_mae", result, command)
     bench.record("performance_estimation_coverage", coverage_entry(result), command)

@@ -194,6 +194,23 @@ def test_a_clean_period_is_reliable_and_each_departure_is_unreliable_with_its_re
     assert "no reference prevalence for operating point site:hospital-b" in verdict(unknown)[1]
 
 
+def test_probabilities_unlike_vals_at_any_prevalence_say_the_calibration_may_not_hold():
+    """Label shift keeps each class's probabilities as val's: the test fits the prevalence and accepts. A population
+    whose NORMAL images look more like PNEUMONIA to the model than val's did (the calibration no longer holds) is
+    refused, at any prevalence."""
+    world = World(9)
+    reference = world.val_probabilities
+    p_values = [estimation.label_shift_test(world.draw(200, q)[1], reference, 300, 0)[1] for q in np.arange(1, 10) / 10]
+    assert sum(p < 0.01 for p in p_values) <= 1 and np.median(p_values) > 0.2  # a test at 1%, roughly uniform
+    y, p = world.draw(300, 0.3)
+    logit = np.log(p / (1 - p)) + np.where(y == 0, 4.0, 0.0)  # NORMAL images half way to PNEUMONIA
+    distance, p_value, prevalence = estimation.label_shift_test(1 / (1 + np.exp(-logit)), reference, 300, 0)
+    assert p_value < 0.01 and distance > 0.1
+    rows = world.log(1 / (1 + np.exp(-logit)))
+    reasons = estimation.estimate_group(rows, world.reference(), Settings(samples=300))["reasons"]
+    assert reasons.startswith("calibration: the probabilities are unlike val's at any prevalence")
+
+
 def test_the_reference_prevalence_of_a_sites_operating_point_is_the_share_it_was_fitted_on():
     rng = np.random.default_rng(0)
     y = (rng.random(300) < 0.3).astype(int)

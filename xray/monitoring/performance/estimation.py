@@ -32,6 +32,9 @@ probability (Poisson-binomial: which of them are PNEUMONIA). The band is where t
   by the same test against the floor ``ood_alpha``;
 - drift: the period's ``ood_score`` distribution differs from val's (two-sample Kolmogorov-Smirnov at ``alpha``): a
   shift that moves every image a little (a new exposure curve, another scanner) flags few images one by one;
+- calibration: the probabilities (at the version's operating point) are unlike val's re-weighted to any prevalence
+  (:func:`label_shift_test`): the images of a class no longer look to the model as val's did, so the calibration,
+  and with it the estimate, need not hold;
 - a site without its own calibration: a row of a named site at another operating point than the site's own;
 - no reference: the version's reference profile (or the operating point's prevalence) is unknown.
 
@@ -78,6 +81,8 @@ class Reference:
     """``monitoring.ood_alpha``: the floor of an expected share (out of scope's reference share is none)."""
     scores: np.ndarray = field(repr=False)
     """Val's ``ood_score``: the reference of the drift test."""
+    probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    """Val's calibrated probabilities: the reference of the label-shift test (:func:`label_shift_test`)."""
 
     @classmethod
     def of(cls, profile: ReferenceProfile, operating_points: dict[str, dict] | None = None) -> Reference:
@@ -88,7 +93,8 @@ class Reference:
             share = point_prevalence(point)
             if share is not None:
                 prevalence[f"site:{site}"] = share
-        return cls(prevalence, max(profile.val_ood_fraction, profile.alpha), profile.alpha, profile.val_scores)
+        expected = max(profile.val_ood_fraction, profile.alpha)
+        return cls(prevalence, expected, profile.alpha, profile.val_scores, np.asarray(profile.val_probabilities))
 
 
 def point_prevalence(point: dict) -> float | None:
@@ -222,6 +228,39 @@ def estimate_rows(p, called, reference, settings: Settings = Settings()) -> dict
 # -- the verdict ---------------------------------------------------------------------------------------------------
 
 
+def label_shift_test(p: np.ndarray, reference: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float, float]:
+    """(Kolmogorov-Smirnov distance, p-value, prevalence): are the period's probabilities (at the version's operating
+    point) distributed like val's ``reference`` re-weighted to some prevalence, as they are under label shift?
+
+    Under label shift with a calibration that holds, the period's probabilities have val's distribution times
+    q p / r + (1 - q)(1 - p) / (1 - r) (r: val's prevalence, q: the period's, fitted by maximum likelihood). The
+    distance is between the period's distribution and that one; its null distribution comes from ``samples`` draws
+    that resample val (the reference is a sample too), draw a period of the same size from the re-weighted val, and
+    refit q, so the p-value accounts for both."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
+    atoms = np.sort(np.clip(np.asarray(reference, dtype=np.float64), _CLIP, 1 - _CLIP))
+    prior, n = float(atoms.mean()), len(p)
+    ratio_1, ratio_0 = atoms / prior, (1 - atoms) / (1 - prior)
+    q = prevalence_mle(p / prior, (1 - p) / (1 - prior), np.ones((1, n)))
+    weight = q[:, None] * ratio_1 + (1 - q[:, None]) * ratio_0
+    expected = np.r_[0.0, np.cumsum(weight[0]) / weight[0].sum()]
+    points = np.concatenate([atoms, p])
+    observed = np.searchsorted(np.sort(p), points, side="right") / n
+    distance = float(np.abs(observed - expected[np.searchsorted(atoms, points, side="right")]).max())
+    rng, beyond, done = np.random.default_rng(seed), 0, 0
+    chunk = max(1, min(samples, _CELLS // len(atoms)))
+    while done < samples:
+        size = min(chunk, samples - done)
+        drawn = rng.multinomial(n, weight[0] / weight[0].sum(), size=size).astype(np.float64)
+        val = rng.multinomial(len(atoms), np.full(len(atoms), 1 / len(atoms)), size=size)
+        q_drawn = prevalence_mle(ratio_1, ratio_0, drawn)
+        refit = val * (q_drawn[:, None] * ratio_1 + (1 - q_drawn[:, None]) * ratio_0)
+        gap = np.cumsum(drawn, axis=1) / n - np.cumsum(refit, axis=1) / refit.sum(axis=1, keepdims=True)
+        beyond += int((np.abs(gap).max(axis=1) >= distance - 1e-12).sum())
+        done += size
+    return distance, (1 + beyond) / (1 + samples), float(q[0])
+
+
 def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, settings: Settings) -> list[str]:
     """Why the estimate of ``rows`` (one group of the log, every status) is unreliable; empty when it is reliable."""
     reasons = []
@@ -259,6 +298,17 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
                 f"{test.pvalue:.2g} < {settings.alpha:g})"
             )
     answered = rows[status == "ok"]
+    at_version = answered.loc[answered["operating_point"] == VERSION_POINT, "probability"].to_numpy(dtype=np.float64)
+    if len(at_version) >= settings.min_per_class and len(reference.probabilities) >= settings.min_per_class:
+        distance, p_value, prevalence = label_shift_test(
+            at_version, reference.probabilities, settings.samples, settings.seed
+        )
+        if p_value < settings.alpha:
+            reasons.append(
+                f"calibration: the probabilities are unlike val's at any prevalence (Kolmogorov-Smirnov D = "
+                f"{distance:.2f} against val's re-weighted to {prevalence:.0%} PNEUMONIA, p = {p_value:.2g} < "
+                f"{settings.alpha:g}): not a change of prevalence alone"
+            )
     own = np.where(answered["site"] == "", VERSION_POINT, "site:" + answered["site"].astype(str))
     foreign = answered[answered["operating_point"].to_numpy() != own]
     if len(foreign):
