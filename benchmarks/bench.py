@@ -50,8 +50,9 @@ TARGETS = {
     "serving_throughput_fraction": 0.8,
     "dicom_decode_fraction": 0.9,
     "cpu_runtime_speedup": 1.3,
+    "performance_estimation_mae": 0.05,
 }
-AT_MOST = {"stream_inference_memory_ratio"}
+AT_MOST = {"stream_inference_memory_ratio", "performance_estimation_mae"}
 RETIRED = {"input_pipeline_speedup": 5.0, "batch_inference_speedup": 10.0}
 ORDER = (
     "starvation_ratio",
@@ -61,6 +62,7 @@ ORDER = (
     "serving_throughput_fraction",
     "dicom_decode_fraction",
     "cpu_runtime_speedup",
+    "performance_estimation_mae",
     "input_pipeline_speedup",
     "batch_inference_speedup",
 )
@@ -244,6 +246,14 @@ def cpu_runtime_speedup(dataset: ValidatedDataset, workdir: Path) -> dict:
     return measure("champion", rounds=3, speed_size=128)
 
 
+def performance_estimation_mae(dataset: ValidatedDataset, workdir: Path) -> dict:
+    """Estimated against realised sensitivity and specificity on 47 weeks of the local champion's predictions of the
+    test split and the shared images (benchmarks/performance_estimation.py; run `make train` first)."""
+    from performance_estimation import measure
+
+    return measure("champion")
+
+
 def dicom_decode_fraction(dataset: ValidatedDataset, workdir: Path) -> dict:
     from inference_at_scale import dicom_decode_fraction as measure
 
@@ -352,7 +362,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xray-bench-") as temp:
         workdir = Path(temp)
         dataset = None
-        if set(args.only) - {"cached_rerun_speedup"}:
+        if set(args.only) - {"cached_rerun_speedup", "performance_estimation_mae"}:
             dataset, _ = prepare_dataset(archive, workdir / "dataset", DataConfig(), seed=42)
         for key in ORDER:
             if key not in args.only:
@@ -365,6 +375,10 @@ def main() -> None:
             record(key, result, command)
             if key == "serving_throughput_fraction":  # recorded, no target on a shared machine
                 record("serving_p99_ms", {"value": result["serving_p99_ms"], "clients": 16}, command)
+            if key == "performance_estimation_mae":  # its second target: the realised values inside the bands
+                from performance_estimation import coverage_entry
+
+                record("performance_estimation_coverage", coverage_entry(result), command)
             verdict = "meets" if meets(key, result["value"]) else "MISSES"
             print(
                 json.dumps(

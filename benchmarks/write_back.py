@@ -38,7 +38,8 @@ from PIL import Image  # noqa: E402
 
 from dicom_factory import radiograph  # noqa: E402
 from infra.pacs import Pacs  # noqa: E402
-from xray.config import InferenceConfig, ModelConfig  # noqa: E402
+from xray.config.inference import InferenceConfig  # noqa: E402
+from xray.config.model import ModelConfig  # noqa: E402
 from xray.data.images import decode_image  # noqa: E402
 from xray.model import gradcam  # noqa: E402
 from xray.model.network import build_model  # noqa: E402

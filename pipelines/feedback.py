@@ -11,8 +11,8 @@ from zenml.enums import ExecutionMode
 from pipelines import launch
 from steps.feedback import assess_feedback
 from steps.tracking import mark_run_failed
-from xray.monitoring import feedback
-from xray.monitoring.feedback import read_labels
+from xray.monitoring.performance import feedback
+from xray.monitoring.performance.feedback import read_labels
 from xray.monitoring.report import feedback_figures
 from xray.requests import FeedbackRequest
 

@@ -14,7 +14,8 @@ from steps.logstore import log_store
 from steps.records import FeedbackSummary
 from steps.tracking import log_config, log_images, mlflow_run
 from xray.errors import ConfigError
-from xray.monitoring import feedback, prediction_log
+from xray.monitoring import prediction_log
+from xray.monitoring.performance import feedback
 from xray.monitoring.report import feedback_figures, post_alert
 from xray.registry import store
 from xray.requests import FeedbackRequest

@@ -730,7 +730,7 @@ def test_two_batches_and_serving_meet_their_labels_and_a_week_that_went_wrong_al
 
     from mlflow.tracking import MlflowClient
 
-    from xray.monitoring.feedback import period_of
+    from xray.monitoring.performance.feedback import period_of
 
     env = local.env
     folders = {name: tmp_path / name for name in ("week-a", "week-b", "serving")}

@@ -55,6 +55,11 @@ def test_stages_are_subpackages_of_at_most_six_modules_none_over_450_lines():
     for stage in STAGES:
         own = [p for p in (PACKAGE / stage).glob("*.py") if p.name != "__init__.py"]
         assert 1 <= len(own) <= 6, f"xray/{stage} has {len(own)} modules"
+    # A stage may hold a subpackage (monitoring/performance/): the same cap, and a docstring saying what it is.
+    for package in (p.parent for p in PACKAGE.glob("*/*/__init__.py")):
+        own = [p for p in package.glob("*.py") if p.name != "__init__.py"]
+        assert 1 <= len(own) <= 6, f"{package.relative_to(ROOT)} has {len(own)} modules"
+        assert ast.get_docstring(ast.parse((package / "__init__.py").read_text())), f"{package} says what it is"
     long = {str(p.relative_to(ROOT)): n for p in modules() if (n := len(p.read_text().splitlines())) > 450}
     assert not long, f"modules over 450 lines: {long}"
 

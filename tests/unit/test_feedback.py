@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from xray.errors import DatasetSourceError
-from xray.monitoring import feedback, prediction_log
+from xray.monitoring import prediction_log
+from xray.monitoring.performance import feedback
 from xray.monitoring.report import post_alert
 
 MONDAY = datetime(2026, 11, 23, 9, tzinfo=timezone.utc)  # ISO week 2026-W48

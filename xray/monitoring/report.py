@@ -23,7 +23,8 @@ from PIL import Image  # noqa: E402
 from xray.evaluation.plots import image_grid, to_image  # noqa: E402
 from xray.monitoring import ood  # noqa: E402
 from xray.monitoring.drift import reason_kind  # noqa: E402
-from xray.monitoring.feedback import METRICS  # noqa: E402
+from xray.monitoring.performance.estimation import COMPARED  # noqa: E402
+from xray.monitoring.performance.feedback import METRICS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ such images.</p>
 """
 
 
-# -- feedback (xray.monitoring.feedback) and alerts ---------------------------------------------------------------
+# -- feedback (xray.monitoring.performance.feedback) and alerts ---------------------------------------------------------------
 
 WEBHOOK_ENV = "XRAY_ALERT_WEBHOOK"
 
@@ -301,6 +302,47 @@ def feedback_figures(table: pd.DataFrame, min_sensitivity: float, auc_floor: flo
         return {}
     floors = {"sensitivity": min_sensitivity, "auc": auc_floor}
     return {f"feedback_{m}": feedback_figure(table, m, floors.get(m)) for m in METRICS}
+
+
+def estimated_figure(table: pd.DataFrame, metric: str, floor: float | None = None) -> Image.Image:
+    """One metric over the periods, per site and version: the estimate (dashed, its 95% band shaded; an unreliable
+    estimate a hollow grey marker) and, once labels exist, the realised value with its 95% interval (error bars).
+    ``table``: :func:`xray.monitoring.performance.comparison.side_by_side`, or an estimate alone."""
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for (site, version), rows in table.groupby(["site", "model_version"], sort=True):
+        rows = rows.sort_values("period")
+        x = np.arange(len(rows))
+        name = f"{site or '(no site)'} v{version}"
+        estimate = rows[f"estimated_{metric}"].to_numpy(dtype=np.float64)
+        line = axis.plot(x, estimate, linestyle="--", label=f"{name} estimated")[0]
+        band = rows[[f"estimated_{metric}_low", f"estimated_{metric}_high"]].to_numpy(dtype=np.float64)
+        axis.fill_between(x, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.15)
+        reliable = (rows["verdict"] == "reliable").to_numpy()
+        axis.plot(x[reliable], estimate[reliable], "o", color=line.get_color())
+        axis.plot(x[~reliable], estimate[~reliable], "o", mfc="none", color="grey")
+        if metric in rows.columns and rows[metric].notna().any():
+            realised = rows[metric].to_numpy(dtype=np.float64)
+            error = np.abs(rows[[f"{metric}_low", f"{metric}_high"]].to_numpy(dtype=np.float64).T - realised)
+            axis.errorbar(
+                x + 0.08, realised, yerr=error, fmt="s", color=line.get_color(), capsize=3, label=f"{name} realised"
+            )
+        axis.set_xticks(x, rows["period"], rotation=30, ha="right")
+    if floor is not None:
+        axis.axhline(floor, color="red", linestyle="--", linewidth=1, label=f"alert below {floor:g}")
+    axis.plot([], [], "o", mfc="none", color="grey", label="estimate unreliable (never alerts)")
+    axis.set_ylabel(metric)
+    axis.set_title(f"{metric} per period: estimated (95% band) and realised (95% CI)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return to_image(figure)
+
+
+def estimated_figures(table: pd.DataFrame, min_sensitivity: float, auc_floor: float | None = None) -> dict:
+    """``estimated_<metric>`` for sensitivity, specificity and AUC, with their alert lines (sensitivity, AUC)."""
+    if table.empty:
+        return {}
+    floors = {"sensitivity": min_sensitivity, "auc": auc_floor}
+    return {f"estimated_{m}": estimated_figure(table, m, floors.get(m)) for m in COMPARED}
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -12,11 +12,9 @@ exists: :data:`PRIVATE_CODES`.
 (:func:`heatmap_segmentation`) and an RGB Secondary Capture with the probability, label, model version and "NOT A
 DIAGNOSIS" burned in (:func:`heatmap_capture`), both referred to from the report written with them.
 
-UIDs are derived from the source instance, the model and its version (:func:`identities`): writing again stores
-nothing, and :class:`ReportWriter` asks the PACS first. Every object's patient and study modules are copied from its
-source's header (WADO-RS metadata), nothing else of it; pydicom's and highdicom's warnings and logs, which quote
-header values, are silenced meanwhile.
-"""
+UIDs derive from the source instance, the model and its version (:func:`identities`); :class:`ReportWriter` asks
+the PACS first. Only the patient and study modules of the source's header are copied, with pydicom's and highdicom's
+warnings (which quote header values) silenced."""
 
 from __future__ import annotations
 

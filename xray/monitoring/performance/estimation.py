@@ -1,0 +1,392 @@
+"""Performance before the labels: sensitivity, specificity, PPV, NPV and AUC estimated from the logged calibrated
+probabilities, per period, site and version (and DICOM subgroup), with 95% bands and a verdict on trusting them.
+
+**The estimate** (confidence-based performance estimation, CBPE). A calibrated probability is an expected label. At
+each answered row's own operating point (PNEUMONIA when ``probability >= threshold``), the expected confusion matrix
+is TP = the sum of p over the rows called PNEUMONIA, FN = the sum of p over the others, FP and TN the same with
+1 - p; sensitivity = TP / (TP + FN), specificity, PPV and NPV likewise. The expected AUC is the probability-weighted
+Mann-Whitney statistic: each pair of images counts with the probability that the first is PNEUMONIA and the second
+is not. Only rows with status ``ok`` count, as in :mod:`feedback`: they are the answers a reader saw.
+
+**Prevalence.** A probability calibrated on val is calibrated at val's prevalence (74% PNEUMONIA for the default
+recipe). A period whose images of each class look like the reference's but in another proportion (label shift:
+a pneumonia season) needs its probabilities moved to its own prevalence. That prevalence is the maximum-likelihood
+prior of Saerens, Latinne and Decaestecker (2002) given the probabilities, and each probability is re-weighted to it
+by Bayes' rule: p' = w1 p / (w1 p + w0 (1 - p)), w1 = prevalence / reference, w0 = (1 - prevalence) / (1 - reference).
+The reference is the prevalence the operating point's calibration was fitted on (:class:`Reference`). Under label
+shift p' is calibrated for the period. Plain CBPE (``Settings.adjust_prevalence=False``, NannyML's) assumes
+P(label | image) unchanged instead, which a change of prevalence breaks.
+
+**Bands.** 95% percentile intervals over ``samples`` draws. Each draw resamples the period's images (bootstrap:
+which images the period happened to get), re-estimates the prevalence on them, and draws each image's label from its
+probability (Poisson-binomial: which of them are PNEUMONIA). The band is where the realised value should fall.
+
+**The verdict** (:func:`judge`). An estimate is ``reliable`` unless one of these holds, each said in ``reasons``:
+
+- too few images: fewer than ``min_per_class`` expected PNEUMONIA or NORMAL among the answered rows;
+- out of distribution: the share of readable images flagged is above the reference's (val's flagged share, at least
+  ``monitoring.ood_alpha``), by the drift test's one-sided exact binomial test at ``alpha``. The detector catches
+  most of an unlike population, not all (87% of adult X-rays): the rest are answered, at a calibration that does not
+  hold for them;
+- out of scope: the share out of scope is above the reference's (none: a version is validated on images in scope),
+  by the same test against the floor ``ood_alpha``;
+- drift: the period's ``ood_score`` distribution differs from val's (two-sample Kolmogorov-Smirnov at ``alpha``): a
+  shift that moves every image a little (a new exposure curve, another scanner) flags few images one by one;
+- calibration: the probabilities (at the version's operating point) are unlike val's re-weighted to any prevalence
+  (:func:`label_shift_test`): the images of a class no longer look to the model as val's did, so the calibration,
+  and with it the estimate, need not hold;
+- a site without its own calibration: a row of a named site at another operating point than the site's own;
+- no reference: the version's reference profile (or the operating point's prevalence) is unknown.
+
+An unreliable estimate is shown, never alerted on (:func:`degradations`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+from scipy.stats import ks_2samp
+
+from xray.data.manifest import SUBGROUPS
+from xray.monitoring.drift import ood_share_test
+from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE, ReferenceProfile
+from xray.monitoring.performance.feedback import GROUP, period_of
+from xray.monitoring.scope import OUT_OF_SCOPE
+
+logger = logging.getLogger(__name__)
+
+ESTIMATED = ("sensitivity", "specificity", "ppv", "npv", "auc", "prevalence")
+COMPARED = ("sensitivity", "specificity", "auc")
+"""The metrics both the estimate and feedback have: compared side by side, one plot each."""
+RELIABLE, UNRELIABLE = "reliable", "unreliable"
+VERSION_POINT = "version"
+_CLIP = 1e-6
+_CELLS = 2_000_000
+"""Draws x images held in memory at once."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a version's estimates are judged against: its reference profile and operating points."""
+
+    prevalence: dict[str, float]
+    """Per operating point (``version``, ``site:<name>``): the share of PNEUMONIA its calibration was fitted on."""
+    ood_fraction: float
+    """The out-of-distribution share the drift test expects: val's flagged share, at least ``ood_alpha``."""
+    alpha: float
+    """``monitoring.ood_alpha``: the floor of an expected share (out of scope's reference share is none)."""
+    scores: np.ndarray = field(repr=False)
+    """Val's ``ood_score``: the reference of the drift test."""
+    probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    """Val's calibrated probabilities: the reference of the label-shift test (:func:`label_shift_test`)."""
+
+    @classmethod
+    def of(cls, profile: ReferenceProfile, operating_points: dict[str, dict] | None = None) -> Reference:
+        """From the version's profile (val's calibrated probabilities: a Platt fit by maximum likelihood has their
+        mean equal to val's prevalence) and its sites' operating points (the counts each was fitted on)."""
+        prevalence = {VERSION_POINT: float(np.mean(profile.val_probabilities))}
+        for site, point in (operating_points or {}).items():
+            share = point_prevalence(point)
+            if share is not None:
+                prevalence[f"site:{site}"] = share
+        expected = max(profile.val_ood_fraction, profile.alpha)
+        return cls(prevalence, expected, profile.alpha, profile.val_scores, np.asarray(profile.val_probabilities))
+
+
+def point_prevalence(point: dict) -> float | None:
+    """The share of PNEUMONIA a site's operating point was fitted on: its ``prevalence``, else the counts of its
+    ``fitted_on`` (xray.evaluation.recipes.site_operating_point: ``val of this site at training ({...})``)."""
+    if "prevalence" in point:
+        return float(point["prevalence"])
+    found = re.search(r"'NORMAL': (\d+), 'PNEUMONIA': (\d+)", str(point.get("fitted_on", "")))
+    if not found or not int(found[1]) + int(found[2]):
+        return None
+    return int(found[2]) / (int(found[1]) + int(found[2]))
+
+
+@dataclass(frozen=True)
+class Settings:
+    samples: int = 1000
+    """Draws of the bands (``evaluate.bootstrap_samples``)."""
+    alpha: float = 0.01
+    """Significance of the verdict's tests (``monitoring.drift_alpha``)."""
+    min_per_class: int = 20
+    """Expected images of each class a reliable estimate needs (``monitoring.feedback_min_per_class``)."""
+    adjust_prevalence: bool = True
+    seed: int = 0
+
+
+# -- the estimate of one set of answered rows ------------------------------------------------------------------------
+
+
+def prevalence_mle(ratio_1: np.ndarray, ratio_0: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood prevalence of each row of ``weights`` (draws x images: how often each image is in a draw).
+
+    ``ratio_1 = p / reference`` and ``ratio_0 = (1 - p) / (1 - reference)`` are each image's likelihood under either
+    class up to a common factor; the log-likelihood sum w log(q ratio_1 + (1 - q) ratio_0) is concave in q, so its
+    root on [0, 1] is found by bisection (50 halvings), all draws at once. The fixed point of Saerens' EM."""
+
+    def slope(q: np.ndarray) -> np.ndarray:
+        mixture = q[:, None] * ratio_1 + (1 - q[:, None]) * ratio_0
+        return (weights * (ratio_1 - ratio_0) / mixture).sum(axis=1)
+
+    draws = weights.shape[0]
+    low, high = np.zeros(draws), np.ones(draws)
+    for _ in range(50):
+        middle = (low + high) / 2
+        rising = slope(middle) > 0
+        low, high = np.where(rising, middle, low), np.where(rising, high, middle)
+    estimate = (low + high) / 2
+    estimate = np.where(slope(np.zeros(draws)) <= 0, 0.0, estimate)
+    return np.where(slope(np.ones(draws)) >= 0, 1.0, estimate)
+
+
+def reweight(p: np.ndarray, reference: np.ndarray, prevalence) -> np.ndarray:
+    """``p`` (calibrated at ``reference``) moved to ``prevalence`` by Bayes' rule; broadcasts over draws."""
+    q = np.asarray(prevalence, dtype=np.float64)[..., None] if np.ndim(prevalence) else float(prevalence)
+    positive, negative = q * p / reference, (1 - q) * (1 - p) / (1 - reference)
+    return positive / (positive + negative)
+
+
+def _auc(positives: np.ndarray, negatives: np.ndarray, ties: tuple[np.ndarray, np.ndarray], self_pairs=0.0):
+    """Mann-Whitney AUC of weighted positives and negatives (draws x images), ties half; ``ties``: the order of the
+    scores and where each run of equal scores starts. ``self_pairs``: sum of p(1 - p), an image paired with itself,
+    taken out of an expectation."""
+    order, starts = ties
+    pos = np.add.reduceat(positives[:, order], starts, axis=1)
+    neg = np.add.reduceat(negatives[:, order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    pairs = pos.sum(axis=1) * neg.sum(axis=1) - self_pairs
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((pos * (below + 0.5 * neg)).sum(axis=1) - 0.5 * self_pairs) / pairs
+
+
+def _ratios(tp, fp, tn, fn) -> dict:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+            "prevalence": (tp + fn) / (tp + fp + tn + fn),
+        }
+
+
+def estimate_rows(p, called, reference, settings: Settings = Settings()) -> dict:
+    """The estimate of one set of answered rows: expected counts, the metrics and their 95% bands, the prevalence.
+
+    ``p``: calibrated probabilities; ``called``: PNEUMONIA at the row's threshold; ``reference``: per row, the
+    prevalence its calibration was fitted on (used when ``settings.adjust_prevalence``)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
+    called = np.asarray(called, dtype=bool)
+    reference = np.clip(np.broadcast_to(np.asarray(reference, dtype=np.float64), p.shape), _CLIP, 1 - _CLIP)
+    n = len(p)
+    result = {"answered": n, "estimated_prevalence_raw": float(p.mean()) if n else float("nan")}
+    names = [f"estimated_{m}{s}" for m in ESTIMATED for s in ("", "_low", "_high")]
+    result |= dict.fromkeys(names + ["expected_tp", "expected_fp", "expected_tn", "expected_fn"], float("nan"))
+    if n == 0:
+        return result
+    ratio_1, ratio_0 = p / reference, (1 - p) / (1 - reference)
+    adjust = settings.adjust_prevalence
+    prevalence = prevalence_mle(ratio_1, ratio_0, np.ones((1, n)))[0] if adjust else None
+    expected = reweight(p, reference, prevalence) if adjust else p
+    tp, fn = expected[called].sum(), expected[~called].sum()
+    fp, tn = (1 - expected[called]).sum(), (1 - expected[~called]).sum()
+    result |= {"expected_tp": float(tp), "expected_fp": float(fp), "expected_tn": float(tn), "expected_fn": float(fn)}
+    order = np.argsort(p, kind="stable")
+    ties = (order, np.flatnonzero(np.r_[True, np.diff(p[order]) > 0]))
+    point = _ratios(tp, fp, tn, fn)
+    point["auc"] = _auc(expected[None], 1 - expected[None], ties, float((expected * (1 - expected)).sum()))[0]
+    draws = {m: [] for m in ESTIMATED}
+    rng = np.random.default_rng(settings.seed)
+    chunk = max(1, min(settings.samples, _CELLS // n))
+    for start in range(0, settings.samples, chunk):
+        weights = rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, settings.samples - start)).astype(np.float64)
+        drawn = reweight(p, reference, prevalence_mle(ratio_1, ratio_0, weights)) if adjust else p[None]
+        positives = rng.binomial(weights.astype(np.int64), np.broadcast_to(drawn, weights.shape)).astype(np.float64)
+        negatives = weights - positives
+        counts = [(positives * called).sum(1), (negatives * called).sum(1)]
+        counts += [(negatives * ~called).sum(1), (positives * ~called).sum(1)]
+        for name, values in (_ratios(*counts) | {"auc": _auc(positives, negatives, ties)}).items():
+            draws[name].append(values)
+    for name in ESTIMATED:
+        values = np.concatenate(draws[name])
+        values = values[np.isfinite(values)]
+        low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
+        result |= {
+            f"estimated_{name}": float(point[name]),
+            f"estimated_{name}_low": float(low),
+            f"estimated_{name}_high": float(high),
+        }
+    return result
+
+
+# -- the verdict ---------------------------------------------------------------------------------------------------
+
+
+def label_shift_test(p: np.ndarray, reference: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float, float]:
+    """(Kolmogorov-Smirnov distance, p-value, prevalence): are the period's probabilities (at the version's operating
+    point) distributed like val's ``reference`` re-weighted to some prevalence, as they are under label shift?
+
+    Under label shift with a calibration that holds, the period's probabilities have val's distribution times
+    q p / r + (1 - q)(1 - p) / (1 - r) (r: val's prevalence, q: the period's, fitted by maximum likelihood). The
+    distance is between the period's distribution and that one; its null distribution comes from ``samples`` draws
+    that resample val (the reference is a sample too), draw a period of the same size from the re-weighted val, and
+    refit q, so the p-value accounts for both."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
+    atoms = np.sort(np.clip(np.asarray(reference, dtype=np.float64), _CLIP, 1 - _CLIP))
+    prior, n = float(atoms.mean()), len(p)
+    ratio_1, ratio_0 = atoms / prior, (1 - atoms) / (1 - prior)
+    q = prevalence_mle(p / prior, (1 - p) / (1 - prior), np.ones((1, n)))
+    weight = q[:, None] * ratio_1 + (1 - q[:, None]) * ratio_0
+    expected = np.r_[0.0, np.cumsum(weight[0]) / weight[0].sum()]
+    points = np.concatenate([atoms, p])
+    observed = np.searchsorted(np.sort(p), points, side="right") / n
+    distance = float(np.abs(observed - expected[np.searchsorted(atoms, points, side="right")]).max())
+    rng, beyond, done = np.random.default_rng(seed), 0, 0
+    chunk = max(1, min(samples, _CELLS // len(atoms)))
+    while done < samples:
+        size = min(chunk, samples - done)
+        drawn = rng.multinomial(n, weight[0] / weight[0].sum(), size=size).astype(np.float64)
+        val = rng.multinomial(len(atoms), np.full(len(atoms), 1 / len(atoms)), size=size)
+        q_drawn = prevalence_mle(ratio_1, ratio_0, drawn)
+        refit = val * (q_drawn[:, None] * ratio_1 + (1 - q_drawn[:, None]) * ratio_0)
+        gap = np.cumsum(drawn, axis=1) / n - np.cumsum(refit, axis=1) / refit.sum(axis=1, keepdims=True)
+        beyond += int((np.abs(gap).max(axis=1) >= distance - 1e-12).sum())
+        done += size
+    return distance, (1 + beyond) / (1 + samples), float(q[0])
+
+
+def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, settings: Settings) -> list[str]:
+    """Why the estimate of ``rows`` (one group of the log, every status) is unreliable; empty when it is reliable."""
+    reasons = []
+    status = rows["status"].astype(str)
+    if reference is None:
+        return ["no reference profile for this version: nothing to judge the period against"]
+    expected_positive = estimate["expected_tp"] + estimate["expected_fn"]
+    expected_negative = estimate["expected_fp"] + estimate["expected_tn"]
+    if not min(expected_positive, expected_negative) >= settings.min_per_class:  # NaN (nothing answered) too
+        reasons.append(
+            f"too few images: {estimate['answered']} answered, about {np.nan_to_num(expected_positive):.1f} PNEUMONIA "
+            f"and {np.nan_to_num(expected_negative):.1f} NORMAL expected (at least {settings.min_per_class} of each)"
+        )
+    readable = status != UNREADABLE
+    flagged = int((status == OUT_OF_DISTRIBUTION).sum() + _scope_and_pixels(rows).sum())
+    tests = (
+        ("out of distribution", flagged, int(readable.sum()), reference.ood_fraction, "readable images"),
+        ("out of scope", int((status == OUT_OF_SCOPE).sum()), len(rows), reference.alpha, "images"),
+    )
+    for name, count, total, expected, of in tests:
+        p_value = ood_share_test(count, total, expected)
+        if p_value < settings.alpha:
+            reasons.append(
+                f"{name}: {count} of {total} {of} ({count / total:.1%}) against {expected:.1%} expected from the "
+                f"reference (binomial p = {p_value:.2g} < {settings.alpha:g})"
+            )
+    scores = rows.loc[readable, "ood_score"].to_numpy(dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    if len(scores) >= 2 and len(reference.scores) >= 2:
+        test = ks_2samp(scores, reference.scores)
+        if test.pvalue < settings.alpha:
+            reasons.append(
+                f"drift: ood_score unlike val's (median {np.median(scores):.2f} against "
+                f"{np.median(reference.scores):.2f}; Kolmogorov-Smirnov D = {test.statistic:.2f}, p = "
+                f"{test.pvalue:.2g} < {settings.alpha:g})"
+            )
+    answered = rows[status == "ok"]
+    at_version = answered.loc[answered["operating_point"] == VERSION_POINT, "probability"].to_numpy(dtype=np.float64)
+    if len(at_version) >= settings.min_per_class and len(reference.probabilities) >= settings.min_per_class:
+        distance, p_value, prevalence = label_shift_test(
+            at_version, reference.probabilities, settings.samples, settings.seed
+        )
+        if p_value < settings.alpha:
+            reasons.append(
+                f"calibration: the probabilities are unlike val's at any prevalence (Kolmogorov-Smirnov D = "
+                f"{distance:.2f} against val's re-weighted to {prevalence:.0%} PNEUMONIA, p = {p_value:.2g} < "
+                f"{settings.alpha:g}): not a change of prevalence alone"
+            )
+    own = np.where(answered["site"] == "", VERSION_POINT, "site:" + answered["site"].astype(str))
+    foreign = answered[answered["operating_point"].to_numpy() != own]
+    if len(foreign):
+        first = foreign.iloc[0]
+        reasons.append(
+            f"site without its own calibration: {len(foreign)} answers of site {first['site'] or '(none)'} at "
+            f"operating point {first['operating_point']}, whose calibration was not fitted on the site's images"
+        )
+    unknown = sorted(set(answered["operating_point"]) - set(reference.prevalence))
+    if unknown and settings.adjust_prevalence:
+        reasons.append(f"no reference prevalence for operating point {', '.join(unknown)}: estimated unadjusted")
+    return reasons
+
+
+def _scope_and_pixels(rows: pd.DataFrame) -> pd.Series:
+    """Out of scope whose pixels were flagged too (its reason says both): out of distribution, as in drift.compare."""
+    return (rows["status"] == OUT_OF_SCOPE) & rows["reason"].astype(str).str.contains("out of distribution: ")
+
+
+# -- per period, site, version and subgroup ------------------------------------------------------------------------
+
+
+def latest(log: pd.DataFrame) -> pd.DataFrame:
+    """One row per image, version and site: the latest (a rerun of the same batch does not count twice)."""
+    log = log.sort_values("time", kind="stable")
+    keyed = log["sha256"].astype(str) != ""
+    kept = log[keyed].drop_duplicates(["sha256", "model_version", "site"], keep="last")
+    return pd.concat([kept, log[~keyed]]).sort_values("time", kind="stable").reset_index(drop=True)
+
+
+def _groups(rows: pd.DataFrame):
+    """(keys, subgroup, rows) for each period, site and version, then each DICOM subgroup value the rows carry."""
+    for keys, group in rows.groupby(GROUP, sort=True):
+        yield keys, "", group
+        for name in SUBGROUPS:
+            if name in group.columns:
+                values = group[name].fillna("").astype(str)
+                for value in sorted(set(values) - {""}):
+                    yield keys, f"{name}={value}", group[values == value]
+
+
+def estimate_group(rows: pd.DataFrame, reference: Reference | None, settings: Settings) -> dict:
+    """The estimate and verdict of one group of log rows (every status)."""
+    status = rows["status"].astype(str)
+    answered = rows[status == "ok"]
+    p = answered["probability"].to_numpy(dtype=np.float64)
+    called = p >= answered["threshold"].to_numpy(dtype=np.float64)
+    known = reference.prevalence if reference is not None else {}
+    prior = answered["operating_point"].map(known).to_numpy(dtype=np.float64)
+    adjust = settings.adjust_prevalence and len(prior) > 0 and bool(np.isfinite(prior).all())
+    used = replace(settings, adjust_prevalence=adjust)
+    result = estimate_rows(p, called, np.nan_to_num(prior, nan=0.5), used)
+    result |= {
+        "images": len(rows),
+        "readable": int((status != UNREADABLE).sum()),
+        "share_out_of_distribution": float((status == OUT_OF_DISTRIBUTION).mean()),
+        "share_out_of_scope": float((status == OUT_OF_SCOPE).mean()),
+        "share_unreadable": float((status == UNREADABLE).mean()),
+        "reference_prevalence": float(prior.mean()) if adjust else float("nan"),
+    }
+    reasons = judge(rows, result, reference, settings)
+    return result | {"verdict": UNRELIABLE if reasons else RELIABLE, "reasons": "; ".join(reasons)}
+
+
+def estimate(
+    log: pd.DataFrame, references: dict[str, Reference], period: str = "week", settings: Settings = Settings()
+) -> pd.DataFrame:
+    """One row per period, site, version and subgroup (``""``: all of the group's images), in time order: the
+    estimate with its bands, the expected counts, the shares, the verdict and its reasons. ``log``: prediction log
+    rows (:func:`xray.monitoring.prediction_log.read_log`, or feedback's joined rows); ``references``: by version.
+    No label is read."""
+    rows = latest(log)
+    if "period" not in rows.columns:
+        rows["period"] = period_of(rows["time"], period) if len(rows) else pd.Series(dtype=str)
+    table = [
+        dict(zip(GROUP, keys)) | {"subgroup": subgroup} | estimate_group(group, references.get(str(keys[2])), settings)
+        for keys, subgroup, group in _groups(rows)
+    ]
+    if not table:
+        return pd.DataFrame(columns=[*GROUP, "subgroup", "verdict", "reasons"])
+    return pd.DataFrame(table)
