@@ -39,11 +39,13 @@ lock:
 	  --custom-compile-command "make lock" --quiet -o requirements.lock
 
 # ruff with the rules and line length in pyproject.toml ([tool.ruff]): lint rules, the formatting, then the import
-# contract of docs/ARCHITECTURE.md ([tool.importlinter]: xray's stages in one order, no cycle, no ZenML in xray/).
+# contract of docs/ARCHITECTURE.md ([tool.importlinter]: xray's stages in one order, no cycle, no ZenML in xray/),
+# then mypy over the orchestration and the registry ([tool.mypy]: steps/, pipelines/, cli/, xray/registry/).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # run.py picks the ZenML stack: STACK=name, else the active one if it has an MLflow experiment tracker, else
 # xray-local (local orchestrator and artifact store, MLflow on ./.mlflow), registered on first use.

@@ -5,6 +5,8 @@ evaluation, feedback) is the command of that job with the same options, no comma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import click
 
 from cli.decide import approve, reject, rollback
@@ -49,7 +51,7 @@ def takes_value(arg: str, commands) -> bool:
     return any(arg in p.opts and not getattr(p, "is_flag", False) for c in commands.values() for p in c.params)
 
 
-def belongs_to(option: str, commands: dict) -> list[str]:
+def belongs_to(option: str, commands: Mapping[str, click.Command]) -> list[str]:
     """The commands that take ``option``."""
     return sorted(name for name, command in commands.items() if any(option in p.opts for p in command.params))
 
@@ -72,8 +74,8 @@ class Jobs(click.Group):
         except click.NoSuchOption as error:
             owners = belongs_to(error.option_name, self.commands)
             if owners:
-                error.message = f"{error.option_name} belongs to {' and '.join(owners)}, not {ctx.invoked_subcommand}"
-                error.possibilities = None
+                message = f"{error.option_name} belongs to {' and '.join(owners)}, not {ctx.invoked_subcommand}"
+                raise click.UsageError(message, error.ctx) from None
             raise
 
 

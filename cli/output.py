@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+from typing import NoReturn
 
 import click
 
@@ -36,7 +37,7 @@ def emit(line: str) -> None:
     click.echo(line, file=State.result_stream or sys.stdout)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -83,11 +84,11 @@ def import_tensorflow_quietly() -> None:
             sys.stderr.flush()
 
 
-def expected_error(error: BaseException):
+def expected_error(error: BaseException | None):
     """The XrayError behind a failure, however deep ZenML wrapped it."""
     from xray.errors import XrayError
 
-    seen = set()
+    seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, XrayError):
             return error

@@ -26,7 +26,7 @@ def signed_in(request: DecisionRequest) -> str:
         )
     if not (user or reviewer):
         raise ConfigError(f"{request.action} needs --reviewer NAME: the MLflow server at {uri} has no accounts")
-    return user or reviewer
+    return user or str(reviewer)
 
 
 def decide(request: DecisionRequest) -> dict:

@@ -40,19 +40,19 @@ def tuning_pipeline(request: TuningRequest, trials: list[dict]) -> None:
 
 def run_tuning(request: TuningRequest) -> dict:
     """``tune``: trials drawn here (a pipeline parameter), trained as steps, the winner trained and registered."""
-    config = request.config
+    config, settings = request.config, request.search
     request = request.on(
         config.model_copy(
-            update={"registry": config.registry.model_copy(update={"experiment_name": config.tuning.experiment_name})}
+            update={"registry": config.registry.model_copy(update={"experiment_name": settings.experiment_name})}
         )
     )
-    trials = search.sample(config.tuning, config.seed)
+    trials = search.sample(settings, config.seed)
     logger.info(
         "search: %d trials (%s, seed %d) of %s",
         len(trials),
-        config.tuning.sampler,
+        settings.sampler,
         config.seed,
-        sorted(config.tuning.space),
+        sorted(settings.space),
     )
     summarize_search = lambda run, load: summarize(run, load, request.config)  # noqa: E731
     return launch.train_like(tuning_pipeline, request, MODEL, summarize_search, trials=trials)

@@ -75,7 +75,11 @@ def predict_batch(
     prefix = f"shard_{shard}." if request.shards > 1 else ""
     with mlflow_run():
         log_config(inference=config.inference)
-        params = {"model_uri": model_info.uri, "model_version": model_info.version, "images": request.images}
+        params: dict[str, object] = {
+            "model_uri": model_info.uri,
+            "model_version": model_info.version,
+            "images": request.images,
+        }
         params |= {"output": output, "resume": request.resume, "write_back": request.write_back}
         params |= {"site": request.site or "", "operating_point": point, "threshold": model_info.threshold}
         params |= {"image_size": model_info.image_size, "runtime": predictor.runtime}

@@ -79,8 +79,11 @@ def unzip_and_validate(
     with mlflow_run():
         log_config(data=data, seed=seed)
         mlflow.log_metrics(
-            {f"data.{s}.{l}": n for s, c in report.counts.items() for l, n in c.items()}
-            | {"data.quarantined": len(report.quarantined), "data.duplicates_removed": len(report.duplicates_removed)}
+            {f"data.{s}.{l}": float(n) for s, c in report.counts.items() for l, n in c.items()}
+            | {
+                "data.quarantined": float(len(report.quarantined)),
+                "data.duplicates_removed": float(len(report.duplicates_removed)),
+            }
         )
         mlflow.log_dict(report.to_dict(), "data/data_report.json")
         log_sources(report.sites)

@@ -3,7 +3,7 @@
 import json
 import logging
 from dataclasses import asdict
-from typing import Annotated, List, Tuple
+from typing import Annotated, Any, List, Tuple
 
 import keras
 import mlflow
@@ -35,7 +35,7 @@ def train_trial(
     logger.info("trial %d: %s", trial, overrides)
     with mlflow_run():
         child = mlflow.start_run(run_name=f"trial-{trial}", nested=True)
-        result = {"status": tuning.FAILED, "error": "interrupted", "val_auc": None}
+        result: dict[str, Any] = {"status": tuning.FAILED, "error": "interrupted", "val_auc": None}
         try:
             mlflow.log_params(flatten({"model": chosen.model.model_dump(mode="json")}))
             mlflow.log_params(flatten({"train": chosen.train.model_dump(mode="json")}))
@@ -66,22 +66,22 @@ def select_trial(
     Annotated[ModelConfig, "model_config"], Annotated[TrainConfig, "train_config"], Annotated[tuning.Search, "search"]
 ]:
     """The trial with the best val AUC (never test), as the config the winner is trained with for train.epochs."""
-    results = sorted((asdict(r) for r in results), key=lambda r: r["trial"])
-    winner = tuning.select(results)
+    rows = sorted((asdict(r) for r in results), key=lambda r: r["trial"])
+    winner = tuning.select(rows)
     chosen = tuning.trial_config(config, winner["overrides"])
     table = pd.DataFrame(
-        [{"trial": r["trial"], "status": r["status"], "val_auc": r["val_auc"], **r["overrides"]} for r in results]
+        [{"trial": r["trial"], "status": r["status"], "val_auc": r["val_auc"], **r["overrides"]} for r in rows]
     )
-    logger.info(
-        "search of %d trials:\n%s\nwinner: trial %d", len(results), table.to_string(index=False), winner["trial"]
-    )
+    logger.info("search of %d trials:\n%s\nwinner: trial %d", len(rows), table.to_string(index=False), winner["trial"])
+    settings = config.tuning
+    assert settings is not None  # TuningRequest requires the section
     with mlflow_run():
-        log_config(tuning=config.tuning.model_dump(mode="json", exclude={"space"}))
+        log_config(tuning=settings.model_dump(mode="json", exclude={"space"}))
         mlflow.log_params(
             {"tuning.winner_trial": winner["trial"], "tuning.failed_trials": int((table["status"] != "ok").sum())}
         )
         mlflow.log_metric("tuning_best_val_auc", winner["val_auc"])
-        mlflow.log_text(json.dumps(config.tuning.model_dump(mode="json")["space"], indent=1), "tuning/space.json")
+        mlflow.log_text(json.dumps(settings.model_dump(mode="json")["space"], indent=1), "tuning/space.json")
         mlflow.log_text(table.to_csv(index=False), "tuning/trials.csv")
         mlflow.log_text(tuning.winner_yaml(config, winner), "tuning/winner.yaml")
-    return chosen.model, chosen.train, tuning.Search(results, winner)
+    return chosen.model, chosen.train, tuning.Search(rows, winner)

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xray.config.pipeline import PipelineConfig
+from xray.config.tuning import TuningConfig
 
 DICOMWEB = ("dicomweb://", "dicomwebs://")
 
@@ -57,6 +58,12 @@ class TuningRequest(JobRequest):
         if self.config.tuning is None:
             raise ValueError("tune needs a `tuning:` section in the config (see configs/tuning_smoke.yaml)")
         return self
+
+    @property
+    def search(self) -> TuningConfig:
+        """The config's ``tuning:`` section, which the validator requires."""
+        assert self.config.tuning is not None
+        return self.config.tuning
 
 
 class VersionRequest(JobRequest):

@@ -59,7 +59,7 @@ def trial_config(config: PipelineConfig, overrides: dict[str, Any], trial: bool 
     return trial.model_copy(update={"tuning": None})
 
 
-def run_trial(train: Callable[[], tuple[Any, dict, dict]]) -> dict:
+def run_trial(train: Callable[[], tuple[Any, dict, dict]]) -> dict[str, Any]:
     """Call ``train`` (returns model, history, throughput) and score it: the best val AUC of its epochs.
 
     Any error, and a loss that is not finite (divergence), make the trial ``failed`` with the reason.

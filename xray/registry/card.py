@@ -318,14 +318,14 @@ def site_tag(site: str, metrics: dict, run_id: str, recalibrated: dict | None = 
     def compact(values: dict) -> dict:
         return {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in values.items()}
 
-    value = {"run_id": run_id, "as_registered": compact(metrics)}
+    value: dict[str, object] = {"run_id": run_id, "as_registered": compact(metrics)}
     if recalibrated is not None:
-        value["recalibrated"] = compact(recalibrated["metrics"]) | {
-            "fraction": recalibrated["fraction"],
-            "meets_policy": recalibrated.get("meets_policy"),
-        }
-        if recalibrated.get("operating_point"):  # what a reviewer applies where the run's account may not
-            value["recalibrated"]["operating_point"] = recalibrated["operating_point"]
+        point = recalibrated.get("operating_point")  # what a reviewer applies where the run's account may not
+        value["recalibrated"] = (
+            compact(recalibrated["metrics"])
+            | {"fraction": recalibrated["fraction"], "meets_policy": recalibrated.get("meets_policy")}
+            | ({"operating_point": point} if point else {})
+        )
     return f"{SITE_TAG}{site}", json.dumps(value, separators=(",", ":"))
 
 

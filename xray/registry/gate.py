@@ -123,7 +123,7 @@ def decide(
 def tags(decision: PromotionDecision) -> dict:
     """Model version tags: every number of the gate, the decision and its reason (values as they are; the store
     writes them as text)."""
-    out = {
+    out: dict[str, object] = {
         "promotion_decision": "pending_approval"
         if decision.pending_approval
         else "promoted"

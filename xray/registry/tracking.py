@@ -27,11 +27,11 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
 
 
-def authenticated_user(uri: str) -> str | None:
+def authenticated_user(uri: str | None) -> str | None:
     """The MLflow account this process is signed in as (MLFLOW_TRACKING_USERNAME, checked by the server), or None
     when there is no account: no username set, a local store, or a server without MLflow's basic-auth app."""
     username = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    if not username or urlparse(uri).scheme not in ("http", "https"):
+    if not username or not uri or urlparse(uri).scheme not in ("http", "https"):
         return None
     from mlflow.exceptions import MlflowException  # lazy: MLflow's import takes seconds
     from mlflow.server.auth.client import AuthServiceClient  # lazy: as above
@@ -49,12 +49,12 @@ def authenticated_user(uri: str) -> str | None:
         raise
 
 
-def may_promote(uri: str, model_name: str) -> tuple[str, bool] | None:
+def may_promote(uri: str | None, model_name: str) -> tuple[str, bool] | None:
     """(the signed-in account, whether it holds MANAGE on the registered model: admin, or a grant on the model's
     name or on every model), or None on a server without accounts. The server's own listing of the account's
     grants; the server still decides every request."""
     user = authenticated_user(uri)
-    if user is None:
+    if user is None or uri is None:
         return None
     from mlflow.utils.credentials import get_default_host_creds  # lazy: MLflow's import takes seconds
     from mlflow.utils.rest_utils import http_request, verify_rest_response  # lazy: as above
@@ -74,7 +74,7 @@ def refusal(error) -> str | None:
     """The server's own sentence when MLflow refused a request for want of permission (HTTP 403: an MLflow error, or
     the artifact proxy's HTTP error), else None."""
     response = getattr(error, "response", None)
-    if getattr(response, "status_code", None) == 403:
+    if response is not None and getattr(response, "status_code", None) == 403:
         return (response.text or "Permission denied").strip()
     if getattr(error, "error_code", None) != "PERMISSION_DENIED":
         return None
