@@ -154,7 +154,7 @@ def test_write_back_leaves_one_report_per_analysed_image_its_heatmaps_and_a_reru
             pacs.dicomweb,
             InferenceConfig(batch_size=4),
             writer,
-            wanted=batch.Wanted(wanted=batch.Wanted(on_batch=writer_sr.write)),
+            wanted=batch.Wanted(on_batch=writer_sr.write),
         )
     table = pd.read_csv(tmp_path / "preds.csv", keep_default_na=False)
     # The SR is listed and skipped (not an image, not a failure); the CT is read and out of scope.
