@@ -10,6 +10,18 @@ IMAGES_HELP = (
     "filters, e.g. ModalitiesInStudy=DX&StudyDate=20261101-] (credentials from XRAY_PACS_USER / XRAY_PACS_PASSWORD)."
 )
 VERSION_HELP = "A registered version number or an alias of the model."
+INFERENCE_FIELDS = (
+    "images",
+    "model_version",
+    "output",
+    "resume",
+    "explain",
+    "write_back",
+    "heatmaps",
+    "site",
+    "shards",
+)
+"""infer's own options: the fields of its request (xray.requests.InferenceRequest), handed over as they are."""
 
 
 @click.command()
@@ -42,6 +54,12 @@ VERSION_HELP = "A registered version number or an alias of the model."
     "version); reports already there are not written again.",
 )
 @click.option(
+    "--heatmaps",
+    is_flag=True,
+    help="With --write-back: also each ok image's Grad-CAM into its study, as a DICOM Segmentation and a Secondary "
+    "Capture with the probability and 'NOT A DIAGNOSIS' burned in (the image is read again from the PACS).",
+)
+@click.option(
     "--site",
     default=None,
     help="Answer at that site's own operating point (calibration and threshold stored with the version).",
@@ -56,22 +74,14 @@ VERSION_HELP = "A registered version number or an alias of the model."
     "orchestrator each is its own job.",
 )
 @job_options
-def infer(images, model_version, output, resume, explain, write_back, site, shards, **options):
+def infer(**options):
     """Predictions of a registered version (the champion by default) for a batch of images."""
     from xray.requests import InferenceRequest
 
+    fields = {name: options.pop(name) for name in INFERENCE_FIELDS}
+
     def build(config):
-        return InferenceRequest(
-            config=config,
-            images=images,
-            model_version=model_version,
-            output=output,
-            resume=resume,
-            explain=explain,
-            write_back=write_back,
-            site=site,
-            shards=shards,
-        )
+        return InferenceRequest(config=config, **fields)
 
     run_job(options, build, "pipelines.inference:run_inference")
 

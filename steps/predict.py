@@ -32,7 +32,8 @@ def predict_batch(
 ) -> Annotated[BatchPrediction, "prediction"]:
     """Stream every image of the request through the version and write one row per image to its output; with
     ``explain``, also choose the rows most worth a Grad-CAM look (xray.serving.explain.choose_to_explain); with
-    ``write_back``, one DICOM report per analysed image into the PACS the images came from (xray.serving.sr); every
+    ``write_back``, one DICOM report per analysed image into the PACS the images came from (xray.serving.sr) and, with
+    ``heatmaps``, each ``ok`` image's Grad-CAM as a Segmentation and a Secondary Capture beside it; every
     row also to the prediction log (monitoring.prediction_log). With ``shards`` > 1, only share ``shard`` of the
     listing (xray.serving.batch.shard_of), into its own part beside the output."""
     config = request.config
@@ -41,7 +42,15 @@ def predict_batch(
     predictor.site = request.site
     attempts = config.s3.max_attempts
     reports = (
-        sr.ReportWriter(request.images, config.registry.model_name, model_info.version, attempts, config.inference.pacs)
+        sr.ReportWriter(
+            request.images,
+            config.registry.model_name,
+            model_info.version,
+            attempts,
+            config.inference.pacs,
+            heatmaps=request.heatmaps,
+            predictor=predictor,
+        )
         if request.write_back
         else None
     )
@@ -81,6 +90,7 @@ def predict_batch(
             "images": request.images,
         }
         params |= {"output": output, "resume": request.resume, "write_back": request.write_back}
+        params |= {"heatmaps": request.heatmaps}
         params |= {"site": request.site or "", "operating_point": point, "threshold": model_info.threshold}
         params |= {"image_size": model_info.image_size, "runtime": predictor.runtime}
         mlflow.log_params({f"{prefix}{key}": value for key, value in params.items()})

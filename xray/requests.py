@@ -73,13 +73,15 @@ class VersionRequest(JobRequest):
 
 
 class InferenceRequest(VersionRequest):
-    """``infer``: predictions of ``images`` streamed into ``output``."""
+    """``infer``: predictions of ``images`` streamed into ``output``; with ``write_back`` one report per analysed image
+    into the PACS the images came from and, with ``heatmaps``, each ``ok`` image's Grad-CAM beside it."""
 
     images: str
     output: str = "outputs/predictions.csv"
     resume: bool = False
     explain: int = Field(0, ge=0)
     write_back: bool = False
+    heatmaps: bool = False
     site: str | None = None
     shards: int = Field(1, ge=1, le=64)
 
@@ -90,6 +92,11 @@ class InferenceRequest(VersionRequest):
 
     @model_validator(mode="after")
     def _options_go_together(self):
+        if self.heatmaps and not (self.write_back and self.images.startswith(DICOMWEB)):
+            raise ValueError(
+                "--heatmaps needs --write-back and --images dicomweb://HOST:PORT/ROOT (each ok image's heatmap is "
+                "stored in its study in the PACS it came from)"
+            )
         if self.write_back and not self.images.startswith(DICOMWEB):
             raise ValueError("--write-back needs --images dicomweb://HOST:PORT/ROOT (a PACS to write reports back to)")
         if self.shards > 1 and self.explain:

@@ -667,41 +667,24 @@ def test_a_dicom_site_is_evaluated_like_its_jpegs(local, tmp_path):
     assert summary["metrics"]["auc"] == pytest.approx(expected, abs=0.02)
 
 
-def test_inference_reads_a_pacs_and_writes_one_report_per_image_back(local, tmp_path_factory):
-    """make pacs's Orthanc (its own port and storage): a mix of studies stowed, one `--pipeline inference --images
-    dicomweb://... --write-back` leaves exactly one SR per analysed image, the same command with `--resume` adds none,
-    and neither the PACS password nor an identifying value of the images (stow_mix plants sentinels) appears in any
-    output stream, file or store (ZenML, MLflow, the predictions)."""
-    from test_pacs import PASSWORD, reports_in, stow_mix
+@pytest.fixture(scope="module")
+def pacs_e2e(local, tmp_path_factory):
+    """make pacs's Orthanc on its own port and storage, for the inference pipeline's write-back (both tests below):
+    the PACS and the run's environment with its credentials (also in this process's, for the test's own client)."""
+    import os
+
+    from test_pacs import PASSWORD
 
     from infra.pacs import Pacs
     from xray.storage import dicomweb
 
     pacs = Pacs(state=tmp_path_factory.mktemp("pacs-e2e"), port=free_port(), password=PASSWORD)
     env = local.env | {dicomweb.USER_ENV: pacs.user, dicomweb.PASSWORD_ENV: PASSWORD}
-    import os
-
     saved = {key: os.environ.get(key) for key in (dicomweb.USER_ENV, dicomweb.PASSWORD_ENV)}
     os.environ.update({dicomweb.USER_ENV: pacs.user, dicomweb.PASSWORD_ENV: PASSWORD})
     try:
         pacs.up(die_with_parent=True)
-        made = stow_mix(pacs)
-        output = local.home / "pacs-out" / "preds.csv"
-        command = [ROOT / "run.py", "--pipeline", "inference", "--images", pacs.dicomweb, "--output", output]
-        first = run_command([*command, "--write-back"], env, 900)
-        summary = summary_of(first)
-        analysed = len(made) - 1  # the structured report is skipped
-        assert summary["rows_written"] == analysed and summary["reports_written"] == analysed
-        assert summary["skipped"] == {dicomweb.NOT_AN_IMAGE: 1}
-        assert len(reports_in(pacs)) == analysed
-        again = summary_of(run_command([*command, "--write-back", "--resume"], env, 900))
-        assert again["reports_written"] == 0 and len(reports_in(pacs)) == analysed
-        for stream in (first.stdout, first.stderr):
-            assert PASSWORD not in stream
-        for path in local.home.rglob("*"):
-            if path.is_file():
-                assert PASSWORD.encode() not in path.read_bytes(), f"the PACS password in {path}"
-        _assert_no_sentinel(local.home, first.stdout, first.stderr)
+        yield pacs, env
     finally:
         pacs.down()
         for key, value in saved.items():
@@ -709,6 +692,93 @@ def test_inference_reads_a_pacs_and_writes_one_report_per_image_back(local, tmp_
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_inference_reads_a_pacs_and_writes_one_report_per_image_back(local, pacs_e2e):
+    """A mix of studies stowed, one `--pipeline inference --images dicomweb://... --write-back` leaves exactly one SR
+    per analysed image, the same command with `--resume` adds none, and neither the PACS password nor an identifying
+    value of the images (stow_mix plants sentinels) appears in any output stream, file or store (ZenML, MLflow, the
+    predictions). It lists the whole PACS: it runs first of the two."""
+    from test_pacs import PASSWORD, reports_in, stow_mix
+
+    from xray.storage import dicomweb
+
+    pacs, env = pacs_e2e
+    made = stow_mix(pacs)
+    output = local.home / "pacs-out" / "preds.csv"
+    command = [ROOT / "run.py", "--pipeline", "inference", "--images", pacs.dicomweb, "--output", output]
+    first = run_command([*command, "--write-back"], env, 900)
+    summary = summary_of(first)
+    analysed = len(made) - 1  # the structured report is skipped
+    assert summary["rows_written"] == analysed and summary["reports_written"] == analysed
+    assert summary["skipped"] == {dicomweb.NOT_AN_IMAGE: 1}
+    assert len(reports_in(pacs)) == analysed
+    again = summary_of(run_command([*command, "--write-back", "--resume"], env, 900))
+    assert again["reports_written"] == 0 and len(reports_in(pacs)) == analysed
+    for stream in (first.stdout, first.stderr):
+        assert PASSWORD not in stream
+    for path in local.home.rglob("*"):
+        if path.is_file():
+            assert PASSWORD.encode() not in path.read_bytes(), f"the PACS password in {path}"
+    _assert_no_sentinel(local.home, first.stdout, first.stderr)
+
+
+def test_inference_with_heatmaps_writes_each_ok_image_its_heatmaps_and_resume_adds_nothing(local, pacs_e2e, tmp_path):
+    """The acceptance of issue #42 through the CLI and the pipeline: a study of four radiographs (one an adult's, out
+    of scope; sentinels in every identifying tag) and `infer --images dicomweb://...?StudyInstanceUID=S --write-back
+    --heatmaps`: one report per image and a Segmentation and a Secondary Capture per `ok` image, in the study, each
+    referring to its source; dciodvfy finds no error in any of them and dcmjs reads TID 1500, the source instance, the
+    finding and the probability from each report. `--resume` stores nothing (the captures it now lists are its own)."""
+    import pydicom
+    from test_pacs import objects_in, some_jpegs
+
+    from dicom_factory import radiograph
+    from dicom_tools import dciodvfy_errors, dcmjs_reports
+    from xray.storage import dicomweb
+
+    pacs, env = pacs_e2e
+    study = pydicom.uid.generate_uid()
+    client = dicomweb.Client(dicomweb.parse(pacs.dicomweb))
+    for index, jpeg in enumerate(some_jpegs(4)):
+        age = "045Y" if index == 3 else "003Y"
+        client.store([radiograph(jpeg, age=age, sentinels=True, StudyInstanceUID=study, PatientID="P42")])
+    output = local.home / "pacs-heatmaps" / "preds.csv"  # under the stores searched for sentinels below
+    command = [ROOT / "run.py", "infer", "--images", f"{pacs.dicomweb}?StudyInstanceUID={study}", "--output", output]
+    first = run_command([*command, "--write-back", "--heatmaps"], env, 900)
+    summary = summary_of(first)
+    table = pd.read_csv(output, keep_default_na=False, dtype=str).set_index("sop_instance_uid")
+    ok = set(table.index[table["status"] == "ok"])
+    assert len(table) == 4 and 0 < len(ok) < 4  # the adult's image is out of scope
+    assert summary["reports_written"] == 4 and summary["heatmaps_written"] == len(ok)
+    written = {kind: [o for o in found if o[0].StudyInstanceUID == study] for kind, found in objects_in(pacs).items()}
+    assert {kind: len(found) for kind, found in written.items()} == {"SR": 4, "SEG": len(ok), "OT": len(ok)}
+    seg_sources = {
+        d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID for d, _ in written["SEG"]
+    }
+    assert seg_sources == ok
+    assert {d.SourceImageSequence[0].ReferencedSOPInstanceUID for d, _ in written["OT"]} == ok
+    paths = []
+    for kind, found in written.items():
+        for dataset, data in found:
+            paths.append(tmp_path / f"{kind}-{dataset.SOPInstanceUID}.dcm")
+            paths[-1].write_bytes(data)
+    assert not {path.name: errors for path in paths if (errors := dciodvfy_errors(path))}
+    for read in dcmjs_reports([path for path in paths if path.name.startswith("SR-")]):
+        ((group,),) = [read["groups"]]
+        source, codes = group["sourceSOPInstanceUID"], {c["concept"]["value"] for c in group["codes"]}
+        assert read["template"] == "1500" and source in table.index
+        if source in ok:
+            assert "233604007" in codes  # SNOMED CT Pneumonia, present or absent
+            assert group["numbers"][0]["value"] == pytest.approx(float(table.loc[source, "probability"]), abs=1e-6)
+        else:
+            assert "233604007" not in codes and group["numbers"] == []
+    resumed = run_command([*command, "--write-back", "--heatmaps", "--resume"], env, 900)
+    again = summary_of(resumed)
+    assert again["reports_written"] == again["heatmaps_written"] == 0 and again["own_captures_skipped"] == len(ok)
+    after = {kind: [o for o in found if o[0].StudyInstanceUID == study] for kind, found in objects_in(pacs).items()}
+    assert {kind: len(found) for kind, found in after.items()} == {kind: len(found) for kind, found in written.items()}
+    # The PACS objects carry the patient and study modules by design (in tmp_path); nothing else does.
+    _assert_no_sentinel(local.home, first.stdout, first.stderr, resumed.stdout, resumed.stderr)
 
 
 SERVE_A_REQUEST = """

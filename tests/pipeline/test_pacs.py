@@ -103,9 +103,9 @@ def objects_in(pacs: Pacs) -> dict[str, list[tuple[pydicom.Dataset, bytes]]]:
     """Every object this project wrote into the PACS by modality (SR, SEG, OT), read back: (dataset, file bytes)."""
     client = dicomweb.Client(dicomweb.parse(pacs.dicomweb))
     found = {}
-    for study in client.search("/studies"):
+    for study in client.search():
         study_uid = dicomweb._value(study, "study")
-        for item in client.search(f"/studies/{study_uid}/instances"):
+        for item in client.search(study_uid):
             data = client.retrieve(study_uid, dicomweb._value(item, "series"), dicomweb._value(item, "instance"))
             dataset = pydicom.dcmread(io.BytesIO(data))
             if dataset.get("Manufacturer") == sr.MANUFACTURER:  # not the structured report stowed as an input
@@ -124,7 +124,7 @@ def test_unauthenticated_or_wrong_credentials_are_refused(pacs, monkeypatch):
     assert refused.value.code == 401
     monkeypatch.setenv(dicomweb.PASSWORD_ENV, "wrong-password")
     with pytest.raises(DatasetSourceError) as error:
-        list(dicomweb.Client(dicomweb.parse(pacs.dicomweb)).search("/studies"))
+        list(dicomweb.Client(dicomweb.parse(pacs.dicomweb)).search())
     message = str(error.value)
     assert "refused the credentials (HTTP 401)" in message and pacs.url in message and "wrong-password" not in message
 
@@ -132,9 +132,7 @@ def test_unauthenticated_or_wrong_credentials_are_refused(pacs, monkeypatch):
 def test_a_pacs_that_is_down_is_one_line():
     port = free_port()
     with pytest.raises(SourceUnavailable, match=rf"the PACS at http://127.0.0.1:{port}/dicom-web cannot be reached"):
-        list(
-            dicomweb.Client(dicomweb.parse(f"dicomweb://127.0.0.1:{port}/dicom-web"), max_attempts=2).search("/studies")
-        )
+        list(dicomweb.Client(dicomweb.parse(f"dicomweb://127.0.0.1:{port}/dicom-web"), max_attempts=2).search())
 
 
 def test_write_back_leaves_one_report_per_analysed_image_its_heatmaps_and_a_rerun_adds_none(

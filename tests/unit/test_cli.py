@@ -78,6 +78,17 @@ def test_the_help_lists_one_command_per_job_and_each_its_own_options(launched):
             "infer",
             {"write_back": True, "site": "b"},
         ),
+        (
+            ["infer", "--images", "dicomweb://p:8042/dicom-web", "--write-back", "--heatmaps"],
+            "infer",
+            {"write_back": True, "heatmaps": True},
+        ),
+        (
+            ["--pipeline", "inference", "--images", "dicomweb://p:8042/dicom-web", "--write-back", "--heatmaps"],
+            "infer",
+            {"write_back": True, "heatmaps": True, "images": "dicomweb://p:8042/dicom-web"},
+        ),
+        (["infer", "--images", "dicomweb://p:8042/dicom-web", "--write-back"], "infer", {"heatmaps": False}),
         (["--pipeline", "monitoring", "--images", "x", "--fail-on-drift"], "monitor", {"fail_on_drift": True}),
         (
             ["evaluate", "--dataset-uri", "s.zip", "--recalibrate-fraction", "0.3"],
@@ -265,6 +276,9 @@ def test_make_monitor_without_images_says_that_images_is_required():
         (["--pipeline", "inference", "--images", "x", "--if-changed"], "--if-changed belongs to train, not infer"),
         (["--if-changed", "--schedule", "0 3 * * 1"], "--if-changed checks once, before a launch"),
         (["infer", "--images", "x", "--write-back"], "--write-back needs --images dicomweb://"),
+        (["infer", "--images", "dicomweb://p:8042/dicom-web", "--heatmaps"], "--heatmaps needs --write-back and"),
+        (["--pipeline", "inference", "--images", "x", "--write-back", "--heatmaps"], "--heatmaps needs --write-back"),
+        (["infer", "--images", "x", "--heatmaps"], "--heatmaps needs --write-back and --images dicomweb://"),
         (["infer", "--images", "x", "--shards", "2", "--explain", "3"], "--shards needs no --explain"),
         (["tune"], "tune needs a `tuning:` section in the config"),
         (["approve", "--model-version", "2", "--reviewer", "a"], "Missing option '--reason'"),

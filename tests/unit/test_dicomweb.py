@@ -105,7 +105,7 @@ def test_a_redirect_off_the_pacs_is_not_followed_and_one_within_it_is(images, pr
         with pytest.raises(
             DatasetSourceError, match=f"redirected .*/dicom-web/studies to {elsewhere.http}: not followed"
         ):
-            list(client(pacs).search("/studies"))
+            list(client(pacs).search())
     assert not elsewhere.requests, "nothing reached the other host"
     unreadable = table[table["status"] == "unreadable"]
     assert len(table) == 3 and len(unreadable) == 1
@@ -151,7 +151,7 @@ def test_a_pacs_that_drips_is_cut_off_at_the_deadline(images):
     pacs = FakePacs(images)
     pacs.override = lambda path, query: (200, {"Content-Type": "application/dicom+json"}, drip(b" ", 0.2, 300))
     with pacs.running(), pytest.raises(DatasetSourceError) as error:
-        list(client(pacs, deadline_s=1).search("/studies"))
+        list(client(pacs, deadline_s=1).search())
     assert str(error.value) == (
         f"the PACS did not finish answering {pacs.http}/dicom-web/studies within 1 s (inference.pacs.deadline_s)"
     )
@@ -186,7 +186,7 @@ def test_an_answer_that_is_not_dicom_json_is_one_line_naming_the_url(images, bod
     pacs = FakePacs(images)
     pacs.override = lambda path, query: (200, {"Content-Type": "application/dicom+json"}, body)
     with pacs.running(), pytest.raises(DatasetSourceError) as error:
-        list(client(pacs).search("/studies", {"PatientID": "ZZSENTINELPID77"}))
+        list(client(pacs).search(filters={"PatientID": "ZZSENTINELPID77"}))
     assert str(error.value) == f"the PACS answered {pacs.http}/dicom-web/studies with {what}"
 
 
@@ -204,7 +204,7 @@ def test_a_page_over_its_byte_cap_is_refused(images):
     pacs = FakePacs(images)
     pacs.override = lambda path, query: json_answer([attribute("0020000D", "1.2.3")] * 5000)
     with pacs.running(), pytest.raises(DatasetSourceError, match="with .* bytes, over the limit of 4096"):
-        list(client(pacs, max_response_bytes=4096).search("/studies"))
+        list(client(pacs, max_response_bytes=4096).search())
 
 
 def test_a_well_behaved_pacs_is_read_whole(images, predictor, tmp_path):
@@ -213,3 +213,18 @@ def test_a_well_behaved_pacs_is_read_whole(images, predictor, tmp_path):
         table = batch(predictor, pacs, tmp_path)
     assert sorted(table["path"].str.rsplit("/", n=1).str[-1]) == sorted(uid for _, _, uid in images)
     assert (table["status"] != "unreadable").all()
+
+
+def test_the_dicomweb_library_logs_neither_a_query_nor_the_credentials_nor_the_pacs_words(images, caplog, monkeypatch):
+    """dicomweb-client logs each URL with its query at DEBUG and a PACS's Warning header: neither reaches the logs."""
+    import logging
+
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, "ZZSENTINELPASSWORD")
+    caplog.set_level(logging.DEBUG)
+    pacs = FakePacs(images)
+    answer = (200, {"Content-Type": "application/dicom+json", "Warning": '299 pacs "ZZSENTINELWARNING"'}, b"[]")
+    pacs.override = lambda path, query: answer
+    with pacs.running():
+        assert list(client(pacs).search(filters={"PatientName": "ZZSENTINEL^NAME"})) == []
+    assert any("PatientName=ZZSENTINEL" in path for _, path in pacs.requests), "the filter went to the PACS"
+    assert "ZZSENTINEL" not in caplog.text

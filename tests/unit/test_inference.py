@@ -138,6 +138,30 @@ def test_resume_predicts_only_images_not_yet_in_the_output(predictor, tmp_path, 
     pd.testing.assert_frame_equal(table.iloc[:10].reset_index(drop=True), first, check_dtype=False)
 
 
+def test_a_run_that_stops_in_a_write_back_leaves_no_row_that_resume_would_skip_unwritten(predictor, tmp_path):
+    """The PACS write-back (``on_batch``) fails on the second batch: the output holds only the rows of batches written
+    back, so --resume hands every other image to the write-back again (xray.serving.sr asks the PACS what exists)."""
+    folder = images_folder(tmp_path / "in", 10, unreadable=())
+    output = str(tmp_path / "predictions.csv")
+    settings = InferenceConfig(batch_size=4, fetch_workers=2, window=8)
+    written_back = []
+
+    def write_back(table, fail_on=None):
+        if len(written_back) == fail_on:
+            raise ConnectionError("the PACS went away mid-batch")
+        written_back.append(table["path"].tolist())
+
+    with pytest.raises(ConnectionError), PredictionWriter(output) as writer:
+        predict_source(predictor, str(folder), settings, writer, wanted=Wanted(on_batch=lambda t: write_back(t, 1)))
+    saved = pd.read_csv(output)["path"].tolist()
+    assert saved == written_back[0] and len(saved) == 4  # the failed batch's rows are not saved
+    with PredictionWriter(output, resume=True) as writer:
+        result = predict_source(predictor, str(folder), settings, writer, wanted=Wanted(on_batch=write_back))
+    assert result.skipped == 4 and writer.rows == 6
+    every = [path for paths in written_back for path in paths]
+    assert sorted(every) == sorted(pd.read_csv(output)["path"]) == [str(folder / f"{i:03d}.png") for i in range(10)]
+
+
 def test_an_s3_prefix_streams_to_an_s3_output_and_resumes_there(predictor, tmp_path):
     server = s3.EmbeddedS3().start()
     try:

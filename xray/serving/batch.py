@@ -282,7 +282,7 @@ def shard_output(output: str, shard: int, shards: int) -> str:
 class Wanted:
     """What a stream keeps beside the rows it writes: the table and the out-of-distribution features (``keep``), the
     thumbnails of the ``examples`` most unusual images, ``explain`` rows for Grad-CAM, and ``on_batch``, called with
-    each batch's rows once they are written (the PACS write-back)."""
+    each batch's rows before they are written (the PACS write-back: a row saved is a row written back)."""
 
     keep: bool = False
     examples: int = 0
@@ -341,7 +341,7 @@ def predict_stream(
     ``writer.done`` (content hashes) are skipped. ``wanted`` (:class:`Wanted`): ``keep`` also returns the table and
     the out-of-distribution features (monitoring's drift test; about 4 KB per image); ``examples`` thumbnails of the
     images with the highest ood_score; ``explain`` rows for Grad-CAM (:func:`choose_to_explain`), from candidates kept
-    in bounded memory as the batches pass; ``on_batch`` after each batch is written (:mod:`xray.serving.sr`).
+    in bounded memory as the batches pass; ``on_batch`` with each batch before it is written (:mod:`xray.serving.sr`).
     """
     keep, examples, explain, on_batch = wanted.keep, wanted.examples, wanted.explain, wanted.on_batch
     done = writer.done if writer is not None else set()
@@ -377,10 +377,12 @@ def predict_stream(
         table.insert(0, "sha256", [item.sha256 or None for item in batch])
         table.insert(0, "path", [item.name for item in batch])
         mask = np.array([item.prepared.readable for item in batch])
-        if writer is not None:
-            writer.write(table)
+        # The batch's write-back first, its rows after: a run that stops in between leaves rows that --resume predicts
+        # again, never rows saved without their objects in the PACS (which asks the PACS what it already holds).
         if on_batch is not None:
             on_batch(table)
+        if writer is not None:
+            writer.write(table)
         result.unreadable += int((~mask).sum())
         result.unreadable_reasons.update(reason_kind(i.prepared.reason) for i in batch if not i.prepared.readable)
         result.out_of_distribution += int((table["status"] == OUT_OF_DISTRIBUTION).sum())

@@ -14,12 +14,13 @@ Nothing a PACS sends is trusted (``inference.pacs``, :class:`xray.config.limits.
 under byte caps and end within a deadline (retries included; a watchdog shuts the socket of a PACS that drips),
 queries stop at ``max_pages`` and sources at ``max_studies``, a UID enters a URL only when it is one (PS3.5 9.1), a
 redirect is followed only within the configured origin, and an answer that is not DICOM JSON is one error naming the
-URL.
+URL. The protocol is dicomweb-client's; these limits are its session's (:class:`_Bounded`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -31,7 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urljoin, urlparse
 
+import pydicom
 import requests
+from dicomweb_client import DICOMwebClient
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -41,12 +44,17 @@ from xray.config.limits import PacsLimits
 from xray.errors import DatasetSourceError, SourceUnavailable
 
 logger = logging.getLogger(__name__)
+# dicomweb-client logs each request's URL with its query at DEBUG (QIDO-RS filters may name a patient) and a PACS's
+# Warning header at WARNING (text from the PACS): neither goes into this project's logs.
+logging.getLogger("dicomweb_client").setLevel(logging.ERROR)
 
 SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
 USER_ENV, PASSWORD_ENV = "XRAY_PACS_USER", "XRAY_PACS_PASSWORD"
 DEFAULT_USER, DEFAULT_PASSWORD = "xray", "xray-local-pacs"
 """The local PACS's documented defaults (make pacs); a real PACS is given its own in the environment."""
 PAGE = 100
+# Retried with backoff: connection errors, 502, 503, 504; no Retry-After (an hour's would sleep past any deadline).
+RETRY = {"backoff_factor": 0.5, "status_forcelist": (502, 503, 504), "allowed_methods": None, "raise_on_status": False}
 MAX_REDIRECTS = 5
 PART_HEADERS = 64 * 1024
 """Room for a multipart answer's boundaries and part headers above ``max_instance_bytes``."""
@@ -175,19 +183,65 @@ class _Adapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = self.POOLS
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A PACS's answer, read whole under its byte cap; ``url``: the URL asked, without its query."""
+class _Bounded(requests.Session):
+    """The session of every request to the PACS (dicomweb-client's, :meth:`Client.retrieve`'s), under the retries and
+    limits of ``client``: the body streamed under ``cap`` bytes (``max_response_bytes``) within ``deadline_s``,
+    redirects only within the configured origin, DICOM JSON checked before anyone parses it, each failure one line
+    naming the URL (never its query or the credentials). The response comes back read, for the library to decode."""
 
-    status_code: int
-    headers: dict
-    content: bytes
-    url: str
+    def __init__(self, client: Client):
+        super().__init__()
+        self.client, self.auth = client, client._auth
+        n = client.max_attempts - 1
+        retry = Retry(total=n, connect=n, read=n, status=n, respect_retry_after_header=False, **RETRY)
+        self.mount("http://", _Adapter(max_retries=retry, pool_maxsize=16))
+        self.mount("https://", _Adapter(max_retries=retry, pool_maxsize=16))
+
+    def request(self, method: str, url: str, *args, cap: int | None = None, **kwargs) -> requests.Response:
+        client, cap = self.client, cap or self.client.limits.max_response_bytes
+        # Ours, whatever the caller asked: the timeouts, no redirect followed by requests, the body streamed. The
+        # library's Host header (without the port) is left to requests.
+        for name in ("timeout", "allow_redirects", "stream"):
+            kwargs.pop(name, None)
+        headers = {k: v for k, v in (kwargs.pop("headers", None) or {}).items() if k.lower() != "host"}
+        with _Deadline(client.limits.deadline_s) as deadline:
+            for _ in range(MAX_REDIRECTS + 1):
+                shown = url.split("?")[0]
+                try:
+                    ours = {"headers": headers, "timeout": client.timeout_s, "allow_redirects": False, "stream": True}
+                    response = super().request(method, url, *args, **ours, **kwargs)
+                    with response:
+                        if response.is_redirect:
+                            url = client._redirect(method, response, shown)
+                            continue
+                        client._check_status(response.status_code, shown)
+                        response._content, response._content_consumed = _read(response, cap, shown), True
+                except requests.RequestException as error:
+                    if deadline.expired:
+                        break
+                    raise SourceUnavailable(
+                        f"the PACS at {client.endpoint.base} cannot be reached ({type(error).__name__}, after "
+                        f"{client.max_attempts} attempts)"
+                    ) from None
+                if deadline.expired:
+                    break
+                answered = response.headers.get("Content-Type", "") if method == "POST" else headers.get("Accept", "")
+                if response.status_code in (200, 202) and "json" in answered:  # what QIDO, metadata, STOW answer
+                    _dicom_json(response.content, shown, list if method == "GET" else dict)
+                return response
+            else:
+                raise DatasetSourceError(f"the PACS redirected {shown} more than {MAX_REDIRECTS} times")
+        raise DatasetSourceError(
+            f"the PACS did not finish answering {shown} within {client.limits.deadline_s:g} s (inference.pacs.deadline_s)"
+        )
 
 
 class Client:
     """One DICOMweb service with retries, timeouts, limits and basic authentication; safe to share between threads
-    for reading (one requests Session per thread)."""
+    for reading (one session per thread). QIDO-RS, WADO-RS metadata and STOW-RS are dicomweb-client's
+    (:class:`dicomweb_client.DICOMwebClient`) over a :class:`_Bounded` session; an instance is read by hand over the
+    same session (:meth:`retrieve`: the library would parse the PACS's bytes with pydicom outside the decode limits,
+    and hand back a dataset, not the bytes as stored)."""
 
     def __init__(
         self,
@@ -201,59 +255,21 @@ class Client:
         self._auth = (os.environ.get(USER_ENV, DEFAULT_USER), os.environ.get(PASSWORD_ENV, DEFAULT_PASSWORD))
         self._local = threading.local()
 
-    def _session(self):
+    def _session(self) -> _Bounded:
+        """This thread's session, and dicomweb-client on it (``_local.library``): the library's own retries off (the
+        session's, within the deadline) and every body sent whole (a chunked one could not be sent again by a retry)."""
         if not hasattr(self._local, "session"):
-            session = requests.Session()
-            session.auth = self._auth
-            retry = Retry(
-                total=self.max_attempts - 1,
-                connect=self.max_attempts - 1,
-                read=self.max_attempts - 1,
-                status=self.max_attempts - 1,
-                backoff_factor=0.5,
-                status_forcelist=(502, 503, 504),
-                allowed_methods=None,
-                raise_on_status=False,
-                respect_retry_after_header=False,  # a Retry-After of an hour would sleep past any deadline
-            )
-            session.mount("http://", _Adapter(max_retries=retry, pool_maxsize=16))
-            session.mount("https://", _Adapter(max_retries=retry, pool_maxsize=16))
-            self._local.session = session
+            self._local.session = _Bounded(self)
+            self._local.library = DICOMwebClient(self.endpoint.base, session=self._local.session, chunk_size=2**62)
+            self._local.library.set_http_retry_params(retry=False)
         return self._local.session
 
-    def request(self, method: str, path: str, cap: int | None = None, **kwargs) -> Answer:
-        """One request under the retry policy and the limits: its body read under ``cap`` bytes (default
-        ``max_response_bytes``) within ``deadline_s``, redirects followed only within the configured origin. Every
-        failure is one line naming the URL (never its query, never the credentials)."""
-        url, cap = f"{self.endpoint.base}{path}", cap or self.limits.max_response_bytes
-        with _Deadline(self.limits.deadline_s) as deadline:
-            for _ in range(MAX_REDIRECTS + 1):
-                shown = url.split("?")[0]
-                try:
-                    response = self._session().request(
-                        method, url, timeout=self.timeout_s, allow_redirects=False, stream=True, **kwargs
-                    )
-                    with response:
-                        if response.is_redirect:
-                            url = self._redirect(method, response, shown)
-                            continue
-                        self._check_status(response.status_code, shown)
-                        content = _read(response, cap, shown)
-                except requests.RequestException as error:
-                    if deadline.expired:
-                        break
-                    raise SourceUnavailable(
-                        f"the PACS at {self.endpoint.base} cannot be reached ({type(error).__name__}, after "
-                        f"{self.max_attempts} attempts)"
-                    ) from None
-                if deadline.expired:
-                    break
-                return Answer(response.status_code, response.headers, content, shown)
-            else:
-                raise DatasetSourceError(f"the PACS redirected {shown} more than {MAX_REDIRECTS} times")
-        raise DatasetSourceError(
-            f"the PACS did not finish answering {shown} within {self.limits.deadline_s:g} s (inference.pacs.deadline_s)"
-        )
+    def _call(self, what: str, call: Callable[[DICOMwebClient], object]):
+        """``call`` of the library; an HTTP status it refuses (not 401, 403, 5xx: the session's) one line naming ``what``."""
+        try:
+            return call(self._session() and self._local.library)
+        except requests.HTTPError as error:
+            raise DatasetSourceError(f"{what} answered HTTP {error.response.status_code}") from None
 
     def _check_status(self, status: int, shown: str) -> None:
         if status in (401, 403):
@@ -275,42 +291,34 @@ class Client:
             )
         return target
 
-    def json(self, answer: Answer, kind: type = list):
-        """A DICOM JSON answer: a list of objects (or one object, ``kind`` dict), or one error line naming the URL."""
-        try:
-            found = json.loads(answer.content) if answer.content.strip() else kind()
-        except (ValueError, RecursionError):
-            raise DatasetSourceError(f"the PACS answered {answer.url} with malformed JSON") from None
-        if not isinstance(found, kind) or (kind is list and not all(isinstance(item, dict) for item in found)):
-            what = "a list holding something else" if isinstance(found, list) else type(found).__name__
-            raise DatasetSourceError(f"the PACS answered {answer.url} with {what}, not the DICOM JSON asked for")
-        return found
+    def search(self, study: str | None = None, filters: dict | tuple = (), fields: tuple = ()) -> Iterator[dict]:
+        """Every result of a QIDO-RS query, page by page, ``max_pages`` pages at most: the studies matching
+        ``filters``, or the instances of ``study``."""
+        where = f"{self.endpoint.base}{self._path(study) if study else ''}/{'instances' if study else 'studies'}"
+        offset, fields = 0, list(fields) or None
 
-    def search(self, path: str, filters: dict | tuple = ()) -> Iterator[dict]:
-        """Every result of a QIDO-RS query, page by page, ``max_pages`` pages at most."""
-        offset = 0
+        def page(library: DICOMwebClient) -> list[dict]:
+            asked = {"limit": PAGE, "offset": offset, "fields": fields, "search_filters": dict(filters) or None}
+            if study is None:
+                return library.search_for_studies(**asked)
+            return library.search_for_instances(study_instance_uid=study, **asked)
+
         for _ in range(self.limits.max_pages):
-            query = [*dict(filters).items(), ("limit", str(PAGE)), ("offset", str(offset))]
-            answer = self.request("GET", f"{path}?{urlencode(query)}", headers={"Accept": DICOM_JSON})
-            if answer.status_code == 204:
+            found = self._call(f"QIDO-RS {where}", page)
+            yield from found
+            if len(found) < PAGE:
                 return
-            if answer.status_code != 200:
-                raise DatasetSourceError(f"QIDO-RS {answer.url} answered HTTP {answer.status_code}")
-            page = self.json(answer)
-            yield from page
-            if len(page) < PAGE:
-                return
-            offset += len(page)
+            offset += len(found)
         raise DatasetSourceError(
-            f"QIDO-RS {self.endpoint.base}{path} filled {self.limits.max_pages} pages of {PAGE} results and may hold "
-            "more (inference.pacs.max_pages): narrow the query with filters, or raise the limit"
+            f"QIDO-RS {where} filled {self.limits.max_pages} pages of {PAGE} results and may hold more "
+            "(inference.pacs.max_pages): narrow the query with filters, or raise the limit"
         )
 
     def instances(self, skipped: Counter) -> Iterator[tuple[str, str, str]]:
         """(study, series, instance) UIDs of every image instance of the matching studies, in study order; the
         studies are listed first, ``max_studies`` at most."""
         studies: dict[str, None] = {}
-        for study in self.search("/studies", self.endpoint.filters):
+        for study in self.search(filters=self.endpoint.filters):
             uid = _value(study, "study")
             if not is_uid(uid):
                 skipped[INVALID_UID] += 1
@@ -322,7 +330,7 @@ class Client:
                     "(inference.pacs.max_studies): narrow the query with filters (StudyDate=...), or raise the limit"
                 )
         for study_uid in studies:
-            for item in self.search(f"/studies/{study_uid}/instances", {"includefield": "00080016"}):
+            for item in self.search(study_uid, fields=("00080016",)):
                 if NOT_IMAGES.match(_value(item, "sop_class")):
                     skipped[NOT_AN_IMAGE] += 1
                 elif is_uid(series := _value(item, "series")) and is_uid(instance := _value(item, "instance")):
@@ -339,12 +347,11 @@ class Client:
 
     def retrieve(self, study: str, series: str, instance: str) -> bytes:
         """One instance's Part 10 bytes over WADO-RS, in the transfer syntax it is stored in."""
-        answer = self.request(
-            "GET",
-            self._path(study, series, instance),
-            cap=self.limits.max_instance_bytes + PART_HEADERS,
-            headers={"Accept": INSTANCE_ACCEPT},
+        url, cap = (
+            self.endpoint.base + self._path(study, series, instance),
+            self.limits.max_instance_bytes + PART_HEADERS,
         )
+        answer = self._session().request("GET", url, cap=cap, headers={"Accept": INSTANCE_ACCEPT})
         if answer.status_code == 404:
             raise DatasetSourceError(f"instance {instance} is no longer in the PACS")
         if answer.status_code != 200:
@@ -358,42 +365,48 @@ class Client:
 
     def metadata(self, study: str, series: str, instance: str) -> dict:
         """One instance's header as DICOM JSON (WADO-RS metadata)."""
-        answer = self.request("GET", self._path(study, series, instance) + "/metadata", headers={"Accept": DICOM_JSON})
-        if answer.status_code != 200:
-            raise DatasetSourceError(f"WADO-RS metadata answered HTTP {answer.status_code} for {instance}")
-        items = self.json(answer)
-        if not items:
-            raise DatasetSourceError(f"the PACS answered {answer.url} with no metadata")
-        return items[0]
+        uids = self._path(study, series, instance) and (study, series, instance)
+        try:
+            return self._call(f"WADO-RS metadata of {instance}", lambda c: c.retrieve_instance_metadata(*uids))
+        except IndexError:  # an empty list
+            raise DatasetSourceError(f"the PACS answered the metadata of {instance} with none") from None
 
     def exists(self, study: str, series: str, instance: str) -> bool:
-        path = self._path(study, series, instance) + "/metadata"
-        return self.request("GET", path, headers={"Accept": DICOM_JSON}).status_code == 200
+        """Whether the PACS holds the instance (its metadata answered)."""
+        self._path(study, series, instance)
+        try:
+            (self._session() and self._local.library).retrieve_instance_metadata(study, series, instance)
+        except (requests.HTTPError, IndexError):
+            return False
+        return True
 
     def store(self, datasets: list[bytes], study: str | None = None) -> None:
-        """STOW-RS of Part 10 files (into ``study`` when given); a refused instance is an error naming its count."""
-        boundary = "xray-stow-boundary-7d3f"
-        body = (
-            b"".join(
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
-                for data in datasets
+        """STOW-RS of Part 10 files (into ``study`` when given); a refused instance is an error naming its count (the
+        session reads the answer's Failed SOP Sequence, whatever media type parameters it comes with)."""
+        parsed, what = (
+            [pydicom.dcmread(io.BytesIO(data)) for data in datasets],
+            f"STOW-RS of {len(datasets)} instance(s)",
+        )
+        try:
+            self._call(
+                what, lambda c: c.store_instances(parsed, study_instance_uid=study and self._path(study) and study)
             )
-            + f"--{boundary}--\r\n".encode()
-        )
-        answer = self.request(
-            "POST",
-            self._path(study) if study else "/studies",
-            data=body,
-            headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                "Accept": DICOM_JSON,
-            },
-        )
-        if answer.status_code not in (200, 202):
-            raise DatasetSourceError(f"STOW-RS refused {len(datasets)} instance(s): HTTP {answer.status_code}")
-        result = self.json(answer, dict) if answer.content.strip() else {}
-        if failed := (result.get("00081198") or {}).get("Value") or []:
-            raise DatasetSourceError(f"STOW-RS refused {len(failed)} of {len(datasets)} instance(s)")
+        except (ValueError, KeyError, TypeError):  # an answer pydicom cannot take as a dataset
+            raise DatasetSourceError(f"{what}: the PACS answered with an unreadable result") from None
+
+
+def _dicom_json(content: bytes, shown: str, kind: type) -> None:
+    """A DICOM JSON answer, checked before anyone parses it: a list of objects to a GET (PS3.18 F.2), one object with
+    no Failed SOP Sequence to a STOW-RS, or empty; else one error line naming the URL."""
+    try:
+        found = json.loads(content) if content.strip() else kind()
+    except (ValueError, RecursionError):
+        raise DatasetSourceError(f"the PACS answered {shown} with malformed JSON") from None
+    if not isinstance(found, kind) or (kind is list and not all(isinstance(item, dict) for item in found)):
+        what = "a list holding something else" if isinstance(found, list) else type(found).__name__
+        raise DatasetSourceError(f"the PACS answered {shown} with {what}, not the DICOM JSON asked for")
+    if kind is dict and isinstance(failed := found.get("00081198"), dict) and failed.get("Value"):
+        raise DatasetSourceError(f"STOW-RS refused {len(failed['Value'])} instance(s)")
 
 
 def _read(response, cap: int, shown: str) -> bytes:
@@ -432,17 +445,3 @@ def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
             continue
         parts.append(content[:-2] if content.endswith(b"\r\n") else content)
     return parts
-
-
-def refs(
-    source: str, max_attempts: int, skipped: Counter, make_ref: Callable, limits: PacsLimits | None = None
-) -> Iterator:
-    """The listing's :class:`xray.storage.listing.ImageRef` of every image instance of a ``dicomweb://`` source."""
-    endpoint = parse(source)
-    client = Client(endpoint, max_attempts, limits=limits)
-    for study, series, instance in client.instances(skipped):
-
-        def read(study=study, series=series, instance=instance) -> bytes:
-            return client.retrieve(study, series, instance)
-
-        yield make_ref(endpoint.instance_uri(study, series, instance), read)

@@ -15,6 +15,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -138,8 +139,11 @@ def _refs(
     if source.startswith("s3://"):
         yield from _s3_refs(source, max_attempts, skipped)
         return
-    if dicomweb.is_dicomweb(source):
-        yield from dicomweb.refs(source, max_attempts, skipped, ImageRef, pacs)
+    if dicomweb.is_dicomweb(source):  # each image instance of the matching studies, read over WADO-RS
+        endpoint = dicomweb.parse(source)
+        client = dicomweb.Client(endpoint, max_attempts, limits=pacs)
+        for uids in client.instances(skipped):
+            yield ImageRef(endpoint.instance_uri(*uids), partial(client.retrieve, *uids))
         return
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
