@@ -17,6 +17,7 @@ from steps.records import BatchPrediction, MergedPredictions
 from steps.tracking import log_config, mlflow_run
 from steps.version import load
 from xray.evaluation import plots
+from xray.model import gradcam
 from xray.registry.store import ModelInfo
 from xray.requests import InferenceRequest
 from xray.serving import batch, sr
@@ -124,7 +125,7 @@ def explain_predictions(
     rows = [row for row in chosen if row["path"] in found]
     encoded = [predictor.prepare(found[row["path"]]).encoded for row in rows]
     captions = [explanation_caption(row) for row in rows]
-    pictures = plots.explanations(predictor.model, encoded, predictor.image_size, predictor.threshold, captions)
+    pictures = gradcam.explanations(predictor.model, encoded, predictor.image_size, predictor.threshold, captions)
     overlays = {explanation_name(rank, row): picture for rank, (row, picture) in enumerate(zip(rows, pictures), 1)}
     logger.info("Grad-CAM of %d images: %s", len(overlays), {row["path"]: row["why"] for row in rows})
     with mlflow_run():

@@ -6,7 +6,6 @@ import pytest
 from PIL import Image
 
 from xray.config.model import ModelConfig
-from xray.evaluation import plots
 from xray.model import gradcam
 from xray.model.network import build_model
 from xray.serving import explain
@@ -137,6 +136,6 @@ def test_explanations_are_named_per_input_and_captioned_with_a_colour_bar(model)
     image = np.random.default_rng(1).uniform(0, 255, (64, 64, 3)).astype("uint8")
     encoded = io.BytesIO()
     Image.fromarray(image).save(encoded, format="PNG")
-    pictures = plots.explanations(model, [encoded.getvalue()], 64, 0.5, [caption])
+    pictures = gradcam.explanations(model, [encoded.getvalue()], 64, 0.5, [caption])
     plain = gradcam.overlay(image.astype("float32"), gradcam.heatmaps(model, image[None].astype("float32"), 0.5)[0])
     assert len(pictures) == 1 and pictures[0].width > plain.width  # the colour bar beside the image

@@ -15,7 +15,6 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from xray import CLASS_NAMES  # noqa: E402
 from xray.evaluation.calibration import expected_calibration_error, reliability  # noqa: E402
-from xray.model.gradcam import confident_examples, heatmaps, overlays_for, pixels_of  # noqa: E402
 
 
 @dataclass
@@ -139,34 +138,3 @@ def image_grid(images: list[Image.Image], titles: list[str], columns: int = 4, t
     if title:
         figure.suptitle(title)
     return to_image(figure)
-
-
-def confident_examples_grid(
-    model, paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float, image_size: int
-) -> Image.Image:
-    """Grad-CAM overlays of the most confident right and wrong predictions per true class, in one figure."""
-    picks = confident_examples(y, p, threshold)
-    images = overlays_for(model, [paths[i] for i, _ in picks], image_size, threshold)
-    return image_grid(images, [title for _, title in picks], title="Grad-CAM, most confident test predictions")
-
-
-def explained(image: np.ndarray, heatmap: np.ndarray, caption: str) -> Image.Image:
-    """One Grad-CAM reading: the grey X-ray, the heatmap over it with its colour bar, and a caption (the file, the
-    probability against the threshold, the call or status, why this image was chosen)."""
-    figure, axis = plt.subplots(figsize=(4.6, 4.6))
-    axis.imshow(np.asarray(image, dtype=np.float32).mean(axis=-1), cmap="gray", vmin=0, vmax=255)
-    shown = axis.imshow(heatmap, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
-    bar = figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.03)
-    bar.set_label("Grad-CAM, relative to the image's peak", fontsize=8)
-    axis.set_title(caption, fontsize=8)
-    axis.axis("off")
-    return to_image(figure)
-
-
-def explanations(model, encoded: list[bytes], image_size: int, threshold: float, captions: list[str]) -> list:
-    """Grad-CAM of the predicted class for each encoded image (the bytes the model decodes), captioned."""
-    pixels = pixels_of(encoded, image_size)
-    return [
-        explained(image, heat, caption)
-        for image, heat, caption in zip(pixels, heatmaps(model, pixels, threshold), captions)
-    ]

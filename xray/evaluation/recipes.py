@@ -19,6 +19,7 @@ from xray.data.manifest import subgroups_in
 from xray.errors import DataQualityError
 from xray.evaluation import metrics, plots
 from xray.evaluation.calibration import Calibration, expected_calibration_error, fit_calibration, logit, sigmoid
+from xray.model import gradcam
 from xray.model.network import calibrated_model, logit_model, predict_paths
 
 logger = logging.getLogger(__name__)
@@ -368,7 +369,7 @@ def evaluate_model(model, dataset, spec, evaluate: EvaluateConfig, seed: int) ->
         "calibration": plots.calibration(
             y_test, {"before calibration": sigmoid(z_test), f"after ({calibration.method} on val)": p_test}
         ),
-        "gradcam_test_examples": plots.confident_examples_grid(
+        "gradcam_test_examples": gradcam.examples_grid(
             calibrated, dataset.paths(test_rows), y_test, p_test, threshold, spec.image_size
         ),
     }

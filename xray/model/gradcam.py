@@ -1,4 +1,7 @@
-"""Grad-CAM: where in the image the backbone's last conv block drove the decision."""
+"""Grad-CAM, in one place: where in the image the backbone's last conv block drove the decision (:func:`heatmaps`),
+and every picture of it: the overlay, the captioned picture a PACS receives (:func:`captioned`), the explanations of a
+batch's chosen predictions with their colour bar (:func:`explanations`), the evaluation's most confident examples
+(:func:`examples_grid`). Which predictions a batch explains is serving's choice (``xray.serving.explain``)."""
 
 from __future__ import annotations
 
@@ -138,3 +141,51 @@ def load_pixels(paths: list[str], image_size: int) -> np.ndarray:
 def overlays_for(model, paths: list[str], image_size: int, threshold: float) -> list[Image.Image]:
     pixels = load_pixels(paths, image_size)
     return [overlay(image, heat) for image, heat in zip(pixels, heatmaps(model, pixels, threshold))]
+
+
+def with_colour_bar(picture: np.ndarray) -> Image.Image:
+    """``picture`` with the heatmap's scale beside it: the jet colours from 0 (bottom) to the image's peak (top)."""
+    height = picture.shape[0]
+    size = max(8, height // 40)
+    font = ImageFont.load_default(size=size)
+    strip = colormaps["jet"](np.linspace(1.0, 0.0, height))[:, None, :3].repeat(max(8, height // 25), axis=1)
+    width = picture.shape[1] + strip.shape[1] + size * 4
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(Image.fromarray(np.asarray(picture, np.uint8)), (0, 0))
+    left = picture.shape[1] + size // 2
+    canvas.paste(Image.fromarray((strip * 255).astype(np.uint8)), (left, 0))
+    draw = ImageDraw.Draw(canvas)
+    right = left + strip.shape[1] + 2
+    draw.text((right, 0), "peak", fill="black", font=font)
+    draw.text((right, height - size - 2), "0", fill="black", font=font)
+    return canvas
+
+
+def explanations(model, encoded: list[bytes], image_size: int, threshold: float, captions: list[str]) -> list:
+    """Grad-CAM of the predicted class for each encoded image (the bytes the model decodes), each drawn as the PACS's
+    capture is (:func:`captioned`: the caption's lines burned in above) with its colour bar beside it."""
+    pixels = pixels_of(encoded, image_size)
+    return [
+        with_colour_bar(captioned(image, heat, caption.splitlines(), longest=512, least_width=384))
+        for image, heat, caption in zip(pixels, heatmaps(model, pixels, threshold), captions)
+    ]
+
+
+def examples_grid(model, paths: list[str], y: np.ndarray, p: np.ndarray, threshold: float, image_size: int):
+    """Grad-CAM of the most confident right and wrong predictions per true class (:func:`confident_examples`), side
+    by side, each with its title burned in: one image."""
+    picks = confident_examples(y, p, threshold)
+    pixels = load_pixels([paths[i] for i, _ in picks], image_size)
+    tiles = [
+        captioned(image, heat, [title], longest=256, least_width=256)
+        for image, heat, (_, title) in zip(pixels, heatmaps(model, pixels, threshold), picks)
+    ]
+    if not tiles:
+        return Image.new("RGB", (256, 64), "black")
+    height = max(tile.shape[0] for tile in tiles)
+    canvas = Image.new("RGB", (sum(tile.shape[1] for tile in tiles) + 4 * (len(tiles) - 1), height), "white")
+    left = 0
+    for tile in tiles:
+        canvas.paste(Image.fromarray(tile), (left, 0))
+        left += tile.shape[1] + 4
+    return canvas
