@@ -40,11 +40,14 @@ lock:
 
 # ruff with the rules and line length in pyproject.toml ([tool.ruff]): lint rules, the formatting, then the import
 # contract of docs/ARCHITECTURE.md ([tool.importlinter]: xray's stages in one order, no cycle, no ZenML in xray/),
-# then mypy over the orchestration and the registry ([tool.mypy]: steps/, pipelines/, cli/, xray/registry/).
+# then what no package contract can say (scripts/check_boundaries.py: nothing outside tests/ imports tests/, nothing
+# imports a benchmark), then mypy over the orchestration and the registry ([tool.mypy]: steps/, pipelines/, cli/,
+# xray/registry/).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(PY) scripts/check_boundaries.py
 	$(VENV)/bin/mypy
 
 # run.py picks the ZenML stack: STACK=name, else the active one if it has an MLflow experiment tracker, else

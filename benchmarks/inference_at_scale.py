@@ -218,8 +218,7 @@ def dicom_decode_fraction(
     turns (JPEG, DICOM, JPEG, DICOM), each rate the mean of its two passes. A JPEG-LS and a JPEG 2000 lossless folder
     are measured beside them, and ``dicomweb_images`` of the DICOMs streamed from a local Orthanc over DICOMweb,
     recorded without a target."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from dicom_factory import radiograph
+    from fixtures.dicom_factory import radiograph
     from xray.serving import batch
 
     settings = stream_settings()

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from PIL import Image  # noqa: E402
 
@@ -96,7 +96,7 @@ def variant(data: bytes, how: str, seed: int) -> bytes:
 
         return _png(acquisition(data, np.random.default_rng(seed)))
     if how.startswith("dicom age "):
-        from dicom_factory import radiograph
+        from fixtures.dicom_factory import radiograph
 
         return radiograph(data, age=how.removeprefix("dicom age "), Manufacturer="Benchmark Vendor")
     raise ValueError(how)

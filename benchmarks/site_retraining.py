@@ -35,11 +35,11 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 from PIL import Image  # noqa: E402
 
-from dicom_factory import radiograph  # noqa: E402
+from fixtures.dicom_factory import radiograph  # noqa: E402
 from xray.config.data import DataConfig  # noqa: E402
 from xray.config_file import load_config  # noqa: E402
 from xray.data.manifest import patient_id  # noqa: E402

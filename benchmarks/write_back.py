@@ -3,7 +3,7 @@
     python benchmarks/write_back.py [--images 24] [--rows 2048] [--columns 1664] [--image-size 128]
 
 Starts the suite's Orthanc (infra/pacs.py, a temporary state, loopback) and STOWs ``--images`` 12-bit DX radiographs of
-``--rows`` x ``--columns`` made from the shared test JPEGs (tests/dicom_factory.py). A champion-sized classifier
+``--rows`` x ``--columns`` made from the shared test JPEGs (fixtures/dicom_factory.py). A champion-sized classifier
 (ResNet50V2 at ``--image-size``, random weights: Grad-CAM's arithmetic does not depend on them, and without a reference
 profile every image is ``ok``, so every image gets heatmaps) predicts them through ``predict_source``; the write-back
 is timed around each batch's ``ReportWriter.write``: once writing the reports alone, once (another model version, so
@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 from xray.environment import apply_defaults  # noqa: E402
 
 apply_defaults()
@@ -36,7 +35,7 @@ apply_defaults()
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dicom_factory import radiograph  # noqa: E402
+from fixtures.dicom_factory import radiograph  # noqa: E402
 from infra.pacs import Pacs  # noqa: E402
 from xray.config.inference import InferenceConfig  # noqa: E402
 from xray.config.model import ModelConfig  # noqa: E402

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and the DICOM builder the tests use
+sys.path[:0] = [str(ROOT)]  # the project, and its synthetic radiographs (fixtures/dicom_factory.py)
 
 from xray.environment import use_project_environment  # noqa: E402 - the standard library only
 
@@ -26,7 +26,7 @@ use_project_environment(__file__, ("pydicom", "numpy", "requests"))
 
 import pydicom  # noqa: E402
 
-from dicom_factory import radiograph  # noqa: E402
+from fixtures.dicom_factory import radiograph  # noqa: E402
 from xray.storage import dicomweb  # noqa: E402
 
 

@@ -506,7 +506,7 @@ def test_monitoring_a_shifted_batch_on_s3_reports_drift_and_never_touches_the_re
 def _dicom_copies(images: list, folder, sentinels: bool = True) -> dict:
     """A DICOM of each JPEG, the encodings in turn (every third without an extension, every fourth MONOCHROME1);
     returns {DICOM file: its JPEG}."""
-    from dicom_factory import SYNTAXES, radiograph
+    from fixtures.dicom_factory import SYNTAXES, radiograph
 
     syntaxes = sorted(SYNTAXES)
     made = {}
@@ -532,7 +532,7 @@ def _dicom_copies(images: list, folder, sentinels: bool = True) -> dict:
 
 
 def _assert_no_sentinel(home, *streams):
-    from dicom_factory import SENTINELS
+    from fixtures.dicom_factory import SENTINELS
 
     parts = {part for value in SENTINELS.values() for part in [value, *value.split("^")]}
     for stream in streams:
@@ -565,7 +565,7 @@ def test_dicom_batches_mix_with_jpeg_are_scoped_and_leak_no_patient_data(local, 
     monitoring; then no sentinel in any output stream, file or store (ZenML, MLflow, the run's outputs)."""
     from pydicom.data import get_testdata_file
 
-    from dicom_factory import radiograph, with_sentinels
+    from fixtures.dicom_factory import radiograph, with_sentinels
 
     env = local.env
     folder = tmp_path / "hospital-batch"  # the inputs hold the sentinels; every store and output is under home
@@ -732,8 +732,8 @@ def test_inference_with_heatmaps_writes_each_ok_image_its_heatmaps_and_resume_ad
     import pydicom
     from test_pacs import objects_in, some_jpegs
 
-    from dicom_factory import radiograph
     from dicom_tools import dciodvfy_errors, dcmjs_reports
+    from fixtures.dicom_factory import radiograph
     from xray.storage import dicomweb
 
     pacs, env = pacs_e2e

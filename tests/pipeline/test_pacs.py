@@ -26,8 +26,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from conftest import MINI_ZIP, ROOT, free_port
-from dicom_factory import SENTINELS, radiograph
 from dicom_tools import dciodvfy_errors, dcmjs_reports
+from fixtures.dicom_factory import SENTINELS, radiograph
 from infra.pacs import Pacs, orthanc_binary
 from xray.config.inference import InferenceConfig
 from xray.errors import DatasetSourceError, SourceUnavailable

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from conftest import MINI_ZIP, ROOT, champion_probabilities, free_port, run_command
-from dicom_factory import radiograph
+from fixtures.dicom_factory import radiograph
 from steps import __all__ as training_steps
 from xray.serving import batch
 

@@ -220,3 +220,31 @@ def test_make_lint_refuses_a_back_edge_a_cycle_and_orchestration_in_the_domain(t
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     else:
         assert result.returncode != 0 and broken in result.stdout, result.stdout[-2000:]
+
+
+def test_nothing_outside_tests_imports_tests_and_nothing_imports_a_benchmark(tmp_path):
+    """scripts/check_boundaries.py (make lint) passes on the tree and names each planted breach by file and line."""
+    script = ROOT / "scripts" / "check_boundaries.py"
+    clean = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT)
+    assert clean.returncode == 0 and clean.stdout == "", clean.stdout
+    for folder, text in {
+        "tests": "import conftest\n",
+        "benchmarks": "def run():\n    pass\n",
+        "fixtures": "",
+        "scripts": 'import sys\nfrom pathlib import Path\nsys.path.insert(0, str(Path(__file__).parent / "tests"))\n'
+        "from dicom_tools import x\n",
+        "xray": "from bench import record\n",
+        "steps": "import benchmarks.bench\n",
+    }.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{folder}_code.py").write_text(text)
+    (tmp_path / "tests" / "dicom_tools.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "bench.py").write_text("from benchmarks_code import run\n")  # its own: allowed
+    planted = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert planted.returncode == 1
+    assert planted.stdout.splitlines() == [
+        "scripts/scripts_code.py:3: puts tests/ on sys.path",
+        "scripts/scripts_code.py:4: imports dicom_tools from tests/",
+        "steps/steps_code.py:1: imports benchmarks.bench from benchmarks/",
+        "xray/xray_code.py:1: imports bench from benchmarks/",
+    ]

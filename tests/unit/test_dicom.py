@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import png, radiograph_like
-from dicom_factory import SENTINELS, SYNTAXES, grey_levels, nested, radiograph, with_sentinels
+from fixtures.dicom_factory import SENTINELS, SYNTAXES, grey_levels, nested, radiograph, with_sentinels
 from xray.config.data import DataConfig
 from xray.config.inference import InferenceConfig
 from xray.config.limits import DecodeLimits

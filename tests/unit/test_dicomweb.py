@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dicom_factory import radiograph
 from fake_pacs import BOUNDARY, FakePacs, attribute, drip, json_answer
+from fixtures.dicom_factory import radiograph
 from xray.config.inference import InferenceConfig
 from xray.config.limits import PacsLimits
 from xray.errors import DatasetSourceError

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import jpeg_bytes, png, radiograph_like, write_zip
-from dicom_factory import radiograph
+from fixtures.dicom_factory import radiograph
 from xray.config.inference import InferenceConfig
 from xray.config.limits import ArchiveLimits
 from xray.errors import ArchiveError, DatasetSourceError

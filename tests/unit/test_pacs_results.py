@@ -15,8 +15,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from conftest import radiograph_like
-from dicom_factory import SENTINELS, radiograph
 from dicom_tools import dciodvfy_errors, dcmjs_reports, dsrdump
+from fixtures.dicom_factory import SENTINELS, radiograph
 from xray.data.images import decode_image
 from xray.errors import DatasetSourceError
 from xray.serving import sr

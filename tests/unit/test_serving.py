@@ -28,7 +28,7 @@ def grey_levels_96(image: np.ndarray) -> np.ndarray:
 
 
 def radiograph_with_sentinels() -> bytes:
-    from dicom_factory import radiograph
+    from fixtures.dicom_factory import radiograph
 
     return radiograph(radiograph_like(np.random.default_rng(12))[..., 0], sentinels=True)
 
@@ -166,7 +166,7 @@ def limited(predictor):
 
 
 def test_an_image_over_max_image_pixels_is_its_own_unreadable_row_naming_the_limit(limited, grey):
-    from dicom_factory import radiograph
+    from fixtures.dicom_factory import radiograph
 
     predictor = limited(max_image_pixels=9_000)
     table = predictor.predict_bytes([grey_file(120, 100), radiograph(grey_levels_96(grey)), grey_file(90, 90)])
@@ -282,7 +282,7 @@ def scoring_server(predictor, monkeypatch):
 
 
 def test_an_error_answers_with_its_reason_alone_never_the_payload_or_a_trace(scoring_server):
-    from dicom_factory import SENTINELS
+    from fixtures.dicom_factory import SENTINELS
 
     invocations, model = scoring_server
     truncated = radiograph_with_sentinels()[:-3000]
@@ -306,7 +306,7 @@ def test_an_error_answers_with_its_reason_alone_never_the_payload_or_a_trace(sco
 
 
 def test_a_request_with_one_hostile_image_answers_the_others(scoring_server, grey):
-    from dicom_factory import nested
+    from fixtures.dicom_factory import nested
 
     invocations, model = scoring_server
     images = [
@@ -336,7 +336,7 @@ def test_a_request_of_near_cap_images_stays_within_its_memory_bound(predictor):
     "Hostile inputs", has the measured numbers; 8 images of 10000 x 9999 took a serving worker 2.6 GB before)."""
     import gc
 
-    from dicom_factory import radiograph
+    from fixtures.dicom_factory import radiograph
 
     near_cap = radiograph(np.full((5000, 5000), 90, np.uint8), bits=12, syntax="jpeg-ls")
     request = {"inputs": [b64(near_cap)] * 64}

@@ -1,6 +1,6 @@
 """Several labelled training sources (data.sources): config, labels files, patient-stable splits, duplicates across
 sources, per-site results and operating points. Images are small synthetic PNGs (and DICOMs from
-tests/dicom_factory.py); the end-to-end run with two sources is tests/pipeline/test_local_stack.py."""
+fixtures/dicom_factory.py); the end-to-end run with two sources is tests/pipeline/test_local_stack.py."""
 
 import json
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import jpeg_bytes, png
-from dicom_factory import radiograph
+from fixtures.dicom_factory import radiograph
 from xray.config.data import SourceConfig
 from xray.config.evaluate import EvaluateConfig
 from xray.config.pipeline import PipelineConfig
@@ -406,7 +406,7 @@ def test_an_s3_prefix_is_a_source_whose_digest_follows_its_objects(tmp_path):
 
 
 def test_a_dicom_training_source_keeps_no_identifying_value_in_its_manifest_report_or_files(tmp_path, monkeypatch):
-    from dicom_factory import SENTINELS
+    from fixtures.dicom_factory import SENTINELS
 
     monkeypatch.setenv("XRAY_PATIENT_KEY", "site-secret")
     for label, offset in (("NORMAL", 0), ("PNEUMONIA", 100)):
