@@ -62,8 +62,11 @@ def every(commands: dict) -> list:
 
 
 def belongs_to(option: str, commands: dict) -> list[str]:
-    """The commands that take ``option``."""
-    return sorted(name for name, command in commands.items() if any(option in p.opts for p in command.params))
+    """The commands (and a group's subcommands, as ``audit show``) that take ``option``."""
+    named = dict(commands)
+    for name, command in commands.items():
+        named |= {f"{name} {sub}": c for sub, c in getattr(command, "commands", {}).items()}
+    return sorted(name for name, command in named.items() if any(option in p.opts for p in command.params))
 
 
 class Jobs(click.Group):

@@ -18,7 +18,7 @@ def run_audit(request: AuditRequest):
     """The summary of the action (a listing's text for ``show`` without ``--json``)."""
     trail = audit_trail()
     checked = trail.verify()
-    state = {"trail": trail.files.root, "records": checked.records, "intact": checked.ok}
+    state = {"trail": str(trail.files.root), "records": checked.records, "intact": checked.ok}
     if not checked.ok:
         state |= {"broken": checked.broken, "why": checked.why}
         logger.error("the audit trail is broken at %s: %s", checked.broken, checked.why)

@@ -80,7 +80,7 @@ def compare(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, sam
 
 
 def _describe(name: str, comparison: dict, margins: dict[str, float] | None = None) -> str:
-    within = f" margin {margins[name]:g}" if margins and name in margins else ""
+    within = f" (margin {margins[name]:g})" if margins and name in margins else ""
     return (
         f"{name}{within}: AUC {comparison['auc_challenger']:.4f} vs champion {comparison['auc_champion']:.4f}, "
         f"difference {comparison['auc_difference']:+.4f} (95% CI {comparison['auc_difference_ci_low']:+.4f} to "
@@ -131,12 +131,12 @@ def decide(
     if failing:
         return decision(
             False,
-            f"inferior to champion v{champion_version} beyond {'its' if margins else f'the margin {margin:g}'} on "
+            f"inferior to champion v{champion_version} beyond {'its margin' if margins else f'the margin {margin:g}'} on "
             + "; ".join(_describe(name, c, margins) for name, c in failing.items()),
         )
     return decision(
         True,
-        f"non-inferior to champion v{champion_version} within {'its' if margins else f'the margin {margin:g}'} on "
+        f"non-inferior to champion v{champion_version} within {'its margin' if margins else f'the margin {margin:g}'} on "
         + "; ".join(_describe(name, c, margins) for name, c in comparisons.items())
         + f"; test_sensitivity {test_sensitivity:.4f} >= {min_sensitivity:g}",
     )
