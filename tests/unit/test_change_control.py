@@ -346,3 +346,26 @@ def test_audit_verify_and_show_on_the_command_line(tmp_path, monkeypatch):
     assert summary["broken"] == "record 2" and not summary["intact"] and "edited" in summary["why"]
     refused = run("approve-plan", "--reviewer", "Dr. R", "--reason", "x")
     assert refused.exit_code == 2 and "the audit trail is broken at record 2" in refused.output
+
+
+def test_on_a_server_with_accounts_only_the_reviewer_account_approves_a_plan(monkeypatch):
+    """pipelines.audit.reviewer_account with the server's answer replaced: the signed-in account is who approves; an
+    account without MANAGE on the model (the trainer) is refused, and so is a --reviewer naming someone else."""
+    from pipelines import audit as audit_job
+    from xray.errors import ConfigError
+    from xray.requests import AuditRequest
+
+    def request(reviewer=None):
+        return AuditRequest(config=SMOKE, action="approve-plan", reason="agreed", reviewer=reviewer)
+
+    monkeypatch.setattr(audit_job.tracking, "may_promote", lambda uri, model: ("reviewer", True))
+    assert audit_job.reviewer_account(request()) == "reviewer"
+    with pytest.raises(ConfigError, match="--reviewer Dr. X is not the MLflow account signed in"):
+        audit_job.reviewer_account(request("Dr. X"))
+    monkeypatch.setattr(audit_job.tracking, "may_promote", lambda uri, model: ("trainer", False))
+    with pytest.raises(ConfigError, match="'trainer' is not a reviewer .* approved by the reviewer account"):
+        audit_job.reviewer_account(request())
+    monkeypatch.setattr(audit_job.tracking, "may_promote", lambda uri, model: None)
+    with pytest.raises(ConfigError, match="needs --reviewer NAME"):
+        audit_job.reviewer_account(request())
+    assert audit_job.reviewer_account(request("Dr. R")) == "Dr. R"
