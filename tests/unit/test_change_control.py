@@ -369,3 +369,64 @@ def test_on_a_server_with_accounts_only_the_reviewer_account_approves_a_plan(mon
     with pytest.raises(ConfigError, match="needs --reviewer NAME"):
         audit_job.reviewer_account(request())
     assert audit_job.reviewer_account(request("Dr. R")) == "Dr. R"
+
+
+def test_each_decision_is_a_record_and_a_refused_one_none(tmp_path, monkeypatch):
+    """pipelines.decisions.decide with the registry's decisions replaced: approve, reject and rollback each append
+    their record (who, why, the version); a decision MLflow refuses appends nothing; approve is handed the plans the
+    trail's approvals name."""
+    from pipelines import decisions as decisions_job
+    from xray.errors import ConfigError
+    from xray.requests import DecisionRequest
+
+    t = audit.Trail(audit.FolderFiles(tmp_path))
+    t.append("plan approval", "Dr. R", "agreed", {"plan_digest": "d1"})
+    handed = {}
+
+    class Version:
+        tags = {}
+
+    class Client:
+        def __init__(self, tracking_uri=None):
+            pass
+
+        def get_model_version(self, name, version):
+            return Version()
+
+    def approve(client, registry, version, reviewer, reason, approved_plans):
+        handed["plans"] = approved_plans
+        return {"action": "approved", "previous_champion": "1"}
+
+    def refuse(*args):
+        raise ConfigError("v3 is not pending approval")
+
+    monkeypatch.setattr(decisions_job, "audit_trail", lambda: t)
+    monkeypatch.setattr(decisions_job, "MlflowClient", Client)
+    monkeypatch.setattr(decisions_job.tracking, "authenticated_user", lambda uri: None)
+    monkeypatch.setattr(decisions_job.decisions, "approve", approve)
+    monkeypatch.setattr(
+        decisions_job.decisions, "rollback", lambda *a: {"action": "rolled back", "previous_champion": "2"}
+    )
+    monkeypatch.setattr(decisions_job.decisions, "reject", refuse)
+
+    def decide(action, version, reason):
+        return decisions_job.decide(
+            DecisionRequest(config=SMOKE, action=action, model_version=version, reviewer="Dr. R", reason=reason)
+        )
+
+    decide("approve", "2", "read 40 studies")
+    decide("rollback", "1", "alarms")
+    with pytest.raises(ConfigError):
+        decide("reject", "3", "no")
+    assert handed["plans"] == {"d1"}
+    records = t.records()
+    assert [(r["what"], r["who"], r["why"]) for r in records[1:]] == [
+        ("approval", "Dr. R", "read 40 studies"),
+        ("rollback", "Dr. R", "alarms"),
+    ]
+    assert records[1]["details"] == {
+        "model_name": SMOKE.registry.model_name,
+        "model_version": "2",
+        "previous_champion": "1",
+    }
+    assert t.verify().ok
