@@ -2,7 +2,7 @@
 """The command line: ``python3 run.py <job> [options]`` (or ``./run.py``, or ``.venv/bin/xray``).
 
     python3 run.py --help                     the jobs: train, tune, infer, monitor, evaluate, feedback, approve, reject,
-                                              rollback, schedules
+                                              rollback, audit (verify, show, approve-plan), schedules
     python3 run.py infer --help               one job's options
     python3 run.py --pipeline training ...    the form of earlier releases: the same job, the same options
 

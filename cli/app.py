@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import click
 
+from cli.audit import audit
 from cli.decide import approve, reject, rollback
 from cli.evaluate import evaluate, feedback
 from cli.infer import infer, monitor
@@ -40,6 +41,9 @@ def legacy(args: list[str], commands) -> list[str]:
             return [PIPELINES[value], *args]
     for index, arg in enumerate(args):  # a command after some of its options (`--config X approve ...`)
         if arg in commands and not (index and takes_value(args[index - 1], commands)):
+            sub = args[index + 1 : index + 2]  # a group's subcommand goes with it (`--stack team audit verify`)
+            if isinstance(commands[arg], click.Group) and sub and sub[0] in commands[arg].commands:
+                return [arg, sub[0], *args[:index], *args[index + 2 :]]
             return [arg, *args[:index], *args[index + 1 :]]
     if not args or not any(arg in HELP for arg in args):
         return ["train", *args]
@@ -48,12 +52,23 @@ def legacy(args: list[str], commands) -> list[str]:
 
 def takes_value(arg: str, commands) -> bool:
     """Whether ``arg`` is an option that takes the next argument as its value (in any command)."""
-    return any(arg in p.opts and not getattr(p, "is_flag", False) for c in commands.values() for p in c.params)
+    return any(arg in p.opts and not getattr(p, "is_flag", False) for c in every(commands) for p in c.params)
+
+
+def every(commands: Mapping[str, click.Command]) -> list[click.Command]:
+    """The commands and the subcommands of each group among them (``audit verify``, ...)."""
+    found = []
+    for command in commands.values():
+        found += [command, *getattr(command, "commands", {}).values()]
+    return found
 
 
 def belongs_to(option: str, commands: Mapping[str, click.Command]) -> list[str]:
-    """The commands that take ``option``."""
-    return sorted(name for name, command in commands.items() if any(option in p.opts for p in command.params))
+    """The commands (and a group's subcommands, as ``audit show``) that take ``option``."""
+    named: dict[str, click.Command] = dict(commands)
+    for name, command in commands.items():
+        named |= {f"{name} {sub}": c for sub, c in getattr(command, "commands", {}).items()}
+    return sorted(name for name, command in named.items() if any(option in p.opts for p in command.params))
 
 
 class Jobs(click.Group):
@@ -87,5 +102,5 @@ def main():
     """
 
 
-for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, schedules):
+for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, audit, schedules):
     main.add_command(command)

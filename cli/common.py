@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "training_local.yaml"
 DRIFT_EXIT_CODE = 3
 DEGRADATION_EXIT_CODE = 4
+AUDIT_BROKEN_EXIT_CODE = 5
 
 
 def job_options(function: Callable) -> Callable:
@@ -96,7 +97,7 @@ def run_job(options: dict, build: Callable, launcher: str, exit_code: Callable[[
             traceback.print_exc()
             fail(f"{name} failed: {type(error).__name__}: {error}".splitlines()[0])
         fail(str(known).splitlines()[0], 2 if isinstance(known, ConfigError) else 1)
-    line = json.dumps(summary, sort_keys=True)
+    line = summary if isinstance(summary, str) else json.dumps(summary, sort_keys=True)  # str: a listing
     emit(line)
     if options["summary_path"]:
         options["summary_path"].parent.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def evaluate_and_register(model, dataset, spec, data_report, history, config: Pi
     profile = profile_reference(dataset, spec, evaluation, monitoring=config.monitoring, seed=config.seed)
     gate_sets, gate_site_images = load_gate_sets(dataset, spec, config=config)
     scores = score_candidates(calibrated, dataset, spec, gate_sets, gate_site_images, evaluation, config=config)
-    decision = decide_promotion(scores, evaluation, config=config)
+    decision = decide_promotion(scores, gate_sets, evaluation, data_report, spec, config=config)
     register_and_promote(calibrated, evaluation, decision, spec, data_report, history, profile, config=config)
 
 

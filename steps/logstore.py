@@ -1,5 +1,6 @@
 """Where the prediction log goes from inside a step: the stack's artifact store (through ZenML, its own endpoint and
-credentials), a folder or an s3:// prefix, or nowhere (monitoring.prediction_log)."""
+credentials), a folder or an s3:// prefix, or nowhere (monitoring.prediction_log); and the audit trail, always on
+the stack's artifact store."""
 
 import logging
 
@@ -7,6 +8,7 @@ from zenml.client import Client
 from zenml.io import fileio
 
 from xray.monitoring import prediction_log as prediction_log_module
+from xray.registry.control import audit
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +54,24 @@ def prediction_log(setting: str, images: str) -> prediction_log_module.Predictio
     root, store = resolved
     logger.info("logging every prediction to %s", prediction_log_module.without_credentials(root))
     return prediction_log_module.PredictionLog(root, "batch", images, store=store)
+
+
+class TrailFiles(ArtifactStoreFiles):
+    """The audit trail's objects (xray.registry.control.audit) on the stack's artifact store, through ZenML's fileio:
+    one object per record under ``<artifact store>/audit/``."""
+
+    def list(self) -> list[str]:
+        if not fileio.exists(self.root):
+            return []
+        return sorted(str(path).rsplit("/", 1)[-1] for path in fileio.glob(f"{self.root}/{audit.PREFIX}*.json"))
+
+    def exists(self, name: str) -> bool:
+        return fileio.exists(f"{self.root}/{name}")
+
+    def uri(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+
+def audit_trail() -> audit.Trail:
+    """The active stack's audit trail: ``<artifact store>/audit`` (a local folder, or S3 on the team stack)."""
+    return audit.Trail(TrailFiles(Client().active_stack.artifact_store.path.rstrip("/") + "/audit"))

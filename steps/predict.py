@@ -12,12 +12,13 @@ import mlflow
 from zenml import step
 
 from materializers import FiguresMaterializer
-from steps.logstore import prediction_log
+from steps.logstore import audit_trail, prediction_log
 from steps.records import BatchPrediction, MergedPredictions
 from steps.tracking import log_config, mlflow_run
 from steps.version import load
 from xray.evaluation import plots
 from xray.model import gradcam
+from xray.registry.control import audit
 from xray.registry.store import ModelInfo
 from xray.requests import InferenceRequest
 from xray.serving import batch, sr
@@ -80,6 +81,11 @@ def predict_batch(
     }
     if reports is not None:
         summary |= reports.summary()
+        # The trail holds counts and the version, never a UID or anything else of a patient.
+        counts = {key: value for key, value in reports.summary().items() if isinstance(value, int)}
+        about = {"model_name": config.registry.model_name, "model_version": model_info.version, "shard": shard}
+        who = audit.account(config.registry.tracking_uri)
+        audit_trail().append("write-back batch", who, "batch inference --write-back to the PACS", about | counts)
     logger.info("predicted %s: %s", request.images, summary)
     # Shards share the pipeline's MLflow run: each logs under its own prefix.
     prefix = f"shard_{shard}." if request.shards > 1 else ""

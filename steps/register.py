@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 from zenml import get_step_context, log_metadata, step
 
 from materializers import ValidatedDatasetMaterializer
-from steps.caching import DOMAIN_CODE
+from steps.caching import DOMAIN_CODE, domain_code_hash
+from steps.logstore import audit_trail
 from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
 from xray.config.pipeline import PipelineConfig
@@ -20,6 +21,7 @@ from xray.evaluation.recipes import Evaluation
 from xray.model.training import History
 from xray.monitoring.ood import ReferenceProfile
 from xray.registry import gate, promotion
+from xray.registry.control import audit, plan
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +57,26 @@ def score_candidates(
 
 @step(cache_policy=DOMAIN_CODE)
 def decide_promotion(
-    gate_scores: gate.Scores, evaluation: Evaluation, config: PipelineConfig
+    gate_scores: gate.Scores,
+    gate_sets: promotion.GateSets,
+    evaluation: Evaluation,
+    data_report: DataReport,
+    spec: inputs.DatasetSpec,
+    config: PipelineConfig,
 ) -> Annotated[gate.PromotionDecision, "gate_decision"]:
-    """The gate's rule on the paired scores (xray.registry.gate): sensitivity floor, then non-inferiority."""
+    """The gate's rule on the paired scores (xray.registry.gate): sensitivity floor, then non-inferiority; under a
+    change plan (xray.registry.control.plan) the candidate classified against the champion first, and the plan's
+    criteria as the rule."""
     evaluate, registry = config.evaluate, config.registry
-    rule = (evaluate.min_sensitivity, registry.margin, evaluate.bootstrap_samples, config.seed)
-    decision = gate.decide_on(gate_scores, evaluation.flat["test_sensitivity"], *rule)
+    if config.change_plan is None:
+        rule = (evaluate.min_sensitivity, registry.margin, evaluate.bootstrap_samples, config.seed)
+        decision = gate.decide_on(gate_scores, evaluation.flat["test_sensitivity"], *rule)
+    else:
+        lineage = promotion.training_data(data_report.to_dict())
+        candidate = plan.version_record(config, domain_code_hash(), lineage, spec.preprocessing)
+        measured = (evaluation.flat["test_sensitivity"], evaluation.report, audit_trail().approved_plans())
+        champion = gate_sets.champion_record
+        decision = plan.judge(config, gate_scores, champion, candidate, (*measured, evaluate.bootstrap_samples))
     logger.info("gate: %s (%s)", "passed" if decision.promoted else "not passed", decision.reason)
     return decision
 
@@ -94,7 +110,34 @@ def register_and_promote(
             client, model, evaluation, gate_decision, training, report, reference_profile, config
         )
     follow_in_zenml(client, registration, evaluation.flat, config)
+    record_in_trail(registration, gate_decision, config)
     return registration
+
+
+def record_in_trail(registration: promotion.Registration, decision: gate.PromotionDecision, config) -> None:
+    """The audit trail's records of a training run: the plan version (the first run under it), the gate's decision
+    and the registration, as the run's MLflow account."""
+    trail, who = audit_trail(), audit.account(config.registry.tracking_uri)
+    control, version = decision.change_control, registration.model_version
+    if control and not trail.has_plan(control["plan_digest"]):
+        details = {"plan_version": control["plan_version"], "plan_digest": control["plan_digest"]}
+        details["plan"] = config.change_plan.model_dump(mode="json")
+        trail.append("plan version", who, f"first training run under change plan v{control['plan_version']}", details)
+    about = {
+        "model_name": registration.model_name,
+        "model_version": version,
+        "mlflow_run_id": registration.mlflow_run_id,
+    }
+    outcome = (
+        "promoted" if registration.promoted else "pending approval" if registration.pending_approval else "not promoted"
+    )
+    changes = [{k: c[k] for k in ("what", "modification", "in_plan")} for c in control.get("changes", [])]
+    gated = {"decision": outcome, "champion": registration.previous_champion, "changes": changes}
+    gated |= {k: control.get(k) for k in ("plan_version", "plan_digest", "in_plan")} if control else {}
+    trail.append("gate decision", who, registration.reason[:4000], about | gated)
+    trail.append(
+        "registration", who, f"registered by the training pipeline: {outcome}", about | {"impact_report": bool(control)}
+    )
 
 
 def follow_in_zenml(client, registration: promotion.Registration, flat: dict, config: PipelineConfig) -> None:

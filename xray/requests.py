@@ -166,6 +166,29 @@ class DecisionRequest(JobRequest):
         return self
 
 
+class AuditRequest(JobRequest):
+    """``audit verify``, ``audit show [--json]``, ``audit approve-plan``: the audit trail on the stack's artifact
+    store, checked, listed, or given the reviewer's approval of the config's change plan."""
+
+    action: Literal["verify", "show", "approve-plan"]
+    as_json: bool = False
+    reviewer: str | None = None
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _options_go_together(self):
+        if self.as_json and self.action != "show":
+            raise ValueError("--json belongs to audit show")
+        if self.action == "approve-plan":
+            if self.config.change_plan is None:
+                raise ValueError("audit approve-plan needs a config with a change_plan section")
+            if not (self.reason or "").strip():
+                raise ValueError("audit approve-plan needs --reason (why the reviewer approves it goes on the record)")
+        elif self.reviewer is not None or self.reason is not None:
+            raise ValueError("--reviewer and --reason belong to audit approve-plan")
+        return self
+
+
 def first_error(error) -> str:
     """A pydantic ValidationError as the one line a person reads."""
     first = error.errors()[0]

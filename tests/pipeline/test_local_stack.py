@@ -120,6 +120,32 @@ def test_mlflow_has_params_curves_metrics_and_plots(first_run, stores):
     version = client.get_model_version("chest-xray-classifier", "1")
     assert version.tags["promotion_decision"] == "promoted"
     assert str(client.get_model_version_by_alias("chest-xray-classifier", "champion").version) == "1"
+    # Change control (#45): the smoke config's plan; the first version's impact report in its run, linked from its
+    # card; the trail holds the plan version, the gate's decision and the registration, and verifies.
+    link = run.data.tags["impact_report"]
+    assert link == f"runs:/{run.info.run_id}/impact/impact_report.md"
+    assert {"impact/impact_report.md", "impact/impact_report.json"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "impact")
+    }
+    import mlflow
+
+    mlflow.set_tracking_uri(stores[1]["MLFLOW_TRACKING_URI"])
+    report = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/impact/impact_report.json"))
+    assert report["model_version"] == "1" and report["plan_version"] == 1 and report["decision"] == "promoted"
+    assert "# Impact report: chest-xray-classifier v1" in mlflow.artifacts.load_text(link)
+    card = mlflow.artifacts.load_text("models:/chest-xray-classifier/1/model_card.md")
+    assert "### Change control" in card and f"`{link}`" in card
+    assert json.loads(version.tags["change_control"])["plan_version"] == 1
+
+    def audit(*args):
+        return run_command([ROOT / "run.py", "audit", *args, "--config", stores[1]["XRAY_TEST_CONFIG"]], stores[1], 300)
+
+    verified = audit("verify")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["intact"], verified.stderr[-2000:]
+    shown = json.loads(audit("show", "--json").stdout)
+    assert [r["what"] for r in shown["records"]] == ["plan version", "gate decision", "registration"]
+    assert shown["records"][2]["details"]["model_version"] == "1" and len(shown["files"]) == 3
+    assert all("/audit/record-" in path for path in shown["files"])
 
 
 def test_the_sentinel_secret_appears_nowhere(first_run, stores):
@@ -308,13 +334,31 @@ def two_sources(stores, tmp_path_factory):
     two-source version to become champion."""
     home = tmp_path_factory.mktemp("two-sources")
     site = _second_site(home / "site-b")
+    plan = yaml.safe_load(open(stores[1]["XRAY_TEST_CONFIG"]))["change_plan"]
+    # Change plan v2: site b listed, the lower floor within the operating point's bounds, the wide margins; a new
+    # plan version governs once the reviewer approved it (no accounts on this stack: --reviewer names who).
+    plan |= {"version": 2, "sites": ["guangzhou", "b"]}
+    plan["operating_point"]["evaluate.min_sensitivity"] = {"low": 0.5, "high": 0.99}
+    plan["criteria"] |= {"min_sensitivity": 0.5, "margin": 0.49, "site_margin": 0.49, "subgroup_margin": 0.49}
     env = _variant(
         stores[1],
         home / "two-sources.yaml",
         data={"sources": [{"site": "guangzhou"}, {"site": "b", "uri": str(site)}], "max_eval_per_class": 40},
         registry={"margin": 0.49},
         evaluate={"min_sensitivity": 0.5, "min_recalibration_per_class": 8},
+        change_plan=plan,
     )
+    approval = [
+        "audit",
+        "approve-plan",
+        "--reviewer",
+        "Dr. R",
+        "--reason",
+        "site b",
+        "--config",
+        env["XRAY_TEST_CONFIG"],
+    ]
+    summary_of(run_command([ROOT / "run.py", *approval], env, 300))
     return site, env
 
 

@@ -20,6 +20,7 @@ JOBS = {
     "evaluate": "pipelines.evaluation:run_evaluation",
     "feedback": "pipelines.feedback:run_feedback",
     "decide": "pipelines.decisions:decide",
+    "audit": "pipelines.audit:run_audit",
 }
 
 
@@ -55,7 +56,18 @@ def invoke(main, *args):
 def test_the_help_lists_one_command_per_job_and_each_its_own_options(launched):
     main, _ = launched
     listed = CliRunner().invoke(main, ["--help"]).output
-    for command in ("train", "tune", "infer", "monitor", "evaluate", "feedback", "approve", "reject", "rollback"):
+    for command in (
+        "train",
+        "tune",
+        "infer",
+        "monitor",
+        "evaluate",
+        "feedback",
+        "approve",
+        "reject",
+        "rollback",
+        "audit",
+    ):
         assert f"  {command} " in listed, command
     own = CliRunner().invoke(main, ["infer", "--help"]).output
     assert "--images" in own and "--shards" in own and "--if-changed" not in own
@@ -108,6 +120,14 @@ def test_the_help_lists_one_command_per_job_and_each_its_own_options(launched):
             ["approve", "--model-version", "2", "--operating-point", "b:0123456789ab", "--reason", "x"],
             "decide",
             {"operating_point": "b:0123456789ab"},
+        ),
+        (["audit", "verify"], "audit", {"action": "verify", "as_json": False}),
+        (["audit", "show", "--json"], "audit", {"action": "show", "as_json": True}),
+        (["--stack", "local", "audit", "show"], "audit", {"action": "show"}),
+        (
+            ["audit", "approve-plan", "--reviewer", "Dr. R", "--reason", "agreed"],
+            "audit",
+            {"action": "approve-plan", "reviewer": "Dr. R", "reason": "agreed"},
         ),
     ],
 )
@@ -294,6 +314,9 @@ def test_make_monitor_without_images_says_that_images_is_required():
             "--operating-point takes SITE:ID",
         ),
         (["--pipeline", "scoring"], "--pipeline 'scoring' is not one of"),
+        (["audit", "approve-plan", "--reviewer", "a"], "Missing option '--reason'"),
+        (["audit", "approve-plan", "--reason", " "], "audit approve-plan needs --reason"),
+        (["audit", "verify", "--json"], "--json belongs to audit show, not audit"),
     ],
 )
 def test_an_option_of_another_job_or_a_contradiction_is_one_line_and_no_run(launched, args, message):

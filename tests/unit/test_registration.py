@@ -461,3 +461,80 @@ def test_a_file_list_holds_one_file_per_line_and_each_once(tmp_path):
     with pytest.raises(bundle.ModelIntegrityError, match="a line that is not one file's"):
         bundle.verify(tmp_path, hidden, bundle.digest(hidden), "1")
     bundle.verify(tmp_path, listing, bundle.digest(listing), "1")
+
+
+def register_under_plan(client, candidate, config: PipelineConfig, approved=frozenset()) -> promotion.Registration:
+    """The training pipeline's registration steps with a change plan: the candidate classified against the
+    champion's record (decide_promotion's branch), then registered."""
+    from xray.registry.control import plan
+
+    evaluation = Evaluation(
+        candidate["metrics"], candidate["threshold"], [], [float(p) for p in candidate["test_probabilities"]]
+    )
+    spec = candidate["spec"]
+    training = {"backbone": "tiny", "weights": "none", "epochs_run": 1, "image_size": spec.image_size}
+    training |= {"preprocessing": spec.preprocessing, "class_weights": spec.class_weights, "counts": spec.counts}
+    with tempfile.TemporaryDirectory() as workdir:
+        sets, images = promotion.load_gate_sets(client, candidate["dataset"], spec, config, Path(workdir))
+        scores = promotion.score_candidates(
+            candidate["model"], candidate["dataset"], spec, sets, images, evaluation, config
+        )
+    lineage = promotion.training_data(candidate["data_report"])
+    record = plan.version_record(config, "c0de" * 16, lineage, spec.preprocessing)
+    measured = (evaluation.flat["test_sensitivity"], evaluation.report, set(approved), 100)
+    decision = plan.judge(config, scores, sets.champion_record, record, measured)
+    with mlflow.start_run():
+        return promotion.register_and_promote(
+            client,
+            candidate["model"],
+            evaluation,
+            decision,
+            training | {"dataset_sha256": "ab" * 32},
+            candidate["data_report"],
+            candidate["profile"],
+            config,
+        )
+
+
+def test_under_a_change_plan_the_run_holds_the_impact_report_the_card_links_it_and_a_new_plan_waits(store, candidate):
+    from xray.config.change_plan import ChangePlanConfig
+    from xray.errors import ConfigError
+    from xray.registry.control import impact, plan
+
+    first_plan = ChangePlanConfig(criteria={"min_sensitivity": 0.5, "margin": 0.2, "site_margin": 0.2, "max_ece": 1})
+    config = PipelineConfig(
+        registry=RegistryConfig(model_name=MODEL), evaluate=candidate["evaluate"], seed=0, change_plan=first_plan
+    )
+    first = register_under_plan(store, candidate, config)
+    assert first.promoted and first.impact_report["plan_version"] == 1
+    tags = store.get_model_version(MODEL, "1").tags
+    assert json.loads(tags[plan.RECORD_TAG])["plan_digest"] == plan.plan_digest(first_plan)
+    run = store.get_run(first.mlflow_run_id)
+    link = f"runs:/{first.mlflow_run_id}/impact/{impact.MARKDOWN_FILE}"
+    assert run.data.tags["impact_report"] == link
+    logged = json.loads(mlflow.artifacts.load_text(f"runs:/{first.mlflow_run_id}/impact/{impact.JSON_FILE}"))
+    assert logged == json.loads(json.dumps(first.impact_report)) and logged["decision"] == "promoted"
+    assert "# Impact report: registration-test v1" in mlflow.artifacts.load_text(link)
+    card = mlflow.artifacts.load_text(f"models:/{MODEL}/1/model_card.md")
+    assert "### Change control" in card and f"`{link}`" in card
+
+    # A larger input: outside the plan, refused naming the change; registered, never champion.
+    bigger = config.model_copy(update={"model": config.model.model_copy(update={"image_size": 256})})
+    refused = register_under_plan(store, candidate, bigger)
+    assert not refused.promoted and refused.reason.startswith("outside the change plan v1: model.image_size 128 -> 256")
+    assert store.get_model_version(MODEL, refused.model_version).tags["promotion_decision"] == "rejected"
+    report = json.loads(mlflow.artifacts.load_text(f"runs:/{refused.mlflow_run_id}/impact/{impact.JSON_FILE}"))
+    assert report["in_plan"] is False and report["changes"][0]["what"] == "model.image_size"
+
+    # A new plan version: the version that passes under it waits; approve refuses it until the plan is approved.
+    second_plan = first_plan.model_copy(update={"version": 2})
+    widened = config.model_copy(update={"change_plan": second_plan})
+    waiting = register_under_plan(store, candidate, widened)
+    assert waiting.pending_approval and not waiting.promoted and "audit approve-plan" in waiting.reason
+    assert str(store.get_model_version_by_alias(MODEL, "candidate").version) == waiting.model_version
+    with pytest.raises(ConfigError, match="gated under change plan v2 .* no reviewer has approved"):
+        decisions.approve(store, config.registry, waiting.model_version, "Dr. R", "fine")
+    approved = decisions.approve(
+        store, config.registry, waiting.model_version, "Dr. R", "fine", approved_plans={plan.plan_digest(second_plan)}
+    )
+    assert approved["previous_champion"] == "1"

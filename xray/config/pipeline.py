@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from xray.config.base import Section, flatten
+from xray.config.change_plan import ChangePlanConfig
 from xray.config.data import DataConfig
 from xray.config.evaluate import EvaluateConfig
 from xray.config.inference import InferenceConfig
@@ -37,6 +38,11 @@ class PipelineConfig(Section):
     inference: InferenceConfig = InferenceConfig()
     scope: ScopeConfig = ScopeConfig()
     registry: RegistryConfig = RegistryConfig()
+    change_plan: ChangePlanConfig | None = Field(
+        None,
+        description="The predetermined change control plan: what a new version may change and the criteria that "
+        "decide it (its criteria replace registry.margin and evaluate.min_sensitivity at the gate). None: no plan.",
+    )
     tuning: TuningConfig | None = Field(None, description="The search of --pipeline tuning; unused by other pipelines.")
     zenml: dict[str, Any] | None = Field(
         None,

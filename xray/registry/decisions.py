@@ -13,6 +13,7 @@ from requests import HTTPError
 
 from xray.errors import ConfigError
 from xray.registry import card, store, tracking
+from xray.registry.control.plan import RECORD_TAG
 
 APPROVAL_TAG = store.APPROVAL_TAG
 
@@ -48,9 +49,26 @@ def _signed_off(client, registry, version: str, tags: dict, description: str) ->
     store.verified_card(client, registry.model_name, version)  # its History gets the decision: checked before
 
 
-def approve(client, registry, version: str, reviewer: str, reason: str) -> dict:
+def _plan_approved(client, registry, version: str, tags: dict, champion: str | None, approved_plans) -> None:
+    """A version gated under a change plan other than the champion's becomes champion only once a reviewer approved
+    that plan (its digest among ``approved_plans``, the audit trail's plan approvals)."""
+    mine = json.loads(tags.get(RECORD_TAG) or "{}").get("plan_digest")
+    if mine is None or champion is None or mine in approved_plans:
+        return
+    theirs = json.loads(_version(client, registry, champion).tags.get(RECORD_TAG) or "{}").get("plan_digest")
+    if theirs != mine:
+        plan = json.loads(tags[RECORD_TAG]).get("plan_version")
+        raise ConfigError(
+            f"v{version} was gated under change plan v{plan} ({mine[:12]}), which is not champion v{champion}'s and "
+            "no reviewer has approved: approve the plan first (python3 run.py audit approve-plan --config CONFIG "
+            "--reason TEXT, the reviewer account)"
+        )
+
+
+def approve(client, registry, version: str, reviewer: str, reason: str, approved_plans=frozenset()) -> dict:
     """A pending candidate becomes champion, under the promotion lock, if the champion is still the one its gate
-    compared it with (the gate's precondition); otherwise nothing moves and the error says why."""
+    compared it with (the gate's precondition) and its change plan is in force (:func:`_plan_approved`); otherwise
+    nothing moves and the error says why."""
     action = _action("approved", reviewer, reason)
     with store.promotion_lock(client, registry.model_name):
         found = _version(client, registry, version)
@@ -69,6 +87,7 @@ def approve(client, registry, version: str, reviewer: str, reason: str) -> dict:
                 f"but the champion is now {'none' if champion is None else 'v' + champion}: not approved without a "
                 "paired comparison with it (train again)"
             )
+        _plan_approved(client, registry, version, tags, champion, approved_plans)
         client.set_registered_model_alias(registry.model_name, registry.champion_alias, version)
         if store.alias_holder(client, registry.model_name, registry.candidate_alias) == version:
             client.delete_registered_model_alias(registry.model_name, registry.candidate_alias)

@@ -27,6 +27,10 @@ class PromotionDecision:
     margin: float | None = None
     pending_approval: bool = False
     """Passed the gate with registry.require_approval: a candidate until a person approves it."""
+    margins: dict[str, float] = field(default_factory=dict)
+    """Per image set, a margin other than ``margin`` (a change plan's site and subgroup margins)."""
+    change_control: dict = field(default_factory=dict)
+    """The change plan's classification of the version and its criteria (xray.registry.control.plan), if any."""
 
 
 @dataclass
@@ -46,7 +50,15 @@ class Scores:
         return cls(champion, {k: as_list(v) for k, v in labels.items()}, {k: as_list(v) for k, v in challenger.items()})
 
 
-def decide_on(scores: Scores, test_sensitivity: float, min_sensitivity: float, margin: float, samples: int, seed: int):
+def decide_on(
+    scores: Scores,
+    test_sensitivity: float,
+    min_sensitivity: float,
+    margin: float,
+    samples: int,
+    seed: int,
+    margins: dict[str, float] | None = None,
+):
     """:func:`decide` on the paired comparisons of ``scores`` (none when the champion was not scored)."""
     comparisons = {
         name: compare(
@@ -58,16 +70,19 @@ def decide_on(scores: Scores, test_sensitivity: float, min_sensitivity: float, m
         )
         for name, probabilities in scores.champion_probabilities.items()
     }
-    return decide(test_sensitivity, min_sensitivity, scores.champion, comparisons, margin, scores.champion_error)
+    return decide(
+        test_sensitivity, min_sensitivity, scores.champion, comparisons, margin, scores.champion_error, margins
+    )
 
 
 def compare(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, samples: int, seed: int) -> dict:
     return paired_auc_difference(y, p_challenger, p_champion, samples, seed) | {"images": int(len(y))}
 
 
-def _describe(name: str, comparison: dict) -> str:
+def _describe(name: str, comparison: dict, margins: dict[str, float] | None = None) -> str:
+    within = f" (margin {margins[name]:g})" if margins and name in margins else ""
     return (
-        f"{name}: AUC {comparison['auc_challenger']:.4f} vs champion {comparison['auc_champion']:.4f}, "
+        f"{name}{within}: AUC {comparison['auc_challenger']:.4f} vs champion {comparison['auc_champion']:.4f}, "
         f"difference {comparison['auc_difference']:+.4f} (95% CI {comparison['auc_difference_ci_low']:+.4f} to "
         f"{comparison['auc_difference_ci_high']:+.4f}, {comparison['images']} images)"
     )
@@ -80,18 +95,23 @@ def decide(
     comparisons: dict[str, dict],
     margin: float,
     champion_error: str | None = None,
+    margins: dict[str, float] | None = None,
 ) -> PromotionDecision:
     """The rule, in order:
 
     1. test sensitivity at the val-chosen threshold below ``min_sensitivity``: rejected;
     2. no champion: promoted;
     3. a champion that could not be scored (deleted, unreadable): rejected, with the error;
-    4. any image set whose paired CI lower bound is below ``-margin``: rejected, naming each;
+    4. any image set whose paired CI lower bound is below ``-margin`` (its own in ``margins``, where given):
+       rejected, naming each;
     5. otherwise promoted.
     """
+    margins = dict(margins or {})
 
     def decision(promoted: bool, reason: str) -> PromotionDecision:
-        return PromotionDecision(promoted, reason, champion_version, comparisons, champion_error, margin)
+        return PromotionDecision(
+            promoted, reason, champion_version, comparisons, champion_error, margin, margins=margins
+        )
 
     if not test_sensitivity >= min_sensitivity:
         return decision(False, f"test_sensitivity {test_sensitivity:.4f} < min_sensitivity {min_sensitivity:g}")
@@ -105,17 +125,19 @@ def decide(
         )
     if "test" not in comparisons:
         raise ValueError("the gate needs the paired comparison on the test split")
-    failing = {name: c for name, c in comparisons.items() if not c["auc_difference_ci_low"] >= -margin}
+    failing = {
+        name: c for name, c in comparisons.items() if not c["auc_difference_ci_low"] >= -margins.get(name, margin)
+    }
     if failing:
         return decision(
             False,
-            f"inferior to champion v{champion_version} beyond the margin {margin:g} on "
-            + "; ".join(_describe(name, c) for name, c in failing.items()),
+            f"inferior to champion v{champion_version} beyond {'its margin' if margins else f'the margin {margin:g}'} on "
+            + "; ".join(_describe(name, c, margins) for name, c in failing.items()),
         )
     return decision(
         True,
-        f"non-inferior to champion v{champion_version} within the margin {margin:g} on "
-        + "; ".join(_describe(name, c) for name, c in comparisons.items())
+        f"non-inferior to champion v{champion_version} within {'its margin' if margins else f'the margin {margin:g}'} on "
+        + "; ".join(_describe(name, c, margins) for name, c in comparisons.items())
         + f"; test_sensitivity {test_sensitivity:.4f} >= {min_sensitivity:g}",
     )
 
@@ -139,6 +161,8 @@ def tags(decision: PromotionDecision) -> dict:
     for name, comparison in decision.comparisons.items():
         for key, value in comparison.items():
             out[f"gate.{name}.{key}"] = value
+        if name in decision.margins:
+            out[f"gate.{name}.margin"] = decision.margins[name]
     return out
 
 
@@ -152,7 +176,14 @@ def markdown(decision: PromotionDecision, min_sensitivity: float) -> str:
         "",
         f"Rule: test sensitivity at the val-chosen threshold >= {min_sensitivity:g}; then, against the champion "
         f"of the time, the paired bootstrap 95% CI of AUC(this version) - AUC(champion) must have its lower bound "
-        f">= -{decision.margin if decision.margin is not None else 0:g} on the test split and on every gate site.",
+        f">= -{decision.margin if decision.margin is not None else 0:g} on the test split and on every gate site."
+        + (
+            " Under the change plan each set has its own margin: "
+            + ", ".join(f"{name} {value:g}" for name, value in decision.margins.items())
+            + "."
+            if decision.margins
+            else ""
+        ),
     ]
     if decision.comparisons:
         lines += [

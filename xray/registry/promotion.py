@@ -33,6 +33,8 @@ from xray.data.sites import load_site, site_name
 from xray.evaluation.recipes import Evaluation
 from xray.model.network import predict_paths
 from xray.registry import card, gate, store, tracking
+from xray.registry.control import audit, impact
+from xray.registry.control.plan import RECORD_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class GateSets:
     test_sets: dict[str, list[int]] = field(default_factory=dict)
     sites: dict[str, str] = field(default_factory=dict)
     site_counts: dict[str, dict] = field(default_factory=dict)
+    champion_record: dict | None = None
+    """The champion's change-control record (its ``change_control`` tag; None when it has none)."""
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Registration:
     threshold: float
     gate: dict[str, dict] = field(default_factory=dict)
     previous_champion: str | None = None
+    impact_report: dict = field(default_factory=dict)
+    """The version's impact report (xray.registry.control.impact), also in its run under ``impact/``."""
 
 
 def subgroup_masks(test_rows, y: np.ndarray, min_per_class: int) -> dict[str, np.ndarray]:
@@ -86,6 +92,7 @@ def load_gate_sets(client, dataset, spec, config: PipelineConfig, workdir: Path)
     images = ValidatedDataset(Path(workdir), pd.DataFrame(columns=[*COLUMNS, "gate_set"]))
     if champion is None:
         return GateSets(None), images
+    record = client.get_model_version(registry.model_name, champion).tags.get(RECORD_TAG)
     test_rows = select(dataset.manifest, "test", spec)
     y = labels_of(test_rows)
     sets = {"test": np.arange(len(test_rows))}
@@ -110,7 +117,8 @@ def load_gate_sets(client, dataset, spec, config: PipelineConfig, workdir: Path)
         logger.info("gate site %s (%s): %s", name, uri, report["counts"])
     if manifests:
         images = ValidatedDataset(Path(workdir), pd.concat(manifests, ignore_index=True))
-    return GateSets(champion, {k: v.tolist() for k, v in sets.items()}, uris, counts), images
+    tests = {k: v.tolist() for k, v in sets.items()}
+    return GateSets(champion, tests, uris, counts, json.loads(record) if record else None), images
 
 
 def score_candidates(model, dataset, spec, sets: GateSets, site_images, evaluation: Evaluation, config) -> gate.Scores:
@@ -157,6 +165,8 @@ def record_decision(
             reason=f"passed the gate; pending approval (python3 run.py approve --model-version {version_id} "
             f"--reviewer NAME --reason TEXT). Gate: {decision.reason}",
         )
+        store.set_version_tags(client, model_name, version_id, {store.APPROVAL_TAG: "pending"})
+    elif decision.pending_approval:  # passed under a change plan a reviewer has yet to approve
         store.set_version_tags(client, model_name, version_id, {store.APPROVAL_TAG: "pending"})
     store.set_version_tags(client, model_name, version_id, gate.tags(decision))
     return decision
@@ -271,7 +281,12 @@ def register_and_promote(
         raise RuntimeError("registration logs to the active MLflow run: start one first")
     registry, scope = config.registry, config.scope
     metadata = version_metadata(evaluation, training, reference_profile, scope, data_report)
-    section = gate.markdown(decision, config.evaluate.min_sensitivity)
+    plan = config.change_plan
+    section = gate.markdown(decision, plan.criteria.min_sensitivity if plan else config.evaluate.min_sensitivity)
+    who = f"the promotion gate, run as {audit.account(registry.tracking_uri)}"
+    link = f"runs:/{run.info.run_id}/{impact.FOLDER}/{impact.MARKDOWN_FILE}"
+    if decision.change_control:
+        section += impact.card_section(impact.report(decision, registry.model_name, "", who, run.info.run_id), link)
     about = {"mlflow_run_id": run.info.run_id, **training}
     model_card = card.render(
         registry.model_name,
@@ -287,6 +302,8 @@ def register_and_promote(
     store.stamp_version(client, registry.model_name, version)
     # record_decision() records the threshold with the test metrics: a version's tags are written once.
     tags = {key: json.dumps(value) if isinstance(value, dict) else str(value) for key, value in metadata.items()}
+    if decision.change_control:
+        tags[RECORD_TAG] = json.dumps(decision.change_control["record"], separators=(",", ":"))
     store.set_version_tags(client, registry.model_name, version, {k: v for k, v in tags.items() if k != "threshold"})
     waits = registry.require_approval
     decision = record_decision(client, registry.model_name, version, evaluation.flat, decision, waits)
@@ -298,6 +315,11 @@ def register_and_promote(
         client, registry.model_name, version, registry.champion_alias, decision, registry.candidate_alias
     )
     record = gate.tags(decision)
+    report = impact.report(decision, registry.model_name, version, who, run.info.run_id)
+    if decision.change_control:
+        mlflow.log_dict(report, f"{impact.FOLDER}/{impact.JSON_FILE}")
+        mlflow.log_text(impact.markdown(report), f"{impact.FOLDER}/{impact.MARKDOWN_FILE}")
+        mlflow.set_tag("impact_report", link)
     mlflow.set_tags(
         {
             "model_version": version,
@@ -320,4 +342,5 @@ def register_and_promote(
         threshold=evaluation.threshold,
         gate=decision.comparisons,
         previous_champion=decision.previous_champion,
+        impact_report=report if decision.change_control else {},
     )
