@@ -10,6 +10,7 @@ import click
 from cli.decide import approve, reject, rollback
 from cli.evaluate import evaluate, feedback
 from cli.infer import infer, monitor
+from cli.node import node
 from cli.train import schedules, train, tune
 
 PIPELINES = {
@@ -85,5 +86,5 @@ def main():
     """
 
 
-for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, schedules):
+for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, schedules, node):
     main.add_command(command)

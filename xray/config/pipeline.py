@@ -14,6 +14,7 @@ from xray.config.evaluate import EvaluateConfig
 from xray.config.inference import InferenceConfig
 from xray.config.model import ModelConfig
 from xray.config.monitoring import MonitoringConfig
+from xray.config.node import NodeConfig
 from xray.config.registry import RegistryConfig
 from xray.config.s3 import S3Config
 from xray.config.scope import ScopeConfig
@@ -37,6 +38,7 @@ class PipelineConfig(Section):
     inference: InferenceConfig = InferenceConfig()
     scope: ScopeConfig = ScopeConfig()
     registry: RegistryConfig = RegistryConfig()
+    node: NodeConfig = NodeConfig()
     tuning: TuningConfig | None = Field(None, description="The search of --pipeline tuning; unused by other pipelines.")
     zenml: dict[str, Any] | None = Field(
         None,

@@ -1,0 +1,205 @@
+"""The node: what it received analysed once each study is stable, urgent studies first, every result sent on.
+
+One analysis thread takes the stable studies of the spool (:mod:`.spool`) one at a time: the instances the current
+model version has not reported are predicted together (the one prediction path,
+:meth:`xray.serving.predictor.ChestXrayPredictor.predict_bytes`), their results built (:mod:`.results`) and written to
+the outbox, their rows written to the prediction log, and only then marked done for the version. The outbox is then
+delivered and the study pruned. Between studies the node asks ``load`` for a new champion (every ``reload_s``), and a
+stop (SIGTERM) finishes the study in hand first. A restart (after ``kill -9`` too) delivers the outbox and analyses
+whatever the spool holds that the version has not marked done: an instance is reported once per model version."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+
+from xray import CLASS_NAMES
+from xray.config.node import NodeConfig
+from xray.data.images import decode_image
+from xray.model import gradcam
+from xray.monitoring.ood import OK, UNREADABLE
+from xray.serving.node import results, scp, triage
+from xray.serving.node.spool import GB, Spool, Study
+
+logger = logging.getLogger(__name__)
+
+BATCH = 16
+"""Instances of a study per model call."""
+
+
+class Node:
+    """The DICOM node around ``predictor`` (the version it starts with): ``load(version)`` returns a newer
+    champion's predictor, or None when the champion is still ``version``; ``log``: the prediction log (a
+    :class:`xray.monitoring.prediction_log.PredictionLog`) or None."""
+
+    def __init__(self, config: NodeConfig, predictor, model: str, load: Callable | None = None, log=None):
+        self.config, self.predictor, self.model, self.load, self.log = config, predictor, model, load, log
+        self.spool = Spool(config.spool, int(config.max_spool_gb * GB))
+        destinations = [results.Destination(uri) for uri in config.destinations]
+        self.sender = results.Sender(destinations, config.attempts, config.backoff_s, config.ae_title)
+        self.receiver = scp.Receiver(self.spool, config, lambda: str(self.predictor.version), self._wake)
+        self.counts = Counter()
+        self.stopping, self.wakeup = threading.Event(), threading.Event()
+        self.checked = time.monotonic()
+        self.server = None
+        self.thread: threading.Thread | None = None
+        self.latencies: list[float] = []
+        """Seconds from a study's stability to its last result delivered (the benchmark reads them)."""
+
+    def _wake(self) -> None:
+        self.wakeup.set()
+
+    # -- the process --
+
+    def start(self) -> Node:
+        revived = self.spool.revive()
+        if revived:
+            logger.info("%d dead letter(s) back in the outbox", revived)
+        self.server = scp.serve(self.config, self.receiver)
+        self.thread = threading.Thread(target=self._run, name="xray-node", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 600.0) -> None:
+        """Stop taking associations, finish the study in hand, flush the prediction log."""
+        self.stopping.set()
+        self.wakeup.set()
+        if self.server is not None:
+            self.server.shutdown()
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+        if self.log is not None:
+            self.log.close()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the node goes on; the failure is logged with its traceback
+                logger.exception("the node's analysis failed; retrying in %g s", self.config.stable_seconds)
+                self.stopping.wait(self.config.stable_seconds)
+            self.wakeup.wait(min(1.0, self.config.stable_seconds / 4))
+            self.wakeup.clear()
+
+    def step(self, now: float | None = None) -> int:
+        """Deliver the outbox, then analyse the studies stable at ``now``, one at a time: how many studies."""
+        self.deliver()
+        done = 0
+        for study in self.spool.stable(self.config.stable_seconds, now):
+            if self.stopping.is_set() and done:
+                break
+            self.reload()
+            stable_at = study.last + self.config.stable_seconds
+            self.analyse(study)
+            self.deliver()
+            self.spool.prune(study, str(self.predictor.version))
+            self.latencies.append(time.time() - stable_at)
+            done += 1
+        return done
+
+    def reload(self) -> None:
+        """A new champion, between studies, every ``reload_s`` (associations go on meanwhile)."""
+        if self.load is None or time.monotonic() - self.checked < self.config.reload_s:
+            return
+        self.checked = time.monotonic()
+        try:
+            newer = self.load(str(self.predictor.version))
+        except Exception as error:  # noqa: BLE001 - the registry unreachable: the node keeps the version it has
+            logger.error(
+                "champion not checked (%s: %s); keeping version %s", type(error).__name__, error, self.predictor.version
+            )
+            return
+        if newer is not None:
+            logger.info("new champion: version %s replaces %s", newer.version, self.predictor.version)
+            self.predictor = newer
+            self.counts["reloads"] += 1
+
+    # -- one study --
+
+    def analyse(self, study: Study) -> None:
+        predictor, version = self.predictor, str(self.predictor.version)
+        pending = [path for path in study.files if path.exists() and not self._done(version, path.stem)]
+        for start in range(0, len(pending), BATCH):
+            paths = pending[start : start + BATCH]
+            images = [path.read_bytes() for path in paths]
+            table = predictor.predict_bytes(images)
+            table["sha256"] = [hashlib.sha256(data).hexdigest() for data in images]
+            table["path"] = ""
+            rows = table.to_dict("records")
+            explained = self._explain(predictor, rows, images) if self.config.heatmaps else {}
+            threshold = triage.threshold_of(self.config.urgent_threshold, predictor.threshold)
+            urgent = []
+            for path, row in zip(paths, rows):
+                self.counts[f"analysed_{row['status']}"] += 1
+                if row["status"] == UNREADABLE:
+                    continue  # no report: nothing was analysed (its reason is in the prediction log)
+                is_urgent = triage.is_urgent(row, threshold)
+                built = results.build(
+                    results.source_header(path),
+                    row,
+                    self.model,
+                    version,
+                    explained.get(row["sop_instance_uid"]),
+                    lambda report, flag=is_urgent: triage.mark(report, flag),
+                )
+                for destination in self.sender.destinations:
+                    for kind, data in built.items():
+                        self.spool.post(path.stem, f"{destination.key}-{kind}.dcm", data)
+                if is_urgent:
+                    urgent.append(row)
+            if self.log is not None:
+                self.log.append(table)
+                self.log.flush()
+            for path in paths:
+                self.spool.mark_done(version, path.stem)
+            self.counts["instances_reported"] += len(paths)
+            for row in urgent:
+                self.counts["urgent"] += 1
+                triage.alert(row["study_instance_uid"], row["probability"])
+
+    def _done(self, version: str, instance_key: str) -> bool:
+        return (self.spool.root / "done" / version / instance_key).exists()
+
+    def _explain(self, predictor, rows: list[dict], images: list[bytes]) -> dict:
+        """{SOP Instance UID: (Grad-CAM, grey picture)} of the ``ok`` rows, decoded by the one decode path."""
+        chosen, encoded, pictures = [], [], []
+        for row, data in zip(rows, images):
+            if row["status"] != OK:
+                continue
+            check, image = decode_image(data)
+            if not check.ok:
+                continue
+            picture = image.convert("L")
+            picture.thumbnail((results.sr.CAPTURE_SIDE, results.sr.CAPTURE_SIDE))
+            chosen.append(row)
+            encoded.append(check.converted or data)
+            pictures.append(np.asarray(picture))
+        if not chosen:
+            return {}
+        pixels = gradcam.pixels_of(encoded, predictor.image_size)
+        towards = [row["label"] == CLASS_NAMES[1] for row in chosen]
+        maps = gradcam.heatmaps(predictor.model, pixels, predictor.threshold, towards)
+        return {row["sop_instance_uid"]: (heatmap, picture) for row, heatmap, picture in zip(chosen, maps, pictures)}
+
+    def deliver(self) -> None:
+        waiting = self.spool.waiting()
+        if waiting:
+            self.sender.deliver(self.spool, waiting, stop=self.stopping.is_set)
+            for folder in {path.parent for path in waiting}:
+                if folder.exists() and not any(folder.iterdir()):
+                    folder.rmdir()
+
+    def summary(self) -> dict:
+        return {
+            "model_version": str(self.predictor.version),
+            **dict(self.receiver.counts),
+            **dict(self.counts),
+            "results_delivered": self.sender.delivered,
+            "dead_letters": self.sender.dead_letters,
+        }
