@@ -46,26 +46,38 @@ def log_root(request: NodeRequest) -> str | None:
     return None if root == prediction_log.OFF else root
 
 
-def run_node(request: NodeRequest, stop: threading.Event | None = None) -> dict:
-    """Run the node until SIGTERM or SIGINT (or ``stop``); its counts as the summary."""
+def serve(config, predictor, model: str, load=None, log=None, ready=lambda: None) -> dict:
+    """The node on ``predictor`` until SIGTERM or SIGINT: the study in hand is finished, the log flushed; its counts."""
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    node = Node(config, predictor, model, load=load, log=log).start()
+    ready()
+    stop.wait()
+    logger.info("stopping: finishing the study in hand")
+    node.stop()
+    return node.summary()
+
+
+def run_node(request: NodeRequest) -> dict:
+    """``run.py node``: the champion (or ``--model-version``) and the stack's prediction log, served until SIGTERM."""
     config = request.config
     predictor, newer = loader(
         config.registry.model_name, request.model_version, config.inference.runtime, config.inference.decode
     )
     root = log_root(request)
     log = prediction_log.PredictionLog(root, "node", input_uri=f"dicom://{config.node.ae_title}") if root else None
-    stop = stop or threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
-    node = Node(config.node, predictor, config.registry.model_name, load=newer, log=log).start()
-    logger.info(
-        "node ready: %s v%s, results to %d destination(s), prediction log %s",
-        config.registry.model_name,
-        predictor.version,
-        len(config.node.destinations),
-        prediction_log.without_credentials(root) if root else "off",
-    )
-    stop.wait()
-    logger.info("stopping: finishing the study in hand")
-    node.stop()
-    return node.summary()
+
+    def ready() -> None:
+        logger.info(
+            "node ready: %s v%s on %s:%d as %s, results to %d destination(s), prediction log %s",
+            config.registry.model_name,
+            predictor.version,
+            config.node.host,
+            config.node.port,
+            config.node.ae_title,
+            len(config.node.destinations),
+            prediction_log.without_credentials(root) if root else "off",
+        )
+
+    return serve(config.node, predictor, config.registry.model_name, load=newer, log=log, ready=ready)

@@ -8,11 +8,12 @@ import threading
 import zipfile
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import pydicom
 
 from conftest import MINI_ZIP, free_port
-from dicom_factory import radiograph
+from dicom_factory import SENTINELS, radiograph
 
 
 def some_jpegs(count: int) -> list[bytes]:
@@ -91,3 +92,20 @@ def send(port: int, files: list, calling: str = "MODALITY", called: str = "XRAY_
         return [int(association.send_c_store(d, priority=priority).Status) for d in datasets]
     finally:
         association.release()
+
+
+def no_sentinel_in(*texts: str) -> None:
+    for text in texts:
+        for keyword, value in SENTINELS.items():
+            for piece in value.split("^"):
+                assert piece not in text, f"{keyword} sentinel found"
+
+
+def tree_text(root: Path, skip_received: bool = True) -> str:
+    """Every path under ``root`` and the content of every file but the received instances themselves."""
+    parts = []
+    for path in root.rglob("*"):
+        parts.append(str(path))
+        if path.is_file() and not (skip_received and path.parent.parent.name == "studies"):
+            parts.append(path.read_bytes().decode("latin-1"))
+    return "\n".join(parts)

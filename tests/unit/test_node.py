@@ -21,8 +21,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import free_port
-from dicom_factory import SENTINELS, radiograph, with_sentinels
-from node_tools import Destination, send, some_jpegs, study, uids
+from dicom_factory import radiograph, with_sentinels
+from node_tools import Destination, no_sentinel_in, send, some_jpegs, study, tree_text, uids
 from xray.config.node import NodeConfig
 from xray.monitoring.prediction_log import PredictionLog, read_log
 from xray.serving.node import scp, spool
@@ -44,23 +44,6 @@ def receiver(tmp_path: Path, **changes) -> scp.Receiver:
 
 def spooled(root: Path) -> list[Path]:
     return sorted(root.glob("studies/*/*.dcm"))
-
-
-def no_sentinel_in(*texts: str) -> None:
-    for text in texts:
-        for keyword, value in SENTINELS.items():
-            for piece in value.split("^"):
-                assert piece not in text, f"{keyword} sentinel found"
-
-
-def tree_text(root: Path, skip_received: bool = True) -> str:
-    """Every path under ``root`` and the content of every file but the received instances themselves."""
-    parts = []
-    for path in root.rglob("*"):
-        parts.append(str(path))
-        if path.is_file() and not (skip_received and path.parent.parent.name == "studies"):
-            parts.append(path.read_bytes().decode("latin-1"))
-    return "\n".join(parts)
 
 
 # -- what a C-STORE is answered --
