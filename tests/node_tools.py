@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import zipfile
 from collections import defaultdict
 from contextlib import contextmanager
@@ -42,6 +43,8 @@ class Destination:
     def __init__(self, ae_title: str = "RESULTS"):
         self.ae_title, self.port = ae_title, free_port()
         self.received: dict[str, list] = defaultdict(list)
+        self.arrived: dict[str, float] = {}
+        """{SOP Instance UID: when it first arrived (time.time())}."""
         self.status = 0x0000
         self.lock = threading.Lock()
 
@@ -64,6 +67,7 @@ class Destination:
                 dataset.file_meta = event.file_meta
                 with self.lock:
                     self.received[str(dataset.SOPInstanceUID)].append(dataset)
+                    self.arrived.setdefault(str(dataset.SOPInstanceUID), time.time())
             return self.status
 
         ae = AE(ae_title=self.ae_title)

@@ -92,8 +92,8 @@ class Node:
         self.deliver()
         done = 0
         for study in self.spool.stable(self.config.stable_seconds, now):
-            if self.stopping.is_set() and done:
-                break
+            if self.stopping.is_set():
+                break  # the study in hand was finished; the others wait in the spool for the next start
             self.reload()
             stable_at = study.last + self.config.stable_seconds
             self.analyse(study)
