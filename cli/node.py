@@ -4,7 +4,17 @@ import click
 
 from cli.common import job_options, run_job
 
-NODE_FLAGS = ("host", "port", "ae_title", "allow", "spool", "stable_seconds", "max_spool_gb", "destinations")
+NODE_FLAGS = (
+    "host",
+    "port",
+    "ae_title",
+    "allow",
+    "spool",
+    "stable_seconds",
+    "max_spool_gb",
+    "destinations",
+    "build_workers",
+)
 
 
 @click.command()
@@ -24,6 +34,12 @@ NODE_FLAGS = ("host", "port", "ae_title", "allow", "spool", "stable_seconds", "m
     "destinations",
     multiple=True,
     help="Where results go (repeatable): dicom://AE@HOST:PORT or dicomweb://HOST:PORT/dicom-web (node.destinations).",
+)
+@click.option(
+    "--build-workers",
+    type=click.IntRange(0, 64),
+    default=None,
+    help="Processes that build the reports beside the model (node.build_workers; 0: in the analysis thread).",
 )
 @click.option("--heatmaps/--no-heatmaps", default=None, help="Also send the heatmap objects of ok images.")
 @click.option("--model-version", default="champion", show_default=True, help="A version number or an alias.")

@@ -212,7 +212,9 @@ def test_heatmaps_triage_and_the_webhook_with_the_study_uid_and_probability_only
     files = study(2)
     try:
         with destination.running():
-            node = make_node(tmp_path, explainable_predictor, destination, heatmaps=True, urgent_threshold=0.0)
+            node = make_node(
+                tmp_path, explainable_predictor, destination, heatmaps=True, urgent_threshold=0.0, build_workers=1
+            )
             for data in files:
                 node.receiver.store(data, DX, 0)
             node.step(now=time.time() + 3)
@@ -299,3 +301,15 @@ def test_the_prediction_log_reads_the_node_rows_like_any_other(tmp_path):
     log.append(pd.DataFrame({"probability": [0.3], "status": ["ok"], "sop_instance_uid": ["1.2.3"]}))
     log.close()
     assert read_log(str(tmp_path))["source"].tolist() == ["node"]
+
+
+def test_stable_studies_are_analysed_in_batches_of_whole_studies():
+    from xray.serving.node.service import BATCH, batches
+
+    def made(size: int) -> spool.Study:
+        return spool.Study(str(size), tuple(Path(f"{size}-{i}.dcm") for i in range(size)), False, 0.0)
+
+    studies = [made(n) for n in (2, 3, BATCH - 5, 1, BATCH + 4, 2)]
+    grouped = batches(studies)
+    assert [[len(s.files) for s in group] for group in grouped] == [[2, 3, BATCH - 5], [1], [BATCH + 4], [2]]
+    assert [s for group in grouped for s in group] == studies  # the order (urgent first, then oldest) is kept

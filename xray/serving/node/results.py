@@ -22,6 +22,7 @@ from pynetdicom import AE
 from xray.config.limits import PacsLimits
 from xray.errors import XrayError
 from xray.serving import sr
+from xray.serving.node import triage
 from xray.storage import dicomweb
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,12 @@ def build(
     report = sr.report(header, row, model, version, tuple(made.values()))
     mark(report)
     return {"report": sr.part10(report)} | {kind: sr.part10(dataset) for kind, dataset in made.items()}
+
+
+def build_one(path: Path, row: dict, model: str, version: str, explained, urgent: bool) -> dict[str, bytes]:
+    """:func:`build` from a spooled file, the report marked urgent or not (:mod:`.triage`): what the node's build
+    processes run (its arguments and result are plain values)."""
+    return build(source_header(path), row, model, version, explained, lambda report: triage.mark(report, urgent))
 
 
 @dataclass

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -30,7 +32,21 @@ from xray.serving.node.spool import GB, Spool, Study
 logger = logging.getLogger(__name__)
 
 BATCH = 16
-"""Instances of a study per model call."""
+"""Instances per model call: the stable studies are analysed together, up to this many instances."""
+
+
+def batches(studies: list[Study]) -> list[list[Study]]:
+    """Whole studies, in their order, grouped up to :data:`BATCH` instances (a bigger study is a batch of its own)."""
+    groups: list[list[Study]] = []
+    size = 0
+    for study in studies:
+        if groups and size + len(study.files) <= BATCH:
+            groups[-1].append(study)
+            size += len(study.files)
+        else:
+            groups.append([study])
+            size = len(study.files)
+    return groups
 
 
 class Node:
@@ -47,6 +63,11 @@ class Node:
         self.counts = Counter()
         self.stopping, self.wakeup = threading.Event(), threading.Event()
         self.checked = time.monotonic()
+        self.pool = (
+            ProcessPoolExecutor(config.build_workers, mp_context=multiprocessing.get_context("spawn"))
+            if config.build_workers
+            else None
+        )
         self.server = None
         self.thread: threading.Thread | None = None
         self.latencies: list[float] = []
@@ -76,6 +97,8 @@ class Node:
             self.thread.join(timeout_s)
         if self.log is not None:
             self.log.close()
+        if self.pool is not None:
+            self.pool.shutdown()
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -88,19 +111,20 @@ class Node:
             self.wakeup.clear()
 
     def step(self, now: float | None = None) -> int:
-        """Deliver the outbox, then analyse the studies stable at ``now``, one at a time: how many studies."""
+        """Deliver the outbox, then analyse the studies stable at ``now``, a batch of whole studies at a time (up to
+        :data:`BATCH` instances, a bigger study alone): how many studies."""
         self.deliver()
         done = 0
-        for study in self.spool.stable(self.config.stable_seconds, now):
+        for group in batches(self.spool.stable(self.config.stable_seconds, now)):
             if self.stopping.is_set():
-                break  # the study in hand was finished; the others wait in the spool for the next start
+                break  # the batch in hand was finished; the other studies wait in the spool for the next start
             self.reload()
-            stable_at = study.last + self.config.stable_seconds
-            self.analyse(study)
+            self.analyse(group)
             self.deliver()
-            self.spool.prune(study, str(self.predictor.version))
-            self.latencies.append(time.time() - stable_at)
-            done += 1
+            for study in group:
+                self.spool.prune(study, str(self.predictor.version))
+                self.latencies.append(time.time() - (study.last + self.config.stable_seconds))
+            done += len(group)
         return done
 
     def reload(self) -> None:
@@ -122,9 +146,11 @@ class Node:
 
     # -- one study --
 
-    def analyse(self, study: Study) -> None:
+    def analyse(self, studies: list[Study]) -> None:
+        """The instances of ``studies`` the current version has not reported: predicted, their results built (in the
+        build processes when ``build_workers``) and posted, their rows logged, then marked done."""
         predictor, version = self.predictor, str(self.predictor.version)
-        pending = [path for path in study.files if path.exists() and not self._done(version, path.stem)]
+        pending = [p for study in studies for p in study.files if p.exists() and not self._done(version, p.stem)]
         for start in range(0, len(pending), BATCH):
             paths = pending[start : start + BATCH]
             images = [path.read_bytes() for path in paths]
@@ -134,34 +160,36 @@ class Node:
             rows = table.to_dict("records")
             explained = self._explain(predictor, rows, images) if self.config.heatmaps else {}
             threshold = triage.threshold_of(self.config.urgent_threshold, predictor.threshold)
-            urgent = []
-            for path, row in zip(paths, rows):
-                self.counts[f"analysed_{row['status']}"] += 1
-                if row["status"] == UNREADABLE:
-                    continue  # no report: nothing was analysed (its reason is in the prediction log)
-                is_urgent = triage.is_urgent(row, threshold)
-                built = results.build(
-                    results.source_header(path),
+            jobs = [
+                (
+                    path,
                     row,
                     self.model,
                     version,
                     explained.get(row["sop_instance_uid"]),
-                    lambda report, flag=is_urgent: triage.mark(report, flag),
+                    triage.is_urgent(row, threshold),
                 )
+                for path, row in zip(paths, rows)
+                if row["status"] != UNREADABLE  # no report: nothing was analysed (the reason is in the log)
+            ]
+            built = list(self.pool.map(results.build_one, *zip(*jobs))) if self.pool and jobs else None
+            for index, job in enumerate(jobs):
+                objects = built[index] if built is not None else results.build_one(*job)
                 for destination in self.sender.destinations:
-                    for kind, data in built.items():
-                        self.spool.post(path.stem, f"{destination.key}-{kind}.dcm", data)
-                if is_urgent:
-                    urgent.append(row)
+                    for kind, data in objects.items():
+                        self.spool.post(job[0].stem, f"{destination.key}-{kind}.dcm", data)
+            for row in rows:
+                self.counts[f"analysed_{row['status']}"] += 1
             if self.log is not None:
                 self.log.append(table)
                 self.log.flush()
             for path in paths:
                 self.spool.mark_done(version, path.stem)
             self.counts["instances_reported"] += len(paths)
-            for row in urgent:
-                self.counts["urgent"] += 1
-                triage.alert(row["study_instance_uid"], row["probability"])
+            for _, row, *_, urgent in jobs:
+                if urgent:
+                    self.counts["urgent"] += 1
+                    triage.alert(row["study_instance_uid"], row["probability"])
 
     def _done(self, version: str, instance_key: str) -> bool:
         return (self.spool.root / "done" / version / instance_key).exists()
