@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,6 +41,8 @@ class Receiver:
     arrived: Callable[[], None] = lambda: None
     counts: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    seconds: float = 0.0
+    """Wall seconds in C-STORE handlers (inspection, spool), all association threads together."""
 
     def count(self, name: str) -> None:
         with self.lock:
@@ -47,6 +50,14 @@ class Receiver:
 
     def store(self, data: bytes, sop_class_uid: str, priority: int) -> int:
         """The status of one C-STORE of ``data`` (a Part 10 file)."""
+        clock = time.perf_counter()
+        try:
+            return self._store(data, sop_class_uid, priority)
+        finally:
+            with self.lock:
+                self.seconds += time.perf_counter() - clock
+
+    def _store(self, data: bytes, sop_class_uid: str, priority: int) -> int:
         if not kept(sop_class_uid):
             self.count("other_class_dropped")
             return SUCCESS

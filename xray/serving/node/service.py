@@ -1,12 +1,14 @@
 """The node: what it received analysed once each study is stable, urgent studies first, every result sent on.
 
-One analysis thread takes the stable studies of the spool (:mod:`.spool`) one at a time: the instances the current
-model version has not reported are predicted together (the one prediction path,
-:meth:`xray.serving.predictor.ChestXrayPredictor.predict_bytes`), their results built (:mod:`.results`) and written to
-the outbox, their rows written to the prediction log, and only then marked done for the version. The outbox is then
-delivered and the study pruned. Between studies the node asks ``load`` for a new champion (every ``reload_s``), and a
-stop (SIGTERM) finishes the study in hand first. A restart (after ``kill -9`` too) delivers the outbox and analyses
-whatever the spool holds that the version has not marked done: an instance is reported once per model version."""
+One analysis thread takes the stable studies of the spool (:mod:`.spool`), urgent first, in batches of whole studies
+(:func:`batches`): the instances the current model version has not reported are predicted together (the one
+prediction path, :meth:`xray.serving.predictor.ChestXrayPredictor.predict_bytes`), their results built
+(:mod:`.results`, in ``build_workers`` processes when set) and written to the outbox, their rows written to the
+prediction log, and only then marked done for the version. A thread of its own delivers the outbox, so that a slow
+destination never holds the analysis up; the received files are pruned once their results left. Between batches the
+node asks ``load`` for a new champion (every ``reload_s``), and a stop (SIGTERM) finishes the batch in hand first. A
+restart (after ``kill -9`` too) delivers the outbox and analyses whatever the spool holds that the version has not
+marked done: an instance is reported once per model version."""
 
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ class Node:
         self.sender = results.Sender(destinations, config.attempts, config.backoff_s, config.ae_title)
         self.receiver = scp.Receiver(self.spool, config, lambda: str(self.predictor.version), self._wake)
         self.counts = Counter()
+        self.seconds = Counter()
+        """Wall seconds of the analysis thread: predict (read back, decode, model), build (results), record (outbox,
+        prediction log, done marks), deliver."""
         self.stopping, self.wakeup = threading.Event(), threading.Event()
         self.checked = time.monotonic()
         self.pool = (
@@ -70,8 +75,8 @@ class Node:
         )
         self.server = None
         self.thread: threading.Thread | None = None
-        self.latencies: list[float] = []
-        """Seconds from a study's stability to its last result delivered (the benchmark reads them)."""
+        self.courier: threading.Thread | None = None
+        self.outgoing = threading.Event()
 
     def _wake(self) -> None:
         self.wakeup.set()
@@ -84,17 +89,24 @@ class Node:
             logger.info("%d dead letter(s) back in the outbox", revived)
         self.server = scp.serve(self.config, self.receiver)
         self.thread = threading.Thread(target=self._run, name="xray-node", daemon=True)
+        self.courier = threading.Thread(target=self._deliver_on, name="xray-node-results", daemon=True)
         self.thread.start()
+        self.courier.start()
         return self
 
     def stop(self, timeout_s: float = 600.0) -> None:
-        """Stop taking associations, finish the study in hand, flush the prediction log."""
+        """Stop taking associations, finish the batch in hand, send its results (one try each: what fails stays in
+        the outbox for the next start), flush the prediction log."""
         self.stopping.set()
         self.wakeup.set()
+        self.outgoing.set()
         if self.server is not None:
             self.server.shutdown()
-        if self.thread is not None:
-            self.thread.join(timeout_s)
+        for thread in (self.thread, self.courier):
+            if thread is not None:
+                thread.join(timeout_s)
+        self.deliver()
+        self.prune()
         if self.log is not None:
             self.log.close()
         if self.pool is not None:
@@ -110,22 +122,38 @@ class Node:
             self.wakeup.wait(min(1.0, self.config.stable_seconds / 4))
             self.wakeup.clear()
 
+    def _deliver_on(self) -> None:
+        """The results' own thread: a slow or absent destination never holds the analysis up."""
+        while not self.stopping.is_set():
+            try:
+                self.deliver()
+            except Exception:  # noqa: BLE001 - the node goes on; the failure is logged with its traceback
+                logger.exception("the node's delivery failed; retrying")
+            self.outgoing.wait(1.0)
+            self.outgoing.clear()
+
     def step(self, now: float | None = None) -> int:
-        """Deliver the outbox, then analyse the studies stable at ``now``, a batch of whole studies at a time (up to
-        :data:`BATCH` instances, a bigger study alone): how many studies."""
-        self.deliver()
+        """Analyse the studies stable at ``now``, a batch of whole studies at a time (up to :data:`BATCH` instances, a
+        bigger study alone), their results handed to the delivery thread (delivered here when the node was not
+        started); then prune what is delivered. How many studies."""
         done = 0
         for group in batches(self.spool.stable(self.config.stable_seconds, now)):
             if self.stopping.is_set():
                 break  # the batch in hand was finished; the other studies wait in the spool for the next start
             self.reload()
             self.analyse(group)
-            self.deliver()
-            for study in group:
-                self.spool.prune(study, str(self.predictor.version))
-                self.latencies.append(time.time() - (study.last + self.config.stable_seconds))
+            if self.courier is None:
+                self.deliver()
+            self.outgoing.set()
             done += len(group)
+        self.prune()
         return done
+
+    def prune(self) -> None:
+        """The received files whose results left the outbox, removed (:meth:`Spool.prune`)."""
+        version = str(self.predictor.version)
+        for study in self.spool.studies():
+            self.spool.prune(study, version)
 
     def reload(self) -> None:
         """A new champion, between studies, every ``reload_s`` (associations go on meanwhile)."""
@@ -153,11 +181,14 @@ class Node:
         pending = [p for study in studies for p in study.files if p.exists() and not self._done(version, p.stem)]
         for start in range(0, len(pending), BATCH):
             paths = pending[start : start + BATCH]
+            clock = time.perf_counter()
             images = [path.read_bytes() for path in paths]
             table = predictor.predict_bytes(images)
+            self.seconds["predict"] += time.perf_counter() - clock
             table["sha256"] = [hashlib.sha256(data).hexdigest() for data in images]
             table["path"] = ""
             rows = table.to_dict("records")
+            clock = time.perf_counter()
             explained = self._explain(predictor, rows, images) if self.config.heatmaps else {}
             threshold = triage.threshold_of(self.config.urgent_threshold, predictor.threshold)
             jobs = [
@@ -173,8 +204,10 @@ class Node:
                 if row["status"] != UNREADABLE  # no report: nothing was analysed (the reason is in the log)
             ]
             built = list(self.pool.map(results.build_one, *zip(*jobs))) if self.pool and jobs else None
-            for index, job in enumerate(jobs):
-                objects = built[index] if built is not None else results.build_one(*job)
+            results_of = built if built is not None else [results.build_one(*job) for job in jobs]
+            self.seconds["build"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            for job, objects in zip(jobs, results_of):
                 for destination in self.sender.destinations:
                     for kind, data in objects.items():
                         self.spool.post(job[0].stem, f"{destination.key}-{kind}.dcm", data)
@@ -186,6 +219,7 @@ class Node:
             for path in paths:
                 self.spool.mark_done(version, path.stem)
             self.counts["instances_reported"] += len(paths)
+            self.seconds["record"] += time.perf_counter() - clock
             for _, row, *_, urgent in jobs:
                 if urgent:
                     self.counts["urgent"] += 1
@@ -218,10 +252,9 @@ class Node:
     def deliver(self) -> None:
         waiting = self.spool.waiting()
         if waiting:
+            clock = time.perf_counter()
             self.sender.deliver(self.spool, waiting, stop=self.stopping.is_set)
-            for folder in {path.parent for path in waiting}:
-                if folder.exists() and not any(folder.iterdir()):
-                    folder.rmdir()
+            self.seconds["deliver"] += time.perf_counter() - clock
 
     def summary(self) -> dict:
         return {
