@@ -86,6 +86,7 @@ def send(port: int, files: list, calling: str = "MODALITY", called: str = "XRAY_
     from pynetdicom import AE
 
     ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 300  # a loaded shared machine, never a failure
     datasets = [pydicom.dcmread(io.BytesIO(data)) for data in files]
     for dataset in datasets:
         ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)

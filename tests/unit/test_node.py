@@ -136,6 +136,7 @@ def test_echo_allow_list_and_a_truncated_file_mid_association(tmp_path, caplog):
         from pynetdicom import AE
 
         ae = AE(ae_title="MODALITY")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 300
         ae.add_requested_context(DX, pydicom.uid.ExplicitVRLittleEndian)
         association = ae.associate("127.0.0.1", node.config.port, ae_title="XRAY_AI")
         statuses = [int(association.send_c_store(item).Status) for item in (truncated, whole)]
@@ -145,6 +146,24 @@ def test_echo_allow_list_and_a_truncated_file_mid_association(tmp_path, caplog):
     finally:
         server.shutdown()
     no_sentinel_in(caplog.text)
+
+
+def test_every_transfer_syntax_the_decode_path_reads_is_kept_and_high_priority_marks_the_study_urgent(tmp_path):
+    node = receiver(tmp_path)
+    server = scp.serve(node.config, node)
+    syntaxes = ("implicit", "deflated", "rle", "jpeg-lossless", "jpeg-ls", "jpeg2000-lossless", "jpeg2000")
+    try:
+        jpeg = some_jpegs(1)[0]
+        files = [radiograph(jpeg, bits=12, syntax=syntax) for syntax in syntaxes]
+        files.append(radiograph(jpeg, bits=8, syntax="jpeg-baseline"))
+        assert send(node.config.port, files) == [scp.SUCCESS] * len(files)
+        urgent = study(1)
+        assert send(node.config.port, urgent, priority=1) == [scp.SUCCESS]
+    finally:
+        server.shutdown()
+    assert len(spooled(node.spool.root)) == len(files) + 1
+    first = node.spool.stable(0)[0]
+    assert first.urgent and first.key == spool.key(uids(urgent[0])[0])
 
 
 # -- the node: stable studies analysed once, results out, restarts --

@@ -165,7 +165,7 @@ def c_store(peer: tuple[str, str, int], paths: list[Path], calling_ae: str) -> N
         meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
         contexts.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60  # a miss is retried, then a dead letter
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
     association = ae.associate(host, port, ae_title=title)
