@@ -332,3 +332,38 @@ def test_stable_studies_are_analysed_in_batches_of_whole_studies():
     grouped = batches(studies)
     assert [[len(s.files) for s in group] for group in grouped] == [[2, 3, BATCH - 5], [1], [BATCH + 4], [2]]
     assert [s for group in grouped for s in group] == studies  # the order (urgent first, then oldest) is kept
+
+
+def test_the_process_loads_the_champion_and_a_newer_one_only_when_the_alias_moved(monkeypatch):
+    from types import SimpleNamespace
+
+    from infra import node as process
+
+    holder = {"champion": "3"}
+    loaded = []
+
+    class Predictor:
+        def __init__(self, version):
+            self.version = version
+
+        def use_runtime(self, runtime):
+            self.runtime = runtime
+
+        def use_limits(self, limits):
+            self.limits = limits
+
+    def resolve(name, requested):
+        return SimpleNamespace(version=holder.get(requested, requested))
+
+    def load(name, version):
+        loaded.append(version)
+        return Predictor(version), None
+
+    monkeypatch.setattr(process.store, "resolve_version", resolve)
+    monkeypatch.setattr(process.store, "load_predictor", load)
+    first, newer = process.loader("chest-xray-classifier", "champion", "keras", None)
+    assert first.version == "3" and first.runtime == "keras" and newer("3") is None
+    holder["champion"] = "4"
+    assert newer("3").version == "4" and loaded == ["3", "4"]
+    pinned, never = process.loader("chest-xray-classifier", "3", "keras", None)
+    assert never("3") is None and pinned.version == "3"
