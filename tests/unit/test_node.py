@@ -22,6 +22,7 @@ from pydicom.data import get_testdata_file
 
 from conftest import free_port
 from dicom_factory import radiograph, with_sentinels
+from dicom_tools import dciodvfy_errors, dsrdump
 from node_tools import Destination, no_sentinel_in, send, some_jpegs, study, tree_text, uids
 from xray.config.node import NodeConfig
 from xray.monitoring.prediction_log import PredictionLog, read_log
@@ -240,10 +241,15 @@ def test_heatmaps_triage_and_the_webhook_with_the_study_uid_and_probability_only
     finally:
         hook.shutdown()
     assert len(destination.objects("SR")) == len(destination.objects("SEG")) == len(destination.objects("OT")) == 2
-    for report in destination.objects("SR"):
+    for number, report in enumerate(destination.objects("SR")):
         group = report.ContentSequence[-1].ContentSequence[0]
         codes = {item.ConceptNameCodeSequence[0].CodeValue: item for item in group.ContentSequence}
         assert codes["XR-TRIAGE"].ConceptCodeSequence[0].CodeValue == "XR-URGENT"
+        path = tmp_path / f"report{number}.dcm"
+        report.save_as(path, enforce_file_format=True)
+        assert not dciodvfy_errors(path), dciodvfy_errors(path)  # the urgent mark keeps the report valid
+        dumped = dsrdump(path)
+        assert dumped.returncode == 0 and 'CODE:(,,"Triage")=(XR-URGENT,99XRAY,"Urgent")' in dumped.stdout
     study_uid = uids(files[0])[0]
     assert len(posted) == 2 and all(set(p) == {"text"} and study_uid in p["text"] for p in posted)
     assert all(p["text"].split(study_uid)[1].strip().startswith("P(pneumonia) 0.") for p in posted)
