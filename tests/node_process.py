@@ -2,17 +2,22 @@
 
 The same :class:`xray.serving.node.service.Node` and SIGTERM handling as ``run.py node`` (infra/node.py), on a model
 of conftest's explainable predictor's shape instead of a registered champion (no MLflow store to train first). Prints
-``ready`` once listening, and the node's summary as one JSON line when stopped."""
+``ready`` once listening, and the node's summary as one JSON line when stopped. ``XRAY_TEST_PAUSE_BEFORE_DONE``
+(seconds) holds each done mark back: the window a test kills the node in."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 
 from xray.environment import apply_defaults
 
 apply_defaults()
+PAUSE_BEFORE_DONE = "XRAY_TEST_PAUSE_BEFORE_DONE"
+"""Seconds each done mark waits, set by a test that kills the node inside the analysis."""
 
 
 def tiny_predictor():
@@ -34,6 +39,14 @@ def main() -> int:
     from xray.monitoring.prediction_log import PredictionLog
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if os.environ.get(PAUSE_BEFORE_DONE):  # a test's window to kill the node between the outbox and the done mark
+        from xray.serving.node.spool import Spool
+
+        def paused(spool, version, key, mark=Spool.mark_done):
+            time.sleep(float(os.environ[PAUSE_BEFORE_DONE]))
+            mark(spool, version, key)
+
+        Spool.mark_done = paused
     config = NodeConfig.model_validate(json.loads(sys.argv[1]))
     log = PredictionLog(sys.argv[2], "node")
     summary = serve(

@@ -4,11 +4,11 @@ One analysis thread takes the stable studies of the spool (:mod:`.spool`), urgen
 (:func:`batches`): the instances the current model version has not reported are predicted together (the one
 prediction path, :meth:`xray.serving.predictor.ChestXrayPredictor.predict_bytes`), their results built
 (:mod:`.results`, in ``build_workers`` processes when set) and written to the outbox, their rows written to the
-prediction log, and only then marked done for the version. A thread of its own delivers the outbox, so that a slow
-destination never holds the analysis up; the received files are pruned once their results left. Between batches the
-node asks ``load`` for a new champion (every ``reload_s``), and a stop (SIGTERM) finishes the batch in hand first. A
-restart (after ``kill -9`` too) delivers the outbox and analyses whatever the spool holds that the version has not
-marked done: an instance is reported once per model version."""
+prediction log, and only then marked done for the version and released to the outbox's own thread, which delivers
+them (a slow destination never holds the analysis up); the received files are pruned once their results left. Between
+batches the node asks ``load`` for a new champion (every ``reload_s``), and a stop (SIGTERM) finishes the batch in
+hand first. A restart (after ``kill -9`` too) delivers the released outbox and analyses whatever the spool holds that
+the version has not marked done: an instance is reported once per model version."""
 
 from __future__ import annotations
 
@@ -218,6 +218,7 @@ class Node:
                 self.log.flush()
             for path in paths:
                 self.spool.mark_done(version, path.stem)
+                self.spool.release(path.stem)
             self.counts["instances_reported"] += len(paths)
             self.seconds["record"] += time.perf_counter() - clock
             for _, row, *_, urgent in jobs:

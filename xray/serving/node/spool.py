@@ -6,8 +6,9 @@ Layout under the spool's root (docs/OPERATIONS.md, "DICOM node"):
 - ``studies/<study key>/<instance key>.dcm``: the received files themselves, **patient data**, kept until every result
   of the instance is delivered (or dead-lettered); ``studies/<study key>/urgent`` when a sender asked for high priority.
 - ``done/<model version>/<instance key>``: the instance was analysed by that version (empty files).
-- ``outbox/<instance key>/<destination key>-<kind>.dcm``: results on their way; ``dead-letter/`` holds those whose
-  tries ran out, moved back into the outbox when the node starts.
+- ``outbox/<instance key>/<destination key>-<kind>.dcm``: results on their way, sent once the folder holds ``ready``
+  (written after the instance is marked done); ``dead-letter/`` holds those whose tries ran out, moved back into the
+  outbox when the node starts.
 
 Keys are a SHA-256 of the UID (:func:`key`): no file name and no index entry holds a DICOM value. The UIDs are read
 again from the files when a study is analysed."""
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 GB = 1024**3
 URGENT = "urgent"
+READY = "ready"
 
 
 class SpoolFull(Exception):
@@ -138,10 +140,22 @@ class Spool:
     def post(self, instance_key: str, name: str, data: bytes) -> None:
         write_synced(self.outbox(instance_key) / name, data)
 
+    def release(self, instance_key: str) -> None:
+        """The instance's results may go: written once it is marked done, so that a result never leaves before its
+        instance is recorded as reported (a restart would otherwise send it again)."""
+        if self.outbox(instance_key).is_dir():
+            write_synced(self.outbox(instance_key) / READY, b"")
+
     def waiting(self) -> list[Path]:
-        """Every result in the outbox, oldest instance first."""
-        folders = sorted((self.root / "outbox").iterdir(), key=lambda p: p.stat().st_mtime)
-        return [path for folder in folders for path in sorted(folder.glob("*.dcm"))]
+        """Every released result in the outbox, oldest instance first."""
+        found = []
+        for folder in (self.root / "outbox").iterdir():
+            try:
+                if (folder / READY).exists():
+                    found.append((folder.stat().st_mtime, folder))
+            except FileNotFoundError:  # pruned meanwhile
+                continue
+        return [path for _, folder in sorted(found) for path in sorted(folder.glob("*.dcm"))]
 
     def dead_letter(self, path: Path) -> None:
         target = self.root / "dead-letter" / path.parent.name / path.name
@@ -156,6 +170,7 @@ class Spool:
             target = self.outbox(path.parent.name) / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             path.replace(target)
+            write_synced(target.parent / READY, b"")
             moved += 1
         return moved
 
@@ -169,7 +184,7 @@ class Spool:
                 pending = self.outbox(instance)
                 if not (self.root / "done" / str(version) / instance).exists():
                     continue
-                if pending.exists() and any(pending.iterdir()):
+                if pending.exists() and any(pending.glob("*.dcm")):
                     continue
                 shutil.rmtree(pending, ignore_errors=True)
                 try:
