@@ -46,6 +46,8 @@ class Destination:
         self.arrived: dict[str, float] = {}
         """{SOP Instance UID: when it first arrived (time.time())}."""
         self.status = 0x0000
+        self.accept: int | None = None
+        """Accept this many C-STOREs, then answer 0xA700 (out of resources); None: ``status`` always."""
         self.lock = threading.Lock()
 
     @property
@@ -62,6 +64,9 @@ class Destination:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
         def store(event):
+            if self.accept is not None:
+                self.status = 0x0000 if self.accept > 0 else 0xA700
+                self.accept -= 1
             if self.status == 0x0000:
                 dataset = event.dataset
                 dataset.file_meta = event.file_meta

@@ -373,3 +373,20 @@ def test_the_process_loads_the_champion_and_a_newer_one_only_when_the_alias_move
     assert newer("3").version == "4" and loaded == ["3", "4"]
     pinned, never = process.loader("chest-xray-classifier", "3", "keras", None)
     assert never("3") is None and pinned.version == "3"
+
+
+def test_a_destination_that_fails_midway_gets_each_result_once(tmp_path, predictor):
+    destination = Destination()
+    destination.accept = 1
+    files = study(2)
+    with destination.running():
+        node = make_node(tmp_path, predictor, destination, attempts=1)
+        for data in files:
+            node.receiver.store(data, DX, 0)
+        node.step(now=time.time() + 3)
+        assert len(destination.received) == 1 and node.sender.dead_letters == 1
+        destination.accept = None
+        destination.status = 0x0000
+        assert node.spool.revive() == 1
+        node.deliver()
+    assert len(destination.received) == 2 and all(len(items) == 1 for items in destination.received.values())

@@ -118,7 +118,7 @@ class Sender:
                 try:
                     self._send(destination, [path for path in mine if path.exists()])
                     break
-                except (OSError, RuntimeError, XrayError) as error:
+                except (OSError, RuntimeError, ValueError, XrayError) as error:  # ValueError: a context refused
                     wait = self.backoff_s * 2**attempt
                     logger.warning(
                         "results to %s: try %d of %d failed (%s)%s",
@@ -141,22 +141,29 @@ class Sender:
     def _send(self, destination: Destination, paths: list[Path]) -> None:
         if not paths:
             return
+
+        def sent(path: Path) -> None:  # one result at its destination: it leaves the outbox at once
+            path.unlink()
+            self.delivered += 1
+
         if destination.dimse is None:
             client = self._clients.get(destination.uri)
             if client is None:
                 client = dicomweb.Client(dicomweb.parse(destination.uri), max_attempts=1, limits=self.limits)
                 self._clients[destination.uri] = client
-            client.store([path.read_bytes() for path in paths])
+            for start in range(0, len(paths), sr.STOW_OBJECTS):
+                chunk = paths[start : start + sr.STOW_OBJECTS]
+                client.store([path.read_bytes() for path in chunk])
+                for path in chunk:
+                    sent(path)
         else:
-            c_store(destination.dimse, paths, self.calling_ae)
-        for path in paths:
-            path.unlink()
-            self.delivered += 1
+            c_store(destination.dimse, paths, self.calling_ae, sent)
 
 
-def c_store(peer: tuple[str, str, int], paths: list[Path], calling_ae: str) -> None:
+def c_store(peer: tuple[str, str, int], paths: list[Path], calling_ae: str, sent=lambda path: None) -> None:
     """One association to ``peer`` (AE title, host, port) that stores ``paths`` (Part 10 files, each sent in its own
-    transfer syntax); a refused association or a non-success status is a RuntimeError."""
+    transfer syntax), calling ``sent(path)`` after each success; a refused association or a non-success status is a
+    RuntimeError."""
     import pydicom  # lazy: pydicom only where DICOM goes out
 
     title, host, port = peer
@@ -177,5 +184,6 @@ def c_store(peer: tuple[str, str, int], paths: list[Path], calling_ae: str) -> N
             code = int(getattr(status, "Status", -1)) if status else -1
             if code not in (0x0000, 0xB000, 0xB006, 0xB007):
                 raise RuntimeError(f"C-STORE status 0x{code & 0xFFFF:04X}" if code >= 0 else "C-STORE: no answer")
+            sent(path)
     finally:
         association.release()
