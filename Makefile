@@ -13,7 +13,7 @@ export ZENML_ANALYTICS_OPT_IN ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: pacs pacs-down monitor-images setup system-packages lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
+.PHONY: pacs pacs-down node monitor-images setup system-packages lock lint test-fast stack team-stack team-stack-down team-stack-status train smoke quality test bench bench-ood monitor ui serve clean
 
 # The locked dependencies, then this project in editable mode (pyproject.toml; setuptools comes from the lock).
 $(STAMP): requirements.lock pyproject.toml
@@ -75,6 +75,15 @@ pacs: system-packages | $(PY)
 
 pacs-down: | $(PY)
 	$(PY) -m infra.pacs down
+
+# The DICOM node (docs/OPERATIONS.md "DICOM node"): a Storage SCP on 127.0.0.1:$(NODE_PORT) as XRAY_AI, accepting the
+# calling AE titles MODALITY and ORTHANC, analysing each study 10 s after its last instance with the champion of the
+# active stack, and sending the results to NODE_DESTINATION (default: the local PACS of `make pacs`, over STOW-RS).
+# Runs until Ctrl-C or SIGTERM (the study in hand is finished first). Spool (patient data) in .node/spool.
+NODE_PORT ?= 11112
+NODE_DESTINATION ?= dicomweb://127.0.0.1:$${XRAY_PACS_PORT:-8042}/dicom-web
+node: stack
+	$(PY) run.py node $(STACK_FLAG) --port $(NODE_PORT) --destination $(NODE_DESTINATION)
 
 team-stack-down: setup
 	$(PY) -m infra.team_stack down

@@ -13,6 +13,7 @@ from cli.audit import audit
 from cli.decide import approve, reject, rollback
 from cli.evaluate import evaluate, feedback
 from cli.infer import infer, monitor
+from cli.node import node
 from cli.train import schedules, train, tune
 
 PIPELINES = {
@@ -102,5 +103,5 @@ def main():
     """
 
 
-for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, audit, schedules):
+for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, audit, schedules, node):
     main.add_command(command)

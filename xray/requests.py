@@ -140,6 +140,22 @@ class FeedbackRequest(JobRequest):
         return value.expanduser().resolve()
 
 
+class NodeRequest(VersionRequest):
+    """``node``: the DICOM node on the champion (``config.node``, with the command line's flags applied by the CLI);
+    it runs until SIGTERM or Ctrl-C. ``prediction_log``: a folder, an s3:// prefix or ``off``; None: the stack's."""
+
+    prediction_log: str | None = None
+
+    @model_validator(mode="after")
+    def _a_node_needs_somewhere_to_send(self):
+        if not self.config.node.destinations:
+            raise ValueError(
+                "node needs at least one --destination (dicom://AE@HOST:PORT or dicomweb://HOST:PORT/dicom-web): "
+                "a result that goes nowhere is never seen"
+            )
+        return self
+
+
 class DecisionRequest(JobRequest):
     """``approve``, ``reject``, ``rollback``: a person's decision on a version, recorded with who and why."""
 

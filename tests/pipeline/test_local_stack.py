@@ -825,6 +825,133 @@ def test_inference_with_heatmaps_writes_each_ok_image_its_heatmaps_and_resume_ad
     _assert_no_sentinel(local.home, first.stdout, first.stderr, resumed.stdout, resumed.stderr)
 
 
+def test_the_dicom_node_takes_studies_from_storescu_and_orthanc_and_reports_each_image_once(local, tmp_path):
+    """`run.py node` on the local stack's champion, with a loopback C-STORE destination and Orthanc over STOW-RS:
+    dcmtk's storescu sends a study (and a calling AE not allowed is refused), Orthanc (as a client, its DICOM server
+    off) pushes one through REST /modalities/{id}/store, and a third study is cut by `kill -9` and finished after a
+    restart. Every image is reported once at each destination and logged once in the stack's prediction log; no
+    identifying value anywhere in the stores, the streams or the spool's records."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from test_pacs import PASSWORD, reports_in
+
+    from infra.pacs import Pacs
+    from node_tools import Destination, no_sentinel_in, study, tree_text, uids
+    from xray.storage import dicomweb
+
+    pacs = Pacs(state=tmp_path / "pacs", port=free_port(), password=PASSWORD)
+    env = local.env | {dicomweb.USER_ENV: pacs.user, dicomweb.PASSWORD_ENV: PASSWORD, "TMPDIR": str(tmp_path)}
+    destination, port, spool = Destination(), free_port(), tmp_path / "spool"
+    command = [sys.executable, ROOT / "run.py", "node", "--port", str(port), "--spool", spool, "--stable-seconds", "3"]
+    command += ["--destination", destination.uri, "--destination", pacs.dicomweb, "--allow", "MODALITY,ORTHANC"]
+    stderr = tmp_path / "node.stderr"
+
+    def start():
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(stderr, "ab"), text=True
+        )
+        echo = ["echoscu", "-aet", "MODALITY", "-aec", "XRAY_AI", "127.0.0.1", str(port)]
+        deadline = time.monotonic() + 300
+        while subprocess.run(echo, capture_output=True, timeout=60).returncode != 0:
+            assert process.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(1)
+        return process
+
+    def storescu(files, calling="MODALITY"):
+        args = ["storescu", "-aet", calling, "-aec", "XRAY_AI", "127.0.0.1", str(port), *map(str, files)]
+        return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+    def wait_for(count):
+        deadline = time.monotonic() + 180
+        while len(destination.objects("SR")) < count:
+            assert time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.5)
+
+    def orthanc(method, path, body):
+        request = urllib.request.Request(
+            pacs.url + path,
+            data=body if isinstance(body, bytes) else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": "Basic " + base64.b64encode(f"{pacs.user}:{PASSWORD}".encode()).decode()},
+        )
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return json.loads(answer.read() or b"null")
+
+    studies = {name: study(count) for name, count in (("storescu", 3), ("orthanc", 2), ("killed", 4))}
+    for name, files in studies.items():
+        for index, data in enumerate(files):
+            (tmp_path / f"{name}-{index}.dcm").write_bytes(data)
+    paths = {name: [tmp_path / f"{name}-{i}.dcm" for i in range(len(files))] for name, files in studies.items()}
+    saved = {key: os.environ.get(key) for key in (dicomweb.USER_ENV, dicomweb.PASSWORD_ENV)}
+    os.environ.update({dicomweb.USER_ENV: pacs.user, dicomweb.PASSWORD_ENV: PASSWORD})
+    node = None
+    try:
+        pacs.up(die_with_parent=True)
+        with destination.running():
+            node = start()
+            assert storescu(paths["storescu"]).returncode == 0
+            refused = storescu(paths["storescu"][:1], calling="NOT_ALLOWED")
+            assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stderr
+            wait_for(3)
+            ids = [orthanc("POST", "/instances", data)["ID"] for data in studies["orthanc"]]
+            orthanc("PUT", "/modalities/xray-node", {"AET": "XRAY_AI", "Host": "127.0.0.1", "Port": port})
+            pushed = orthanc("POST", "/modalities/xray-node/store", {"Resources": ids, "Synchronous": True})
+            assert pushed["InstancesCount"] == 2 and pushed["FailedInstancesCount"] == 0
+            wait_for(5)
+            assert storescu(paths["killed"][:2]).returncode == 0
+            node.send_signal(signal.SIGKILL)
+            node.wait(timeout=60)
+            node = start()
+            assert storescu(paths["killed"][1:]).returncode == 0
+            wait_for(9)
+            node.send_signal(signal.SIGTERM)
+            out, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr.read_text()[-3000:]
+        summary = json.loads(out.strip().splitlines()[-1])
+        sent = {uids(data)[1] for files in studies.values() for data in files}
+        at_destination = [
+            report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+            for report in destination.objects("SR")
+        ]
+        assert sorted(ref.ReferencedSOPInstanceUID for ref in at_destination) == sorted(sent)
+        assert all(len(items) == 1 for items in destination.received.values())
+        in_pacs = reports_in(pacs)
+        assert (
+            len(in_pacs) == 9
+            and {
+                r.CurrentRequestedProcedureEvidenceSequence[0]
+                .ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence[0]
+                .ReferencedSOPInstanceUID
+                for r in in_pacs
+            }
+            == sent
+        )
+        _, log = _prediction_log(local.home)
+        node_rows = log[log["source"] == "node"]
+        assert sorted(node_rows["sop_instance_uid"]) == sorted(sent) and summary["dead_letters"] == 0
+        assert not list(spool.glob("studies/*/*.dcm"))
+        streams = stderr.read_text()
+        assert "'NOT_ALLOWED' at 127.0.0.1" in streams and PASSWORD not in streams
+        no_sentinel_in(tree_text(spool))
+        _assert_no_sentinel(local.home, out, streams)
+    finally:
+        if node is not None and node.poll() is None:
+            node.kill()
+        pacs.down()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 SERVE_A_REQUEST = """
 import base64, pathlib, sys
 import mlflow, pandas as pd

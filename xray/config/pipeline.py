@@ -15,6 +15,7 @@ from xray.config.evaluate import EvaluateConfig
 from xray.config.inference import InferenceConfig
 from xray.config.model import ModelConfig
 from xray.config.monitoring import MonitoringConfig
+from xray.config.node import NodeConfig
 from xray.config.registry import RegistryConfig
 from xray.config.s3 import S3Config
 from xray.config.scope import ScopeConfig
@@ -43,6 +44,7 @@ class PipelineConfig(Section):
         description="The predetermined change control plan: what a new version may change and the criteria that "
         "decide it (its criteria replace registry.margin and evaluate.min_sensitivity at the gate). None: no plan.",
     )
+    node: NodeConfig = NodeConfig()
     tuning: TuningConfig | None = Field(None, description="The search of --pipeline tuning; unused by other pipelines.")
     zenml: dict[str, Any] | None = Field(
         None,

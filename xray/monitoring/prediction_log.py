@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 OFF = "off"
 ENVIRONMENT = "XRAY_PREDICTION_LOG"
 SPOOL_ENVIRONMENT = "XRAY_PREDICTION_LOG_SPOOL"  # where serving spools rows (default: the temp folder)
-SOURCES = ("batch", "serving")
+SOURCES = ("batch", "serving", "node")
 SCHEMA = pa.schema(
     [
         ("time", pa.timestamp("us", tz="UTC")),

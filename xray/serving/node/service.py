@@ -1,0 +1,267 @@
+"""The node: what it received analysed once each study is stable, urgent studies first, every result sent on.
+
+One analysis thread takes the stable studies of the spool (:mod:`.spool`), urgent first, in batches of whole studies
+(:func:`batches`): the instances the current model version has not reported are predicted together (the one
+prediction path, :meth:`xray.serving.predictor.ChestXrayPredictor.predict_bytes`), their results built
+(:mod:`.results`, in ``build_workers`` processes when set) and written to the outbox, their rows written to the
+prediction log, and only then marked done for the version and released to the outbox's own thread, which delivers
+them (a slow destination never holds the analysis up); the received files are pruned once their results left. Between
+batches the node asks ``load`` for a new champion (every ``reload_s``), and a stop (SIGTERM) finishes the batch in
+hand first. A restart (after ``kill -9`` too) delivers the released outbox and analyses whatever the spool holds that
+the version has not marked done: an instance is reported once per model version."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from xray import CLASS_NAMES
+from xray.config.node import NodeConfig
+from xray.data.images import decode_image
+from xray.model import gradcam
+from xray.monitoring.ood import OK, UNREADABLE
+from xray.serving.node import results, scp, triage
+from xray.serving.node.spool import GB, Spool, Study
+
+logger = logging.getLogger(__name__)
+
+BATCH = 16
+"""Instances per model call: the stable studies are analysed together, up to this many instances."""
+
+
+def batches(studies: list[Study]) -> list[list[Study]]:
+    """Whole studies, in their order, grouped up to :data:`BATCH` instances (a bigger study is a batch of its own)."""
+    groups: list[list[Study]] = []
+    size = 0
+    for study in studies:
+        if groups and size + len(study.files) <= BATCH:
+            groups[-1].append(study)
+            size += len(study.files)
+        else:
+            groups.append([study])
+            size = len(study.files)
+    return groups
+
+
+class Node:
+    """The DICOM node around ``predictor`` (the version it starts with): ``load(version)`` returns a newer
+    champion's predictor, or None when the champion is still ``version``; ``log``: the prediction log (a
+    :class:`xray.monitoring.prediction_log.PredictionLog`) or None."""
+
+    def __init__(self, config: NodeConfig, predictor, model: str, load: Callable | None = None, log=None):
+        self.config, self.predictor, self.model, self.load, self.log = config, predictor, model, load, log
+        self.spool = Spool(config.spool, int(config.max_spool_gb * GB))
+        destinations = [results.Destination(uri) for uri in config.destinations]
+        self.sender = results.Sender(destinations, config.attempts, config.backoff_s, config.ae_title)
+        self.receiver = scp.Receiver(self.spool, config, lambda: str(self.predictor.version), self._wake)
+        self.counts = Counter()
+        self.seconds = Counter()
+        """Wall seconds of the analysis thread: predict (read back, decode, model), build (results), record (outbox,
+        prediction log, done marks), deliver."""
+        self.stopping, self.wakeup = threading.Event(), threading.Event()
+        self.checked = time.monotonic()
+        self.pool = (
+            ProcessPoolExecutor(config.build_workers, mp_context=multiprocessing.get_context("spawn"))
+            if config.build_workers
+            else None
+        )
+        self.server = None
+        self.thread: threading.Thread | None = None
+        self.courier: threading.Thread | None = None
+        self.outgoing = threading.Event()
+
+    def _wake(self) -> None:
+        self.wakeup.set()
+
+    # -- the process --
+
+    def start(self) -> Node:
+        revived = self.spool.revive()
+        if revived:
+            logger.info("%d dead letter(s) back in the outbox", revived)
+        self.server = scp.serve(self.config, self.receiver)
+        self.thread = threading.Thread(target=self._run, name="xray-node", daemon=True)
+        self.courier = threading.Thread(target=self._deliver_on, name="xray-node-results", daemon=True)
+        self.thread.start()
+        self.courier.start()
+        return self
+
+    def stop(self, timeout_s: float = 600.0) -> None:
+        """Stop taking associations, finish the batch in hand, send its results (one try each: what fails stays in
+        the outbox for the next start), flush the prediction log."""
+        self.stopping.set()
+        self.wakeup.set()
+        self.outgoing.set()
+        if self.server is not None:
+            self.server.shutdown()
+        for thread in (self.thread, self.courier):
+            if thread is not None:
+                thread.join(timeout_s)
+        self.deliver()
+        self.prune()
+        if self.log is not None:
+            self.log.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the node goes on; the failure is logged with its traceback
+                logger.exception("the node's analysis failed; retrying in %g s", self.config.stable_seconds)
+                self.stopping.wait(self.config.stable_seconds)
+            self.wakeup.wait(min(1.0, self.config.stable_seconds / 4))
+            self.wakeup.clear()
+
+    def _deliver_on(self) -> None:
+        """The results' own thread: a slow or absent destination never holds the analysis up."""
+        while not self.stopping.is_set():
+            try:
+                self.deliver()
+            except Exception:  # noqa: BLE001 - the node goes on; the failure is logged with its traceback
+                logger.exception("the node's delivery failed; retrying")
+            self.outgoing.wait(1.0)
+            self.outgoing.clear()
+
+    def step(self, now: float | None = None) -> int:
+        """Analyse the studies stable at ``now``, a batch of whole studies at a time (up to :data:`BATCH` instances, a
+        bigger study alone), their results handed to the delivery thread (delivered here when the node was not
+        started); then prune what is delivered. How many studies."""
+        done = 0
+        for group in batches(self.spool.stable(self.config.stable_seconds, now)):
+            if self.stopping.is_set():
+                break  # the batch in hand was finished; the other studies wait in the spool for the next start
+            self.reload()
+            self.analyse(group)
+            if self.courier is None:
+                self.deliver()
+            self.outgoing.set()
+            done += len(group)
+        self.prune()
+        return done
+
+    def prune(self) -> None:
+        """The received files whose results left the outbox, removed (:meth:`Spool.prune`)."""
+        version = str(self.predictor.version)
+        for study in self.spool.studies():
+            self.spool.prune(study, version)
+
+    def reload(self) -> None:
+        """A new champion, between studies, every ``reload_s`` (associations go on meanwhile)."""
+        if self.load is None or time.monotonic() - self.checked < self.config.reload_s:
+            return
+        self.checked = time.monotonic()
+        try:
+            newer = self.load(str(self.predictor.version))
+        except Exception as error:  # noqa: BLE001 - the registry unreachable: the node keeps the version it has
+            logger.error(
+                "champion not checked (%s: %s); keeping version %s", type(error).__name__, error, self.predictor.version
+            )
+            return
+        if newer is not None:
+            logger.info("new champion: version %s replaces %s", newer.version, self.predictor.version)
+            self.predictor = newer
+            self.counts["reloads"] += 1
+
+    # -- one study --
+
+    def analyse(self, studies: list[Study]) -> None:
+        """The instances of ``studies`` the current version has not reported: predicted, their results built (in the
+        build processes when ``build_workers``) and posted, their rows logged, then marked done."""
+        predictor, version = self.predictor, str(self.predictor.version)
+        pending = [p for study in studies for p in study.files if p.exists() and not self._done(version, p.stem)]
+        for start in range(0, len(pending), BATCH):
+            paths = pending[start : start + BATCH]
+            clock = time.perf_counter()
+            images = [path.read_bytes() for path in paths]
+            table = predictor.predict_bytes(images)
+            self.seconds["predict"] += time.perf_counter() - clock
+            table["sha256"] = [hashlib.sha256(data).hexdigest() for data in images]
+            table["path"] = ""
+            rows = table.to_dict("records")
+            clock = time.perf_counter()
+            explained = self._explain(predictor, rows, images) if self.config.heatmaps else {}
+            threshold = triage.threshold_of(self.config.urgent_threshold, predictor.threshold)
+            jobs = [
+                (
+                    path,
+                    row,
+                    self.model,
+                    version,
+                    explained.get(row["sop_instance_uid"]),
+                    triage.is_urgent(row, threshold),
+                )
+                for path, row in zip(paths, rows)
+                if row["status"] != UNREADABLE  # no report: nothing was analysed (the reason is in the log)
+            ]
+            built = list(self.pool.map(results.build_one, *zip(*jobs))) if self.pool and jobs else None
+            results_of = built if built is not None else [results.build_one(*job) for job in jobs]
+            self.seconds["build"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            for job, objects in zip(jobs, results_of):
+                for destination in self.sender.destinations:
+                    for kind, data in objects.items():
+                        self.spool.post(job[0].stem, f"{destination.key}-{kind}.dcm", data)
+            for row in rows:
+                self.counts[f"analysed_{row['status']}"] += 1
+            if self.log is not None:
+                self.log.append(table)
+                self.log.flush()
+            for path in paths:
+                self.spool.mark_done(version, path.stem)
+                self.spool.release(path.stem)
+            self.counts["instances_reported"] += len(paths)
+            self.seconds["record"] += time.perf_counter() - clock
+            for _, row, *_, urgent in jobs:
+                if urgent:
+                    self.counts["urgent"] += 1
+                    triage.alert(row["study_instance_uid"], row["probability"])
+
+    def _done(self, version: str, instance_key: str) -> bool:
+        return (self.spool.root / "done" / version / instance_key).exists()
+
+    def _explain(self, predictor, rows: list[dict], images: list[bytes]) -> dict:
+        """{SOP Instance UID: (Grad-CAM, grey picture)} of the ``ok`` rows, decoded by the one decode path."""
+        chosen, encoded, pictures = [], [], []
+        for row, data in zip(rows, images):
+            if row["status"] != OK:
+                continue
+            check, image = decode_image(data)
+            if not check.ok:
+                continue
+            picture = image.convert("L")
+            picture.thumbnail((results.sr.CAPTURE_SIDE, results.sr.CAPTURE_SIDE))
+            chosen.append(row)
+            encoded.append(check.converted or data)
+            pictures.append(np.asarray(picture))
+        if not chosen:
+            return {}
+        pixels = gradcam.pixels_of(encoded, predictor.image_size)
+        towards = [row["label"] == CLASS_NAMES[1] for row in chosen]
+        maps = gradcam.heatmaps(predictor.model, pixels, predictor.threshold, towards)
+        return {row["sop_instance_uid"]: (heatmap, picture) for row, heatmap, picture in zip(chosen, maps, pictures)}
+
+    def deliver(self) -> None:
+        waiting = self.spool.waiting()
+        if waiting:
+            clock = time.perf_counter()
+            self.sender.deliver(self.spool, waiting, stop=self.stopping.is_set)
+            self.seconds["deliver"] += time.perf_counter() - clock
+
+    def summary(self) -> dict:
+        return {
+            "model_version": str(self.predictor.version),
+            **dict(self.receiver.counts),
+            **dict(self.counts),
+            "results_delivered": self.sender.delivered,
+            "dead_letters": self.sender.dead_letters,
+        }
