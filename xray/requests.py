@@ -96,11 +96,29 @@ class InferenceRequest(VersionRequest):
 
 
 class MonitoringRequest(VersionRequest):
-    """``monitor``: a batch of ``images`` against the version's reference profile; the report under ``output``."""
+    """``monitor``: a batch of ``images`` against the version's reference profile, or (``from_log``) the prediction
+    log's performance estimated per period, site and version, with a verdict on each, no label read; the report under
+    ``output``."""
 
-    images: str
+    images: str | None = None
     output: Path = Path("outputs/monitoring")
     fail_on_drift: bool = False
+    from_log: bool = False
+
+    @model_validator(mode="after")
+    def _a_batch_or_the_log(self):
+        if not self.from_log:
+            if self.images is None:
+                raise ValueError("monitor needs --images (a batch to check) or --from-log (the prediction log)")
+            return self
+        given = ["--images"] * (self.images is not None) + ["--fail-on-drift"] * self.fail_on_drift
+        given += ["--model-version"] * ("model_version" in self.model_fields_set)
+        if given:
+            raise ValueError(
+                f"--from-log estimates every version in the prediction log; {' and '.join(given)} "
+                f"belong{'s' * (len(given) == 1)} to a batch (monitor --images)"
+            )
+        return self
 
 
 class EvaluationRequest(VersionRequest):

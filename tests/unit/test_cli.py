@@ -79,6 +79,10 @@ def test_the_help_lists_one_command_per_job_and_each_its_own_options(launched):
             {"write_back": True, "site": "b"},
         ),
         (["--pipeline", "monitoring", "--images", "x", "--fail-on-drift"], "monitor", {"fail_on_drift": True}),
+        (["monitor", "--images", "x"], "monitor", {"model_version": "champion", "from_log": False}),
+        (["monitor", "--images", "x", "--model-version", "2"], "monitor", {"model_version": "2"}),
+        (["monitor", "--from-log"], "monitor", {"from_log": True, "images": None}),
+        (["--pipeline", "monitoring", "--from-log"], "monitor", {"from_log": True, "images": None}),
         (
             ["evaluate", "--dataset-uri", "s.zip", "--recalibrate-fraction", "0.3"],
             "evaluate",
@@ -263,6 +267,15 @@ def test_make_monitor_without_images_says_that_images_is_required():
             "--recalibrate-fraction belongs to evaluate",
         ),
         (["--pipeline", "inference", "--images", "x", "--if-changed"], "--if-changed belongs to train, not infer"),
+        (["monitor"], "monitor needs --images (a batch to check) or --from-log (the prediction log)"),
+        (
+            ["--pipeline", "monitoring", "--from-log", "--images", "x"],
+            "--from-log estimates every version in the prediction log; --images belongs to a batch (monitor --images)",
+        ),
+        (
+            ["monitor", "--from-log", "--model-version", "2", "--fail-on-drift"],
+            "--fail-on-drift and --model-version belong to a batch",
+        ),
         (["--if-changed", "--schedule", "0 3 * * 1"], "--if-changed checks once, before a launch"),
         (["infer", "--images", "x", "--write-back"], "--write-back needs --images dicomweb://"),
         (["infer", "--images", "x", "--shards", "2", "--explain", "3"], "--shards needs no --explain"),

@@ -285,3 +285,112 @@ def test_side_by_side_alerts_only_on_a_reliable_drop_and_says_estimated():
     figures = estimated_figures(both, 0.95, 0.9)
     assert set(figures) == {"estimated_sensitivity", "estimated_specificity", "estimated_auc"}
     assert all(isinstance(image, Image.Image) and image.width > 300 for image in figures.values())
+
+
+def test_a_week_made_of_out_of_scope_or_drifted_images_is_unreliable_with_its_reason():
+    """Acceptance: a period of images out of scope (all, or a third), or of images a shift moved (flagged one by one,
+    or each only a little), is unreliable, and its reasons say which."""
+    world = World(10)
+    reference, settings = world.reference(), Settings(samples=100)
+    _, p = world.draw(150, 0.5)
+    scoped = world.log(p, scores=world.rng.lognormal(-1.2, 0.5, len(p)))
+    scoped[["status", "reason"]] = ["out_of_scope", "PatientAge 045Y outside the validated 1-5 years"]
+    shifted = world.log(p, scores=world.rng.lognormal(0.5, 0.3, len(p)))  # a synthetic shift: most images flagged
+    third = world.log(p, scores=world.rng.lognormal(-1.2, 0.5, len(p)))
+    third.loc[:49, ["status", "reason"]] = ["out_of_scope", "BodyPartExamined ABDOMEN, not CHEST"]
+    nudged = world.log(p, scores=np.minimum(world.rng.lognormal(-0.7, 0.5, len(p)), 0.99))  # none flagged
+    verdicts = {
+        name: estimation.estimate_group(rows, reference, settings)
+        for name, rows in (("scoped", scoped), ("shifted", shifted), ("third", third), ("nudged", nudged))
+    }
+    assert {v["verdict"] for v in verdicts.values()} == {UNRELIABLE}
+    assert "out of scope: 150 of 150 images (100.0%)" in verdicts["scoped"]["reasons"]
+    assert "too few images: 0 answered" in verdicts["scoped"]["reasons"]
+    assert (shifted["status"] == "out_of_distribution").mean() > 0.8
+    assert "out of distribution: " in verdicts["shifted"]["reasons"] and "drift: " in verdicts["shifted"]["reasons"]
+    assert verdicts["third"]["reasons"].startswith("out of scope: 50 of 150 images")
+    assert (nudged["status"] == "ok").all() and "drift: ood_score unlike val's" in verdicts["nudged"]["reasons"]
+    lines = comparison.lines(
+        pd.DataFrame([{"period": "2026-W48", "site": "", "model_version": "3"} | verdicts["scoped"]])
+    )
+    assert lines[0].endswith(verdicts["scoped"]["reasons"]) and "0 answered; no estimate; unreliable: " in lines[0]
+
+
+def test_monitor_from_log_estimates_the_log_per_week_alerts_on_a_reliable_drop_and_reads_no_label(
+    tmp_path, monkeypatch
+):
+    """The monitoring pipeline's --from-log step on a prediction log in a folder: one estimate per week with its band
+    and verdict, MLflow's estimated_* series a week a step, the alert of today on a reliable estimated drop only,
+    labelled "estimated"; no labels file is ever read."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import steps.estimate as step_module
+    from xray.config.pipeline import PipelineConfig
+    from xray.data import sites
+    from xray.requests import MonitoringRequest
+
+    world = World(11)
+    _, p = world.draw(400, 0.5)
+    first = world.log(p[:200])
+    second = world.log(p[200:], when=MONDAY + timedelta(days=7), start=200)
+    second.loc[second.index[:40], ["status", "reason"]] = ["out_of_distribution", "image content unlike training"]
+    root = tmp_path / "prediction_log"
+    for rows in (first, second):
+        store = prediction_log.open_store(str(root))
+        written = prediction_log.PredictionLog(str(root), "batch", "/data/batch", store=store)
+        written.pending = [rows]
+        written.flush()
+    config = PipelineConfig.model_validate(
+        {
+            "monitoring": {"prediction_log": str(root)},
+            "evaluate": {"bootstrap_samples": 100, "min_sensitivity": 0.995},  # the clean week's band is below
+        }
+    )
+    request = MonitoringRequest(config=config, from_log=True)
+    profile = SimpleNamespace(
+        val_probabilities=world.val_probabilities, val_ood_fraction=0.02, alpha=0.01, val_scores=world.val_scores
+    )
+    calls = []
+    fake_store = SimpleNamespace(
+        load_reference_profile=lambda name, version: calls.append(version) or (profile, None),
+        load_operating_points=lambda name, version: {},
+        versions_test_auc=lambda client, name, versions: {"3": 0.9},
+    )
+    monkeypatch.setattr(step_module, "store", fake_store)
+    posted = []
+    monkeypatch.setattr(step_module, "post_alert", posted.append)
+
+    def no_labels(*args, **kwargs):
+        raise AssertionError("monitor --from-log read a labels file")
+
+    monkeypatch.setattr(sites, "read_labels_file", no_labels)
+    monkeypatch.setattr(feedback, "read_labels", no_labels)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment("m", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            table, record, plots = step_module.estimate_from_log.entrypoint(request=request)
+        history = MlflowClient().get_metric_history(run.info.run_id, "estimated_sensitivity/no-site/v3")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert calls == ["3"]
+    assert table[["period", "verdict"]].values.tolist() == [["2026-W48", RELIABLE], ["2026-W49", UNRELIABLE]]
+    assert table["answered"].tolist() == [200, 160]
+    assert record.summary["estimated_groups"] == 2 and record.summary["period"] == "week"
+    assert record.summary["logged_predictions"] == 400 and len(record.summary["estimates"]) == 2
+    assert re.match(
+        r"period 2026-W48, site \(none\), v3: 200 answered; sensitivity 0\.\d{3} \(0\.\d{3}-0\.\d{3}\), specificity "
+        r".*; reliable$",
+        record.lines[0],
+    )
+    assert "; unreliable: " in record.lines[1] and "out of distribution: 40 of 200 readable images" in record.lines[1]
+    assert record.lines[1].split("; ")[1].startswith("sensitivity 0.")  # shown, never alerted on (below the line too)
+    assert posted == record.summary["estimated_alerts"] and len(posted) == 1
+    assert posted[0].startswith("estimated sensitivity degraded in period 2026-W48, site (none), v3")
+    assert [(m.step, round(m.value, 6)) for m in history] == [
+        (202648, round(table["estimated_sensitivity"].iloc[0], 6)),
+        (202649, round(table["estimated_sensitivity"].iloc[1], 6)),
+    ]
+    assert set(plots.images) == {"estimated_sensitivity", "estimated_specificity", "estimated_auc"}
