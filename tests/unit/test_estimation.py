@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from xray.config.evaluate import EvaluateConfig
 from xray.evaluation.metrics import choose_threshold
-from xray.evaluation.recipes import site_operating_point
+from xray.evaluation.recipes import apply_operating_point, site_operating_point
 from xray.monitoring import prediction_log
 from xray.monitoring.performance import comparison, estimation, feedback
 from xray.monitoring.performance.estimation import RELIABLE, UNRELIABLE, Reference, Settings
@@ -394,3 +394,55 @@ def test_monitor_from_log_estimates_the_log_per_week_alerts_on_a_reliable_drop_a
         (202649, round(table["estimated_sensitivity"].iloc[1], 6)),
     ]
     assert set(plots.images) == {"estimated_sensitivity", "estimated_specificity", "estimated_auc"}
+
+
+def test_the_calibration_test_pools_the_periods_before_and_stays_quiet_under_label_shift():
+    """A population whose NORMAL images look a little more like PNEUMONIA than val's: no week of 150 alone is
+    refused, the month pooled (this week and the three before, same site and version) is; weeks that only change
+    their prevalence (label shift: any mix of them is val re-weighted) pass pooled too."""
+    verdicts = {}
+    for shift in (0.0, 0.7):
+        world = World(20)
+        logs = []
+        for week, q in enumerate((0.5, 0.3, 0.7, 0.5)):
+            y, p = world.draw(150, q)
+            z = np.log(p / (1 - p)) + np.where(y == 0, shift, 0.0)
+            logs.append(world.log(1 / (1 + np.exp(-z)), when=MONDAY + timedelta(days=7 * week), start=1000 * week))
+        log = pd.concat(logs, ignore_index=True)
+        table = estimation.estimate(log, {"3": world.reference()}, "week", Settings(samples=300))
+        verdicts[shift] = table.loc[table["subgroup"] == "", "reasons"].tolist()
+    assert verdicts[0.0] == ["", "", "", ""]
+    assert verdicts[0.7][:3] == ["", "", ""]
+    assert verdicts[0.7][3].startswith(
+        "calibration: this period's and the 450 earlier answers' probabilities are unlike"
+    )
+
+
+def test_a_sites_calibration_fitted_on_a_few_hundred_images_is_drawn_in_the_band():
+    """A site's own operating point fitted on 177 of its images (as the benchmark's): its parameters are a sample, so
+    the realised sensitivity and specificity of a week fall in bands that draw them (from the covariance the point
+    records) about as often as they should, and less often in bands that take the fit as exact."""
+    world = World(3)
+    profile = SimpleNamespace(
+        val_probabilities=world.val_probabilities, val_ood_fraction=0.02, alpha=0.01, val_scores=world.val_scores
+    )
+
+    def site(n, q):  # NORMAL images a little more like PNEUMONIA to the model than val's: the site's own calibration
+        y = (world.rng.random(n) < q).astype(int)
+        z = world.rng.normal(np.where(y == 1, SEPARATION, -1.0), 1.0)
+        return y, 1 / (1 + np.exp(-(2 * SEPARATION * z + np.log(REFERENCE_PREVALENCE / (1 - REFERENCE_PREVALENCE)))))
+
+    covered = {True: [], False: []}
+    for _ in range(40):
+        point = site_operating_point(*site(177, 0.6), EvaluateConfig())
+        assert np.shape(point["calibration_covariance"]) == (2, 2)
+        y, p = site(150, 0.5)
+        p = apply_operating_point(p, point)
+        rows = world.log(p, site="b", point="site:b").assign(threshold=point["threshold"])
+        truth = realised(y, p, point["threshold"])
+        for drawn in (True, False):
+            used = point if drawn else {k: v for k, v in point.items() if k != "calibration_covariance"}
+            result = estimation.estimate_group(rows, Reference.of(profile, {"b": used}), Settings(samples=200))
+            for name, value in zip(("sensitivity", "specificity"), truth):
+                covered[drawn].append(result[f"estimated_{name}_low"] <= value <= result[f"estimated_{name}_high"])
+    assert np.mean(covered[True]) >= 0.9 and np.mean(covered[True]) > np.mean(covered[False]), covered
