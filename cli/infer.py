@@ -106,9 +106,13 @@ def monitor(images, model_version, output, fail_on_drift, from_log, **options):
     from xray.requests import MonitoringRequest
 
     def build(config):
-        chosen = {"model_version": model_version} if model_version is not None else {}
         return MonitoringRequest(
-            config=config, images=images, output=output, fail_on_drift=fail_on_drift, from_log=from_log, **chosen
+            config=config,
+            images=images,
+            model_version=model_version,
+            output=output,
+            fail_on_drift=fail_on_drift,
+            from_log=from_log,
         )
 
     def exit_code(summary: dict) -> int:

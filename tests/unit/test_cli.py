@@ -333,3 +333,17 @@ def test_fail_on_degradation_prints_each_alert_and_exits_4_after_the_summary(lau
     assert result.exit_code == DEGRADATION_EXIT_CODE == 4
     assert f"error: {alert}" in result.output and '"labels": 120' in result.output
     assert CliRunner().invoke(main, args).exit_code == 0, "without the flag an alert is reported, not fatal"
+
+
+@pytest.mark.parametrize(
+    "fields", [{"from_log": True}, {"images": "x"}, {"images": "x", "model_version": "2", "fail_on_drift": True}]
+)
+def test_a_monitoring_request_survives_the_round_trip_a_step_input_makes(fields):
+    """ZenML hands a step its request dumped and validated again: --from-log's (no version) and a batch's (champion
+    by default) come back equal, not refused as an explicit --model-version."""
+    from xray.requests import MonitoringRequest
+
+    request = MonitoringRequest(config=load_config(SMOKE), **fields)
+    assert request.model_version == (None if request.from_log else fields.get("model_version", "champion"))
+    assert MonitoringRequest.model_validate(request.model_dump()) == request
+    assert MonitoringRequest.model_validate_json(request.model_dump_json()) == request
