@@ -867,9 +867,18 @@ def test_two_batches_and_serving_meet_their_labels_and_a_week_that_went_wrong_al
     week = groups[(week_a, "")]
     assert week["verdict"] in ("reliable", "unreliable") and (week["verdict"] == "reliable") == (not week["reasons"])
     assert week["answered"] == answered["week-a"] and 0 <= week["estimated_auc_low"] <= week["estimated_auc_high"] <= 1
-    printed = [line for line in estimated.stderr.splitlines() if f"estimated period {week_a}, site (none), v" in line]
-    assert len(printed) == 1 and re.search(r"[,;] auc \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", printed[0]), printed
-    assert printed[0].rstrip().endswith(week["verdict"] + (f": {week['reasons']}" if week["reasons"] else ""))
+    printed = [
+        re.sub(r"\x1b\[[0-9;]*m", "", line).strip()  # the console's colours
+        for line in estimated.stderr.splitlines()
+        if f"estimated period {week_a}, site (none), v" in line
+    ]
+    assert len(printed) == 1 and f": {week['answered']} answered; " in printed[0], printed
+    shown = [m for m in ("sensitivity", "specificity", "ppv", "npv", "auc") if np.isfinite(week[f"estimated_{m}"])]
+    assert shown, week  # the smoke model's week: at least the metrics whose estimate is finite, each with its band
+    for m in shown:
+        band = f"{m} {week[f'estimated_{m}']:.3f} ({week[f'estimated_{m}_low']:.3f}-{week[f'estimated_{m}_high']:.3f})"
+        assert band in printed[0], (band, printed[0])
+    assert printed[0].endswith(week["verdict"] + (f": {week['reasons']}" if week["reasons"] else "")), printed[0]
     assert {"estimates.csv", "report.json", "estimated_sensitivity.png"} <= {
         p.name for p in (tmp_path / "estimated").iterdir()
     }
