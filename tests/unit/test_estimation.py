@@ -2,6 +2,7 @@
 matrix and AUC, the prevalence, the bands against labels drawn the way the world draws them, the verdict's reasons,
 and the estimate beside feedback's realised metrics."""
 
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -282,6 +283,8 @@ def test_side_by_side_alerts_only_on_a_reliable_drop_and_says_estimated():
     assert "out of distribution" in comparison.lines(table)[1]
     summary = comparison.summary(table, alerts)
     assert summary["estimated_reliable"] == 1 and summary["estimates"][1]["verdict"] == UNRELIABLE
+    empty = comparison.summary(estimation.estimate(world.log(p_good[:10], status="unreadable"), {}, "week"), [])
+    assert empty["estimates"][0]["estimated_sensitivity"] is None and "NaN" not in json.dumps(empty)
     figures = estimated_figures(both, 0.95, 0.9)
     assert set(figures) == {"estimated_sensitivity", "estimated_specificity", "estimated_auc"}
     assert all(isinstance(image, Image.Image) and image.width > 300 for image in figures.values())
