@@ -866,7 +866,7 @@ def test_two_batches_and_serving_meet_their_labels_and_a_week_that_went_wrong_al
     assert {(week_a, ""), (week_b, "")} <= set(groups) and summary["estimated_groups"] == len(summary["estimates"])
     week = groups[(week_a, "")]
     assert week["verdict"] in ("reliable", "unreliable") and (week["verdict"] == "reliable") == (not week["reasons"])
-    assert week["answered"] == answered["week-a"] and 0 <= week["estimated_auc_low"] <= week["estimated_auc_high"] <= 1
+    assert week["answered"] == answered["week-a"]  # the smoke model's week: which estimates are defined varies
     printed = [
         re.sub(r"\x1b\[[0-9;]*m", "", line).strip()  # the console's colours
         for line in estimated.stderr.splitlines()
@@ -878,6 +878,7 @@ def test_two_batches_and_serving_meet_their_labels_and_a_week_that_went_wrong_al
     for m in shown:
         band = f"{m} {week[f'estimated_{m}']:.3f} ({week[f'estimated_{m}_low']:.3f}-{week[f'estimated_{m}_high']:.3f})"
         assert band in printed[0], (band, printed[0])
+        assert 0 <= week[f"estimated_{m}_low"] <= week[f"estimated_{m}_high"] <= 1
     assert printed[0].endswith(week["verdict"] + (f": {week['reasons']}" if week["reasons"] else "")), printed[0]
     assert {"estimates.csv", "report.json", "estimated_sensitivity.png"} <= {
         p.name for p in (tmp_path / "estimated").iterdir()
