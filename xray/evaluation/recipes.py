@@ -175,6 +175,7 @@ def recalibrated_site_metrics(
         "calibration_counts": counts,
         "measured_images": int((~mask).sum()),
         "calibration": calibration.as_dict(),
+        "calibration_covariance": parameter_covariance(calibration, logits[mask]),
         "threshold_policy": policy,
         "metrics": measured,
         "meets_policy": bool(meets),

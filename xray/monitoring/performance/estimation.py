@@ -110,7 +110,7 @@ class Reference:
 def point_prevalence(point: dict) -> float | None:
     """The share of PNEUMONIA a site's operating point was fitted on: its ``prevalence``, else the counts of its
     ``fitted_on`` (xray.evaluation.recipes.site_operating_point: ``val of this site at training ({...})``)."""
-    if "prevalence" in point:
+    if point.get("prevalence") is not None:
         return float(point["prevalence"])
     found = re.search(r"'NORMAL': (\d+), 'PNEUMONIA': (\d+)", str(point.get("fitted_on", "")))
     if not found or not int(found[1]) + int(found[2]):
