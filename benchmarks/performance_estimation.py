@@ -195,21 +195,31 @@ def measure(model_version: str = "champion", samples: int | None = None, seed: i
 
 
 def weeks(made: list[dict], predicted: dict, test: pd.DataFrame, references: dict, settings) -> tuple:
-    """Each period as one week of the log: estimated (and plain CBPE) beside realised; both tables, a row a period."""
-    results, plain = [], []
-    unadjusted = replace(settings, adjust_prevalence=False)
+    """The periods as one log, a week each in their order (so the calibration test pools each week with the ones
+    before it, as it does on a real log): estimated (and plain CBPE) beside realised; both tables, a row a period.
+    An image drawn into two weeks is two visits: its key carries the week."""
+    logs, labels, names = [], [], {}
     for week, period in enumerate(made):
         table = pd.DataFrame([predicted[m] for m in period["members"]])
-        log = prediction_log.log_rows(table, "batch", "benchmark", now=FIRST_WEEK + timedelta(weeks=week))
+        when = FIRST_WEEK + timedelta(weeks=week)
+        log = prediction_log.log_rows(table, "batch", "benchmark", now=when)
+        log["sha256"] = log["sha256"] + f"-{week}"
         truth = [test["truth"].iloc[i] for i, _ in period["members"] if isinstance(i, int)]
         labelled = log["path"].str.match(r"^\d+:")
-        labels = pd.DataFrame({"sha256": log.loc[labelled, "sha256"], "label": np.where(truth, "PNEUMONIA", "NORMAL")})
-        labels.attrs["key"] = "sha256"
-        realised = feedback.performance(feedback.join(labels, log), settings.samples, settings.seed)
-        both = comparison.side_by_side(estimation.estimate(log, references, "week", settings), realised)
-        results.append(both.assign(kind=period["kind"], label=period["label"]))
-        plain.append(comparison.side_by_side(estimation.estimate(log, references, "week", unadjusted), realised))
-    return pd.concat(results, ignore_index=True), pd.concat(plain, ignore_index=True)
+        sha = log.loc[labelled, "sha256"]
+        labels.append(pd.DataFrame({"sha256": sha, "label": np.where(truth, "PNEUMONIA", "NORMAL")}))
+        logs.append(log)
+        names[feedback.period_of(pd.Series([when]), "week").iloc[0]] = (period["kind"], period["label"])
+    log, labels = pd.concat(logs, ignore_index=True), pd.concat(labels, ignore_index=True)
+    labels.attrs["key"] = "sha256"
+    realised = feedback.performance(feedback.join(labels, log), settings.samples, settings.seed)
+    unadjusted = replace(settings, adjust_prevalence=False)
+    both, plain = (
+        comparison.side_by_side(estimation.estimate(log, references, "week", used), realised)
+        for used in (settings, unadjusted)
+    )
+    both["kind"], both["label"] = [names[period][0] for period in both["period"]], [names[p][1] for p in both["period"]]
+    return both, plain
 
 
 def site_calibrated(predictor, test: pd.DataFrame, settings, fraction: float) -> dict:

@@ -87,27 +87,42 @@ def infer(**options):
 
 
 @click.command()
-@click.option("--images", required=True, help=IMAGES_HELP)
-@click.option("--model-version", default="champion", show_default=True, help=VERSION_HELP)
+@click.option("--images", default=None, help=IMAGES_HELP + " Required unless --from-log.")
+@click.option("--model-version", default=None, help=VERSION_HELP + " [default: champion]")
 @click.option(
     "--output",
     default="outputs/monitoring",
     show_default=True,
-    help="A folder for report.html, report.json, plots and predictions.csv.",
+    help="A folder for report.html, report.json, plots and predictions.csv (--from-log: estimates.csv, report.json "
+    "and the estimated_*.png plots).",
 )
 @click.option(
     "--fail-on-drift",
     is_flag=True,
     help=f"Exit with code {DRIFT_EXIT_CODE} when drift is detected (after the summary).",
 )
+@click.option(
+    "--from-log",
+    is_flag=True,
+    help="No batch: estimate sensitivity, specificity, PPV, NPV and AUC from the prediction log's calibrated "
+    "probabilities, per period (monitoring.feedback_period), site and version, with 95% bands and a verdict "
+    "(reliable or not, and why); no label is read. A reliable estimated drop alerts like feedback, labelled "
+    "estimated.",
+)
 @job_options
-def monitor(images, model_version, output, fail_on_drift, **options):
-    """Is a batch still like the training data? Out-of-distribution checks and a drift report."""
+def monitor(images, model_version, output, fail_on_drift, from_log, **options):
+    """Is a batch still like the training data? Out-of-distribution checks and a drift report; or, --from-log, this
+    period's performance estimated before the labels come."""
     from xray.requests import MonitoringRequest
 
     def build(config):
         return MonitoringRequest(
-            config=config, images=images, model_version=model_version, output=output, fail_on_drift=fail_on_drift
+            config=config,
+            images=images,
+            model_version=model_version,
+            output=output,
+            fail_on_drift=fail_on_drift,
+            from_log=from_log,
         )
 
     def exit_code(summary: dict) -> int:

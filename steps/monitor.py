@@ -34,6 +34,7 @@ def score_batch(
 ]:
     """The batch's predictions, out-of-distribution features and its most unusual images."""
     config = request.config
+    assert request.images is not None  # a batch's run; from_log runs estimate_from_log instead
     predictor = load(model_info, config.registry.model_name, config.inference.runtime)
     limits, attempts = config.data.limits, config.s3.max_attempts
     wanted = batch.Wanted(keep=True, examples=8)

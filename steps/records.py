@@ -45,3 +45,12 @@ class SiteEvaluation:
     stored or proposed."""
 
     summary: dict[str, Any]
+
+
+@dataclass
+class EstimatedPerformance:
+    """Performance estimated from the prediction log before the labels (xray.monitoring.performance.comparison's
+    summary: counts, alerts, every group's estimate with its band and verdict) and one printable line per group."""
+
+    summary: dict[str, Any]
+    lines: list[str] = field(default_factory=list)

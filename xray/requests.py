@@ -110,11 +110,38 @@ class InferenceRequest(VersionRequest):
 
 
 class MonitoringRequest(VersionRequest):
-    """``monitor``: a batch of ``images`` against the version's reference profile; the report under ``output``."""
+    """``monitor``: a batch of ``images`` against the version's reference profile, or (``from_log``) the prediction
+    log's performance estimated per period, site and version, with a verdict on each, no label read; the report under
+    ``output``."""
 
-    images: str
+    model_version: str | None = None  # type: ignore[assignment]  # none with from_log, unlike other version jobs
+    """A batch's version (``champion`` when not given); none with ``from_log``, which estimates every version."""
+    images: str | None = None
     output: Path = Path("outputs/monitoring")
     fail_on_drift: bool = False
+    from_log: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _champion_by_default(cls, data):
+        if isinstance(data, dict) and not data.get("from_log") and data.get("model_version") is None:
+            return {**data, "model_version": "champion"}
+        return data
+
+    @model_validator(mode="after")
+    def _a_batch_or_the_log(self):
+        if not self.from_log:
+            if self.images is None:
+                raise ValueError("monitor needs --images (a batch to check) or --from-log (the prediction log)")
+            return self
+        given = ["--images"] * (self.images is not None) + ["--fail-on-drift"] * self.fail_on_drift
+        given += ["--model-version"] * (self.model_version is not None)
+        if given:
+            raise ValueError(
+                f"--from-log estimates every version in the prediction log; {' and '.join(given)} "
+                f"belong{'s' * (len(given) == 1)} to a batch (monitor --images)"
+            )
+        return self
 
 
 class EvaluationRequest(VersionRequest):

@@ -1080,6 +1080,53 @@ def test_two_batches_and_serving_meet_their_labels_and_a_week_that_went_wrong_al
     experiment = client.get_experiment_by_name("chest-xray-feedback")
     runs = client.search_runs([experiment.experiment_id])
     assert any(run.data.tags.get("degraded") == "true" for run in runs)
+    # Feedback puts the estimate of the same predictions beside the realised metrics, one plot per metric.
+    both = pd.read_csv(output / "estimated_vs_realised.csv", keep_default_na=False)
+    assert both["period"].tolist() == [week_a, week_b] and {"estimated_auc_low", "auc_high", "verdict"} <= set(both)
+    assert (output / "estimated_auc.png").stat().st_size > 10_000
+
+    # Before any label: monitor --from-log (the earlier form, --pipeline monitoring) estimates every week, site and
+    # version of the same log. No labels file exists any more, and the command takes none.
+    labels_path.unlink()
+    estimated = run_command(
+        [
+            ROOT / "run.py",
+            "--pipeline",
+            "monitoring",
+            "--from-log",
+            "--config",
+            tmp_path / "config.yaml",
+            "--output",
+            tmp_path / "estimated",
+        ],
+        env,
+        900,
+    )
+    summary = summary_of(estimated)
+    groups = {(e["period"], e["site"]): e for e in summary["estimates"]}
+    assert {(week_a, ""), (week_b, "")} <= set(groups) and summary["estimated_groups"] == len(summary["estimates"])
+    week = groups[(week_a, "")]
+    assert week["verdict"] in ("reliable", "unreliable") and (week["verdict"] == "reliable") == (not week["reasons"])
+    assert week["answered"] == answered["week-a"]  # the smoke model's week: which estimates are defined varies
+    printed = [
+        re.sub(r"\x1b\[[0-9;]*m", "", line).strip()  # the console's colours
+        for line in estimated.stderr.splitlines()
+        if f"estimated period {week_a}, site (none), v" in line
+    ]
+    assert len(printed) == 1 and f": {week['answered']} answered; " in printed[0], printed
+    shown = [m for m in ("sensitivity", "specificity", "ppv", "npv", "auc") if week[f"estimated_{m}"] is not None]
+    assert shown, week  # the smoke model's week: at least the metrics whose estimate is finite, each with its band
+    for m in shown:
+        band = f"{m} {week[f'estimated_{m}']:.3f} ({week[f'estimated_{m}_low']:.3f}-{week[f'estimated_{m}_high']:.3f})"
+        assert band in printed[0], (band, printed[0])
+        assert 0 <= week[f"estimated_{m}_low"] <= week[f"estimated_{m}_high"] <= 1
+    assert printed[0].endswith(week["verdict"] + (f": {week['reasons']}" if week["reasons"] else "")), printed[0]
+    assert {"estimates.csv", "report.json", "estimated_sensitivity.png"} <= {
+        p.name for p in (tmp_path / "estimated").iterdir()
+    }
+    experiment = client.get_experiment_by_name("chest-xray-monitoring")
+    run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    assert any(key.startswith("estimated_auc/no-site/v") for key in run.data.metrics)
 
 
 def test_sharded_inference_fans_out_steps_and_writes_the_rows_of_one_run(local, tmp_path):

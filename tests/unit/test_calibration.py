@@ -165,3 +165,23 @@ def test_a_recalibration_that_is_not_shown_to_meet_the_sensitivity_floor_says_so
     good = recalibrated_site_metrics(y, strong, groups, 0.5, evaluate, seed=0)
     assert good["meets_policy"] == (good["metrics"]["sensitivity_ci_low"] >= 0.95)
     assert min(good["calibration_counts"].values()) >= 30
+
+
+def test_the_parameter_covariance_is_the_spread_of_the_fit_over_resampled_calibration_sets():
+    """What a site's band draws (estimation._perturbed): the inverse Fisher information at the fit, from the logits
+    alone, against the spread of (1 / temperature, bias) refitted on 300 bootstrap resamples of a 300-image set."""
+    from xray.evaluation.calibration import fit_calibration, parameter_covariance
+
+    y, z = _scores(300, seed=8, scale=2.0, shift=-1.0)
+    fitted = fit_calibration(y, z, "platt")
+    covariance = np.array(parameter_covariance(fitted, z))
+    rng = np.random.default_rng(0)
+    refits = []
+    for _ in range(300):
+        pick = rng.integers(0, len(y), len(y))
+        again = fit_calibration(y[pick], z[pick], "platt")
+        refits.append([1 / again.temperature, again.bias])
+    empirical = np.cov(np.array(refits).T)
+    np.testing.assert_allclose(np.sqrt(np.diag(covariance)), np.sqrt(np.diag(empirical)), rtol=0.25)
+    assert np.shape(parameter_covariance(fit_calibration(y, z, "temperature"), z)) == (1, 1)
+    assert parameter_covariance(fit_calibration(y, z, "none"), z) is None

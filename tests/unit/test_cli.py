@@ -102,6 +102,10 @@ def test_the_help_lists_one_command_per_job_and_each_its_own_options(launched):
         ),
         (["infer", "--images", "dicomweb://p:8042/dicom-web", "--write-back"], "infer", {"heatmaps": False}),
         (["--pipeline", "monitoring", "--images", "x", "--fail-on-drift"], "monitor", {"fail_on_drift": True}),
+        (["monitor", "--images", "x"], "monitor", {"model_version": "champion", "from_log": False}),
+        (["monitor", "--images", "x", "--model-version", "2"], "monitor", {"model_version": "2"}),
+        (["monitor", "--from-log"], "monitor", {"from_log": True, "images": None}),
+        (["--pipeline", "monitoring", "--from-log"], "monitor", {"from_log": True, "images": None}),
         (
             ["evaluate", "--dataset-uri", "s.zip", "--recalibrate-fraction", "0.3"],
             "evaluate",
@@ -294,6 +298,15 @@ def test_make_monitor_without_images_says_that_images_is_required():
             "--recalibrate-fraction belongs to evaluate",
         ),
         (["--pipeline", "inference", "--images", "x", "--if-changed"], "--if-changed belongs to train, not infer"),
+        (["monitor"], "monitor needs --images (a batch to check) or --from-log (the prediction log)"),
+        (
+            ["--pipeline", "monitoring", "--from-log", "--images", "x"],
+            "--from-log estimates every version in the prediction log; --images belongs to a batch (monitor --images)",
+        ),
+        (
+            ["monitor", "--from-log", "--model-version", "2", "--fail-on-drift"],
+            "--fail-on-drift and --model-version belong to a batch",
+        ),
         (["--if-changed", "--schedule", "0 3 * * 1"], "--if-changed checks once, before a launch"),
         (["infer", "--images", "x", "--write-back"], "--write-back needs --images dicomweb://"),
         (["infer", "--images", "dicomweb://p:8042/dicom-web", "--heatmaps"], "--heatmaps needs --write-back and"),
@@ -357,3 +370,17 @@ def test_fail_on_degradation_prints_each_alert_and_exits_4_after_the_summary(lau
     assert result.exit_code == DEGRADATION_EXIT_CODE == 4
     assert f"error: {alert}" in result.output and '"labels": 120' in result.output
     assert CliRunner().invoke(main, args).exit_code == 0, "without the flag an alert is reported, not fatal"
+
+
+@pytest.mark.parametrize(
+    "fields", [{"from_log": True}, {"images": "x"}, {"images": "x", "model_version": "2", "fail_on_drift": True}]
+)
+def test_a_monitoring_request_survives_the_round_trip_a_step_input_makes(fields):
+    """ZenML hands a step its request dumped and validated again: --from-log's (no version) and a batch's (champion
+    by default) come back equal, not refused as an explicit --model-version."""
+    from xray.requests import MonitoringRequest
+
+    request = MonitoringRequest(config=load_config(SMOKE), **fields)
+    assert request.model_version == (None if request.from_log else fields.get("model_version", "champion"))
+    assert MonitoringRequest.model_validate(request.model_dump()) == request
+    assert MonitoringRequest.model_validate_json(request.model_dump_json()) == request

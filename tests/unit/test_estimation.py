@@ -2,6 +2,7 @@
 matrix and AUC, the prevalence, the bands against labels drawn the way the world draws them, the verdict's reasons,
 and the estimate beside feedback's realised metrics."""
 
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from xray.config.evaluate import EvaluateConfig
 from xray.evaluation.metrics import choose_threshold
-from xray.evaluation.recipes import site_operating_point
+from xray.evaluation.recipes import apply_operating_point, site_operating_point
 from xray.monitoring import prediction_log
 from xray.monitoring.performance import comparison, estimation, feedback
 from xray.monitoring.performance.estimation import RELIABLE, UNRELIABLE, Reference, Settings
@@ -282,6 +283,169 @@ def test_side_by_side_alerts_only_on_a_reliable_drop_and_says_estimated():
     assert "out of distribution" in comparison.lines(table)[1]
     summary = comparison.summary(table, alerts)
     assert summary["estimated_reliable"] == 1 and summary["estimates"][1]["verdict"] == UNRELIABLE
+    empty = comparison.summary(estimation.estimate(world.log(p_good[:10], status="unreadable"), {}, "week"), [])
+    assert empty["estimates"][0]["estimated_sensitivity"] is None and "NaN" not in json.dumps(empty)
     figures = estimated_figures(both, 0.95, 0.9)
     assert set(figures) == {"estimated_sensitivity", "estimated_specificity", "estimated_auc"}
     assert all(isinstance(image, Image.Image) and image.width > 300 for image in figures.values())
+
+
+def test_a_week_made_of_out_of_scope_or_drifted_images_is_unreliable_with_its_reason():
+    """Acceptance: a period of images out of scope (all, or a third), or of images a shift moved (flagged one by one,
+    or each only a little), is unreliable, and its reasons say which."""
+    world = World(10)
+    reference, settings = world.reference(), Settings(samples=100)
+    _, p = world.draw(150, 0.5)
+    scoped = world.log(p, scores=world.rng.lognormal(-1.2, 0.5, len(p)))
+    scoped[["status", "reason"]] = ["out_of_scope", "PatientAge 045Y outside the validated 1-5 years"]
+    shifted = world.log(p, scores=world.rng.lognormal(0.5, 0.3, len(p)))  # a synthetic shift: most images flagged
+    third = world.log(p, scores=world.rng.lognormal(-1.2, 0.5, len(p)))
+    third.loc[:49, ["status", "reason"]] = ["out_of_scope", "BodyPartExamined ABDOMEN, not CHEST"]
+    nudged = world.log(p, scores=np.minimum(world.rng.lognormal(-0.7, 0.5, len(p)), 0.99))  # none flagged
+    verdicts = {
+        name: estimation.estimate_group(rows, reference, settings)
+        for name, rows in (("scoped", scoped), ("shifted", shifted), ("third", third), ("nudged", nudged))
+    }
+    assert {v["verdict"] for v in verdicts.values()} == {UNRELIABLE}
+    assert "out of scope: 150 of 150 images (100.0%)" in verdicts["scoped"]["reasons"]
+    assert "too few images: 0 answered" in verdicts["scoped"]["reasons"]
+    assert (shifted["status"] == "out_of_distribution").mean() > 0.8
+    assert "out of distribution: " in verdicts["shifted"]["reasons"] and "drift: " in verdicts["shifted"]["reasons"]
+    assert verdicts["third"]["reasons"].startswith("out of scope: 50 of 150 images")
+    assert (nudged["status"] == "ok").all() and "drift: ood_score unlike val's" in verdicts["nudged"]["reasons"]
+    lines = comparison.lines(
+        pd.DataFrame([{"period": "2026-W48", "site": "", "model_version": "3"} | verdicts["scoped"]])
+    )
+    assert lines[0].endswith(verdicts["scoped"]["reasons"]) and "0 answered; no estimate; unreliable: " in lines[0]
+
+
+def test_monitor_from_log_estimates_the_log_per_week_alerts_on_a_reliable_drop_and_reads_no_label(
+    tmp_path, monkeypatch
+):
+    """The monitoring pipeline's --from-log step on a prediction log in a folder: one estimate per week with its band
+    and verdict, MLflow's estimated_* series a week a step, the alert of today on a reliable estimated drop only,
+    labelled "estimated"; no labels file is ever read."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import steps.estimate as step_module
+    from xray.config.pipeline import PipelineConfig
+    from xray.data import sites
+    from xray.requests import MonitoringRequest
+
+    world = World(11)
+    _, p = world.draw(400, 0.5)
+    first = world.log(p[:200])
+    second = world.log(p[200:], when=MONDAY + timedelta(days=7), start=200)
+    second.loc[second.index[:40], ["status", "reason"]] = ["out_of_distribution", "image content unlike training"]
+    root = tmp_path / "prediction_log"
+    for rows in (first, second):
+        store = prediction_log.open_store(str(root))
+        written = prediction_log.PredictionLog(str(root), "batch", "/data/batch", store=store)
+        written.pending = [rows]
+        written.flush()
+    config = PipelineConfig.model_validate(
+        {
+            "monitoring": {"prediction_log": str(root)},
+            "evaluate": {"bootstrap_samples": 100, "min_sensitivity": 0.995},  # the clean week's band is below
+        }
+    )
+    request = MonitoringRequest(config=config, from_log=True)
+    profile = SimpleNamespace(
+        val_probabilities=world.val_probabilities, val_ood_fraction=0.02, alpha=0.01, val_scores=world.val_scores
+    )
+    calls = []
+    fake_store = SimpleNamespace(
+        load_reference_profile=lambda name, version: calls.append(version) or (profile, None),
+        load_operating_points=lambda name, version: {},
+        versions_test_auc=lambda client, name, versions: {"3": 0.9},
+    )
+    monkeypatch.setattr(step_module, "store", fake_store)
+    posted = []
+    monkeypatch.setattr(step_module, "post_alert", posted.append)
+
+    def no_labels(*args, **kwargs):
+        raise AssertionError("monitor --from-log read a labels file")
+
+    monkeypatch.setattr(sites, "read_labels_file", no_labels)
+    monkeypatch.setattr(feedback, "read_labels", no_labels)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment("m", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            table, record, plots = step_module.estimate_from_log.entrypoint(request=request)
+        history = MlflowClient().get_metric_history(run.info.run_id, "estimated_sensitivity/no-site/v3")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert calls == ["3"]
+    assert table[["period", "verdict"]].values.tolist() == [["2026-W48", RELIABLE], ["2026-W49", UNRELIABLE]]
+    assert table["answered"].tolist() == [200, 160]
+    assert record.summary["estimated_groups"] == 2 and record.summary["period"] == "week"
+    assert record.summary["logged_predictions"] == 400 and len(record.summary["estimates"]) == 2
+    assert re.match(
+        r"period 2026-W48, site \(none\), v3: 200 answered; sensitivity 0\.\d{3} \(0\.\d{3}-0\.\d{3}\), specificity "
+        r".*; reliable$",
+        record.lines[0],
+    )
+    assert "; unreliable: " in record.lines[1] and "out of distribution: 40 of 200 readable images" in record.lines[1]
+    assert record.lines[1].split("; ")[1].startswith("sensitivity 0.")  # shown, never alerted on (below the line too)
+    assert posted == record.summary["estimated_alerts"] and len(posted) == 1
+    assert posted[0].startswith("estimated sensitivity degraded in period 2026-W48, site (none), v3")
+    assert [(m.step, round(m.value, 6)) for m in history] == [
+        (202648, round(table["estimated_sensitivity"].iloc[0], 6)),
+        (202649, round(table["estimated_sensitivity"].iloc[1], 6)),
+    ]
+    assert set(plots.images) == {"estimated_sensitivity", "estimated_specificity", "estimated_auc"}
+
+
+def test_the_calibration_test_pools_the_periods_before_and_stays_quiet_under_label_shift():
+    """A population whose NORMAL images look a little more like PNEUMONIA than val's: no week of 150 alone is
+    refused, the month pooled (this week and the three before, same site and version) is; weeks that only change
+    their prevalence (label shift: any mix of them is val re-weighted) pass pooled too."""
+    verdicts = {}
+    for shift in (0.0, 0.7):
+        world = World(20)
+        logs = []
+        for week, q in enumerate((0.5, 0.3, 0.7, 0.5)):
+            y, p = world.draw(150, q)
+            z = np.log(p / (1 - p)) + np.where(y == 0, shift, 0.0)
+            logs.append(world.log(1 / (1 + np.exp(-z)), when=MONDAY + timedelta(days=7 * week), start=1000 * week))
+        log = pd.concat(logs, ignore_index=True)
+        table = estimation.estimate(log, {"3": world.reference()}, "week", Settings(samples=300))
+        verdicts[shift] = table.loc[table["subgroup"] == "", "reasons"].tolist()
+    assert verdicts[0.0] == ["", "", "", ""]
+    assert verdicts[0.7][:3] == ["", "", ""]
+    assert verdicts[0.7][3].startswith(
+        "calibration: this period's and the 450 earlier answers' probabilities are unlike"
+    )
+
+
+def test_a_sites_calibration_fitted_on_a_few_hundred_images_is_drawn_in_the_band():
+    """A site's own operating point fitted on 177 of its images (as the benchmark's): its parameters are a sample, so
+    the realised sensitivity and specificity of a week fall in bands that draw them (from the covariance the point
+    records) about as often as they should, and less often in bands that take the fit as exact."""
+    world = World(3)
+    profile = SimpleNamespace(
+        val_probabilities=world.val_probabilities, val_ood_fraction=0.02, alpha=0.01, val_scores=world.val_scores
+    )
+
+    def site(n, q):  # NORMAL images a little more like PNEUMONIA to the model than val's: the site's own calibration
+        y = (world.rng.random(n) < q).astype(int)
+        z = world.rng.normal(np.where(y == 1, SEPARATION, -1.0), 1.0)
+        return y, 1 / (1 + np.exp(-(2 * SEPARATION * z + np.log(REFERENCE_PREVALENCE / (1 - REFERENCE_PREVALENCE)))))
+
+    covered = {True: [], False: []}
+    for _ in range(40):
+        point = site_operating_point(*site(177, 0.6), EvaluateConfig())
+        assert np.shape(point["calibration_covariance"]) == (2, 2)
+        y, p = site(150, 0.5)
+        p = apply_operating_point(p, point)
+        rows = world.log(p, site="b", point="site:b").assign(threshold=point["threshold"])
+        truth = realised(y, p, point["threshold"])
+        for drawn in (True, False):
+            used = point if drawn else {k: v for k, v in point.items() if k != "calibration_covariance"}
+            result = estimation.estimate_group(rows, Reference.of(profile, {"b": used}), Settings(samples=200))
+            for name, value in zip(("sensitivity", "specificity"), truth):
+                covered[drawn].append(result[f"estimated_{name}_low"] <= value <= result[f"estimated_{name}_high"])
+    assert np.mean(covered[True]) >= 0.9 and np.mean(covered[True]) > np.mean(covered[False]), covered

@@ -77,6 +77,20 @@ def fit_calibration(y: np.ndarray, logits: np.ndarray, method: str = "platt") ->
     return Calibration("temperature", temperature=float(np.exp(result.x)))
 
 
+def parameter_covariance(calibration: Calibration, logits: np.ndarray) -> list[list[float]] | None:
+    """How well the calibration's parameters are known: the asymptotic covariance of the maximum-likelihood fit, the
+    inverse of the logistic likelihood's Fisher information at the fit, sum of p (1 - p) x x' over the images it was
+    fitted on (x = (logit, 1) for Platt's slope 1 / temperature and bias, the logit alone for a temperature). It needs
+    no label: at the fitted parameters the information depends on the logits alone. None for ``none``."""
+    if calibration.method not in ("platt", "temperature"):
+        return None
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    p = calibration.probability(z)
+    x = np.stack([z, np.ones_like(z)], axis=1) if calibration.method == "platt" else z[:, None]
+    information = (x * (p * (1 - p))[:, None]).T @ x
+    return np.linalg.pinv(information).tolist()
+
+
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float:
     """ECE of P(PNEUMONIA): over ``bins`` equal-width bins, the image-weighted mean |observed rate - mean probability|."""
     y = np.asarray(y, dtype=np.float64).reshape(-1)

@@ -18,7 +18,14 @@ from xray.data.inputs import labels_of, make_spec_for_inference, select
 from xray.data.manifest import subgroups_in
 from xray.errors import DataQualityError
 from xray.evaluation import metrics, plots
-from xray.evaluation.calibration import Calibration, expected_calibration_error, fit_calibration, logit, sigmoid
+from xray.evaluation.calibration import (
+    Calibration,
+    expected_calibration_error,
+    fit_calibration,
+    logit,
+    parameter_covariance,
+    sigmoid,
+)
 from xray.model import gradcam
 from xray.model.network import calibrated_model, logit_model, predict_paths
 
@@ -169,6 +176,7 @@ def recalibrated_site_metrics(
         "calibration_counts": counts,
         "measured_images": int((~mask).sum()),
         "calibration": calibration.as_dict(),
+        "calibration_covariance": parameter_covariance(calibration, logits[mask]),
         "threshold_policy": policy,
         "metrics": measured,
         "meets_policy": bool(meets),
@@ -213,6 +221,7 @@ def site_operating_point(y: np.ndarray, p: np.ndarray, evaluate: EvaluateConfig)
     counts = {name: int((np.asarray(y) == label).sum()) for label, name in enumerate(CLASS_NAMES)}
     return {
         "calibration": calibration.as_dict(),
+        "calibration_covariance": parameter_covariance(calibration, logit(p)),
         "threshold": float(threshold),
         "threshold_policy": policy,
         "fitted_on": f"val of this site at training ({counts})",

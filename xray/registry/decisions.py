@@ -177,8 +177,11 @@ def record_site_evaluation(client, model_name: str, version: str, site: str, res
     Returns what became of the operating point and the card (the summary's ``operating_point``, ``model_card``)."""
     recalibrated, done = result.get("recalibrated"), {}
     if recalibrated is not None and recalibrated["meets_policy"]:
+        counts = recalibrated.get("calibration_counts") or {}
         recalibrated["operating_point"] = {
             "calibration": recalibrated["calibration"],
+            "calibration_covariance": recalibrated.get("calibration_covariance"),
+            "prevalence": counts.get("PNEUMONIA", 0) / max(1, sum(counts.values())) if counts else None,
             "threshold": recalibrated["metrics"]["threshold"],
             "threshold_policy": recalibrated["threshold_policy"],
             "fitted_on": f"{recalibrated['calibration_images']} images of the site (--recalibrate-fraction "

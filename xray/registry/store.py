@@ -297,6 +297,19 @@ def load_reference_profile(model_name: str, version_or_alias: str):
         return ReferenceProfile.load(local), info
 
 
+def load_operating_points(model_name: str, version: str) -> dict[str, dict]:
+    """The version's sites' own operating points: those registered with it (its MLmodel metadata) and those a
+    reviewer approved later (the ``operating_point.<site>`` tags :func:`save_operating_point` sets), without its model."""
+    import mlflow  # lazy: MLflow's import takes seconds
+
+    info = resolve_version(model_name, version)
+    with tempfile.TemporaryDirectory(prefix="xray-mlmodel-") as folder:
+        metadata = mlflow.models.Model.load(download_verified(info, "MLmodel", folder, quiet=True)).metadata or {}
+    tags = mlflow.tracking.MlflowClient().get_model_version(model_name, info.version).tags
+    later = {k.split(".", 1)[1]: json.loads(v) for k, v in tags.items() if k.startswith("operating_point.")}
+    return dict(metadata.get("operating_points") or {}) | later
+
+
 def record_site_result(
     client, model_name: str, version: str, site: str, metrics: dict, run_id: str, recalibrated: dict | None = None
 ) -> None:

@@ -107,7 +107,8 @@ def lines(table: pd.DataFrame) -> list[str]:
 
 
 def summary(table: pd.DataFrame, alerts: list[str]) -> dict:
-    """The keys a summary of the estimate carries (monitor --from-log, feedback): counts, alerts, and every group."""
+    """The keys a summary of the estimate carries (monitor --from-log, feedback): counts, alerts, and every group (an
+    undefined estimate ``None``)."""
     estimates = [f"estimated_{m}{s}" for m in ESTIMATED for s in ("", "_low", "_high")]
     columns = [*GROUP, "subgroup", "answered", *estimates, "verdict", "reasons"]
     return {
@@ -115,5 +116,10 @@ def summary(table: pd.DataFrame, alerts: list[str]) -> dict:
         "estimated_reliable": int((table["verdict"] == RELIABLE).sum()) if len(table) else 0,
         "estimated_unreliable": int((table["verdict"] != RELIABLE).sum()) if len(table) else 0,
         "estimated_alerts": alerts,
-        "estimates": table[[c for c in columns if c in table.columns]].to_dict("records"),
+        "estimates": _records(table[[c for c in columns if c in table.columns]]),
     }
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    """Rows as JSON takes them: an undefined estimate (NaN) is ``None`` (``null``)."""
+    return table.astype(object).where(table.notna(), None).to_dict("records")

@@ -18,8 +18,10 @@ shift p' is calibrated for the period. Plain CBPE (``Settings.adjust_prevalence=
 P(label | image) unchanged instead, which a change of prevalence breaks.
 
 **Bands.** 95% percentile intervals over ``samples`` draws. Each draw resamples the period's images (bootstrap:
-which images the period happened to get), re-estimates the prevalence on them, and draws each image's label from its
-probability (Poisson-binomial: which of them are PNEUMONIA). The band is where the realised value should fall.
+which images the period happened to get), draws the calibration's parameters where the operating point records how
+well its fit knows them (``calibration_covariance``: a site's calibration fitted on a few hundred images is itself a
+sample), re-estimates the prevalence on them, and draws each image's label from its probability (Poisson-binomial:
+which of them are PNEUMONIA). The band is where the realised value should fall.
 
 **The verdict** (:func:`judge`). An estimate is ``reliable`` unless one of these holds, each said in ``reasons``:
 
@@ -34,7 +36,9 @@ probability (Poisson-binomial: which of them are PNEUMONIA). The band is where t
   shift that moves every image a little (a new exposure curve, another scanner) flags few images one by one;
 - calibration: the probabilities (at the version's operating point) are unlike val's re-weighted to any prevalence
   (:func:`label_shift_test`): the images of a class no longer look to the model as val's did, so the calibration,
-  and with it the estimate, need not hold;
+  and with it the estimate, need not hold. Tested on the period, then pooled with the ``window - 1`` periods before
+  it of the same site and version: under label shift any mix of periods is val re-weighted too, so pooling keeps
+  the test valid and multiplies its power;
 - a site without its own calibration: a row of a named site at another operating point than the site's own;
 - no reference: the version's reference profile (or the operating point's prevalence) is unknown.
 
@@ -52,6 +56,7 @@ import pandas as pd
 from scipy.stats import ks_2samp
 
 from xray.data.manifest import SUBGROUPS
+from xray.evaluation.calibration import logit, sigmoid
 from xray.monitoring.drift import ood_share_test
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE, ReferenceProfile
 from xray.monitoring.performance.feedback import GROUP, period_of
@@ -83,24 +88,29 @@ class Reference:
     """Val's ``ood_score``: the reference of the drift test."""
     probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     """Val's calibrated probabilities: the reference of the label-shift test (:func:`label_shift_test`)."""
+    calibrations: dict[str, tuple[dict, np.ndarray]] = field(repr=False, default_factory=dict)
+    """Per site operating point that records it: its calibration and the covariance of its parameters."""
 
     @classmethod
     def of(cls, profile: ReferenceProfile, operating_points: dict[str, dict] | None = None) -> Reference:
         """From the version's profile (val's calibrated probabilities: a Platt fit by maximum likelihood has their
         mean equal to val's prevalence) and its sites' operating points (the counts each was fitted on)."""
-        prevalence = {VERSION_POINT: float(np.mean(profile.val_probabilities))}
+        prevalence, calibrations = {VERSION_POINT: float(np.mean(profile.val_probabilities))}, {}
         for site, point in (operating_points or {}).items():
             share = point_prevalence(point)
             if share is not None:
                 prevalence[f"site:{site}"] = share
+            if point.get("calibration_covariance") and point["calibration"]["method"] in ("platt", "temperature"):
+                calibrations[f"site:{site}"] = (point["calibration"], np.asarray(point["calibration_covariance"]))
         expected = max(profile.val_ood_fraction, profile.alpha)
-        return cls(prevalence, expected, profile.alpha, profile.val_scores, np.asarray(profile.val_probabilities))
+        probabilities = np.asarray(profile.val_probabilities)
+        return cls(prevalence, expected, profile.alpha, profile.val_scores, probabilities, calibrations)
 
 
 def point_prevalence(point: dict) -> float | None:
     """The share of PNEUMONIA a site's operating point was fitted on: its ``prevalence``, else the counts of its
     ``fitted_on`` (xray.evaluation.recipes.site_operating_point: ``val of this site at training ({...})``)."""
-    if "prevalence" in point:
+    if point.get("prevalence") is not None:
         return float(point["prevalence"])
     found = re.search(r"'NORMAL': (\d+), 'PNEUMONIA': (\d+)", str(point.get("fitted_on", "")))
     if not found or not int(found[1]) + int(found[2]):
@@ -118,6 +128,8 @@ class Settings:
     """Expected images of each class a reliable estimate needs (``monitoring.feedback_min_per_class``)."""
     adjust_prevalence: bool = True
     seed: int = 0
+    window: int = 4
+    """Periods (this one and those before it, same site and version) the calibration test pools."""
 
 
 # -- the estimate of one set of answered rows ------------------------------------------------------------------------
@@ -176,11 +188,23 @@ def _ratios(tp, fp, tn, fn) -> dict:
         }
 
 
-def estimate_rows(p, called, reference, settings: Settings = Settings()) -> dict:
+def _perturbed(p: np.ndarray, calibrations, size: int, rng) -> np.ndarray:
+    """``size`` draws of ``p``, each operating point's calibration parameters drawn from the fit's asymptotic normal
+    (``calibrations``: (rows, their uncalibrated logit, the fitted (slope, bias) or (slope,), their covariance))."""
+    drawn = np.repeat(p[None], size, axis=0)
+    for rows, z, mean, covariance in calibrations:
+        theta = rng.multivariate_normal(mean, covariance, size)
+        bias = theta[:, 1:2] if len(mean) == 2 else 0.0  # a temperature has no bias
+        drawn[:, rows] = sigmoid(np.maximum(theta[:, :1], 1e-3) * z + bias)
+    return np.clip(drawn, _CLIP, 1 - _CLIP)
+
+
+def estimate_rows(p, called, reference, settings: Settings = Settings(), calibrations=()) -> dict:
     """The estimate of one set of answered rows: expected counts, the metrics and their 95% bands, the prevalence.
 
     ``p``: calibrated probabilities; ``called``: PNEUMONIA at the row's threshold; ``reference``: per row, the
-    prevalence its calibration was fitted on (used when ``settings.adjust_prevalence``)."""
+    prevalence its calibration was fitted on (used when ``settings.adjust_prevalence``); ``calibrations``: the rows
+    whose calibration's parameters the bands draw (:func:`_perturbed`)."""
     p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
     called = np.asarray(called, dtype=bool)
     reference = np.clip(np.broadcast_to(np.asarray(reference, dtype=np.float64), p.shape), _CLIP, 1 - _CLIP)
@@ -206,7 +230,9 @@ def estimate_rows(p, called, reference, settings: Settings = Settings()) -> dict
     chunk = max(1, min(settings.samples, _CELLS // n))
     for start in range(0, settings.samples, chunk):
         weights = rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, settings.samples - start)).astype(np.float64)
-        drawn = reweight(p, reference, prevalence_mle(ratio_1, ratio_0, weights)) if adjust else p[None]
+        drawn = _perturbed(p, calibrations, len(weights), rng) if calibrations else p[None]
+        ratios = (drawn / reference, (1 - drawn) / (1 - reference)) if calibrations else (ratio_1, ratio_0)
+        drawn = reweight(drawn, reference, prevalence_mle(*ratios, weights)) if adjust else drawn
         positives = rng.binomial(weights.astype(np.int64), np.broadcast_to(drawn, weights.shape)).astype(np.float64)
         negatives = weights - positives
         counts = [(positives * called).sum(1), (negatives * called).sum(1)]
@@ -261,8 +287,9 @@ def label_shift_test(p: np.ndarray, reference: np.ndarray, samples: int, seed: i
     return distance, (1 + beyond) / (1 + samples), float(q[0])
 
 
-def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, settings: Settings) -> list[str]:
-    """Why the estimate of ``rows`` (one group of the log, every status) is unreliable; empty when it is reliable."""
+def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, settings: Settings, earlier=()) -> list[str]:
+    """Why the estimate of ``rows`` (one group of the log, every status) is unreliable; empty when it is reliable.
+    ``earlier``: the answers at the version's operating point of the periods before (pooled by the calibration test)."""
     reasons = []
     status = rows["status"].astype(str)
     if reference is None:
@@ -299,16 +326,20 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
             )
     answered = rows[status == "ok"]
     at_version = answered.loc[answered["operating_point"] == VERSION_POINT, "probability"].to_numpy(dtype=np.float64)
-    if len(at_version) >= settings.min_per_class and len(reference.probabilities) >= settings.min_per_class:
-        distance, p_value, prevalence = label_shift_test(
-            at_version, reference.probabilities, settings.samples, settings.seed
-        )
+    pools = [("the", at_version)]
+    if len(earlier):
+        pools.append((f"this period's and the {len(earlier)} earlier answers'", np.r_[np.asarray(earlier), at_version]))
+    for what, pool in pools if len(reference.probabilities) >= settings.min_per_class else ():
+        if len(at_version) < settings.min_per_class:
+            break
+        distance, p_value, prevalence = label_shift_test(pool, reference.probabilities, settings.samples, settings.seed)
         if p_value < settings.alpha:
             reasons.append(
-                f"calibration: the probabilities are unlike val's at any prevalence (Kolmogorov-Smirnov D = "
+                f"calibration: {what} probabilities are unlike val's at any prevalence (Kolmogorov-Smirnov D = "
                 f"{distance:.2f} against val's re-weighted to {prevalence:.0%} PNEUMONIA, p = {p_value:.2g} < "
                 f"{settings.alpha:g}): not a change of prevalence alone"
             )
+            break
     own = np.where(answered["site"] == "", VERSION_POINT, "site:" + answered["site"].astype(str))
     foreign = answered[answered["operating_point"].to_numpy() != own]
     if len(foreign):
@@ -350,8 +381,20 @@ def _groups(rows: pd.DataFrame):
                     yield keys, f"{name}={value}", group[values == value]
 
 
-def estimate_group(rows: pd.DataFrame, reference: Reference | None, settings: Settings) -> dict:
-    """The estimate and verdict of one group of log rows (every status)."""
+def _calibrations(answered: pd.DataFrame, p: np.ndarray, reference: Reference | None) -> list:
+    """For :func:`_perturbed`: the rows at each operating point whose calibration's covariance is known."""
+    found = []
+    for name, (calibration, covariance) in (reference.calibrations if reference is not None else {}).items():
+        rows = (answered["operating_point"] == name).to_numpy()
+        if rows.any():
+            bias, temperature = float(calibration.get("bias", 0.0)), float(calibration["temperature"])
+            mean = np.array([1 / temperature, bias] if calibration["method"] == "platt" else [1 / temperature])
+            found.append((rows, (logit(p[rows]) - bias) * temperature, mean, covariance))
+    return found
+
+
+def estimate_group(rows: pd.DataFrame, reference: Reference | None, settings: Settings, earlier=()) -> dict:
+    """The estimate and verdict of one group of log rows (every status); ``earlier``: :func:`judge`'s."""
     status = rows["status"].astype(str)
     answered = rows[status == "ok"]
     p = answered["probability"].to_numpy(dtype=np.float64)
@@ -360,7 +403,7 @@ def estimate_group(rows: pd.DataFrame, reference: Reference | None, settings: Se
     prior = answered["operating_point"].map(known).to_numpy(dtype=np.float64)
     adjust = settings.adjust_prevalence and len(prior) > 0 and bool(np.isfinite(prior).all())
     used = replace(settings, adjust_prevalence=adjust)
-    result = estimate_rows(p, called, np.nan_to_num(prior, nan=0.5), used)
+    result = estimate_rows(p, called, np.nan_to_num(prior, nan=0.5), used, _calibrations(answered, p, reference))
     result |= {
         "images": len(rows),
         "readable": int((status != UNREADABLE).sum()),
@@ -369,7 +412,7 @@ def estimate_group(rows: pd.DataFrame, reference: Reference | None, settings: Se
         "share_unreadable": float((status == UNREADABLE).mean()),
         "reference_prevalence": float(prior.mean()) if adjust else float("nan"),
     }
-    reasons = judge(rows, result, reference, settings)
+    reasons = judge(rows, result, reference, settings, earlier)
     return result | {"verdict": UNRELIABLE if reasons else RELIABLE, "reasons": "; ".join(reasons)}
 
 
@@ -383,10 +426,15 @@ def estimate(
     rows = latest(log)
     if "period" not in rows.columns:
         rows["period"] = period_of(rows["time"], period) if len(rows) else pd.Series(dtype=str)
-    table = [
-        dict(zip(GROUP, keys)) | {"subgroup": subgroup} | estimate_group(group, references.get(str(keys[2])), settings)
-        for keys, subgroup, group in _groups(rows)
-    ]
+    table, answers = [], {}  # answers: per site and version, each earlier period's at the version's point
+    for keys, subgroup, group in _groups(rows):
+        before = answers.setdefault(tuple(keys[1:]), []) if not subgroup else []
+        earlier = np.concatenate(before[-(settings.window - 1) :]) if before and settings.window > 1 else ()
+        result = estimate_group(group, references.get(str(keys[2])), settings, earlier)
+        table.append(dict(zip(GROUP, keys)) | {"subgroup": subgroup} | result)
+        if not subgroup:
+            ok = group[(group["status"] == "ok") & (group["operating_point"] == VERSION_POINT)]
+            before.append(ok["probability"].to_numpy(dtype=np.float64))
     if not table:
         return pd.DataFrame(columns=[*GROUP, "subgroup", "verdict", "reasons"])
     return pd.DataFrame(table)
