@@ -119,8 +119,9 @@ test: setup system-packages
 	$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit layer without the slow (training, subprocess) tests: the quick check while editing domain code.
+UNIT_TESTS := tests/xray tests/cli tests/infra tests/materializers tests/project
 test-fast: setup
-	$(PY) -m pytest tests/unit -m "not slow" -q -n $(FAST_WORKERS) --dist loadfile
+	$(PY) -m pytest $(UNIT_TESTS) -m "not slow" -q -n $(FAST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/bench.py

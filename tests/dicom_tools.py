@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 
 DCMJS_VERSION = "0.52.2"
 DCMJS_HOME = ROOT / ".cache" / f"dcmjs-{DCMJS_VERSION}"

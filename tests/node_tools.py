@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import MINI_ZIP
 from fixtures.destination import Destination  # noqa: F401 - the node's tests take it from here
 from fixtures.dicom_factory import SENTINELS, radiograph
+from support import MINI_ZIP
 
 
 def some_jpegs(count: int) -> list[bytes]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import NEAR_OOD_ZIP, require
+from support import NEAR_OOD_ZIP, require
 from xray.monitoring import drift, ood
 
 pytestmark = pytest.mark.slow

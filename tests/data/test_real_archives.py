@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import MINI_ZIP, require
+from support import MINI_ZIP, require
 from xray import CLASS_NAMES
 from xray.config.data import DataConfig
 from xray.config.train import Augmentation
