@@ -176,7 +176,12 @@ def decided(monkeypatch):
 
     calls, signed_in = [], {"user": None}
     monkeypatch.setattr(launch.tracking, "authenticated_user", lambda uri: signed_in["user"])
-    monkeypatch.setattr(launch.decisions, "approve", lambda client, registry, v, who, why: calls.append(who) or {})
+
+    def approve(client, registry, version, who, why, approved_plans=frozenset()):  # the change plans approved so far
+        calls.append(who)
+        return {}
+
+    monkeypatch.setattr(launch.decisions, "approve", approve)
 
     class Version:
         tags = {}
@@ -210,7 +215,7 @@ def test_a_decision_the_server_refuses_is_one_line_naming_the_account(decided, m
     decide, _, signed_in = decided
     signed_in["user"] = "trainer"
 
-    def refuse(client, registry, version, who, why):
+    def refuse(client, registry, version, who, why, approved_plans=frozenset()):
         raise MlflowException(DENIED, error_code=PERMISSION_DENIED)
 
     monkeypatch.setattr(launch.decisions, "approve", refuse)
