@@ -75,15 +75,22 @@ def choose_runtime(setting: str) -> tuple[str, str]:
     return ("openvino", "bf16") if bf16 and not tf.config.list_physical_devices("GPU") else ("keras", "f32")
 
 
+def openvino_model(model):
+    """The Keras model as an ``openvino.Model``: exported as a SavedModel and converted (any batch size)."""
+    import openvino as ov  # lazy: OpenVINO's import takes a second, and only a non-Keras runtime needs it
+
+    with tempfile.TemporaryDirectory(prefix="xray-openvino-") as folder:
+        model.export(folder, format="tf_saved_model", verbose=False)
+        return ov.convert_model(folder)
+
+
 def openvino_forwards(model, image_size: int, precision: str):
     """(pixels -> probabilities, encoded images -> probabilities) on OpenVINO: the Keras model exported as a
     SavedModel and converted; the encoded variant decodes and resizes with TensorFlow, as training did."""
     import openvino as ov  # lazy: as above
     import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
-    with tempfile.TemporaryDirectory(prefix="xray-openvino-") as folder:
-        model.export(folder, format="tf_saved_model", verbose=False)
-        compiled = ov.Core().compile_model(ov.convert_model(folder), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    compiled = ov.Core().compile_model(openvino_model(model), "CPU", {"INFERENCE_PRECISION_HINT": precision})
 
     def forward(batch) -> np.ndarray:
         request = compiled.create_infer_request()  # one per call: serving's threads never share one
