@@ -74,12 +74,16 @@ def probabilities(compiled, pixels: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def val_auc(compiled, items) -> float:
-    """NNCF's validation function: AUC of the compiled model on (pixels, label) items."""
+def val_auc(compiled, items) -> tuple[float, None]:
+    """NNCF's validation function: AUC of the compiled model on (pixels, label) items. AUC has no value per image:
+    on items of one class (NNCF probes with one item) it raises, so NNCF ranks the layers by how much each changes
+    the model's outputs (normalized MSE) and checks the AUC on the whole val set."""
     items = list(items)
-    pixels = np.stack([pixels for pixels, _ in items])
     labels = np.array([label for _, label in items])
-    return float(roc_auc_score(labels, probabilities(compiled, pixels)))
+    if len(set(labels.tolist())) != 2:
+        raise ValueError("val AUC needs images of both classes")
+    pixels = np.stack([pixels for pixels, _ in items])
+    return float(roc_auc_score(labels, probabilities(compiled, pixels))), None
 
 
 def _ignored_scope(recipe: Recipe):
@@ -104,9 +108,7 @@ def quantize(model, calibration: np.ndarray, val: tuple[np.ndarray, np.ndarray],
     reference = probabilities(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), pixels)
     fp32_auc = float(roc_auc_score(labels, reference))
     images = {"calibration": len(calibration), "val": len(pixels)}
-    # Shuffled once, with a fixed seed: NNCF ranks the layers on a subset of the items, which must hold both classes.
-    order = np.random.default_rng(0).permutation(len(pixels))
-    items = [(pixels[i], int(labels[i])) for i in order]
+    items = [(pixels[i], int(labels[i])) for i in range(len(pixels))]
     try:
         int8 = nncf.quantize_with_accuracy_control(
             model,
