@@ -73,7 +73,9 @@ def version_splits(size: int, config_path: Path, calibration_images: int) -> tup
 
     config = load_config(config_path)
     with tempfile.TemporaryDirectory(prefix="xray-int8-") as scratch:
-        dataset, _ = prepare_dataset(ROOT.parent / "shared" / "data" / "chest_xray_224.zip", Path(scratch), config.data, config.seed)
+        dataset, _ = prepare_dataset(
+            ROOT.parent / "shared" / "data" / "chest_xray_224.zip", Path(scratch), config.data, config.seed
+        )
         train = sample(dataset.manifest, "train", None, config.seed).sample(calibration_images, random_state=0)
         val = dataset.manifest[dataset.manifest["split"] == "val"]
 
@@ -199,7 +201,9 @@ def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 
             "auc": round(_auc(y, p), 5),
             "labels_unchanged": float(((p >= threshold) == (reference >= threshold)).mean()),
         }
-        rows[name]["meets_the_bars"] = bool(name != "keras fp32" and meets_the_bars(name, rows[name], rows["keras fp32"]))
+        rows[name]["meets_the_bars"] = bool(
+            name != "keras fp32" and meets_the_bars(name, rows[name], rows["keras fp32"])
+        )
     runtime, precision = choose_runtime("auto")
     chosen = "keras fp32" if runtime == "keras" else f"openvino {precision}"
     summary = {"runtimes": rows, "auto_runs": chosen, "model": info.uri, "image_size": predictor.image_size}

@@ -136,7 +136,9 @@ def quantize(model, calibration: np.ndarray, val: tuple[np.ndarray, np.ndarray],
         images=images,
     )
     if fp32_auc - outcome.val_auc_int8 > recipe.max_drop:
-        outcome.reason = f"val AUC {outcome.val_auc_int8:.4f} lost more than {recipe.max_drop} against fp32 {fp32_auc:.4f}"
+        outcome.reason = (
+            f"val AUC {outcome.val_auc_int8:.4f} lost more than {recipe.max_drop} against fp32 {fp32_auc:.4f}"
+        )
     elif outcome.val_labels_unchanged < recipe.min_labels_unchanged:
         outcome.reason = (
             f"{outcome.val_labels_unchanged:.2%} of val labels unchanged at threshold {threshold:.3f} "
