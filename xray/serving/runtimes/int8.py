@@ -10,7 +10,9 @@ are in docs/BENCHMARKS.md ("int8").
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -94,6 +96,19 @@ def _ignored_scope(recipe: Recipe):
     return nncf.IgnoredScope(types=list(recipe.ignored_types), patterns=list(recipe.ignored_patterns), validate=False)
 
 
+@contextlib.contextmanager
+def _on_stderr():
+    """NNCF's log and progress bars on stderr while it runs: stdout carries a command's one JSON line."""
+    from nncf.common.logging.logger import stdout_handler  # lazy: NNCF's import takes seconds
+
+    stream = stdout_handler.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        stdout_handler.setStream(stream)
+
+
 def quantize(model, calibration: np.ndarray, val: tuple[np.ndarray, np.ndarray], threshold: float, recipe=Recipe()):
     """``model`` (an ``openvino.Model`` in fp32) to int8 under the accuracy control: ``calibration`` train pixels
     (N, size, size, 3), ``val`` (pixels, 0/1 labels), ``threshold`` the version's. An :class:`Int8Outcome`."""
@@ -110,18 +125,19 @@ def quantize(model, calibration: np.ndarray, val: tuple[np.ndarray, np.ndarray],
     images = {"calibration": len(calibration), "val": len(pixels)}
     items = [(pixels[i], int(labels[i])) for i in range(len(pixels))]
     try:
-        int8 = nncf.quantize_with_accuracy_control(
-            model,
-            calibration_dataset=nncf.Dataset(list(calibration), lambda x: np.asarray(x, dtype=np.float32)[None]),
-            validation_dataset=nncf.Dataset(items, lambda item: np.asarray(item[0], dtype=np.float32)[None]),
-            validation_fn=val_auc,
-            max_drop=recipe.max_drop,
-            drop_type=nncf.DropType.ABSOLUTE,
-            preset=getattr(nncf.QuantizationPreset, recipe.preset.upper()),
-            model_type=getattr(nncf.ModelType, recipe.model_type.upper()) if recipe.model_type else None,
-            ignored_scope=_ignored_scope(recipe),
-            subset_size=recipe.subset_size,
-        )
+        with _on_stderr():
+            int8 = nncf.quantize_with_accuracy_control(
+                model,
+                calibration_dataset=nncf.Dataset(list(calibration), lambda x: np.asarray(x, dtype=np.float32)[None]),
+                validation_dataset=nncf.Dataset(items, lambda item: np.asarray(item[0], dtype=np.float32)[None]),
+                validation_fn=val_auc,
+                max_drop=recipe.max_drop,
+                drop_type=nncf.DropType.ABSOLUTE,
+                preset=getattr(nncf.QuantizationPreset, recipe.preset.upper()),
+                model_type=getattr(nncf.ModelType, recipe.model_type.upper()) if recipe.model_type else None,
+                ignored_scope=_ignored_scope(recipe),
+                subset_size=recipe.subset_size,
+            )
     except nncf.ValidationError as error:  # the recipe names nothing in the model, or NNCF refuses its inputs
         return Int8Outcome(None, f"NNCF refused the recipe: {error}", recipe, fp32_auc, images=images)
     compiled = core.compile_model(int8, "CPU")
