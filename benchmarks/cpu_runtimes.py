@@ -87,7 +87,18 @@ def version_splits(size: int, config_path: Path, calibration_images: int) -> tup
         return pixels(train), (pixels(val), labels_of(val))
 
 
-def int8_runtime(model, threshold: float, size: int, recipe, config_path: Path) -> tuple[object, dict]:
+def cached_splits(size: int, config_path: Path, calibration_images: int, cache: Path | None):
+    """:func:`version_splits`, kept in ``cache`` (an .npz outside the repository) for the next recipe's run."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as saved:
+            return saved["calibration"], (saved["val"], saved["val_labels"])
+    calibration, (val, labels) = version_splits(size, config_path, calibration_images)
+    if cache is not None:
+        np.savez(cache, calibration=calibration, val=val, val_labels=labels)
+    return calibration, (val, labels)
+
+
+def int8_runtime(model, threshold: float, size: int, recipe, cache: Path | None = None) -> tuple[object, dict]:
     """The version's model quantized with accuracy control (xray.serving.runtimes.int8) and its outcome; the
     forward is None when it failed the control."""
     import openvino as ov
@@ -96,7 +107,7 @@ def int8_runtime(model, threshold: float, size: int, recipe, config_path: Path) 
     from xray.serving.runtimes import int8
 
     started = time.perf_counter()
-    calibration, val = version_splits(size, config_path, recipe.subset_size)
+    calibration, val = cached_splits(size, CONFIG, recipe.subset_size, cache)
     loaded = time.perf_counter() - started
     outcome = int8.quantize(openvino_model(model), calibration, val, threshold, recipe)
     figures = outcome.figures() | {"data_seconds": round(loaded, 1)}
@@ -164,7 +175,7 @@ def speed_only(size: int, rounds: int, precisions: list[str]) -> dict:
     } | {"image_size": size}
 
 
-def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 128, recipe=None) -> dict:
+def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 128, recipe=None, cache=None) -> dict:
     """The comparison on a registered version (the local store's, MLFLOW_TRACKING_URI), as bench.record takes it:
     ``value`` is the speedup of the runtime `inference.runtime: auto` runs on this CPU (1.0 where that is Keras)."""
     import mlflow
@@ -184,7 +195,7 @@ def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 
     runtimes = runtimes_for(model, predictor.image_size, precisions)
     quantization = None
     if recipe is not None:
-        forward, quantization = int8_runtime(model, threshold, predictor.image_size, recipe, CONFIG)
+        forward, quantization = int8_runtime(model, threshold, predictor.image_size, recipe, cache)
         if forward is not None:
             runtimes["openvino int8"] = forward
     # Warm-up, and each runtime's probabilities on the whole test split.
@@ -228,6 +239,7 @@ def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 
 @click.option("--ignore-pattern", multiple=True, help="A name pattern int8 leaves in fp32 (repeatable).")
 @click.option("--model-type", default=None, help="NNCF model type (transformer), default none.")
 @click.option("--subset-size", default=300, show_default=True, help="Train images NNCF calibrates on.")
+@click.option("--splits-cache", type=click.Path(path_type=Path), help="An .npz keeping the train and val pixels.")
 def main(model_version: str, rounds: int, speed_size: int, int8: bool, **choices) -> None:  # noqa: PLR0913
     import bench
 
@@ -242,7 +254,7 @@ def main(model_version: str, rounds: int, speed_size: int, int8: bool, **choices
             ignored_patterns=tuple(choices["ignore_pattern"]),
             subset_size=choices["subset_size"],
         )
-    result = measure(model_version, rounds, speed_size, recipe)
+    result = measure(model_version, rounds, speed_size, recipe, choices["splits_cache"])
     print(json.dumps(result, indent=1))
     bench.record("cpu_runtime_speedup", result, ".venv/bin/python benchmarks/cpu_runtimes.py " + " ".join(sys.argv[1:]))
 
