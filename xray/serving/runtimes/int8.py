@@ -97,7 +97,7 @@ def _ignored_scope(recipe: Recipe):
 
 
 @contextlib.contextmanager
-def _on_stderr():
+def on_stderr():
     """NNCF's log and progress bars on stderr while it runs: stdout carries a command's one JSON line."""
     from nncf.common.logging.logger import stdout_handler  # lazy: NNCF's import takes seconds
 
@@ -125,7 +125,7 @@ def quantize(model, calibration: np.ndarray, val: tuple[np.ndarray, np.ndarray],
     images = {"calibration": len(calibration), "val": len(pixels)}
     items = [(pixels[i], int(labels[i])) for i in range(len(pixels))]
     try:
-        with _on_stderr():
+        with on_stderr():
             int8 = nncf.quantize_with_accuracy_control(
                 model,
                 calibration_dataset=nncf.Dataset(list(calibration), lambda x: np.asarray(x, dtype=np.float32)[None]),
