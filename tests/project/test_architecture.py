@@ -21,8 +21,8 @@ STAGES = ("storage", "data", "model", "evaluation", "monitoring", "serving", "re
 CORE_PACKAGES = ("config",)
 ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 # What may stay a function-level import, and why: each takes seconds to import, is optional, or (pydicom) is paid
-# only where a DICOM file arrives, or (openvino) only where that runtime runs.
-LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom", "openvino"}
+# only where a DICOM file arrives, or (openvino, nncf) only where that runtime runs or is made.
+LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom", "openvino", "nncf"}
 
 
 def modules():

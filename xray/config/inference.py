@@ -25,7 +25,10 @@ class InferenceConfig(Section):
     )
     runtime: Literal["auto", "keras", "openvino"] = Field(
         "auto",
-        description="What runs the model: auto is OpenVINO bf16 where the CPU has BF16, else Keras (predictor.py).",
+        description=(
+            "What runs the model: auto is OpenVINO bf16 where the CPU has BF16, else the version's int8 where it "
+            "carries one, else Keras (predictor.py)."
+        ),
     )
     decode: DecodeLimits = DecodeLimits()
     pacs: PacsLimits = PacsLimits()

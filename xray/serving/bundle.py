@@ -7,6 +7,9 @@
     operating_points.json        (optional, beside data/) sites' operating points re-fitted later by
                                  ``--pipeline evaluation --recalibrate-fraction`` (xray.registry.store)
     data/reference_profile/      the out-of-distribution reference (xray.monitoring.ood.ReferenceProfile)
+    data/int8/                   (optional) the int8 OpenVINO model (model.xml, model.bin) that passed its val
+                                 accuracy control, and that control's figures and recipe (int8.json;
+                                 xray.serving.runtimes.int8); ``inference.runtime: auto`` runs it on a CPU without BF16
     code/xray/                   this package, so the pyfunc flavor loads without the project installed
     files.sha256                 the SHA-256 of every other file but the card, as ``sha256sum`` writes them (written
                                  at registration; its own SHA-256 is the version's tag ``model_sha256``)
@@ -43,6 +46,7 @@ CONFIG_FILE = "serving.json"
 OPERATING_POINTS_FILE = "operating_points.json"
 KERAS_FILE = "model.keras"
 PROFILE_DIR = "reference_profile"
+INT8_DIR, INT8_MODEL, INT8_FIGURES = "int8", "model.xml", "int8.json"
 DATA_DIR, CODE_DIR = "data", "code"
 MANIFEST_FILE, CARD_FILE = "files.sha256", "model_card.md"
 NOT_DIGESTED = (MANIFEST_FILE, CARD_FILE, "registered_model_meta")
@@ -65,6 +69,19 @@ def write(folder: str | Path, serving: dict, reference_profile: ReferenceProfile
     package = Path(xray.__file__).parent
     shutil.copytree(package, folder / CODE_DIR / package.name, ignore=shutil.ignore_patterns("__pycache__"))
     return {"loader_module": LOADER_MODULE, "data": DATA_DIR, "code": CODE_DIR}
+
+
+def write_int8(data_path: str | Path, outcome) -> Path | None:
+    """Store an int8 outcome (xray.serving.runtimes.int8.Int8Outcome) in a version's ``data/`` before its file list
+    is made: the model where it passed the control, its figures and recipe either way. The figures' path."""
+    import openvino as ov  # lazy: OpenVINO's import takes a second, and only the int8 runtime needs it
+
+    folder = Path(data_path) / INT8_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    if outcome.passed:
+        ov.save_model(outcome.model, folder / INT8_MODEL, compress_to_fp16=False)
+    (folder / INT8_FIGURES).write_text(json.dumps(outcome.figures(), indent=1, sort_keys=True))
+    return folder / INT8_FIGURES
 
 
 def read(data_path: str | Path) -> ChestXrayPredictor:
@@ -95,9 +112,12 @@ def read(data_path: str | Path) -> ChestXrayPredictor:
     if os.path.isfile(later):
         with open(later) as handle:
             points |= json.load(handle)
-    return ChestXrayPredictor(
+    predictor = ChestXrayPredictor(
         model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile, scope, points
     )
+    int8 = os.path.join(data_path, INT8_DIR, INT8_MODEL)
+    predictor.int8_path = int8 if os.path.isfile(int8) else None  # versions without int8 run as before
+    return predictor
 
 
 class ModelIntegrityError(XrayError):

@@ -53,13 +53,13 @@ RUNTIMES = ("auto", "keras", "openvino")
 logger = logging.getLogger(__name__)
 
 
-def choose_runtime(setting: str) -> tuple[str, str]:
+def choose_runtime(setting: str, has_int8: bool = False) -> tuple[str, str]:
     """(runtime, precision) the model runs on for ``setting`` (XRAY_INFERENCE_RUNTIME overrides it), on this machine.
 
-    ``openvino``: bf16 where the CPU has BF16 (AMX, AVX-512 BF16), else f32. ``auto``: OpenVINO in bf16 where the CPU
-    has BF16 and no GPU is visible, else Keras: bf16 is the one runtime that met the bars (>= 1.3x the compiled Keras
-    rate, AUC within 0.002, >= 99.5% of labels unchanged); OpenVINO fp32 measured 1.28x at 128 px (docs/BENCHMARKS.md,
-    "CPU runtimes")."""
+    ``openvino``: bf16 where the CPU has BF16 (AMX, AVX-512 BF16), else f32. ``auto``, where no GPU is visible:
+    OpenVINO bf16 where the CPU has BF16 (6.07x the compiled Keras rate on AMX); else the version's int8 where it
+    carries one (``has_int8``: made under the val accuracy control, xray.serving.runtimes.int8); else Keras. OpenVINO
+    fp32 measured 1.28x at 128 px, under the 1.3x bar (docs/BENCHMARKS.md, "CPU runtimes" and "int8")."""
     setting = os.environ.get("XRAY_INFERENCE_RUNTIME") or setting
     if setting not in RUNTIMES:
         raise ConfigError(f"inference runtime {setting!r} is not one of {', '.join(RUNTIMES)}")
@@ -72,18 +72,36 @@ def choose_runtime(setting: str) -> tuple[str, str]:
         return "openvino", "bf16" if bf16 else "f32"
     import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
-    return ("openvino", "bf16") if bf16 and not tf.config.list_physical_devices("GPU") else ("keras", "f32")
+    if tf.config.list_physical_devices("GPU"):
+        return "keras", "f32"
+    if bf16:
+        return "openvino", "bf16"
+    return ("openvino", "int8") if has_int8 else ("keras", "f32")
 
 
-def openvino_forwards(model, image_size: int, precision: str):
-    """(pixels -> probabilities, encoded images -> probabilities) on OpenVINO: the Keras model exported as a
-    SavedModel and converted; the encoded variant decodes and resizes with TensorFlow, as training did."""
-    import openvino as ov  # lazy: as above
-    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+def openvino_model(model):
+    """The Keras model as an ``openvino.Model``: exported as a SavedModel and converted (any batch size)."""
+    import openvino as ov  # lazy: OpenVINO's import takes a second, and only a non-Keras runtime needs it
 
     with tempfile.TemporaryDirectory(prefix="xray-openvino-") as folder:
         model.export(folder, format="tf_saved_model", verbose=False)
-        compiled = ov.Core().compile_model(ov.convert_model(folder), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        return ov.convert_model(folder)
+
+
+def openvino_forwards(model, image_size: int, precision: str, int8_path: str | None = None):
+    """(pixels -> probabilities, encoded images -> probabilities) on OpenVINO: the Keras model exported as a
+    SavedModel and converted, or for ``int8`` the version's int8 model read from ``int8_path``; the encoded variant
+    decodes and resizes with TensorFlow, as training did."""
+    import openvino as ov  # lazy: as above
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    core = ov.Core()
+    if precision == "int8":
+        if not int8_path:
+            raise ConfigError("the int8 runtime needs the version's int8 model, and this version has none")
+        compiled = core.compile_model(core.read_model(int8_path), "CPU")
+    else:
+        compiled = core.compile_model(openvino_model(model), "CPU", {"INFERENCE_PRECISION_HINT": precision})
 
     def forward(batch) -> np.ndarray:
         request = compiled.create_infer_request()  # one per call: serving's threads never share one
@@ -151,6 +169,8 @@ class ChestXrayPredictor:
         """The site whose operating point :meth:`table` uses when none is given (batch inference's ``--site``)."""
         self.runtime = "keras f32"
         """What the model runs on (:meth:`use_runtime`); Grad-CAM and evaluation always use the Keras model."""
+        self.int8_path: str | None = None
+        """The version's int8 model (OpenVINO IR), where it carries one (:func:`xray.serving.bundle.read`)."""
         self.use_limits(DecodeLimits())
         # Traced once for every batch size: a call pays for the arithmetic, not model.predict's per-call setup (data
         # adapter, callbacks, a step function per shape). The encoded variant also decodes and resizes inside the
@@ -167,9 +187,11 @@ class ChestXrayPredictor:
 
     def use_runtime(self, setting: str = "auto") -> str:
         """Run :meth:`probabilities` and :meth:`table` on ``setting``'s runtime (:func:`choose_runtime`); its name."""
-        runtime, precision = choose_runtime(setting)
+        runtime, precision = choose_runtime(setting, has_int8=self.int8_path is not None)
         if runtime == "openvino":
-            self._forward, self._forward_encoded = openvino_forwards(self.model, self.image_size, precision)
+            self._forward, self._forward_encoded = openvino_forwards(
+                self.model, self.image_size, precision, self.int8_path
+            )
         self.runtime = f"{runtime} {precision}"
         logger.info("inference runtime: %s (setting %s)", self.runtime, setting)
         return self.runtime
