@@ -12,8 +12,13 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-from xray.environment import apply_defaults
+# Run as a script, Python puts tests/ first on sys.path, where tests/xray/ (the domain's tests) would stand in for the
+# package: the repository's own packages come first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xray.environment import apply_defaults  # noqa: E402
 
 apply_defaults()
 PAUSE_BEFORE_DONE = "XRAY_TEST_PAUSE_BEFORE_DONE"
