@@ -12,9 +12,8 @@ def _audit(action: str, options: dict, **fields) -> None:
     def code(summary) -> int:
         return 0 if not isinstance(summary, dict) or summary.get("intact", True) else AUDIT_BROKEN_EXIT_CODE
 
-    run_job(
-        options, lambda config: AuditRequest(config=config, action=action, **fields), "pipelines.audit:run_audit", code
-    )
+    build = lambda config: AuditRequest(config=config, action=action, **fields)  # noqa: E731
+    run_job(options, build, "pipelines.audit:run_audit", code, tensorflow=False)
 
 
 @click.group()

@@ -63,16 +63,19 @@ def job_options(function: Callable) -> Callable:
     return function
 
 
-def run_job(options: dict, build: Callable, launcher: str, exit_code: Callable[[dict], int] = lambda s: 0) -> None:
+def run_job(
+    options: dict, build: Callable, launcher: str, exit_code: Callable[[dict], int] = lambda s: 0, tensorflow=True
+) -> None:
     """One job: ``build(config)`` makes its request (xray.requests), ``launcher`` (``module:function``, imported
     after logging is set) runs it and returns the summary; ``exit_code(summary)``: 0, or the code that says the job
-    found something (drift, a degradation) after the summary was printed."""
+    found something (drift, a degradation) after the summary was printed; ``tensorflow``: False for a job that never
+    loads it (a decision, the audit), which then starts without its import."""
     from pydantic import ValidationError
 
     if options["verbose"] and options["quiet"]:
         fail("-v and -q contradict each other", 2)
     level = options["log_level"] or ("debug" if options["verbose"] else "warning" if options["quiet"] else "info")
-    configure_logging(level)
+    configure_logging(level, tensorflow)
     from xray.config_file import load_config
     from xray.errors import ConfigError
     from xray.requests import first_error

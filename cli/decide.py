@@ -23,7 +23,7 @@ def _decide(action: str, version: str, reviewer, reason, operating_point, option
             operating_point=operating_point,
         )
 
-    run_job(options, build, "pipelines.decisions:decide")
+    run_job(options, build, "pipelines.decisions:decide", tensorflow=False)
 
 
 @click.command()

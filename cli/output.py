@@ -42,9 +42,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, tensorflow: bool = True) -> None:
     """Before ZenML or TensorFlow is imported: the project's loggers at ``level``, ZenML's at ``level``,
-    third-party noise at WARNING (INFO with debug), and TensorFlow's import banner dropped unless debug."""
+    third-party noise at WARNING (INFO with debug), and TensorFlow imported now with its banner dropped unless debug
+    (``tensorflow``: the job loads it; a person's decision or the audit does not, and starts in seconds)."""
     State.verbose = level == "debug"
     numeric = getattr(logging, level.upper())
     os.environ["ZENML_LOGGING_VERBOSITY"] = level.upper()
@@ -62,7 +63,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker").addFilter(
         lambda record: not record.getMessage().startswith("Failed to disable MLflow autologging")
     )
-    if not State.verbose:
+    if tensorflow and not State.verbose:
         import_tensorflow_quietly()
 
 

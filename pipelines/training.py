@@ -8,21 +8,14 @@ from zenml import Model, pipeline
 from zenml.enums import ExecutionMode
 
 from pipelines import launch
-from steps import (
-    build_datasets,
-    decide_promotion,
-    evaluate_model,
-    ingest_from_s3,
-    load_gate_sets,
-    locate_archive,
-    locate_sources,
-    profile_reference,
-    register_and_promote,
-    score_candidates,
-    train_model,
-    unzip_and_validate,
-)
+from steps.datasets import build_datasets
+from steps.evaluate import evaluate_model
+from steps.ingest import ingest_from_s3, locate_archive, locate_sources
+from steps.prepare import unzip_and_validate
+from steps.profile import profile_reference
+from steps.register import decide_promotion, load_gate_sets, register_and_promote, score_candidates
 from steps.tracking import mark_run_failed
+from steps.train import train_model
 from xray.config.pipeline import PipelineConfig
 from xray.config.registry import MODEL_NAME
 from xray.data.sites import changed_sources, identify_sources

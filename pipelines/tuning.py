@@ -8,8 +8,11 @@ from zenml.enums import ExecutionMode
 
 from pipelines import launch, training
 from pipelines.training import MODEL, evaluate_and_register
-from steps import build_datasets, ingest_from_s3, locate_archive, locate_sources, train_model, unzip_and_validate
+from steps.datasets import build_datasets
+from steps.ingest import ingest_from_s3, locate_archive, locate_sources
+from steps.prepare import unzip_and_validate
 from steps.tracking import mark_run_failed
+from steps.train import train_model
 from steps.tuning import select_trial, train_trial
 from xray.config.pipeline import PipelineConfig
 from xray.model import tuning as search

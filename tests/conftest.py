@@ -17,7 +17,7 @@ from xray.environment import apply_defaults  # noqa: E402 - before TensorFlow or
 apply_defaults()
 # The tests compare served, batch and Keras probabilities to 1e-5, so the model runs on Keras here and in every
 # command they start (isolated_env); the OpenVINO runtime has its own tests (tests/xray/serving/test_runtimes.py, and one run
-# in tests/pipelines/test_local_stack.py that sets auto).
+# in tests/pipelines/test_local_stack_serving.py that sets auto).
 os.environ["XRAY_INFERENCE_RUNTIME"] = "keras"
 # ZenML resolves step and cache-policy sources against a source root: the .zen folder's, else the main module's folder.
 # A pytest-xdist worker's main module has no file and a fresh clone has no .zen, so the tests that import steps in

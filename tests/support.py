@@ -84,6 +84,31 @@ def require(path: Path) -> Path:
     return path
 
 
+_MLFLOW_SCHEMA: list[Path] = []  # this process's migrated, empty MLflow database (mlflow_store)
+
+
+def mlflow_store(folder: Path) -> str:
+    """The URI of a SQLite MLflow store at ``folder/mlflow.db``, its schema already migrated: a copy of an empty one
+    this process made once (MLflow's migrations cost about a second per new database, and the suite makes hundreds).
+    The copy holds no experiment: MLflow creates its Default experiment on first use, under the user's working
+    directory, as in a new database. An existing store is left as it is."""
+    import sqlite3
+
+    target = folder / "mlflow.db"
+    if not target.exists():
+        if not _MLFLOW_SCHEMA:
+            from mlflow.tracking import MlflowClient
+
+            schema = Path(tempfile.mkdtemp(prefix="mlflow-schema-")) / "mlflow.db"
+            MlflowClient(f"sqlite:///{schema}").search_experiments()  # creates and migrates it
+            with sqlite3.connect(schema) as database:
+                database.execute("DELETE FROM experiments")
+            _MLFLOW_SCHEMA.append(schema)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_SCHEMA[0], target)
+    return f"sqlite:///{target}"
+
+
 def isolated_env(home: Path, **extra: str) -> dict[str, str]:
     """This process's environment without AWS/MLflow/ZenML settings, plus stores under ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "ZENML_"))}
@@ -94,7 +119,7 @@ def isolated_env(home: Path, **extra: str) -> dict[str, str]:
         # as in a fresh clone.
         "ZENML_REPOSITORY_PATH": str(home),
         "ZENML_ANALYTICS_OPT_IN": "false",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": mlflow_store(home),
         "XRAY_INFERENCE_RUNTIME": "keras",  # as in this process (above)
         **extra,
     }

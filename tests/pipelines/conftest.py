@@ -102,3 +102,9 @@ def local(tmp_path_factory):
         assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
         summary = json.loads(result.stdout.strip().splitlines()[-1])
         yield Local(home, env, config, summary, result, twenty_test_images(home / "twenty"))
+
+
+@pytest.fixture(scope="session")
+def stores(local):
+    """The local run's (home, environment): its isolated ZenML and MLflow stores."""
+    return local.home, local.env

@@ -165,3 +165,22 @@ def s3_client(env: dict[str, str]):
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
     )
+
+
+def run_cli(env, *args, timeout=900):
+    """``run.py --pipeline training`` with the environment's config (XRAY_TEST_CONFIG) and ``args``."""
+    return run_command(
+        [ROOT / "run.py", "--pipeline", "training", "--config", env["XRAY_TEST_CONFIG"], *args], env, timeout
+    )
+
+
+def summary_of(result):
+    """The summary line of a command that must have succeeded."""
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def mlflow_client(env):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])

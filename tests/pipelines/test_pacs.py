@@ -3,7 +3,7 @@ over QIDO-RS and WADO-RS, reports and heatmaps written back over STOW-RS and rea
 wrote (dciodvfy, dcmjs), authentication, and the PACS failing mid-batch.
 
 The batch here runs in-process on the tiny test predictor (conftest.predictor); the inference pipeline against the
-PACS, end to end, is in tests/pipelines/test_local_stack.py.
+PACS, end to end, is in tests/pipelines/test_local_stack_serving.py.
 """
 
 from __future__ import annotations

@@ -65,6 +65,11 @@ class TrainConfig(Section):
     augmentation: Augmentation = Augmentation()
     mixed_precision: Literal["auto", "on", "off"] = Field("auto", description="auto: on when a GPU is present.")
     jit_compile: Literal["auto", "on", "off"] = Field("auto", description="XLA. auto: on when a GPU is present.")
+    run_eagerly: bool = Field(
+        False,
+        description="Keras runs each step eagerly, no graph traced: for runs of a few batches (the smoke configs), "
+        "where tracing ResNet50V2 costs more than the steps; slower per step on real runs. Turns XLA off.",
+    )
     # auto: mirrored with several GPUs. batch_size is per replica; learning rates scale with replicas (USER_GUIDE).
     distribution: Literal["auto", "none", "mirrored"] = Field("auto", description="TensorFlow distribution strategy.")
     backup_dir: str | None = Field(None, description="BackupAndRestore root; a run of the same config resumes from it.")

@@ -139,8 +139,10 @@ def set_backbone_trainable(backbone, trainable_top: int | None) -> None:
             layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def compile_model(model, learning_rate, label_smoothing: float, jit_compile: bool, weight_decay: float = 0.0) -> None:
-    """``learning_rate``: a float or a keras LearningRateSchedule."""
+def compile_model(
+    model, learning_rate, label_smoothing: float, jit_compile: bool, weight_decay: float = 0.0, eager: bool = False
+) -> None:
+    """``learning_rate``: a float or a keras LearningRateSchedule; ``eager``: steps run eagerly (no graph, no XLA)."""
     import keras  # lazy: Keras imports TensorFlow, seconds
 
     if weight_decay:
@@ -156,7 +158,8 @@ def compile_model(model, learning_rate, label_smoothing: float, jit_compile: boo
             keras.metrics.Precision(name="precision"),
             keras.metrics.Recall(name="recall"),
         ],
-        jit_compile=jit_compile,
+        jit_compile=jit_compile and not eager,
+        run_eagerly=eager,
     )
 
 

@@ -234,7 +234,10 @@ def fit(
     batch = spec.batch_size * replicas
     if replicas > 1:
         train_ds, val_ds = train_ds.rebatch(batch), val_ds.rebatch(batch)
-    log(f"training on {policy.describe()}, {replicas} replica(s) ({type(strategy).__name__}), global batch {batch}")
+    log(
+        f"training on {policy.describe()}, {replicas} replica(s) ({type(strategy).__name__}), global batch {batch}"
+        + (", steps run eagerly (train.run_eagerly)" if train_config.run_eagerly else "")
+    )
     with resolved_weights(model_config.weights) as weights, strategy.scope():
         model, backbone = build_model(model_config, weights, policy.mixed_precision)
     pretrained = weights is not None
@@ -274,6 +277,7 @@ def fit(
                 train_config.label_smoothing,
                 policy.jit_compile,
                 train_config.weight_decay,
+                eager=train_config.run_eagerly,
             )
         # Stopping only: the best epoch's weights are kept by RunState across phases and restarts.
         early_stopping = keras.callbacks.EarlyStopping(

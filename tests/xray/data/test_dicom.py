@@ -121,8 +121,10 @@ def _deflate_bomb() -> bytes:
     meta = io.BytesIO()
     pydicom.filewriter.write_file_meta_info(meta, dataset.file_meta)
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    chunk = b"\0" * 2**24
-    body = b"".join(compressor.compress(chunk) for _ in range(128)) + compressor.flush()
+    # A full flush leaves no back-reference into the block: repeated 128 times it inflates to 128 x 16 MiB, and only
+    # one block is compressed (0.1 s against 9 s for 2 GiB). A fresh compressor's flush is the closing empty block.
+    block = compressor.compress(b"\0" * 2**24) + compressor.flush(zlib.Z_FULL_FLUSH)
+    body = block * 128 + zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS).flush()
     return b"\0" * 128 + b"DICM" + meta.getvalue() + body
 
 

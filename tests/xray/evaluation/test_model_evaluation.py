@@ -12,6 +12,8 @@ from xray.data import inputs
 from xray.data.dataset import prepare_dataset
 from xray.evaluation.recipes import evaluate_model
 
+pytestmark = pytest.mark.slow  # builds a ResNet50V2 and runs the whole recipe on it
+
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):

@@ -5,8 +5,13 @@ linear scaling rule) is killed after its first epoch and resumed from its checkp
 one-replica run with batch 16 sees: the same initial weights, the same 16 images, the replicas' losses combined into
 the global batch's mean, so the first batch's loss matches within FIRST_LOSS_TOLERANCE (BatchNorm's statistics,
 computed per replica over 8 images, are the one difference). Only the first step is compared: after it, training
-32 random images is chaotic (Adam's first steps are about the gradient's sign), and the two runs' epoch-2 losses were
-0.38 and 0.55 on one machine, 0.38 and 0.56 on another, with per-replica BatchNorm as with synchronized BatchNorm.
+32 random images is chaotic (Adam's first steps are about the gradient's sign; with ResNet50V2 the two runs' epoch-2
+losses were 0.38 and 0.55 on one machine, 0.38 and 0.56 on another).
+
+The model is a small one with a BatchNormalization layer in the place of build_model's (what is under test is the
+strategy, the global batch, the learning rate's scaling and the checkpoints, which do not depend on the backbone):
+16 s for the three runs against 157 s with ResNet50V2, whose production path tests/xray/model/test_training_phases.py
+trains.
 """
 
 import math
@@ -20,7 +25,7 @@ import pytest
 from support import ROOT
 
 pytestmark = pytest.mark.slow
-FIRST_LOSS_TOLERANCE = 0.05  # absolute, on a binary cross-entropy near 0.87 (measured: 0.858 vs 0.870)
+FIRST_LOSS_TOLERANCE = 0.01  # absolute, on a binary cross-entropy near 0.66 (measured: 0.661437 vs 0.661439)
 
 SCRIPT = textwrap.dedent("""
     import logging, sys, time
@@ -34,6 +39,15 @@ SCRIPT = textwrap.dedent("""
     from xray.data.inputs import DatasetSpec
     from xray.model import training
 
+    def small_model(config, weights, mixed_precision=False):  # what build_model returns, with one BatchNormalization
+        inputs = keras.Input((config.image_size, config.image_size, 3))
+        features = keras.layers.Conv2D(8, 3, strides=2)(keras.layers.Rescaling(1 / 127.5, -1)(inputs))
+        backbone = keras.Model(inputs, keras.layers.ReLU()(keras.layers.BatchNormalization()(features)))
+        pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
+        dense = keras.layers.Dense(config.dense_units, activation="relu")(pooled)
+        return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(dense)), backbone
+
+    training.build_model = small_model  # the strategy, the batch and the checkpoints are under test, not the backbone
     folder, distribution, batch, rate = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     keras.utils.set_random_seed(0)
 

@@ -17,6 +17,7 @@ def model():
     return built
 
 
+@pytest.mark.slow
 def test_heatmap_matches_input_and_varies(model):
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
@@ -26,14 +27,19 @@ def test_heatmap_matches_input_and_varies(model):
     assert all(m.std() > 0.01 for m in maps), "a heatmap is flat"
 
 
+# A batch of two and a batch of one take different oneDNN kernels: 1.2e-5 apart on an AVX-512 EPYC (maps in [0, 1]).
+SAME = 5e-4
+
+
+@pytest.mark.slow
 def test_a_heatmap_explains_the_class_it_is_asked_for(model):
     """Batch inference's row says which class was called (a site's operating point may differ from the version's):
     the map explains that class, whatever the threshold."""
     image = np.random.default_rng(2).uniform(0, 255, (1, 64, 64, 3)).astype("float32")
     both = gradcam.heatmaps(model, np.concatenate([image, image]), 0.5, towards_pneumonia=[True, False])
-    assert np.allclose(both[0], gradcam.heatmaps(model, image, threshold=0.0)[0], atol=1e-5)  # always PNEUMONIA
-    assert np.allclose(both[1], gradcam.heatmaps(model, image, threshold=1.01)[0], atol=1e-5)  # always NORMAL
-    assert not np.allclose(both[0], both[1], atol=1e-3)
+    assert np.allclose(both[0], gradcam.heatmaps(model, image, threshold=0.0)[0], atol=SAME)  # always PNEUMONIA
+    assert np.allclose(both[1], gradcam.heatmaps(model, image, threshold=1.01)[0], atol=SAME)  # always NORMAL
+    assert not np.allclose(both[0], both[1], atol=10 * SAME)
 
 
 def test_a_captioned_overlay_keeps_the_aspect_and_fits_its_caption():
@@ -46,6 +52,7 @@ def test_a_captioned_overlay_keeps_the_aspect_and_fits_its_caption():
     assert gradcam.stretched(np.eye(32), 300, 240).shape == (300, 240)
 
 
+@pytest.mark.slow
 def test_overlay_png_is_not_blank(model):
     image = np.random.default_rng(1).uniform(0, 255, (64, 64, 3)).astype("float32")
     heat = gradcam.heatmaps(model, image[None], threshold=0.5)[0]
@@ -122,6 +129,7 @@ def test_the_candidates_kept_while_streaming_give_the_same_choice_as_the_whole_t
     assert explain.choose_to_explain(kept, 5) == explain.choose_to_explain(table, 5)
 
 
+@pytest.mark.slow
 def test_explanations_are_named_per_input_and_captioned_with_a_colour_bar(model):
     same_name = [
         {"path": "/site/day1/image.jpeg", "sha256": "aa" * 32, "probability": 0.93, "threshold": 0.41}

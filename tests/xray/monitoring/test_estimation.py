@@ -14,6 +14,7 @@ from PIL import Image
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
+from support import mlflow_store
 from xray.config.evaluate import EvaluateConfig
 from xray.evaluation.metrics import choose_threshold
 from xray.evaluation.recipes import apply_operating_point, site_operating_point
@@ -319,6 +320,7 @@ def test_a_week_made_of_out_of_scope_or_drifted_images_is_unreliable_with_its_re
     assert lines[0].endswith(verdicts["scoped"]["reasons"]) and "0 answered; no estimate; unreliable: " in lines[0]
 
 
+@pytest.mark.slow
 def test_monitor_from_log_estimates_the_log_per_week_alerts_on_a_reliable_drop_and_reads_no_label(
     tmp_path, monkeypatch
 ):
@@ -369,7 +371,7 @@ def test_monitor_from_log_estimates_the_log_per_week_alerts_on_a_reliable_drop_a
 
     monkeypatch.setattr(sites, "read_labels_file", no_labels)
     monkeypatch.setattr(feedback, "read_labels", no_labels)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     experiment = MlflowClient(uri).create_experiment("m", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_tracking_uri(uri)
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from support import dataset_entries, jpeg_bytes, write_zip
+from support import dataset_entries, jpeg_bytes, mlflow_store, write_zip
 from xray.config.data import DataConfig
 from xray.config.evaluate import EvaluateConfig
 from xray.config.pipeline import PipelineConfig
@@ -69,7 +69,7 @@ def candidate(tmp_path_factory, profile):
 def store(tmp_path, monkeypatch):
     """A SQLite MLflow store in tmp_path, as the tracking URI of this process (the gate loads the champion by URI)."""
     monkeypatch.chdir(tmp_path)  # a run's artifacts go under ./mlruns of the store's default experiment
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield MlflowClient(uri)

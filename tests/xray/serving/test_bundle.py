@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from support import png, radiograph_like
+from support import mlflow_store, png, radiograph_like
 from xray.registry import store
 from xray.serving import bundle
 
@@ -30,7 +30,7 @@ MODEL = "bundle-test"
 def registered(tmp_path_factory, predictor):
     """The session's tiny predictor registered in a SQLite MLflow of its own; (the version's folder, its store)."""
     home = tmp_path_factory.mktemp("bundle")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
+    uri = mlflow_store(home)
     client = MlflowClient(uri)
     experiment = client.create_experiment("bundle", artifact_location=(home / "artifacts").as_uri())
     mlflow.set_tracking_uri(uri)
@@ -121,7 +121,7 @@ def test_a_sites_operating_point_is_served_from_training_and_from_a_later_recali
     data/ in the logged model: both reach pyfunc serving (``params.site``) and batch inference (bundle.read)."""
     from mlflow.exceptions import MlflowException
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     experiment = client.create_experiment("points", artifact_location=(tmp_path / "artifacts").as_uri())
     at_training = {"calibration": {"method": "platt", "temperature": 2.0, "bias": 0.5}, "threshold": 0.7}

@@ -49,6 +49,7 @@ def data(small_model):
     return calibration, (val[clear], (scores[clear] >= threshold).astype(int)), threshold
 
 
+@pytest.mark.slow
 def test_int8_passes_its_val_control_and_carries_the_figures_it_passed(small_model, data):
     import openvino as ov
 
@@ -67,6 +68,7 @@ def test_int8_passes_its_val_control_and_carries_the_figures_it_passed(small_mod
     assert figures["passed"] and figures["recipe"]["preset"] == "performance" and "model" not in figures
 
 
+@pytest.mark.slow
 def test_a_control_int8_cannot_meet_leaves_no_model_and_says_why(small_model, data, capsys):
     calibration, val, threshold = data
     recipe = int8.Recipe(subset_size=40, min_labels_unchanged=1.01)  # no model keeps more than all its labels
@@ -79,6 +81,7 @@ def test_a_control_int8_cannot_meet_leaves_no_model_and_says_why(small_model, da
     assert outcome.val_labels_unchanged is not None and outcome.figures()["passed"] is False
 
 
+@pytest.mark.slow
 def test_the_ignored_scope_is_applied_and_recorded(small_model, data):
     calibration, val, threshold = data
     recipe = int8.Recipe(subset_size=40, ignored_types=("Convolution",))
@@ -125,6 +128,7 @@ def version_folder(folder, model, threshold: float):
     return data
 
 
+@pytest.mark.slow
 def test_a_version_with_int8_runs_it_under_auto_and_its_files_are_in_its_digest(
     small_model, data, tmp_path, no_bf16_cpu
 ):
@@ -150,6 +154,7 @@ def test_a_version_with_int8_runs_it_under_auto_and_its_files_are_in_its_digest(
         bundle.verify(tmp_path / "v7", listed, bundle.digest(listed), "7")
 
 
+@pytest.mark.slow
 def test_a_version_without_int8_loads_and_serves_on_keras_as_before(small_model, data, tmp_path, no_bf16_cpu):
     calibration, val, threshold = data
     folder = version_folder(tmp_path / "v6", small_model, threshold)  # registered before int8 existed
@@ -163,6 +168,7 @@ def test_a_version_without_int8_loads_and_serves_on_keras_as_before(small_model,
     )
 
 
+@pytest.mark.slow
 def test_an_int8_that_failed_its_control_is_not_stored_and_says_why(small_model, data, tmp_path, no_bf16_cpu):
     calibration, val, threshold = data
     recipe = int8.Recipe(subset_size=40, min_labels_unchanged=1.01)

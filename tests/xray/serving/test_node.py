@@ -211,6 +211,7 @@ def test_a_stable_study_is_reported_once_per_instance_also_when_repeated_and_aft
     no_sentinel_in(caplog.text, tree_text(tmp_path / "spool"), tree_text(tmp_path / "log", skip_received=False))
 
 
+@pytest.mark.slow
 def test_heatmaps_triage_and_the_webhook_with_the_study_uid_and_probability_only(
     tmp_path, explainable_predictor, monkeypatch
 ):

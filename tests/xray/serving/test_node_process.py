@@ -1,7 +1,7 @@
 """The node as a process (tests/node_process.py: the node of `run.py node` on a tiny model) fed by dcmtk's storescu:
 ``kill -9`` mid-study, a restart, the study's rest and a repeat sent again: every instance reported exactly once at
 the loopback destination; SIGTERM finishes and prints the summary; no patient value in its logs, its spool records
-or the prediction log. `run.py node` itself, on a registered champion, is tests/pipelines/test_local_stack.py's."""
+or the prediction log. `run.py node` itself, on a registered champion, is tests/pipelines/test_local_stack_serving.py's."""
 
 from __future__ import annotations
 

@@ -108,6 +108,7 @@ def images(count: int) -> tuple[np.ndarray, list[bytes]]:
     return pixels.astype(np.float32), encoded
 
 
+@pytest.mark.slow
 def test_openvino_fp32_scores_like_keras_on_pixels_and_on_encoded_images(small_model):
     import tensorflow as tf
 
@@ -122,6 +123,7 @@ def test_openvino_fp32_scores_like_keras_on_pixels_and_on_encoded_images(small_m
     assert forward(pixels[:1]).shape[0] == 1 and forward(pixels[:7]).shape[0] == 7  # any batch size
 
 
+@pytest.mark.slow
 def test_a_predictor_on_openvino_answers_as_on_keras(small_model, monkeypatch):
     """use_runtime swaps only the forward pass: the table's rows, statuses and labels stay those of Keras."""
     monkeypatch.delenv("XRAY_INFERENCE_RUNTIME", raising=False)
@@ -137,6 +139,7 @@ def test_a_predictor_on_openvino_answers_as_on_keras(small_model, monkeypatch):
     assert list(rows["status"]) == list(keras_rows["status"]) and rows["status"].iloc[-1] == "unreadable"
 
 
+@pytest.mark.slow
 def test_openvino_bf16_stays_close_where_the_cpu_has_it(small_model):
     import openvino
 
@@ -148,6 +151,7 @@ def test_openvino_bf16_stays_close_where_the_cpu_has_it(small_model):
     np.testing.assert_allclose(forward(pixels).ravel(), expected, atol=0.02)
 
 
+@pytest.mark.slow
 def test_serving_runs_on_the_runtime_its_environment_names(small_model, monkeypatch):
     """The pyfunc loader (what `mlflow models serve` calls) applies XRAY_INFERENCE_RUNTIME, else auto."""
     from xray.serving import bundle, pyfunc

@@ -21,7 +21,14 @@ from xray.registry import gate
 
 RECORD_TAG = "change_control"
 """The version tag that holds its record (JSON): what the next candidate is compared with."""
-NOT_THE_MODEL = ("train.backup_dir", "train.mixed_precision", "train.jit_compile", "train.distribution", "data.limits.")
+NOT_THE_MODEL = (
+    "train.backup_dir",
+    "train.mixed_precision",
+    "train.jit_compile",
+    "train.run_eagerly",
+    "train.distribution",
+    "data.limits.",
+)
 """Keys of the model's sections that say how a run executes, not what it learns: never a difference."""
 MODEL_KEYS = ("seed", "model.", "train.", "data.", "scope.")
 OPERATING_POINT = (
