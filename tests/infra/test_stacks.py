@@ -147,6 +147,7 @@ def listening(port: int, timeout_s: float = 20) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # a server that answers in 3 s, on purpose
 def test_a_slow_service_of_ours_is_awaited_not_started_twice_and_a_strangers_port_is_refused(tmp_path):
     """A busy machine kept MLflow's /health waiting past the 2-s probe: `up` started a second server, whose pid then
     replaced the first's in the pid file, and `down` left the real one running."""

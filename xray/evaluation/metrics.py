@@ -6,6 +6,7 @@ The threshold is chosen on val only; test is only ever measured.
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
 from xray import CLASS_NAMES
@@ -62,6 +63,18 @@ def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     return {k: (float(v) if not isinstance(v, list) else v) for k, v in result.items()}
 
 
+def rank_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic: the mean rank of the positives (ties share their average rank), which
+    is the area under the ROC's trapezoids, so it equals sklearn's ``roc_auc_score`` (to float rounding) without its
+    input validation, which costs 20 times the computation in a bootstrap of thousands of resamples. ``y``: 0/1, both
+    classes present."""
+    positives = y == 1
+    count = int(positives.sum())
+    others = len(y) - count
+    ranks = rankdata(p)
+    return float((ranks[positives].sum() - count * (count + 1) / 2) / (count * others))
+
+
 def bootstrap_ci(
     y: np.ndarray, p: np.ndarray, thresholds: tuple[float, ...], samples: int, seed: int
 ) -> list[dict[str, tuple[float, float]]]:
@@ -81,7 +94,7 @@ def bootstrap_ci(
         positives, negatives = ys == 1, ys == 0
         if not positives.any() or not negatives.any():
             continue
-        aucs.append(roc_auc_score(ys, ps))
+        aucs.append(rank_auc(ys, ps))
         if probabilities:
             eces.append(expected_calibration_error(ys, ps))
         for threshold, stats in zip(thresholds, rates):
@@ -151,7 +164,7 @@ def paired_auc_difference(
         ys = y[index]
         if ys.min() == ys.max():
             continue
-        differences.append(roc_auc_score(ys, p_challenger[index]) - roc_auc_score(ys, p_champion[index]))
+        differences.append(rank_auc(ys, p_challenger[index]) - rank_auc(ys, p_champion[index]))
     challenger, champion = roc_auc_score(y, p_challenger), roc_auc_score(y, p_champion)
     return {
         "auc_challenger": float(challenger),

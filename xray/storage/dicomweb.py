@@ -44,24 +44,29 @@ from xray.config.limits import PacsLimits
 from xray.errors import DatasetSourceError, SourceUnavailable
 
 logger = logging.getLogger(__name__)
-# dicomweb-client logs each request's URL with its query at DEBUG (QIDO-RS filters may name a patient) and a PACS's
-# Warning header at WARNING (text from the PACS): neither goes into this project's logs.
+# dicomweb-client logs each URL with its query at DEBUG (a QIDO-RS filter may name a patient) and a PACS's Warning
+# header at WARNING, urllib3 each request line with its query at DEBUG: none reaches the logs, whoever set DEBUG.
 logging.getLogger("dicomweb_client").setLevel(logging.ERROR)
+
+
+def _without_query(record: logging.LogRecord) -> bool:
+    record.msg, record.args = re.sub(r"\?[^\s\"]*", "?<query>", record.getMessage()), ()
+    return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_without_query)
 
 SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
 USER_ENV, PASSWORD_ENV = "XRAY_PACS_USER", "XRAY_PACS_PASSWORD"
-DEFAULT_USER, DEFAULT_PASSWORD = "xray", "xray-local-pacs"
-"""The local PACS's documented defaults (make pacs); a real PACS is given its own in the environment."""
+DEFAULT_USER, DEFAULT_PASSWORD = "xray", "xray-local-pacs"  # the local PACS's documented ones (make pacs)
 PAGE = 100
 # Retried with backoff: connection errors, 502, 503, 504; no Retry-After (an hour's would sleep past any deadline).
 RETRY = {"backoff_factor": 0.5, "status_forcelist": (502, 503, 504), "allowed_methods": None, "raise_on_status": False}
 MAX_REDIRECTS = 5
-PART_HEADERS = 64 * 1024
-"""Room for a multipart answer's boundaries and part headers above ``max_instance_bytes``."""
+PART_HEADERS = 64 * 1024  # room for a multipart answer's boundaries and part headers above max_instance_bytes
 DICOM_JSON = "application/dicom+json"
 INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-# SOP classes that hold no image to read (PS3.4 B.5): structured reports, presentation states, key objects,
-# encapsulated documents, raw data, waveforms. Skipped by the listing, not counted as unreadable.
+# SOP classes without an image (PS3.4 B.5: SR, presentation states, key objects, documents, raw data, waveforms):
 NOT_IMAGES = re.compile(r"^1\.2\.840\.10008\.5\.1\.4\.1\.1\.(88|11|104|66|9)\.")
 NOT_AN_IMAGE = "not an image (structured report, presentation state, document or waveform)"
 INVALID_UID = "listed with a UID that is not one (PS3.5 9.1), not read"
@@ -78,8 +83,7 @@ def is_uid(value) -> bool:
 class Endpoint:
     """A DICOMweb service root and its query, from a ``dicomweb://`` URI."""
 
-    base: str
-    """``http://HOST:PORT/ROOT`` (no trailing slash)."""
+    base: str  # http://HOST:PORT/ROOT, no trailing slash
     filters: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -441,7 +445,6 @@ def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
         if chunk.startswith(b"--"):
             break
         _, separator, content = chunk.partition(b"\r\n\r\n")
-        if not separator:
-            continue
-        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+        if separator:
+            parts.append(content.removesuffix(b"\r\n"))
     return parts

@@ -72,3 +72,15 @@ def test_cis_at_both_operating_points_bracket_their_own_estimates():
     flat = metrics.flat_metrics("test", report)
     assert {"test_accuracy_ci_low", "test_sensitivity_at_0_5_ci_high", "test_accuracy_at_0_5_ci_low"} <= flat.keys()
     assert "test_auc_at_0_5_ci_low" not in flat
+
+
+def test_the_bootstraps_auc_is_sklearns_with_ties_and_without():
+    rank_auc = metrics.rank_auc
+    rng = np.random.default_rng(5)
+    for size in (2, 7, 60, 500):
+        y = rng.integers(0, 2, size)
+        y[:2] = [0, 1]
+        for p in (rng.uniform(0, 1, size), rng.integers(0, 4, size) / 3.0):  # continuous, then heavily tied
+            assert rank_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert rank_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert rank_auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5

@@ -24,6 +24,7 @@ def test_cosine_without_warmup_starts_at_the_peak():
     assert float(schedule(0)) == pytest.approx(1e-3)
 
 
+@pytest.mark.slow  # builds two full backbones
 def test_per_image_normalization_ignores_exposure_and_contrast():
     from xray.model.network import build_model
 

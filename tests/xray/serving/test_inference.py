@@ -296,8 +296,10 @@ def test_shards_split_a_source_by_name_and_their_merged_rows_equal_one_run(predi
     assert merge_outputs(parts, output) == 13 == combined(summaries)["images"] == combined(summaries)["rows_written"]
     read = (lambda p: pd.read_csv(p, keep_default_na=False)) if suffix == ".csv" else pd.read_parquet
     one, merged = read(single), read(output)
-    by_name = lambda t: t.sort_values("path").reset_index(drop=True)  # noqa: E731
-    pd.testing.assert_frame_equal(by_name(merged), by_name(one), check_dtype=False)
+    by_name = lambda t: numeric(t.sort_values("path").reset_index(drop=True))  # noqa: E731
+    # The model's batches differ between one run and a shard (4 images, or fewer at a shard's end), and oneDNN's
+    # kernels with them: a probability may move in its 8th digit. Compared as numbers, to float32's precision.
+    pd.testing.assert_frame_equal(by_name(merged), by_name(one), check_dtype=False, rtol=1e-6)
     # Every file in exactly one shard, the same one whatever the listing's order.
     owners = {path: shard_of(path, 3) for path in one["path"]}
     assert {shard: sum(1 for s in owners.values() if s == shard) for shard in range(3)} == {
@@ -310,3 +312,13 @@ def test_shards_split_a_source_by_name_and_their_merged_rows_equal_one_run(predi
     with PredictionWriter(parts[0], resume=True) as writer:
         again = predict_source(predictor, str(folder), settings, writer, shard=(0, 3))
     assert again.skipped == again.images == len(read(parts[0])) and writer.rows == 0
+
+
+def numeric(table: pd.DataFrame) -> pd.DataFrame:
+    """A CSV read without NA parsing holds "" for a missing number: its numeric columns as numbers again."""
+    for column in table.columns:
+        if table[column].dtype == object:
+            values = pd.to_numeric(table[column].replace("", np.nan), errors="coerce")
+            if values.notna().sum() == (table[column] != "").sum() and values.notna().any():
+                table[column] = values
+    return table

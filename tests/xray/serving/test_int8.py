@@ -98,6 +98,7 @@ def test_the_ignored_scope_is_applied_and_recorded(small_model, data):
     assert [kinds[0] for kind, kinds in inputs.values() if kind == "MatMul"] == ["FakeQuantize"]
 
 
+@pytest.mark.slow  # converts the model to OpenVINO first
 def test_val_images_of_one_class_are_refused(small_model, data):
     calibration, (pixels, _), threshold = data
     with pytest.raises(ValueError, match="both classes"):
