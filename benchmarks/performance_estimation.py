@@ -182,7 +182,7 @@ def measure(model_version: str = "champion", samples: int | None = None, seed: i
     secondary = site_calibrated(predictor, test, settings, site_fraction) if site_fraction else None
     return summarise(table, plain) | {
         "site_calibrated": secondary,
-        "model": info["uri"],
+        "model": info.uri,
         "model_version": str(predictor.version),
         "threshold": predictor.threshold,
         "reference_prevalence": references[str(predictor.version)].prevalence,
