@@ -19,10 +19,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # INSTALLER=uv (the default): uv, pinned and put into the venv by pip, installs the lock's exact set in parallel (9 s
 # against pip's 100 s on this machine, docs/OPERATIONS.md "Development"). uv reads UV_INDEX_URL, UV_EXTRA_INDEX_URL
 # and UV_FIND_LINKS (a hospital's package mirror), not pip's settings: `make setup INSTALLER=pip` installs with pip.
+# --system-certs: the machine's certificate store, as pip's, so that a proxy's own CA installed there is trusted.
 INSTALLER ?= uv
 UV_VERSION := 0.13.9
 ifeq ($(INSTALLER),uv)
-INSTALL := $(VENV)/bin/uv pip install --quiet --python $(PY)
+INSTALL := $(VENV)/bin/uv pip install --quiet --system-certs --python $(PY)
 else ifeq ($(INSTALLER),pip)
 INSTALL := $(PY) -m pip install --quiet
 else
@@ -48,7 +49,7 @@ system-packages:
 # requirements.txt and requirements-team.txt). Run after editing any requirements*.txt; commit the result.
 lock:
 	@test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip compile requirements-dev.txt --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	$(VENV)/bin/uv pip compile --system-certs requirements-dev.txt --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 	  --custom-compile-command "make lock" --quiet -o requirements.lock
 
 # ruff with the rules and line length in pyproject.toml ([tool.ruff]): lint rules, the formatting, then the import
