@@ -4,6 +4,7 @@ are in the conftest.py of each layer."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
@@ -84,7 +85,18 @@ def require(path: Path) -> Path:
     return path
 
 
-_MLFLOW_SCHEMA: list[Path] = []  # this process's migrated, empty MLflow database (mlflow_store)
+@functools.cache
+def _mlflow_schema() -> Path:
+    """This process's migrated MLflow database, emptied of experiments (mlflow_store copies it)."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    schema = Path(tempfile.mkdtemp(prefix="mlflow-schema-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{schema}").search_experiments()  # creates and migrates it
+    with sqlite3.connect(schema) as database:
+        database.execute("DELETE FROM experiments")
+    return schema
 
 
 def mlflow_store(folder: Path) -> str:
@@ -92,20 +104,10 @@ def mlflow_store(folder: Path) -> str:
     this process made once (MLflow's migrations cost about a second per new database, and the suite makes hundreds).
     The copy holds no experiment: MLflow creates its Default experiment on first use, under the user's working
     directory, as in a new database. An existing store is left as it is."""
-    import sqlite3
-
     target = folder / "mlflow.db"
     if not target.exists():
-        if not _MLFLOW_SCHEMA:
-            from mlflow.tracking import MlflowClient
-
-            schema = Path(tempfile.mkdtemp(prefix="mlflow-schema-")) / "mlflow.db"
-            MlflowClient(f"sqlite:///{schema}").search_experiments()  # creates and migrates it
-            with sqlite3.connect(schema) as database:
-                database.execute("DELETE FROM experiments")
-            _MLFLOW_SCHEMA.append(schema)
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_MLFLOW_SCHEMA[0], target)
+        shutil.copyfile(_mlflow_schema(), target)
     return f"sqlite:///{target}"
 
 

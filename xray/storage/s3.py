@@ -7,6 +7,7 @@ S3-compatible stores are reached.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -52,7 +53,12 @@ def local_path(uri: str) -> Path | None:
     return Path(uri).expanduser()
 
 
-_LOADER: list = []  # botocore's loader of its service and endpoint models, shared by every client (make_client)
+@functools.cache
+def _loader():
+    """botocore's loader of its service and endpoint models, one per process: every client of make_client shares it."""
+    from botocore.loaders import create_loader  # lazy: only S3 access needs botocore
+
+    return create_loader()
 
 
 def make_client(max_attempts: int = 5, connect_timeout: float = 10, read_timeout: float = 60):
@@ -62,17 +68,14 @@ def make_client(max_attempts: int = 5, connect_timeout: float = 10, read_timeout
     import boto3  # lazy: only S3 access needs boto3
     import botocore.session  # lazy: only S3 access needs botocore
     from botocore.config import Config  # lazy: only S3 access needs botocore
-    from botocore.loaders import create_loader  # lazy: only S3 access needs botocore
 
-    if not _LOADER:
-        _LOADER.append(create_loader())
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
     )
     session = botocore.session.get_session()
-    session.register_component("data_loader", _LOADER[0])
+    session.register_component("data_loader", _loader())
     return boto3.session.Session(botocore_session=session).client("s3", config=config)
 
 
