@@ -29,17 +29,19 @@ NEAR_OOD_ZIP = SHARED_DATA / "near_ood_adult_cxr_224.zip"
 def run_command(args: list, env: dict[str, str], timeout: int, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python *args`` in the repository with ``env`` and a TMPDIR of its own, which the command must leave empty,
     whether it succeeds or fails: scratch files that nobody removes fill the disk of a machine that retrains or scores
-    on a schedule."""
+    on a schedule. Forked from a server that has the libraries imported where that cannot change what the command
+    does (forked.py), else a fresh interpreter."""
+    from forked import SERVER
+
     scratch = Path(tempfile.mkdtemp(prefix="command-", dir=env.get("TMPDIR")))
+    args, env = [str(arg) for arg in args], env | {"TMPDIR": str(scratch)}
     try:
-        result = subprocess.run(
-            [sys.executable, *map(str, args)],
-            cwd=cwd,
-            env=env | {"TMPDIR": str(scratch)},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        if SERVER.can_run(args, env):
+            result = SERVER.run(args, env, timeout, cwd)
+        else:
+            result = subprocess.run(
+                [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+            )
         left = sorted(path.name for path in scratch.iterdir())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
