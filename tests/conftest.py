@@ -48,6 +48,17 @@ def temporary_files_under_pytest(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def environment_as_found():
+    """Each test leaves this process's environment as it found it: a command run in process (cli's configure_logging
+    sets TF_CPP_MIN_LOG_LEVEL, ZENML_LOGGING_VERBOSITY) would otherwise change what every later test's commands get."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def scratch_tempdir(tmp_path, monkeypatch) -> Path:
     """An empty folder that this process's tempfile uses for the test: what is left in it afterwards, the code under

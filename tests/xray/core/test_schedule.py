@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from support import ROOT
+from support import ROOT, isolated_env, run_command
 from xray.errors import ScheduleError
 from xray.schedule import CronError, schedule_name, validate_aws_cron
 
@@ -71,32 +71,12 @@ def test_local_orchestrator_cannot_schedule():
 
 @pytest.mark.slow
 def test_cli_on_the_local_stack_says_so_in_one_line(tmp_path):
-    env = {"ZENML_CONFIG_PATH": str(tmp_path / "zenml"), "ZENML_ANALYTICS_OPT_IN": "false", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run.py"),
-            "--config",
-            str(ROOT / "configs/training_smoke.yaml"),
-            "--schedule",
-            "cron(0 3 ? * MON *)",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = isolated_env(tmp_path)  # stores of its own
+    config = str(ROOT / "configs/training_smoke.yaml")
+    result = run_command([ROOT / "run.py", "--config", config, "--schedule", "cron(0 3 ? * MON *)"], env, 300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: stack 'xray-local' cannot schedule runs")
-    listing = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "--list-schedules"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    listing = run_command([ROOT / "run.py", "--list-schedules"], env, 300)
     assert listing.returncode == 0 and "zenml pipeline schedule delete" in listing.stdout
 
 
