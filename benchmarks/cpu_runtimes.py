@@ -239,6 +239,9 @@ def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 
 @click.option("--ignore-pattern", multiple=True, help="A name pattern int8 leaves in fp32 (repeatable).")
 @click.option("--model-type", default=None, help="NNCF model type (transformer), default none.")
 @click.option("--subset-size", default=300, show_default=True, help="Train images NNCF calibrates on.")
+@click.option(
+    "--preprocessing-int8", is_flag=True, help="Quantize the in-model preprocessing too (the recipe keeps it fp32)."
+)
 @click.option("--splits-cache", type=click.Path(path_type=Path), help="An .npz keeping the train and val pixels.")
 def main(model_version: str, rounds: int, speed_size: int, int8: bool, **choices) -> None:  # noqa: PLR0913
     import bench
@@ -253,6 +256,7 @@ def main(model_version: str, rounds: int, speed_size: int, int8: bool, **choices
             ignored_types=tuple(choices["ignore_type"]),
             ignored_patterns=tuple(choices["ignore_pattern"]),
             subset_size=choices["subset_size"],
+            preprocessing_fp32=not choices["preprocessing_int8"],
         )
     result = measure(model_version, rounds, speed_size, recipe, choices["splits_cache"])
     print(json.dumps(result, indent=1))

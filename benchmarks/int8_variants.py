@@ -21,7 +21,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("default", "ignore Add", "no bias correction", "first convolution fp32")
+VARIANTS = (
+    "default",
+    "ignore Add",
+    "no bias correction",
+    "first convolution fp32",
+    "preprocessing fp32",
+    "activations mean quantile",
+    "overflow fix off",
+)
 
 
 def options(name: str, model) -> dict:
@@ -31,6 +39,21 @@ def options(name: str, model) -> dict:
         return {"ignored_scope": nncf.IgnoredScope(types=["Add"], validate=False)}
     if name == "no bias correction":
         return {"advanced_parameters": nncf.AdvancedQuantizationParameters(disable_bias_correction=True)}
+    if name == "preprocessing fp32":  # the recipe's default since 2026-12-06 (Recipe.preprocessing_fp32)
+        from xray.serving.runtimes.int8 import preprocessing_operations
+
+        return {"ignored_scope": nncf.IgnoredScope(names=preprocessing_operations(model), validate=False)}
+    if name == "activations mean quantile":
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        parameters = nncf.AdvancedQuantizationParameters(
+            activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE
+        )
+        return {"advanced_parameters": parameters}
+    if name == "overflow fix off":
+        from nncf.quantization.advanced_parameters import OverflowFix
+
+        return {"advanced_parameters": nncf.AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)}
     if name == "first convolution fp32":
         first = next(o.get_friendly_name() for o in model.get_ordered_ops() if o.get_type_name() == "Convolution")
         return {"ignored_scope": nncf.IgnoredScope(names=[first])}

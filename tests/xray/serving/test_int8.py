@@ -82,6 +82,25 @@ def test_a_control_int8_cannot_meet_leaves_no_model_and_says_why(small_model, da
 
 
 @pytest.mark.slow
+def first_two_convolutions(model) -> list[list[str]]:
+    """The kinds of the inputs (activation, weights) of the model's first two convolutions, in order."""
+    convolutions = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"][:2]
+    return [[value.get_node().get_type_name() for value in op.input_values()] for op in convolutions]
+
+
+def test_the_in_model_preprocessing_stays_fp32_unless_the_recipe_says_otherwise(small_model, data):
+    calibration, val, threshold = data
+    model = openvino_model(small_model)
+    preprocessing = int8.preprocessing_operations(model)
+    assert preprocessing[-1].startswith("Convolution") and len(preprocessing) >= 2  # the rescaling, then the conv
+    kept = int8.quantize(model, calibration, val, threshold, int8.Recipe(subset_size=40))
+    assert kept.passed and kept.figures()["recipe"]["preprocessing_fp32"] is True
+    first, second = first_two_convolutions(kept.model)
+    assert first == ["Add", "Constant"] and second[0] == "FakeQuantize"  # fp32 in and weights; the next one int8
+    quantized = int8.quantize(model, calibration, val, threshold, int8.Recipe(subset_size=40, preprocessing_fp32=False))
+    assert first_two_convolutions(quantized.model)[0][0] == "FakeQuantize"
+
+
 def test_the_ignored_scope_is_applied_and_recorded(small_model, data):
     calibration, val, threshold = data
     recipe = int8.Recipe(subset_size=40, ignored_types=("Convolution",))
