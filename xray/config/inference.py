@@ -26,8 +26,8 @@ class InferenceConfig(Section):
     runtime: Literal["auto", "keras", "openvino"] = Field(
         "auto",
         description=(
-            "What runs the model: auto is OpenVINO bf16 where the CPU has BF16, else the version's int8 where it "
-            "carries one, else Keras (predictor.py)."
+            "What runs the model: auto is the faster of the version's int8 and OpenVINO bf16 in a warm-up where the "
+            "version carries one and the CPU has BF16, else whichever of them there is, else Keras (predictor.py)."
         ),
     )
     decode: DecodeLimits = DecodeLimits()

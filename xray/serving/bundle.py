@@ -9,7 +9,8 @@
     data/reference_profile/      the out-of-distribution reference (xray.monitoring.ood.ReferenceProfile)
     data/int8/                   (optional) the int8 OpenVINO model (model.xml, model.bin) that passed its val
                                  accuracy control, and that control's figures and recipe (int8.json;
-                                 xray.serving.runtimes.int8); ``inference.runtime: auto`` runs it on a CPU without BF16
+                                 xray.serving.runtimes.int8); ``inference.runtime: auto`` runs it (against bf16 where the
+                                 CPU has BF16: the faster in a warm-up)
     code/xray/                   this package, so the pyfunc flavor loads without the project installed
     files.sha256                 the SHA-256 of every other file but the card, as ``sha256sum`` writes them (written
                                  at registration; its own SHA-256 is the version's tag ``model_sha256``)

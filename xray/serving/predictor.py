@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,29 +55,49 @@ logger = logging.getLogger(__name__)
 
 
 def choose_runtime(setting: str, has_int8: bool = False) -> tuple[str, str]:
-    """(runtime, precision) the model runs on for ``setting`` (XRAY_INFERENCE_RUNTIME overrides it), on this machine.
+    """The first of :func:`runtime_candidates`: what ``setting`` runs where no measurement decides."""
+    return runtime_candidates(setting, has_int8)[0]
 
-    ``openvino``: bf16 where the CPU has BF16 (AMX, AVX-512 BF16), else f32. ``auto``, where no GPU is visible:
-    OpenVINO bf16 where the CPU has BF16 (6.07x the compiled Keras rate on AMX); else the version's int8 where it
-    carries one (``has_int8``: made under the val accuracy control, xray.serving.runtimes.int8); else Keras. OpenVINO
-    fp32 measured 1.28x at 128 px, under the 1.3x bar (docs/BENCHMARKS.md, "CPU runtimes" and "int8")."""
+
+def runtime_candidates(setting: str, has_int8: bool = False) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs the model may run on for ``setting`` (XRAY_INFERENCE_RUNTIME overrides it) on this
+    machine; where there are two, :meth:`ChestXrayPredictor.use_runtime` runs the faster in a short warm-up.
+
+    ``openvino``: bf16 where the CPU has BF16 (AMX, AVX-512 BF16), else f32. ``auto``, where no GPU is visible: the
+    version's int8 (``has_int8``: made under the val accuracy control, xray.serving.runtimes.int8) and OpenVINO bf16
+    where the CPU has both kinds of kernels: measured, since neither wins everywhere (bf16 6.07x the compiled Keras
+    rate on AMX; on AVX-512 BF16 without AMX int8 3.95x and bf16 2.30x); else whichever of the two there is; else
+    Keras. OpenVINO fp32 measured 1.13-1.3x, under the 1.3x bar (docs/BENCHMARKS.md, "CPU runtimes" and "int8")."""
     setting = os.environ.get("XRAY_INFERENCE_RUNTIME") or setting
     if setting not in RUNTIMES:
         raise ConfigError(f"inference runtime {setting!r} is not one of {', '.join(RUNTIMES)}")
     if setting == "keras":
-        return "keras", "f32"
+        return [("keras", "f32")]
     import openvino as ov  # lazy: OpenVINO's import takes a second, and only a non-Keras runtime needs it
 
     bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if setting == "openvino":
-        return "openvino", "bf16" if bf16 else "f32"
+        return [("openvino", "bf16" if bf16 else "f32")]
     import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
     if tf.config.list_physical_devices("GPU"):
-        return "keras", "f32"
-    if bf16:
-        return "openvino", "bf16"
-    return ("openvino", "int8") if has_int8 else ("keras", "f32")
+        return [("keras", "f32")]
+    found = [("openvino", "int8")] * has_int8 + [("openvino", "bf16")] * bf16
+    return found or [("keras", "f32")]
+
+
+def warm_up_rates(forwards: dict, image_size: int, rounds: int = 3, batch: int = 8, clock=time.perf_counter) -> dict:
+    """Images per second of each ``forwards`` (name -> pixels -> probabilities) on this machine: one call to warm it
+    up, then ``rounds`` timed calls on a batch of ``batch`` grey images."""
+    pixels = np.full((batch, image_size, image_size, 3), 128.0, dtype=np.float32)
+    rates = {}
+    for name, forward in forwards.items():
+        forward(pixels)
+        started = clock()
+        for _ in range(rounds):
+            forward(pixels)
+        rates[name] = round(rounds * batch / max(clock() - started, 1e-9), 1)
+    return rates
 
 
 def openvino_model(model):
@@ -169,6 +190,8 @@ class ChestXrayPredictor:
         """The site whose operating point :meth:`table` uses when none is given (batch inference's ``--site``)."""
         self.runtime = "keras f32"
         """What the model runs on (:meth:`use_runtime`); Grad-CAM and evaluation always use the Keras model."""
+        self.runtime_rates: dict[str, float] = {}
+        """Where :meth:`use_runtime` measured two runtimes on this machine: images/s of each."""
         self.int8_path: str | None = None
         """The version's int8 model (OpenVINO IR), where it carries one (:func:`xray.serving.bundle.read`)."""
         self.use_limits(DecodeLimits())
@@ -186,14 +209,25 @@ class ChestXrayPredictor:
         )
 
     def use_runtime(self, setting: str = "auto") -> str:
-        """Run :meth:`probabilities` and :meth:`table` on ``setting``'s runtime (:func:`choose_runtime`); its name."""
-        runtime, precision = choose_runtime(setting, has_int8=self.int8_path is not None)
-        if runtime == "openvino":
-            self._forward, self._forward_encoded = openvino_forwards(
-                self.model, self.image_size, precision, self.int8_path
-            )
-        self.runtime = f"{runtime} {precision}"
-        logger.info("inference runtime: %s (setting %s)", self.runtime, setting)
+        """Run :meth:`probabilities` and :meth:`table` on ``setting``'s runtime (:func:`runtime_candidates`; of two,
+        the faster in a warm-up on this machine, its rates in ``runtime_rates`` and the log); its name."""
+        candidates = runtime_candidates(setting, has_int8=self.int8_path is not None)
+        built = {
+            f"{runtime} {precision}": openvino_forwards(self.model, self.image_size, precision, self.int8_path)
+            for runtime, precision in candidates
+            if runtime == "openvino"
+        }
+        self.runtime_rates = {}
+        if len(built) > 1:
+            self.runtime_rates = warm_up_rates({name: pair[0] for name, pair in built.items()}, self.image_size)
+            name = max(self.runtime_rates, key=self.runtime_rates.__getitem__)
+        else:
+            name = " ".join(candidates[0])
+        if name in built:
+            self._forward, self._forward_encoded = built[name]
+        self.runtime = name
+        measured = f", measured images/s {self.runtime_rates}" if self.runtime_rates else ""
+        logger.info("inference runtime: %s (setting %s%s)", self.runtime, setting, measured)
         return self.runtime
 
     def use_limits(self, limits: DecodeLimits) -> None:

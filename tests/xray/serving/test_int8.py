@@ -139,6 +139,60 @@ def no_bf16_cpu(monkeypatch):
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])
 
 
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """An AVX-512 BF16 CPU as OpenVINO reports it (BF16 and INT8 kernels), no GPU, no runtime from the environment."""
+    import openvino
+    import tensorflow as tf
+
+    class Core(openvino.Core):
+        def get_property(self, device, name):
+            if name == "OPTIMIZATION_CAPABILITIES":
+                return ["BF16", "FP32", "INT8"]
+            return super().get_property(device, name)
+
+    monkeypatch.delenv("XRAY_INFERENCE_RUNTIME", raising=False)
+    monkeypatch.setattr(openvino, "Core", Core)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])
+
+
+def test_warm_up_rates_time_each_runtime_after_one_call_and_name_the_faster():
+    from xray.serving.predictor import warm_up_rates
+
+    now = [0.0]
+    calls = {"slow": 0, "fast": 0}
+
+    def runtime(name, seconds):
+        def forward(pixels):
+            assert pixels.shape == (8, 16, 16, 3)
+            calls[name] += 1
+            now[0] += seconds
+
+        return forward
+
+    rates = warm_up_rates({"slow": runtime("slow", 0.4), "fast": runtime("fast", 0.1)}, 16, clock=lambda: now[0])
+    assert calls == {"slow": 4, "fast": 4}  # one warm-up call, then three timed
+    assert rates == {"slow": 20.0, "fast": 80.0} and max(rates, key=rates.get) == "fast"
+
+
+@pytest.mark.slow
+def test_auto_measures_int8_against_bf16_where_the_cpu_has_both_and_runs_the_faster(
+    small_model, data, tmp_path, bf16_cpu
+):
+    calibration, val, threshold = data
+    outcome = int8.quantize(openvino_model(small_model), calibration, val, threshold, int8.Recipe(subset_size=40))
+    folder = version_folder(tmp_path / "v8", small_model, threshold)
+    bundle.write_int8(folder, outcome)
+    predictor = bundle.read(folder)
+    chosen = predictor.use_runtime("auto")
+    rates = predictor.runtime_rates
+    assert set(rates) == {"openvino int8", "openvino bf16"} and all(rate > 0 for rate in rates.values())
+    assert chosen == max(rates, key=rates.get) == predictor.runtime
+    assert predictor.probabilities(val[0]).shape == (len(val[0]),)
+    without = bundle.read(version_folder(tmp_path / "v9", small_model, threshold))
+    assert without.use_runtime("auto") == "openvino bf16" and without.runtime_rates == {}  # one candidate: no warm-up
+
+
 def version_folder(folder, model, threshold: float):
     """A version's data/ as registration writes it (the Keras model and serving.json), without the profile."""
     data = folder / bundle.DATA_DIR
