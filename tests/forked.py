@@ -108,8 +108,7 @@ class ForkServer:
         if any(arg in LOG_OPTIONS or arg.startswith("--log-level=") for arg in args[1:]):
             return False
         base = self.environment or server_environment(dict(os.environ))
-        overwritten = {"ZENML_LOGGING_VERBOSITY", "MLFLOW_LOGGING_LEVEL"}
-        differing = {k for k in env.keys() | base.keys() if env.get(k) != base.get(k)} - overwritten
+        differing = {k for k in env.keys() | base.keys() if env.get(k) != base.get(k)} - set(IMPORT_SETTINGS)
         differing -= {k for k in SET_BY_IMPORTS if k not in env}  # the command's own imports set them
         return all(READ_WHEN_USED.fullmatch(k) for k in differing)
 
@@ -164,8 +163,8 @@ SERVER = ForkServer()
 
 
 def run_forked(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, path: list[str]) -> None:
-    """In the forked child: become ``python SCRIPT ARGS...`` (file descriptors 1 and 2 on the files ``out`` and ``err``) and
-    exit as Python would."""
+    """In the forked child: become ``python SCRIPT ARGS...`` (file descriptors 1 and 2 on the files ``out`` and
+    ``err``) and exit as Python would."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     for descriptor, name in ((1, out), (2, err)):

@@ -212,7 +212,7 @@ def guard_scoring_server() -> None:
 
 def _load_pyfunc(data_path: str) -> _PyfuncModel:
     predictor = bundle.read(data_path)
-    predictor.use_runtime("auto")  # XRAY_INFERENCE_RUNTIME overrides it (xray.serving.predictor.choose_runtime)
+    predictor.use_runtime("auto")  # XRAY_INFERENCE_RUNTIME overrides it (xray.serving.predictor.runtime_candidates)
     predictor.use_limits(DecodeLimits.from_environment())
     guard_scoring_server()
     return _PyfuncModel(predictor, prediction_log.from_environment())

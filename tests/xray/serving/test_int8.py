@@ -124,36 +124,30 @@ def test_val_images_of_one_class_are_refused(small_model, data):
         int8.quantize(openvino_model(small_model), calibration, (pixels, np.zeros(len(pixels))), threshold)
 
 
-@pytest.fixture
-def no_bf16_cpu(monkeypatch):
-    """This machine's kind of CPU as OpenVINO reports it (AVX2, no BF16), no GPU, no runtime from the environment."""
+def cpu_reporting(monkeypatch, capabilities: list[str]) -> None:
+    """A CPU whose OpenVINO capabilities are ``capabilities``, no GPU, no runtime from the environment."""
     import openvino
     import tensorflow as tf
 
     class Core(openvino.Core):
         def get_property(self, device, name):
-            return ["FP32", "INT8"] if name == "OPTIMIZATION_CAPABILITIES" else super().get_property(device, name)
+            return capabilities if name == "OPTIMIZATION_CAPABILITIES" else super().get_property(device, name)
 
     monkeypatch.delenv("XRAY_INFERENCE_RUNTIME", raising=False)
     monkeypatch.setattr(openvino, "Core", Core)
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])
+
+
+@pytest.fixture
+def no_bf16_cpu(monkeypatch):
+    """This machine's kind of CPU as OpenVINO reports it (AVX2, no BF16)."""
+    cpu_reporting(monkeypatch, ["FP32", "INT8"])
 
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    """An AVX-512 BF16 CPU as OpenVINO reports it (BF16 and INT8 kernels), no GPU, no runtime from the environment."""
-    import openvino
-    import tensorflow as tf
-
-    class Core(openvino.Core):
-        def get_property(self, device, name):
-            if name == "OPTIMIZATION_CAPABILITIES":
-                return ["BF16", "FP32", "INT8"]
-            return super().get_property(device, name)
-
-    monkeypatch.delenv("XRAY_INFERENCE_RUNTIME", raising=False)
-    monkeypatch.setattr(openvino, "Core", Core)
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])
+    """An AVX-512 BF16 CPU as OpenVINO reports it (BF16 and INT8 kernels)."""
+    cpu_reporting(monkeypatch, ["BF16", "FP32", "INT8"])
 
 
 def test_warm_up_rates_time_each_runtime_after_one_call_and_name_the_faster():
@@ -179,11 +173,8 @@ def test_warm_up_rates_time_each_runtime_after_one_call_and_name_the_faster():
 def test_auto_measures_int8_against_bf16_where_the_cpu_has_both_and_runs_the_faster(
     small_model, data, tmp_path, bf16_cpu
 ):
-    calibration, val, threshold = data
-    outcome = int8.quantize(openvino_model(small_model), calibration, val, threshold, int8.Recipe(subset_size=40))
-    folder = version_folder(tmp_path / "v8", small_model, threshold)
-    bundle.write_int8(folder, outcome)
-    predictor = bundle.read(folder)
+    _, val, threshold = data
+    predictor = bundle.read(version_with_int8(small_model, data, tmp_path / "v8"))
     chosen = predictor.use_runtime("auto")
     rates = predictor.runtime_rates
     assert set(rates) == {"openvino int8", "openvino bf16"} and all(rate > 0 for rate in rates.values())
@@ -191,6 +182,15 @@ def test_auto_measures_int8_against_bf16_where_the_cpu_has_both_and_runs_the_fas
     assert predictor.probabilities(val[0]).shape == (len(val[0]),)
     without = bundle.read(version_folder(tmp_path / "v9", small_model, threshold))
     assert without.use_runtime("auto") == "openvino bf16" and without.runtime_rates == {}  # one candidate: no warm-up
+
+
+def version_with_int8(model, data, folder):
+    """A version's data/ (:func:`version_folder`) with the int8 model that passed its control on ``data``."""
+    calibration, val, threshold = data
+    outcome = int8.quantize(openvino_model(model), calibration, val, threshold, int8.Recipe(subset_size=40))
+    written = version_folder(folder, model, threshold)
+    bundle.write_int8(written, outcome)
+    return written
 
 
 def version_folder(folder, model, threshold: float):
@@ -206,10 +206,8 @@ def version_folder(folder, model, threshold: float):
 def test_a_version_with_int8_runs_it_under_auto_and_its_files_are_in_its_digest(
     small_model, data, tmp_path, no_bf16_cpu
 ):
-    calibration, val, threshold = data
-    outcome = int8.quantize(openvino_model(small_model), calibration, val, threshold, int8.Recipe(subset_size=40))
-    folder = version_folder(tmp_path / "v7", small_model, threshold)
-    bundle.write_int8(folder, outcome)
+    _, val, threshold = data
+    folder = version_with_int8(small_model, data, tmp_path / "v7")
     listed = bundle.manifest(tmp_path / "v7")
     assert f"  {bundle.DATA_DIR}/int8/model.xml\n" in listed and f"  {bundle.DATA_DIR}/int8/model.bin\n" in listed
     assert json.loads((folder / "int8" / "int8.json").read_text())["val_labels_unchanged"] >= 0.995
