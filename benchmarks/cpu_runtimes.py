@@ -60,31 +60,20 @@ def cpu_flags() -> list[str]:
 
 def version_splits(size: int, config_path: Path, calibration_images: int) -> tuple[np.ndarray, tuple]:
     """(calibration pixels from train, (val pixels, val labels)) of the training config's own split of the dataset
-    (the same patient-grouped val the version's threshold was chosen on; never test)."""
+    (the same patient-grouped val the version's threshold was chosen on; never test): what registration quantizes on
+    (xray.serving.runtimes.int8.control_images)."""
     import tempfile
-
-    import tensorflow as tf
 
     from xray.config_file import load_config
     from xray.data.dataset import prepare_dataset
-    from xray.data.images import decode_and_resize
-    from xray.data.inputs import labels_of
-    from xray.data.manifest import sample
+    from xray.serving.runtimes import int8
 
     config = load_config(config_path)
     with tempfile.TemporaryDirectory(prefix="xray-int8-") as scratch:
         dataset, _ = prepare_dataset(
             ROOT.parent / "shared" / "data" / "chest_xray_224.zip", Path(scratch), config.data, config.seed
         )
-        train = sample(dataset.manifest, "train", None, config.seed).sample(calibration_images, random_state=0)
-        val = dataset.manifest[dataset.manifest["split"] == "val"]
-
-        def pixels(rows) -> np.ndarray:
-            return np.stack(
-                [decode_and_resize(tf.constant(Path(p).read_bytes()), size).numpy() for p in dataset.paths(rows)]
-            ).astype(np.float32)
-
-        return pixels(train), (pixels(val), labels_of(val))
+        return int8.control_images(dataset, size, calibration_images, config.seed)
 
 
 def cached_splits(size: int, config_path: Path, calibration_images: int, cache: Path | None):
@@ -117,14 +106,15 @@ def int8_runtime(model, threshold: float, size: int, recipe, cache: Path | None 
     return (lambda b: int8.probabilities(compiled, b)), figures
 
 
-def runtimes_for(model, image_size: int, precisions: list[str]) -> dict:
+def runtimes_for(model, image_size: int, precisions: list[str], int8_ir: tuple | None = None) -> dict:
     """name -> a function from a batch of pixels to probabilities: the predictor's compiled Keras call, and the
-    predictor's own OpenVINO path (xray.serving.predictor.openvino_forwards) at each precision."""
+    predictor's own OpenVINO path (xray.serving.predictor.openvino_forwards) at each precision, with ``int8_ir``
+    (the version's registered int8 model) at int8 too."""
     from xray.serving.predictor import ChestXrayPredictor, openvino_forwards
 
     runtimes = {"keras fp32": ChestXrayPredictor(model, 0.5, image_size).probabilities}
-    for precision in precisions:
-        forward, _ = openvino_forwards(model, image_size, precision)
+    for precision in [*precisions, *["int8"] * (int8_ir is not None)]:
+        forward, _ = openvino_forwards(model, image_size, precision, int8_ir)
         runtimes[f"openvino {precision}"] = lambda b, f=forward: np.asarray(f(b)).ravel()
     return runtimes
 
@@ -192,8 +182,10 @@ def measure(model_version: str = "champion", rounds: int = 3, speed_size: int = 
 
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     precisions = ["f32"] + (["bf16"] if "BF16" in capabilities else [])
-    runtimes = runtimes_for(model, predictor.image_size, precisions)
-    quantization = None
+    # The int8 the version was registered with, unless the command line quantizes with a recipe of its own.
+    registered = predictor.int8_ir if recipe is None else None
+    runtimes = runtimes_for(model, predictor.image_size, precisions, registered)
+    quantization = {"source": f"registered with {info.uri}"} if registered else None
     if recipe is not None:
         forward, quantization = int8_runtime(model, threshold, predictor.image_size, recipe, cache)
         if forward is not None:

@@ -354,13 +354,16 @@ def register_bench_model(predictor, workdir: Path) -> tuple[dict, str]:
     import mlflow
 
     from xray.registry import store
+    from xray.serving import bundle
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("bench")
     with mlflow.start_run():
         metadata = {"threshold": 0.5, "image_size": IMAGE_SIZE, "preprocessing": "fixed"}
-        store.log_and_register(predictor.model, "bench-xray", metadata, "bench model", predictor.profile)
+        store.log_and_register(
+            bundle.VersionFiles(predictor.model, predictor.profile), "bench-xray", metadata, "bench model"
+        )
     env = os.environ | {
         "MLFLOW_TRACKING_URI": uri,
         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",

@@ -14,7 +14,7 @@ from cli.decide import approve, reject, rollback
 from cli.evaluate import evaluate, feedback
 from cli.infer import infer, monitor
 from cli.node import node
-from cli.train import schedules, train, tune
+from cli.train import int8, schedules, train, tune
 
 PIPELINES = {
     "training": "train",
@@ -103,5 +103,19 @@ def main():
     """
 
 
-for command in (train, tune, infer, monitor, evaluate, feedback, approve, reject, rollback, audit, schedules, node):
+for command in (
+    train,
+    tune,
+    int8,
+    infer,
+    monitor,
+    evaluate,
+    feedback,
+    approve,
+    reject,
+    rollback,
+    audit,
+    schedules,
+    node,
+):
     main.add_command(command)

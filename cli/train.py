@@ -55,6 +55,20 @@ def tune(dataset_uri, no_cache, **options):
     )
 
 
+@click.command("int8")
+@click.option("--model-version", default="champion", show_default=True, help="A version number or an alias.")
+@click.option("--dataset-uri", default=None, help="The archive the version was trained on, as for train.")
+@job_options
+def int8(model_version, dataset_uri, **options):
+    """Make the int8 model of a version registered without one (as registration does; run with its training config)."""
+    from xray.requests import Int8Request
+
+    def build(config):
+        return Int8Request(config=config, model_version=model_version, dataset_uri=dataset_uri)
+
+    run_job(options, build, "pipelines.int8:run_int8")
+
+
 @click.command()
 def schedules():
     """List the schedules of the active ZenML project, and how to delete one."""

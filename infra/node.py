@@ -70,9 +70,10 @@ def run_node(request: NodeRequest) -> dict:
 
     def ready() -> None:
         logger.info(
-            "node ready: %s v%s on %s:%d as %s, results to %d destination(s), prediction log %s",
+            "node ready: %s v%s (%s) on %s:%d as %s, results to %d destination(s), prediction log %s",
             config.registry.model_name,
             predictor.version,
+            predictor.runtime,
             config.node.host,
             config.node.port,
             config.node.ae_title,

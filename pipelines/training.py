@@ -13,7 +13,7 @@ from steps.evaluate import evaluate_model
 from steps.ingest import ingest_from_s3, locate_archive, locate_sources
 from steps.prepare import unzip_and_validate
 from steps.profile import profile_reference
-from steps.register import decide_promotion, load_gate_sets, register_and_promote, score_candidates
+from steps.register import decide_promotion, load_gate_sets, quantize_int8, register_and_promote, score_candidates
 from steps.tracking import mark_run_failed
 from steps.train import train_model
 from xray.config.pipeline import PipelineConfig
@@ -65,7 +65,8 @@ def evaluate_and_register(model, dataset, spec, data_report, history, config: Pi
     gate_sets, gate_site_images = load_gate_sets(dataset, spec, config=config)
     scores = score_candidates(calibrated, dataset, spec, gate_sets, gate_site_images, evaluation, config=config)
     decision = decide_promotion(scores, gate_sets, evaluation, data_report, spec, config=config)
-    register_and_promote(calibrated, evaluation, decision, spec, data_report, history, profile, config=config)
+    int8 = quantize_int8(calibrated, dataset, spec, evaluation, registry=config.registry, seed=config.seed)
+    register_and_promote(calibrated, evaluation, decision, data_report, history, profile, int8, config=config)
 
 
 SUMMARY_METRICS = (
@@ -105,6 +106,7 @@ def summarize(run, load, config: PipelineConfig) -> dict:
         | {"duplicates_removed": len(report["duplicates_removed"]), "quarantined": len(report["quarantined"])},
         "metrics": {k: flat[k] for k in SUMMARY_METRICS},
         "sites": site_summary(report, evaluation),
+        "int8": load("quantize_int8", "int8").summary(),
     }
 
 

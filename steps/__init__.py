@@ -17,6 +17,7 @@ _TRAINING_STEPS = {
     "load_gate_sets": "steps.register",
     "score_candidates": "steps.register",
     "decide_promotion": "steps.register",
+    "quantize_int8": "steps.register",
     "register_and_promote": "steps.register",
 }
 __all__ = list(_TRAINING_STEPS)

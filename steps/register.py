@@ -1,19 +1,22 @@
-"""The way to champion as four steps the dashboard shows: the gate's image sets, both models scored on them, the
-gate's decision (pure), then registration and promotion (xray.registry.promotion)."""
+"""The way to champion as steps the dashboard shows: the gate's image sets, both models scored on them, the gate's
+decision (pure), the version's int8 under its val control, then registration and promotion
+(xray.registry.promotion)."""
 
 import logging
 from typing import Annotated, Tuple
 
 import keras
+import mlflow
 from mlflow.tracking import MlflowClient
 from zenml import get_step_context, log_metadata, step
 
-from materializers import ValidatedDatasetMaterializer
+from materializers import Int8OutcomeMaterializer, ValidatedDatasetMaterializer
 from steps.caching import DOMAIN_CODE, domain_code_hash
 from steps.logstore import audit_trail
 from steps.scratch import output_folder
 from steps.tracking import log_config, mlflow_run
 from xray.config.pipeline import PipelineConfig
+from xray.config.registry import RegistryConfig
 from xray.data import inputs
 from xray.data.dataset import ValidatedDataset
 from xray.data.manifest import DataReport
@@ -22,6 +25,11 @@ from xray.model.training import History
 from xray.monitoring.ood import ReferenceProfile
 from xray.registry import gate, promotion
 from xray.registry.control import audit, plan
+from xray.registry.store import ModelInfo
+from xray.requests import Int8Request
+from xray.serving.bundle import VersionFiles
+from xray.serving.runtimes import int8
+from xray.serving.runtimes.int8 import Int8Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -81,33 +89,70 @@ def decide_promotion(
     return decision
 
 
+@step(output_materializers={"int8": Int8OutcomeMaterializer}, cache_policy=DOMAIN_CODE, experiment_tracker=True)
+def quantize_int8(
+    model: keras.Model,
+    dataset: ValidatedDataset,
+    spec: inputs.DatasetSpec,
+    evaluation: Evaluation,
+    registry: RegistryConfig,
+    seed: int,
+) -> Annotated[Int8Outcome, "int8"]:
+    """The version's int8 (OpenVINO, NNCF with accuracy control): calibrated on train, controlled on val at the
+    version's threshold (registry.int8); registered with it only where it passed."""
+    recipe = int8.Recipe.of(registry.int8)
+    if not registry.int8.enabled:
+        return Int8Outcome.not_made(recipe)
+    outcome = int8.make(model, dataset, spec.image_size, evaluation.threshold, registry.int8, seed)
+    with mlflow_run():
+        log_config(registry=registry)
+        mlflow.set_tag("int8", outcome.state)
+        mlflow.log_metrics({f"int8_{k}": v for k, v in outcome.summary().items() if isinstance(v, float)})
+    return outcome
+
+
+@step(output_materializers={"int8": Int8OutcomeMaterializer}, enable_cache=False, experiment_tracker=True)
+def quantize_version(
+    model_info: ModelInfo, dataset: ValidatedDataset, data_report: DataReport, request: Int8Request
+) -> Annotated[Int8Outcome, "int8"]:
+    """``int8`` on request: a registered version's int8 under registration's val control, stored and sealed with it
+    where the split is the one it was trained on (xray.registry.promotion.quantize_registered)."""
+    config = request.config
+    with mlflow_run():
+        log_config(registry=config.registry, model_version=model_info.version)
+        outcome = promotion.quantize_registered(
+            MlflowClient(), model_info.version, dataset, data_report.to_dict(), config
+        )
+        mlflow.set_tag("int8", outcome.state)
+        mlflow.log_metrics({f"int8_{k}": v for k, v in outcome.summary().items() if isinstance(v, float)})
+    return outcome
+
+
 @step(cache_policy=DOMAIN_CODE, experiment_tracker=True)
 def register_and_promote(
     model: keras.Model,
     evaluation: Evaluation,
     gate_decision: gate.PromotionDecision,
-    spec: inputs.DatasetSpec,
     data_report: DataReport,
     history: History,
     reference_profile: ReferenceProfile,
+    int8: Int8Outcome,
     config: PipelineConfig,
 ) -> Annotated[promotion.Registration, "registration"]:
-    """Register a new MLflow model version with its card and seal its files; it becomes champion only through the
-    gate's decision (or, with registry.require_approval, a candidate for a reviewer)."""
+    """Register a new MLflow model version with its card, its reference profile and its int8 (where it passed), and
+    seal its files; it becomes champion only through the gate's decision (or, with registry.require_approval, a
+    candidate for a reviewer)."""
     report = data_report.to_dict()
     training = history.model | {
         "epochs_run": history.throughput["epochs_run"],
-        "image_size": spec.image_size,
-        "preprocessing": spec.preprocessing,
-        "class_weights": spec.class_weights,
-        "counts": spec.counts,
         "dataset_sha256": report["sites"][config.data.base_site]["digest"],
     }
+    files = VersionFiles(model, reference_profile, int8)
     with mlflow_run():
         log_config(registry=config.registry)
         client = MlflowClient()  # the stack's tracking server: its experiment tracker set the URI
         registration = promotion.register_and_promote(
-            client, model, evaluation, gate_decision, training, report, reference_profile, config
+            client, files, evaluation, gate_decision, training, report, config
         )
     follow_in_zenml(client, registration, evaluation.flat, config)
     record_in_trail(registration, gate_decision, config)

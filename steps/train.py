@@ -52,5 +52,5 @@ def train_model(
         f"trained {throughput['epochs_run']} epochs in {throughput['train_seconds']:.0f}s "
         f"({throughput['images_per_second']:.1f} img/s)"
     )
-    about = {"backbone": model.backbone, "weights": str(model.weights)}
+    about = {"backbone": model.backbone, "weights": str(model.weights)} | training.inputs_of(spec)
     return classifier, training.History(epochs, throughput, about), curves

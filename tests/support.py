@@ -185,3 +185,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cpu_reporting(monkeypatch, capabilities: list[str]) -> None:
+    """A CPU whose OpenVINO capabilities are ``capabilities``, no GPU, no runtime from the environment."""
+    import openvino
+    import tensorflow as tf
+
+    class Core(openvino.Core):
+        def get_property(self, device, name):
+            return capabilities if name == "OPTIMIZATION_CAPABILITIES" else super().get_property(device, name)
+
+    monkeypatch.delenv("XRAY_INFERENCE_RUNTIME", raising=False)
+    monkeypatch.setattr(openvino, "Core", Core)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])

@@ -72,6 +72,13 @@ class VersionRequest(JobRequest):
     model_version: str = "champion"
 
 
+class Int8Request(VersionRequest):
+    """``int8``: an int8 model made for a registered version that has none, under registration's val control, on the
+    split of the data it was trained on (``dataset_uri``: else the config's, as for train)."""
+
+    dataset_uri: str | None = None
+
+
 class InferenceRequest(VersionRequest):
     """``infer``: predictions of ``images`` streamed into ``output``; with ``write_back`` one report per analysed image
     into the PACS the images came from and, with ``heatmaps``, each ``ok`` image's Grad-CAM beside it."""

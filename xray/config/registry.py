@@ -10,6 +10,20 @@ from xray.config.base import Section
 MODEL_NAME = "chest-xray-classifier"
 
 
+class Int8Config(Section):
+    """``registry.int8``: the int8 model made at registration (xray.serving.runtimes.int8), stored with the version
+    where it passes its control on val."""
+
+    enabled: bool = Field(True, description="Make an int8 model of each version at registration (NNCF, OpenVINO).")
+    calibration_images: int = Field(300, ge=1, description="Train images NNCF calibrates int8 on.")
+    max_drop: float = Field(
+        0.005, gt=0, le=0.05, description="Val AUC int8 may lose against fp32; NNCF keeps layers fp32 until it holds."
+    )
+    min_labels_unchanged: float = Field(
+        0.995, ge=0.5, le=1, description="Share of val labels at the version's threshold int8 must leave unchanged."
+    )
+
+
 class RegistryConfig(Section):
     model_name: str = MODEL_NAME
     experiment_name: str = "chest-xray-training"
@@ -33,3 +47,4 @@ class RegistryConfig(Section):
         description="Labelled sites (archive or folder URIs with NORMAL/ and PNEUMONIA/ "
         "folders) on which the challenger must also be non-inferior to the champion before promotion.",
     )
+    int8: Int8Config = Int8Config()

@@ -9,8 +9,9 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from xray import CLASS_NAMES
 from xray.config.model import ModelConfig
 from xray.config.train import TrainConfig
 from xray.data.inputs import DatasetSpec, fit_class_weight
@@ -204,8 +205,17 @@ class History:
 
     epochs: dict[str, list[float]]
     throughput: dict[str, float]
-    model: dict[str, str]
-    """What was trained: ``backbone`` and ``weights`` (the model card's)."""
+    model: dict[str, Any]
+    """What was trained, on what (the model card's): ``backbone``, ``weights`` and :func:`inputs_of` the spec."""
+
+
+def inputs_of(spec: DatasetSpec) -> dict[str, Any]:
+    """What a model was trained on, as its card and registration record it: image size, preprocessing, class weights
+    (by class name), images per split and class."""
+    weights = {CLASS_NAMES[int(k)]: round(float(w), 4) for k, w in spec.class_weights.items()}
+    return {"image_size": spec.image_size, "preprocessing": spec.preprocessing, "class_weights": weights} | {
+        "counts": spec.counts
+    }
 
 
 def fit(

@@ -60,6 +60,7 @@ SCHEMA = pa.schema(
         ("status", pa.string()),
         ("reason", pa.string()),
         ("ood_score", pa.float64()),
+        ("runtime", pa.string()),  # rows logged before it was a column read back empty
     ]
 )
 COLUMNS = SCHEMA.names
@@ -378,6 +379,7 @@ def read_log(root: str, start: datetime | None = None, end: datetime | None = No
             {name: pd.Series(dtype=field.type.to_pandas_dtype()) for name, field in zip(COLUMNS, SCHEMA)}
         )
     rows = pd.concat(parts, ignore_index=True)
+    rows["runtime"] = rows["runtime"].fillna("")
     if start is not None:
         rows = rows[rows["time"] >= pd.Timestamp(start)]
     if end is not None:

@@ -26,6 +26,16 @@ def with_history(card: str, line: str) -> str:
     return head + (f"\n{separator}{tail}" if separator else "")
 
 
+def with_int8(card: str, line: str) -> str:
+    """The card with its Model section's int8 line (``line``: xray.serving.runtimes.int8.Int8Outcome.card_line)
+    in place of the one it had, or after its training line where it had none (versions registered before int8)."""
+    kept = [text for text in card.split("\n") if not text.startswith("- int8")]
+    at = next((i for i, text in enumerate(kept) if text.startswith("- Training: ")), None)
+    if at is None:  # no Model section to hold it: the line goes before the first section after the title
+        at = next((i for i, text in enumerate(kept) if text.startswith("## ")), len(kept)) - 1
+    return "\n".join([*kept[: at + 1], line, *kept[at + 1 :]])
+
+
 def with_integrity(card: str, digest: str) -> str:
     """The card with its "Files" section saying the version's digest (replaced when there is one already), before
     the History and site sections."""
@@ -239,6 +249,7 @@ finding other than pneumonia (the model knows only NORMAL vs PNEUMONIA).
 - Backbone: {model_info["backbone"]} (weights: {model_info["weights"]}), input {model_info["image_size"]}x{model_info["image_size"]} RGB, raw pixel values 0-255.
 - Preprocessing (inside serving and batch inference): {model_info["preprocessing"]}.
 - Training: {model_info["epochs_run"]} epochs, early stopping on val AUC, class weights {model_info["class_weights"]}.
+{model_info.get("int8", "")}
 
 ## Training data
 Kermany et al. 2018 (Guangzhou Women and Children's Medical Center), CC BY 4.0; archive SHA-256 `{model_info["dataset_sha256"]}`.

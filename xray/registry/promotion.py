@@ -24,17 +24,22 @@ import numpy as np
 import pandas as pd
 
 from xray import CLASS_NAMES
+from xray.config.base import flatten
 from xray.config.pipeline import PipelineConfig
 from xray.config.scope import ScopeConfig
 from xray.data.dataset import ValidatedDataset
 from xray.data.inputs import labels_of, make_spec_for_inference, select
 from xray.data.manifest import COLUMNS, subgroups_in
 from xray.data.sites import load_site, site_name
+from xray.errors import ConfigError
 from xray.evaluation.recipes import Evaluation
 from xray.model.network import predict_paths
 from xray.registry import card, gate, store, tracking
 from xray.registry.control import audit, impact
 from xray.registry.control.plan import RECORD_TAG
+from xray.serving import bundle
+from xray.serving.runtimes import int8
+from xray.serving.runtimes.int8 import NOT_MADE
 
 logger = logging.getLogger(__name__)
 
@@ -260,27 +265,66 @@ def version_metadata(evaluation: Evaluation, training: dict, reference_profile, 
     }
 
 
+def quantize_registered(client, version: str, dataset, data_report: dict, config: PipelineConfig):
+    """On request, for a version registered without an int8 model (before int8, with ``registry.int8.enabled`` off,
+    or one that failed): made as at registration (xray.serving.runtimes.int8.make, ``registry.int8``) on the split
+    of the data it was trained on, which is checked first (its archive's digest, and the data settings and seed its
+    run logged: another split could control on images it was trained on), then stored and sealed with it
+    (:func:`xray.registry.store.add_int8`, a reviewer's right on a server with accounts). The outcome."""
+    name = config.registry.model_name
+    record = client.get_model_version(name, version)
+    if record.tags.get("int8") == "passed":
+        raise ConfigError(f"{name} v{version} already carries an int8 model that passed its val control")
+    trained_on, digest = record.tags.get("dataset_sha256"), data_report["sites"][config.data.base_site]["digest"]
+    if trained_on != digest:
+        raise ConfigError(
+            f"{name} v{version} was trained on archive {str(trained_on)[:12]}, not this one ({digest[:12]}): its int8 "
+            "is controlled on the val split of the data it was trained on (--dataset-uri, the training's config)"
+        )
+    logged = client.get_run(record.run_id).data.params if record.run_id else {}
+    settings = {key: str(value) for key, value in flatten({"data": config.data.model_dump(mode="json")}).items()}
+    splitting = [key for key in settings if key.startswith(("data.split.", "data.min_val_per_class", "data.val_fr"))]
+    differ = sorted(key for key in splitting if key in logged and logged[key] != settings[key])
+    if differ or ("seed" in logged and logged["seed"] != str(config.seed)):
+        raise ConfigError(
+            f"{name} v{version} was trained with other data settings ({', '.join(differ) or 'seed'}): its val split "
+            "would differ; run with the config it was trained with"
+        )
+    predictor, _ = store.load_predictor(name, version)
+    outcome = int8.make(
+        predictor.model, dataset, predictor.image_size, predictor.threshold, config.registry.int8, config.seed
+    )
+    with tracking.refusals_as_errors(
+        f"the int8 of {name} v{version} was made, but MLflow refused to store it with the sealed version",
+        ": a sealed version's files change only under a reviewer's account",
+    ):
+        store.add_int8(client, name, version, outcome)
+    return outcome
+
+
 def register_and_promote(
     client,
-    model,
+    files: bundle.VersionFiles,
     evaluation: Evaluation,
     decision: gate.PromotionDecision,
     training: dict,
     data_report: dict,
-    reference_profile,
     config: PipelineConfig,
 ) -> Registration:
-    """Log and register the challenger as a new version with its card, seal its files, tag it, and move the champion
-    alias only if the gate passed and the champion did not change meanwhile (:func:`promote`). Logs to the active
-    MLflow run (its tags and the gate's metrics). ``training``: the card's model section (backbone, weights, epochs
-    run, image size, preprocessing, class weights, counts, dataset_sha256)."""
+    """Log and register the challenger as a new version with its card, seal its files (the Keras model, the reference
+    profile, the int8 model where it passed its control), tag it, and move the champion alias only if the gate passed
+    and the champion did not change meanwhile (:func:`promote`). Logs to the active MLflow run (its tags and the
+    gate's metrics). ``training``: the card's model section (backbone, weights, epochs run, image size,
+    preprocessing, class weights, counts, dataset_sha256)."""
     import mlflow  # lazy: MLflow's import costs seconds; the module's rules are used without it
 
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("registration logs to the active MLflow run: start one first")
     registry, scope = config.registry, config.scope
+    reference_profile = files.reference_profile
     metadata = version_metadata(evaluation, training, reference_profile, scope, data_report)
+    metadata["int8"] = files.int8.state if files.int8 is not None else "not made"
     plan = config.change_plan
     section = gate.markdown(decision, plan.criteria.min_sensitivity if plan else config.evaluate.min_sensitivity)
     who = f"the promotion gate, run as {audit.account(registry.tracking_uri)}"
@@ -288,6 +332,7 @@ def register_and_promote(
     if decision.change_control:
         section += impact.card_section(impact.report(decision, registry.model_name, "", who, run.info.run_id), link)
     about = {"mlflow_run_id": run.info.run_id, **training}
+    about["int8"] = files.int8.card_line() if files.int8 is not None else NOT_MADE
     model_card = card.render(
         registry.model_name,
         evaluation.report,
@@ -298,7 +343,7 @@ def register_and_promote(
         section,
         scope,
     )
-    uri, version = store.log_and_register(model, registry.model_name, metadata, model_card, reference_profile)
+    uri, version = store.log_and_register(files, registry.model_name, metadata, model_card)
     store.stamp_version(client, registry.model_name, version)
     # record_decision() records the threshold with the test metrics: a version's tags are written once.
     tags = {key: json.dumps(value) if isinstance(value, dict) else str(value) for key, value in metadata.items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 from xray.config.scope import ScopeConfig
 from xray.errors import ConfigError
 from xray.monitoring.ood import ReferenceProfile
-from xray.registry.card import SITE_SECTION, description, site_table, site_tag, with_history, with_integrity
+from xray.registry.card import SITE_SECTION, description, site_table, site_tag, with_history, with_int8, with_integrity
 from xray.serving import bundle
 
 logger = logging.getLogger(__name__)
@@ -357,6 +357,18 @@ def save_operating_point(client, model_name: str, version: str, site: str, point
     seal(client, model_name, version, changed=changed)
 
 
+def add_int8(client, model_name: str, version: str, outcome) -> str:
+    """Store an int8 outcome made on request (xray.serving.runtimes.int8.Int8Outcome) with a registered version: its
+    files in ``data/int8/`` (the model only where it passed its control), the tag ``int8``, the card's int8 line; the
+    version is sealed again (its files changed). Returns the new digest."""
+    with tempfile.TemporaryDirectory(prefix="xray-int8-") as folder:
+        written = bundle.write_int8(folder, outcome).parent
+        changed = {f"{bundle.DATA_DIR}/{bundle.INT8_DIR}/{p.name}": p.read_bytes() for p in written.iterdir()}
+    update_model_card(client, model_name, version, lambda card: with_int8(card, outcome.card_line()))
+    set_version_tags(client, model_name, version, {"int8": outcome.state})
+    return seal(client, model_name, version, changed=changed)
+
+
 def add_history(client, model_name: str, version: str, action: dict) -> None:
     """One action on a version (who, when, why): a version tag ``history.<UTC time>`` (JSON) and a line of the
     History section of its model card, whose site results are brought up to date with it."""
@@ -391,11 +403,9 @@ def update_model_card(client, model_name: str, version: str, edit=lambda card: c
     return card
 
 
-def log_and_register(model, model_name: str, metadata: dict, model_card: str, reference_profile) -> tuple[str, str]:
-    """Log the model (Keras + serving flavors, card, reference profile) to the active run and register it.
-
-    Returns (uri, version).
-    """
+def log_and_register(files: bundle.VersionFiles, model_name: str, metadata: dict, model_card: str) -> tuple[str, str]:
+    """Log the version's files (Keras + serving flavors, card, reference profile, int8) to the active run and register
+    it. Returns (uri, version)."""
     import mlflow  # lazy: MLflow's import takes seconds
 
     serving = {
@@ -409,14 +419,14 @@ def log_and_register(model, model_name: str, metadata: dict, model_card: str, re
         artifact_path=None,
         name="model",
         flavor=bundle.KerasFlavor,
-        model=model,
+        model=files.model,
         signature=bundle.serving_signature(),
         input_example=bundle.example_request(),
         metadata=metadata,
         pip_requirements=bundle.pip_requirements(),
         serving=serving,
         model_card=model_card,
-        reference_profile=reference_profile,
+        files=files,
     )
     # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
     registered = mlflow.register_model(info.model_uri, model_name)

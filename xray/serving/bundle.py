@@ -29,8 +29,10 @@ import logging
 import os
 import shutil
 import unicodedata
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,12 +44,14 @@ from xray.errors import XrayError
 from xray.monitoring.ood import ReferenceProfile
 from xray.monitoring.scope import describe
 from xray.serving.predictor import OUTPUT_COLUMNS, ChestXrayPredictor
+from xray.serving.runtimes import int8
+from xray.serving.runtimes.int8 import Int8Outcome
 
 CONFIG_FILE = "serving.json"
 OPERATING_POINTS_FILE = "operating_points.json"
 KERAS_FILE = "model.keras"
 PROFILE_DIR = "reference_profile"
-INT8_DIR, INT8_MODEL, INT8_FIGURES = "int8", "model.xml", "int8.json"
+INT8_DIR, INT8_MODEL, INT8_FIGURES = "int8", int8.MODEL_FILE, int8.FIGURES_FILE
 DATA_DIR, CODE_DIR = "data", "code"
 MANIFEST_FILE, CARD_FILE = "files.sha256", "model_card.md"
 NOT_DIGESTED = (MANIFEST_FILE, CARD_FILE, "registered_model_meta")
@@ -59,30 +63,37 @@ LOADER_MODULE = "xray.serving.pyfunc"
 logger = logging.getLogger(__name__)
 
 
-def write(folder: str | Path, serving: dict, reference_profile: ReferenceProfile) -> dict:
-    """Add the serving config, the reference profile and the code to a model folder whose ``data/`` holds the Keras
-    model; returns the ``python_function`` flavor's settings that load it."""
+@dataclass
+class VersionFiles:
+    """What a version's folder is made of besides its serving config: the calibrated Keras ``model``, its
+    out-of-distribution ``reference_profile`` and its ``int8`` outcome (xray.serving.runtimes.int8.Int8Outcome; None
+    where none was made)."""
+
+    model: Any
+    reference_profile: ReferenceProfile
+    int8: Int8Outcome | None = None
+
+
+def write(folder: str | Path, serving: dict, files: VersionFiles) -> dict:
+    """Add the serving config, the reference profile, the int8 outcome and the code to a model folder whose ``data/``
+    holds the Keras model; returns the ``python_function`` flavor's settings that load it."""
     folder = Path(folder)
     (folder / DATA_DIR).mkdir(parents=True, exist_ok=True)
     (folder / DATA_DIR / CONFIG_FILE).write_text(json.dumps(serving))
-    reference_profile.save(folder / DATA_DIR / PROFILE_DIR)
+    files.reference_profile.save(folder / DATA_DIR / PROFILE_DIR)
+    if files.int8 is not None and files.int8.state != "not made":
+        write_int8(folder / DATA_DIR, files.int8)
     # The whole package, not the folder of this module: the loader imports the predictor, the decoding, the checks.
     package = Path(xray.__file__).parent
     shutil.copytree(package, folder / CODE_DIR / package.name, ignore=shutil.ignore_patterns("__pycache__"))
     return {"loader_module": LOADER_MODULE, "data": DATA_DIR, "code": CODE_DIR}
 
 
-def write_int8(data_path: str | Path, outcome) -> Path | None:
-    """Store an int8 outcome (xray.serving.runtimes.int8.Int8Outcome) in a version's ``data/`` before its file list
-    is made: the model where it passed the control, its figures and recipe either way. The figures' path."""
-    import openvino as ov  # lazy: OpenVINO's import takes a second, and only the int8 runtime needs it
-
-    folder = Path(data_path) / INT8_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    if outcome.passed:
-        ov.save_model(outcome.model, folder / INT8_MODEL, compress_to_fp16=False)
-    (folder / INT8_FIGURES).write_text(json.dumps(outcome.figures(), indent=1, sort_keys=True))
-    return folder / INT8_FIGURES
+def write_int8(data_path: str | Path, outcome: Int8Outcome) -> Path:
+    """Store an int8 outcome in a version's ``data/`` before its file list is made (xray.serving.runtimes.int8.save:
+    the model where it passed the control, its figures and recipe either way). The figures' path."""
+    int8.save(outcome, Path(data_path) / INT8_DIR)
+    return Path(data_path) / INT8_DIR / INT8_FIGURES
 
 
 def read(data_path: str | Path) -> ChestXrayPredictor:
@@ -116,8 +127,9 @@ def read(data_path: str | Path) -> ChestXrayPredictor:
     predictor = ChestXrayPredictor(
         model, float(config["threshold"]), int(config["image_size"]), config.get("version"), profile, scope, points
     )
-    int8 = os.path.join(data_path, INT8_DIR, INT8_MODEL)
-    predictor.int8_path = int8 if os.path.isfile(int8) else None  # versions without int8 run as before
+    int8 = Path(data_path, INT8_DIR, INT8_MODEL)
+    if int8.is_file():  # versions without int8 run as before
+        predictor.int8_ir = (int8.read_bytes(), int8.with_suffix(".bin").read_bytes())
     return predictor
 
 
@@ -251,9 +263,7 @@ class KerasFlavor:
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(
-        path, mlflow_model, serving: dict, model_card: str, signature, input_example, reference_profile, **kwargs
-    ):
+    def save_model(path, mlflow_model, serving: dict, model_card: str, signature, input_example, files, **kwargs):
         import mlflow.keras  # lazy: MLflow's import costs seconds, and only registration needs it here
         from mlflow.models.utils import _save_example  # lazy: as above; what MLflow's own flavors call
 
@@ -261,7 +271,7 @@ class KerasFlavor:
         mlflow.keras.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
         mlflow_model.signature = signature
         _save_example(mlflow_model, input_example, path)
-        mlflow_model.flavors["python_function"].update(write(path, serving, reference_profile))
+        mlflow_model.flavors["python_function"].update(write(path, serving, files))
         mlflow_model.save(os.path.join(path, "MLmodel"))
         Path(path, "model_card.md").write_text(model_card)
 

@@ -40,6 +40,7 @@ OUTPUT_COLUMNS = [
     "site",
     "operating_point",
     "model_version",
+    "runtime",
 ]
 """One row per image. ``status``: ok, out_of_scope (the DICOM header says the image is not of the validated kind),
 out_of_distribution (the pixels are unlike the training images) or unreadable. ``label`` is empty unless ``status`` is
@@ -47,7 +48,8 @@ out_of_distribution (the pixels are unlike the training images) or unreadable. `
 read as the model's verdict. ``scope_unchecked``: the scope's tags a DICOM header lacks (comma-separated). The UIDs
 are a DICOM image's; all three are empty for JPEG and PNG. ``site`` and ``operating_point``: the site asked for
 (``--site``, serving's ``params.site``) and whose calibration and threshold the probability and label are at: ``version``
-(the version's own, fitted on val of every training site) or ``site:<name>``."""
+(the version's own, fitted on val of every training site) or ``site:<name>``. ``runtime``: what computed the
+probability (:meth:`ChestXrayPredictor.use_runtime`: ``keras f32``, ``openvino int8``...)."""
 
 VERSION_OPERATING_POINT = "version"
 RUNTIMES = ("auto", "keras", "openvino")
@@ -109,18 +111,20 @@ def openvino_model(model):
         return ov.convert_model(folder)
 
 
-def openvino_forwards(model, image_size: int, precision: str, int8_path: str | None = None):
+def openvino_forwards(model, image_size: int, precision: str, int8_ir: tuple[bytes, bytes] | None = None):
     """(pixels -> probabilities, encoded images -> probabilities) on OpenVINO: the Keras model exported as a
-    SavedModel and converted, or for ``int8`` the version's int8 model read from ``int8_path``; the encoded variant
-    decodes and resizes with TensorFlow, as training did."""
+    SavedModel and converted, or for ``int8`` the version's int8 model (``int8_ir``: its OpenVINO IR, the .xml and
+    .bin files' bytes); the encoded variant decodes and resizes with TensorFlow, as training did."""
     import openvino as ov  # lazy: as above
     import tensorflow as tf  # lazy: TensorFlow's import takes seconds
 
     core = ov.Core()
     if precision == "int8":
-        if not int8_path:
+        if not int8_ir:
             raise ConfigError("the int8 runtime needs the version's int8 model, and this version has none")
-        compiled = core.compile_model(core.read_model(int8_path), "CPU")
+        xml, weights = int8_ir
+        int8 = core.read_model(xml.decode(), ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy()))
+        compiled = core.compile_model(int8, "CPU")
     else:
         compiled = core.compile_model(openvino_model(model), "CPU", {"INFERENCE_PRECISION_HINT": precision})
 
@@ -192,8 +196,9 @@ class ChestXrayPredictor:
         """What the model runs on (:meth:`use_runtime`); Grad-CAM and evaluation always use the Keras model."""
         self.runtime_rates: dict[str, float] = {}
         """Where :meth:`use_runtime` measured two runtimes on this machine: images/s of each."""
-        self.int8_path: str | None = None
-        """The version's int8 model (OpenVINO IR), where it carries one (:func:`xray.serving.bundle.read`)."""
+        self.int8_ir: tuple[bytes, bytes] | None = None
+        """The version's int8 model, where it carries one: its OpenVINO IR (.xml, .bin) in memory, read with the rest
+        of the version's folder (:func:`xray.serving.bundle.read`), which need not outlive the load."""
         self.use_limits(DecodeLimits())
         # Traced once for every batch size: a call pays for the arithmetic, not model.predict's per-call setup (data
         # adapter, callbacks, a step function per shape). The encoded variant also decodes and resizes inside the
@@ -211,9 +216,9 @@ class ChestXrayPredictor:
     def use_runtime(self, setting: str = "auto") -> str:
         """Run :meth:`probabilities` and :meth:`table` on ``setting``'s runtime (:func:`runtime_candidates`; of two,
         the faster in a warm-up on this machine, its rates in ``runtime_rates`` and the log); its name."""
-        candidates = runtime_candidates(setting, has_int8=self.int8_path is not None)
+        candidates = runtime_candidates(setting, has_int8=self.int8_ir is not None)
         built = {
-            f"{runtime} {precision}": openvino_forwards(self.model, self.image_size, precision, self.int8_path)
+            f"{runtime} {precision}": openvino_forwards(self.model, self.image_size, precision, self.int8_ir)
             for runtime, precision in candidates
             if runtime == "openvino"
         }
@@ -335,6 +340,7 @@ class ChestXrayPredictor:
                 "site": site or "",
                 "operating_point": point,
                 "model_version": self.version,
+                "runtime": self.runtime,
             },
             columns=OUTPUT_COLUMNS,
         )

@@ -29,6 +29,7 @@ def rows(n: int, start: int = 0, **values) -> pd.DataFrame:
             "site": "",
             "operating_point": "version",
             "model_version": "3",
+            "runtime": "keras f32",
         }
     )
     return table.assign(**values)

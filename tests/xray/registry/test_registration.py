@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from support import dataset_entries, jpeg_bytes, mlflow_store, write_zip
+from support import cpu_reporting, dataset_entries, jpeg_bytes, mlflow_store, write_zip
 from xray.config.data import DataConfig
 from xray.config.evaluate import EvaluateConfig
 from xray.config.pipeline import PipelineConfig
@@ -23,6 +23,7 @@ from xray.data.dataset import prepare_dataset
 from xray.evaluation.recipes import Evaluation, calibrate_and_evaluate
 from xray.registry import card, decisions, gate, promotion
 from xray.registry.store import load_predictor, load_reference_profile, update_model_card
+from xray.serving import bundle
 
 MODEL = "registration-test"
 
@@ -94,12 +95,11 @@ def register(client, candidate, scope=None, **changes) -> promotion.Registration
     with mlflow.start_run():
         return promotion.register_and_promote(
             client,
-            c["model"],
+            bundle.VersionFiles(c["model"], c["profile"], c.get("int8")),
             evaluation,
             decision,
             training | {"dataset_sha256": "ab" * 32},
             c["data_report"],
-            c["profile"],
             config,
         )
 
@@ -127,6 +127,87 @@ def test_the_first_version_is_promoted_and_carries_its_metadata_card_and_run_tag
     assert json.loads(tags["scope"])["modalities"] == ["CR", "DX"]
     serving = json.loads(mlflow.artifacts.load_text(f"models:/{MODEL}/1/data/serving.json"))
     assert serving["scope"]["age_years"] == [1, 5]
+
+
+@pytest.mark.slow
+def test_a_version_registered_with_int8_carries_it_sealed_and_says_so_in_its_card_and_tags(
+    store, candidate, monkeypatch
+):
+    from xray.config.registry import Int8Config
+    from xray.registry.store import DIGEST_TAG
+    from xray.serving.runtimes import int8
+
+    loose = Int8Config(max_drop=0.05, min_labels_unchanged=0.5)  # a model of random weights: the storage is checked
+    made = int8.make(candidate["model"], candidate["dataset"], 32, candidate["threshold"], loose, seed=0)
+    assert made.passed, made.reason
+    splits = candidate["dataset"].manifest["split"].value_counts()
+    assert made.images == {"calibration": splits["train"], "val": splits["val"]}  # all of train (under 300); never test
+    failed = int8.Int8Outcome(None, "val AUC 0.9 lost more than 0.005", made.recipe, 0.95, 0.9, 1.0)
+
+    passed = register(store, candidate, int8=made)
+    tags = store.get_model_version(MODEL, passed.model_version).tags
+    assert tags["int8"] == "passed" and DIGEST_TAG in tags
+    listed = mlflow.artifacts.load_text(f"models:/{MODEL}/{passed.model_version}/files.sha256")
+    assert "  data/int8/model.xml\n" in listed and "  data/int8/model.bin\n" in listed
+    card_text = mlflow.artifacts.load_text(f"models:/{MODEL}/{passed.model_version}/model_card.md")
+    assert f"AUC {made.val_auc_int8:.4f} against fp32 {made.val_auc_fp32:.4f}" in card_text
+    predictor, _ = load_predictor(MODEL, passed.model_version)  # read whole: its download folder is gone
+    with monkeypatch.context() as cpu:
+        cpu_reporting(cpu, ["FP32", "INT8"])  # a CPU without BF16: auto runs the version's int8
+        assert predictor.int8_ir is not None and predictor.use_runtime("auto") == "openvino int8"
+    assert predictor.probabilities(np.full((2, 32, 32, 3), 128, np.float32)).shape == (2,)
+
+    rejected = register(store, candidate, int8=failed)
+    tags = store.get_model_version(MODEL, rejected.model_version).tags
+    assert tags["int8"] == "failed: val AUC 0.9 lost more than 0.005"
+    listed = mlflow.artifacts.load_text(f"models:/{MODEL}/{rejected.model_version}/files.sha256")
+    assert "data/int8/int8.json" in listed and "model.xml" not in listed
+    card_text = mlflow.artifacts.load_text(f"models:/{MODEL}/{rejected.model_version}/model_card.md")
+    assert "int8 (OpenVINO, NNCF accuracy control): **none**: it failed its val control (val AUC 0.9" in card_text
+    predictor, _ = load_predictor(MODEL, rejected.model_version)
+    with monkeypatch.context() as cpu:
+        cpu_reporting(cpu, ["FP32", "INT8"])
+        assert predictor.int8_ir is None and predictor.use_runtime("auto") == "keras f32"
+
+    off = register(store, candidate)  # registry.int8.enabled off: nothing made, said so
+    assert store.get_model_version(MODEL, off.model_version).tags["int8"] == "not made"
+    assert "- int8: not made" in mlflow.artifacts.load_text(f"models:/{MODEL}/{off.model_version}/model_card.md")
+
+
+@pytest.mark.slow
+def test_a_version_registered_without_int8_gets_it_on_request_on_its_own_split_only(store, candidate):
+    from xray.config.registry import Int8Config
+    from xray.errors import ConfigError
+    from xray.registry.store import DIGEST_TAG
+
+    old = register(store, candidate)  # int8 not made (registered with it off, or before it existed)
+    digest = store.get_model_version(MODEL, old.model_version).tags[DIGEST_TAG]
+    config = PipelineConfig(
+        registry=RegistryConfig(model_name=MODEL, int8=Int8Config(max_drop=0.05, min_labels_unchanged=0.5))
+    )
+    trained_on = {"sites": {config.data.base_site: {"digest": "ab" * 32}}}
+    elsewhere = {"sites": {config.data.base_site: {"digest": "cd" * 32}}}
+    with pytest.raises(ConfigError, match="was trained on archive abababababab, not this one"):
+        promotion.quantize_registered(store, old.model_version, candidate["dataset"], elsewhere, config)
+    run_id = store.get_model_version(MODEL, old.model_version).run_id
+    store.log_param(run_id, "data.val_fraction", "0.3")  # its run split val otherwise
+    with pytest.raises(ConfigError, match=r"other data settings \(data.val_fraction\)"):
+        promotion.quantize_registered(store, old.model_version, candidate["dataset"], trained_on, config)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"val_fraction": 0.3})})
+
+    made = promotion.quantize_registered(store, old.model_version, candidate["dataset"], trained_on, config)
+    assert made.passed, made.reason
+    tags = store.get_model_version(MODEL, old.model_version).tags
+    assert tags["int8"] == "passed" and tags[DIGEST_TAG] != digest  # sealed again, over its new files
+    uri = f"models:/{MODEL}/{old.model_version}"
+    assert "  data/int8/model.xml\n" in mlflow.artifacts.load_text(f"{uri}/files.sha256")
+    card_text = mlflow.artifacts.load_text(f"{uri}/model_card.md")
+    assert "- int8: not made" not in card_text and card_text.count("- int8 (OpenVINO") == 1
+    assert card_text.index("- Training: ") < card_text.index("- int8 (OpenVINO") < card_text.index("## Training data")
+    predictor, _ = load_predictor(MODEL, old.model_version)  # its new files verified against the new digest
+    assert predictor.int8_ir is not None
+    with pytest.raises(ConfigError, match="already carries an int8 model"):
+        promotion.quantize_registered(store, old.model_version, candidate["dataset"], trained_on, config)
 
 
 def test_a_configured_scope_is_the_one_the_version_serves_with(store, candidate):
@@ -178,7 +259,8 @@ def test_registration_needs_an_active_run(store, candidate):
     decision = gate.decide_on(gate.Scores(None), 1.0, 0.95, 0.01, 100, 0)
     evaluation = Evaluation(candidate["metrics"], candidate["threshold"], [], [])
     with pytest.raises(RuntimeError, match="active MLflow run"):
-        promotion.register_and_promote(store, candidate["model"], evaluation, decision, {}, {}, None, PipelineConfig())
+        files = bundle.VersionFiles(candidate["model"], None)
+        promotion.register_and_promote(store, files, evaluation, decision, {}, {}, PipelineConfig())
     assert not store.search_registered_models(f"name = '{MODEL}'")
 
 
@@ -486,12 +568,11 @@ def register_under_plan(client, candidate, config: PipelineConfig, approved=froz
     with mlflow.start_run():
         return promotion.register_and_promote(
             client,
-            candidate["model"],
+            bundle.VersionFiles(candidate["model"], candidate["profile"]),
             evaluation,
             decision,
             training | {"dataset_sha256": "ab" * 32},
             candidate["data_report"],
-            candidate["profile"],
             config,
         )
 

@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent("""
     from mlflow.tracking import MlflowClient
     from xray.monitoring import ood
     from xray.registry import gate, promotion, store
+    from xray.serving import bundle
     uri, auc, barrier = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
     mlflow.set_tracking_uri(uri)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
@@ -24,7 +25,7 @@ SCRIPT = textwrap.dedent("""
         rng = np.random.default_rng(0)
         images = [ood.features_of_array(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(12)]
         profile = ood.fit_profile(images[:8], images[8:], np.full(4, 0.5), 0.5)
-        _, version = store.log_and_register(model, "race-model", metadata, "# card", profile)
+        _, version = store.log_and_register(bundle.VersionFiles(model, profile), "race-model", metadata, "# card")
         # Both finish together: each says it is ready, then waits until both are.
         (barrier / f"ready-{auc}").touch()
         deadline = time.time() + 240

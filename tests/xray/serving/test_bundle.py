@@ -37,7 +37,9 @@ def registered(tmp_path_factory, predictor):
     try:
         with mlflow.start_run(experiment_id=experiment):
             metadata = {"threshold": predictor.threshold, "image_size": predictor.image_size, "preprocessing": "test"}
-            _, version = store.log_and_register(predictor.model, MODEL, metadata, "# card", predictor.profile)
+            _, version = store.log_and_register(
+                bundle.VersionFiles(predictor.model, predictor.profile), MODEL, metadata, "# card"
+            )
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version}", dst_path=str(home / "v")))
     finally:
         mlflow.set_tracking_uri(None)
@@ -135,7 +137,9 @@ def test_a_sites_operating_point_is_served_from_training_and_from_a_later_recali
                 "preprocessing": "test",
                 "operating_points": {"b": at_training},
             }
-            _, version = store.log_and_register(predictor.model, "points-test", metadata, "# card", predictor.profile)
+            _, version = store.log_and_register(
+                bundle.VersionFiles(predictor.model, predictor.profile), "points-test", metadata, "# card"
+            )
         store.save_operating_point(client, "points-test", version, "c", later)
         served = mlflow.pyfunc.load_model(f"models:/points-test/{version}")
         rows = {site: served.predict(request(), params={"site": site}).iloc[0] for site in ("b", "c", "")}

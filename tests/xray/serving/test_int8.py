@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from support import cpu_reporting
 from xray.serving import bundle
 from xray.serving.predictor import ChestXrayPredictor, openvino_model
 from xray.serving.runtimes import int8
@@ -49,12 +50,19 @@ def data(small_model):
     return calibration, (val[clear], (scores[clear] >= threshold).astype(int)), threshold
 
 
+@pytest.fixture(scope="module")
+def passed(small_model, data):
+    """The small model quantized with the default recipe on ``data`` (it passes; the first test checks it)."""
+    calibration, val, threshold = data
+    return int8.quantize(openvino_model(small_model), calibration, val, threshold, int8.Recipe(subset_size=40))
+
+
 @pytest.mark.slow
-def test_int8_passes_its_val_control_and_carries_the_figures_it_passed(small_model, data):
+def test_int8_passes_its_val_control_and_carries_the_figures_it_passed(passed, data):
     import openvino as ov
 
-    calibration, val, threshold = data
-    outcome = int8.quantize(openvino_model(small_model), calibration, val, threshold, int8.Recipe(subset_size=40))
+    _, val, _ = data
+    outcome = passed
     assert outcome.passed and outcome.reason == ""
     assert outcome.val_auc_fp32 == pytest.approx(1.0, abs=1e-6)
     assert outcome.val_auc_fp32 - outcome.val_auc_int8 <= int8.MAX_DROP
@@ -82,18 +90,34 @@ def test_a_control_int8_cannot_meet_leaves_no_model_and_says_why(small_model, da
 
 
 @pytest.mark.slow
+def test_an_outcome_saved_is_the_outcome_loaded_as_the_version_and_the_artifact_store_hold_it(passed, tmp_path):
+    int8.save(passed, tmp_path / "passed")
+    assert sorted(p.name for p in (tmp_path / "passed").iterdir()) == ["int8.json", "model.bin", "model.xml"]
+    loaded = int8.load(tmp_path / "passed")
+    assert loaded.figures() == passed.figures() and loaded.state == "passed"
+    assert any(op.get_type_name() == "FakeQuantize" for op in loaded.model.get_ops())
+    failed = int8.Int8Outcome(None, "val AUC lost", passed.recipe, 0.9, 0.8, 0.99, 3.0, {"val": 5})
+    int8.save(failed, tmp_path / "failed")
+    assert int8.load(tmp_path / "failed").figures() == failed.figures()
+    assert int8.load(tmp_path / "failed").state == "failed: val AUC lost"
+    off = int8.Int8Outcome.not_made(passed.recipe)
+    int8.save(off, tmp_path / "off")
+    assert int8.load(tmp_path / "off").state == "not made" and off.card_line() == int8.NOT_MADE
+
+
 def first_two_convolutions(model) -> list[list[str]]:
     """The kinds of the inputs (activation, weights) of the model's first two convolutions, in order."""
     convolutions = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"][:2]
     return [[value.get_node().get_type_name() for value in op.input_values()] for op in convolutions]
 
 
-def test_the_in_model_preprocessing_stays_fp32_unless_the_recipe_says_otherwise(small_model, data):
+@pytest.mark.slow
+def test_the_in_model_preprocessing_stays_fp32_unless_the_recipe_says_otherwise(small_model, data, passed):
     calibration, val, threshold = data
     model = openvino_model(small_model)
     preprocessing = int8.preprocessing_operations(model)
     assert preprocessing[-1].startswith("Convolution") and len(preprocessing) >= 2  # the rescaling, then the conv
-    kept = int8.quantize(model, calibration, val, threshold, int8.Recipe(subset_size=40))
+    kept = passed  # the default recipe
     assert kept.passed and kept.figures()["recipe"]["preprocessing_fp32"] is True
     first, second = first_two_convolutions(kept.model)
     assert first == ["Add", "Constant"] and second[0] == "FakeQuantize"  # fp32 in and weights; the next one int8
@@ -101,6 +125,7 @@ def test_the_in_model_preprocessing_stays_fp32_unless_the_recipe_says_otherwise(
     assert first_two_convolutions(quantized.model)[0][0] == "FakeQuantize"
 
 
+@pytest.mark.slow
 def test_the_ignored_scope_is_applied_and_recorded(small_model, data):
     calibration, val, threshold = data
     recipe = int8.Recipe(subset_size=40, ignored_types=("Convolution",))
@@ -122,20 +147,6 @@ def test_val_images_of_one_class_are_refused(small_model, data):
     calibration, (pixels, _), threshold = data
     with pytest.raises(ValueError, match="both classes"):
         int8.quantize(openvino_model(small_model), calibration, (pixels, np.zeros(len(pixels))), threshold)
-
-
-def cpu_reporting(monkeypatch, capabilities: list[str]) -> None:
-    """A CPU whose OpenVINO capabilities are ``capabilities``, no GPU, no runtime from the environment."""
-    import openvino
-    import tensorflow as tf
-
-    class Core(openvino.Core):
-        def get_property(self, device, name):
-            return capabilities if name == "OPTIMIZATION_CAPABILITIES" else super().get_property(device, name)
-
-    monkeypatch.delenv("XRAY_INFERENCE_RUNTIME", raising=False)
-    monkeypatch.setattr(openvino, "Core", Core)
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])
 
 
 @pytest.fixture
@@ -171,10 +182,10 @@ def test_warm_up_rates_time_each_runtime_after_one_call_and_name_the_faster():
 
 @pytest.mark.slow
 def test_auto_measures_int8_against_bf16_where_the_cpu_has_both_and_runs_the_faster(
-    small_model, data, tmp_path, bf16_cpu
+    small_model, data, passed, tmp_path, bf16_cpu
 ):
     _, val, threshold = data
-    predictor = bundle.read(version_with_int8(small_model, data, tmp_path / "v8"))
+    predictor = bundle.read(version_with_int8(small_model, data, passed, tmp_path / "v8"))
     chosen = predictor.use_runtime("auto")
     rates = predictor.runtime_rates
     assert set(rates) == {"openvino int8", "openvino bf16"} and all(rate > 0 for rate in rates.values())
@@ -184,11 +195,9 @@ def test_auto_measures_int8_against_bf16_where_the_cpu_has_both_and_runs_the_fas
     assert without.use_runtime("auto") == "openvino bf16" and without.runtime_rates == {}  # one candidate: no warm-up
 
 
-def version_with_int8(model, data, folder):
-    """A version's data/ (:func:`version_folder`) with the int8 model that passed its control on ``data``."""
-    calibration, val, threshold = data
-    outcome = int8.quantize(openvino_model(model), calibration, val, threshold, int8.Recipe(subset_size=40))
-    written = version_folder(folder, model, threshold)
+def version_with_int8(model, data, outcome, folder):
+    """A version's data/ (:func:`version_folder`) with ``outcome``, the int8 model that passed its control on ``data``."""
+    written = version_folder(folder, model, data[2])
     bundle.write_int8(written, outcome)
     return written
 
@@ -204,10 +213,10 @@ def version_folder(folder, model, threshold: float):
 
 @pytest.mark.slow
 def test_a_version_with_int8_runs_it_under_auto_and_its_files_are_in_its_digest(
-    small_model, data, tmp_path, no_bf16_cpu
+    small_model, data, passed, tmp_path, no_bf16_cpu
 ):
     _, val, threshold = data
-    folder = version_with_int8(small_model, data, tmp_path / "v7")
+    folder = version_with_int8(small_model, data, passed, tmp_path / "v7")
     listed = bundle.manifest(tmp_path / "v7")
     assert f"  {bundle.DATA_DIR}/int8/model.xml\n" in listed and f"  {bundle.DATA_DIR}/int8/model.bin\n" in listed
     assert json.loads((folder / "int8" / "int8.json").read_text())["val_labels_unchanged"] >= 0.995
@@ -231,7 +240,7 @@ def test_a_version_without_int8_loads_and_serves_on_keras_as_before(small_model,
     calibration, val, threshold = data
     folder = version_folder(tmp_path / "v6", small_model, threshold)  # registered before int8 existed
     predictor = bundle.read(folder)
-    assert predictor.int8_path is None and predictor.use_runtime("auto") == "keras f32"
+    assert predictor.int8_ir is None and predictor.use_runtime("auto") == "keras f32"
     assert predictor.use_runtime("openvino") == "openvino f32"  # asked for: OpenVINO fp32, as before
     np.testing.assert_allclose(
         predictor.probabilities(val[0]),

@@ -260,6 +260,7 @@ class Node:
     def summary(self) -> dict:
         return {
             "model_version": str(self.predictor.version),
+            "runtime": self.predictor.runtime,
             **dict(self.receiver.counts),
             **dict(self.counts),
             "results_delivered": self.sender.delivered,

@@ -11,13 +11,20 @@ are in docs/BENCHMARKS.md ("int8").
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+from xray.config.registry import Int8Config
+from xray.data.images import decode_and_resize
+from xray.data.inputs import labels_of
+from xray.serving.predictor import openvino_model
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,15 @@ class Recipe:
     max_drop: float = MAX_DROP
     min_labels_unchanged: float = MIN_LABELS_UNCHANGED
 
+    @classmethod
+    def of(cls, config: Int8Config) -> Recipe:
+        """The recipe of ``registry.int8``: the defaults (docs/BENCHMARKS.md "int8") with its control's bounds."""
+        return cls(
+            subset_size=config.calibration_images,
+            max_drop=config.max_drop,
+            min_labels_unchanged=config.min_labels_unchanged,
+        )
+
 
 @dataclass
 class Int8Outcome:
@@ -54,20 +70,120 @@ class Int8Outcome:
     model: object | None
     reason: str
     recipe: Recipe
-    val_auc_fp32: float
+    val_auc_fp32: float | None
+    """None where no int8 was made (:meth:`not_made`)."""
     val_auc_int8: float | None = None
     val_labels_unchanged: float | None = None
     seconds: float = 0.0
     images: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def not_made(cls, recipe: Recipe) -> Int8Outcome:
+        """The outcome where ``registry.int8.enabled`` is off: no int8, nothing measured."""
+        return cls(None, NOT_MADE_REASON, recipe, None)
+
     @property
     def passed(self) -> bool:
         return self.model is not None
+
+    @property
+    def state(self) -> str:
+        """The version's ``int8`` tag: ``passed`` (it carries an int8 model), ``failed: <why>`` or ``not made``."""
+        if self.reason == NOT_MADE_REASON:
+            return "not made"
+        return "passed" if self.passed else f"failed: {self.reason}"[:480]
 
     def figures(self) -> dict:
         """What is stored and logged with the version: the recipe, the val figures, the verdict."""
         figures = {k: v for k, v in asdict(self).items() if k not in ("model", "recipe")}
         return figures | {"passed": self.passed, "recipe": asdict(self.recipe)}
+
+    def summary(self) -> dict:
+        """The figures a run's summary line shows."""
+        keys = ("passed", "reason", "val_auc_fp32", "val_auc_int8", "val_labels_unchanged", "seconds")
+        return {key: self.figures()[key] for key in keys}
+
+    def card_line(self) -> str:
+        """The model card's line (markdown)."""
+        recipe = f"preset {self.recipe.preset}, {self.images.get('calibration', 0)} train images calibrating"
+        if self.reason == NOT_MADE_REASON:
+            return NOT_MADE
+        if not self.passed:
+            return f"- int8 (OpenVINO, NNCF accuracy control): **none**: it failed its val control ({self.reason})."
+        return (
+            f"- int8 (OpenVINO, NNCF accuracy control, {recipe}): passed its val control on "
+            f"{self.images.get('val', 0)} val images: AUC {self.val_auc_int8:.4f} against fp32 {self.val_auc_fp32:.4f} "
+            f"(at most {self.recipe.max_drop} lost), {self.val_labels_unchanged:.2%} of labels unchanged at the threshold "
+            f"(at least {self.recipe.min_labels_unchanged:.1%}). `inference.runtime: auto` may run it."
+        )
+
+
+NOT_MADE_REASON = "not made: registry.int8.enabled is off"
+NOT_MADE = "- int8: not made (`registry.int8.enabled` was off); the version runs on Keras or OpenVINO fp32/bf16."
+
+FIGURES_FILE, MODEL_FILE = "int8.json", "model.xml"
+
+
+def save(outcome: Int8Outcome, folder: str | Path) -> None:
+    """``folder``: the int8 model (model.xml, model.bin) where it passed the control, its figures and recipe
+    (int8.json) either way. A version's ``data/int8/`` (xray.serving.bundle) and the ZenML artifact hold the same."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if outcome.passed:
+        import openvino as ov  # lazy: OpenVINO's import takes a second, and only an int8 model needs it
+
+        ov.save_model(outcome.model, folder / MODEL_FILE, compress_to_fp16=False)
+    (folder / FIGURES_FILE).write_text(json.dumps(outcome.figures(), indent=1, sort_keys=True))
+
+
+def load(folder: str | Path) -> Int8Outcome:
+    """What :func:`save` wrote, back as an :class:`Int8Outcome`."""
+    figures = json.loads((Path(folder) / FIGURES_FILE).read_text())
+    model = None
+    if figures["passed"]:
+        import openvino as ov  # lazy: as above
+
+        model = ov.Core().read_model(Path(folder) / MODEL_FILE)
+    kept = {k: figures[k] for k in ("reason", "val_auc_fp32", "val_auc_int8", "val_labels_unchanged", "seconds")}
+    recipe = figures["recipe"]
+    recipe = Recipe(**recipe | {k: tuple(recipe[k]) for k in ("ignored_types", "ignored_patterns")})
+    return Int8Outcome(model, recipe=recipe, images=figures["images"], **kept)
+
+
+def control_images(dataset, image_size: int, calibration_images: int, seed: int) -> tuple[np.ndarray, tuple]:
+    """(calibration pixels: ``calibration_images`` of train drawn with ``seed``; (val pixels, val 0/1 labels): all of
+    val) of a validated dataset (xray.data.dataset.ValidatedDataset), decoded and resized as the model sees them.
+    Val is the patient-grouped split the version's threshold was chosen on; test is never read."""
+    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
+
+    manifest = dataset.manifest
+    train = manifest[manifest["split"] == "train"]
+    train = train.sample(min(calibration_images, len(train)), random_state=seed)
+    val = manifest[manifest["split"] == "val"]
+
+    def pixels(rows) -> np.ndarray:
+        files = dataset.paths(rows)
+        return np.stack([decode_and_resize(tf.constant(Path(p).read_bytes()), image_size).numpy() for p in files])
+
+    return pixels(train).astype(np.float32), (pixels(val).astype(np.float32), labels_of(val).astype(int))
+
+
+def make(model, dataset, image_size: int, threshold: float, config: Int8Config, seed: int) -> Int8Outcome:
+    """The int8 of a version at registration: its Keras ``model`` converted to OpenVINO and quantized under the val
+    control of ``registry.int8`` (:func:`quantize`) on ``dataset``'s train and val (:func:`control_images`)."""
+    started = time.perf_counter()
+    calibration, val = control_images(dataset, image_size, config.calibration_images, seed)
+    outcome = quantize(openvino_model(model), calibration, val, threshold, Recipe.of(config))
+    outcome.seconds = round(time.perf_counter() - started, 1)
+    logger.info(
+        "int8: %s in %.0f s (val AUC %s against fp32 %.4f, labels unchanged %s)",
+        "passed its val control" if outcome.passed else f"failed its val control: {outcome.reason}",
+        outcome.seconds,
+        "-" if outcome.val_auc_int8 is None else f"{outcome.val_auc_int8:.4f}",
+        outcome.val_auc_fp32,
+        "-" if outcome.val_labels_unchanged is None else f"{outcome.val_labels_unchanged:.2%}",
+    )
+    return outcome
 
 
 def probabilities(compiled, pixels: np.ndarray) -> np.ndarray:
