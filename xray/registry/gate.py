@@ -47,7 +47,9 @@ class Scores:
     @classmethod
     def of(cls, champion: str | None, labels: dict, challenger: dict) -> Scores:
         as_list = lambda values: np.asarray(values).tolist()  # noqa: E731 - JSON-able lists, not arrays
-        return cls(champion, {k: as_list(v) for k, v in labels.items()}, {k: as_list(v) for k, v in challenger.items()})
+        # 0/1 as ints, as the field says: ZenML's serializer warns once per float label otherwise.
+        ints = {k: np.asarray(v).astype(int).tolist() for k, v in labels.items()}
+        return cls(champion, ints, {k: as_list(v) for k, v in challenger.items()})
 
 
 def decide_on(

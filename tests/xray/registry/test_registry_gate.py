@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from xray.registry import gate
 from xray.registry.gate import compare, decide, markdown, tags
 
 
@@ -94,3 +95,16 @@ def test_paired_ci_uses_shared_resamples():
 def test_compare_refuses_unpaired_inputs():
     with pytest.raises(ValueError, match="same images"):
         compare(np.array([0, 1, 1]), np.array([0.1, 0.9, 0.8]), np.array([0.2, 0.7]), 100, 0)
+
+
+def test_scores_hold_labels_as_the_ints_their_field_says_so_zenml_stores_them_without_a_warning():
+    import warnings
+
+    from pydantic import TypeAdapter
+
+    labels = np.array([0.0, 1.0, 1.0], dtype=np.float32)  # as xray.data.inputs.labels_of gives them
+    scores = gate.Scores.of("1", {"test": labels}, {"test": np.array([0.1, 0.8, 0.7], dtype=np.float32)})
+    assert scores.labels == {"test": [0, 1, 1]} and all(type(v) is int for v in scores.labels["test"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydantic's "serialized value may not be as expected" is a UserWarning
+        TypeAdapter(gate.Scores).dump_python(scores, mode="json")
