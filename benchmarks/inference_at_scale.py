@@ -54,15 +54,15 @@ def bench_predictor(profile_dir: Path | None = None, train_paths=(), val_paths=(
             profile.save(profile_dir)
     predictor = ChestXrayPredictor(model, 0.5, IMAGE_SIZE, "bench", profile)
     if train_paths:
-        predictor.bench_int8 = bench_int8(predictor, list(train_paths)[:64])
+        predictor.bench_int8 = bench_int8(predictor, [Path(p).read_bytes() for p in list(train_paths)[:64]])
     predictor.use_runtime("auto")  # as batch inference and serving: the version's int8 against bf16 on this CPU
     return predictor
 
 
-def bench_int8(predictor, calibration_paths: list[str]):
+def bench_int8(predictor, calibration: list[bytes]):
     """The bench model's int8, carried as a registered version carries its own (``predictor.int8_ir``), made with
-    registration's recipe (xray.serving.runtimes.int8: the in-model preprocessing fp32) on ``calibration_paths``
-    but without the val control (random weights have no accuracy to keep; speed does not depend on them). The
+    registration's recipe (xray.serving.runtimes.int8: the in-model preprocessing fp32) on the encoded images
+    ``calibration`` but without the val control (random weights have no accuracy to keep; speed does not depend on them). The
     outcome, for :func:`register_bench_model`."""
     import nncf
     import openvino as ov
@@ -72,7 +72,8 @@ def bench_int8(predictor, calibration_paths: list[str]):
     from xray.serving.predictor import openvino_model
     from xray.serving.runtimes import int8
 
-    pixels = [decode_and_resize(tf.constant(Path(p).read_bytes()), IMAGE_SIZE).numpy() for p in calibration_paths]
+    size = predictor.image_size
+    pixels = [decode_and_resize(tf.constant(data), size).numpy() for data in calibration]
     fp32 = openvino_model(predictor.model)
     scope = nncf.IgnoredScope(names=int8.preprocessing_operations(fp32), validate=False)
     data = nncf.Dataset(pixels, lambda x: x[None])
