@@ -170,6 +170,33 @@ def test_every_transfer_syntax_the_decode_path_reads_is_kept_and_high_priority_m
 # -- the node: stable studies analysed once, results out, restarts --
 
 
+def test_results_leave_without_nagles_delay(tmp_path, monkeypatch):
+    """Each C-STORE writes its command, then its dataset, then waits: without TCP_NODELAY the dataset waits for the
+    peer's delayed acknowledgement, about 40 ms a file (xray.serving.node.results.without_nagle)."""
+    import socket
+
+    from xray.serving.node import results
+
+    seen = []
+    original = results.without_nagle
+
+    def spy(association):
+        original(association)
+        seen.append(association.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(results, "without_nagle", spy)
+    import numpy as np
+
+    files = [tmp_path / f"{index}.dcm" for index in range(3)]
+    for index, path in enumerate(files):
+        path.write_bytes(radiograph(np.full((64, 64), 40 * index, np.uint8), bits=8, PatientID=f"P{index}"))
+    destination = Destination()
+    with destination.running():
+        sent = []
+        results.c_store(("RESULTS", "127.0.0.1", destination.port), files, "XRAY_AI", sent.append)
+    assert seen and all(seen) and sent == files and len(destination.objects()) == 3
+
+
 def make_node(tmp_path, predictor, destination, **changes) -> Node:
     settings = config(tmp_path, destinations=[destination.uri], **changes)
     log = PredictionLog(str(tmp_path / "log"), "node")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ def c_store(peer: tuple[str, str, int], paths: list[Path], calling_ae: str, sent
     association = ae.associate(host, port, ae_title=title)
     if not association.is_established:
         raise RuntimeError(f"association with {title} refused or not established")
+    without_nagle(association)
     try:
         for path in paths:
             status = association.send_c_store(path)
@@ -187,3 +189,13 @@ def c_store(peer: tuple[str, str, int], paths: list[Path], calling_ae: str, sent
             sent(path)
     finally:
         association.release()
+
+
+def without_nagle(association) -> None:
+    """TCP_NODELAY on the association's socket. Each C-STORE writes its command and its dataset, then waits for the
+    answer: with Nagle's algorithm the second write waits for the peer's delayed acknowledgement (about 40 ms on
+    Linux), every file. Measured on loopback with pynetdicom 3.0: 8 reports in one association 419 ms, 114 ms with
+    it (docs/BENCHMARKS.md "DICOM node")."""
+    connection = getattr(association.dul.socket, "socket", None)
+    if connection is not None:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
