@@ -107,7 +107,7 @@ def quantize_int8(
     with mlflow_run():
         log_config(registry=registry)
         mlflow.set_tag("int8", outcome.state)
-        mlflow.log_metrics({f"int8_{k}": v for k, v in outcome.summary().items() if isinstance(v, float)})
+        mlflow.log_metrics(outcome.metrics())
     return outcome
 
 
@@ -124,7 +124,7 @@ def quantize_version(
             MlflowClient(), model_info.version, dataset, data_report.to_dict(), config
         )
         mlflow.set_tag("int8", outcome.state)
-        mlflow.log_metrics({f"int8_{k}": v for k, v in outcome.summary().items() if isinstance(v, float)})
+        mlflow.log_metrics(outcome.metrics())
     return outcome
 
 

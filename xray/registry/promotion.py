@@ -39,7 +39,7 @@ from xray.registry.control import audit, impact
 from xray.registry.control.plan import RECORD_TAG
 from xray.serving import bundle
 from xray.serving.runtimes import int8
-from xray.serving.runtimes.int8 import NOT_MADE
+from xray.serving.runtimes.int8 import Int8Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +265,10 @@ def version_metadata(evaluation: Evaluation, training: dict, reference_profile, 
     }
 
 
+SPLIT_SETTINGS = ("data.split.", "data.min_val_per_class", "data.val_fraction")
+"""The data settings (as the prepare step logs them) that decide which images are val."""
+
+
 def quantize_registered(client, version: str, dataset, data_report: dict, config: PipelineConfig):
     """On request, for a version registered without an int8 model (before int8, with ``registry.int8.enabled`` off,
     or one that failed): made as at registration (xray.serving.runtimes.int8.make, ``registry.int8``) on the split
@@ -283,7 +287,7 @@ def quantize_registered(client, version: str, dataset, data_report: dict, config
         )
     logged = client.get_run(record.run_id).data.params if record.run_id else {}
     settings = {key: str(value) for key, value in flatten({"data": config.data.model_dump(mode="json")}).items()}
-    splitting = [key for key in settings if key.startswith(("data.split.", "data.min_val_per_class", "data.val_fr"))]
+    splitting = [key for key in settings if key.startswith(SPLIT_SETTINGS)]
     differ = sorted(key for key in splitting if key in logged and logged[key] != settings[key])
     if differ or ("seed" in logged and logged["seed"] != str(config.seed)):
         raise ConfigError(
@@ -324,7 +328,8 @@ def register_and_promote(
     registry, scope = config.registry, config.scope
     reference_profile = files.reference_profile
     metadata = version_metadata(evaluation, training, reference_profile, scope, data_report)
-    metadata["int8"] = files.int8.state if files.int8 is not None else "not made"
+    made = files.int8 or Int8Outcome.not_made()
+    metadata["int8"] = made.state
     plan = config.change_plan
     section = gate.markdown(decision, plan.criteria.min_sensitivity if plan else config.evaluate.min_sensitivity)
     who = f"the promotion gate, run as {audit.account(registry.tracking_uri)}"
@@ -332,7 +337,7 @@ def register_and_promote(
     if decision.change_control:
         section += impact.card_section(impact.report(decision, registry.model_name, "", who, run.info.run_id), link)
     about = {"mlflow_run_id": run.info.run_id, **training}
-    about["int8"] = files.int8.card_line() if files.int8 is not None else NOT_MADE
+    about["int8"] = made.card_line()
     model_card = card.render(
         registry.model_name,
         evaluation.report,

@@ -81,7 +81,7 @@ def write(folder: str | Path, serving: dict, files: VersionFiles) -> dict:
     (folder / DATA_DIR).mkdir(parents=True, exist_ok=True)
     (folder / DATA_DIR / CONFIG_FILE).write_text(json.dumps(serving))
     files.reference_profile.save(folder / DATA_DIR / PROFILE_DIR)
-    if files.int8 is not None and files.int8.state != "not made":
+    if files.int8 is not None and files.int8.made:
         write_int8(folder / DATA_DIR, files.int8)
     # The whole package, not the folder of this module: the loader imports the predictor, the decoding, the checks.
     package = Path(xray.__file__).parent

@@ -22,8 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from xray.config.registry import Int8Config
-from xray.data.images import decode_and_resize
-from xray.data.inputs import labels_of
+from xray.data.inputs import labels_of, make_dataset, make_spec_for_inference
 from xray.serving.predictor import openvino_model
 
 logger = logging.getLogger(__name__)
@@ -78,18 +77,23 @@ class Int8Outcome:
     images: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def not_made(cls, recipe: Recipe) -> Int8Outcome:
+    def not_made(cls, recipe: Recipe | None = None) -> Int8Outcome:
         """The outcome where ``registry.int8.enabled`` is off: no int8, nothing measured."""
-        return cls(None, NOT_MADE_REASON, recipe, None)
+        return cls(None, NOT_MADE_REASON, recipe or Recipe(), None)
 
     @property
     def passed(self) -> bool:
         return self.model is not None
 
     @property
+    def made(self) -> bool:
+        """Whether quantization ran (passed or failed its control)."""
+        return self.reason != NOT_MADE_REASON
+
+    @property
     def state(self) -> str:
         """The version's ``int8`` tag: ``passed`` (it carries an int8 model), ``failed: <why>`` or ``not made``."""
-        if self.reason == NOT_MADE_REASON:
+        if not self.made:
             return "not made"
         return "passed" if self.passed else f"failed: {self.reason}"[:480]
 
@@ -103,11 +107,15 @@ class Int8Outcome:
         keys = ("passed", "reason", "val_auc_fp32", "val_auc_int8", "val_labels_unchanged", "seconds")
         return {key: self.figures()[key] for key in keys}
 
+    def metrics(self) -> dict[str, float]:
+        """The run's MLflow metrics: ``int8_<figure>`` of every figure measured."""
+        return {f"int8_{key}": value for key, value in self.summary().items() if isinstance(value, float)}
+
     def card_line(self) -> str:
         """The model card's line (markdown)."""
-        recipe = f"preset {self.recipe.preset}, {self.images.get('calibration', 0)} train images calibrating"
-        if self.reason == NOT_MADE_REASON:
+        if not self.made:
             return NOT_MADE
+        recipe = f"preset {self.recipe.preset}, {self.images.get('calibration', 0)} train images calibrating"
         if not self.passed:
             return f"- int8 (OpenVINO, NNCF accuracy control): **none**: it failed its val control ({self.reason})."
         return (
@@ -154,18 +162,16 @@ def control_images(dataset, image_size: int, calibration_images: int, seed: int)
     """(calibration pixels: ``calibration_images`` of train drawn with ``seed``; (val pixels, val 0/1 labels): all of
     val) of a validated dataset (xray.data.dataset.ValidatedDataset), decoded and resized as the model sees them.
     Val is the patient-grouped split the version's threshold was chosen on; test is never read."""
-    import tensorflow as tf  # lazy: TensorFlow's import takes seconds
-
     manifest = dataset.manifest
     train = manifest[manifest["split"] == "train"]
     train = train.sample(min(calibration_images, len(train)), random_state=seed)
     val = manifest[manifest["split"] == "val"]
 
-    def pixels(rows) -> np.ndarray:
-        files = dataset.paths(rows)
-        return np.stack([decode_and_resize(tf.constant(Path(p).read_bytes()), image_size).numpy() for p in files])
+    def pixels(rows) -> np.ndarray:  # the prediction input pipeline: parallel decoding, the training's resizing
+        batches = make_dataset(dataset.paths(rows), None, make_spec_for_inference(image_size))
+        return np.concatenate([images.numpy() for images, _ in batches])
 
-    return pixels(train).astype(np.float32), (pixels(val).astype(np.float32), labels_of(val).astype(int))
+    return pixels(train), (pixels(val), labels_of(val).astype(int))
 
 
 def make(model, dataset, image_size: int, threshold: float, config: Int8Config, seed: int) -> Int8Outcome:
