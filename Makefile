@@ -129,7 +129,10 @@ quality: stack
 # One TensorFlow/oneDNN thread per process in the suite: three workers (and their training subprocesses) share two
 # cores, and TF's default of one thread per core in each of them oversubscribes the CPU (7 min 36 s of pytest with
 # one thread against 7 min 59 s to 8 min 21 s without, fresh clones; docs/OPERATIONS.md "Development").
-TEST_THREADS ?= TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1
+# No bytecode written while testing: TensorFlow's autograph imports the modules it generates from TMPDIR, and Python
+# would leave their __pycache__ in each command's own TMPDIR, which the tests require empty (the .venv is compiled at
+# install; a login shell without PYTHONDONTWRITEBYTECODE failed 46 of them).
+TEST_THREADS ?= TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 TEST_WORKERS ?= 3
 FAST_WORKERS ?= 2
 test: setup system-packages
