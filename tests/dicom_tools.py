@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.team.processes import TeamStackError, npm_install
 from support import ROOT
 
 DCMJS_VERSION = "0.52.2"
@@ -49,11 +50,11 @@ def dcmjs_home() -> Path:
     with open(DCMJS_HOME / ".install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (DCMJS_HOME / "node_modules" / "dcmjs" / "package.json").is_file():
-            command = [tool("npm"), "install", "--prefix", str(DCMJS_HOME), "--no-audit", "--no-fund"]
-            command += ["--loglevel", "error", f"dcmjs@{DCMJS_VERSION}"]
-            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            if result.returncode != 0:
-                pytest.fail(f"npm install dcmjs@{DCMJS_VERSION} failed: {result.stderr[-2000:]}")
+            tool("npm")
+            try:
+                npm_install(DCMJS_HOME, f"dcmjs@{DCMJS_VERSION}")
+            except TeamStackError as error:
+                pytest.fail(str(error))
     return DCMJS_HOME / "node_modules"
 
 

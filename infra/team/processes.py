@@ -125,6 +125,22 @@ def run(command: list[str], what: str, env: dict[str, str] | None = None) -> Non
         raise TeamStackError(f"{what} failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-2000:]}")
 
 
+def npm_install(home: Path, package: str) -> None:
+    """One npm package into `home`/node_modules, npm run in `home` as its own project (a package.json there).
+
+    Not `npm install --prefix home`: a prefix moves npm's global configuration to `home`/etc/npmrc, so the system's
+    (Debian's /usr/etc/npmrc, where a registry's CA file is set) is skipped, and behind a TLS-inspecting proxy every
+    fetch then fails its certificate and is retried for a minute or more before npm falls back to its cache."""
+    home.mkdir(parents=True, exist_ok=True)
+    manifest = home / "package.json"
+    if not manifest.is_file():
+        manifest.write_text('{"private": true}\n')
+    command = ["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error", package]
+    result = subprocess.run(command, cwd=home, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise TeamStackError(f"npm install {package} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+
+
 def healthy(url: str, timeout_s: float = 2) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.team.processes import Processes, TeamStackError, run
+from infra.team.processes import Processes, TeamStackError, npm_install
 from xray.environment import REPO_ROOT
 
 logger = logging.getLogger("team_stack")
@@ -123,8 +123,6 @@ def s3rver_binary() -> Path:
             "(apt-get install nodejs npm) and run again"
         )
     logger.info("installing s3rver %s from npm into %s", S3RVER_VERSION, S3RVER_HOME)
-    S3RVER_HOME.mkdir(parents=True, exist_ok=True)
-    install = ["npm", "install", "--prefix", str(S3RVER_HOME), "--no-audit", "--no-fund", "--loglevel", "error"]
-    run([*install, f"s3rver@{S3RVER_VERSION}"], "npm install s3rver")
+    npm_install(S3RVER_HOME, f"s3rver@{S3RVER_VERSION}")
     patch_s3rver(S3RVER_HOME / "node_modules" / "s3rver")
     return binary

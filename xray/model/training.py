@@ -248,6 +248,9 @@ def fit(
         f"training on {policy.describe()}, {replicas} replica(s) ({type(strategy).__name__}), global batch {batch}"
         + (", steps run eagerly (train.run_eagerly)" if train_config.run_eagerly else "")
     )
+    # The run's seed for every random draw Keras makes (the head's initial weights, dropout, the backbone's when it
+    # is not pretrained): without it two runs of one config started from different weights.
+    keras.utils.set_random_seed(spec.seed)
     with resolved_weights(model_config.weights) as weights, strategy.scope():
         model, backbone = build_model(model_config, weights, policy.mixed_precision)
     pretrained = weights is not None

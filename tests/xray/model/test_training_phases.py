@@ -149,3 +149,41 @@ def test_the_returned_model_carries_no_optimizer(tmp_path):
     loaded = keras.models.load_model(tmp_path / "clean.keras")
     batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(loaded.predict(batch, verbose=0), model.predict(batch, verbose=0), atol=1e-6)
+
+
+def test_one_config_trains_the_same_weights_twice(monkeypatch):
+    """The run's seed fixes Keras' draws (initial weights, dropout): two fits of one config and data end equal, and
+    another seed starts elsewhere. A small network stands in for the backbone (the draws are the same kind)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from xray.config.model import ModelConfig
+    from xray.config.train import Augmentation, TrainConfig
+    from xray.data.inputs import DatasetSpec
+    from xray.model import training
+
+    def small(config, weights, mixed_precision):
+        inputs = keras.Input((32, 32, 3))
+        features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inputs))
+        outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dropout(0.5)(features))
+        return keras.Model(inputs, outputs), None
+
+    monkeypatch.setattr(training, "build_model", small)
+    monkeypatch.setattr(training, "set_backbone_trainable", lambda backbone, top: None)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 32, 32, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, np.array([0, 1, 1, 1] * 4, dtype="float32"))).batch(8)
+
+    def weights(seed):
+        spec = DatasetSpec(
+            image_size=32, batch_size=8, augmentation=Augmentation(), class_weights={0: 1.0, 1: 1.0},
+            max_train_per_class=None, max_eval_per_class=None, seed=seed, counts={"train": {"NORMAL": 4, "PNEUMONIA": 12}},
+        )  # fmt: skip
+        config = ModelConfig(image_size=32, dense_units=4, weights="none")
+        model, _, _ = training.fit(config, TrainConfig(epochs=2, jit_compile="off"), spec, (data, data))
+        return model.get_weights()
+
+    first, again, other = weights(0), weights(0), weights(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
