@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.team.mlflow import AUTH_CONFIG, MLFLOW_GRANTS
 from support import free_port
 
 pytestmark = pytest.mark.slow
@@ -72,10 +73,8 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-auth")
     artifacts = folder / "artifacts"
     config = folder / "basic_auth.ini"
-    config.write_text(
-        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder / 'auth.db'}\nadmin_username = admin\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
+    # The team stack's own settings (infra/team/mlflow.py), its credential cache included, on a SQLite database.
+    config.write_text(AUTH_CONFIG.format(database_uri=f"sqlite:///{folder / 'auth.db'}"))
     port = free_port()
     env = os.environ | {
         "MLFLOW_AUTH_CONFIG_PATH": str(config),
@@ -101,8 +100,6 @@ def server(tmp_path_factory):
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         from mlflow.server.auth.client import AuthServiceClient
-
-        from infra.team.mlflow import MLFLOW_GRANTS
 
         Server(url, artifacts).client("admin")
         admin = AuthServiceClient(url)
