@@ -31,11 +31,17 @@ os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
 
 def pytest_configure(config):
     """Create (migrate) that ZenML store once, before pytest-xdist starts its workers: each worker imports the steps,
-    which opens the store, and workers that all find no database migrate it at once and fail."""
-    if not hasattr(config, "workerinput"):
+    which opens the store, and workers that all find no database migrate it at once and fail. Once per ZenML version
+    (a marker beside the store): opening it costs the controller about 2 s before any worker starts."""
+    from importlib.metadata import version
+
+    home = Path(os.environ["ZENML_CONFIG_PATH"])
+    marker, database = home / f".migrated-zenml-{version('zenml')}", home / "local_stores/default_zen_store/zenml.db"
+    if not hasattr(config, "workerinput") and not (marker.is_file() and database.is_file()):
         from zenml.client import Client
 
         Client().zen_store  # noqa: B018 - opening the store creates it
+        marker.touch()
 
 
 @pytest.fixture(scope="session", autouse=True)
