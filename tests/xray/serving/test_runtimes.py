@@ -125,6 +125,29 @@ def test_openvino_fp32_scores_like_keras_on_pixels_and_on_encoded_images(small_m
 
 
 @pytest.mark.slow
+def test_a_mixed_precision_model_converts_too_and_scores_like_keras():
+    """A model trained in mixed precision (a GPU's) goes through a SavedModel export: traced directly, its bfloat16
+    casts would reach OpenVINO untyped and the CPU plugin would refuse it. Its float32 head is no exception."""
+    import keras
+    import openvino
+
+    from xray.serving.predictor import computes_in_float32, openvino_model
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((SIZE, SIZE, 3))
+        backbone = keras.Model(inputs, keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inputs)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    pooled = keras.layers.GlobalAveragePooling2D()(backbone.output)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
+    assert model.compute_dtype == "float32" and not computes_in_float32(model)  # the backbone inside is mixed
+    pixels, _ = images(8)
+    compiled = openvino.Core().compile_model(openvino_model(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(compiled(pixels)[0].ravel(), model.predict(pixels, verbose=0).ravel(), atol=0.01)
+
+
+@pytest.mark.slow
 def test_a_predictor_on_openvino_answers_as_on_keras(small_model, monkeypatch):
     """use_runtime swaps only the forward pass: the table's rows, statuses and labels stay those of Keras."""
     monkeypatch.delenv("XRAY_INFERENCE_RUNTIME", raising=False)
