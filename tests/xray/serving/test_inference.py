@@ -315,9 +315,11 @@ def test_shards_split_a_source_by_name_and_their_merged_rows_equal_one_run(predi
 
 
 def numeric(table: pd.DataFrame) -> pd.DataFrame:
-    """A CSV read without NA parsing holds "" for a missing number: its numeric columns as numbers again."""
+    """A CSV read without NA parsing holds "" for a missing number: its numeric columns as numbers again. (pandas 3
+    reads text as its string dtype, not object: tested as "any string column", or nothing was converted and the
+    tolerance below compared digits as text.)"""
     for column in table.columns:
-        if table[column].dtype == object:
+        if pd.api.types.is_string_dtype(table[column]):
             values = pd.to_numeric(table[column].replace("", np.nan), errors="coerce")
             if values.notna().sum() == (table[column] != "").sum() and values.notna().any():
                 table[column] = values
