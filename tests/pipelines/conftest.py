@@ -36,13 +36,15 @@ def team():
     (state / "tmp").mkdir()
     env = isolated_env(home, CHEST_XRAY_ZIP=str(require(MINI_ZIP)), TMPDIR=str(state / "tmp"))
     team = Team(state / "stack", home, ports, env)
-    team.info = team.stack("up")
-    # The client's MLflow calls (tests, `mlflow models serve`) go where the stack's tracker logs, as its account.
-    team.env["MLFLOW_TRACKING_URI"] = team.info["mlflow_tracking_uri"]
-    team.env |= team.mlflow_account("trainer")
-    before = {key: os.environ.get(key) for key in team.mlflow_account("trainer")}
-    os.environ.update(team.mlflow_account("trainer"))  # the tests' own MLflow clients, in this process
+    before: dict[str, str | None] = {}
     try:
+        # Inside the try: an `up` that fails or times out part-way still has what it started stopped below.
+        team.info = team.stack("up")
+        # The client's MLflow calls (tests, `mlflow models serve`) go where the stack's tracker logs, as its account.
+        team.env["MLFLOW_TRACKING_URI"] = team.info["mlflow_tracking_uri"]
+        team.env |= team.mlflow_account("trainer")
+        before = {key: os.environ.get(key) for key in team.mlflow_account("trainer")}
+        os.environ.update(team.mlflow_account("trainer"))  # the tests' own MLflow clients, in this process
         yield team
     finally:
         for key, value in before.items():
