@@ -152,25 +152,19 @@ def test_the_returned_model_carries_no_optimizer(tmp_path):
 
 
 def test_one_config_trains_the_same_weights_twice(monkeypatch):
-    """The run's seed fixes Keras' draws (initial weights, dropout): two fits of one config and data end equal, and
-    another seed starts elsewhere. A small network stands in for the backbone (the draws are the same kind)."""
-    import keras
+    """The run's seed fixes Keras' draws (the initial weights): two fits of one config and data end equal, and another
+    seed starts elsewhere. A one-layer backbone stands in for ResNet50V2 (support.one_layer_model: the draws are the
+    same kind)."""
     import numpy as np
     import tensorflow as tf
 
+    from support import one_layer_model
     from xray.config.model import ModelConfig
     from xray.config.train import Augmentation, TrainConfig
     from xray.data.inputs import DatasetSpec
     from xray.model import training
 
-    def small(config, weights, mixed_precision):
-        inputs = keras.Input((32, 32, 3))
-        features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inputs))
-        outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dropout(0.5)(features))
-        return keras.Model(inputs, outputs), None
-
-    monkeypatch.setattr(training, "build_model", small)
-    monkeypatch.setattr(training, "set_backbone_trainable", lambda backbone, top: None)
+    monkeypatch.setattr(training, "build_model", one_layer_model)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (16, 32, 32, 3)).astype("float32")
     data = tf.data.Dataset.from_tensor_slices((x, np.array([0, 1, 1, 1] * 4, dtype="float32"))).batch(8)

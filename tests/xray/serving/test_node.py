@@ -9,12 +9,14 @@ import errno
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -173,8 +175,6 @@ def test_every_transfer_syntax_the_decode_path_reads_is_kept_and_high_priority_m
 def test_results_leave_without_nagles_delay(tmp_path, monkeypatch):
     """Each C-STORE writes its command, then its dataset, then waits: without TCP_NODELAY the dataset waits for the
     peer's delayed acknowledgement, about 40 ms a file (xray.serving.node.results.without_nagle)."""
-    import socket
-
     from xray.serving.node import results
 
     seen = []
@@ -185,8 +185,6 @@ def test_results_leave_without_nagles_delay(tmp_path, monkeypatch):
         seen.append(association.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     monkeypatch.setattr(results, "without_nagle", spy)
-    import numpy as np
-
     files = [tmp_path / f"{index}.dcm" for index in range(3)]
     for index, path in enumerate(files):
         path.write_bytes(radiograph(np.full((64, 64), 40 * index, np.uint8), bits=8, PatientID=f"P{index}"))
