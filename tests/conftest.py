@@ -4,6 +4,7 @@ serving and monitoring share. Helpers that are not fixtures: support.py; each la
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,13 @@ def pytest_configure(config):
 
         Client().zen_store  # noqa: B018 - opening the store creates it
         marker.touch()
+
+
+def pytest_unconfigure(config):
+    """Freeze the heap that this process leaves behind: Python's exit collects it again and again while it tears the
+    modules down, 2-5 s in a worker that imported TensorFlow, ZenML and MLflow (gdb: gc_collect_main under
+    finalize_modules), which each run of the suite waited for. Frozen objects are left to the process's end."""
+    gc.freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)

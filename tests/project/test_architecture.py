@@ -21,8 +21,10 @@ STAGES = ("storage", "data", "model", "evaluation", "monitoring", "serving", "re
 CORE_PACKAGES = ("config",)
 ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 # What may stay a function-level import, and why: each takes seconds to import, is optional, or (pydicom) is paid
-# only where a DICOM file arrives, or (openvino, nncf) only where that runtime runs or is made.
+# only where a DICOM file arrives, or (openvino, nncf) only where that runtime runs or is made, or (werkzeug, which
+# moto[server] brings) only where the embedded S3 endpoint is served.
 LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom", "openvino", "nncf"}
+LAZY |= {"werkzeug"}
 
 
 def modules():

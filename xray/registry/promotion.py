@@ -348,13 +348,14 @@ def register_and_promote(
         section,
         scope,
     )
-    uri, version = store.log_and_register(files, registry.model_name, metadata, model_card)
-    store.stamp_version(client, registry.model_name, version)
-    # record_decision() records the threshold with the test metrics: a version's tags are written once.
+    # The version is created with its metadata as tags. record_decision() records the threshold with the test
+    # metrics: a version's tags are written once.
     tags = {key: json.dumps(value) if isinstance(value, dict) else str(value) for key, value in metadata.items()}
     if decision.change_control:
         tags[RECORD_TAG] = json.dumps(decision.change_control["record"], separators=(",", ":"))
-    store.set_version_tags(client, registry.model_name, version, {k: v for k, v in tags.items() if k != "threshold"})
+    created_with = {key: value for key, value in tags.items() if key != "threshold"}
+    uri, version = store.log_and_register(files, registry.model_name, metadata, model_card, created_with)
+    store.stamp_version(client, registry.model_name, version)
     waits = registry.require_approval
     decision = record_decision(client, registry.model_name, version, evaluation.flat, decision, waits)
     # The folder and its record are complete: its digest goes into the card and a tag (every load checks it), and

@@ -403,18 +403,16 @@ def update_model_card(client, model_name: str, version: str, edit=lambda card: c
     return card
 
 
-def log_and_register(files: bundle.VersionFiles, model_name: str, metadata: dict, model_card: str) -> tuple[str, str]:
+def log_and_register(
+    files: bundle.VersionFiles, model_name: str, metadata: dict, model_card: str, tags: dict[str, str] | None = None
+) -> tuple[str, str]:
     """Log the version's files (Keras + serving flavors, card, reference profile, int8) to the active run and register
-    it. Returns (uri, version)."""
+    it, created with ``tags`` (one request, not one per tag). Returns (uri, version)."""
     import mlflow  # lazy: MLflow's import takes seconds
 
-    serving = {
-        "threshold": metadata["threshold"],
-        "image_size": metadata["image_size"],
-        "preprocessing": metadata["preprocessing"],
-        "scope": metadata.get("scope") or ScopeConfig().model_dump(mode="json"),
-        "operating_points": metadata.get("operating_points") or {},
-    }
+    serving = {key: metadata[key] for key in ("threshold", "image_size", "preprocessing")}
+    serving["scope"] = metadata.get("scope") or ScopeConfig().model_dump(mode="json")
+    serving["operating_points"] = metadata.get("operating_points") or {}
     info = mlflow.models.Model.log(
         artifact_path=None,
         name="model",
@@ -429,7 +427,7 @@ def log_and_register(files: bundle.VersionFiles, model_name: str, metadata: dict
         files=files,
     )
     # MLflow 3: register the LoggedModel's URI, not runs:/<id>/model.
-    registered = mlflow.register_model(info.model_uri, model_name)
+    registered = mlflow.register_model(info.model_uri, model_name, tags=tags)
     return info.model_uri, str(registered.version)
 
 

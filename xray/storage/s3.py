@@ -11,10 +11,11 @@ import functools
 import hashlib
 import os
 import socket
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from xray.errors import DatasetSourceError
@@ -202,14 +203,22 @@ class EmbeddedS3:
     def __init__(self, port: int | None = None):
         self.port = port or _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = None
+        self._server: Any = None  # werkzeug's BaseWSGIServer, once started
+        self._thread: threading.Thread | None = None
         self._saved: dict[str, str | None] = {}
 
     def start(self) -> "EmbeddedS3":
-        from moto.server import ThreadedMotoServer  # lazy: only the embedded S3 endpoint needs moto
+        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app  # lazy: as below
+        from werkzeug.serving import make_server  # lazy: only the embedded S3 endpoint needs moto's server
 
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        # moto's own ThreadedMotoServer, but polling for shutdown every 50 ms (its 0.5 s made every stop wait that
+        # long) and closing its socket on stop.
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="embedded-s3", daemon=True
+        )
+        self._thread.start()
         # moto keeps one in-memory backend per process: a new endpoint must not see an old one's buckets.
         urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"), timeout=10)
         env = {**self.FAKE_ENV, "AWS_ENDPOINT_URL_S3": self.endpoint}
@@ -220,8 +229,11 @@ class EmbeddedS3:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.stop()
-            self._server = None
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join()
+            self._server, self._thread = None, None
         for name, value in self._saved.items():
             if value is None:
                 os.environ.pop(name, None)
