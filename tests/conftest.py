@@ -45,6 +45,25 @@ def pytest_configure(config):
         marker.touch()
 
 
+# Files that share a session fixture too long to build twice: under --dist loadfile (make test) they go to one worker
+# as one unit, in their order. The local stack's smoke training (the `local` fixture, 40 s of a worker) serves both.
+SHARED_WORKER = {"tests/pipelines/test_local_stack_serving.py": "tests/pipelines/test_local_stack.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's file scheduling, with the files of SHARED_WORKER counted as one file."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_WORKER.get(scope, scope)
+
+    return SharedFixtureScheduling(config, log)
+
+
 def pytest_unconfigure(config):
     """Freeze the heap that this process leaves behind: Python's exit collects it again and again while it tears the
     modules down, 2-5 s in a worker that imported TensorFlow, ZenML and MLflow (gdb: gc_collect_main under

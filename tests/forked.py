@@ -17,6 +17,7 @@ This module imports only the standard library: the fork server imports it to fin
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import re
@@ -165,6 +166,9 @@ SERVER = ForkServer()
 def run_forked(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, path: list[str]) -> None:
     """In the forked child: become ``python SCRIPT ARGS...`` (file descriptors 1 and 2 on the files ``out`` and
     ``err``) and exit as Python would."""
+    # What the server imported lives as long as the command: frozen, the collector's full passes skip it. Each pass
+    # over it took about 0.45 s and wrote to every page it holds, so that the child copied ~180 MB of the server's.
+    gc.freeze()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     for descriptor, name in ((1, out), (2, err)):

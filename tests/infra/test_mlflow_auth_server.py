@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.team.mlflow import AUTH_CONFIG, MLFLOW_GRANTS
+from infra.team.mlflow import AUTH_CONFIG, MLFLOW_GRANTS, SERVER_ENV
 from support import free_port
 
 pytestmark = pytest.mark.slow
@@ -73,10 +73,10 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-auth")
     artifacts = folder / "artifacts"
     config = folder / "basic_auth.ini"
-    # The team stack's own settings (infra/team/mlflow.py), its credential cache included, on a SQLite database.
+    # The team stack's own settings (infra/team/mlflow.py: its credential cache, no job runner), on a SQLite database.
     config.write_text(AUTH_CONFIG.format(database_uri=f"sqlite:///{folder / 'auth.db'}"))
     port = free_port()
-    env = os.environ | {
+    env = os.environ | SERVER_ENV | {
         "MLFLOW_AUTH_CONFIG_PATH": str(config),
         "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
