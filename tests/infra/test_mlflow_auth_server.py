@@ -76,11 +76,15 @@ def server(tmp_path_factory):
     # The team stack's own settings (infra/team/mlflow.py: its credential cache, no job runner), on a SQLite database.
     config.write_text(AUTH_CONFIG.format(database_uri=f"sqlite:///{folder / 'auth.db'}"))
     port = free_port()
-    env = os.environ | SERVER_ENV | {
-        "MLFLOW_AUTH_CONFIG_PATH": str(config),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"],
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
-    }
+    env = (
+        os.environ
+        | SERVER_ENV
+        | {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
+        }
+    )
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(key, None)
     command = [sys.executable, "-m", "mlflow", "server", "--app-name", "xray-basic-auth"]
