@@ -121,8 +121,9 @@ quality: stack
 	$(PY) run.py train $(STACK_FLAG) --config configs/training_quality_cpu.yaml $(if $(SEED),--seed $(SEED)) --summary $(QUALITY_SUMMARY)
 	$(PY) scripts/verify_registered.py --summary $(QUALITY_SUMMARY)
 
-# pytest-xdist workers. --dist loadfile keeps each test file on one worker, so the team stack and the local run
-# (session fixtures, tests/conftest.py) are each built once and used in file order; --no-loadscope-reorder hands out
+# pytest-xdist workers. --dist loadfile keeps each test file on one worker (and the local stack's two files on one:
+# tests/conftest.py SHARED_WORKER), so the team stack and the local run (session fixtures) are each built once and used
+# in file order; --no-loadscope-reorder hands out
 # files in collection order (pyproject.toml: the pipeline files first), not by test count. TEST_WORKERS=3 on this 2-core
 # machine: the two pipeline files spend much of their time waiting on servers and subprocesses, and a third worker
 # runs the unit files meanwhile (docs/OPERATIONS.md "Development" has the times). test-fast is CPU-bound: one worker per core.
