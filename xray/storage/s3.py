@@ -15,10 +15,13 @@ import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlparse
 
 from xray.errors import DatasetSourceError
+
+if TYPE_CHECKING:
+    from werkzeug.serving import BaseWSGIServer
 
 CHUNK = 8 * 1024 * 1024
 
@@ -203,7 +206,7 @@ class EmbeddedS3:
     def __init__(self, port: int | None = None):
         self.port = port or _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server: Any = None  # werkzeug's BaseWSGIServer, once started
+        self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._saved: dict[str, str | None] = {}
 
@@ -211,8 +214,7 @@ class EmbeddedS3:
         from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app  # lazy: as below
         from werkzeug.serving import make_server  # lazy: only the embedded S3 endpoint needs moto's server
 
-        # moto's own ThreadedMotoServer, but polling for shutdown every 50 ms (its 0.5 s made every stop wait that
-        # long) and closing its socket on stop.
+        # moto's own ThreadedMotoServer, but polling for shutdown every 50 ms: its 0.5 s made every stop wait that long.
         app = DomainDispatcherApplication(create_backend_app)
         self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(
@@ -229,8 +231,7 @@ class EmbeddedS3:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.shutdown()  # serve_forever returns and closes the socket
             if self._thread is not None:
                 self._thread.join()
             self._server, self._thread = None, None

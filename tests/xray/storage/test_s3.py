@@ -1,6 +1,8 @@
 """S3 access against a real HTTP endpoint (moto's server), with fake credentials."""
 
 import hashlib
+import os
+import socket
 
 import pytest
 
@@ -50,6 +52,22 @@ def test_missing_bucket_or_key_is_one_clear_line(bucket, tmp_path, uri, reason):
     with pytest.raises(DatasetSourceError) as error:
         fetch(uri, tmp_path / "w", S3Config(max_attempts=1))
     assert str(error.value) == f"cannot read {uri}: {reason}"
+
+
+def test_the_embedded_endpoint_gives_back_its_port_and_the_environment_on_stop(monkeypatch):
+    """Stopped, the endpoint no longer listens and its port can be bound again; the endpoint and credentials it set
+    are the ones found before."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "found-before")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    server = s3.EmbeddedS3().start()
+    assert os.environ["AWS_ENDPOINT_URL_S3"] == server.endpoint
+    s3.make_client(max_attempts=1).create_bucket(Bucket="answers")
+    server.stop()
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", server.port)) != 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", server.port))
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "found-before" and "AWS_ENDPOINT_URL_S3" not in os.environ
 
 
 def test_unreachable_endpoint(monkeypatch, tmp_path):
