@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import ROOT, radiograph_like, write_zip
+from support import ROOT, SHARED_WORKER, radiograph_like, write_zip
 from xray.environment import apply_defaults  # noqa: E402 - before TensorFlow or ZenML is imported
 
 apply_defaults()
@@ -43,11 +43,6 @@ def pytest_configure(config):
 
         Client().zen_store  # noqa: B018 - opening the store creates it
         marker.touch()
-
-
-# Files that share a session fixture too long to build twice: under --dist loadfile (make test) they go to one worker
-# as one unit, in their order. The local stack's smoke training (the `local` fixture, 40 s of a worker) serves both.
-SHARED_WORKER = {"tests/pipelines/test_local_stack_serving.py": "tests/pipelines/test_local_stack.py"}
 
 
 def pytest_xdist_make_scheduler(config, log):

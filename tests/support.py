@@ -20,6 +20,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# Files that share a session fixture too long to build twice: under --dist loadfile (make test) they go to one worker
+# as one unit, in their order (tests/conftest.py pytest_xdist_make_scheduler). The local stack's smoke training (the
+# `local` fixture, 40 s of a worker) serves both.
+SHARED_WORKER = {"tests/pipelines/test_local_stack_serving.py": "tests/pipelines/test_local_stack.py"}
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MINI_ZIP = SHARED_DATA / "chest_xray_mini.zip"
 FULL_ZIP = SHARED_DATA / "chest_xray_224.zip"

@@ -1,12 +1,11 @@
-"""The suite's own scheduling (tests/conftest.py): the files it keeps on one worker exist and do share the session
-fixture they are kept together for, so that a renamed file or a fixture no longer shared cannot leave a rule that
-silently does nothing."""
+"""The suite's own scheduling (tests/conftest.py, support.SHARED_WORKER): the files it keeps on one worker exist and
+do share the session fixture they are kept together for, so that a renamed file or a fixture no longer shared cannot
+leave a rule that silently does nothing."""
 
 import ast
 from pathlib import Path
 
-from conftest import SHARED_WORKER
-from support import ROOT
+from support import ROOT, SHARED_WORKER
 
 SHARED_FIXTURE = "local"  # tests/pipelines/conftest.py: the local stack's smoke training
 
