@@ -129,8 +129,8 @@ def computes_in_float32(layer) -> bool:
 
 
 def openvino_forwards(model, image_size: int, precision: str, int8_ir: tuple[bytes, bytes] | None = None):
-    """(pixels -> probabilities, encoded images -> probabilities) on OpenVINO: the Keras model exported as a
-    SavedModel and converted, or for ``int8`` the version's int8 model (``int8_ir``: its OpenVINO IR, the .xml and
+    """(pixels -> probabilities, encoded images -> probabilities) on OpenVINO: the Keras model converted
+    (:func:`openvino_model`), or for ``int8`` the version's int8 model (``int8_ir``: its OpenVINO IR, the .xml and
     .bin files' bytes); the encoded variant decodes and resizes with TensorFlow, as training did."""
     import openvino as ov  # lazy: as above
     import tensorflow as tf  # lazy: TensorFlow's import takes seconds
