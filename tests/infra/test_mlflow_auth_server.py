@@ -212,7 +212,12 @@ def test_every_trainer_request_on_the_record_is_refused_and_changes_nothing(serv
     server.client("admin").create_model_version(MODEL, f"models:/{first}", model_id=first)  # v3: not sealed yet
     before = server.state()
     answers = {}
-    for operation, (method, path, params) in OPERATIONS.items():
+    # Registration creates each version with its tags in one request: created already decided, it is refused too.
+    approved = [{"key": "approval", "value": "approved"}]
+    create = {"name": MODEL, "source": f"models:/{first}", "model_id": first, "tags": approved}
+    for operation, (method, path, params) in (
+        OPERATIONS | {"create approved": ("POST", "/model-versions/create", create)}
+    ).items():
         for carrier, request in carriers(method, path, params).items():
             status, text = server.call("trainer", **request)
             answers[operation, carrier] = status
@@ -220,6 +225,7 @@ def test_every_trainer_request_on_the_record_is_refused_and_changes_nothing(serv
     assert server.state() == before
     # The review's exploit answers 403 (the rule), not a parse error: the reading is MLflow's own.
     assert answers["move champion", "body"] == 403 and answers["move champion", "query hides body"] == 400
+    assert answers["create approved", "body"] == answers["create approved", "ajax twin"] == 403
     status, text = server.call("trainer", **carriers(*OPERATIONS["approve"])["body"])
     assert status == 403 and "needs MANAGE" in text and "user 'trainer'" in text
     # Its own promotion lock is the trainer's to delete, never to rename onto a model it would then manage.
