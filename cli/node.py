@@ -39,7 +39,8 @@ NODE_FLAGS = (
     "--build-workers",
     type=click.IntRange(0, 64),
     default=None,
-    help="Processes that build the reports beside the model (node.build_workers; 0: in the analysis thread).",
+    help="Processes that build the reports while the next batch is predicted (node.build_workers; default 2; 0: in "
+    "the analysis thread).",
 )
 @click.option("--heatmaps/--no-heatmaps", default=None, help="Also send the heatmap objects of ok images.")
 @click.option("--model-version", default="champion", show_default=True, help="A version number or an alias.")

@@ -78,11 +78,11 @@ class NodeConfig(Section):
     attempts: int = Field(5, ge=1, le=20, description="Tries per result and destination before the dead letters.")
     backoff_s: float = Field(1.0, ge=0, description="First wait between tries, doubled at each.")
     build_workers: int = Field(
-        0,
+        2,
         ge=0,
         le=64,
-        description="Processes that build the results beside the model (highdicom's report costs about what the "
-        "prediction does); 0 builds them in the analysis thread.",
+        description="Processes that build the results (highdicom's report costs about twice the int8 prediction) while "
+        "the analysis thread predicts the next batch; 0 builds them in the analysis thread.",
     )
     reload_s: float = Field(60.0, gt=0, description="How often the node asks the registry for a new champion.")
     rules: NodeRules = NodeRules()

@@ -37,6 +37,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def config(tmp_path: Path, **changes) -> NodeConfig:
     base = {"spool": str(tmp_path / "spool"), "port": free_port(), "stable_seconds": 2, "backoff_s": 0}
+    base["build_workers"] = 0  # built in the analysis thread; the build processes: the triage test and the process's
     return NodeConfig.model_validate(base | changes)
 
 
@@ -234,6 +235,76 @@ def test_a_stable_study_is_reported_once_per_instance_also_when_repeated_and_aft
     assert len(log) == 3 and set(log["source"]) == {"node"} and set(log["sop_instance_uid"]) == sources
     assert set(log["model_version"]) == {"7"}
     no_sentinel_in(caplog.text, tree_text(tmp_path / "spool"), tree_text(tmp_path / "log", skip_received=False))
+
+
+def test_with_build_processes_a_batch_is_built_while_the_next_is_predicted_and_each_recorded_once(
+    tmp_path, predictor, monkeypatch
+):
+    """The pipelined analysis (``build_workers``): a batch's results are built while the next batch is predicted, and
+    it is recorded (outbox, log, done) only then; the step ends with nothing in hand. A thread pool stands in for the
+    build processes (the spawned ones: the triage test)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xray.serving.node import service
+
+    monkeypatch.setattr(service, "BATCH", 1)  # a batch per instance: three studies of one, three batches
+    events = []
+    predict = predictor.predict_bytes
+
+    def predicting(images):
+        events.append(("predict", len(events)))
+        return predict(images)
+
+    monkeypatch.setattr(predictor, "predict_bytes", predicting)
+    destination = Destination()
+    files = [data for _ in range(3) for data in study(1)]
+    with destination.running():
+        node = make_node(tmp_path, predictor, destination)
+        node.pool = ThreadPoolExecutor(1)
+        recorded = node.record
+        monkeypatch.setattr(node, "record", lambda: (events.append(("record", len(node.in_hand))), recorded()))
+        for data in files:
+            node.receiver.store(data, DX, 0)
+        assert node.step(now=time.time() + 3) == 3
+        node.pool.shutdown()
+    # Predicted, predicted, recorded the first (the second in hand), ...: never more than two batches in hand.
+    assert [kind for kind, _ in events] == ["predict", "predict", "record", "predict", "record", "record"]
+    assert max(count for kind, count in events if kind == "record") == 2 and not node.in_hand
+    assert len(destination.objects("SR")) == 3 and all(len(items) == 1 for items in destination.received.values())
+    assert len(read_log(str(tmp_path / "log"))) == 3 and node.counts["instances_reported"] == 3
+    assert len(list((tmp_path / "spool" / "done" / "7").iterdir())) == 3
+
+
+def test_a_failed_build_leaves_its_batch_unreported_and_the_next_step_analyses_it_again(
+    tmp_path, predictor, monkeypatch, caplog
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xray.serving.node import results
+
+    build = results.build_one
+    failures = iter([True])
+
+    def failing_once(*job):
+        if next(failures, False):
+            raise ValueError("the build failed")
+        return build(*job)
+
+    monkeypatch.setattr(results, "build_one", failing_once)
+    destination = Destination()
+    files = study(2)
+    with destination.running():
+        node = make_node(tmp_path, predictor, destination)
+        node.pool = ThreadPoolExecutor(1)
+        for data in files:
+            node.receiver.store(data, DX, 0)
+        with pytest.raises(ValueError, match="the build failed"):
+            node.step(now=time.time() + 3)
+        assert not node.in_hand and not destination.objects() and node.counts["instances_reported"] == 0
+        assert node.step(now=time.time() + 3) == 1  # the batch again, whole: each instance once
+        node.pool.shutdown()
+    assert len(destination.objects("SR")) == 2 and all(len(items) == 1 for items in destination.received.values())
+    assert len(read_log(str(tmp_path / "log"))) == 2
 
 
 @pytest.mark.slow

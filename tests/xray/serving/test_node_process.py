@@ -39,6 +39,31 @@ def storescu(port: int, files: list[Path], calling: str = "MODALITY") -> subproc
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+def alive_children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` and that have not ended (not zombies)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    found = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            found.add(pid)
+    return found
+
+
 def wait_for(condition, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -65,8 +90,12 @@ def test_kill_9_mid_study_then_a_restart_reports_every_instance_exactly_once(tmp
         node = start(config, log, stderr)
         sent = storescu(port, files[:3])
         assert sent.returncode == 0, sent.stderr
+        children = alive_children(node.pid)
+        builders = {pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+        assert len(builders) == 2  # the build processes (node.build_workers, 2 by default), started and warm
         node.send_signal(signal.SIGKILL)  # mid-study: three of six sent, none analysed yet
         node.wait(timeout=30)
+        wait_for(lambda: not alive(children), 30)  # the build processes end with the node they served
         assert len(list((tmp_path / "spool").glob("studies/*/*.dcm"))) == 3 and not destination.received
         refused = storescu(port, files[:1])
         assert refused.returncode != 0  # nobody listens meanwhile

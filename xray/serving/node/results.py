@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import socket
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
@@ -78,6 +81,42 @@ def build(
     report = sr.report(header, row, model, version, tuple(made.values()))
     mark(report)
     return {"report": sr.part10(report)} | {kind: sr.part10(dataset) for kind, dataset in made.items()}
+
+
+def builder(node_pid: int) -> None:
+    """A build process as it starts (the node's pool initializer): it ends when the node ``node_pid`` has ended, also
+    by ``kill -9`` (a thread watches for the process being handed to another parent), and is made ready by
+    :func:`warm`."""
+
+    def watch() -> None:
+        while os.getppid() == node_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="xray-node-builder-watch", daemon=True).start()
+    warm()
+
+
+def warm() -> None:
+    """One throwaway report built (never sent or kept), so that highdicom's imports and first-use tables are paid
+    before the first study, not by it."""
+    uid = "2.25.1"
+    header = sr.source_header(
+        {
+            f"{tag_for_keyword(keyword):08X}": {"vr": vr, "Value": [value]}
+            for keyword, vr, value in (
+                ("SOPClassUID", "UI", "1.2.840.10008.5.1.4.1.1.1.1"),
+                ("SOPInstanceUID", "UI", uid),
+                ("StudyInstanceUID", "UI", uid),
+                ("SeriesInstanceUID", "UI", uid),
+                ("Modality", "CS", "DX"),
+                ("Rows", "US", 8),
+                ("Columns", "US", 8),
+            )
+        }
+    )
+    row = {"status": "ok", "label": "NORMAL", "probability": 0.0, "threshold": 0.5}
+    build(header, row, "warm-up", "0", None, lambda report: triage.mark(report, False))
 
 
 def build_one(path: Path, row: dict, model: str, version: str, explained, urgent: bool) -> dict[str, bytes]:

@@ -3,11 +3,11 @@
 One analysis thread takes the stable studies of the spool (:mod:`.spool`), urgent first, in batches of whole studies
 (:func:`batches`): the instances the current model version has not reported are predicted together (the one
 prediction path, :meth:`xray.serving.predictor.ChestXrayPredictor.predict_bytes`), their results built
-(:mod:`.results`, in ``build_workers`` processes when set) and written to the outbox, their rows written to the
-prediction log, and only then marked done for the version and released to the outbox's own thread, which delivers
-them (a slow destination never holds the analysis up); the received files are pruned once their results left. Between
-batches the node asks ``load`` for a new champion (every ``reload_s``), and a stop (SIGTERM) finishes the batch in
-hand first. A restart (after ``kill -9`` too) delivers the released outbox and analyses whatever the spool holds that
+(:mod:`.results`; with ``build_workers``, in that many processes while the thread predicts the next batch) and written
+to the outbox, their rows written to the prediction log, and only then marked done for the version and released to
+the outbox's own thread, which delivers them (a slow destination never holds the analysis up); the received files
+are pruned once their results left. Between batches the node asks ``load`` for a new champion (every ``reload_s``),
+and a stop (SIGTERM) finishes the batches in hand first. A restart (after ``kill -9`` too) delivers the released outbox and analyses whatever the spool holds that
 the version has not marked done: an instance is reported once per model version."""
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 from xray import CLASS_NAMES
 from xray.config.node import NodeConfig
@@ -51,6 +55,19 @@ def batches(studies: list[Study]) -> list[list[Study]]:
     return groups
 
 
+@dataclass
+class Predicted:
+    """A batch predicted by ``version``: its spooled ``paths``, the prediction ``table`` (the prediction log's rows),
+    the build ``jobs`` (:func:`xray.serving.node.results.build_one`'s arguments) and what they ``built``: {kind: Part 10
+    bytes} each, or the build processes' futures of them."""
+
+    version: str
+    paths: list[Path]
+    table: pd.DataFrame
+    jobs: list[tuple]
+    built: list
+
+
 class Node:
     """The DICOM node around ``predictor`` (the version it starts with): ``load(version)`` returns a newer
     champion's predictor, or None when the champion is still ``version``; ``log``: the prediction log (a
@@ -69,10 +86,19 @@ class Node:
         self.stopping, self.wakeup = threading.Event(), threading.Event()
         self.checked = time.monotonic()
         self.pool = (
-            ProcessPoolExecutor(config.build_workers, mp_context=multiprocessing.get_context("spawn"))
+            ProcessPoolExecutor(
+                config.build_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=results.builder,
+                initargs=(os.getpid(),),
+            )
             if config.build_workers
             else None
         )
+        self.warming: list[Future] = []
+        """One trivial job per build process, submitted at :meth:`start` so that each starts (and warms) at once."""
+        self.in_hand: list[Predicted] = []
+        """Batches predicted and not yet recorded (:meth:`record`): at most one, while its results are built."""
         self.server = None
         self.thread: threading.Thread | None = None
         self.courier: threading.Thread | None = None
@@ -87,6 +113,8 @@ class Node:
         revived = self.spool.revive()
         if revived:
             logger.info("%d dead letter(s) back in the outbox", revived)
+        if self.pool is not None:
+            self.warming = [self.pool.submit(abs, 0) for _ in range(self.config.build_workers)]
         self.server = scp.serve(self.config, self.receiver)
         self.thread = threading.Thread(target=self._run, name="xray-node", daemon=True)
         self.courier = threading.Thread(target=self._deliver_on, name="xray-node-results", daemon=True)
@@ -142,12 +170,19 @@ class Node:
                 break  # the batch in hand was finished; the other studies wait in the spool for the next start
             self.reload()
             self.analyse(group)
-            if self.courier is None:
-                self.deliver()
-            self.outgoing.set()
+            self._hand_on()
             done += len(group)
+        while self.in_hand:
+            self.record()
+        self._hand_on()
         self.prune()
         return done
+
+    def _hand_on(self) -> None:
+        """What was recorded, to the delivery thread (delivered here when the node was not started)."""
+        if self.courier is None:
+            self.deliver()
+        self.outgoing.set()
 
     def prune(self) -> None:
         """The received files whose results left the outbox, removed (:meth:`Spool.prune`)."""
@@ -175,8 +210,9 @@ class Node:
     # -- one study --
 
     def analyse(self, studies: list[Study]) -> None:
-        """The instances of ``studies`` the current version has not reported: predicted, their results built (in the
-        build processes when ``build_workers``) and posted, their rows logged, then marked done."""
+        """The instances of ``studies`` the current version has not reported, predicted and their results built: in
+        the analysis thread, then recorded (:meth:`record`); or, with ``build_workers``, in the build processes while
+        the thread predicts the next batch: a batch is recorded once the next is predicted, or at the end of the step."""
         predictor, version = self.predictor, str(self.predictor.version)
         pending = [p for study in studies for p in study.files if p.exists() and not self._done(version, p.stem)]
         for start in range(0, len(pending), BATCH):
@@ -203,28 +239,42 @@ class Node:
                 for path, row in zip(paths, rows)
                 if row["status"] != UNREADABLE  # no report: nothing was analysed (the reason is in the log)
             ]
-            built = list(self.pool.map(results.build_one, *zip(*jobs))) if self.pool and jobs else None
-            results_of = built if built is not None else [results.build_one(*job) for job in jobs]
+            if self.pool is not None:
+                built = [self.pool.submit(results.build_one, *job) for job in jobs]
+            else:
+                built = [results.build_one(*job) for job in jobs]
             self.seconds["build"] += time.perf_counter() - clock
-            clock = time.perf_counter()
-            for job, objects in zip(jobs, results_of):
-                for destination in self.sender.destinations:
-                    for kind, data in objects.items():
-                        self.spool.post(job[0].stem, f"{destination.key}-{kind}.dcm", data)
-            for row in rows:
-                self.counts[f"analysed_{row['status']}"] += 1
-            if self.log is not None:
-                self.log.append(table)
-                self.log.flush()
-            for path in paths:
-                self.spool.mark_done(version, path.stem)
-                self.spool.release(path.stem)
-            self.counts["instances_reported"] += len(paths)
-            self.seconds["record"] += time.perf_counter() - clock
-            for _, row, *_, urgent in jobs:
-                if urgent:
-                    self.counts["urgent"] += 1
-                    triage.alert(row["study_instance_uid"], row["probability"])
+            self.in_hand.append(Predicted(version, paths, table, jobs, built))
+            while len(self.in_hand) > (1 if self.pool is not None else 0):
+                self.record()
+
+    def record(self) -> None:
+        """The oldest batch in hand: its results (waited for) posted to the outbox for every destination, its rows
+        counted and logged, its instances marked done for its version and released to the delivery thread, urgent
+        ones alerted. A build that failed fails the batch, which stays unmarked: the next step analyses it again."""
+        batch = self.in_hand.pop(0)
+        clock = time.perf_counter()
+        made = [item.result() if isinstance(item, Future) else item for item in batch.built]
+        self.seconds["build"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        for job, objects in zip(batch.jobs, made):
+            for destination in self.sender.destinations:
+                for kind, data in objects.items():
+                    self.spool.post(job[0].stem, f"{destination.key}-{kind}.dcm", data)
+        for row in batch.table.to_dict("records"):
+            self.counts[f"analysed_{row['status']}"] += 1
+        if self.log is not None:
+            self.log.append(batch.table)
+            self.log.flush()
+        for path in batch.paths:
+            self.spool.mark_done(batch.version, path.stem)
+            self.spool.release(path.stem)
+        self.counts["instances_reported"] += len(batch.paths)
+        self.seconds["record"] += time.perf_counter() - clock
+        for _, row, *_, urgent in batch.jobs:
+            if urgent:
+                self.counts["urgent"] += 1
+                triage.alert(row["study_instance_uid"], row["probability"])
 
     def _done(self, version: str, instance_key: str) -> bool:
         return (self.spool.root / "done" / version / instance_key).exists()
