@@ -307,6 +307,41 @@ def test_a_failed_build_leaves_its_batch_unreported_and_the_next_step_analyses_i
     assert len(read_log(str(tmp_path / "log"))) == 2
 
 
+def test_a_failed_prediction_records_the_batch_already_built_and_leaves_only_its_own_to_the_next_step(
+    tmp_path, predictor, monkeypatch
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xray.serving.node import service
+
+    monkeypatch.setattr(service, "BATCH", 1)
+    predict, calls = predictor.predict_bytes, []
+
+    def failing_second(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("the model failed")
+        return predict(images)
+
+    monkeypatch.setattr(predictor, "predict_bytes", failing_second)
+    destination = Destination()
+    files = [data for _ in range(2) for data in study(1)]
+    with destination.running():
+        node = make_node(tmp_path, predictor, destination)
+        node.pool = ThreadPoolExecutor(1)
+        for data in files:
+            node.receiver.store(data, DX, 0)
+        with pytest.raises(RuntimeError, match="the model failed"):
+            node.step(now=time.time() + 3)
+        assert not node.in_hand and node.counts["instances_reported"] == 1  # the first, built, is recorded
+        node.step(now=time.time() + 3)
+        assert calls == [1, 1, 1]  # the next step predicts only the instance the failure held
+        node.pool.shutdown()
+    assert len(destination.objects("SR")) == 2 and all(len(items) == 1 for items in destination.received.values())
+    log = read_log(str(tmp_path / "log"))
+    assert len(log) == 2 and log["sop_instance_uid"].is_unique
+
+
 @pytest.mark.slow
 def test_heatmaps_triage_and_the_webhook_with_the_study_uid_and_probability_only(
     tmp_path, explainable_predictor, monkeypatch

@@ -165,18 +165,31 @@ class Node:
         bigger study alone), their results handed to the delivery thread (delivered here when the node was not
         started); then prune what is delivered. How many studies."""
         done = 0
-        for group in batches(self.spool.stable(self.config.stable_seconds, now)):
-            if self.stopping.is_set():
-                break  # the batch in hand was finished; the other studies wait in the spool for the next start
-            self.reload()
-            self.analyse(group)
-            self._hand_on()
-            done += len(group)
-        while self.in_hand:
-            self.record()
+        try:
+            for group in batches(self.spool.stable(self.config.stable_seconds, now)):
+                if self.stopping.is_set():
+                    break  # the batches in hand are finished; the other studies wait in the spool for the next start
+                self.reload()
+                self.analyse(group)
+                self._hand_on()
+                done += len(group)
+        finally:
+            self.settle()
         self._hand_on()
         self.prune()
         return done
+
+    def settle(self) -> None:
+        """Every batch in hand recorded, also when the step failed (what was built is kept); a failed record leaves
+        its batch to the next step, nothing stays in hand. The first failure is raised once all were tried."""
+        failure = None
+        while self.in_hand:
+            try:
+                self.record()
+            except Exception as error:  # noqa: BLE001 - raised below, once the other batches are recorded
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def _hand_on(self) -> None:
         """What was recorded, to the delivery thread (delivered here when the node was not started)."""
