@@ -343,6 +343,51 @@ def test_a_failed_prediction_records_the_batch_already_built_and_leaves_only_its
 
 
 @pytest.mark.slow
+def test_a_build_process_ignores_the_groups_signals_and_one_killed_is_replaced_its_batch_reported_once(
+    tmp_path, predictor, caplog
+):
+    """Ctrl-C or a service manager signals the whole process group: the build processes ignore it (the node finishes
+    the batches in hand, then ends them). One killed (the out-of-memory killer, say) breaks the pool: new ones, and
+    the batch it held is analysed again, each instance reported once."""
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    destination = Destination()
+    first, second = study(1), study(2)
+    with destination.running():
+        node = make_node(tmp_path, predictor, destination, build_workers=1)
+        node.pool.submit(abs, 0).result()  # started
+        (builder,) = list(node.pool._processes)  # noqa: SLF001 - the test signals it
+        for number in (signal.SIGINT, signal.SIGTERM):
+            os.kill(builder, number)
+        node.receiver.store(first[0], DX, 0)
+        assert node.step(now=time.time() + 3) == 1 and list(node.pool._processes) == [builder]  # noqa: SLF001
+        os.kill(builder, signal.SIGKILL)
+        time.sleep(0.01)
+        for data in second:
+            node.receiver.store(data, DX, 0)
+        with pytest.raises(BrokenProcessPool):
+            node.step(now=time.time() + 3)
+        assert "a build process ended unexpectedly; starting 1 new ones" in caplog.text
+        assert node.step(now=time.time() + 3) == 1 and builder not in node.pool._processes  # noqa: SLF001
+        node.pool.shutdown()
+    assert len(destination.objects("SR")) == 3 and all(len(items) == 1 for items in destination.received.values())
+    assert len(read_log(str(tmp_path / "log"))) == 3
+
+
+def test_a_node_that_cannot_listen_ends_the_build_processes_it_started(tmp_path, predictor):
+    destination = Destination()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node = make_node(tmp_path, predictor, destination, build_workers=1, port=taken.getsockname()[1])
+        with pytest.raises(OSError):
+            node.start()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        node.pool.submit(abs, 0)
+
+
+@pytest.mark.slow
 def test_heatmaps_triage_and_the_webhook_with_the_study_uid_and_probability_only(
     tmp_path, explainable_predictor, monkeypatch
 ):
@@ -370,6 +415,7 @@ def test_heatmaps_triage_and_the_webhook_with_the_study_uid_and_probability_only
             for data in files:
                 node.receiver.store(data, DX, 0)
             node.step(now=time.time() + 3)
+            node.pool.shutdown()
     finally:
         hook.shutdown()
     assert len(destination.objects("SR")) == len(destination.objects("SEG")) == len(destination.objects("OT")) == 2
@@ -420,6 +466,49 @@ def test_a_new_champion_is_picked_up_between_studies(tmp_path, predictor, explai
     assert node.counts["reloads"] == 1
     log = read_log(str(tmp_path / "log"))
     assert sorted(log["model_version"]) == ["7", "8"]
+
+
+def test_with_a_batch_in_hand_a_new_champion_waits_for_its_record_and_sends_nothing_before_its_done_mark(
+    tmp_path, predictor, explainable_predictor, monkeypatch
+):
+    """The batch in hand is recorded before the registry is asked (its results wait for no new model); the instance
+    the old version reported and delivered is analysed again by the new one, whose results stay held (the old
+    release is withdrawn) until the new version marks it done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xray.serving.node import service
+    from xray.serving.predictor import ChestXrayPredictor
+
+    monkeypatch.setattr(service, "BATCH", 1)
+    newer = ChestXrayPredictor(explainable_predictor.model, 0.5, 32, "8")
+    answers, in_hand_when_asked, released_when_done = [None, newer], [], []
+    destination = Destination()
+    files = [data for _ in range(2) for data in study(1)]
+    with destination.running():
+        node = make_node(tmp_path, predictor, destination, reload_s=0.001)
+        node.pool = ThreadPoolExecutor(1)
+        node.load = lambda current: (in_hand_when_asked.append(len(node.in_hand)), answers.pop(0) if answers else None)[
+            1
+        ]
+        mark = node.spool.mark_done
+
+        def marking(version, key):
+            released_when_done.append([p for p in node.spool.waiting() if p.parent.name == key])
+            mark(version, key)
+
+        monkeypatch.setattr(node.spool, "mark_done", marking)
+        for data in files:
+            node.receiver.store(data, DX, 0)
+        node.step(now=time.time() + 3)  # the first study by v7, the second by v8
+        node.step(now=time.time() + 3)  # the first again, by v8
+        node.pool.shutdown()
+    assert in_hand_when_asked and not any(in_hand_when_asked)
+    assert len(released_when_done) == 3 and not any(released_when_done)
+    assert sorted(r.SeriesDescription for r in destination.objects("SR")) == [
+        "AI result: chest-xray-classifier v7",
+        "AI result: chest-xray-classifier v8",
+        "AI result: chest-xray-classifier v8",
+    ]
 
 
 def test_results_a_destination_refuses_become_dead_letters_and_go_out_at_the_next_start(tmp_path, predictor, caplog):

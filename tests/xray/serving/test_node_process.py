@@ -92,7 +92,7 @@ def test_kill_9_mid_study_then_a_restart_reports_every_instance_exactly_once(tmp
         assert sent.returncode == 0, sent.stderr
         children = alive_children(node.pid)
         builders = {pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
-        assert len(builders) == 2  # the build processes (node.build_workers, 2 by default), started and warm
+        assert len(builders) == 2  # the build processes (node.build_workers, 2 by default)
         node.send_signal(signal.SIGKILL)  # mid-study: three of six sent, none analysed yet
         node.wait(timeout=30)
         wait_for(lambda: not alive(children), 30)  # the build processes end with the node they served

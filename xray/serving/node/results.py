@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -84,9 +85,12 @@ def build(
 
 
 def builder(node_pid: int) -> None:
-    """A build process as it starts (the node's pool initializer): it ends when the node ``node_pid`` has ended, also
-    by ``kill -9`` (a thread watches for the process being handed to another parent), and is made ready by
-    :func:`warm`."""
+    """A build process as it starts (the node's pool initializer): the node ``node_pid`` owns its end, so it ignores
+    the SIGINT and SIGTERM that Ctrl-C or a service manager sends the whole process group (the node finishes the
+    batches in hand, then shuts its builders down), and ends when the node has ended, also by ``kill -9`` (a thread
+    watches for the process being handed to another parent); then it is made ready by :func:`warm`."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == node_pid:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -85,16 +86,7 @@ class Node:
         prediction log, done marks), deliver."""
         self.stopping, self.wakeup = threading.Event(), threading.Event()
         self.checked = time.monotonic()
-        self.pool = (
-            ProcessPoolExecutor(
-                config.build_workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=results.builder,
-                initargs=(os.getpid(),),
-            )
-            if config.build_workers
-            else None
-        )
+        self.pool = self._builders()
         self.warming: list[Future] = []
         """One trivial job per build process, submitted at :meth:`start` so that each starts (and warms) at once."""
         self.in_hand: list[Predicted] = []
@@ -107,6 +99,28 @@ class Node:
     def _wake(self) -> None:
         self.wakeup.set()
 
+    def _builders(self) -> ProcessPoolExecutor | None:
+        """The build processes (``build_workers``; none: the analysis thread builds): spawned, each made ready by
+        :func:`xray.serving.node.results.builder` and ended with this process."""
+        if not self.config.build_workers:
+            return None
+        return ProcessPoolExecutor(
+            self.config.build_workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=results.builder,
+            initargs=(os.getpid(),),
+        )
+
+    def _renew_builders(self) -> None:
+        """New build processes when one ended under the pool (killed, out of memory), which breaks the whole pool."""
+        try:
+            self.pool.submit(abs, 0)
+        except BrokenProcessPool:
+            logger.error("a build process ended unexpectedly; starting %d new ones", self.config.build_workers)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._builders()
+            self.warming = [self.pool.submit(abs, 0) for _ in range(self.config.build_workers)]
+
     # -- the process --
 
     def start(self) -> Node:
@@ -115,7 +129,12 @@ class Node:
             logger.info("%d dead letter(s) back in the outbox", revived)
         if self.pool is not None:
             self.warming = [self.pool.submit(abs, 0) for _ in range(self.config.build_workers)]
-        self.server = scp.serve(self.config, self.receiver)
+        try:
+            self.server = scp.serve(self.config, self.receiver)
+        except BaseException:
+            if self.pool is not None:  # the build processes started above end with the failed start
+                self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
         self.thread = threading.Thread(target=self._run, name="xray-node", daemon=True)
         self.courier = threading.Thread(target=self._deliver_on, name="xray-node-results", daemon=True)
         self.thread.start()
@@ -169,6 +188,8 @@ class Node:
             for group in batches(self.spool.stable(self.config.stable_seconds, now)):
                 if self.stopping.is_set():
                     break  # the batches in hand are finished; the other studies wait in the spool for the next start
+                if self._reload_due():
+                    self.settle()  # the batch in hand first: its results wait for no registry or new model
                 self.reload()
                 self.analyse(group)
                 self._hand_on()
@@ -203,9 +224,12 @@ class Node:
         for study in self.spool.studies():
             self.spool.prune(study, version)
 
+    def _reload_due(self) -> bool:
+        return self.load is not None and time.monotonic() - self.checked >= self.config.reload_s
+
     def reload(self) -> None:
         """A new champion, between studies, every ``reload_s`` (associations go on meanwhile)."""
-        if self.load is None or time.monotonic() - self.checked < self.config.reload_s:
+        if not self._reload_due():
             return
         self.checked = time.monotonic()
         try:
@@ -253,7 +277,11 @@ class Node:
                 if row["status"] != UNREADABLE  # no report: nothing was analysed (the reason is in the log)
             ]
             if self.pool is not None:
-                built = [self.pool.submit(results.build_one, *job) for job in jobs]
+                try:
+                    built = [self.pool.submit(results.build_one, *job) for job in jobs]
+                except BrokenProcessPool:
+                    self._renew_builders()
+                    raise
             else:
                 built = [results.build_one(*job) for job in jobs]
             self.seconds["build"] += time.perf_counter() - clock
@@ -264,13 +292,19 @@ class Node:
     def record(self) -> None:
         """The oldest batch in hand: its results (waited for) posted to the outbox for every destination, its rows
         counted and logged, its instances marked done for its version and released to the delivery thread, urgent
-        ones alerted. A build that failed fails the batch, which stays unmarked: the next step analyses it again."""
+        ones alerted. A build that failed fails the batch, which stays unmarked: the next step analyses it again (with
+        new build processes when one of them ended under it)."""
         batch = self.in_hand.pop(0)
         clock = time.perf_counter()
-        made = [item.result() if isinstance(item, Future) else item for item in batch.built]
+        try:
+            made = [item.result() if isinstance(item, Future) else item for item in batch.built]
+        except BrokenProcessPool:
+            self._renew_builders()
+            raise
         self.seconds["build"] += time.perf_counter() - clock
         clock = time.perf_counter()
         for job, objects in zip(batch.jobs, made):
+            self.spool.hold(job[0].stem)
             for destination in self.sender.destinations:
                 for kind, data in objects.items():
                     self.spool.post(job[0].stem, f"{destination.key}-{kind}.dcm", data)

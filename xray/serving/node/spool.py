@@ -140,6 +140,14 @@ class Spool:
     def post(self, instance_key: str, name: str, data: bytes) -> None:
         write_synced(self.outbox(instance_key) / name, data)
 
+    def hold(self, instance_key: str) -> None:
+        """The instance's outbox not released (before its results are posted): a release left by another version,
+        whose results have left, must not send these before the instance is marked done for this one."""
+        marker = self.outbox(instance_key) / READY
+        if marker.exists():
+            marker.unlink()
+            _fsync_folder(marker.parent)
+
     def release(self, instance_key: str) -> None:
         """The instance's results may go: written once it is marked done, so that a result never leaves before its
         instance is recorded as reported (a restart would otherwise send it again)."""
