@@ -375,6 +375,39 @@ def test_a_build_process_ignores_the_groups_signals_and_one_killed_is_replaced_i
     assert len(read_log(str(tmp_path / "log"))) == 3
 
 
+@pytest.mark.slow
+def test_a_build_that_hangs_does_not_hold_the_stop(tmp_path, predictor, monkeypatch, caplog):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xray.serving.node import results
+
+    released = threading.Event()
+    started = threading.Event()
+
+    def hanging(*job):
+        started.set()
+        released.wait(60)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(results, "build_one", hanging)
+    destination = Destination()
+    try:
+        with destination.running():
+            node = make_node(tmp_path, predictor, destination, stable_seconds=0.2)
+            node.pool = ThreadPoolExecutor(1)
+            node.start()
+            node.receiver.store(study(1)[0], DX, 0)
+            assert started.wait(30)
+            clock = time.monotonic()
+            node.stop(timeout_s=1)
+            assert time.monotonic() - clock < 20  # not the hung build's 60 s
+        assert "the analysis did not finish in 1 s; stopping without it" in caplog.text
+        assert not destination.received and node.counts["instances_reported"] == 0
+    finally:
+        released.set()
+
+
+@pytest.mark.slow
 def test_a_node_that_cannot_listen_ends_the_build_processes_it_started(tmp_path, predictor):
     destination = Destination()
     with socket.socket() as taken:

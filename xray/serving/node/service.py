@@ -142,8 +142,10 @@ class Node:
         return self
 
     def stop(self, timeout_s: float = 600.0) -> None:
-        """Stop taking associations, finish the batch in hand, send its results (one try each: what fails stays in
-        the outbox for the next start), flush the prediction log."""
+        """Stop taking associations, finish the batches in hand, send their results (one try each: what fails stays
+        in the outbox for the next start), flush the prediction log, end the build processes. An analysis still busy
+        after ``timeout_s`` (a build that hangs) is left to the process's end: the stop does not wait for it, and
+        what it held is analysed again at the next start."""
         self.stopping.set()
         self.wakeup.set()
         self.outgoing.set()
@@ -152,12 +154,15 @@ class Node:
         for thread in (self.thread, self.courier):
             if thread is not None:
                 thread.join(timeout_s)
+        finished = self.thread is None or not self.thread.is_alive()
+        if not finished:
+            logger.error("the analysis did not finish in %g s; stopping without it", timeout_s)
         self.deliver()
         self.prune()
         if self.log is not None:
             self.log.close()
-        if self.pool is not None:
-            self.pool.shutdown()
+        if self.pool is not None:  # the processes of an unfinished build end with this process (results.builder)
+            self.pool.shutdown(wait=finished, cancel_futures=not finished)
 
     def _run(self) -> None:
         while not self.stopping.is_set():
