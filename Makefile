@@ -96,7 +96,7 @@ pacs-down: | $(PY)
 # The DICOM node (docs/OPERATIONS.md "DICOM node"): a Storage SCP on 127.0.0.1:$(NODE_PORT) as XRAY_AI, accepting the
 # calling AE titles MODALITY and ORTHANC, analysing each study 10 s after its last instance with the champion of the
 # active stack, and sending the results to NODE_DESTINATION (default: the local PACS of `make pacs`, over STOW-RS).
-# Runs until Ctrl-C or SIGTERM (the study in hand is finished first). Spool (patient data) in .node/spool.
+# Runs until Ctrl-C or SIGTERM (the batches in hand are finished first). Spool (patient data) in .node/spool.
 NODE_PORT ?= 11112
 NODE_DESTINATION ?= dicomweb://127.0.0.1:$${XRAY_PACS_PORT:-8042}/dicom-web
 node: stack
