@@ -1,6 +1,6 @@
 """The DICOM node as a process (``python3 run.py node``, ``make node``): the champion loaded once, checked for a
 newer one between studies, the prediction log of the stack, the Storage SCP and the analysis thread
-(:class:`xray.serving.node.service.Node`) started, and SIGTERM (or Ctrl-C) answered by finishing the study in hand."""
+(:class:`xray.serving.node.service.Node`) started, and SIGTERM (or Ctrl-C) answered by finishing the batches in hand."""
 
 from __future__ import annotations
 
@@ -47,14 +47,14 @@ def log_root(request: NodeRequest) -> str | None:
 
 
 def serve(config, predictor, model: str, load=None, log=None, ready=lambda: None) -> dict:
-    """The node on ``predictor`` until SIGTERM or SIGINT: the study in hand is finished, the log flushed; its counts."""
+    """The node on ``predictor`` until SIGTERM or SIGINT: the batches in hand are finished, the log flushed; its counts."""
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
     node = Node(config, predictor, model, load=load, log=log).start()
     ready()
     stop.wait()
-    logger.info("stopping: finishing the study in hand")
+    logger.info("stopping: finishing the batches in hand")
     node.stop()
     return node.summary()
 
