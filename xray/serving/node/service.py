@@ -7,8 +7,9 @@ prediction path, :meth:`xray.serving.predictor.ChestXrayPredictor.predict_bytes`
 to the outbox, their rows written to the prediction log, and only then marked done for the version and released to
 the outbox's own thread, which delivers them (a slow destination never holds the analysis up); the received files
 are pruned once their results left. Between batches the node asks ``load`` for a new champion (every ``reload_s``),
-and a stop (SIGTERM) finishes the batches in hand first. A restart (after ``kill -9`` too) delivers the released outbox and analyses whatever the spool holds that
-the version has not marked done: an instance is reported once per model version."""
+and a stop (SIGTERM) finishes the batches in hand first. A restart (after ``kill -9`` too) delivers the released
+outbox and analyses whatever the spool holds that the version has not marked done: an instance is reported once per
+model version."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ class Node:
         self.warming: list[Future] = []
         """One trivial job per build process, submitted at :meth:`start` so that each starts (and warms) at once."""
         self.in_hand: list[Predicted] = []
-        """Batches predicted and not yet recorded (:meth:`record`): at most one, while its results are built."""
+        """Batches predicted and not yet recorded (:meth:`record`): between batches at most one, whose results the build
+        processes are building while the next batch is predicted."""
         self.server = None
         self.thread: threading.Thread | None = None
         self.courier: threading.Thread | None = None
