@@ -123,10 +123,6 @@ def destination_in(kind: str, folder: Path) -> Destination | StorescpDestination
     return StorescpDestination(str(folder))
 
 
-def uid_of(destination, key: str) -> str:
-    return destination.uid_of(key) if isinstance(destination, StorescpDestination) else key
-
-
 def measure(
     senders: int = 4,
     per_sender: int = 12,
@@ -204,7 +200,7 @@ def measure(
         node.stop()
         per_image = {f"{stage}_ms_per_image": 1000 * seconds / len(files) for stage, seconds in node.seconds.items()}
         per_image["receive_ms_per_image"] = 1000 * node.receiver.seconds / len(files)
-        arrivals = {uid_of(destination, key): at for key, at in destination.arrived.items()}
+        arrivals = {destination.uid_of(key): at for key, at in destination.arrived.items()}
         reports = {str(r.SOPInstanceUID): str(r.StudyInstanceUID) for r in destination.objects("SR")}
     rate = len(files) / (max(arrivals.values()) - first_sent - stable_seconds)
     node_cpu = cpu_at_last[0] - cpu_at_first[0] + builders_cpu

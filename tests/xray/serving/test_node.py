@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -202,6 +203,18 @@ def make_node(tmp_path, predictor, destination, **changes) -> Node:
     return Node(settings, predictor, "chest-xray-classifier", log=log)
 
 
+def thread_built(node: Node) -> Node:
+    """``node`` with one thread standing in for its build processes: the pipelined order without spawning any (the
+    spawned ones: the triage test and the killed-builder test)."""
+    node.pool = ThreadPoolExecutor(1)
+    return node
+
+
+def single_studies(count: int) -> list[bytes]:
+    """``count`` studies of one instance each, in order."""
+    return [data for _ in range(count) for data in study(1)]
+
+
 def test_a_stable_study_is_reported_once_per_instance_also_when_repeated_and_after_a_restart(
     tmp_path, predictor, caplog
 ):
@@ -243,8 +256,6 @@ def test_with_build_processes_a_batch_is_built_while_the_next_is_predicted_and_e
     """The pipelined analysis (``build_workers``): a batch's results are built while the next batch is predicted, and
     it is recorded (outbox, log, done) only then; the step ends with nothing in hand. A thread pool stands in for the
     build processes (the spawned ones: the triage test)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from xray.serving.node import service
 
     monkeypatch.setattr(service, "BATCH", 1)  # a batch per instance: three studies of one, three batches
@@ -257,10 +268,9 @@ def test_with_build_processes_a_batch_is_built_while_the_next_is_predicted_and_e
 
     monkeypatch.setattr(predictor, "predict_bytes", predicting)
     destination = Destination()
-    files = [data for _ in range(3) for data in study(1)]
+    files = single_studies(3)
     with destination.running():
-        node = make_node(tmp_path, predictor, destination)
-        node.pool = ThreadPoolExecutor(1)
+        node = thread_built(make_node(tmp_path, predictor, destination))
         recorded = node.record
         monkeypatch.setattr(node, "record", lambda: (events.append(("record", len(node.in_hand))), recorded()))
         for data in files:
@@ -278,8 +288,6 @@ def test_with_build_processes_a_batch_is_built_while_the_next_is_predicted_and_e
 def test_a_failed_build_leaves_its_batch_unreported_and_the_next_step_analyses_it_again(
     tmp_path, predictor, monkeypatch, caplog
 ):
-    from concurrent.futures import ThreadPoolExecutor
-
     from xray.serving.node import results
 
     build = results.build_one
@@ -294,8 +302,7 @@ def test_a_failed_build_leaves_its_batch_unreported_and_the_next_step_analyses_i
     destination = Destination()
     files = study(2)
     with destination.running():
-        node = make_node(tmp_path, predictor, destination)
-        node.pool = ThreadPoolExecutor(1)
+        node = thread_built(make_node(tmp_path, predictor, destination))
         for data in files:
             node.receiver.store(data, DX, 0)
         with pytest.raises(ValueError, match="the build failed"):
@@ -310,8 +317,6 @@ def test_a_failed_build_leaves_its_batch_unreported_and_the_next_step_analyses_i
 def test_a_failed_prediction_records_the_batch_already_built_and_leaves_only_its_own_to_the_next_step(
     tmp_path, predictor, monkeypatch
 ):
-    from concurrent.futures import ThreadPoolExecutor
-
     from xray.serving.node import service
 
     monkeypatch.setattr(service, "BATCH", 1)
@@ -325,10 +330,9 @@ def test_a_failed_prediction_records_the_batch_already_built_and_leaves_only_its
 
     monkeypatch.setattr(predictor, "predict_bytes", failing_second)
     destination = Destination()
-    files = [data for _ in range(2) for data in study(1)]
+    files = single_studies(2)
     with destination.running():
-        node = make_node(tmp_path, predictor, destination)
-        node.pool = ThreadPoolExecutor(1)
+        node = thread_built(make_node(tmp_path, predictor, destination))
         for data in files:
             node.receiver.store(data, DX, 0)
         with pytest.raises(RuntimeError, match="the model failed"):
@@ -377,8 +381,6 @@ def test_a_build_process_ignores_the_groups_signals_and_one_killed_is_replaced_i
 
 @pytest.mark.slow
 def test_a_build_that_hangs_does_not_hold_the_stop(tmp_path, predictor, monkeypatch, caplog):
-    from concurrent.futures import ThreadPoolExecutor
-
     from xray.serving.node import results
 
     released = threading.Event()
@@ -393,8 +395,7 @@ def test_a_build_that_hangs_does_not_hold_the_stop(tmp_path, predictor, monkeypa
     destination = Destination()
     try:
         with destination.running():
-            node = make_node(tmp_path, predictor, destination, stable_seconds=0.2)
-            node.pool = ThreadPoolExecutor(1)
+            node = thread_built(make_node(tmp_path, predictor, destination, stable_seconds=0.2))
             node.start()
             node.receiver.store(study(1)[0], DX, 0)
             assert started.wait(30)
@@ -507,8 +508,6 @@ def test_with_a_batch_in_hand_a_new_champion_waits_for_its_record_and_sends_noth
     """The batch in hand is recorded before the registry is asked (its results wait for no new model); the instance
     the old version reported and delivered is analysed again by the new one, whose results stay held (the old
     release is withdrawn) until the new version marks it done."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from xray.serving.node import service
     from xray.serving.predictor import ChestXrayPredictor
 
@@ -516,10 +515,9 @@ def test_with_a_batch_in_hand_a_new_champion_waits_for_its_record_and_sends_noth
     newer = ChestXrayPredictor(explainable_predictor.model, 0.5, 32, "8")
     answers, in_hand_when_asked, released_when_done = [None, newer], [], []
     destination = Destination()
-    files = [data for _ in range(2) for data in study(1)]
+    files = single_studies(2)
     with destination.running():
-        node = make_node(tmp_path, predictor, destination, reload_s=0.001)
-        node.pool = ThreadPoolExecutor(1)
+        node = thread_built(make_node(tmp_path, predictor, destination, reload_s=0.001))
         node.load = lambda current: (in_hand_when_asked.append(len(node.in_hand)), answers.pop(0) if answers else None)[
             1
         ]

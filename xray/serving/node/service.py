@@ -315,8 +315,7 @@ class Node:
             for destination in self.sender.destinations:
                 for kind, data in objects.items():
                     self.spool.post(job[0].stem, f"{destination.key}-{kind}.dcm", data)
-        for row in batch.table.to_dict("records"):
-            self.counts[f"analysed_{row['status']}"] += 1
+        self.counts.update(f"analysed_{status}" for status in batch.table["status"])
         if self.log is not None:
             self.log.append(batch.table)
             self.log.flush()
