@@ -19,7 +19,7 @@ from xray.config.evaluate import EvaluateConfig
 from xray.evaluation.metrics import choose_threshold
 from xray.evaluation.recipes import apply_operating_point, site_operating_point
 from xray.monitoring import prediction_log
-from xray.monitoring.performance import comparison, estimation, feedback
+from xray.monitoring.performance import comparison, estimation, feedback, label_shift
 from xray.monitoring.performance.estimation import RELIABLE, UNRELIABLE, Reference, Settings
 from xray.monitoring.report import estimated_figures
 
@@ -120,16 +120,16 @@ def test_the_expected_auc_is_every_pair_weighted_by_the_chance_it_is_a_positive_
 def test_the_prevalence_is_the_maximum_likelihood_prior_that_em_converges_to():
     world = World(1)
     y, p = world.draw(3000, 0.25)
-    found = estimation.prevalence_mle(p / 0.74, (1 - p) / 0.26, np.ones((1, len(p))))[0]
+    found = label_shift.prevalence_mle(p / 0.74, (1 - p) / 0.26, np.ones((1, len(p))))[0]
     prior = 0.74
     for _ in range(2000):  # Saerens, Latinne and Decaestecker (2002)
-        prior = estimation.reweight(p, 0.74, prior).mean()
+        prior = label_shift.reweight(p, 0.74, prior).mean()
     assert found == pytest.approx(prior, abs=1e-6)
     assert found == pytest.approx(y.mean(), abs=0.03)
     # every row of the weights is its own draw; images that are all but certainly one class pin the boundary
     certain = np.array([1e-6, 1 - 1e-6])
     ratios = certain / 0.74, (1 - certain) / 0.26
-    assert estimation.prevalence_mle(*ratios, np.array([[0.0, 3.0], [3.0, 0.0]])).tolist() == [1.0, 0.0]
+    assert label_shift.prevalence_mle(*ratios, np.array([[0.0, 3.0], [3.0, 0.0]])).tolist() == [1.0, 0.0]
 
 
 def test_under_prevalence_shifts_from_10_to_90_percent_the_estimate_meets_the_issue_targets():
@@ -202,15 +202,17 @@ def test_probabilities_unlike_vals_at_any_prevalence_say_the_calibration_may_not
     refused, at any prevalence."""
     world = World(9)
     reference = world.val_probabilities
-    p_values = [estimation.label_shift_test(world.draw(200, q)[1], reference, 300, 0)[1] for q in np.arange(1, 10) / 10]
+    p_values = [
+        label_shift.label_shift_test(world.draw(200, q)[1], reference, 300, 0).p_value for q in np.arange(1, 10) / 10
+    ]
     assert sum(p < 0.01 for p in p_values) <= 1 and np.median(p_values) > 0.2  # a test at 1%, roughly uniform
     y, p = world.draw(300, 0.3)
     logit = np.log(p / (1 - p)) + np.where(y == 0, 4.0, 0.0)  # NORMAL images half way to PNEUMONIA
-    distance, p_value, prevalence = estimation.label_shift_test(1 / (1 + np.exp(-logit)), reference, 300, 0)
-    assert p_value < 0.01 and distance > 0.1
+    test = label_shift.label_shift_test(1 / (1 + np.exp(-logit)), reference, 300, 0)
+    assert test.p_value < 0.01 and test.distance > 0.1 and np.isnan(test.score_distance)
     rows = world.log(1 / (1 + np.exp(-logit)))
     reasons = estimation.estimate_group(rows, world.reference(), Settings(samples=300))["reasons"]
-    assert reasons.startswith("calibration: the probabilities are unlike val's at any prevalence")
+    assert reasons.startswith("calibration: the answers are unlike val's at any prevalence (Kolmogorov-Smirnov D = ")
 
 
 def test_the_reference_prevalence_of_a_sites_operating_point_is_the_share_it_was_fitted_on():
@@ -418,9 +420,7 @@ def test_the_calibration_test_pools_the_periods_before_and_stays_quiet_under_lab
         verdicts[shift] = table.loc[table["subgroup"] == "", "reasons"].tolist()
     assert verdicts[0.0] == ["", "", "", ""]
     assert verdicts[0.7][:3] == ["", "", ""]
-    assert verdicts[0.7][3].startswith(
-        "calibration: this period's and the 450 earlier answers' probabilities are unlike"
-    )
+    assert verdicts[0.7][3].startswith("calibration: this period's and the 450 earlier answers are unlike val's")
 
 
 def test_a_sites_calibration_fitted_on_a_few_hundred_images_is_drawn_in_the_band():

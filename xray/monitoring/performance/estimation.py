@@ -34,11 +34,14 @@ which of them are PNEUMONIA). The band is where the realised value should fall.
   by the same test against the floor ``ood_alpha``;
 - drift: the period's ``ood_score`` distribution differs from val's (two-sample Kolmogorov-Smirnov at ``alpha``): a
   shift that moves every image a little (a new exposure curve, another scanner) flags few images one by one;
-- calibration: the probabilities (at the version's operating point) are unlike val's re-weighted to any prevalence
-  (:func:`label_shift_test`): the images of a class no longer look to the model as val's did, so the calibration,
-  and with it the estimate, need not hold. Tested on the period, then pooled with the ``window - 1`` periods before
-  it of the same site and version: under label shift any mix of periods is val re-weighted too, so pooling keeps
-  the test valid and multiplies its power;
+- calibration: the answers (at the version's operating point) are unlike val's re-weighted to any prevalence
+  (:mod:`label_shift`): their probabilities, or their ``ood_score`` (the same re-weighting holds for any quantity of
+  an image, so a population that the model and the detector see as val's classes in another mix passes both). If
+  not, the images of a class no longer look as val's did, so the calibration, and with it the estimate, need not
+  hold. Tested on the period, then pooled with the ``window - 1`` periods before it of the same site and version:
+  under label shift any mix of periods is val re-weighted too, so pooling keeps the test valid and multiplies its
+  power (the drift test above is neither re-weighted nor pooled: a change of prevalence moves ``ood_score`` where
+  the classes score differently);
 - a site without its own calibration: a row of a named site at another operating point than the site's own;
 - no reference: the version's reference profile (or the operating point's prevalence) is unknown.
 
@@ -60,6 +63,7 @@ from xray.evaluation.calibration import logit, sigmoid
 from xray.monitoring.drift import ood_share_test
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE, ReferenceProfile
 from xray.monitoring.performance.feedback import GROUP, period_of
+from xray.monitoring.performance.label_shift import CELLS, CLIP, label_shift_test, prevalence_mle, reweight
 from xray.monitoring.scope import OUT_OF_SCOPE
 
 logger = logging.getLogger(__name__)
@@ -69,9 +73,6 @@ COMPARED = ("sensitivity", "specificity", "auc")
 """The metrics both the estimate and feedback have: compared side by side, one plot each."""
 RELIABLE, UNRELIABLE = "reliable", "unreliable"
 VERSION_POINT = "version"
-_CLIP = 1e-6
-_CELLS = 2_000_000
-"""Draws x images held in memory at once."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,9 @@ class Reference:
     alpha: float
     """``monitoring.ood_alpha``: the floor of an expected share (out of scope's reference share is none)."""
     scores: np.ndarray = field(repr=False)
-    """Val's ``ood_score``: the reference of the drift test."""
+    """Val's ``ood_score`` (aligned with ``probabilities``): the reference of the drift and label-shift tests."""
     probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
-    """Val's calibrated probabilities: the reference of the label-shift test (:func:`label_shift_test`)."""
+    """Val's calibrated probabilities: the reference of the label-shift test (:mod:`label_shift`)."""
     calibrations: dict[str, tuple[dict, np.ndarray]] = field(repr=False, default_factory=dict)
     """Per site operating point that records it: its calibration and the covariance of its parameters."""
 
@@ -135,35 +136,6 @@ class Settings:
 # -- the estimate of one set of answered rows ------------------------------------------------------------------------
 
 
-def prevalence_mle(ratio_1: np.ndarray, ratio_0: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Maximum-likelihood prevalence of each row of ``weights`` (draws x images: how often each image is in a draw).
-
-    ``ratio_1 = p / reference`` and ``ratio_0 = (1 - p) / (1 - reference)`` are each image's likelihood under either
-    class up to a common factor; the log-likelihood sum w log(q ratio_1 + (1 - q) ratio_0) is concave in q, so its
-    root on [0, 1] is found by bisection (50 halvings), all draws at once. The fixed point of Saerens' EM."""
-
-    def slope(q: np.ndarray) -> np.ndarray:
-        mixture = q[:, None] * ratio_1 + (1 - q[:, None]) * ratio_0
-        return (weights * (ratio_1 - ratio_0) / mixture).sum(axis=1)
-
-    draws = weights.shape[0]
-    low, high = np.zeros(draws), np.ones(draws)
-    for _ in range(50):
-        middle = (low + high) / 2
-        rising = slope(middle) > 0
-        low, high = np.where(rising, middle, low), np.where(rising, high, middle)
-    estimate = (low + high) / 2
-    estimate = np.where(slope(np.zeros(draws)) <= 0, 0.0, estimate)
-    return np.where(slope(np.ones(draws)) >= 0, 1.0, estimate)
-
-
-def reweight(p: np.ndarray, reference: np.ndarray, prevalence) -> np.ndarray:
-    """``p`` (calibrated at ``reference``) moved to ``prevalence`` by Bayes' rule; broadcasts over draws."""
-    q = np.asarray(prevalence, dtype=np.float64)[..., None] if np.ndim(prevalence) else float(prevalence)
-    positive, negative = q * p / reference, (1 - q) * (1 - p) / (1 - reference)
-    return positive / (positive + negative)
-
-
 def _auc(positives: np.ndarray, negatives: np.ndarray, ties: tuple[np.ndarray, np.ndarray], self_pairs=0.0):
     """Mann-Whitney AUC of weighted positives and negatives (draws x images), ties half; ``ties``: the order of the
     scores and where each run of equal scores starts. ``self_pairs``: sum of p(1 - p), an image paired with itself,
@@ -196,7 +168,7 @@ def _perturbed(p: np.ndarray, calibrations, size: int, rng) -> np.ndarray:
         theta = rng.multivariate_normal(mean, covariance, size)
         bias = theta[:, 1:2] if len(mean) == 2 else 0.0  # a temperature has no bias
         drawn[:, rows] = sigmoid(np.maximum(theta[:, :1], 1e-3) * z + bias)
-    return np.clip(drawn, _CLIP, 1 - _CLIP)
+    return np.clip(drawn, CLIP, 1 - CLIP)
 
 
 def estimate_rows(p, called, reference, settings: Settings = Settings(), calibrations=()) -> dict:
@@ -205,9 +177,9 @@ def estimate_rows(p, called, reference, settings: Settings = Settings(), calibra
     ``p``: calibrated probabilities; ``called``: PNEUMONIA at the row's threshold; ``reference``: per row, the
     prevalence its calibration was fitted on (used when ``settings.adjust_prevalence``); ``calibrations``: the rows
     whose calibration's parameters the bands draw (:func:`_perturbed`)."""
-    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
+    p = np.clip(np.asarray(p, dtype=np.float64), CLIP, 1 - CLIP)
     called = np.asarray(called, dtype=bool)
-    reference = np.clip(np.broadcast_to(np.asarray(reference, dtype=np.float64), p.shape), _CLIP, 1 - _CLIP)
+    reference = np.clip(np.broadcast_to(np.asarray(reference, dtype=np.float64), p.shape), CLIP, 1 - CLIP)
     n = len(p)
     result = {"answered": n, "estimated_prevalence_raw": float(p.mean()) if n else float("nan")}
     names = [f"estimated_{m}{s}" for m in ESTIMATED for s in ("", "_low", "_high")]
@@ -227,7 +199,7 @@ def estimate_rows(p, called, reference, settings: Settings = Settings(), calibra
     point["auc"] = _auc(expected[None], 1 - expected[None], ties, float((expected * (1 - expected)).sum()))[0]
     draws = {m: [] for m in ESTIMATED}
     rng = np.random.default_rng(settings.seed)
-    chunk = max(1, min(settings.samples, _CELLS // n))
+    chunk = max(1, min(settings.samples, CELLS // n))
     for start in range(0, settings.samples, chunk):
         weights = rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, settings.samples - start)).astype(np.float64)
         drawn = _perturbed(p, calibrations, len(weights), rng) if calibrations else p[None]
@@ -252,39 +224,6 @@ def estimate_rows(p, called, reference, settings: Settings = Settings(), calibra
 
 
 # -- the verdict ---------------------------------------------------------------------------------------------------
-
-
-def label_shift_test(p: np.ndarray, reference: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float, float]:
-    """(Kolmogorov-Smirnov distance, p-value, prevalence): are the period's probabilities (at the version's operating
-    point) distributed like val's ``reference`` re-weighted to some prevalence, as they are under label shift?
-
-    Under label shift with a calibration that holds, the period's probabilities have val's distribution times
-    q p / r + (1 - q)(1 - p) / (1 - r) (r: val's prevalence, q: the period's, fitted by maximum likelihood). The
-    distance is between the period's distribution and that one; its null distribution comes from ``samples`` draws
-    that resample val (the reference is a sample too), draw a period of the same size from the re-weighted val, and
-    refit q, so the p-value accounts for both."""
-    p = np.clip(np.asarray(p, dtype=np.float64), _CLIP, 1 - _CLIP)
-    atoms = np.sort(np.clip(np.asarray(reference, dtype=np.float64), _CLIP, 1 - _CLIP))
-    prior, n = float(atoms.mean()), len(p)
-    ratio_1, ratio_0 = atoms / prior, (1 - atoms) / (1 - prior)
-    q = prevalence_mle(p / prior, (1 - p) / (1 - prior), np.ones((1, n)))
-    weight = q[:, None] * ratio_1 + (1 - q[:, None]) * ratio_0
-    expected = np.r_[0.0, np.cumsum(weight[0]) / weight[0].sum()]
-    points = np.concatenate([atoms, p])
-    observed = np.searchsorted(np.sort(p), points, side="right") / n
-    distance = float(np.abs(observed - expected[np.searchsorted(atoms, points, side="right")]).max())
-    rng, beyond, done = np.random.default_rng(seed), 0, 0
-    chunk = max(1, min(samples, _CELLS // len(atoms)))
-    while done < samples:
-        size = min(chunk, samples - done)
-        drawn = rng.multinomial(n, weight[0] / weight[0].sum(), size=size).astype(np.float64)
-        val = rng.multinomial(len(atoms), np.full(len(atoms), 1 / len(atoms)), size=size)
-        q_drawn = prevalence_mle(ratio_1, ratio_0, drawn)
-        refit = val * (q_drawn[:, None] * ratio_1 + (1 - q_drawn[:, None]) * ratio_0)
-        gap = np.cumsum(drawn, axis=1) / n - np.cumsum(refit, axis=1) / refit.sum(axis=1, keepdims=True)
-        beyond += int((np.abs(gap).max(axis=1) >= distance - 1e-12).sum())
-        done += size
-    return distance, (1 + beyond) / (1 + samples), float(q[0])
 
 
 def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, settings: Settings, earlier=()) -> list[str]:
@@ -325,18 +264,20 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
                 f"{test.pvalue:.2g} < {settings.alpha:g})"
             )
     answered = rows[status == "ok"]
-    at_version = answered.loc[answered["operating_point"] == VERSION_POINT, "probability"].to_numpy(dtype=np.float64)
+    at_version = _answers(answered)
     pools = [("the", at_version)]
     if len(earlier):
-        pools.append((f"this period's and the {len(earlier)} earlier answers'", np.r_[np.asarray(earlier), at_version]))
+        pools.append((f"this period's and the {len(earlier)} earlier", np.concatenate([earlier, at_version])))
     for what, pool in pools if len(reference.probabilities) >= settings.min_per_class else ():
         if len(at_version) < settings.min_per_class:
             break
-        distance, p_value, prevalence = label_shift_test(pool, reference.probabilities, settings.samples, settings.seed)
-        if p_value < settings.alpha:
+        scores = reference.scores if len(reference.scores) == len(reference.probabilities) else None
+        test = label_shift_test(
+            pool[:, 0], reference.probabilities, settings.samples, settings.seed, pool[:, 1], scores
+        )
+        if test.p_value < settings.alpha:
             reasons.append(
-                f"calibration: {what} probabilities are unlike val's at any prevalence (Kolmogorov-Smirnov D = "
-                f"{distance:.2f} against val's re-weighted to {prevalence:.0%} PNEUMONIA, p = {p_value:.2g} < "
+                f"calibration: {what} answers are unlike val's at any prevalence ({test.describe()} < "
                 f"{settings.alpha:g}): not a change of prevalence alone"
             )
             break
@@ -352,6 +293,12 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
     if unknown and settings.adjust_prevalence:
         reasons.append(f"no reference prevalence for operating point {', '.join(unknown)}: estimated unadjusted")
     return reasons
+
+
+def _answers(answered: pd.DataFrame) -> np.ndarray:
+    """(probability, ood_score) of the answered rows at the version's operating point: the label-shift test's."""
+    rows = answered[answered["operating_point"] == VERSION_POINT]
+    return rows[["probability", "ood_score"]].to_numpy(dtype=np.float64).reshape(-1, 2)
 
 
 def _scope_and_pixels(rows: pd.DataFrame) -> pd.Series:
@@ -433,8 +380,7 @@ def estimate(
         result = estimate_group(group, references.get(str(keys[2])), settings, earlier)
         table.append(dict(zip(GROUP, keys)) | {"subgroup": subgroup} | result)
         if not subgroup:
-            ok = group[(group["status"] == "ok") & (group["operating_point"] == VERSION_POINT)]
-            before.append(ok["probability"].to_numpy(dtype=np.float64))
+            before.append(_answers(group[group["status"] == "ok"]))
     if not table:
         return pd.DataFrame(columns=[*GROUP, "subgroup", "verdict", "reasons"])
     return pd.DataFrame(table)
