@@ -32,7 +32,8 @@ def profile_reference(
     train_rows, val_rows = (inputs.select(dataset.manifest, s, spec) for s in ("train", "val"))
     train = ood.features_of_files(dataset.paths(train_rows))
     val = ood.features_of_files(dataset.paths(val_rows))
-    profile = ood.fit_profile(train, val, evaluation.p_val, evaluation.threshold, monitoring, seed)
+    labels = inputs.labels_of(val_rows)
+    profile = ood.fit_profile(train, val, evaluation.p_val, evaluation.threshold, monitoring, seed, val_labels=labels)
     logger.info(
         "reference profile: %d train, %d val images; out-of-distribution threshold %.3f flags %.1f%% of val",
         len(train),

@@ -190,6 +190,9 @@ class ReferenceProfile:
     val_positive_rate: float
     summary: dict = field(default_factory=dict)
     """Acquisition of the train split as read: width, height, aspect ratio, channels, colour, histogram."""
+    val_labels: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Val's labels (1 = PNEUMONIA), aligned with ``val_scores``: re-weight val to another prevalence (a profile
+    stored before they were kept has none)."""
 
     def __post_init__(self) -> None:
         self._index = NearestNeighbors(n_neighbors=self.neighbours).fit(self.train_content)
@@ -270,6 +273,7 @@ class ReferenceProfile:
         "val_stats",
         "val_scores",
         "val_probabilities",
+        "val_labels",
     )
 
     def save(self, folder: str | Path) -> Path:
@@ -290,7 +294,7 @@ class ReferenceProfile:
             raise ValueError(f"reference profile in {folder} was made with other image features than this code's")
         scalars["aspect_ratio_range"] = tuple(scalars["aspect_ratio_range"])
         with np.load(folder / PROFILE_ARRAYS) as arrays:
-            return cls(**scalars, **{name: arrays[name] for name in cls.ARRAYS})
+            return cls(**scalars, **{name: arrays[name] for name in cls.ARRAYS if name in arrays.files})
 
 
 def combined_statistic(content_z: np.ndarray, acquisition_z: np.ndarray, correlation: float) -> np.ndarray:
@@ -343,10 +347,11 @@ def fit_profile(
     settings: MonitoringConfig | None = None,
     seed: int = 0,
     alpha: float | None = None,
+    val_labels: np.ndarray | None = None,
 ) -> ReferenceProfile:
     """Fit both detectors on train; standardise, correlate and threshold their scores on val only. ``settings``: the
     monitoring section (ood_alpha, content_components, neighbours, aspect_ratio_tolerance); ``alpha`` overrides its
-    ood_alpha."""
+    ood_alpha; ``val_labels``: kept with the profile (1 = PNEUMONIA)."""
     settings = settings or MonitoringConfig()
     alpha = settings.ood_alpha if alpha is None else alpha
     components, neighbours = settings.content_components, settings.neighbours
@@ -355,6 +360,8 @@ def fit_profile(
         raise ValueError(
             f"a reference profile needs at least 3 train and 3 val images (got {len(train)} and {len(val)})"
         )
+    if val_labels is not None and len(val_labels) != len(val):
+        raise ValueError(f"{len(val_labels)} val labels for {len(val)} val images")
     train_pixels, train_stats = stack(train)
     val_pixels, val_stats = stack(val)
     pca = PCA(n_components=min(components, len(train) - 1, train_pixels.shape[1]), whiten=True, random_state=seed).fit(
@@ -397,6 +404,7 @@ def fit_profile(
         class_threshold=float(class_threshold),
         val_positive_rate=float((probabilities >= class_threshold).mean()) if len(probabilities) else float("nan"),
         summary=_summary(train),
+        val_labels=np.zeros(0) if val_labels is None else np.asarray(val_labels, dtype=np.int8).reshape(-1),
     )
     content, acquisition = profile.raw_scores(val_pixels, val_stats)
     profile.content_log_mean, profile.content_log_std = float(content.mean()), float(max(content.std(), 1e-6))

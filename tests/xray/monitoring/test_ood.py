@@ -115,6 +115,21 @@ def test_a_profile_from_other_features_is_refused(profile, tmp_path):
         ood.ReferenceProfile.load(folder)
 
 
+def test_val_labels_are_kept_with_the_profile_and_a_profile_stored_without_them_still_loads(family, tmp_path):
+    """The estimate's label-shift test re-weights val by its labels; a profile stored before they were kept has none."""
+    features = [ood.features_of_array(image) for image in family[:60]]
+    labels = np.arange(20) % 2
+    profile = ood.fit_profile(features[:40], features[40:], np.linspace(0, 1, 20), 0.5, val_labels=labels)
+    folder = profile.save(tmp_path / "labelled")
+    np.testing.assert_array_equal(ood.ReferenceProfile.load(folder).val_labels, labels)
+    arrays = dict(np.load(folder / ood.PROFILE_ARRAYS))
+    del arrays["val_labels"]
+    np.savez_compressed(folder / ood.PROFILE_ARRAYS, **arrays)
+    assert ood.ReferenceProfile.load(folder).val_labels.shape == (0,)
+    with pytest.raises(ValueError, match="19 val labels for 20 val images"):
+        ood.fit_profile(features[:40], features[40:], np.linspace(0, 1, 20), 0.5, val_labels=labels[:19])
+
+
 def test_too_few_images_for_a_profile():
     features = [ood.features_of_array(radiograph_like(np.random.default_rng(i))) for i in range(4)]
     with pytest.raises(ValueError, match="at least 3 train and 3 val"):

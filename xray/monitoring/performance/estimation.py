@@ -91,6 +91,8 @@ class Reference:
     """Val's calibrated probabilities: the reference of the label-shift test (:mod:`label_shift`)."""
     calibrations: dict[str, tuple[dict, np.ndarray]] = field(repr=False, default_factory=dict)
     """Per site operating point that records it: its calibration and the covariance of its parameters."""
+    labels: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    """Val's labels, aligned with ``probabilities``: the label-shift test re-weights val by them (none: by probability)."""
 
     @classmethod
     def of(cls, profile: ReferenceProfile, operating_points: dict[str, dict] | None = None) -> Reference:
@@ -105,7 +107,8 @@ class Reference:
                 calibrations[f"site:{site}"] = (point["calibration"], np.asarray(point["calibration_covariance"]))
         expected = max(profile.val_ood_fraction, profile.alpha)
         probabilities = np.asarray(profile.val_probabilities)
-        return cls(prevalence, expected, profile.alpha, profile.val_scores, probabilities, calibrations)
+        labels = np.asarray(getattr(profile, "val_labels", np.zeros(0)))
+        return cls(prevalence, expected, profile.alpha, profile.val_scores, probabilities, calibrations, labels)
 
 
 def point_prevalence(point: dict) -> float | None:
@@ -271,14 +274,21 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
     for what, pool in pools if len(reference.probabilities) >= settings.min_per_class else ():
         if len(at_version) < settings.min_per_class:
             break
-        scores = reference.scores if len(reference.scores) == len(reference.probabilities) else None
+        draws = max(settings.samples, int(np.ceil(4 / settings.alpha)))  # its p-value is at least ~3 / (draws + 1)
         test = label_shift_test(
-            pool[:, 0], reference.probabilities, settings.samples, settings.seed, pool[:, 1], scores
+            pool[:, 0],
+            reference.probabilities,
+            draws,
+            settings.seed,
+            pool[:, 1],
+            reference.scores,
+            reference.labels,
         )
         if test.p_value < settings.alpha:
             reasons.append(
                 f"calibration: {what} answers are unlike val's at any prevalence ({test.describe()} < "
                 f"{settings.alpha:g}): not a change of prevalence alone"
+                + (f" ({test.untested})" if test.untested else "")
             )
             break
     own = np.where(answered["site"] == "", VERSION_POINT, "site:" + answered["site"].astype(str))

@@ -17,6 +17,8 @@ CELLS = 2_000_000
 """Draws x images held in memory at once."""
 ANSWERED_SCORE = 1.0
 """The out-of-distribution boundary of ``ood_score`` (xray.monitoring.ood): above it an image is not answered."""
+MIN_REFERENCE = 20
+"""Val images answered, at least, for ``ood_score`` to be tested."""
 
 
 def prevalence_mle(ratio_1: np.ndarray, ratio_0: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -60,9 +62,12 @@ class LabelShiftTest:
     """The period's maximum-likelihood prevalence, which val is re-weighted to."""
     score_distance: float = float("nan")
     """The same distance for ``ood_score``."""
+    untested: str = ""
+    """Why ``ood_score`` was not tested, where it was asked for."""
 
     def describe(self) -> str:
-        scores = "" if np.isnan(self.score_distance) else f", ood_score {self.score_distance:.2f}"
+        """The distances, the prevalence and the p-value, in one clause (why ``ood_score`` was untested apart)."""
+        scores = f", ood_score {self.score_distance:.2f}" if np.isfinite(self.score_distance) else ""
         return (
             f"Kolmogorov-Smirnov D = {self.distance:.2f} for the probabilities{scores}, against val's re-weighted to "
             f"{self.prevalence:.0%} PNEUMONIA, p = {self.p_value:.2g}"
@@ -82,55 +87,97 @@ def _exceeding(null: np.ndarray, values: np.ndarray) -> np.ndarray:
     return len(null) - np.searchsorted(np.sort(null), values - 1e-12, side="left")
 
 
+def _scores_untested(p, scores, reference_scores, labels, m: int) -> str:
+    """Why ``ood_score`` cannot be tested with these inputs ("" when it can)."""
+    if scores is None or reference_scores is None:
+        return ""
+    if labels is None or len(labels) != m or len(reference_scores) != m or len(set(np.unique(labels))) != 2:
+        return "ood_score not tested: the reference profile keeps no val labels aligned with its scores"
+    if len(scores) != len(p):
+        return "ood_score not tested: the scores are not aligned with the probabilities"
+    missing = int((~np.isfinite(scores)).sum())
+    if missing or not np.isfinite(reference_scores).all():
+        return f"ood_score not tested: {missing} answers without one"
+    if (reference_scores <= ANSWERED_SCORE).sum() < MIN_REFERENCE:
+        return f"ood_score not tested: fewer than {MIN_REFERENCE} val images answered"
+    return ""
+
+
 def label_shift_test(
-    p: np.ndarray, reference: np.ndarray, samples: int, seed: int = 0, scores=None, reference_scores=None
+    p, reference, samples: int, seed: int = 0, scores=None, reference_scores=None, reference_labels=None
 ) -> LabelShiftTest:
     """Are the period's answers (at the version's operating point) distributed like val's re-weighted to some
-    prevalence, as they are under label shift? ``p``: their probabilities, ``reference``: val's; ``scores`` and
-    ``reference_scores`` (optional, each aligned with its probabilities): their ``ood_score``, tested jointly.
+    prevalence, as they are under label shift? ``p``: their probabilities, ``reference``: val's. With ``scores``,
+    ``reference_scores`` and ``reference_labels`` (val's, aligned with ``reference``): their ``ood_score`` too.
 
-    The prevalence q is fitted by maximum likelihood on ``p``; each quantity's distance is between the period's
-    distribution and val's re-weighted to q, over val's images that would have been answered (``ood_score`` at most
-    1, when scores are given: the period's are answers too). The null distribution comes from ``samples`` draws that
-    resample val (the reference is a sample too), draw a period of the same size from the re-weighted val, and refit
-    q; with two quantities the statistic is the smaller of their p-values, compared with the same for each draw."""
+    The prevalence q is fitted by maximum likelihood on ``p``. Val is re-weighted to it by each image's label
+    (q y / y' + (1 - q)(1 - y) / (1 - y'), y' val's share: exact under label shift for any quantity of an image), or,
+    without labels, by its probability (q p / r + (1 - q)(1 - p) / (1 - r): exact for the probability alone), and
+    with scores only over val's images that would have been answered (``ood_score`` at most 1: the period's are
+    answers too). Each quantity's distance is Kolmogorov-Smirnov; its null distribution comes from ``samples`` draws
+    that resample val (the reference is a sample too), draw a period of the same size from the re-weighted val, and
+    refit q; with two quantities the statistic is the smaller of their p-values, compared with each draw's own."""
     p = np.clip(np.asarray(p, dtype=np.float64), CLIP, 1 - CLIP)
     atoms = np.clip(np.asarray(reference, dtype=np.float64), CLIP, 1 - CLIP)
-    prior, n = float(atoms.mean()), len(p)  # the prevalence the calibration was fitted at: every val image
-    joint = scores is not None and reference_scores is not None and len(reference_scores) == len(atoms)
-    if joint:
-        scores = np.asarray(scores, dtype=np.float64)
-        reference_scores = np.asarray(reference_scores, dtype=np.float64)
-        joint = bool(np.isfinite(scores).all() and np.isfinite(reference_scores).all())
+    n = len(p)
+    if not n or not len(atoms):
+        return LabelShiftTest(float("nan"), 1.0, float("nan"))
+    asked = scores is not None and reference_scores is not None
+    if asked:
+        scores, reference_scores = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (scores, reference_scores))
+    labels = None if reference_labels is None else np.asarray(reference_labels, dtype=np.float64).reshape(-1)
+    untested = _scores_untested(p, scores, reference_scores, labels, len(atoms)) if asked else ""
+    joint = asked and not untested
     kept = reference_scores <= ANSWERED_SCORE if joint else np.ones(len(atoms), bool)
     order = np.argsort(atoms[kept], kind="stable")
     atoms = atoms[kept][order]
+    prior = float(atoms.mean())  # the prevalence the calibration answers at, over the images that are answered
     ratio_1, ratio_0 = atoms / prior, (1 - atoms) / (1 - prior)
     q = float(prevalence_mle(p / prior, (1 - p) / (1 - prior), np.ones((1, n)))[0])
-    weight = q * ratio_1 + (1 - q) * ratio_0
-    weight /= weight.sum()
+    y = labels[kept][order] if joint and labels is not None else None
+
+    def weights(q_, counts):  # val (counts of each image) re-weighted to q_: by label where known
+        if y is not None:
+            share = np.clip(
+                (counts * y).sum(axis=-1, keepdims=True) / counts.sum(axis=-1, keepdims=True), CLIP, 1 - CLIP
+            )
+            unnormalised = counts * (q_ * y / share + (1 - q_) * (1 - y) / (1 - share))
+        else:
+            unnormalised = counts * (q_ * ratio_1 + (1 - q_) * ratio_0)
+        return unnormalised / unnormalised.sum(axis=-1, keepdims=True)
+
+    weight = weights(q, np.ones(len(atoms)))
     orders = [np.arange(len(atoms))]
-    observed = [_distance(p, atoms, weight)]
     if joint:
         score_atoms = reference_scores[kept][order]
         orders.append(np.argsort(score_atoms, kind="stable"))
-        observed.append(_distance(scores, score_atoms[orders[1]], weight[orders[1]]))
+    values = [atoms, *([score_atoms] if joint else [])]
+    ends = [np.r_[np.flatnonzero(np.diff(v[o]) > 0), len(o) - 1] for v, o in zip(values, orders)]
+    observed = [_distance(sample, v[o], weight[o]) for sample, v, o in zip([p, scores], values, orders)]
     rng, null, done = np.random.default_rng(seed), [], 0
-    chunk = max(1, min(samples, CELLS // max(1, len(atoms))))
+    chunk = max(1, min(samples, CELLS // len(atoms)))
     while done < samples:
         size = min(chunk, samples - done)
         drawn = rng.multinomial(n, weight, size=size).astype(np.float64)
-        val = rng.multinomial(len(atoms), np.full(len(atoms), 1 / len(atoms)), size=size)
-        q_drawn = prevalence_mle(ratio_1, ratio_0, drawn)
-        refit = val * (q_drawn[:, None] * ratio_1 + (1 - q_drawn[:, None]) * ratio_0)
-        refit /= refit.sum(axis=1, keepdims=True)
-        gaps = [np.abs(np.cumsum(drawn[:, o], axis=1) / n - np.cumsum(refit[:, o], axis=1)).max(axis=1) for o in orders]
+        val = rng.multinomial(len(atoms), np.full(len(atoms), 1 / len(atoms)), size=size).astype(np.float64)
+        refit = weights(prevalence_mle(ratio_1, ratio_0, drawn)[:, None], val)
+        gaps = [
+            np.abs(np.cumsum(drawn[:, o], axis=1)[:, e] / n - np.cumsum(refit[:, o], axis=1)[:, e]).max(axis=1)
+            for o, e in zip(orders, ends)
+        ]
         null.append(np.stack(gaps, axis=1))
         done += size
     null_gaps = np.concatenate(null)
     p_values = [(1 + _exceeding(null_gaps[:, k], np.array([d]))[0]) / (1 + samples) for k, d in enumerate(observed)]
     p_value = p_values[0]
-    if joint:  # each draw's own smaller p-value, against the other draws: the combination keeps its level
-        drawn_p = np.stack([_exceeding(null_gaps[:, k], null_gaps[:, k]) / samples for k in range(2)], axis=1)
+    if joint:  # each draw's own smaller p-value, the observed among the draws: the combination keeps its level
+        drawn_p = np.stack(
+            [
+                (_exceeding(null_gaps[:, k], null_gaps[:, k]) + (observed[k] >= null_gaps[:, k] - 1e-12))
+                / (1 + samples)
+                for k in range(2)
+            ],
+            axis=1,
+        )
         p_value = (1 + int((drawn_p.min(axis=1) <= min(p_values) + 1e-12).sum())) / (1 + samples)
-    return LabelShiftTest(observed[0], float(p_value), q, observed[1] if joint else float("nan"))
+    return LabelShiftTest(observed[0], float(p_value), q, observed[1] if joint else float("nan"), untested)
