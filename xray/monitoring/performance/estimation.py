@@ -35,8 +35,9 @@ which of them are PNEUMONIA). The band is where the realised value should fall.
 - drift: the period's ``ood_score`` distribution differs from val's (two-sample Kolmogorov-Smirnov at ``alpha``): a
   shift that moves every image a little (a new exposure curve, another scanner) flags few images one by one;
 - calibration: the answers (at the version's operating point) are unlike val's re-weighted to any prevalence
-  (:mod:`label_shift`): their probabilities, or their ``ood_score`` (the same re-weighting holds for any quantity of
-  an image, so a population that the model and the detector see as val's classes in another mix passes both). If
+  (:mod:`label_shift`): their probabilities, or their ``ood_score`` (val re-weighted by its labels is the label-shifted
+  population for any quantity of an image, so a population that the model and the detector see as val's classes in
+  another mix passes both; a reference profile without val's labels tests the probabilities alone). If
   not, the images of a class no longer look as val's did, so the calibration, and with it the estimate, need not
   hold. Tested on the period, then pooled with the ``window - 1`` periods before it of the same site and version:
   under label shift any mix of periods is val re-weighted too, so pooling keeps the test valid and multiplies its

@@ -1,7 +1,10 @@
 """Label shift: a period whose images of each class look like val's, in another proportion (a pneumonia season).
 
-Under label shift with a calibration that holds, every quantity of an image has val's distribution re-weighted by
-q p / r + (1 - q)(1 - p) / (1 - r) (p: the image's calibrated probability, r: val's prevalence, q: the period's).
+Under label shift each class's images look as they did on val, so every quantity of an image has val's distribution
+re-weighted by its label, q y / y' + (1 - q)(1 - y) / (1 - y') (y: the image's label, y': val's share of PNEUMONIA,
+q: the period's); with a calibration that holds, the probability alone also has val's re-weighted by
+q p / r + (1 - q)(1 - p) / (1 - r) (p: the calibrated probability, r: the prevalence it is calibrated at), which
+needs no label, but a quantity that tells the classes apart beyond p (``ood_score``) does not.
 This module holds the maximum-likelihood q (:func:`prevalence_mle`), a probability moved to it (:func:`reweight`),
 and the test that a period is val re-weighted (:func:`label_shift_test`), which the estimate's verdict runs.
 """
