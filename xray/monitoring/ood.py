@@ -362,6 +362,8 @@ def fit_profile(
         )
     if val_labels is not None and len(val_labels) != len(val):
         raise ValueError(f"{len(val_labels)} val labels for {len(val)} val images")
+    if val_labels is not None and not np.isin(np.asarray(val_labels), (0, 1)).all():
+        raise ValueError("val labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
     train_pixels, train_stats = stack(train)
     val_pixels, val_stats = stack(val)
     pca = PCA(n_components=min(components, len(train) - 1, train_pixels.shape[1]), whiten=True, random_state=seed).fit(

@@ -3,6 +3,7 @@ matrix and AUC, the prevalence, the bands against labels drawn the way the world
 and the estimate beside feedback's realised metrics."""
 
 import json
+import logging
 import re
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -403,11 +404,11 @@ def test_monitor_from_log_estimates_the_log_per_week_alerts_on_a_reliable_drop_a
     assert set(plots.images) == {"estimated_sensitivity", "estimated_specificity", "estimated_auc"}
 
 
-def test_the_calibration_test_pools_the_periods_before_and_stays_quiet_under_label_shift():
+def test_the_calibration_test_pools_the_periods_before_and_stays_quiet_under_label_shift(caplog):
     """A population whose NORMAL images look a little more like PNEUMONIA than val's: no week of 150 alone is
-    refused, the month pooled (this week and the three before, same site and version) is, and says why ood_score was
-    not tested (a reference profile stored without val labels); weeks that only change their prevalence (label shift:
-    any mix of them is val re-weighted) pass pooled too."""
+    refused, pooled with the weeks before it (up to three, same site and version) it is by the month's end, and the
+    reason says why ood_score was not tested (a reference profile stored without val labels), as a warning does once;
+    weeks that only change their prevalence (label shift: any mix of them is val re-weighted) pass pooled too."""
     verdicts = {}
     for shift in (0.0, 0.7):
         world = World(20)
@@ -417,14 +418,26 @@ def test_the_calibration_test_pools_the_periods_before_and_stays_quiet_under_lab
             z = np.log(p / (1 - p)) + np.where(y == 0, shift, 0.0)
             logs.append(world.log(1 / (1 + np.exp(-z)), when=MONDAY + timedelta(days=7 * week), start=1000 * week))
         log = pd.concat(logs, ignore_index=True)
-        table = estimation.estimate(log, {"3": world.reference()}, "week", Settings(samples=300))
+        scores = world.rng.lognormal(-1.2, 0.5, len(world.val_probabilities))  # aligned with val's probabilities
+        profile = SimpleNamespace(
+            val_probabilities=world.val_probabilities, val_ood_fraction=0.02, alpha=0.01, val_scores=scores
+        )
+        with caplog.at_level(logging.WARNING, logger=estimation.__name__):
+            table = estimation.estimate(log, {"3": Reference.of(profile)}, "week", Settings(samples=300))
         verdicts[shift] = table.loc[table["subgroup"] == "", "reasons"].tolist()
+    warned = [r.getMessage() for r in caplog.records if "keeps no val labels" in r.getMessage()]
+    assert (
+        warned
+        == [
+            "version 3: its reference profile keeps no val labels, so the calibration test reads the "
+            "probabilities alone, not ood_score (a profile fitted by the training pipeline of today keeps them)"
+        ]
+        * 2
+    )
     assert verdicts[0.0] == ["", "", "", ""]
     assert not any(reason.startswith("calibration: the answers") for reason in verdicts[0.7])
     assert verdicts[0.7][3].startswith("calibration: this period's and the 450 earlier answers are unlike val's")
-    assert verdicts[0.7][3].endswith(
-        "(ood_score not tested: the reference profile keeps no val labels aligned with its scores)"
-    )
+    assert verdicts[0.7][3].endswith("(ood_score not tested: the reference profile keeps no val labels)")
 
 
 def test_a_sites_calibration_fitted_on_a_few_hundred_images_is_drawn_in_the_band():

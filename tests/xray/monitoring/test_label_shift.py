@@ -11,31 +11,13 @@ import numpy as np
 import pandas as pd
 from scipy.stats import ks_2samp
 
+from fixtures.label_shift_world import PREVALENCE, answered, draw
 from xray.monitoring import prediction_log
 from xray.monitoring.performance import estimation
 from xray.monitoring.performance.estimation import Reference, Settings
 from xray.monitoring.performance.label_shift import label_shift_test
 
-PREVALENCE = 0.74  # val's, the default recipe's
-SEPARATION = 1.6
-SCORE_MEANS = (-1.3, -1.0)  # log ood_score of NORMAL and PNEUMONIA: the detector tells the classes apart a little
 MONDAY = datetime(2026, 11, 23, 9, tzinfo=timezone.utc)
-
-
-def draw(rng, n: int, prevalence: float, normal_scores: float = 0.0, score_means=SCORE_MEANS):
-    """(probability, ood_score, label) of ``n`` images of a world whose probability is calibrated at val's prevalence
-    and whose ood_score depends on the class beyond what the probability says; ``normal_scores``: NORMAL images that
-    many log units further from train for the detector (the model sees them as before)."""
-    y = (rng.random(n) < prevalence).astype(int)
-    logit = rng.normal(np.where(y == 1, SEPARATION, -SEPARATION), 1.0)
-    p = 1 / (1 + np.exp(-(2 * SEPARATION * logit + np.log(PREVALENCE / (1 - PREVALENCE)))))
-    s = rng.lognormal(np.where(y == 1, score_means[1], score_means[0] + normal_scores), 0.5)
-    return p, s, y
-
-
-def answered(p, s, y=None):
-    """The answers of a period: its images at most 1 (the others are flagged out of distribution)."""
-    return p[s <= 1], s[s <= 1]
 
 
 def test_val_reweighted_by_its_labels_is_the_label_shifted_population_for_the_scores_too():
@@ -46,6 +28,13 @@ def test_val_reweighted_by_its_labels_is_the_label_shifted_population_for_the_sc
     p, s = answered(*draw(rng, 40_000, 0.1))
     test = label_shift_test(p, val_p, 20, 0, s, val_s, val_y)
     assert test.score_distance < 0.018 and test.distance < 0.018 and abs(test.prevalence - 0.1) < 0.01
+    kept = val_s <= 1
+    r, q = val_p[kept].mean(), test.prevalence
+    by_probability = q * val_p[kept] / r + (1 - q) * (1 - val_p[kept]) / (1 - r)
+    order = np.argsort(val_s[kept])
+    expected = np.cumsum(by_probability[order]) / by_probability.sum()
+    observed = np.searchsorted(np.sort(s), val_s[kept][order], side="right") / len(s)
+    assert np.abs(observed - expected).max() > 0.022
 
 
 def test_under_label_shift_the_test_keeps_its_level_where_the_plain_score_test_does_not():
@@ -60,6 +49,18 @@ def test_under_label_shift_the_test_keeps_its_level_where_the_plain_score_test_d
         plain.append(ks_2samp(s, val_s).pvalue)
     assert sum(value < 0.01 for value in joint) <= 1 and np.median(joint) > 0.2
     assert sum(value < 0.01 for value in plain) >= 6
+
+
+def test_the_smaller_of_two_p_values_is_calibrated_not_taken_as_it_is():
+    """100 label-shifted months of 300 answers, prevalence anywhere from 10% to 90%: refused at 20% about as often as
+    that (0.16-0.21 over three seeds); taking the smaller of the two p-values as it is would refuse 0.30-0.43."""
+    rng = np.random.default_rng(7)
+    p_values = []
+    for index in range(100):
+        val_p, val_s, val_y = draw(rng, 600, PREVALENCE)
+        p, s = answered(*draw(rng, 300, rng.uniform(0.1, 0.9)))
+        p_values.append(label_shift_test(p, val_p, 100, index, s, val_s, val_y).p_value)
+    assert 0.1 <= np.mean(np.array(p_values) < 0.2) <= 0.27
 
 
 def test_a_month_of_ten_percent_keeps_the_level_at_2400_answers():
@@ -102,16 +103,38 @@ def test_without_what_the_scores_need_the_probabilities_alone_are_tested_and_it_
     alone = label_shift_test(p, val_p, 100, 0)
     assert alone.untested == "" and np.isnan(alone.score_distance)
     cases = {
-        "keeps no val labels": (s, val_s, None),
-        "keeps no val labels aligned": (s, val_s, val_y[:-1]),
+        "the reference profile keeps no val labels": (s, val_s, None),
+        "the reference profile's val labels are not aligned with its probabilities": (s, val_s, val_y[:-1]),
+        "the reference profile's val labels are not 0 and 1": (s, val_s, val_y + 1),
+        "the reference profile's val labels are of one class": (s, val_s, np.ones_like(val_y)),
+        "the reference profile's scores are not aligned with its probabilities": (s, val_s[:-1], val_y),
         "1 answers without one": (np.r_[s[:-1], np.nan], val_s, val_y),
-        "not aligned with the probabilities": (s[:-1], val_s, val_y),
+        "1 val images without one": (s, np.r_[val_s[:-1], np.nan], val_y),
+        "the scores are not aligned with the probabilities": (s[:-1], val_s, val_y),
         "fewer than 20 val images answered": (s, np.r_[np.full(990, 2.0), val_s[:10]], val_y),
     }
     for why, (scores, reference, labels) in cases.items():
         test = label_shift_test(p, val_p, 100, 0, scores, reference, labels)
-        assert why in test.untested and why not in test.describe()
-        assert np.isnan(test.score_distance) and (test.p_value, test.distance) == (alone.p_value, alone.distance)
+        assert test.untested == f"ood_score not tested: {why}" and "ood_score" not in test.describe()
+        assert np.isnan(test.score_distance) and np.isfinite(test.distance) and 0 < test.p_value <= 1
+    unlabelled = label_shift_test(p, val_p, 100, 0, s, val_s, None)  # val's answered images, as with labels
+    assert unlabelled.distance == label_shift_test(p, val_p[val_s <= 1], 100, 0).distance != alone.distance
+
+
+def test_an_answer_or_a_val_image_without_a_probability_is_left_out():
+    rng = np.random.default_rng(2)
+    val_p, val_s, val_y = draw(rng, 1000, PREVALENCE)
+    p, s = answered(*draw(rng, 300, 0.5))
+    test = label_shift_test(p, val_p, 100, 0, s, val_s, val_y)
+    holed = label_shift_test(
+        np.r_[p, np.nan], np.r_[np.nan, val_p], 100, 0, np.r_[s, 0.5], np.r_[0.5, val_s], np.r_[1, val_y]
+    )
+    assert (holed.distance, holed.score_distance, holed.p_value, holed.prevalence) == (
+        test.distance,
+        test.score_distance,
+        test.p_value,
+        test.prevalence,
+    )
     nothing = label_shift_test([], val_p, 100, 0, [], val_s, val_y)
     assert nothing.p_value == 1.0 and np.isnan(nothing.distance)
 

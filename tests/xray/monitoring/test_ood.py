@@ -118,7 +118,7 @@ def test_a_profile_from_other_features_is_refused(profile, tmp_path):
 def test_val_labels_are_kept_with_the_profile_and_a_profile_stored_without_them_still_loads(family, tmp_path):
     """The estimate's label-shift test re-weights val by its labels; a profile stored before they were kept has none."""
     features = [ood.features_of_array(image) for image in family[:60]]
-    labels = np.arange(20) % 2
+    labels = (np.arange(20) % 2).astype(np.float32)  # as xray.data.inputs.labels_of gives them
     profile = ood.fit_profile(features[:40], features[40:], np.linspace(0, 1, 20), 0.5, val_labels=labels)
     folder = profile.save(tmp_path / "labelled")
     np.testing.assert_array_equal(ood.ReferenceProfile.load(folder).val_labels, labels)
@@ -128,6 +128,8 @@ def test_val_labels_are_kept_with_the_profile_and_a_profile_stored_without_them_
     assert ood.ReferenceProfile.load(folder).val_labels.shape == (0,)
     with pytest.raises(ValueError, match="19 val labels for 20 val images"):
         ood.fit_profile(features[:40], features[40:], np.linspace(0, 1, 20), 0.5, val_labels=labels[:19])
+    with pytest.raises(ValueError, match="val labels must be 0 .NORMAL. or 1 .PNEUMONIA."):
+        ood.fit_profile(features[:40], features[40:], np.linspace(0, 1, 20), 0.5, val_labels=labels + 1)
 
 
 def test_too_few_images_for_a_profile():

@@ -382,6 +382,13 @@ def estimate(
     rows (:func:`xray.monitoring.prediction_log.read_log`, or feedback's joined rows); ``references``: by version.
     No label is read."""
     rows = latest(log)
+    for version in sorted(set(rows["model_version"].astype(str)) & set(references)) if len(rows) else ():
+        if len(references[version].scores) and not len(references[version].labels):
+            logger.warning(
+                "version %s: its reference profile keeps no val labels, so the calibration test reads the "
+                "probabilities alone, not ood_score (a profile fitted by the training pipeline of today keeps them)",
+                version,
+            )
     if "period" not in rows.columns:
         rows["period"] = period_of(rows["time"], period) if len(rows) else pd.Series(dtype=str)
     table, answers = [], {}  # answers: per site and version, each earlier period's at the version's point

@@ -90,19 +90,31 @@ def _exceeding(null: np.ndarray, values: np.ndarray) -> np.ndarray:
     return len(null) - np.searchsorted(np.sort(null), values - 1e-12, side="left")
 
 
-def _scores_untested(p, scores, reference_scores, labels, m: int) -> str:
+def _scores_untested(p, scores, reference, reference_scores, labels) -> str:
     """Why ``ood_score`` cannot be tested with these inputs ("" when it can)."""
     if scores is None or reference_scores is None:
         return ""
-    if labels is None or len(labels) != m or len(reference_scores) != m or len(set(np.unique(labels))) != 2:
-        return "ood_score not tested: the reference profile keeps no val labels aligned with its scores"
+    why = "ood_score not tested: "
+    if len(reference_scores) != len(reference):
+        return why + "the reference profile's scores are not aligned with its probabilities"
+    if labels is None or not len(labels):
+        return why + "the reference profile keeps no val labels"
+    if len(labels) != len(reference):
+        return why + "the reference profile's val labels are not aligned with its probabilities"
+    if not np.isin(labels, (0, 1)).all():
+        return why + "the reference profile's val labels are not 0 and 1"
+    if len(np.unique(labels)) < 2:
+        return why + "the reference profile's val labels are of one class"
     if len(scores) != len(p):
-        return "ood_score not tested: the scores are not aligned with the probabilities"
-    missing = int((~np.isfinite(scores)).sum())
-    if missing or not np.isfinite(reference_scores).all():
-        return f"ood_score not tested: {missing} answers without one"
+        return why + "the scores are not aligned with the probabilities"
+    for missing, what in (
+        ((~np.isfinite(scores)).sum(), "answers"),
+        ((~np.isfinite(reference_scores)).sum(), "val images"),
+    ):
+        if missing:
+            return why + f"{missing} {what} without one"
     if (reference_scores <= ANSWERED_SCORE).sum() < MIN_REFERENCE:
-        return f"ood_score not tested: fewer than {MIN_REFERENCE} val images answered"
+        return why + f"fewer than {MIN_REFERENCE} val images answered"
     return ""
 
 
@@ -116,28 +128,33 @@ def label_shift_test(
     The prevalence q is fitted by maximum likelihood on ``p``. Val is re-weighted to it by each image's label
     (q y / y' + (1 - q)(1 - y) / (1 - y'), y' val's share: exact under label shift for any quantity of an image), or,
     without labels, by its probability (q p / r + (1 - q)(1 - p) / (1 - r): exact for the probability alone), and
-    with scores only over val's images that would have been answered (``ood_score`` at most 1: the period's are
-    answers too). Each quantity's distance is Kolmogorov-Smirnov; its null distribution comes from ``samples`` draws
-    that resample val (the reference is a sample too), draw a period of the same size from the re-weighted val, and
-    refit q; with two quantities the statistic is the smaller of their p-values, compared with each draw's own."""
-    p = np.clip(np.asarray(p, dtype=np.float64), CLIP, 1 - CLIP)
-    atoms = np.clip(np.asarray(reference, dtype=np.float64), CLIP, 1 - CLIP)
-    n = len(p)
-    if not n or not len(atoms):
-        return LabelShiftTest(float("nan"), 1.0, float("nan"))
+    where val's scores are given (aligned) only over its images that would have been answered (``ood_score`` at most
+    1: the period's are answers too). Answers and val images without a finite probability are left out. Each
+    quantity's distance is Kolmogorov-Smirnov; its null distribution comes from ``samples`` draws that resample val
+    (the reference is a sample too), draw a period of the same size from the re-weighted val, and refit q; with two quantities the statistic is the smaller of their p-values, compared with each draw's own."""
+    p, atoms = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p, reference))
     asked = scores is not None and reference_scores is not None
     if asked:
         scores, reference_scores = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (scores, reference_scores))
     labels = None if reference_labels is None else np.asarray(reference_labels, dtype=np.float64).reshape(-1)
-    untested = _scores_untested(p, scores, reference_scores, labels, len(atoms)) if asked else ""
+    untested = _scores_untested(p, scores, atoms, reference_scores, labels) if asked else ""
     joint = asked and not untested
-    kept = reference_scores <= ANSWERED_SCORE if joint else np.ones(len(atoms), bool)
+    finite = np.isfinite(p)  # an answer or a val image without a probability is left out, with its score and label
+    p, scores = p[finite], (scores[finite] if joint else None)
+    kept = np.isfinite(atoms)
+    if asked and len(reference_scores) == len(atoms):
+        answerable = kept & (reference_scores <= ANSWERED_SCORE)  # val's images that would have been answered
+        kept = answerable if answerable.sum() >= MIN_REFERENCE else kept  # as the period's answers are
+    n = len(p)
+    if not n or not kept.any():
+        return LabelShiftTest(float("nan"), 1.0, float("nan"), untested=untested)
+    p = np.clip(p, CLIP, 1 - CLIP)
     order = np.argsort(atoms[kept], kind="stable")
-    atoms = atoms[kept][order]
+    atoms = np.clip(atoms[kept][order], CLIP, 1 - CLIP)
     prior = float(atoms.mean())  # the prevalence the calibration answers at, over the images that are answered
     ratio_1, ratio_0 = atoms / prior, (1 - atoms) / (1 - prior)
     q = float(prevalence_mle(p / prior, (1 - p) / (1 - prior), np.ones((1, n)))[0])
-    y = labels[kept][order] if joint and labels is not None else None
+    y = labels[kept][order] if joint else None
 
     def weights(q_, counts):  # val (counts of each image) re-weighted to q_: by label where known
         if y is not None:
