@@ -93,7 +93,8 @@ class Reference:
     calibrations: dict[str, tuple[dict, np.ndarray]] = field(repr=False, default_factory=dict)
     """Per site operating point that records it: its calibration and the covariance of its parameters."""
     labels: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
-    """Val's labels, aligned with ``probabilities``: the label-shift test re-weights val by them (none: by probability)."""
+    """Val's labels, aligned with ``probabilities``: the label-shift test re-weights val by them (none: by
+    probability)."""
 
     @classmethod
     def of(cls, profile: ReferenceProfile, operating_points: dict[str, dict] | None = None) -> Reference:
@@ -272,10 +273,10 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
     pools = [("the", at_version)]
     if len(earlier):
         pools.append((f"this period's and the {len(earlier)} earlier", np.concatenate([earlier, at_version])))
+    draws = max(settings.samples, int(np.ceil(4 / settings.alpha)))  # its p-value is at least ~3 / (draws + 1)
     for what, pool in pools if len(reference.probabilities) >= settings.min_per_class else ():
         if len(at_version) < settings.min_per_class:
             break
-        draws = max(settings.samples, int(np.ceil(4 / settings.alpha)))  # its p-value is at least ~3 / (draws + 1)
         test = label_shift_test(
             pool[:, 0],
             reference.probabilities,

@@ -92,8 +92,6 @@ def _exceeding(null: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _scores_untested(p, scores, reference, reference_scores, labels) -> str:
     """Why ``ood_score`` cannot be tested with these inputs ("" when it can)."""
-    if scores is None or reference_scores is None:
-        return ""
     why = "ood_score not tested: "
     if len(reference_scores) != len(reference):
         return why + "the reference profile's scores are not aligned with its probabilities"
@@ -131,7 +129,8 @@ def label_shift_test(
     where val's scores are given (aligned) only over its images that would have been answered (``ood_score`` at most
     1: the period's are answers too). Answers and val images without a finite probability are left out. Each
     quantity's distance is Kolmogorov-Smirnov; its null distribution comes from ``samples`` draws that resample val
-    (the reference is a sample too), draw a period of the same size from the re-weighted val, and refit q; with two quantities the statistic is the smaller of their p-values, compared with each draw's own."""
+    (the reference is a sample too), draw a period of the same size from the re-weighted val, and refit q; with two
+    quantities the statistic is the smaller of their p-values, compared with each draw's own."""
     p, atoms = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p, reference))
     asked = scores is not None and reference_scores is not None
     if asked:
