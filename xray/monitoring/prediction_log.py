@@ -61,6 +61,8 @@ SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("ood_score", pa.float64()),
         ("runtime", pa.string()),  # rows logged before it was a column read back empty
+        ("content_z", pa.float64()),  # the detector's two scores: rows logged before they were columns read back NaN
+        ("acquisition_z", pa.float64()),
     ]
 )
 COLUMNS = SCHEMA.names

@@ -93,11 +93,14 @@ class PredictionWriter:
         self._parquet = None
         if self.format == "csv":
             keep = previous is not None and self.local.is_file()
+            if keep and list(pd.read_csv(self.local, nrows=0).columns) != PREDICTION_COLUMNS:  # other columns before
+                earlier = pd.read_csv(self.local, dtype=str, keep_default_na=False)
+                earlier.reindex(columns=PREDICTION_COLUMNS, fill_value="").to_csv(self.local, index=False)
             self._csv = open(self.local, "a" if keep else "w", newline="")
             if not keep:
                 self._csv.write(",".join(PREDICTION_COLUMNS) + "\n")
         elif previous is not None and len(previous):
-            self.write(previous[PREDICTION_COLUMNS])
+            self.write(previous.reindex(columns=PREDICTION_COLUMNS))
         self.rows = 0
         # xray.monitoring.prediction_log.PredictionLog: every new row is logged, each batch as it is written; the run
         # that writes this output is named beside it, so that a resume logs what an earlier run did not (``follow``).
@@ -168,7 +171,7 @@ class PredictionWriter:
 
 
 _PARQUET_TYPES = dict.fromkeys(PREDICTION_COLUMNS, "string") | dict.fromkeys(
-    ("probability", "threshold", "ood_score"), "float64"
+    ("probability", "threshold", "ood_score", "content_z", "acquisition_z"), "float64"
 )
 
 
@@ -247,8 +250,9 @@ def read_output(output: str, max_attempts: int = 5) -> pd.DataFrame:
             local = Path(folder, PurePosixPath(location.key).name)
             s3.make_client(max_attempts).download_file(location.bucket, location.key, str(local))
         if OUTPUT_FORMATS[local.suffix.lower()] == "csv":
-            return pd.read_csv(local, keep_default_na=False, dtype=str)[PREDICTION_COLUMNS].replace("", None)
-        return pd.read_parquet(local)[PREDICTION_COLUMNS]
+            table = pd.read_csv(local, keep_default_na=False, dtype=str)
+            return table.reindex(columns=PREDICTION_COLUMNS, fill_value="").replace("", None)
+        return pd.read_parquet(local).reindex(columns=PREDICTION_COLUMNS)
 
 
 def combine_summaries(summaries: list[dict]) -> dict:

@@ -280,7 +280,7 @@ def serving_signature():
     from mlflow.models import ModelSignature  # lazy: MLflow's import takes seconds
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # lazy: MLflow's import takes seconds
 
-    kinds = {"probability": "double", "threshold": "double", "ood_score": "double"}
+    kinds = dict.fromkeys(("probability", "threshold", "ood_score", "content_z", "acquisition_z"), "double")
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec(kinds.get(name, "string"), name) for name in OUTPUT_COLUMNS]),

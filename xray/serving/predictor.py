@@ -33,6 +33,8 @@ OUTPUT_COLUMNS = [
     "label",
     "threshold",
     "ood_score",
+    "content_z",
+    "acquisition_z",
     "status",
     "reason",
     "scope_unchecked",
@@ -45,7 +47,9 @@ OUTPUT_COLUMNS = [
 """One row per image. ``status``: ok, out_of_scope (the DICOM header says the image is not of the validated kind),
 out_of_distribution (the pixels are unlike the training images) or unreadable. ``label`` is empty unless ``status`` is
 ``ok``: an image out of scope or out of distribution keeps its probability and score, but no answer a client could
-read as the model's verdict. ``scope_unchecked``: the scope's tags a DICOM header lacks (comma-separated). The UIDs
+read as the model's verdict. ``content_z`` and ``acquisition_z``: the out-of-distribution detector's two standardised
+scores, which ``ood_score`` combines (xray.monitoring.ood); logged for the label-shift test of the estimate's
+verdict (xray.monitoring.performance.label_shift). ``scope_unchecked``: the scope's tags a DICOM header lacks (comma-separated). The UIDs
 are a DICOM image's; all three are empty for JPEG and PNG. ``site`` and ``operating_point``: the site asked for
 (``--site``, serving's ``params.site``) and whose calibration and threshold the probability and label are at: ``version``
 (the version's own, fitted on val of every training site) or ``site:<name>``. ``runtime``: what computed the
@@ -314,7 +318,10 @@ class ChestXrayPredictor:
         """ood_score, status and reason per readable image; without a profile every image is ok, unscored."""
         if self.profile is not None:
             return self.profile.assess(features)
-        return pd.DataFrame({"ood_score": [float("nan")] * len(features), "status": ood.OK, "reason": ""})
+        unscored = [float("nan")] * len(features)
+        return pd.DataFrame(
+            {"ood_score": unscored, "content_z": unscored, "acquisition_z": unscored, "status": ood.OK, "reason": ""}
+        )
 
     def operating_point(self, site: str | None) -> tuple[str, float, dict | None]:
         """(name, threshold, calibration) of ``site``'s operating point; no site: the version's. A site the version has
@@ -347,6 +354,8 @@ class ChestXrayPredictor:
                 "label": "",
                 "threshold": threshold,
                 "ood_score": np.nan,
+                "content_z": np.nan,
+                "acquisition_z": np.nan,
                 "status": ood.UNREADABLE,
                 "reason": [item.reason for item in prepared],
                 "scope_unchecked": [",".join(item.scope.unchecked) if item.scope else "" for item in prepared],
@@ -373,7 +382,8 @@ class ChestXrayPredictor:
                     )
                     status[index], reason[index] = OUT_OF_SCOPE, item.scope.reason + pixels
             table.loc[mask, "probability"] = probabilities
-            table.loc[mask, "ood_score"] = assessment["ood_score"].to_numpy()
+            for column in ("ood_score", "content_z", "acquisition_z"):
+                table.loc[mask, column] = assessment[column].to_numpy()
             table.loc[mask, "status"] = status
             table.loc[mask, "reason"] = reason
             table.loc[mask, "label"] = [label_for(p, threshold, st) for p, st in zip(probabilities, status)]

@@ -20,6 +20,8 @@ def rows(n: int, start: int = 0, **values) -> pd.DataFrame:
             "label": ["PNEUMONIA"] * n,
             "threshold": 0.5,
             "ood_score": 0.2,
+            "content_z": -0.4,
+            "acquisition_z": 0.3,
             "status": "ok",
             "reason": "",
             "scope_unchecked": "",
@@ -63,6 +65,19 @@ def test_one_part_per_flush_and_per_date_and_a_read_by_range(tmp_path):
     recent = read_log(str(tmp_path), start=old + timedelta(days=1))
     assert len(recent) == 6 and not recent["sha256"].isin(rows(2, start=10)["sha256"]).any()
     assert len(read_log(str(tmp_path), end=old + timedelta(seconds=1))) == 2
+
+
+def test_a_part_written_before_the_detectors_scores_were_columns_reads_back_without_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    earlier = pa.schema([f for f in prediction_log.SCHEMA if f.name not in ("content_z", "acquisition_z")])
+    logged = prediction_log.log_rows(rows(3), "batch")
+    (tmp_path / "date=2026-11-30").mkdir()
+    pq.write_table(pa.Table.from_pandas(logged[earlier.names], schema=earlier), tmp_path / "date=2026-11-30/a.parquet")
+    back = read_log(str(tmp_path))
+    assert list(back.columns) == prediction_log.COLUMNS and len(back) == 3
+    assert back["content_z"].isna().all() and back["acquisition_z"].isna().all() and (back["ood_score"] == 0.2).all()
 
 
 def test_an_empty_log_reads_as_an_empty_table_with_the_columns(tmp_path):

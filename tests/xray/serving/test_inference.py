@@ -13,7 +13,14 @@ from xray.config.inference import InferenceConfig
 from xray.config.limits import ArchiveLimits
 from xray.errors import ArchiveError, DatasetSourceError
 from xray.monitoring.prediction_log import PredictionLog, open_store, read_log
-from xray.serving.batch import PREDICTION_COLUMNS, PredictionWriter, Wanted, predict_source, predict_stream
+from xray.serving.batch import (
+    PREDICTION_COLUMNS,
+    PredictionWriter,
+    Wanted,
+    predict_source,
+    predict_stream,
+    read_output,
+)
 from xray.storage import listing, s3
 
 
@@ -136,6 +143,26 @@ def test_resume_predicts_only_images_not_yet_in_the_output(predictor, tmp_path, 
     table = pd.read_csv(output) if suffix == ".csv" else pd.read_parquet(output)
     assert len(table) == 15 and table["sha256"].is_unique
     pd.testing.assert_frame_equal(table.iloc[:10].reset_index(drop=True), first, check_dtype=False)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_resume_of_an_output_written_before_the_detectors_scores_were_columns(predictor, tmp_path, suffix):
+    """An output without content_z and acquisition_z (an earlier version's) is resumed into today's columns: its rows
+    kept, their scores empty, the new rows' scores filled; read_output reads either."""
+    folder = images_folder(tmp_path / "in", 6)
+    output = str(tmp_path / f"predictions{suffix}")
+    settings = InferenceConfig(batch_size=4, fetch_workers=2, window=8)
+    with PredictionWriter(output) as writer:
+        predict_source(predictor, str(folder), settings, writer)
+    old = read_output(output).drop(columns=["content_z", "acquisition_z"]).iloc[:4]
+    old.to_csv(output, index=False) if suffix == ".csv" else old.to_parquet(output, index=False)
+    assert list(read_output(output).columns) == PREDICTION_COLUMNS
+    with PredictionWriter(output, resume=True) as writer:
+        result = predict_source(predictor, str(folder), settings, writer)
+    assert result.skipped == 4 and writer.rows == 2
+    table = read_output(output)
+    assert list(table.columns) == PREDICTION_COLUMNS and len(table) == 6 and table["sha256"].is_unique
+    assert table["content_z"].iloc[:4].isna().all() and table["acquisition_z"].iloc[4:].notna().all()
 
 
 def test_a_run_that_stops_in_a_write_back_leaves_no_row_that_resume_would_skip_unwritten(predictor, tmp_path):

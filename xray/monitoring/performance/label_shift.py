@@ -11,7 +11,7 @@ and the test that a period is val re-weighted (:func:`label_shift_test`), which 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -53,24 +53,35 @@ def reweight(p: np.ndarray, reference: np.ndarray, prevalence) -> np.ndarray:
     return positive / (positive + negative)
 
 
+SCORES = ("ood_score",)
+"""What the detector scores each answer with, ``ood_score`` first; a log that keeps the detector's two scores has
+``DETECTOR``, and the test reads each."""
+DETECTOR = ("ood_score", "content_z", "acquisition_z")
+
+
 @dataclass(frozen=True)
 class LabelShiftTest:
-    """:func:`label_shift_test`'s answer. A distance is NaN where that quantity was not tested."""
+    """:func:`label_shift_test`'s answer."""
 
     distance: float
     """Kolmogorov-Smirnov distance of the probabilities from val's re-weighted."""
     p_value: float
-    """Of the test as a whole (the smaller of the two quantities' p-values, calibrated by the same draws)."""
+    """Of the test as a whole (the smallest of the quantities' p-values, calibrated by the same draws)."""
     prevalence: float
     """The period's maximum-likelihood prevalence, which val is re-weighted to."""
-    score_distance: float = float("nan")
-    """The same distance for ``ood_score``."""
+    distances: dict = field(default_factory=dict)
+    """The same distance for each score tested (``ood_score``, ``content_z``, ``acquisition_z``), by name."""
     untested: str = ""
-    """Why ``ood_score`` was not tested, where it was asked for."""
+    """Why a score asked for was not tested."""
+
+    @property
+    def score_distance(self) -> float:
+        """The distance of ``ood_score`` (NaN where it was not tested)."""
+        return self.distances.get("ood_score", float("nan"))
 
     def describe(self) -> str:
-        """The distances, the prevalence and the p-value, in one clause (why ``ood_score`` was untested apart)."""
-        scores = f", ood_score {self.score_distance:.2f}" if np.isfinite(self.score_distance) else ""
+        """The distances, the prevalence and the p-value, in one clause (why a score was untested apart)."""
+        scores = "".join(f", {name} {value:.2f}" for name, value in self.distances.items())
         return (
             f"Kolmogorov-Smirnov D = {self.distance:.2f} for the probabilities{scores}, against val's re-weighted to "
             f"{self.prevalence:.0%} PNEUMONIA, p = {self.p_value:.2g}"
@@ -90,9 +101,9 @@ def _exceeding(null: np.ndarray, values: np.ndarray) -> np.ndarray:
     return len(null) - np.searchsorted(np.sort(null), values - 1e-12, side="left")
 
 
-def _scores_untested(p, scores, reference, reference_scores, labels) -> str:
-    """Why ``ood_score`` cannot be tested with these inputs ("" when it can)."""
-    why = "ood_score not tested: "
+def _scores_untested(p, scores, reference, reference_scores, labels, names) -> str:
+    """Why no score can be tested with these inputs ("" when they can); ``names``: the scores'."""
+    why = f"{_listed(names)} not tested: "
     if len(reference_scores) != len(reference):
         return why + "the reference profile's scores are not aligned with its probabilities"
     if labels is None or not len(labels):
@@ -105,44 +116,82 @@ def _scores_untested(p, scores, reference, reference_scores, labels) -> str:
         return why + "the reference profile's val labels are of one class"
     if len(scores) != len(p):
         return why + "the scores are not aligned with the probabilities"
-    for missing, what in (
-        ((~np.isfinite(scores)).sum(), "answers"),
-        ((~np.isfinite(reference_scores)).sum(), "val images"),
-    ):
-        if missing:
-            return why + f"{missing} {what} without one"
-    if (reference_scores <= ANSWERED_SCORE).sum() < MIN_REFERENCE:
+    if (reference_scores[:, 0] <= ANSWERED_SCORE).sum() < MIN_REFERENCE:
         return why + f"fewer than {MIN_REFERENCE} val images answered"
     return ""
 
 
+def _missing(scores, reference_scores, names) -> tuple[np.ndarray, str]:
+    """Which scores every answer and val image has (a log written before a score was kept has none), and why the
+    others are not tested."""
+    reasons: dict[tuple[int, str], list[str]] = {}
+    for k, name in enumerate(names):
+        for missing, what in (
+            ((~np.isfinite(scores[:, k])).sum(), "answers"),
+            ((~np.isfinite(reference_scores[:, k])).sum(), "val images"),
+        ):
+            if missing:
+                reasons.setdefault((int(missing), what), []).append(name)
+                break
+    kept = np.array([not any(name in group for group in reasons.values()) for name in names], dtype=bool)
+    return kept, "; ".join(
+        f"{_listed(group)} not tested: {missing} {what} without {'one' if len(group) == 1 else 'them'}"
+        for (missing, what), group in reasons.items()
+    )
+
+
+def _columns(values) -> np.ndarray:
+    """Scores as (images, scores): one score's may come as a vector."""
+    values = np.asarray(values, dtype=np.float64)
+    return values[:, None] if values.ndim == 1 else values
+
+
+def _listed(names) -> str:
+    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+
+
 def label_shift_test(
-    p, reference, samples: int, seed: int = 0, scores=None, reference_scores=None, reference_labels=None
+    p,
+    reference,
+    samples: int,
+    seed: int = 0,
+    scores=None,
+    reference_scores=None,
+    reference_labels=None,
+    names: tuple[str, ...] = SCORES,
 ) -> LabelShiftTest:
     """Are the period's answers (at the version's operating point) distributed like val's re-weighted to some
     prevalence, as they are under label shift? ``p``: their probabilities, ``reference``: val's. With ``scores``,
-    ``reference_scores`` and ``reference_labels`` (val's, aligned with ``reference``): their ``ood_score`` too.
+    ``reference_scores`` (one column per name of ``names``, ``ood_score`` first) and ``reference_labels`` (val's,
+    aligned with ``reference``): each score too.
 
     The prevalence q is fitted by maximum likelihood on ``p``. Val is re-weighted to it by each image's label
     (q y / y' + (1 - q)(1 - y) / (1 - y'), y' val's share: exact under label shift for any quantity of an image), or,
     without labels, by its probability (q p / r + (1 - q)(1 - p) / (1 - r): exact for the probability alone), and
     where val's scores are given (aligned) only over its images that would have been answered (``ood_score`` at most
-    1: the period's are answers too). Answers and val images without a finite probability are left out. Each
-    quantity's distance is Kolmogorov-Smirnov; its null distribution comes from ``samples`` draws that resample val
-    (the reference is a sample too), draw a period of the same size from the re-weighted val, and refit q; with two
-    quantities the statistic is the smaller of their p-values, compared with each draw's own."""
+    1: the period's are answers too). Answers and val images without a finite probability are left out; a score that
+    an answer or a val image lacks is not tested, and ``untested`` says so. Each quantity's distance is
+    Kolmogorov-Smirnov; its null distribution comes from ``samples`` draws that resample val (the reference is a
+    sample too), draw a period of the same size from the re-weighted val, and refit q; with several quantities the
+    statistic is the smallest of their p-values, compared with each draw's own."""
     p, atoms = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p, reference))
     asked = scores is not None and reference_scores is not None
+    names = tuple(names)
     if asked:
-        scores, reference_scores = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (scores, reference_scores))
+        scores, reference_scores = (_columns(a) for a in (scores, reference_scores))
+        if scores.shape[1] != len(names) or reference_scores.shape[1] != len(names):
+            raise ValueError(f"scores of {scores.shape[1]} and {reference_scores.shape[1]} columns for names {names}")
     labels = None if reference_labels is None else np.asarray(reference_labels, dtype=np.float64).reshape(-1)
-    untested = _scores_untested(p, scores, atoms, reference_scores, labels) if asked else ""
-    joint = asked and not untested
+    untested = _scores_untested(p, scores, atoms, reference_scores, labels, names) if asked else ""
+    tested = np.zeros(len(names), dtype=bool)
+    if asked and not untested:
+        tested, untested = _missing(scores, reference_scores, names)
+    joint = bool(tested.any())
     finite = np.isfinite(p)  # an answer or a val image without a probability is left out, with its score and label
-    p, scores = p[finite], (scores[finite] if joint else None)
+    p, scores = p[finite], (scores[finite][:, tested] if joint else None)
     kept = np.isfinite(atoms)
     if asked and len(reference_scores) == len(atoms):
-        answerable = kept & (reference_scores <= ANSWERED_SCORE)  # val's images that would have been answered
+        answerable = kept & (reference_scores[:, 0] <= ANSWERED_SCORE)  # val's images that would have been answered
         kept = answerable if answerable.sum() >= MIN_REFERENCE else kept  # as the period's answers are
     n = len(p)
     if not n or not kept.any():
@@ -166,13 +215,13 @@ def label_shift_test(
         return unnormalised / unnormalised.sum(axis=-1, keepdims=True)
 
     weight = weights(q, np.ones(len(atoms)))
-    orders = [np.arange(len(atoms))]
+    values, samples_of = [atoms], [p]
     if joint:
-        score_atoms = reference_scores[kept][order]
-        orders.append(np.argsort(score_atoms, kind="stable"))
-    values = [atoms, *([score_atoms] if joint else [])]
+        values += list(reference_scores[kept][order][:, tested].T)
+        samples_of += list(scores.T)
+    orders = [np.argsort(v, kind="stable") for v in values]
     ends = [np.r_[np.flatnonzero(np.diff(v[o]) > 0), len(o) - 1] for v, o in zip(values, orders)]
-    observed = [_distance(sample, v[o], weight[o]) for sample, v, o in zip([p, scores], values, orders)]
+    observed = [_distance(sample, v[o], weight[o]) for sample, v, o in zip(samples_of, values, orders)]
     rng, null, done = np.random.default_rng(seed), [], 0
     chunk = max(1, min(samples, CELLS // len(atoms)))
     while done < samples:
@@ -189,14 +238,15 @@ def label_shift_test(
     null_gaps = np.concatenate(null)
     p_values = [(1 + _exceeding(null_gaps[:, k], np.array([d]))[0]) / (1 + samples) for k, d in enumerate(observed)]
     p_value = p_values[0]
-    if joint:  # each draw's own smaller p-value, the observed among the draws: the combination keeps its level
+    if joint:  # each draw's own smallest p-value, the observed among the draws: the combination keeps its level
         drawn_p = np.stack(
             [
                 (_exceeding(null_gaps[:, k], null_gaps[:, k]) + (observed[k] >= null_gaps[:, k] - 1e-12))
                 / (1 + samples)
-                for k in range(2)
+                for k in range(len(observed))
             ],
             axis=1,
         )
         p_value = (1 + int((drawn_p.min(axis=1) <= min(p_values) + 1e-12).sum())) / (1 + samples)
-    return LabelShiftTest(observed[0], float(p_value), q, observed[1] if joint else float("nan"), untested)
+    distances = dict(zip([name for name, t in zip(names, tested) if t], observed[1:]))
+    return LabelShiftTest(observed[0], float(p_value), q, distances, untested)
