@@ -430,17 +430,14 @@ def test_the_calibration_test_pools_the_periods_before_and_stays_quiet_under_lab
         warned
         == [
             "version 3: its reference profile keeps no val labels, so the calibration test reads the "
-            "probabilities alone, not the detector's scores (a profile fitted by the training pipeline of today "
-            "keeps them)"
+            "probabilities alone, not ood_score (a profile fitted by the training pipeline of today keeps them)"
         ]
         * 2
     )
     assert verdicts[0.0] == ["", "", "", ""]
     assert not any(reason.startswith("calibration: the answers") for reason in verdicts[0.7])
     assert verdicts[0.7][3].startswith("calibration: this period's and the 450 earlier answers are unlike val's")
-    assert verdicts[0.7][3].endswith(
-        "(ood_score, content_z and acquisition_z not tested: the reference profile keeps no val labels)"
-    )
+    assert verdicts[0.7][3].endswith("(ood_score not tested: the reference profile keeps no val labels)")
 
 
 def test_a_sites_calibration_fitted_on_a_few_hundred_images_is_drawn_in_the_band():

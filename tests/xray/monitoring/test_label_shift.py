@@ -237,32 +237,3 @@ def test_the_verdict_refuses_the_month_and_gives_both_distances():
         r"calibration: (the|this period's and the \d+ earlier) answers are unlike val's .*", reasons[0.5][3]
     )
     assert found and ", ood_score 0." in found[0]
-
-
-def test_the_verdict_reads_the_detectors_two_scores_from_the_log_and_warns_where_rows_lack_them(caplog):
-    """Weeks of 150 at 30% PNEUMONIA whose NORMAL images sit 0.5 sd nearer train for the acquisition detector: by the
-    month's end the calibration is refused, its reason giving acquisition_z's distance; the same log written before
-    the detector's two scores were kept warns that their test reads ood_score alone."""
-    rng = np.random.default_rng(5)
-    val_p, val_s, val_y = draw_detector(rng, 1000, PREVALENCE)
-    profile = SimpleNamespace(
-        val_probabilities=val_p,
-        val_scores=val_s[:, 0],
-        val_labels=val_y,
-        val_stats=np.zeros((len(val_p), 1)),
-        val_z_scores=lambda: (val_s[:, 1], val_s[:, 2]),
-        alpha=0.01,
-        val_ood_fraction=0.02,
-    )
-    weeks = []
-    for week in range(4):
-        p, s, _ = draw_detector(rng, 150, 0.3, normal_acquisition=-0.5)
-        weeks.append(_log(p, s[:, 0], week, 1000 * week).assign(content_z=s[:, 1], acquisition_z=s[:, 2]))
-    log = pd.concat(weeks)
-    reasons = estimation.estimate(log, {"3": Reference.of(profile)}, "week", Settings(samples=200))["reasons"]
-    assert "acquisition_z 0." in reasons.iloc[-1] and "not tested" not in reasons.iloc[-1]
-    with caplog.at_level("WARNING", logger=estimation.__name__):
-        estimation.estimate(log.assign(content_z=np.nan), {"3": Reference.of(profile)}, "week", Settings(samples=50))
-    assert any(
-        "were logged without the detector's content_z and acquisition_z" in r.getMessage() for r in caplog.records
-    )

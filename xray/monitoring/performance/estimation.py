@@ -64,14 +64,7 @@ from xray.evaluation.calibration import logit, sigmoid
 from xray.monitoring.drift import ood_share_test
 from xray.monitoring.ood import OUT_OF_DISTRIBUTION, UNREADABLE, ReferenceProfile
 from xray.monitoring.performance.feedback import GROUP, period_of
-from xray.monitoring.performance.label_shift import (
-    CELLS,
-    CLIP,
-    DETECTOR,
-    label_shift_test,
-    prevalence_mle,
-    reweight,
-)
+from xray.monitoring.performance.label_shift import CELLS, CLIP, label_shift_test, prevalence_mle, reweight
 from xray.monitoring.scope import OUT_OF_SCOPE
 
 logger = logging.getLogger(__name__)
@@ -102,9 +95,6 @@ class Reference:
     labels: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     """Val's labels, aligned with ``probabilities``: the label-shift test re-weights val by them (none: by
     probability)."""
-    detector: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 2)))
-    """Val's ``content_z`` and ``acquisition_z`` (images x 2, aligned with ``scores``; NaN where the profile cannot
-    give them): the label-shift test reads them beside ``ood_score``."""
 
     @classmethod
     def of(cls, profile: ReferenceProfile, operating_points: dict[str, dict] | None = None) -> Reference:
@@ -120,11 +110,7 @@ class Reference:
         expected = max(profile.val_ood_fraction, profile.alpha)
         probabilities = np.asarray(profile.val_probabilities)
         labels = np.asarray(getattr(profile, "val_labels", np.zeros(0)))
-        scores = np.asarray(profile.val_scores, dtype=np.float64)
-        detector = np.full((len(scores), 2), np.nan)
-        if hasattr(profile, "val_z_scores") and len(profile.val_stats) == len(scores):
-            detector = np.column_stack(profile.val_z_scores())
-        return cls(prevalence, expected, profile.alpha, scores, probabilities, calibrations, labels, detector)
+        return cls(prevalence, expected, profile.alpha, profile.val_scores, probabilities, calibrations, labels)
 
 
 def point_prevalence(point: dict) -> float | None:
@@ -296,10 +282,9 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
             reference.probabilities,
             draws,
             settings.seed,
-            pool[:, 1:],
-            _detector(reference),
+            pool[:, 1],
+            reference.scores,
             reference.labels,
-            DETECTOR,
         )
         if test.p_value < settings.alpha:
             reasons.append(
@@ -323,17 +308,9 @@ def judge(rows: pd.DataFrame, estimate: dict, reference: Reference | None, setti
 
 
 def _answers(answered: pd.DataFrame) -> np.ndarray:
-    """(probability, ood_score, content_z, acquisition_z) of the answered rows at the version's operating point: the
-    label-shift test's (NaN where a row has no score: logged before it was kept)."""
-    rows = answered[answered["operating_point"] == VERSION_POINT].reindex(columns=["probability", *DETECTOR])
-    return rows.to_numpy(dtype=np.float64).reshape(-1, 1 + len(DETECTOR))
-
-
-def _detector(reference: Reference) -> np.ndarray:
-    """Val's scores in :data:`DETECTOR`'s order (NaN where the reference has none aligned)."""
-    n = len(reference.scores)
-    detector = reference.detector if len(reference.detector) == n else np.full((n, 2), np.nan)
-    return np.column_stack([reference.scores, detector])
+    """(probability, ood_score) of the answered rows at the version's operating point: the label-shift test's."""
+    rows = answered[answered["operating_point"] == VERSION_POINT]
+    return rows[["probability", "ood_score"]].to_numpy(dtype=np.float64).reshape(-1, 2)
 
 
 def _scope_and_pixels(rows: pd.DataFrame) -> pd.Series:
@@ -410,18 +387,8 @@ def estimate(
         if len(references[version].scores) and not len(references[version].labels):
             logger.warning(
                 "version %s: its reference profile keeps no val labels, so the calibration test reads the "
-                "probabilities alone, not the detector's scores (a profile fitted by the training pipeline of today "
-                "keeps them)",
+                "probabilities alone, not ood_score (a profile fitted by the training pipeline of today keeps them)",
                 version,
-            )
-        mine = rows[(rows["model_version"].astype(str) == version) & (rows["status"] == "ok")]
-        unscored = int(np.isnan(_answers(mine)[:, 2:]).any(axis=1).sum())
-        if unscored:
-            logger.warning(
-                "version %s: %d answers were logged without the detector's content_z and acquisition_z (before "
-                "the log kept them): the calibration test of a period that holds one reads ood_score alone",
-                version,
-                unscored,
             )
     if "period" not in rows.columns:
         rows["period"] = period_of(rows["time"], period) if len(rows) else pd.Series(dtype=str)

@@ -54,9 +54,11 @@ def reweight(p: np.ndarray, reference: np.ndarray, prevalence) -> np.ndarray:
 
 
 SCORES = ("ood_score",)
-"""What the detector scores each answer with, ``ood_score`` first; a log that keeps the detector's two scores has
-``DETECTOR``, and the test reads each."""
+"""The scores the estimate's verdict tests beside the probability (xray.monitoring.performance.estimation)."""
 DETECTOR = ("ood_score", "content_z", "acquisition_z")
+"""Every label-free score an answer carries (the prediction log keeps each). Testing all of them was tried and not
+adopted (docs/BENCHMARKS.md, issue #44 run 5: the smallest of four p-values cost more power on the benchmark's
+miscalibrated weeks than the two detector scores added); ``benchmarks/label_shift_level.py`` measures it."""
 
 
 @dataclass(frozen=True)
