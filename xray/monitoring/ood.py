@@ -202,22 +202,17 @@ class ReferenceProfile:
         """(N, k) component-space coordinates of standardised content pixels."""
         return (np.asarray(pixels, dtype=np.float64) - self.pixel_mean) @ self.components.T
 
-    def raw_scores(self, pixels, stats: np.ndarray, content=None) -> tuple[np.ndarray, np.ndarray]:
-        """(log content distance, log acquisition distance) per image; ``content``: its coordinates (:meth:`content`)
-        in place of ``pixels``."""
-        if len(stats) == 0:
+    def raw_scores(self, pixels: np.ndarray, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(log content distance, log acquisition distance) per image."""
+        if len(pixels) == 0:
             return np.zeros(0), np.zeros(0)
-        distances, _ = self._index.kneighbors(self.content(pixels) if content is None else content)
+        distances, _ = self._index.kneighbors(self.content(pixels))
         standardised = (np.asarray(stats, dtype=np.float64) - self.stat_mean) / self.stat_scale - self.stat_location
         squared = np.einsum("ij,jk,ik->i", standardised, self.stat_precision, standardised)
         return np.log(np.maximum(distances.mean(axis=1), 1e-12)), np.log(np.maximum(squared, 1e-12))
 
-    def val_z_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """Val's (content_z, acquisition_z), aligned with ``val_scores``, from the arrays the profile keeps."""
-        return self.z_scores(None, self.val_stats, self.val_content)
-
-    def z_scores(self, pixels, stats: np.ndarray, content=None) -> tuple[np.ndarray, np.ndarray]:
-        content, acquisition = self.raw_scores(pixels, stats, content)
+    def z_scores(self, pixels: np.ndarray, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        content, acquisition = self.raw_scores(pixels, stats)
         return (
             (content - self.content_log_mean) / self.content_log_std,
             (acquisition - self.acquisition_log_mean) / self.acquisition_log_std,

@@ -93,9 +93,9 @@ class PredictionWriter:
         self._parquet = None
         if self.format == "csv":
             keep = previous is not None and self.local.is_file()
-            if keep and list(pd.read_csv(self.local, nrows=0).columns) != PREDICTION_COLUMNS:  # other columns before
-                earlier = pd.read_csv(self.local, dtype=str, keep_default_na=False)
-                earlier.reindex(columns=PREDICTION_COLUMNS, fill_value="").to_csv(self.local, index=False)
+            self._columns = list(pd.read_csv(self.local, nrows=0).columns) if keep else PREDICTION_COLUMNS
+            if self._columns != PREDICTION_COLUMNS:  # an earlier version's output: appended to, never rewritten
+                logger.warning("resume: %s has an earlier version's columns; new rows keep them", self.output)
             self._csv = open(self.local, "a" if keep else "w", newline="")
             if not keep:
                 self._csv.write(",".join(PREDICTION_COLUMNS) + "\n")
@@ -131,7 +131,7 @@ class PredictionWriter:
             return
         table = table[PREDICTION_COLUMNS]
         if self.format == "csv":
-            table.to_csv(self._csv, header=False, index=False)
+            table.reindex(columns=self._columns, fill_value="").to_csv(self._csv, header=False, index=False)
             self._csv.flush()
         else:
             batch = pa.Table.from_pandas(table.astype(_PARQUET_TYPES), schema=_parquet_schema(), preserve_index=False)

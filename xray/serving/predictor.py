@@ -47,10 +47,9 @@ OUTPUT_COLUMNS = [
 """One row per image. ``status``: ok, out_of_scope (the DICOM header says the image is not of the validated kind),
 out_of_distribution (the pixels are unlike the training images) or unreadable. ``label`` is empty unless ``status`` is
 ``ok``: an image out of scope or out of distribution keeps its probability and score, but no answer a client could
-read as the model's verdict. ``content_z`` and ``acquisition_z``: the out-of-distribution detector's two standardised
-scores, which ``ood_score`` combines (xray.monitoring.ood); logged for the label-shift test of the estimate's
-verdict (xray.monitoring.performance.label_shift). ``scope_unchecked``: the scope's tags a DICOM header lacks (comma-separated). The UIDs
-are a DICOM image's; all three are empty for JPEG and PNG. ``site`` and ``operating_point``: the site asked for
+read as the model's verdict. ``content_z`` and ``acquisition_z``: the out-of-distribution detector's two
+standardised scores, which ``ood_score`` combines (xray.monitoring.ood; empty where it is). ``scope_unchecked``: the
+scope's tags a DICOM header lacks (comma-separated). The UIDs are a DICOM image's; all three are empty for JPEG and PNG. ``site`` and ``operating_point``: the site asked for
 (``--site``, serving's ``params.site``) and whose calibration and threshold the probability and label are at: ``version``
 (the version's own, fitted on val of every training site) or ``site:<name>``. ``runtime``: what computed the
 probability (:meth:`ChestXrayPredictor.use_runtime`: ``keras f32``, ``openvino int8``...)."""

@@ -8,10 +8,11 @@ folder (:mod:`xray.serving.bundle`). Request body for ``POST /invocations``::
     {"inputs": [...], "params": {"site": "NAME"}}    (at that site's own operating point, when the version has one)
 
 Each image gets ``probability``, ``label``, ``threshold``, ``ood_score`` (1.0 is the out-of-distribution boundary),
-its parts ``content_z`` and ``acquisition_z``, ``status`` (``ok``, ``out_of_distribution`` or ``unreadable``) and ``reason``. ``label`` is empty for every status but ``ok``: an
-out-of-distribution image keeps its probability and score, but gets no label. ``model_version`` is the version that
-answered; ``site`` and ``operating_point`` say whose calibration and threshold the answer is at (``version`` or
-``site:<name>``); a site the version has no operating point for is a 400 that lists the ones it has.
+its parts ``content_z`` and ``acquisition_z``, ``status`` (``ok``, ``out_of_distribution`` or ``unreadable``) and
+``reason``. ``label`` is empty for every status but ``ok``: an out-of-distribution image keeps its probability and
+score, but gets no label. ``model_version`` is the version that answered; ``site`` and ``operating_point`` say whose
+calibration and threshold the answer is at (``version`` or ``site:<name>``); a site the version has no operating
+point for is a 400 that lists the ones it has.
 
 Requests are refused with a 400 and a message, never a 500: a body that is not JSON, a payload that is not one base64
 string per image (``{"inputs": {...}}``, nested lists, numbers), an empty list, a request in which no image can be

@@ -138,6 +138,10 @@ def test_a_score_the_answers_or_val_lack_is_not_tested_and_it_says_which():
     assert list(test.distances) == ["ood_score", "content_z"]
     with pytest.raises(ValueError, match="columns"):
         label_shift_test(p, val_p, 100, 0, s[:, :2], val_s, val_y, DETECTOR)
+    nothing = label_shift_test([], val_p, 100, 0, [], val_s, val_y, DETECTOR)
+    assert nothing.p_value == 1.0 and np.isnan(nothing.distance)
+    named = label_shift_test(p, val_p, 100, 0, s[:, 0], val_s[:, 0], val_y, "ood_score")
+    assert list(named.distances) == ["ood_score"]
 
 
 def test_vals_images_beyond_the_boundary_are_not_in_the_reference_of_answers():

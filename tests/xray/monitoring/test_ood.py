@@ -96,16 +96,6 @@ def test_content_and_acquisition_reasons(profile, family):
     assert rows["reason"][1].startswith("acquisition unlike the training images")
 
 
-def test_vals_detector_scores_come_back_from_the_profiles_arrays_as_assess_gave_them(profile, family, tmp_path):
-    """The label-shift test's reference: val's content_z and acquisition_z, from the arrays a stored profile keeps."""
-    assessed = profile.assess([ood.features_of_array(image) for image in family[160:220]])
-    again = ood.ReferenceProfile.load(profile.save(tmp_path / "profile"))
-    for source in (profile, again):
-        content, acquisition = source.val_z_scores()
-        assert np.allclose(content, assessed["content_z"]) and np.allclose(acquisition, assessed["acquisition_z"])
-    assert np.allclose(profile.statistic(content, acquisition) / profile.threshold, profile.val_scores)
-
-
 def test_save_and_load_give_the_same_scores(profile, family, tmp_path):
     profile.save(tmp_path / "profile")
     again = ood.ReferenceProfile.load(tmp_path / "profile")

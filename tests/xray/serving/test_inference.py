@@ -147,8 +147,9 @@ def test_resume_predicts_only_images_not_yet_in_the_output(predictor, tmp_path, 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_resume_of_an_output_written_before_the_detectors_scores_were_columns(predictor, tmp_path, suffix):
-    """An output without content_z and acquisition_z (an earlier version's) is resumed into today's columns: its rows
-    kept, their scores empty, the new rows' scores filled; read_output reads either."""
+    """An output without content_z and acquisition_z (an earlier version's) is resumed: its rows kept; a CSV is
+    appended to in its own columns (never rewritten: a failure mid-way would lose rows), a Parquet output is written
+    anew beside it and moved over it, in today's; read_output reads either in today's columns."""
     folder = images_folder(tmp_path / "in", 6)
     output = str(tmp_path / f"predictions{suffix}")
     settings = InferenceConfig(batch_size=4, fetch_workers=2, window=8)
@@ -162,7 +163,10 @@ def test_resume_of_an_output_written_before_the_detectors_scores_were_columns(pr
     assert result.skipped == 4 and writer.rows == 2
     table = read_output(output)
     assert list(table.columns) == PREDICTION_COLUMNS and len(table) == 6 and table["sha256"].is_unique
-    assert table["content_z"].iloc[:4].isna().all() and table["acquisition_z"].iloc[4:].notna().all()
+    assert table["content_z"].iloc[:4].isna().all()
+    assert table["acquisition_z"].iloc[4:].notna().all() if suffix == ".parquet" else table["content_z"].isna().all()
+    if suffix == ".csv":
+        assert list(pd.read_csv(output, nrows=0).columns) == list(old.columns)
 
 
 def test_a_run_that_stops_in_a_write_back_leaves_no_row_that_resume_would_skip_unwritten(predictor, tmp_path):

@@ -142,9 +142,11 @@ def _missing(scores, reference_scores, names) -> tuple[np.ndarray, str]:
     )
 
 
-def _columns(values) -> np.ndarray:
-    """Scores as (images, scores): one score's may come as a vector."""
+def _columns(values, count: int) -> np.ndarray:
+    """Scores as (images, scores): one score's may come as a vector, and none as an empty one."""
     values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return values.reshape(0, count)
     return values[:, None] if values.ndim == 1 else values
 
 
@@ -178,9 +180,11 @@ def label_shift_test(
     statistic is the smallest of their p-values, compared with each draw's own."""
     p, atoms = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p, reference))
     asked = scores is not None and reference_scores is not None
-    names = tuple(names)
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not names:
+        raise ValueError("no names for the scores")
     if asked:
-        scores, reference_scores = (_columns(a) for a in (scores, reference_scores))
+        scores, reference_scores = (_columns(a, len(names)) for a in (scores, reference_scores))
         if scores.shape[1] != len(names) or reference_scores.shape[1] != len(names):
             raise ValueError(f"scores of {scores.shape[1]} and {reference_scores.shape[1]} columns for names {names}")
     labels = None if reference_labels is None else np.asarray(reference_labels, dtype=np.float64).reshape(-1)
