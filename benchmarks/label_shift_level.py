@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from fixtures.label_shift_world import PREVALENCE, answered, answered_detector, draw, draw_detector  # noqa: E402
+from fixtures.label_shift_world import PREVALENCE, answered, draw, draw_detector  # noqa: E402
 from xray.monitoring.performance.label_shift import DETECTOR, label_shift_test  # noqa: E402
 
 
@@ -66,11 +66,11 @@ def main(months: int, seed: int) -> None:
     four, nearer = [], []
     for index in range(months):
         val_p, val_s, val_y = draw_detector(rng, 1000, PREVALENCE)
-        p, s = answered_detector(*draw_detector(rng, 600, rng.uniform(0.1, 0.9)))
+        p, s = answered(*draw_detector(rng, 600, rng.uniform(0.1, 0.9)))
         four.append(label_shift_test(p, val_p, 200, index, s, val_s, val_y, DETECTOR).p_value)
     for index in range(40):
         val_p, val_s, val_y = draw_detector(rng, 1000, PREVALENCE)
-        p, s = answered_detector(*draw_detector(rng, 600, rng.uniform(0.2, 0.8), normal_acquisition=-0.5))
+        p, s = answered(*draw_detector(rng, 600, rng.uniform(0.2, 0.8), normal_acquisition=-0.5))
         nearer.append(
             (
                 label_shift_test(p, val_p, 400, index, s, val_s, val_y, DETECTOR).p_value,

@@ -134,6 +134,8 @@ def stack(features: list[ImageFeatures]) -> tuple[np.ndarray, np.ndarray]:
 OK, OUT_OF_DISTRIBUTION, UNREADABLE = "ok", "out_of_distribution", "unreadable"
 PROFILE_JSON, PROFILE_ARRAYS = "profile.json", "arrays.npz"
 STAT_LABELS = {"mean": "exposure (mean grey level)", "std": "contrast", "noise": "noise", "edge": "sharpness"}
+SCORE_COLUMNS = ("ood_score", "content_z", "acquisition_z")
+"""The detector's scores of an image: the combined statistic over its threshold and the two standardised scores."""
 ASSESSMENT_COLUMNS = ["ood_score", "status", "reason", "content_z", "acquisition_z"]
 
 

@@ -42,7 +42,7 @@ from xray.monitoring.ood import OUT_OF_DISTRIBUTION
 from xray.monitoring.prediction_log import open_store
 from xray.monitoring.scope import OUT_OF_SCOPE
 from xray.serving.explain import candidates_to_explain, choose_to_explain
-from xray.serving.predictor import OUTPUT_COLUMNS, PreparedImage
+from xray.serving.predictor import NUMERIC_COLUMNS, OUTPUT_COLUMNS, PreparedImage
 from xray.storage import s3
 from xray.storage.listing import ImageRef, list_images
 
@@ -170,9 +170,7 @@ class PredictionWriter:
         self.close()
 
 
-_PARQUET_TYPES = dict.fromkeys(PREDICTION_COLUMNS, "string") | dict.fromkeys(
-    ("probability", "threshold", "ood_score", "content_z", "acquisition_z"), "float64"
-)
+_PARQUET_TYPES = dict.fromkeys(PREDICTION_COLUMNS, "string") | dict.fromkeys(NUMERIC_COLUMNS, "float64")
 
 
 def _parquet_schema():

@@ -43,7 +43,7 @@ from xray.config.scope import ScopeConfig
 from xray.errors import XrayError
 from xray.monitoring.ood import ReferenceProfile
 from xray.monitoring.scope import describe
-from xray.serving.predictor import OUTPUT_COLUMNS, ChestXrayPredictor
+from xray.serving.predictor import NUMERIC_COLUMNS, OUTPUT_COLUMNS, ChestXrayPredictor
 from xray.serving.runtimes import int8
 from xray.serving.runtimes.int8 import Int8Outcome
 
@@ -280,7 +280,7 @@ def serving_signature():
     from mlflow.models import ModelSignature  # lazy: MLflow's import takes seconds
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # lazy: MLflow's import takes seconds
 
-    kinds = dict.fromkeys(("probability", "threshold", "ood_score", "content_z", "acquisition_z"), "double")
+    kinds = dict.fromkeys(NUMERIC_COLUMNS, "double")
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec(kinds.get(name, "string"), name) for name in OUTPUT_COLUMNS]),

@@ -49,11 +49,14 @@ out_of_distribution (the pixels are unlike the training images) or unreadable. `
 ``ok``: an image out of scope or out of distribution keeps its probability and score, but no answer a client could
 read as the model's verdict. ``content_z`` and ``acquisition_z``: the out-of-distribution detector's two
 standardised scores, which ``ood_score`` combines (xray.monitoring.ood; empty where it is). ``scope_unchecked``: the
-scope's tags a DICOM header lacks (comma-separated). The UIDs are a DICOM image's; all three are empty for JPEG and PNG. ``site`` and ``operating_point``: the site asked for
+scope's tags a DICOM header lacks (comma-separated). The UIDs are a DICOM image's; all three are empty for JPEG and
+PNG. ``site`` and ``operating_point``: the site asked for
 (``--site``, serving's ``params.site``) and whose calibration and threshold the probability and label are at: ``version``
 (the version's own, fitted on val of every training site) or ``site:<name>``. ``runtime``: what computed the
 probability (:meth:`ChestXrayPredictor.use_runtime`: ``keras f32``, ``openvino int8``...)."""
 
+NUMERIC_COLUMNS = ("probability", "threshold", *ood.SCORE_COLUMNS)
+"""The output columns that are numbers (the rest are text)."""
 VERSION_OPERATING_POINT = "version"
 RUNTIMES = ("auto", "keras", "openvino")
 logger = logging.getLogger(__name__)
@@ -317,10 +320,8 @@ class ChestXrayPredictor:
         """ood_score, status and reason per readable image; without a profile every image is ok, unscored."""
         if self.profile is not None:
             return self.profile.assess(features)
-        unscored = [float("nan")] * len(features)
-        return pd.DataFrame(
-            {"ood_score": unscored, "content_z": unscored, "acquisition_z": unscored, "status": ood.OK, "reason": ""}
-        )
+        unscored = dict.fromkeys(ood.SCORE_COLUMNS, [float("nan")] * len(features))
+        return pd.DataFrame(unscored | {"status": ood.OK, "reason": ""})
 
     def operating_point(self, site: str | None) -> tuple[str, float, dict | None]:
         """(name, threshold, calibration) of ``site``'s operating point; no site: the version's. A site the version has
@@ -352,9 +353,7 @@ class ChestXrayPredictor:
                 "probability": np.nan,
                 "label": "",
                 "threshold": threshold,
-                "ood_score": np.nan,
-                "content_z": np.nan,
-                "acquisition_z": np.nan,
+                **dict.fromkeys(ood.SCORE_COLUMNS, np.nan),
                 "status": ood.UNREADABLE,
                 "reason": [item.reason for item in prepared],
                 "scope_unchecked": [",".join(item.scope.unchecked) if item.scope else "" for item in prepared],
@@ -381,7 +380,7 @@ class ChestXrayPredictor:
                     )
                     status[index], reason[index] = OUT_OF_SCOPE, item.scope.reason + pixels
             table.loc[mask, "probability"] = probabilities
-            for column in ("ood_score", "content_z", "acquisition_z"):
+            for column in ood.SCORE_COLUMNS:
                 table.loc[mask, column] = assessment[column].to_numpy()
             table.loc[mask, "status"] = status
             table.loc[mask, "reason"] = reason

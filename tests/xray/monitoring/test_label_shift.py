@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy.stats import ks_2samp
 
-from fixtures.label_shift_world import PREVALENCE, answered, answered_detector, draw, draw_detector
+from fixtures.label_shift_world import PREVALENCE, answered, draw, draw_detector
 from xray.monitoring import prediction_log
 from xray.monitoring.performance import estimation
 from xray.monitoring.performance.estimation import Reference, Settings
@@ -92,7 +92,7 @@ def test_with_the_detectors_two_scores_the_smallest_of_four_p_values_keeps_its_l
     p_values = []
     for index in range(80):
         val_p, val_s, val_y = draw_detector(rng, 1000, PREVALENCE)
-        p, s = answered_detector(*draw_detector(rng, 300, rng.uniform(0.1, 0.9)))
+        p, s = answered(*draw_detector(rng, 300, rng.uniform(0.1, 0.9)))
         test = label_shift_test(p, val_p, 100, index, s, val_s, val_y, DETECTOR)
         assert set(test.distances) == set(DETECTOR) and not test.untested
         p_values.append(test.p_value)
@@ -106,7 +106,7 @@ def test_normal_images_nearer_train_for_one_detector_are_refused_where_ood_score
     refused = []
     for index in range(10):
         val_p, val_s, val_y = draw_detector(rng, 1000, PREVALENCE)
-        p, s = answered_detector(*draw_detector(rng, 600, 0.3, normal_acquisition=-0.5))
+        p, s = answered(*draw_detector(rng, 600, 0.3, normal_acquisition=-0.5))
         every = label_shift_test(p, val_p, 400, index, s, val_s, val_y, DETECTOR)
         scored = label_shift_test(p, val_p, 400, index, s[:, 0], val_s[:, 0], val_y)
         refused.append((every.p_value < 0.01, scored.p_value < 0.01))
@@ -123,7 +123,7 @@ def test_a_score_the_answers_or_val_lack_is_not_tested_and_it_says_which():
     """A log written before it kept the detector's two scores: ood_score is tested, the two are named as untested."""
     rng = np.random.default_rng(6)
     val_p, val_s, val_y = draw_detector(rng, 1000, PREVALENCE)
-    p, s = answered_detector(*draw_detector(rng, 300, 0.5))
+    p, s = answered(*draw_detector(rng, 300, 0.5))
     unscored = s.copy()
     unscored[:, 1:] = np.nan
     test = label_shift_test(p, val_p, 100, 0, unscored, val_s, val_y, DETECTOR)

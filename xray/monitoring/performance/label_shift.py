@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from xray.monitoring.ood import SCORE_COLUMNS
+
 CLIP = 1e-6
 CELLS = 2_000_000
 """Draws x images held in memory at once."""
@@ -55,7 +57,7 @@ def reweight(p: np.ndarray, reference: np.ndarray, prevalence) -> np.ndarray:
 
 SCORES = ("ood_score",)
 """The scores the estimate's verdict tests beside the probability (xray.monitoring.performance.estimation)."""
-DETECTOR = ("ood_score", "content_z", "acquisition_z")
+DETECTOR = SCORE_COLUMNS
 """Every label-free score an answer carries (the prediction log keeps each). Testing all of them was tried and not
 adopted (docs/BENCHMARKS.md, issue #44 run 5: the smallest of four p-values cost more power on the benchmark's
 miscalibrated weeks than the two detector scores added); ``benchmarks/label_shift_level.py`` measures it."""
