@@ -21,8 +21,9 @@ from xray.config.pipeline import PipelineConfig
 from xray.errors import ConfigError
 from xray.evaluation.plots import Figures
 from xray.monitoring import prediction_log
+from xray.monitoring.alerts import post_alert
 from xray.monitoring.performance import comparison, estimation
-from xray.monitoring.report import estimated_figures, post_alert
+from xray.monitoring.report import estimated_figures
 from xray.registry import store
 from xray.requests import FeedbackRequest, MonitoringRequest
 

@@ -15,8 +15,9 @@ from steps.records import FeedbackSummary
 from steps.tracking import log_config, log_images, mlflow_run
 from xray.errors import ConfigError
 from xray.monitoring import prediction_log
+from xray.monitoring.alerts import post_alert
 from xray.monitoring.performance import feedback
-from xray.monitoring.report import feedback_figures, post_alert
+from xray.monitoring.report import feedback_figures
 from xray.registry import store
 from xray.requests import FeedbackRequest
 

@@ -16,7 +16,8 @@ from steps.tracking import log_config, log_images, mlflow_run
 from steps.version import load
 from xray.evaluation.plots import Figures
 from xray.monitoring import drift, ood
-from xray.monitoring.report import figures, headline, post_alert, render_html
+from xray.monitoring.alerts import post_alert
+from xray.monitoring.report import figures, headline, render_html
 from xray.registry import store
 from xray.requests import MonitoringRequest
 from xray.serving import batch

@@ -22,9 +22,11 @@ CORE_PACKAGES = ("config",)
 ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 # What may stay a function-level import, and why: each takes seconds to import, is optional, or (pydicom) is paid
 # only where a DICOM file arrives, or (openvino, nncf) only where that runtime runs or is made, or (werkzeug, which
-# moto[server] brings) only where the embedded S3 endpoint is served.
+# moto[server] brings) only where the embedded S3 endpoint is served, or (sklearn, a second) only where a detector
+# or a calibration is fitted or images are scored, not by the DICOM node's build processes, which import the
+# serving and monitoring stages for their names.
 LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom", "openvino", "nncf"}
-LAZY |= {"werkzeug"}
+LAZY |= {"werkzeug", "sklearn"}
 
 
 def modules():
@@ -34,8 +36,12 @@ def modules():
 def function_level_imports(path: Path):
     """(module, the import's line and the line above it) of every import inside a function."""
     lines = path.read_text().splitlines()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    tree = ast.parse(path.read_text())
+    # A package's module-level __getattr__ (PEP 562) is an import on first use by definition: xray/serving's gives
+    # MLflow the pyfunc loader that versions registered before the stages name.
+    shims = {node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node not in shims:
             for inner in ast.walk(node):
                 if isinstance(inner, (ast.Import, ast.ImportFrom)):
                     name = inner.module if isinstance(inner, ast.ImportFrom) else inner.names[0].name
@@ -98,7 +104,7 @@ def test_the_architecture_table_lists_every_module_of_xray_and_nothing_else():
 
 def test_a_stale_architecture_table_is_caught():
     """A module merged away but still listed, and a new one not listed yet (what went stale before the test)."""
-    stale = ARCHITECTURE.read_text().replace("`report`, `prediction_log`", "`report`, `shifts`")
+    stale = ARCHITECTURE.read_text().replace("`alerts`, `prediction_log`", "`alerts`, `shifts`")
     listed, tree = table_and_tree(stale)
     assert tree - listed == {"monitoring/prediction_log"} and listed - tree == {"monitoring/shifts"}
     with pytest.raises(AssertionError, match="modules are"):

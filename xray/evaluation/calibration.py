@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from sklearn.linear_model import LogisticRegression
 
 METHODS = ("platt", "temperature", "none")
 _EPS = 1e-12
@@ -64,6 +63,8 @@ def fit_calibration(y: np.ndarray, logits: np.ndarray, method: str = "platt") ->
     if not np.all(np.isfinite(z)):
         raise ValueError("calibration needs finite logits")
     if method == "platt":
+        from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn only where a calibration is fitted
+
         regression = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(z[:, None], y)
         slope, intercept = float(regression.coef_[0, 0]), float(regression.intercept_[0])
         if slope <= 0:

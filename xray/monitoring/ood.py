@@ -33,9 +33,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy.ndimage import uniform_filter
-from sklearn.covariance import LedoitWolf
-from sklearn.decomposition import PCA
-from sklearn.neighbors import NearestNeighbors
 
 from xray.config.monitoring import MonitoringConfig
 from xray.data.images import decode_image
@@ -197,6 +194,8 @@ class ReferenceProfile:
     stored before they were kept has none)."""
 
     def __post_init__(self) -> None:
+        from sklearn.neighbors import NearestNeighbors  # lazy: scikit-learn only where images are scored (1 s)
+
         self._index = NearestNeighbors(n_neighbors=self.neighbours).fit(self.train_content)
 
     # -- scoring -----------------------------------------------------------------------------------------------
@@ -366,6 +365,9 @@ def fit_profile(
         raise ValueError(f"{len(val_labels)} val labels for {len(val)} val images")
     if val_labels is not None and not np.isin(np.asarray(val_labels), (0, 1)).all():
         raise ValueError("val labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
+    from sklearn.covariance import LedoitWolf  # lazy: as in __post_init__
+    from sklearn.decomposition import PCA
+
     train_pixels, train_stats = stack(train)
     val_pixels, val_stats = stack(val)
     pca = PCA(n_components=min(components, len(train) - 1, train_pixels.shape[1]), whiten=True, random_state=seed).fit(

@@ -5,12 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import logging
-import os
-import urllib.error
-import urllib.request
-from urllib.parse import urlsplit
 
 import matplotlib
 
@@ -25,8 +19,6 @@ from xray.monitoring import ood  # noqa: E402
 from xray.monitoring.drift import reason_kind  # noqa: E402
 from xray.monitoring.performance.estimation import COMPARED  # noqa: E402
 from xray.monitoring.performance.feedback import METRICS  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 
 def _histograms(axis, batch: np.ndarray, reference: np.ndarray, bins: int = 40, labels=("batch", "reference (val)")):
@@ -273,9 +265,7 @@ such images.</p>
 """
 
 
-# -- feedback (xray.monitoring.performance.feedback) and alerts ---------------------------------------------------------------
-
-WEBHOOK_ENV = "XRAY_ALERT_WEBHOOK"
+# -- feedback (xray.monitoring.performance.feedback) ---------------------------------------------------------------
 
 
 def feedback_figure(table: pd.DataFrame, metric: str, floor: float | None = None) -> Image.Image:
@@ -343,39 +333,3 @@ def estimated_figures(table: pd.DataFrame, min_sensitivity: float, auc_floor: fl
         return {}
     floors = {"sensitivity": min_sensitivity, "auc": auc_floor}
     return {f"estimated_{m}": estimated_figure(table, m, floors.get(m)) for m in COMPARED}
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, request, fp, code, msg, headers, new_url):
-        raise urllib.error.HTTPError(
-            request.full_url, code, f"redirect to {urlsplit(new_url).hostname} refused", headers, fp
-        )
-
-
-def post_alert(line: str, url: str | None = None, timeout_s: float = 10.0) -> bool:
-    """POST ``{"text": line}`` (what Slack, Teams and most chat webhooks take) to ``url`` or $XRAY_ALERT_WEBHOOK: an
-    http(s) URL only, no redirect followed, ``timeout_s`` at most. False when none is set; a webhook that fails is one
-    logged error naming its host, never its path or token."""
-    url = url or os.environ.get(WEBHOOK_ENV)
-    if not url:
-        return False
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        logger.error("alert not posted: %s must be an http:// or https:// URL (scheme %r)", WEBHOOK_ENV, parts.scheme)
-        return False
-    request = urllib.request.Request(
-        url, data=json.dumps({"text": line}).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout_s) as response:
-            response.read()
-        return True
-    except OSError as error:
-        reason = getattr(error, "msg", "") if isinstance(error, urllib.error.HTTPError) else ""
-        logger.error(
-            "alert not posted to the webhook at %s: %s%s",
-            parts.hostname,
-            type(error).__name__,
-            f" ({reason})" * bool(reason),
-        )
-        return False

@@ -12,8 +12,8 @@ import pytest
 
 from xray.errors import DatasetSourceError
 from xray.monitoring import prediction_log
+from xray.monitoring.alerts import post_alert
 from xray.monitoring.performance import feedback
-from xray.monitoring.report import post_alert
 
 MONDAY = datetime(2026, 11, 23, 9, tzinfo=timezone.utc)  # ISO week 2026-W48
 

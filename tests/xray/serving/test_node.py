@@ -642,3 +642,20 @@ def test_a_destination_that_fails_midway_gets_each_result_once(tmp_path, predict
         assert node.spool.revive() == 1
         node.deliver()
     assert len(destination.received) == 2 and all(len(items) == 1 for items in destination.received.values())
+
+
+@pytest.mark.slow
+def test_a_build_process_imports_no_model_framework_plots_or_scikit_learn():
+    """What a build process imports as it starts (the node's pool initializer's module, spawned, so a fresh
+    interpreter): the report and image builders with pydicom and highdicom, never TensorFlow, Keras, MLflow, ZenML,
+    scikit-learn or pyplot, which it never runs and which cost seconds at each node start and each renewal."""
+    import sys
+
+    code = "import sys, xray.serving.node.results; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
+    assert {"highdicom", "pydicom"} <= loaded
+    assert not loaded & {"tensorflow", "keras", "mlflow", "zenml", "sklearn"}, loaded
+    code = "import sys, xray.serving.node.results; print('matplotlib.pyplot' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -17,8 +17,8 @@ import math
 import highdicom as hd
 from highdicom.sr import CodedConcept
 
+from xray.monitoring.alerts import post_alert
 from xray.monitoring.ood import OK
-from xray.monitoring.report import post_alert
 from xray.serving.sr import SCHEME
 
 logger = logging.getLogger(__name__)
