@@ -23,8 +23,8 @@ ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 # What may stay a function-level import, and why: each takes seconds to import, is optional, or (pydicom) is paid
 # only where a DICOM file arrives, or (openvino, nncf) only where that runtime runs or is made, or (werkzeug, which
 # moto[server] brings) only where the embedded S3 endpoint is served, or (sklearn, a second) only where a detector
-# or a calibration is fitted or images are scored, not by the DICOM node's build processes, which import the
-# serving and monitoring stages for their names.
+# or a calibration is fitted or a reference profile is loaded, not by the DICOM node's build processes, which import
+# the serving and monitoring stages for their names.
 LAZY = {"tensorflow", "keras", "mlflow", "botocore", "boto3", "moto", "kagglehub", "pydicom", "openvino", "nncf"}
 LAZY |= {"werkzeug", "sklearn"}
 

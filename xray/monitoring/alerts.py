@@ -1,7 +1,7 @@
 """Alerts out: one line posted to the on-call channel's webhook (Slack, Teams and most chat webhooks take
 ``{"text": ...}``), from $XRAY_ALERT_WEBHOOK or a URL given. The monitoring, feedback and estimate steps post their
-headline when a check fails; the DICOM node posts an urgent study. Standard library only, so that a process that posts
-an alert and draws no plot (the node's build processes) imports nothing else."""
+headline when a check fails; the DICOM node posts an urgent study. Standard library only: the node's triage imports it,
+and so do the node's build processes, which draw no plot and should import nothing else."""
 
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ class ReferenceProfile:
     stored before they were kept has none)."""
 
     def __post_init__(self) -> None:
-        from sklearn.neighbors import NearestNeighbors  # lazy: scikit-learn only where images are scored (1 s)
+        from sklearn.neighbors import NearestNeighbors  # lazy: scikit-learn only where a profile is used (1 s)
 
         self._index = NearestNeighbors(n_neighbors=self.neighbours).fit(self.train_content)
 
