@@ -29,6 +29,7 @@ from base64 import b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.pidfile import live_pid
 from xray.environment import REPO_ROOT
 from xray.storage.dicomweb import DEFAULT_PASSWORD, DEFAULT_USER, PASSWORD_ENV, USER_ENV
 
@@ -95,14 +96,7 @@ class Pacs:
         }
 
     def pid(self) -> int | None:
-        if not self._pid_file.is_file():
-            return None
-        pid = int(self._pid_file.read_text().split()[0])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        return live_pid(self._pid_file)
 
     def healthy(self) -> bool:
         request = urllib.request.Request(f"{self.url}/system")
@@ -152,9 +146,7 @@ class Pacs:
             return False
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if self.pid() is None:
                 break
             time.sleep(0.1)
         else:

@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.pidfile import live_pid
+
 logger = logging.getLogger("team_stack")
 
 
@@ -39,20 +41,7 @@ class Processes:
 
     def pid(self, name: str) -> int | None:
         """The pid of our running ``name``, None when it has no pid file or its process is gone."""
-        path = self.pid_file(name)
-        if not path.is_file():
-            return None
-        pid = int(path.read_text().split()[0])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        try:  # a zombie (exited, its parent has not reaped it yet) is not running
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return None
-        except (OSError, IndexError):
-            pass
-        return pid
+        return live_pid(self.pid_file(name))
 
     def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> int:
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
