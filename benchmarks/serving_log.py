@@ -52,12 +52,12 @@ def main(model_version: str, model_name: str, rounds: int, count: int, clients: 
     import bench
     import mlflow
 
+    from xray.environment import process_running
     from xray.monitoring.prediction_log import (
         ENVIRONMENT,
         SPOOL_ENVIRONMENT,
         BackgroundLog,
         PredictionLog,
-        process_running,
         read_log,
     )
     from xray.registry import store, tracking

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from xray.environment import process_running
+
 
 def live_pid(path: Path) -> int | None:
     """The pid in ``path`` while its process runs; None when there is no file, the process is gone, or it has exited
@@ -14,19 +16,10 @@ def live_pid(path: Path) -> int | None:
     if not path.is_file():
         return None
     pid = int(path.read_text().split()[0])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # another user's process: running, and not ours to reap
-        return pid
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-            return pid
-    except (OSError, IndexError):
+    if process_running(pid):
         return pid
     try:
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # another process's child: its parent reaps it
+    except ChildProcessError:  # gone, or another process's child: its parent reaps it
         pass
     return None

@@ -6,7 +6,9 @@
     MLFLOW_DISABLE_TELEMETRY=true the same for MLflow's usage telemetry (on by default since MLflow 3)
 
 Values already in the environment win. :func:`use_project_environment` is how ``python3 run.py`` and the scripts find
-the project's ``.venv`` from any Python (this module imports nothing beyond the standard library, for that).
+the project's ``.venv`` from any Python (this module imports nothing beyond the standard library, for that);
+:func:`process_running` is how the prediction log's spools and the services' pid files (infra/pidfile.py) tell a
+running process from an ended one.
 """
 
 import importlib.util
@@ -45,3 +47,17 @@ def use_project_environment(script: str, needs: tuple[str, ...]) -> None:
         "`make setup` first (or `make train`, which installs it too)\n"
     )
     sys.exit(2)
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (ended, not reaped yet, as an orphaned server worker in a container) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from xray.environment import process_running
 from xray.errors import DatasetSourceError
 from xray.storage import s3
 
@@ -340,20 +341,6 @@ class BackgroundLog:
                 folder.rmdir()
             except OSError:  # not empty: another worker's spool, or rows not written yet
                 break
-
-
-def process_running(pid: int) -> bool:
-    """Whether ``pid`` runs: a zombie (ended, not reaped yet, as an orphaned server worker in a container) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def from_environment(flush_rows: int = 1000, flush_s: float = 10.0) -> BackgroundLog | None:
