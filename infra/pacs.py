@@ -8,8 +8,8 @@ DICOMweb at ``http://127.0.0.1:$XRAY_PACS_PORT/dicom-web`` (default 8042), Ortha
 ``http://127.0.0.1:$XRAY_PACS_PORT/web-viewer/app/viewer.html?series=<Orthanc series id>`` (Explorer's series pages
 link to it). Storage and index under ``.pacs/`` (kept by ``down``, so
 studies survive a restart). HTTP basic authentication is always on, with ``XRAY_PACS_USER`` / ``XRAY_PACS_PASSWORD``
-(local defaults ``xray`` / ``xray-local-pacs``); the generated config holding them is readable by this user only and
-the password is printed nowhere. Remote access is refused (``RemoteAccessAllowed: false``: Orthanc 1.10 has no bind
+(local defaults ``xray`` / ``xray-local-pacs``); the state folder (the studies, the generated config holding them,
+the log) is this user's only (0700, Orthanc run with umask 077) and the password is printed nowhere. Remote access is refused (``RemoteAccessAllowed: false``: Orthanc 1.10 has no bind
 address, it answers loopback clients only), and the DICOM (DIMSE) port is off.
 """
 
@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from base64 import b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.pidfile import live_pid
+from infra.pidfile import live_pid, write_pid
 from xray.environment import REPO_ROOT
 from xray.storage.dicomweb import DEFAULT_PASSWORD, DEFAULT_USER, PASSWORD_ENV, USER_ENV
 
@@ -110,13 +111,24 @@ class Pacs:
     def up(self, die_with_parent: bool = False) -> subprocess.Popen | None:
         """Start Orthanc (unless this state's one runs) and wait until it answers. ``die_with_parent``: the process
         is killed when the calling process exits (tests)."""
-        if self.pid() is not None and self.healthy():
+        if self.pid() is not None:  # ours runs: awaited until it answers (a busy machine answers late), never doubled
+            deadline = time.monotonic() + self.timeout_s
+            while not self.healthy():
+                if self.pid() is None or time.monotonic() > deadline:
+                    raise PacsError(f"the running Orthanc does not answer on {self.url}; see {self.log}")
+                time.sleep(0.3)
             return None
+        with socket.socket() as probe:  # another Orthanc there would answer for this one, which could not start
+            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                raise PacsError(f"port {self.port} is taken by a process this PACS did not start ({PORT_ENV})")
         binary = orthanc_binary()
-        (self.state / "storage").mkdir(parents=True, exist_ok=True)
+        # The storage holds patients' studies, the config the password: this user's only.
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state.chmod(0o700)
+        (self.state / "storage").mkdir(exist_ok=True)
         config = self.state / "orthanc.json"
-        # The config holds the password: created readable by this user only.
         descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)  # a file there before keeps its mode through O_TRUNC
         with os.fdopen(descriptor, "w") as handle:
             json.dump(self.config(), handle, indent=1)
         with open(self.log, "ab") as log:
@@ -128,14 +140,15 @@ class Pacs:
                 cwd=self.state,
                 start_new_session=not die_with_parent,
                 preexec_fn=_die_with_parent if die_with_parent else None,
+                umask=0o077,
             )
-        self._pid_file.write_text(f"{process.pid}\n")
+        write_pid(self._pid_file, process.pid)
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            if self.healthy():
-                return process
             if process.poll() is not None:
                 raise PacsError(f"Orthanc exited while starting; see {self.log}:\n" + _tail(self.log))
+            if self.healthy():
+                return process
             time.sleep(0.3)
         process.kill()
         raise PacsError(f"Orthanc did not answer on {self.url} within {self.timeout_s:.0f} s; see {self.log}")

@@ -1,25 +1,71 @@
 """A service's pid file: the process it names, while that process runs. Shared by the team stack's services and the
-local PACS."""
+local PACS.
+
+A pid file holds the pid and the process's start time (``/proc/PID/stat``'s field 22, clock ticks since boot): pid
+files outlive a reboot or a container's restart, after which their pid may be another process's, which must never be
+taken for the service, waited on or signalled. A file of one field (written before the start time was kept) is
+trusted on its pid alone."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from xray.environment import process_running
 
 
-def live_pid(path: Path) -> int | None:
-    """The pid in ``path`` while its process runs; None when there is no file, the process is gone, or it has exited
-    and waits for its parent to reap it (a zombie: signal 0 still reaches it). An exited child of this process is
-    reaped here, so that a caller polling for a stop sees it at once instead of at its deadline."""
-    if not path.is_file():
-        return None
-    pid = int(path.read_text().split()[0])
-    if process_running(pid):
-        return pid
+def start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot); None when there is no such process. With the pid, it names one
+    process."""
     try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # gone, or another process's child: its parent reaps it
-        pass
-    return None
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_pid(path: Path, pid: int) -> None:
+    path.write_text(f"{pid} {start_time(pid) or '-'}\n")
+
+
+def _fields(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def recorded_pid(path: Path) -> int | None:
+    """The pid ``path`` names, whether or not it runs; None without a file or with one that names no pid (never 0 or
+    a negative number, which ``kill`` reads as a whole group or every process)."""
+    fields = _fields(path)
+    return int(fields[0]) if fields and fields[0].isdigit() and int(fields[0]) > 0 else None
+
+
+def reused(path: Path) -> bool:
+    """Whether the pid ``path`` names now belongs to another process than the one recorded."""
+    pid, fields = recorded_pid(path), _fields(path)
+    recorded = fields[1] if len(fields) > 1 and fields[1] != "-" else None
+    if pid is None or recorded is None:
+        return False
+    now = start_time(pid)
+    return now is not None and now != recorded
+
+
+def live_pid(path: Path) -> int | None:
+    """The pid in ``path`` while its process runs; None when there is no file, the process is gone, it has exited and
+    waits for its parent to reap it (a zombie: signal 0 still reaches it), or its pid is now another process's."""
+    pid = recorded_pid(path)
+    if pid is None or reused(path) or not process_running(pid):
+        return None
+    return pid
+
+
+def group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` runs (its zombies, which a container's init may never reap, do not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.pidfile import live_pid
+from infra.pidfile import group_running, live_pid, recorded_pid, reused, write_pid
 
 logger = logging.getLogger("team_stack")
 
@@ -57,7 +57,7 @@ class Processes:
                 cwd=self.state,
                 umask=0o077,  # what a service writes (ZenML's database, its secrets) is its owner's only
             )
-        self.pid_file(name).write_text(f"{process.pid}\n")
+        write_pid(self.pid_file(name), process.pid)
         return process.pid
 
     def wait_healthy(self, name: str, url: str, pid: int | None = None) -> None:
@@ -91,18 +91,27 @@ class Processes:
                     f"stop it or choose another port (--{name}-port)"
                 )
 
+    def group(self, name: str) -> int | None:
+        """Our ``name``'s process group while any of it runs: the group its leader (the pid file's) started, also once
+        the leader is gone and its workers run on (Linux reuses no pid while a group of that id has members); None
+        when nothing of it runs or the pid is now another process's."""
+        pid = recorded_pid(self.pid_file(name))
+        if pid is None or reused(self.pid_file(name)):
+            return None
+        return pid if group_running(pid) else None
+
     def stop(self, name: str) -> bool:
-        pid = self.pid(name)
-        if pid is None:
+        group = self.group(name)
+        if group is None:
             self.pid_file(name).unlink(missing_ok=True)
             return False
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(group, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.pid(name) is not None:
+        while time.monotonic() < deadline and self.group(name) is not None:
             time.sleep(0.2)
-        if self.pid(name) is not None:
-            logger.warning("%s (pid %d) did not stop on SIGTERM; killing it", name, pid)
-            os.killpg(pid, signal.SIGKILL)
+        if self.group(name) is not None:
+            logger.warning("%s (process group %d) did not stop on SIGTERM; killing it", name, group)
+            os.killpg(group, signal.SIGKILL)
         self.pid_file(name).unlink(missing_ok=True)
         return True
 

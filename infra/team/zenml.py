@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
+from infra.pidfile import recorded_pid
 from infra.team.credentials import Credentials
 from infra.team.processes import Processes, TeamStackError
 from infra.team.s3 import REGION, S3, S3_KEY, S3_SECRET
@@ -89,8 +90,9 @@ class ZenMLServer:
         return "started"
 
     def await_started(self) -> None:
-        """Wait for a server that :meth:`start` spawned with ``wait=False``."""
-        self.processes.wait_healthy("zenml", self.health_url, self.processes.pid("zenml"))
+        """Wait for a server that :meth:`start` spawned with ``wait=False``: the pid spawned, even where it has
+        exited meanwhile, so that the wait says so at once instead of at its deadline."""
+        self.processes.wait_healthy("zenml", self.health_url, recorded_pid(self.processes.pid_file("zenml")))
 
     def token(self) -> str:
         """A bearer token for the ZenML server's REST API. A server started by an older stack (NO_AUTH) has the user

@@ -336,3 +336,17 @@ def test_the_pacs_failing_mid_batch_stops_the_run_and_resume_finishes_it(pacs, p
     with PredictionWriter(output, resume=True) as writer:
         result = predict_source(predictor, source, InferenceConfig(batch_size=4), writer)
     assert result.skipped == kept and len(pd.read_csv(output)) == total
+
+
+def test_the_studies_are_their_owners_only_and_a_second_up_keeps_the_running_orthanc(pacs):
+    """The storage holds patients' studies: the state folder 0700, every file Orthanc writes 0600 (umask 077), the
+    config 0600 even where an older one was wider. A second `up` awaits the Orthanc that runs, never starts another."""
+    import stat
+
+    stow_mix(pacs, count=3)
+    stored = [path for path in (pacs.state / "storage").rglob("*") if path.is_file()]
+    assert stored and stat.S_IMODE(pacs.state.stat().st_mode) == 0o700
+    assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in stored} == {oct(0o600)}
+    assert stat.S_IMODE((pacs.state / "orthanc.json").stat().st_mode) == 0o600
+    running = pacs.pid()
+    assert pacs.up() is None and pacs.pid() == running and pacs.healthy()

@@ -796,7 +796,7 @@ def test_evaluation_on_a_labelled_site_reaches_mlflow_the_version_and_its_card(t
 def test_the_stack_comes_down_and_up_with_its_runs_and_artifacts(team, trained):
     *_, summary = trained
     keys_before = set(bucket_keys(team))
-    pids = {path.stem: int(path.read_text()) for path in (team.state / "run").glob("*.pid")}
+    pids = {path.stem: int(path.read_text().split()[0]) for path in (team.state / "run").glob("*.pid")}
     from infra.team_stack import TeamStack
 
     postmaster = TeamStack(state=team.state).postgres.data / "postmaster.pid"
