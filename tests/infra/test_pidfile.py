@@ -14,7 +14,7 @@ import pytest
 
 from infra.pacs import Pacs, PacsError
 from infra.pidfile import group_running, live_pid, recorded_pid, write_pid
-from infra.team.processes import Processes
+from infra.team.processes import Processes, TeamStackError
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -111,3 +111,20 @@ def test_the_pacs_refuses_a_port_that_another_process_holds(tmp_path):
         with pytest.raises(PacsError, match=f"port {pacs.port} is taken by a process this PACS did not start"):
             pacs.up()
     assert not (tmp_path / "pacs").exists()
+
+
+def test_a_zenml_server_that_exits_while_the_others_start_is_reported_at_once(tmp_path):
+    """`up` spawns ZenML first and awaits it last: one that died meanwhile is said to have exited, not waited on to
+    the end of the timeout and then called unhealthy."""
+    from infra.team.credentials import Credentials
+    from infra.team.s3 import S3
+    from infra.team.zenml import ZenMLServer
+    from support import free_port
+
+    processes = Processes(state=tmp_path, timeout_s=120)
+    pid = processes.spawn("zenml", [sys.executable, "-c", "import sys; print('no database'); sys.exit(3)"])
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited before anyone awaits it
+    server = ZenMLServer(processes, Credentials(tmp_path), S3(processes), port=free_port())
+    with pytest.raises(TeamStackError, match="zenml exited while starting") as error:
+        server.await_started()
+    assert "no database" in str(error.value)
