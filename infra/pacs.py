@@ -9,8 +9,9 @@ DICOMweb at ``http://127.0.0.1:$XRAY_PACS_PORT/dicom-web`` (default 8042), Ortha
 link to it). Storage and index under ``.pacs/`` (kept by ``down``, so
 studies survive a restart). HTTP basic authentication is always on, with ``XRAY_PACS_USER`` / ``XRAY_PACS_PASSWORD``
 (local defaults ``xray`` / ``xray-local-pacs``); the state folder (the studies, the generated config holding them,
-the log) is this user's only (0700, Orthanc run with umask 077) and the password is printed nowhere. Remote access is refused (``RemoteAccessAllowed: false``: Orthanc 1.10 has no bind
-address, it answers loopback clients only), and the DICOM (DIMSE) port is off.
+the log) is this user's only (0700, Orthanc run with umask 077) and the password is printed nowhere. Remote access is
+refused (``RemoteAccessAllowed: false``: Orthanc 1.10 has no bind address, it answers loopback clients only), and the
+DICOM (DIMSE) port is off.
 """
 
 from __future__ import annotations
