@@ -14,8 +14,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.pidfile import recorded_pid
 from infra.team.credentials import Credentials
 from infra.team.processes import TeamStackError, run
+from xray.environment import process_running
 
 logger = logging.getLogger("team_stack")
 DATABASES = ("mlflow", "mlflow_auth")  # MLflow's runs and registry; its basic-auth users and grants
@@ -91,7 +93,16 @@ class Postgres:
         return self.state / "run" / "pg" if self.home == self.state else self.home / "sockets"
 
     def running(self) -> bool:
-        return (self.data / "postmaster.pid").is_file()
+        """Whether our cluster's postmaster runs: the pid in postmaster.pid names a live process (not a zombie) whose
+        working folder is the cluster (PostgreSQL runs in its data folder). A crash or a kill -9 leaves the file, and
+        after a reset its pid may be another process's: neither is taken for the server, nor signalled by `stop`."""
+        pid = recorded_pid(self.data / "postmaster.pid")
+        if pid is None or not process_running(pid):
+            return False
+        try:
+            return Path(f"/proc/{pid}/cwd").resolve(strict=True) == self.data.resolve()
+        except OSError:  # gone meanwhile, or another user's process
+            return False
 
     def env(self) -> dict[str, str]:
         """What PostgreSQL's clients (psql, MLflow's psycopg2) read the password from: never a command line or URI."""
@@ -125,7 +136,7 @@ class Postgres:
         self.sockets.mkdir(parents=True, exist_ok=True)
         as_user.chown(self.sockets)
         status = "running"
-        if self._pg_ctl(bin_dir, as_user, "status", check=False) != 0:
+        if not self.running():  # a stale postmaster.pid (a crash) PostgreSQL clears itself
             self._start(bin_dir, as_user)
             status = "started"
         self._require_passwords(bin_dir, as_user)
@@ -135,6 +146,11 @@ class Postgres:
     def stop(self) -> bool:
         bin_dir = postgres_bin()
         if bin_dir is None or not self.running():
+            if bin_dir is not None and (self.data / "postmaster.pid").is_file():
+                logger.warning(
+                    "PostgreSQL was not running (it crashed or was killed); its next start clears %s",
+                    self.data / "postmaster.pid",
+                )
             return False
         self._pg_ctl(bin_dir, as_postgres_user(), "-m", "fast", "-w", "stop")
         return True
@@ -192,7 +208,7 @@ class Postgres:
         password = self.credentials.read()["postgres_password"].replace("'", "''")
         result = subprocess.run(
             [*as_user.prefix, str(bin_dir / "psql"), "-h", str(self.sockets), "-p", str(self.port)]
-            + ["-U", "mlflow", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"],
+            + ["-U", "mlflow", "-d", "postgres", "-w", "-v", "ON_ERROR_STOP=1", "-q", "-f", "-"],
             input=f"ALTER USER mlflow PASSWORD '{password}';\n",
             capture_output=True,
             text=True,

@@ -122,6 +122,34 @@ def test_without_postgresql_mlflow_falls_back_to_sqlite_with_a_notice(tmp_path, 
     assert stack.postgres.stop() is False
 
 
+def test_a_stale_postmaster_pid_is_no_running_server_and_stop_signals_nothing(tmp_path, monkeypatch):
+    """A killed PostgreSQL (kill -9, the OOM killer, a reset) leaves postmaster.pid, whose pid is then gone or, after a
+    reset, another process's: neither is the server, so `status` says so and `down` neither fails nor signals it."""
+    from infra.team import postgres
+    from infra.team_stack import TeamStack
+
+    monkeypatch.setattr(postgres, "postgres_bin", lambda: tmp_path / "bin")  # no pg_ctl: a call to it would fail
+    monkeypatch.setattr(postgres.Postgres, "home", property(lambda self: self.state))
+    stack = TeamStack(state=tmp_path / "state")
+    stack.postgres.data.mkdir(parents=True)
+    pid_file = stack.postgres.data / "postmaster.pid"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path)
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=stack.postgres.data)
+    try:
+        for pid in (ended.pid, other.pid):
+            pid_file.write_text(f"{pid}\n{stack.postgres.data}\n")
+            assert not stack.postgres.running() and not stack.status()["running"]["postgres"]
+            assert stack.postgres.stop() is False and stack.down()["stopped"] == []
+        assert other.poll() is None  # not signalled
+        pid_file.write_text(f"{server.pid}\n{stack.postgres.data}\n")  # a process in the cluster's folder
+        assert stack.postgres.running()
+    finally:
+        other.kill()
+        server.kill()
+
+
 SLOW_SERVER = """
 import http.server, sys, time
 class Slow(http.server.BaseHTTPRequestHandler):
