@@ -26,35 +26,34 @@ def write_pid(path: Path, pid: int) -> None:
     path.write_text(f"{pid} {start_time(pid) or '-'}\n")
 
 
-def _fields(path: Path) -> list[str]:
+def read_pid(path: Path) -> tuple[int | None, str | None]:
+    """The pid ``path`` names, whether or not it runs, and the start time recorded with it (None for a file of one
+    field). The pid is None without a file or with one that names no pid: never 0 or a negative number, which
+    ``kill`` reads as a whole group or every process."""
     try:
-        return path.read_text().split()
+        fields = path.read_text().split()
     except FileNotFoundError:
-        return []
+        return None, None
+    pid = int(fields[0]) if fields and fields[0].isdigit() and int(fields[0]) > 0 else None
+    return pid, (fields[1] if len(fields) > 1 and fields[1] != "-" else None)
 
 
 def recorded_pid(path: Path) -> int | None:
-    """The pid ``path`` names, whether or not it runs; None without a file or with one that names no pid (never 0 or
-    a negative number, which ``kill`` reads as a whole group or every process)."""
-    fields = _fields(path)
-    return int(fields[0]) if fields and fields[0].isdigit() and int(fields[0]) > 0 else None
+    return read_pid(path)[0]
 
 
-def reused(path: Path) -> bool:
-    """Whether the pid ``path`` names now belongs to another process than the one recorded."""
-    pid, fields = recorded_pid(path), _fields(path)
-    recorded = fields[1] if len(fields) > 1 and fields[1] != "-" else None
-    if pid is None or recorded is None:
-        return False
+def ours(pid: int, recorded: str | None) -> bool:
+    """Whether ``pid`` is still the process recorded (its start time unchanged, or none was recorded), not another
+    process that has taken the pid since."""
     now = start_time(pid)
-    return now is not None and now != recorded
+    return recorded is None or now is None or now == recorded
 
 
 def live_pid(path: Path) -> int | None:
     """The pid in ``path`` while its process runs; None when there is no file, the process is gone, it has exited and
     waits for its parent to reap it (a zombie: signal 0 still reaches it), or its pid is now another process's."""
-    pid = recorded_pid(path)
-    if pid is None or reused(path) or not process_running(pid):
+    pid, recorded = read_pid(path)
+    if pid is None or not ours(pid, recorded) or not process_running(pid):
         return None
     return pid
 

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.pidfile import group_running, live_pid, recorded_pid, reused, write_pid
+from infra.pidfile import group_running, live_pid, ours, read_pid, write_pid
 
 logger = logging.getLogger("team_stack")
 
@@ -95,10 +95,8 @@ class Processes:
         """Our ``name``'s process group while any of it runs: the group its leader (the pid file's) started, also once
         the leader is gone and its workers run on (Linux reuses no pid while a group of that id has members); None
         when nothing of it runs or the pid is now another process's."""
-        pid = recorded_pid(self.pid_file(name))
-        if pid is None or reused(self.pid_file(name)):
-            return None
-        return pid if group_running(pid) else None
+        pid, recorded = read_pid(self.pid_file(name))
+        return pid if pid is not None and ours(pid, recorded) and group_running(pid) else None
 
     def stop(self, name: str) -> bool:
         group = self.group(name)
